@@ -252,7 +252,7 @@ class MObject:
     searchable_fields: tuple[tuple[str, ...], ...]
     fields: tuple[MField, ...]
     required: tuple[str, ...] = ()
-    relationships: tuple[dict[str, Any], ...] = ()
+    relationships: tuple[dict[str, Any], ...] = field(default=(), compare=False)  # dicts: not hashable
     custom: bool = False
 
     def field(self, name: str) -> MField | None:

@@ -1,0 +1,76 @@
+"""Asset checks over the state store: duplicate persons, referential integrity, rejected-record rate."""
+
+
+import dagster as dg
+
+from sync_pipeline.config.model import Entity, SyncConfig
+from sync_pipeline.defs.assets import POOL, push_key
+from sync_pipeline.defs.resources import SyncStateResource
+
+MAX_REJECTED_RATE = 0.05
+
+
+def build_checks(config: SyncConfig) -> list[dg.AssetChecksDefinition]:
+    checks = []
+    for e in config.entities:
+        checks.append(_rejected_rate(e))
+        if e.is_person:
+            checks.append(_unique_person(config, e))
+    if "contact" in config.by_name and "account" in config.by_name:
+        checks.append(_references("contact", "externalCompanyId", "account",
+                                  "contacts whose parent account is not in Dynamics"))
+    if "opportunity" in config.by_name and "account" in config.by_name:
+        checks.append(_references("opportunity", "externalCompanyId", "account",
+                                  "opportunities whose customer account is not in Dynamics"))
+    return checks
+
+
+def _rejected_rate(e: Entity) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=push_key(e.name), name="rejected_rate", pool=POOL,
+                    description=f"Held records of `{e.name}` stay under {MAX_REJECTED_RATE:.0%} of the synced ones.")
+    def check(state: SyncStateResource) -> dg.AssetCheckResult:
+        with state.connect() as con:
+            held = con.execute("SELECT count(*) FROM failures WHERE entity = ? AND held", [e.name]).fetchone()[0]
+            synced = con.execute("SELECT count(*) FROM identity WHERE entity = ?", [e.name]).fetchone()[0]
+            sample = con.execute("""SELECT dynamics_id, code, message FROM failures WHERE entity = ? AND held
+                                    ORDER BY last_failed_at DESC LIMIT 10""", [e.name]).fetchall()
+        rate = held / max(1, synced + held)
+        return dg.AssetCheckResult(
+            passed=rate <= MAX_REJECTED_RATE, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"held": int(held), "synced": int(synced), "rate": float(rate),
+                      "sample": dg.MetadataValue.md("\n".join(f"- `{d}` {c}: {m}" for d, c, m in sample) or "none")})
+
+    return check
+
+
+def _unique_person(config: SyncConfig, e: Entity) -> dg.AssetChecksDefinition:
+    persons = ", ".join(f"'{p.name}'" for p in config.persons)
+
+    @dg.asset_check(asset=push_key(e.name), name="one_person_per_record", pool=POOL, blocking=True,
+                    description="No Marketo person is linked to two live Dynamics records, and no Dynamics record "
+                                "owns two Marketo persons (duplicates created by the sync).")
+    def check(state: SyncStateResource) -> dg.AssetCheckResult:
+        with state.connect() as con:
+            shared = con.execute(f"""SELECT count(*) FROM (SELECT marketo_id FROM identity
+                WHERE entity IN ({persons}) AND state = 'active' GROUP BY marketo_id HAVING count(*) > 1)""").fetchone()[0]
+            twins = con.execute("""SELECT count(*) FROM (SELECT f_dynamicsId FROM m_person
+                WHERE NOT deleted AND f_dynamicsId IS NOT NULL GROUP BY f_dynamicsId HAVING count(*) > 1)""").fetchone()[0]
+        return dg.AssetCheckResult(passed=shared == 0 and twins == 0,
+                                   metadata={"persons_shared": int(shared), "dynamics_ids_twice": int(twins)})
+
+    return check
+
+
+def _references(entity: str, field: str, target: str, what: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=push_key(entity), name=f"{field}_references_{target}", pool=POOL,
+                    description=f"Referential integrity: {what}.")
+    def check(state: SyncStateResource) -> dg.AssetCheckResult:
+        with state.connect() as con:
+            dangling = con.execute(f"""SELECT count(*) FROM d_{entity} x WHERE NOT x.deleted
+                AND x.f_{field} IS NOT NULL AND x.f_{field} NOT IN (SELECT id FROM d_{target} WHERE NOT deleted)""").fetchone()[0]
+            total = con.execute(f"SELECT count(*) FROM d_{entity} WHERE NOT deleted").fetchone()[0]
+        return dg.AssetCheckResult(passed=dangling == 0, severity=dg.AssetCheckSeverity.WARN,
+                                   metadata={"dangling": int(dangling), "rows": int(total)})
+
+    return check
+

@@ -1,0 +1,457 @@
+"""Apply a stored plan: write to Marketo or Dynamics in API-sized batches, then record what happened.
+
+Writes are idempotent by construction (Marketo upserts keyed by the Dynamics id or external ids,
+Dynamics upserts by deterministic GUIDs, deletes tolerate "already gone"), so a run killed anywhere can
+simply run again. After the API calls one transaction advances the base and the mirrors for the
+writes that succeeded, appends the ledger, and files failures with backoff (held after the limit).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable, Protocol
+
+import duckdb
+import pyarrow as pa
+
+from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
+from sync_pipeline.engine import normalize
+from sync_pipeline.engine.state import fcol, qi
+
+log = logging.getLogger(__name__)
+
+CHUNK_RECORDS = 3000  # records per round trip to DuckDB; API batches are 300 inside it
+OBJECT_PATHS = {"company": "companies", "opportunity": "opportunities", "opportunityRole": "opportunities/roles",
+                "salesPerson": "salespersons"}
+
+
+class RecordOutcome(Protocol):
+    status: str
+    id: Any
+    reasons: list[dict[str, Any]]
+
+
+@dataclass
+class Result:
+    did: str
+    op: str
+    ok: bool
+    marketo_id: str | None = None
+    code: str | None = None
+    message: str | None = None
+    new_etag: str | None = None
+    new_version: int | None = None
+
+
+@dataclass
+class ApplyStats:
+    target: str
+    records: int = 0
+    ok: int = 0
+    failed: int = 0
+    held: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # code -> records
+
+    def as_metadata(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"records_planned": self.records, "records_written": self.ok,
+                               "records_failed": self.failed, "records_held": self.held}
+        out.update({f"written/{k}": v for k, v in sorted(self.by_op.items())})
+        out.update({f"errors/{k}": v for k, v in sorted(self.errors.items())})
+        return out
+
+
+def object_path(entity: Entity) -> str:
+    name = entity.marketo.object
+    return OBJECT_PATHS.get(name, f"customobjects/{name}")
+
+
+def _field_maps(config: SyncConfig, entity: Entity) -> dict[str, FieldMap]:
+    maps = {f.marketo: f for f in entity.all_fields}
+    maps.setdefault("dynamicsIsDeleted", FieldMap(marketo="dynamicsIsDeleted", dynamics="x", transform="boolean"))
+    return maps
+
+
+def _planned_records(con: duckdb.DuckDBPyConnection, entity: Entity, target: str) -> int:
+    con.execute("""CREATE OR REPLACE TEMP TABLE pr AS
+        SELECT row_number() OVER (ORDER BY CASE op WHEN 'delete' THEN 0 ELSE 1 END, dynamics_id) AS rn, *
+        FROM (SELECT dynamics_id, op, any_value(marketo_id) AS marketo_id, any_value(etag) AS etag,
+                     any_value(base_value) AS base_value,
+                     list(field ORDER BY field) AS fields, list(new_value ORDER BY field) AS vals
+              FROM plan WHERE entity = ? AND target = ? AND op NOT IN ('reject', 'agree', 'hold')
+              GROUP BY dynamics_id, op)""", [entity.name, target])
+    return int(con.execute("SELECT count(*) FROM pr").fetchone()[0])
+
+
+def _chunks(con: duckdb.DuckDBPyConnection, total: int) -> Iterable[list[tuple]]:
+    for start in range(1, total + 1, CHUNK_RECORDS):
+        yield con.execute("""SELECT dynamics_id, op, marketo_id, etag, base_value, fields, vals FROM pr
+                             WHERE rn BETWEEN ? AND ? ORDER BY rn""", [start, start + CHUNK_RECORDS - 1]).fetchall()
+
+
+def _outcomes(rows: list[tuple], payload_op: str, results: list[Any], key: Callable[[Any], str | None]
+              ) -> list[Result]:
+    out = []
+    for row, res in zip(rows, results):
+        status = getattr(res, "status", None)
+        if status in ("created", "updated", "deleted"):
+            out.append(Result(row[0], row[1], True, key(res) or row[2]))
+        else:
+            reasons = getattr(res, "reasons", None) or [{"code": "unknown", "message": f"status {status!r}"}]
+            out.append(Result(row[0], row[1], False, row[2], str(reasons[0].get("code")),
+                              str(reasons[0].get("message"))))
+    return out
+
+
+# ---- Marketo ------------------------------------------------------------------------------------------------
+
+
+def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
+                     run_id: str, now: datetime) -> ApplyStats:
+    stats = ApplyStats("marketo")
+    total = _planned_records(con, entity, "marketo")
+    stats.records = total
+    maps = _field_maps(config, entity)
+    results: list[Result] = []
+    try:
+        for rows in _chunks(con, total):
+            if entity.is_person:
+                results += _push_persons(client, entity, maps, rows)
+            elif entity.is_derived:
+                results += _push_roles(client, entity, rows)
+            else:
+                results += _push_objects(client, entity, maps, rows)
+            if len(results) >= 50_000:  # keep memory flat on a large initial copy
+                _record_results(con, config, entity, "marketo", results, run_id, now, stats)
+                results = []
+    finally:
+        _record_results(con, config, entity, "marketo", results, run_id, now, stats)
+        _apply_local(con, config, entity, run_id, now)
+    return stats
+
+
+def _values(maps: dict[str, FieldMap], fields: list[str], vals: list[str | None], drop_null: bool) -> dict[str, Any]:
+    out = {}
+    for f, v in zip(fields, vals):
+        if f is None or (drop_null and v is None):
+            continue
+        fm = maps.get(f)
+        out[f] = normalize.to_marketo(fm, v) if fm else v
+    return out
+
+
+def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
+    creates, updates, deletes = [], [], []
+    for row in rows:
+        did, op, mid, _etag, _base, fields, vals = row
+        if op == "create":
+            rec = {"dynamicsId": did, "dynamicsType": entity.marketo.type_value or entity.name.title(),
+                   "dynamicsIsDeleted": False, **_values(maps, fields, vals, drop_null=True)}
+            creates.append((row, rec))
+        elif op in ("update", "flag"):
+            updates.append((row, {"id": int(mid), **_values(maps, fields, vals, drop_null=False)}))
+        elif op == "delete":
+            deletes.append((row, {"id": int(mid)}))
+    out: list[Result] = []
+    if creates:
+        res = client.sync_leads([r for _, r in creates], action="createOrUpdate", lookup_field="dynamicsId")
+        out += _outcomes([row for row, _ in creates], "create", res, lambda r: str(r.id) if r.id else None)
+    if updates:
+        res = client.sync_leads([r for _, r in updates], action="updateOnly", lookup_field="id")
+        out += _outcomes([row for row, _ in updates], "update", res, lambda r: str(r.id) if r.id else None)
+    if deletes:
+        res = client.delete_leads([r["id"] for _, r in deletes])
+        out += _outcomes([row for row, _ in deletes], "delete", res, lambda r: None)
+    return out
+
+
+def _push_objects(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
+    key, path = entity.marketo.key, object_path(entity)
+    upserts, deletes = [], []
+    for row in rows:
+        did, op, _mid, _etag, _base, fields, vals = row
+        if op == "delete":
+            deletes.append((row, {key: did}))
+        else:
+            upserts.append((row, {key: did, **_values(maps, fields, vals, drop_null=op == "create")}))
+    out: list[Result] = []
+    ident = lambda r: str(getattr(r, "id", None) or getattr(r, "marketoGUID", None) or "") or None  # noqa: E731
+    if upserts:
+        res = client.upsert_objects(path, [r for _, r in upserts], action="createOrUpdate", dedupe_by="dedupeFields")
+        out += _outcomes([row for row, _ in upserts], "upsert", res, ident)
+    if deletes:
+        res = client.delete_objects(path, [r for _, r in deletes], delete_by="dedupeFields")
+        out += _outcomes([row for row, _ in deletes], "delete", res, lambda r: None)
+    return out
+
+
+def _push_roles(client: Any, entity: Entity, rows: list[tuple]) -> list[Result]:
+    path = object_path(entity)
+    deletes = [(row, {"externalOpportunityId": row[0], "leadId": int(row[2]), "role": row[4]})
+               for row in rows if row[1] == "delete"]
+    creates = []
+    for row in rows:
+        if row[1] == "create":
+            v = dict(zip(row[5], row[6]))
+            creates.append((row, {"externalOpportunityId": v["externalOpportunityId"], "leadId": int(v["leadId"]),
+                                  "role": v["role"], "isPrimary": True}))
+    out: list[Result] = []
+    if deletes:
+        res = client.delete_objects(path, [r for _, r in deletes], delete_by="dedupeFields")
+        out += _outcomes([row for row, _ in deletes], "delete", res, lambda r: None)
+    if creates:
+        res = client.upsert_objects(path, [r for _, r in creates], action="createOrUpdate", dedupe_by="dedupeFields")
+        out += _outcomes([row for row, _ in creates], "create", res,
+                         lambda r: str(getattr(r, "marketoGUID", None) or getattr(r, "id", "") or "") or None)
+    return out
+
+
+# ---- Dynamics ----------------------------------------------------------------------------------------------
+
+
+def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, dynamics: Any,
+                      marketo: Any, run_id: str, now: datetime) -> ApplyStats:
+    stats = ApplyStats("dynamics")
+    total = _planned_records(con, entity, "dynamics")
+    stats.records = total
+    if not total or entity.dynamics is None:
+        return stats
+    maps = _field_maps(config, entity)
+    entity_set = entity.dynamics.entity_set
+    results: list[Result] = []
+    try:
+        for rows in _chunks(con, total):
+            created: list[tuple[str, str]] = []
+            for did, op, mid, etag, _base, fields, vals in rows:
+                try:
+                    body = {maps[f].dynamics: normalize.to_dynamics(maps[f], v) for f, v in zip(fields, vals)
+                            if f in maps}
+                except ValueError as exc:
+                    results.append(Result(did, op, False, mid, "invalid_value", f"{entity.name} {did}: {exc}"))
+                    continue
+                results.append(_write_dynamics(dynamics, entity_set, did, op, mid, etag, body))
+                if op == "create" and results[-1].ok:
+                    created.append((did, mid))
+            if created:  # the new lead's id goes back to the Marketo person it came from
+                res = marketo.sync_leads([{"id": int(mid), "dynamicsId": did, "dynamicsType": "Lead"}
+                                          for did, mid in created], action="updateOnly", lookup_field="id")
+                for (did, mid), r in zip(created, res):
+                    if getattr(r, "status", None) not in ("updated", "created"):
+                        log.warning("lead %s created from Marketo person %s, but the person was not updated: %s",
+                                    did, mid, getattr(r, "reasons", None))
+    finally:
+        _record_results(con, config, entity, "dynamics", results, run_id, now, stats)
+    return stats
+
+
+def _write_dynamics(client: Any, entity_set: str, did: str, op: str, mid: str | None, etag: str | None,
+                    body: dict[str, Any]) -> Result:
+    from sync_pipeline.clients.dynamics import DynamicsError, PreconditionFailed, RecordNotFound
+
+    try:
+        if op == "create":
+            client.upsert(entity_set, did, body)
+            return Result(did, op, True, mid)
+        client.update(entity_set, did, body, etag=etag)
+        return Result(did, op, True, mid)
+    except PreconditionFailed as exc:
+        return Result(did, op, False, mid, "412", f"changed in Dynamics since it was read; re-planned ({exc})")
+    except RecordNotFound as exc:
+        return Result(did, op, False, mid, "404", f"deleted in Dynamics meanwhile ({exc})")
+    except DynamicsError as exc:
+        return Result(did, op, False, mid, str(getattr(exc, "code", None) or getattr(exc, "status", "error")), str(exc))
+
+
+# ---- bookkeeping ----------------------------------------------------------------------------------------------
+
+
+def _record_results(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str,
+                    results: list[Result], run_id: str, now: datetime, stats: ApplyStats) -> None:
+    if not results:
+        return
+    table = pa.table({
+        "did": [r.did for r in results], "op": [r.op for r in results], "ok": [r.ok for r in results],
+        "mid": [r.marketo_id for r in results], "code": [r.code for r in results],
+        "message": [r.message for r in results]})
+    con.register("res_page", table)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("CREATE OR REPLACE TEMP TABLE res AS SELECT * FROM res_page")
+        _on_success(con, config, entity, target, run_id, now)
+        _on_failure(con, config, entity, target, run_id, now)
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister("res_page")
+    for r in results:
+        if r.ok:
+            stats.ok += 1
+            stats.by_op[r.op] = stats.by_op.get(r.op, 0) + 1
+        else:
+            stats.failed += 1
+            stats.errors[r.code or "?"] = stats.errors.get(r.code or "?", 0) + 1
+    stats.held = int(con.execute("SELECT count(*) FROM failures WHERE entity = ? AND target = ? AND held",
+                                 [entity.name, target]).fetchone()[0])
+
+
+def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str, run_id: str,
+                now: datetime) -> None:
+    e = entity.name
+    con.execute("""CREATE OR REPLACE TEMP TABLE okp AS
+        SELECT p.*, r.mid AS result_mid FROM plan p JOIN res r ON r.did = p.dynamics_id AND r.op = p.op AND r.ok
+        WHERE p.entity = ? AND p.target = ?""", [e, target])
+    con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field, value_before,
+                                       value_after, rule)
+        SELECT ?, ?, entity, dynamics_id, COALESCE(result_mid, marketo_id), target, op, field, old_value, new_value, rule
+        FROM okp""", [run_id, now])
+    con.execute("DELETE FROM failures WHERE entity = ? AND target = ? AND dynamics_id IN (SELECT did FROM res WHERE ok)",
+                [e, target])
+    # Identity: creates link, deletes and flags retire the link.
+    if entity.is_derived:
+        con.execute(f"""DELETE FROM {qi('b_' + e)} WHERE dynamics_id IN
+            (SELECT did FROM res WHERE ok AND op = 'delete')""")
+        con.execute(f"""INSERT OR REPLACE INTO {qi('b_' + e)} (dynamics_id, synced_at, run_id, f_leadId, f_role,
+                f_externalOpportunityId)
+            SELECT dynamics_id, ?, ?, max(CASE WHEN field = 'leadId' THEN new_value END),
+                   max(CASE WHEN field = 'role' THEN new_value END), dynamics_id
+            FROM okp WHERE op = 'create' GROUP BY dynamics_id""", [now, run_id])
+        return
+    if target == "marketo":
+        con.execute("""INSERT OR REPLACE INTO identity
+            SELECT ?, did, COALESCE(mid, did), 'active', ?, 'created' FROM res WHERE ok AND op = 'create'""", [e, now])
+        con.execute("""UPDATE identity SET state = 'deleted' WHERE entity = ? AND dynamics_id IN
+            (SELECT did FROM res WHERE ok AND op IN ('delete', 'flag'))""", [e])
+    else:
+        con.execute("""INSERT OR REPLACE INTO identity
+            SELECT ?, did, mid, 'active', ?, 'created_in_dynamics' FROM res WHERE ok AND op = 'create'""", [e, now])
+    _advance_base(con, entity, "okp", run_id, now)
+    if entity.is_person:
+        _update_person_mirror(con, config, entity, target, run_id, now)
+
+
+def _advance_base(con: duckdb.DuckDBPyConnection, entity: Entity, source: str, run_id: str, now: datetime) -> None:
+    fields = [f.marketo for f in entity.all_fields]
+    b = qi(f"b_{entity.name}")
+    pivots = ", ".join(f"bool_or(field = '{f}') AS {qi('h_' + f)}, "
+                       f"max(CASE WHEN field = '{f}' THEN new_value END) AS {qi('v_' + f)}" for f in fields)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE nb AS SELECT dynamics_id, {pivots} FROM {source}
+                    WHERE op IN ('create', 'update', 'agree') GROUP BY dynamics_id""")
+    con.execute(f"""INSERT INTO {b} (dynamics_id, synced_at, run_id)
+                    SELECT dynamics_id, ?, ? FROM nb WHERE dynamics_id NOT IN (SELECT dynamics_id FROM {b})""",
+                [now, run_id])
+    sets = ", ".join(f"{fcol(f)} = CASE WHEN nb.{qi('h_' + f)} THEN nb.{qi('v_' + f)} ELSE {b}.{fcol(f)} END"
+                     for f in fields)
+    con.execute(f"UPDATE {b} SET synced_at = ?, run_id = ?, {sets} FROM nb WHERE {b}.dynamics_id = nb.dynamics_id",
+                [now, run_id])
+
+
+def _update_person_mirror(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str,
+                          run_id: str, now: datetime) -> None:
+    """What we wrote is now what the target holds: mirror it, so neither the echo nor a stale read bounces."""
+    mirror_cols = {r[0][2:] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'm_person'").fetchall()
+        if r[0].startswith("f_")}
+    fields = [f.marketo for f in entity.all_fields if f.marketo in mirror_cols] + \
+        [f for f in ("dynamicsId", "dynamicsType", "dynamicsIsDeleted") if f in mirror_cols]
+    fields = list(dict.fromkeys(fields))
+    pivots = ", ".join(f"bool_or(field = '{f}') AS {qi('h_' + f)}, "
+                       f"max(CASE WHEN field = '{f}' THEN new_value END) AS {qi('v_' + f)}" for f in fields)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE nm AS
+        SELECT dynamics_id, any_value(COALESCE(result_mid, marketo_id)) AS mid, any_value(op) AS op, {pivots}
+        FROM okp WHERE op IN ('create', 'update', 'flag') GROUP BY dynamics_id""")
+    if target == "marketo":
+        typ = entity.marketo.type_value or entity.name.title()
+        con.execute("""INSERT INTO m_person (id, deleted, seen_at, f_dynamicsId, f_dynamicsType, f_dynamicsIsDeleted)
+            SELECT TRY_CAST(mid AS BIGINT), false, ?, dynamics_id, ?, 'false' FROM nm
+            WHERE op = 'create' AND TRY_CAST(mid AS BIGINT) IS NOT NULL
+              AND TRY_CAST(mid AS BIGINT) NOT IN (SELECT id FROM m_person)""", [now, typ])
+        sets = ", ".join(f"{fcol(f)} = CASE WHEN nm.{qi('h_' + f)} THEN nm.{qi('v_' + f)} ELSE m_person.{fcol(f)} END"
+                         for f in fields)
+        con.execute(f"UPDATE m_person SET {sets} FROM nm WHERE m_person.id = TRY_CAST(nm.mid AS BIGINT)")
+    else:
+        d = qi(f"d_{entity.name}")
+        dfields = [f for f in fields if f in {g.marketo for g in entity.all_fields}]
+        sets = ", ".join(f"{fcol(f)} = CASE WHEN nm.{qi('h_' + f)} THEN nm.{qi('v_' + f)} ELSE {d}.{fcol(f)} END"
+                         for f in dfields)
+        if sets:
+            con.execute(f"UPDATE {d} SET {sets} FROM nm WHERE {d}.id = nm.dynamics_id")
+
+
+def _on_failure(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str, run_id: str,
+                now: datetime) -> None:
+    retry = config.sync.retry
+    con.execute("""INSERT INTO failures
+        SELECT ?, r.did, ?, r.op, r.mid, NULL, r.code, r.message, 1, ?, ?, ? + to_seconds(?), 1 >= ?, ?
+        FROM res r WHERE NOT r.ok
+        ON CONFLICT (entity, dynamics_id, target) DO UPDATE SET op = excluded.op, code = excluded.code,
+            message = excluded.message, attempts = failures.attempts + 1, last_failed_at = excluded.last_failed_at,
+            next_attempt_at = excluded.last_failed_at + to_seconds(? * pow(2, failures.attempts)),
+            held = failures.attempts + 1 >= ?, run_id = excluded.run_id""",
+                [entity.name, target, now, now, now, retry.backoff_seconds, retry.max_attempts, run_id,
+                 retry.backoff_seconds, retry.max_attempts])
+    # 412/404 from Dynamics: the record changed or vanished; read it again before planning anything else.
+    if target == "dynamics":
+        con.execute(f"""UPDATE {qi('d_' + entity.name)} SET pending_seq = nextval('change_seq')
+                        WHERE id IN (SELECT did FROM res WHERE NOT ok AND code IN ('412', '404'))""")
+    # 1004 / 1013 from Marketo on an update: the person or object is gone there; tombstone instead of retrying.
+    con.execute("""UPDATE identity SET state = 'tombstoned' WHERE entity = ? AND dynamics_id IN
+                   (SELECT did FROM res WHERE NOT ok AND code IN ('1004', '1013') AND op IN ('update', 'flag'))""",
+                [entity.name])
+
+
+def _apply_local(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str, now: datetime) -> None:
+    """Plan rows that need no API call: agreements, held conflicts, rejects, tombstones, retirements."""
+    e = entity.name
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE okp AS SELECT *, NULL AS result_mid FROM plan "
+                    "WHERE entity = ? AND target = 'base'", [e])
+        if not entity.is_derived:
+            _advance_base(con, entity, "okp", run_id, now)
+        con.execute("""INSERT OR REPLACE INTO conflicts
+            SELECT entity, dynamics_id, marketo_id, field, new_value, old_value, base_value, ?, run_id
+            FROM plan WHERE entity = ? AND op = 'hold'""", [now, e])
+        con.execute("""INSERT INTO failures
+            SELECT entity, dynamics_id, 'marketo', 'reject', marketo_id, any_value(field), 'invalid_value',
+                   'field ' || any_value(field) || ': ' || any_value(replace(new_value, ?, 'unknown option code ')),
+                   ?, ?, ?, ?, true, ?
+            FROM plan WHERE entity = ? AND op = 'reject' GROUP BY entity, dynamics_id, marketo_id
+            ON CONFLICT (entity, dynamics_id, target) DO UPDATE SET code = excluded.code, message = excluded.message,
+                last_failed_at = excluded.last_failed_at, held = true, attempts = failures.attempts + 1""",
+                    [normalize.INVALID, config.sync.retry.max_attempts, now, now, now, run_id, e])
+        con.execute("""UPDATE identity SET state = 'tombstoned' WHERE entity = ? AND dynamics_id IN
+            (SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'tombstone')""", [e, e])
+        con.execute("""UPDATE identity SET state = 'deleted' WHERE entity = ? AND dynamics_id IN
+            (SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'retire')""", [e, e])
+        con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field, value_before,
+                                           value_after, rule)
+            SELECT ?, ?, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, rule FROM plan
+            WHERE entity = ? AND op IN ('tombstone', 'retire', 'hold', 'reject')""", [run_id, now, e])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+
+
+def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
+    """The plan was applied: its records leave the work set unless something newer arrived meanwhile."""
+    e = entity.name
+    if entity.is_derived:
+        return 0
+    d = qi(f"d_{e}")
+    n = con.execute(f"""UPDATE {d} SET pending_seq = NULL FROM plan_work w
+                        WHERE w.entity = ? AND w.dynamics_id = {d}.id AND {d}.pending_seq = w.d_seq""", [e]).fetchone()
+    if entity.is_person:
+        con.execute("""UPDATE m_person SET pending_seq = NULL FROM plan_work w
+                       WHERE w.entity = ? AND w.marketo_id = CAST(m_person.id AS VARCHAR)
+                         AND m_person.pending_seq = w.m_seq""", [e])
+    con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
+    return int(n[0]) if n else 0
+
+
+def due_retry_time(now: datetime, seconds: int) -> datetime:
+    return now + timedelta(seconds=seconds)

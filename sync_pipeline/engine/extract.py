@@ -1,0 +1,251 @@
+"""Ingest pages from either system into the DuckDB mirrors, idempotently.
+
+A page becomes an Arrow table (typed by the field map, converted in C++), then one set-based
+``INSERT ... ON CONFLICT`` canonicalises and upserts it. A row only replaces a mirrored row when its
+version is newer, so re-running an extract, or reading the same change through a window query and a
+delta link, changes nothing; a newer version marks the record pending for the next plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+
+from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
+from sync_pipeline.engine import normalize
+from sync_pipeline.engine.state import fcol, next_seq, qi, utcnow
+
+LOOKUP_TYPE = "@Microsoft.Dynamics.CRM.lookuplogicalname"
+PK = {"systemuser": "systemuserid", "team": "teamid", "teammembership": "teammembershipid"}
+
+
+@dataclass
+class IngestStats:
+    rows: int = 0
+    changed: int = 0
+    deleted: int = 0
+
+    def add(self, other: "IngestStats") -> None:
+        self.rows += other.rows
+        self.changed += other.changed
+        self.deleted += other.deleted
+
+
+def primary_key(entity: Entity) -> str:
+    assert entity.dynamics is not None
+    return PK.get(entity.dynamics.table, f"{entity.dynamics.table}id")
+
+
+def wire_name(f: FieldMap) -> str:
+    return f"_{f.dynamics}_value" if f.transform in ("lookup", "owner", "customer_account") else f.dynamics
+
+
+def _arrow_type(f: FieldMap) -> pa.DataType:
+    return {"boolean": pa.bool_(), "integer": pa.int64(), "picklist": pa.int64(),
+            "number": pa.float64()}.get(f.transform, pa.string())
+
+
+def dynamics_select(entity: Entity) -> list[str]:
+    """The columns an extract asks Dataverse for ($select)."""
+    assert entity.dynamics is not None
+    cols = [primary_key(entity), "versionnumber"]
+    if entity.dynamics.modified_column:
+        cols.append(entity.dynamics.modified_column)
+    if entity.sync_filter_column:
+        cols.append(entity.sync_filter_column)
+    if entity.name == "contact":
+        cols.append("_originatingleadid_value")
+    cols += [wire_name(f) for f in entity.all_fields]
+    return list(dict.fromkeys(cols))
+
+
+def _page_schema(entity: Entity) -> pa.Schema:
+    assert entity.dynamics is not None
+    fields: dict[str, pa.DataType] = {primary_key(entity): pa.string(), "versionnumber": pa.int64(),
+                                      "@odata.etag": pa.string()}
+    if entity.dynamics.modified_column:
+        fields[entity.dynamics.modified_column] = pa.string()
+    if entity.sync_filter_column:
+        fields[entity.sync_filter_column] = pa.bool_()
+    if entity.name == "contact":
+        fields["_originatingleadid_value"] = pa.string()
+    for f in entity.all_fields:
+        fields[wire_name(f)] = _arrow_type(f)
+        if f.transform in ("owner", "customer_account"):
+            fields[wire_name(f) + LOOKUP_TYPE] = pa.string()
+    return pa.schema(list(fields.items()))
+
+
+def _coerce(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        # One bad value must not sink the page: convert column by column, nulling what cannot convert.
+        cols = {}
+        for fld in schema:
+            vals = [r.get(fld.name) for r in rows]
+            try:
+                cols[fld.name] = pa.array(vals, type=fld.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+                cols[fld.name] = pa.array([None if v is None else str(v) for v in vals], type=pa.string())
+        return pa.table(cols)
+
+
+def _dynamics_value_expr(entity: Entity, f: FieldMap) -> str:
+    col = qi(wire_name(f))
+    if f.transform == "owner":  # only users become Marketo sales persons (domain.md section 5, item 18)
+        typ = qi(wire_name(f) + LOOKUP_TYPE)
+        return f"CASE WHEN {typ} = 'systemuser' THEN lower({col}) END"
+    if f.transform == "customer_account":  # a contact customer resolves to its account at plan time
+        typ = qi(wire_name(f) + LOOKUP_TYPE)
+        return f"CASE WHEN {typ} = 'account' THEN lower({col}) END"
+    return normalize.dynamics_expr(f, col)
+
+
+def _is_deleted_entry(row: dict[str, Any]) -> bool:
+    return str(row.get("@odata.context", "")).endswith("$deletedEntity")
+
+
+def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: list[dict[str, Any]],
+                         partition_key: str) -> IngestStats:
+    live = [r for r in rows if not _is_deleted_entry(r)]
+    deleted = [r["id"] for r in rows if _is_deleted_entry(r) and "id" in r]
+    stats = IngestStats(rows=len(rows))
+    seq = next_seq(con)
+    if live:
+        page = _coerce(live, _page_schema(entity))  # noqa: F841 - referenced by name in the SQL below
+        pk, table = qi(primary_key(entity)), qi(f"d_{entity.name}")
+        assert entity.dynamics is not None
+        mod = qi(entity.dynamics.modified_column) if entity.dynamics.modified_column else "NULL"
+        flag = qi(entity.sync_filter_column) if entity.sync_filter_column else "NULL"
+        origin = "lower(\"_originatingleadid_value\")" if entity.name == "contact" else "NULL"
+        customer = "NULL"
+        for f in entity.all_fields:
+            if f.transform == "customer_account":
+                customer = (f"CASE WHEN {qi(wire_name(f) + LOOKUP_TYPE)} = 'contact' "
+                            f"THEN lower({qi(wire_name(f))}) END")
+        names = [fcol(f.marketo) for f in entity.all_fields]
+        exprs = [_dynamics_value_expr(entity, f) for f in entity.all_fields]
+        select = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, names))
+        sets = ", ".join(f"{n} = excluded.{n}" for n in names)
+        before = con.execute(f"SELECT count(*) FROM {table} WHERE pending_seq = ?", [seq]).fetchone()[0]
+        con.execute(f"""
+            INSERT INTO {table} (id, version, modified_on, etag, deleted, sync_flag, origin_lead, customer_contact,
+                                 partition_key, seen_at, pending_seq, {", ".join(names)})
+            SELECT lower({pk}), versionnumber, CAST({mod} AS VARCHAR), "@odata.etag", false, {flag}, {origin},
+                   {customer}, ?, ?, ?, {select}
+            FROM page
+            QUALIFY row_number() OVER (PARTITION BY lower({pk}) ORDER BY versionnumber DESC) = 1
+            ON CONFLICT (id) DO UPDATE SET version = excluded.version, modified_on = excluded.modified_on,
+                etag = excluded.etag, deleted = false, sync_flag = excluded.sync_flag,
+                origin_lead = excluded.origin_lead, customer_contact = excluded.customer_contact,
+                partition_key = excluded.partition_key, seen_at = excluded.seen_at,
+                pending_seq = excluded.pending_seq, {sets}
+            WHERE excluded.version > {table}.version OR {table}.version IS NULL OR {table}.deleted
+        """, [partition_key, utcnow(), seq])
+        after = con.execute(f"SELECT count(*) FROM {table} WHERE pending_seq = ?", [seq]).fetchone()[0]
+        stats.changed = after - before
+    if deleted:
+        stats.deleted = mark_dynamics_deleted(con, entity, deleted, partition_key)
+    return stats
+
+
+def mark_dynamics_deleted(con: duckdb.DuckDBPyConnection, entity: Entity, ids: Iterable[str],
+                          partition_key: str) -> int:
+    ids = [i.lower() for i in ids]
+    if not ids:
+        return 0
+    seq = next_seq(con)
+    table = qi(f"d_{entity.name}")
+    res = con.execute(f"""UPDATE {table} SET deleted = true, pending_seq = ?, partition_key = ?, seen_at = ?
+                          WHERE id IN (SELECT unnest(?::VARCHAR[])) AND NOT deleted""",
+                      [seq, partition_key, utcnow(), ids]).fetchone()
+    return int(res[0]) if res else 0
+
+
+# ---- Marketo persons --------------------------------------------------------------------------------
+
+
+def person_field_maps(config: SyncConfig) -> list[FieldMap]:
+    system = [FieldMap(marketo="dynamicsId", dynamics="id_", transform="lookup", target=config.entities[0].name),
+              FieldMap(marketo="dynamicsType", dynamics="type_"),
+              FieldMap(marketo="dynamicsIsDeleted", dynamics="deleted_", transform="boolean")]
+    known = {f.marketo for f in config.person_fields()}
+    return config.person_fields() + [f for f in system if f.marketo not in known]
+
+
+def marketo_person_fields(config: SyncConfig) -> list[str]:
+    return ["id", "updatedAt"] + [f.marketo for f in person_field_maps(config)]
+
+
+def ingest_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, rows: list[dict[str, Any]]
+                           ) -> IngestStats:
+    """Upsert Marketo persons (REST JSON rows); a person whose canonical values changed becomes pending."""
+    if not rows:
+        return IngestStats()
+    maps = person_field_maps(config)
+    names = ["id", "updatedAt"] + [f.marketo for f in maps]
+    table = pa.table({n: pa.array([_text(r.get(n)) for r in rows], type=pa.string()) for n in names})
+    return _upsert_persons(con, maps, "persons_page", table)
+
+
+def ingest_marketo_csv(con: duckdb.DuckDBPyConnection, config: SyncConfig, csv_path: str) -> IngestStats:
+    """Upsert persons from a bulk-extract CSV file (null values are the literal ``null``)."""
+    maps = person_field_maps(config)
+    path = "'" + str(csv_path).replace("'", "''") + "'"
+    src = f"read_csv({path}, all_varchar = true, nullstr = 'null', header = true)"
+    have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    cols = ", ".join(qi(n) if n in have else f"NULL AS {qi(n)}" for n in ["id", "updatedAt"] + [f.marketo for f in maps])
+    table = con.execute(f"SELECT {cols} FROM {src}").fetch_arrow_table()
+    return _upsert_persons(con, maps, "persons_page", table)
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: str, table: pa.Table) -> IngestStats:
+    con.register(name, table)
+    try:
+        seq = next_seq(con)
+        names = [fcol(f.marketo) for f in maps]
+        exprs = [normalize.marketo_expr(f, qi(f.marketo)) for f in maps]
+        changed = " OR ".join(f"m_person.{n} IS DISTINCT FROM excluded.{n}" for n in names)
+        before = con.execute("SELECT count(*) FROM m_person WHERE pending_seq = ?", [seq]).fetchone()[0]
+        con.execute(f"""
+            INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})
+            SELECT CAST(id AS BIGINT), "updatedAt", false, ?, ?, {", ".join(exprs)} FROM {name}
+            WHERE TRY_CAST(id AS BIGINT) IS NOT NULL
+            QUALIFY row_number() OVER (PARTITION BY CAST(id AS BIGINT) ORDER BY "updatedAt" DESC) = 1
+            ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at, deleted = false,
+                seen_at = excluded.seen_at, pending_seq = excluded.pending_seq,
+                {", ".join(f"{n} = excluded.{n}" for n in names)}
+            WHERE m_person.deleted OR {changed}
+        """, [utcnow(), seq])
+        after = con.execute("SELECT count(*) FROM m_person WHERE pending_seq = ?", [seq]).fetchone()[0]
+        return IngestStats(rows=table.num_rows, changed=after - before)
+    finally:
+        con.unregister(name)
+
+
+def mark_marketo_deleted(con: duckdb.DuckDBPyConnection, ids: Iterable[int]) -> int:
+    ids = [int(i) for i in ids]
+    if not ids:
+        return 0
+    seq = next_seq(con)
+    res = con.execute("""UPDATE m_person SET deleted = true, pending_seq = ?, seen_at = ?
+                         WHERE id IN (SELECT unnest(?::BIGINT[])) AND NOT deleted""", [seq, utcnow(), ids]).fetchone()
+    known = {r[0] for r in con.execute("SELECT id FROM m_person WHERE id IN (SELECT unnest(?::BIGINT[]))",
+                                       [ids]).fetchall()}
+    # A person we never mirrored may still be linked (created by us): keep a tombstone row for it.
+    for i in set(ids) - known:
+        con.execute("INSERT INTO m_person (id, deleted, seen_at, pending_seq) VALUES (?, true, ?, ?)",
+                    [i, utcnow(), seq])
+    return (int(res[0]) if res else 0) + len(set(ids) - known)

@@ -1,0 +1,385 @@
+"""The plan: a field-level three-way merge of Dynamics, Marketo and the base, in set-based SQL.
+
+For every record with pending work (a newer version on either side, or a failed write due for retry)
+and every mapped field: a side *changed* when its canonical value differs from the base (the last value
+both sides agreed on). One side changed: the value flows per the field's direction. Both changed to the
+same value: only the base moves. Both changed to different values: a conflict, resolved by the field's
+policy. Our own writes come back as values equal to the base, so echoes never bounce.
+
+The plan is stored (table ``plan``) before anything is written, so ``sync-pipeline plan`` can show it
+and the load steps apply exactly it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import duckdb
+
+from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
+from sync_pipeline.engine import normalize
+from sync_pipeline.engine.state import fcol, qi
+
+PERSON_STATES_LINKED = ("active", "converted")
+
+
+@dataclass
+class PlanSummary:
+    entity: str
+    run_id: str
+    work: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # "<target>:<op>" -> records
+    fields: dict[str, int] = field(default_factory=dict)  # "<target>:<op>" -> field writes
+    conflicts: dict[str, int] = field(default_factory=dict)  # policy -> fields
+    linked: dict[str, int] = field(default_factory=dict)  # how -> records
+    rejected: int = 0
+    excluded: int = 0
+    tombstoned: int = 0
+    unchanged: int = 0
+
+    def as_metadata(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"records_in_work": self.work, "unchanged": self.unchanged,
+                               "rejected": self.rejected, "excluded_by_filter": self.excluded,
+                               "tombstoned": self.tombstoned}
+        out.update({f"records/{k}": v for k, v in sorted(self.counts.items())})
+        out.update({f"fields/{k}": v for k, v in sorted(self.fields.items())})
+        out.update({f"conflicts/{k}": v for k, v in sorted(self.conflicts.items())})
+        out.update({f"linked/{k}": v for k, v in sorted(self.linked.items())})
+        return out
+
+
+def _lit(s: str | None) -> str:
+    return "NULL" if s is None else "'" + s.replace("'", "''") + "'"
+
+
+def _person_entities(config: SyncConfig) -> str:
+    return ", ".join(_lit(e.name) for e in config.persons)
+
+
+def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,
+                 now: datetime) -> PlanSummary:
+    con.execute("DELETE FROM plan WHERE entity = ?", [entity.name])
+    con.execute("DELETE FROM plan_work WHERE entity = ?", [entity.name])
+    if entity.is_derived:
+        summary = _plan_roles(con, config, entity, run_id)
+    else:
+        summary = _plan_entity(con, config, entity, run_id, now)
+    _summarise(con, summary)
+    con.execute("INSERT OR REPLACE INTO plan_meta VALUES (?, ?, ?, ?)",
+                [entity.name, run_id, now, str(summary.as_metadata())])
+    return summary
+
+
+# ---- work set and linking ------------------------------------------------------------------------------
+
+
+def _work_set(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, now: datetime) -> int:
+    e, d = entity.name, qi(f"d_{entity.name}")
+    person_part = ""
+    if entity.is_person:
+        person_part = f"""UNION SELECT i.dynamics_id FROM identity i JOIN m_person m ON CAST(m.id AS VARCHAR) = i.marketo_id
+                          WHERE i.entity = {_lit(e)} AND m.pending_seq IS NOT NULL"""
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE w AS
+        SELECT ids.did, d.pending_seq AS d_seq FROM (
+            SELECT id AS did FROM {d} WHERE pending_seq IS NOT NULL
+            {person_part}
+            UNION SELECT dynamics_id FROM failures WHERE entity = {_lit(e)} AND NOT held AND next_attempt_at <= ?
+        ) ids JOIN {d} d ON d.id = ids.did""", [now])
+    return int(con.execute("SELECT count(*) FROM w").fetchone()[0])
+
+
+def _link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, now: datetime,
+                  summary: PlanSummary) -> None:
+    e, d = entity.name, qi(f"d_{entity.name}")
+    persons = _person_entities(config)
+    unlinked = f"NOT EXISTS (SELECT 1 FROM identity x WHERE x.entity = {_lit(e)} AND x.dynamics_id = d.id)"
+    if entity.name == "contact" and "lead" in config.by_name:
+        # Lead qualification: the contact takes over the lead's Marketo person, with the lead's base.
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE q AS
+            SELECT d.id AS did, il.marketo_id, il.dynamics_id AS lead_id FROM w JOIN {d} d ON d.id = w.did
+            JOIN identity il ON il.entity = 'lead' AND il.dynamics_id = d.origin_lead AND il.state = 'active'
+            WHERE {unlinked} AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
+            QUALIFY row_number() OVER (PARTITION BY il.dynamics_id ORDER BY d.id) = 1""")
+        n = con.execute("SELECT count(*) FROM q").fetchone()[0]
+        if n:
+            con.execute("INSERT INTO identity SELECT 'contact', did, marketo_id, 'active', ?, 'qualification' FROM q",
+                        [now])
+            con.execute("UPDATE identity SET state = 'converted' WHERE entity = 'lead' "
+                        "AND dynamics_id IN (SELECT lead_id FROM q)")
+            shared = [f.marketo for f in entity.all_fields if f.marketo in
+                      {g.marketo for g in config.entity("lead").all_fields}]
+            cols = ", ".join(fcol(c) for c in shared)
+            con.execute(f"""INSERT OR REPLACE INTO b_contact (dynamics_id, synced_at, run_id, {cols})
+                SELECT q.did, b.synced_at, b.run_id, {", ".join('b.' + fcol(c) for c in shared)}
+                FROM q JOIN b_lead b ON b.dynamics_id = q.lead_id""")
+            summary.linked["qualification"] = int(n)
+    if "email" in {f.marketo for f in entity.all_fields}:
+        # First sync: an existing Marketo person with the same email is the same person, not a new one.
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE em AS
+            SELECT d.id AS did, m.id AS mid,
+                   row_number() OVER (PARTITION BY d.id ORDER BY m.id) AS rd,
+                   row_number() OVER (PARTITION BY m.id ORDER BY d.id) AS rm
+            FROM w JOIN {d} d ON d.id = w.did
+            JOIN m_person m ON lower(m.f_email) = lower(d.f_email)
+            WHERE d.f_email IS NOT NULL AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
+              AND NOT m.deleted AND m.f_dynamicsId IS NULL AND {unlinked}
+              AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN ({persons})
+                              AND y.marketo_id = CAST(m.id AS VARCHAR))""")
+        n = con.execute("SELECT count(*) FROM em WHERE rd = 1 AND rm = 1").fetchone()[0]
+        if n:
+            con.execute(f"INSERT INTO identity SELECT {_lit(e)}, did, CAST(mid AS VARCHAR), 'active', ?, 'email' "
+                        "FROM em WHERE rd = 1 AND rm = 1", [now])
+            summary.linked["email"] = int(n)
+
+
+# ---- the joined view ---------------------------------------------------------------------------------------
+
+
+def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -> None:
+    e, d, b = entity.name, qi(f"d_{entity.name}"), qi(f"b_{entity.name}")
+    sel = []
+    for f in entity.all_fields:
+        c = fcol(f.marketo)
+        dval = f"d.{c}"
+        if f.transform == "customer_account" and "contact" in config.by_name:
+            dval = f"COALESCE(d.{c}, cc.f_externalCompanyId)" if "externalCompanyId" in {
+                g.marketo for g in config.entity("contact").all_fields} else dval
+        sel.append(f"{dval} AS {qi('d_' + f.marketo)}")
+        sel.append(f"b.{c} AS {qi('b_' + f.marketo)}")
+        if entity.is_person:
+            # No mirrored Marketo row (we created it and have not read it back): Marketo holds the base.
+            sel.append(f"CASE WHEN m.id IS NULL THEN b.{c} ELSE m.{c} END AS {qi('m_' + f.marketo)}")
+    person_cols = ("m.id AS m_id, m.deleted AS m_deleted, m.updated_at AS m_updated, m.pending_seq AS m_seq, "
+                   "m.f_dynamicsId AS m_dynamicsId, m.f_dynamicsType AS m_dynamicsType") if entity.is_person else \
+        "NULL AS m_id, false AS m_deleted, NULL AS m_updated, NULL AS m_seq, NULL AS m_dynamicsId, NULL AS m_dynamicsType"
+    person_join = "LEFT JOIN m_person m ON CAST(m.id AS VARCHAR) = i.marketo_id" if entity.is_person else ""
+    contact_join = ("LEFT JOIN d_contact cc ON cc.id = d.customer_contact"
+                    if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name
+                    else "")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE j AS
+        SELECT w.did, w.d_seq, d.deleted AS d_deleted, d.sync_flag, d.etag, d.modified_on AS d_modified,
+               i.marketo_id, i.state, b.dynamics_id IS NOT NULL AS has_base, {person_cols}, {", ".join(sel)}
+        FROM w JOIN {d} d ON d.id = w.did
+        LEFT JOIN identity i ON i.entity = {_lit(e)} AND i.dynamics_id = w.did
+        LEFT JOIN {b} b ON b.dynamics_id = w.did
+        {person_join} {contact_join}""")
+    recreate = entity.on_marketo_delete == "recreate"
+    con.execute(f"""ALTER TABLE j ADD COLUMN cls VARCHAR""")
+    con.execute(f"""UPDATE j SET cls = CASE
+        WHEN marketo_id IS NULL AND d_deleted THEN 'gone'
+        WHEN marketo_id IS NULL AND sync_flag = false THEN 'excluded'
+        WHEN marketo_id IS NULL THEN 'create'
+        WHEN state = 'tombstoned' AND {str(recreate).lower()} AND NOT d_deleted THEN 'create'
+        WHEN state <> 'active' THEN 'inactive'
+        WHEN m_deleted THEN 'marketo_deleted'
+        WHEN d_deleted THEN 'delete'
+        WHEN sync_flag = false THEN 'filtered'
+        ELSE 'update' END""")
+
+
+# ---- field decisions -----------------------------------------------------------------------------------------
+
+
+def _outcome_sql(entity: Entity, f: FieldMap) -> str:
+    """CASE giving 'marketo' | 'dynamics' | 'base' | 'hold' | NULL for one field of a linked record."""
+    direction, policy = entity.field_direction(f), entity.field_policy(f)
+    if direction == "none":
+        return "NULL"
+    if not entity.is_person:  # one-way: push what changed in Dynamics since we last pushed it
+        return "CASE WHEN dc THEN 'marketo' END"
+    if direction == "to_marketo":
+        return "CASE WHEN dc AND same THEN 'base' WHEN dc THEN 'marketo' END"
+    if direction == "to_dynamics":
+        return "CASE WHEN mc AND same THEN 'base' WHEN mc THEN 'dynamics' END"
+    fallback = {"marketo_wins": "'dynamics'"}.get(entity.policy, "'marketo'")
+    resolve = {
+        "dynamics_wins": "'marketo'",
+        "marketo_wins": "'dynamics'",
+        "latest": "CASE WHEN TRY_CAST(d_modified AS TIMESTAMPTZ) >= TRY_CAST(m_updated AS TIMESTAMPTZ) "
+                  "THEN 'marketo' ELSE 'dynamics' END",
+        "prefer_non_blank": f"CASE WHEN dv IS NULL THEN 'dynamics' WHEN mv IS NULL THEN 'marketo' ELSE {fallback} END",
+        "hold": "'hold'",
+    }[policy]
+    return f"""CASE WHEN NOT dc AND NOT mc THEN NULL
+                    WHEN same THEN 'base'
+                    WHEN dc AND NOT mc THEN 'marketo'
+                    WHEN mc AND NOT dc THEN 'dynamics'
+                    ELSE {resolve} END"""
+
+
+def _rule_sql(entity: Entity, f: FieldMap) -> str:
+    direction, policy = entity.field_direction(f), entity.field_policy(f)
+    if not entity.is_person or direction != "two_way":
+        return f"'{direction}'"
+    return f"CASE WHEN dc AND mc AND NOT same THEN 'conflict:{policy}' ELSE 'two_way' END"
+
+
+def _field_rows_sql(entity: Entity, f: FieldMap) -> str:
+    cmp_d = normalize.compare_expr(f, qi("d_" + f.marketo))
+    cmp_b = normalize.compare_expr(f, qi("b_" + f.marketo))
+    cmp_m = normalize.compare_expr(f, qi("m_" + f.marketo)) if entity.is_person else "CAST(NULL AS VARCHAR)"
+    mv = qi("m_" + f.marketo) if entity.is_person else "CAST(NULL AS VARCHAR)"
+    return f"""SELECT did, marketo_id, etag, d_modified, m_updated, {_lit(f.marketo)} AS field,
+                      dv, mv, bv, {_outcome_sql(entity, f)} AS outcome, {_rule_sql(entity, f)} AS rule
+               FROM (SELECT did, marketo_id, etag, d_modified, m_updated,
+                            {qi('d_' + f.marketo)} AS dv, {mv} AS mv, {qi('b_' + f.marketo)} AS bv,
+                            ({cmp_d}) IS DISTINCT FROM ({cmp_b}) AS dc,
+                            ({cmp_m}) IS DISTINCT FROM ({cmp_b}) AS mc,
+                            ({cmp_d}) IS NOT DISTINCT FROM ({cmp_m}) AS same
+                     FROM j WHERE cls = 'update')"""
+
+
+def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,
+                 now: datetime) -> PlanSummary:
+    summary = PlanSummary(entity.name, run_id)
+    summary.work = _work_set(con, config, entity, now)
+    if entity.is_person:
+        _link_persons(con, config, entity, now, summary)
+    _joined(con, config, entity)
+    e = _lit(entity.name)
+    rid = _lit(run_id)
+    fields = [f for f in entity.all_fields if entity.field_direction(f) != "none"]
+    to_m = [f for f in fields if entity.field_direction(f) in ("to_marketo", "two_way")]
+
+    # Records holding a value that cannot be represented (e.g. an unknown picklist code) are rejected.
+    if fields:
+        bad = " OR ".join(f"starts_with({qi('d_' + f.marketo)}, {_lit(normalize.INVALID)})" for f in fields)
+        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', 'reject', field,
+                NULL, value, NULL, 'invalid value', etag
+            FROM (SELECT did, marketo_id, etag, unnest([{", ".join(_lit(f.marketo) for f in fields)}]) AS field,
+                         unnest([{", ".join(qi('d_' + f.marketo) for f in fields)}]) AS value
+                  FROM j WHERE cls IN ('create', 'update') AND ({bad}))
+            WHERE starts_with(value, {_lit(normalize.INVALID)})""")
+        con.execute(f"UPDATE j SET cls = 'rejected' WHERE did IN (SELECT dynamics_id FROM plan WHERE entity = {e} "
+                    "AND op = 'reject')")
+
+    # Creates in Marketo: every mapped value travels.
+    if to_m:
+        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, NULL, 'marketo', 'create', field, NULL, value, NULL,
+                'create', etag
+            FROM (SELECT did, etag, unnest([{", ".join(_lit(f.marketo) for f in to_m)}]) AS field,
+                         unnest([{", ".join(qi('d_' + f.marketo) for f in to_m)}]) AS value
+                  FROM j WHERE cls = 'create')""")
+    # Deletes in Dynamics: flag, delete or ignore in Marketo.
+    if entity.on_dynamics_delete != "ignore":
+        op = entity.on_dynamics_delete
+        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', {_lit(op)},
+                'dynamicsIsDeleted', NULL, 'true', NULL, {_lit('dynamics_delete:' + op)}, etag
+            FROM j WHERE cls = 'delete'""")
+    con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'state', 'retire', NULL, NULL, NULL, NULL,
+            'dynamics_delete:ignore', etag FROM j WHERE cls = 'delete' AND {str(entity.on_dynamics_delete == 'ignore').lower()}""")
+    # Persons deleted in Marketo: tombstone the link so nothing silently re-creates them.
+    con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'state', 'tombstone', NULL, NULL, NULL, NULL,
+            'marketo_delete:tombstone', etag FROM j WHERE cls = 'marketo_deleted'""")
+
+    # Updates: the field-level three-way merge.
+    if fields:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE fx AS {' UNION ALL '.join(_field_rows_sql(entity, f) for f in fields)}")
+        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id,
+                CASE outcome WHEN 'marketo' THEN 'marketo' WHEN 'dynamics' THEN 'dynamics' WHEN 'base' THEN 'base'
+                             ELSE 'hold' END,
+                CASE outcome WHEN 'base' THEN 'agree' WHEN 'hold' THEN 'hold' ELSE 'update' END,
+                field,
+                CASE outcome WHEN 'marketo' THEN mv WHEN 'dynamics' THEN dv END,
+                CASE outcome WHEN 'dynamics' THEN mv ELSE dv END,
+                bv, rule, etag
+            FROM fx WHERE outcome IS NOT NULL""")
+        for policy, n in con.execute("""SELECT split_part(rule, ':', 2), count(*) FROM fx
+                                        WHERE starts_with(rule, 'conflict:') AND outcome IS NOT NULL
+                                        GROUP BY 1""").fetchall():
+            summary.conflicts[policy] = int(n)
+    if entity.is_person:
+        _plan_person_identity_fields(con, entity, rid, e)
+        if entity.create_in_dynamics:
+            _plan_dynamics_creates(con, config, entity, rid, e)
+
+    con.execute(f"""INSERT INTO plan_work SELECT {rid}, {e}, did, d_seq, marketo_id, m_seq FROM j""")
+    for cls, n in con.execute("SELECT cls, count(*) FROM j GROUP BY cls").fetchall():
+        if cls in ("excluded", "filtered"):
+            summary.excluded += int(n)
+        elif cls == "marketo_deleted":
+            summary.tombstoned += int(n)
+    summary.unchanged = int(con.execute(f"""SELECT count(*) FROM j WHERE cls = 'update' AND did NOT IN
+        (SELECT dynamics_id FROM plan WHERE entity = {e} AND target IN ('marketo', 'dynamics'))""").fetchone()[0])
+    return summary
+
+
+def _plan_person_identity_fields(con: duckdb.DuckDBPyConnection, entity: Entity, rid: str, e: str) -> None:
+    """A linked person must carry our id and type (after an email match, or when a lead became a contact)."""
+    typ = _lit(entity.marketo.type_value or entity.name.title())
+    for field, value in (("dynamicsId", "did"), ("dynamicsType", typ)):
+        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', 'update', {_lit(field)},
+                {qi('m_' + field)}, {value}, NULL, 'identity', etag
+            FROM j WHERE cls = 'update' AND m_id IS NOT NULL AND {qi('m_' + field)} IS DISTINCT FROM {value}""")
+
+
+def _rule_condition(cond: Any) -> str:
+    col = f"m.{fcol(cond.field)}"
+    num = f"TRY_CAST({col} AS DOUBLE)"
+    if cond.op == "not_blank":
+        return f"{col} IS NOT NULL"
+    if cond.op == "blank":
+        return f"{col} IS NULL"
+    if cond.op == "in":
+        return f"{col} IN ({', '.join(_lit(str(v)) for v in cond.value)})"
+    sql_op = {"eq": "=", "ne": "<>", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}[cond.op]
+    if isinstance(cond.value, (int, float)) and not isinstance(cond.value, bool):
+        return f"{num} {sql_op} {float(cond.value)}"
+    return f"{col} {sql_op} {_lit(str(cond.value))}"
+
+
+def _plan_dynamics_creates(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, rid: str, e: str) -> None:
+    """New Marketo persons matching the rule become Dynamics leads ("Sync Person to Microsoft")."""
+    assert entity.create_in_dynamics is not None
+    persons = _person_entities(config)
+    cond = " AND ".join(_rule_condition(c) for c in entity.create_in_dynamics.all) or "true"
+    to_d = [f for f in entity.all_fields if entity.field_direction(f) in ("two_way", "to_dynamics")]
+    # Deterministic GUID from the person id: a re-run after a crash upserts the same lead, never a second.
+    guid = ("(SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-' || substr(h, 13, 4) || '-' || "
+            "substr(h, 17, 4) || '-' || substr(h, 21, 12) FROM (SELECT md5('marketo-person:' || CAST(m.id AS VARCHAR)) AS h))")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE mc AS
+        SELECT m.*, {guid} AS new_id, ({cond}) AS matches FROM m_person m
+        WHERE m.pending_seq IS NOT NULL AND NOT m.deleted AND m.f_dynamicsId IS NULL
+          AND NOT EXISTS (SELECT 1 FROM identity i WHERE i.entity IN ({persons}) AND i.marketo_id = CAST(m.id AS VARCHAR))""")
+    if to_d:
+        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, new_id, CAST(id AS VARCHAR), 'dynamics', 'create', field,
+                NULL, value, NULL, 'create_in_dynamics', NULL
+            FROM (SELECT new_id, id, unnest([{", ".join(_lit(f.marketo) for f in to_d)}]) AS field,
+                         unnest([{", ".join(fcol(f.marketo) for f in to_d)}]) AS value FROM mc WHERE matches)""")
+    con.execute(f"INSERT INTO plan_work SELECT {rid}, {e}, NULL, NULL, CAST(id AS VARCHAR), pending_seq FROM mc")
+
+
+# ---- derived: opportunity contact roles ------------------------------------------------------------------------
+
+
+def _plan_roles(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str) -> PlanSummary:
+    summary = PlanSummary(entity.name, run_id)
+    src = qi(f"d_{entity.derived_from}")
+    e, rid, b = _lit(entity.name), _lit(run_id), qi(f"b_{entity.name}")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE roles AS
+        SELECT o.id AS did, ic.marketo_id AS lead_id, o.sync_flag, o.deleted
+        FROM {src} o LEFT JOIN identity ic ON ic.entity = 'contact' AND ic.dynamics_id = o.customer_contact
+             AND ic.state = 'active'
+        WHERE o.customer_contact IS NOT NULL AND NOT o.deleted AND o.sync_flag IS DISTINCT FROM false""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE rd AS
+        SELECT COALESCE(r.did, b.dynamics_id) AS did, r.lead_id AS want, b.f_leadId AS have, b.f_role AS have_role
+        FROM roles r FULL OUTER JOIN {b} b ON b.dynamics_id = r.did
+        WHERE r.lead_id IS DISTINCT FROM b.f_leadId OR b.f_role IS DISTINCT FROM {_lit(entity.role_name)}""")
+    summary.work = int(con.execute("SELECT count(*) FROM rd").fetchone()[0])
+    con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, have, 'marketo', 'delete', 'leadId', have, NULL, have_role,
+            'role_removed', NULL FROM rd WHERE have IS NOT NULL""")
+    for field, value in (("leadId", "want"), ("role", _lit(entity.role_name)), ("externalOpportunityId", "did")):
+        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, want, 'marketo', 'create', {_lit(field)}, NULL,
+                {value}, NULL, 'role_from_customer', NULL FROM rd WHERE want IS NOT NULL""")
+    return summary
+
+
+def _summarise(con: duckdb.DuckDBPyConnection, summary: PlanSummary) -> None:
+    for target, op, recs, n in con.execute("""SELECT target, op, count(DISTINCT dynamics_id), count(*) FROM plan
+                                              WHERE entity = ? GROUP BY 1, 2""", [summary.entity]).fetchall():
+        summary.counts[f"{target}:{op}"] = int(recs)
+        summary.fields[f"{target}:{op}"] = int(n)
+        if op == "reject":
+            summary.rejected += int(recs)

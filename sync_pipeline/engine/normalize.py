@@ -1,0 +1,118 @@
+"""Canonical values: one text form per mapped field, whichever system a value came from.
+
+Both mirrors store canonical text so that the three-way merge compares like with like (a Dynamics
+picklist code and a Marketo label, ``true`` and ``1``, ``12.50`` and ``12.5``, ``+02:00`` and ``Z``).
+Canonicalisation is SQL (set-based, over whole pages); conversion back to each API's wire types is
+Python, applied only to the values being written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sync_pipeline.config.model import FieldMap
+
+INVALID = "\u2400invalid:"  # prefix of a value that cannot be represented; such records are rejected
+
+_NUMBER = "regexp_replace(printf('%.4f', {x}), '\\.?0+$', '')"
+_TS = "strftime(TRY_CAST({x} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ')"
+
+
+def _lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def dynamics_expr(f: FieldMap, col: str) -> str:
+    """SQL turning a typed Dynamics column (from the page's Arrow table) into canonical text."""
+    t = f.transform
+    if t in ("text", "email"):
+        return f"nullif(trim(CAST({col} AS VARCHAR)), '')"
+    if t == "boolean":
+        return f"CASE WHEN CAST({col} AS BOOLEAN) THEN 'true' ELSE 'false' END"
+    if t == "integer":
+        return f"CAST(TRY_CAST({col} AS BIGINT) AS VARCHAR)"
+    if t == "number":
+        return f"CASE WHEN {col} IS NULL THEN NULL ELSE {_NUMBER.format(x=f'TRY_CAST({col} AS DOUBLE)')} END"
+    if t == "datetime":
+        return _TS.format(x=f"CAST({col} AS VARCHAR)")
+    if t == "date":
+        return f"strftime(TRY_CAST(CAST({col} AS VARCHAR) AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%d')"
+    if t == "picklist":
+        whens = " ".join(f"WHEN {int(code)} THEN {_lit(label)}" for code, label in (f.options or {}).items())
+        return (f"CASE WHEN {col} IS NULL THEN NULL ELSE CASE TRY_CAST({col} AS BIGINT) {whens} "
+                f"ELSE {_lit(INVALID)} || CAST({col} AS VARCHAR) END END")
+    if t in ("lookup", "customer_account", "owner"):
+        return f"lower(CAST({col} AS VARCHAR))"
+    raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
+
+
+def marketo_expr(f: FieldMap, col: str) -> str:
+    """SQL turning a Marketo value (as text, from REST JSON or a bulk CSV) into canonical text."""
+    v = f"nullif(trim(CAST({col} AS VARCHAR)), '')"
+    t = f.transform
+    if t in ("text", "email", "picklist"):
+        return v
+    if t == "boolean":
+        return f"CASE WHEN lower({v}) IN ('true', '1', 'yes') THEN 'true' ELSE 'false' END"
+    if t == "integer":
+        return f"CAST(TRY_CAST(TRY_CAST({v} AS DOUBLE) AS BIGINT) AS VARCHAR)"
+    if t == "number":
+        return f"CASE WHEN {v} IS NULL THEN NULL ELSE {_NUMBER.format(x=f'TRY_CAST({v} AS DOUBLE)')} END"
+    if t == "datetime":
+        return _TS.format(x=v)
+    if t == "date":
+        return f"strftime(TRY_CAST({v} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%d')"
+    if t in ("lookup", "customer_account", "owner"):
+        return f"lower({v})"
+    raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
+
+
+def compare_expr(f: FieldMap, x: str) -> str:
+    """What counts as 'the same value' (emails compare case-insensitively)."""
+    return f"lower({x})" if f.transform == "email" else x
+
+
+# ---- wire values ----------------------------------------------------------------------------------
+
+
+def to_marketo(f: FieldMap, value: str | None, data_type: str | None = None) -> Any:
+    if value is None:
+        return None
+    t = f.transform
+    if t == "boolean":
+        return value == "true"
+    if t == "integer":
+        return int(value)
+    if t == "number":
+        return float(value)
+    return value
+
+
+def to_dynamics(f: FieldMap, value: str | None) -> Any:
+    """Canonical text to a Dataverse JSON value; raises ValueError naming the field when impossible."""
+    if value is None:
+        return None
+    t = f.transform
+    if t == "boolean":
+        return value == "true"
+    if t == "integer":
+        return int(value)
+    if t == "number":
+        return float(value)
+    if t == "picklist":
+        for code, label in (f.options or {}).items():
+            if label.lower() == value.lower():
+                return int(code)
+        raise ValueError(f"value {value!r} is not one of the options of {f.dynamics} "
+                         f"({', '.join((f.options or {}).values())})")
+    if t == "datetime":
+        return value
+    if t == "date":
+        return f"{value}T00:00:00Z"
+    return value
+
+
+def invalid_reason(value: str | None) -> str | None:
+    if value is not None and value.startswith(INVALID):
+        return f"unknown option code {value[len(INVALID):]}"
+    return None

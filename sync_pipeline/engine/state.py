@@ -1,0 +1,155 @@
+"""The DuckDB state store: mirrors of both systems, identity map, per-field base, plans, ledger.
+
+Table layout (``<e>`` = entity name, ``f_<x>`` = canonical value of Marketo field ``x``):
+
+- ``d_<e>``      Dynamics mirror: id, version, modified_on, etag, deleted, sync_flag, aux columns, f_*,
+                 pending_seq (set when a newer version arrives; cleared once the change is applied)
+- ``m_person``   Marketo person mirror (shared by leads and contacts): id, updated_at, deleted, f_*,
+                 pending_seq
+- ``b_<e>``      base: the last values both sides agreed on, per record and field (three-way merge)
+- ``identity``   Dynamics id <-> Marketo id per entity, with a state (active, converted, tombstoned, deleted)
+- ``plan`` / ``plan_work``   the current plan per entity (field-level writes) and the records it covers
+- ``ledger``     every write: run, entity, ids, target, op, field, before, after, rule
+- ``failures``   per-record errors with the API's code and message, attempts, next retry, held flag
+- ``conflicts``  conflicts held for review (policy ``hold``)
+- ``cursors``    delta links and paging tokens; ``environment`` the org / instance this store synced
+
+Only the ``pending_seq`` protocol makes runs safe to interleave and to kill: a record leaves the work
+set only when the plan that covered it was applied, and only if nothing newer arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from sync_pipeline.config.model import Entity, SyncConfig
+
+LOCK_WAIT_SECONDS = 120.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def qi(name: str) -> str:
+    """Quote an identifier (names come from validated config, quoting keeps case intact)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def fcol(field: str) -> str:
+    return qi(f"f_{field}")
+
+
+class StateLockedError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def connect(path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the state file, waiting (bounded) while another process holds the single-writer lock."""
+    deadline = time.monotonic() + wait
+    delay = 0.05
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise StateLockedError(f"state store {path} is locked by another process: {exc}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def entity_columns(entity: Entity) -> list[str]:
+    return [f.marketo for f in entity.all_fields]
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
+    con.execute("CREATE SEQUENCE IF NOT EXISTS change_seq START 1")
+    con.execute("CREATE SEQUENCE IF NOT EXISTS ledger_seq START 1")
+    for e in config.entities:
+        cols = entity_columns(e)
+        fdefs = "".join(f", {fcol(c)} VARCHAR" for c in cols)
+        if not e.is_derived:
+            con.execute(f"""CREATE TABLE IF NOT EXISTS {qi('d_' + e.name)} (
+                id VARCHAR PRIMARY KEY, version BIGINT, modified_on VARCHAR, etag VARCHAR,
+                deleted BOOLEAN DEFAULT false, sync_flag BOOLEAN, origin_lead VARCHAR, customer_contact VARCHAR,
+                partition_key VARCHAR, seen_at TIMESTAMP, pending_seq BIGINT {fdefs})""")
+            _add_missing_columns(con, f"d_{e.name}", cols)
+        base_cols = cols if not e.is_derived else ["leadId", "role", "externalOpportunityId"]
+        bdefs = "".join(f", {fcol(c)} VARCHAR" for c in base_cols)
+        con.execute(f"CREATE TABLE IF NOT EXISTS {qi('b_' + e.name)} (dynamics_id VARCHAR PRIMARY KEY, "
+                    f"synced_at TIMESTAMP, run_id VARCHAR {bdefs})")
+        _add_missing_columns(con, f"b_{e.name}", base_cols)
+    person_cols = [f.marketo for f in config.person_fields()] + ["dynamicsId", "dynamicsType", "dynamicsIsDeleted"]
+    person_cols = list(dict.fromkeys(person_cols))
+    pdefs = "".join(f", {fcol(c)} VARCHAR" for c in person_cols)
+    con.execute(f"""CREATE TABLE IF NOT EXISTS m_person (id BIGINT PRIMARY KEY, updated_at VARCHAR,
+        deleted BOOLEAN DEFAULT false, seen_at TIMESTAMP, pending_seq BIGINT {pdefs})""")
+    _add_missing_columns(con, "m_person", person_cols)
+    con.execute("""CREATE TABLE IF NOT EXISTS identity (entity VARCHAR, dynamics_id VARCHAR, marketo_id VARCHAR,
+        state VARCHAR, linked_at TIMESTAMP, how VARCHAR, PRIMARY KEY (entity, dynamics_id))""")
+    con.execute("""CREATE TABLE IF NOT EXISTS plan (run_id VARCHAR, entity VARCHAR, dynamics_id VARCHAR,
+        marketo_id VARCHAR, target VARCHAR, op VARCHAR, field VARCHAR, old_value VARCHAR, new_value VARCHAR,
+        base_value VARCHAR, rule VARCHAR, etag VARCHAR)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS plan_work (run_id VARCHAR, entity VARCHAR, dynamics_id VARCHAR,
+        d_seq BIGINT, marketo_id VARCHAR, m_seq BIGINT)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS plan_meta (entity VARCHAR PRIMARY KEY, run_id VARCHAR,
+        created_at TIMESTAMP, summary VARCHAR)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS ledger (seq BIGINT DEFAULT nextval('ledger_seq'), run_id VARCHAR,
+        written_at TIMESTAMP, entity VARCHAR, dynamics_id VARCHAR, marketo_id VARCHAR, target VARCHAR, op VARCHAR,
+        field VARCHAR, value_before VARCHAR, value_after VARCHAR, rule VARCHAR)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS failures (entity VARCHAR, dynamics_id VARCHAR, target VARCHAR,
+        op VARCHAR, marketo_id VARCHAR, field VARCHAR, code VARCHAR, message VARCHAR, attempts INTEGER,
+        first_failed_at TIMESTAMP, last_failed_at TIMESTAMP, next_attempt_at TIMESTAMP, held BOOLEAN,
+        run_id VARCHAR, PRIMARY KEY (entity, dynamics_id, target))""")
+    con.execute("""CREATE TABLE IF NOT EXISTS conflicts (entity VARCHAR, dynamics_id VARCHAR, marketo_id VARCHAR,
+        field VARCHAR, dynamics_value VARCHAR, marketo_value VARCHAR, base_value VARCHAR, detected_at TIMESTAMP,
+        run_id VARCHAR, PRIMARY KEY (entity, dynamics_id, field))""")
+    con.execute("""CREATE TABLE IF NOT EXISTS cursors (name VARCHAR PRIMARY KEY, value VARCHAR,
+        updated_at TIMESTAMP)""")
+    con.execute("CREATE TABLE IF NOT EXISTS environment (key VARCHAR PRIMARY KEY, value VARCHAR, pinned_at TIMESTAMP)")
+    con.execute("""CREATE TABLE IF NOT EXISTS run_stats (run_id VARCHAR, entity VARCHAR, stage VARCHAR,
+        recorded_at TIMESTAMP, stats VARCHAR)""")
+
+
+def _add_missing_columns(con: duckdb.DuckDBPyConnection, table: str, fields: list[str]) -> None:
+    """A field added to the configuration becomes a new column; existing rows keep their state."""
+    have = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+    for f in fields:
+        if f"f_{f}" not in have:
+            con.execute(f"ALTER TABLE {qi(table)} ADD COLUMN {fcol(f)} VARCHAR")
+
+
+def next_seq(con: duckdb.DuckDBPyConnection) -> int:
+    return int(con.execute("SELECT nextval('change_seq')").fetchone()[0])
+
+
+def get_cursor(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
+    row = con.execute("SELECT value FROM cursors WHERE name = ?", [name]).fetchone()
+    return row[0] if row else None
+
+
+def set_cursor(con: duckdb.DuckDBPyConnection, name: str, value: str | None) -> None:
+    if value is None:
+        con.execute("DELETE FROM cursors WHERE name = ?", [name])
+        return
+    con.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?, ?)", [name, value, utcnow()])
+
+
+def record_stats(con: duckdb.DuckDBPyConnection, run_id: str, entity: str, stage: str, stats: dict[str, Any]) -> None:
+    con.execute("INSERT INTO run_stats VALUES (?, ?, ?, ?, ?)", [run_id, entity, stage, utcnow(),
+                                                                  json.dumps(stats, default=str)])

@@ -1,0 +1,229 @@
+"""The sync's steps as plain functions: extract, plan, push. Dagster assets and the CLI call these.
+
+Extraction by partition: a historical window reads Dataverse rows by ``modifiedon`` (``$filter``); the
+latest window follows the table's delta link, which also reports deletes. The first read of a table
+with change tracking is a full read that yields the first delta link (one pass, the API floor); an
+expired link falls back to such a full read and marks rows that vanished meanwhile as deleted.
+Marketo persons: a paging token taken before anything is read, then lead-change activities (for the
+persons that changed) and deleted-lead activities; the initial copy uses bulk extract windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow as pa
+
+from sync_pipeline.config.model import Entity, SyncConfig
+from sync_pipeline.engine import apply as apply_mod
+from sync_pipeline.engine import extract, merge
+from sync_pipeline.engine.state import get_cursor, qi, record_stats, set_cursor, utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_EXPORT_DAYS = 31
+
+
+@dataclass
+class ExtractStats:
+    entity: str
+    mode: str = ""
+    pages: int = 0
+    rows: int = 0
+    changed: int = 0
+    deleted: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def take(self, s: extract.IngestStats) -> None:
+        self.rows += s.rows
+        self.changed += s.changed
+        self.deleted += s.deleted
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"mode": self.mode, "pages": self.pages, "rows_read": self.rows, "rows_changed": self.changed,
+                "rows_deleted": self.deleted}
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def delta_cursor(entity: Entity) -> str:
+    return f"dynamics:delta:{entity.name}"
+
+
+# ---- Dynamics -----------------------------------------------------------------------------------------------
+
+
+def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
+                     start: datetime, end: datetime, partition_key: str, latest: bool) -> ExtractStats:
+    """Mirror the Dynamics rows of one entity for a modified-time window (and its deletes when latest)."""
+    assert entity.dynamics is not None
+    stats = ExtractStats(entity.name)
+    select = extract.dynamics_select(entity)
+    modified = entity.dynamics.modified_column
+    delta = get_cursor(con, delta_cursor(entity))
+    if latest and delta:
+        stats.mode = "delta"
+        try:
+            new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats)
+        except _delta_expired_errors() as exc:
+            log.warning("%s: delta link no longer valid (%s); falling back to a full read", entity.name, exc)
+            set_cursor(con, delta_cursor(entity), None)
+            stats.mode = "full (delta expired)"
+            new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True)
+        set_cursor(con, delta_cursor(entity), new_link)
+    elif latest:
+        stats.mode = "full (first delta link)"
+        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=False)
+        set_cursor(con, delta_cursor(entity), new_link)
+    elif modified:
+        stats.mode = "window"
+        flt = f"{modified} ge {_iso(start)} and {modified} lt {_iso(end)}"
+        for page in client.iter_pages(entity.dynamics.entity_set, select, filter=flt,
+                                      annotations=True):
+            stats.pages += 1
+            stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key))
+    else:
+        stats.mode = "skipped (no modified-time column; read on the latest window)"
+    return stats
+
+
+def _delta_expired_errors() -> tuple[type[BaseException], ...]:
+    from sync_pipeline.clients.dynamics import DeltaTokenExpired
+
+    return (DeltaTokenExpired,)
+
+
+def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str | None,
+             partition_key: str, stats: ExtractStats, seen: bool = False) -> str:
+    """Follow a delta link (or start change tracking with a full read); returns the next delta link."""
+    assert entity.dynamics is not None
+    pk = extract.primary_key(entity)
+    link = ""
+    for rows, deleted, page_link in client.iter_changes(entity.dynamics.entity_set, select, delta_link=delta,
+                                                        annotations=True):
+        stats.pages += 1
+        stats.take(extract.ingest_dynamics_page(con, entity, rows, partition_key))
+        stats.deleted += extract.mark_dynamics_deleted(con, entity, deleted, partition_key)
+        if seen and rows:
+            ids = pa.table({"id": [str(r.get(pk, "")).lower() for r in rows]})  # noqa: F841
+            con.execute("INSERT INTO seen_ids SELECT id FROM ids")
+        link = page_link or link
+    return link
+
+
+def _ingest_changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str,
+                    partition_key: str, stats: ExtractStats) -> str:
+    return _changes(con, entity, client, select, delta, partition_key, stats)
+
+
+def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str],
+               partition_key: str, stats: ExtractStats, detect_deletes: bool) -> str:
+    if detect_deletes:
+        con.execute("CREATE OR REPLACE TEMP TABLE seen_ids (id VARCHAR)")
+    link = _changes(con, entity, client, select, None, partition_key, stats, seen=detect_deletes)
+    if detect_deletes:
+        gone = [r[0] for r in con.execute(f"SELECT id FROM {qi('d_' + entity.name)} WHERE NOT deleted "
+                                          "AND id NOT IN (SELECT id FROM seen_ids)").fetchall()]
+        stats.deleted += extract.mark_dynamics_deleted(con, entity, gone, partition_key)
+    return link
+
+
+# ---- Marketo persons ----------------------------------------------------------------------------------------
+
+
+LEADCHANGES_CURSOR = "marketo:leadchanges"
+DELETED_CURSOR = "marketo:deletedleads"
+
+
+def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, start: datetime,
+                            end: datetime, latest: bool, work_dir: Path | None = None) -> ExtractStats:
+    stats = ExtractStats("person")
+    token = get_cursor(con, LEADCHANGES_CURSOR)
+    fields = extract.marketo_person_fields(config)
+    if token is None:
+        # Take the watermark before reading, so nothing changed during the initial read is missed.
+        first = client.paging_token(utcnow().replace(tzinfo=timezone.utc) - timedelta(seconds=5))
+        stats.mode = "bulk export"
+        _bulk_windows(con, config, client, start, end, fields, stats, work_dir)
+        set_cursor(con, LEADCHANGES_CURSOR, first)
+        set_cursor(con, DELETED_CURSOR, first)
+        return stats
+    if not latest:
+        stats.mode = "bulk export (re-read window)"
+        _bulk_windows(con, config, client, start, end, fields, stats, work_dir)
+        return stats
+    stats.mode = "lead changes"
+    changed: set[int] = set()
+    watch = [f for f in fields if f not in ("id", "updatedAt")]
+    for page in client.lead_changes(token, watch):
+        stats.pages += 1
+        changed.update(int(a["leadId"]) for a in page.results if a.get("leadId") is not None)
+        token = page.next_page_token
+    if changed:
+        for rows in _chunked(sorted(changed), 300):
+            found = client.get_leads("id", rows, fields)
+            stats.take(extract.ingest_marketo_persons(con, config, found))
+    deleted_token = get_cursor(con, DELETED_CURSOR) or token
+    gone: list[int] = []
+    for page in client.deleted_leads(deleted_token):
+        stats.pages += 1
+        gone += [int(a["leadId"]) for a in page.results if a.get("leadId") is not None]
+        deleted_token = page.next_page_token
+    stats.deleted += extract.mark_marketo_deleted(con, gone)
+    set_cursor(con, LEADCHANGES_CURSOR, token)
+    set_cursor(con, DELETED_CURSOR, deleted_token)
+    return stats
+
+
+def _chunked(items: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _bulk_windows(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, start: datetime, end: datetime,
+                  fields: list[str], stats: ExtractStats, work_dir: Path | None) -> None:
+    work = Path(work_dir or tempfile.mkdtemp(prefix="sync-pipeline-export-"))
+    work.mkdir(parents=True, exist_ok=True)
+    s = start
+    while s < end:
+        e = min(s + timedelta(days=MAX_EXPORT_DAYS), end)
+        path = work / f"leads-{s:%Y%m%d%H%M}-{e:%Y%m%d%H%M}.csv"
+        client.export_to_file("leads", {"updatedAt": {"startAt": _iso(s), "endAt": _iso(e)}}, path, fields=fields)
+        stats.pages += 1
+        stats.take(extract.ingest_marketo_csv(con, config, str(path)))
+        path.unlink(missing_ok=True)
+        s = e
+
+
+# ---- plan and push --------------------------------------------------------------------------------------------
+
+
+def plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str) -> merge.PlanSummary:
+    summary = merge.compute_plan(con, config, entity, run_id, utcnow())
+    record_stats(con, run_id, entity.name, "plan", summary.as_metadata())
+    return summary
+
+
+def push_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any, run_id: str,
+                 final: bool) -> apply_mod.ApplyStats:
+    stats = apply_mod.apply_to_marketo(con, config, entity, client, run_id, utcnow())
+    if final:
+        apply_mod.finish(con, entity)
+    record_stats(con, run_id, entity.name, "push_marketo", stats.as_metadata())
+    return stats
+
+
+def push_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, dynamics: Any, marketo: Any,
+                  run_id: str) -> apply_mod.ApplyStats:
+    stats = apply_mod.apply_to_dynamics(con, config, entity, dynamics, marketo, run_id, utcnow())
+    apply_mod.finish(con, entity)
+    record_stats(con, run_id, entity.name, "push_dynamics", stats.as_metadata())
+    return stats

@@ -1,0 +1,46 @@
+"""Dagster resource for the Dataverse Web API client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from sync_pipeline.clients.dynamics import DynamicsClient
+
+
+class DynamicsResource(dg.ConfigurableResource):
+    """Connection settings for Dynamics 365; ``client_secret`` comes from ``dg.EnvVar`` in the definitions."""
+
+    url: str  # the org URL, e.g. https://contoso.crm.dynamics.com
+    authority: str  # https://login.microsoftonline.com/<tenant id>
+    client_id: str
+    client_secret: str = Field(repr=False)  # never shown in reprs or logs
+    ca_bundle: str | None = None  # PEM bundle to trust instead of the system store
+    verify_tls: bool = True
+    timeout_seconds: float = 60.0
+    max_retries: int = 5
+    page_size: int = 5000
+
+    _client: DynamicsClient | None = PrivateAttr(default=None)
+
+    def _verify(self) -> bool | str:
+        if not self.verify_tls:
+            return False
+        return self.ca_bundle or True
+
+    def get_client(self) -> DynamicsClient:
+        """One client per resource instance (keeps the token and the keep-alive connections)."""
+        if self._client is None:
+            if not 1 <= self.page_size <= 5000:
+                raise ValueError(f"DynamicsResource.page_size must be 1..5000, got {self.page_size}")
+            self._client = DynamicsClient(self.url, self.authority, self.client_id, self.client_secret,
+                                          verify=self._verify(), timeout_seconds=self.timeout_seconds,
+                                          max_retries=self.max_retries, page_size=self.page_size)
+        return self._client
+
+    def teardown_after_execution(self, context: Any) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

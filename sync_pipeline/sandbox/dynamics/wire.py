@@ -1,0 +1,132 @@
+"""Wire helpers shared by the Dataverse sandbox handlers: errors, Prefer headers, row rendering."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from sync_pipeline.sandbox.dynamics.odata import ODataError
+from sync_pipeline.sandbox.dynamics.store import LOOKUP_TARGET, DataverseFault, DynamicsStore, Row
+from sync_pipeline.sandbox.http import Request, Response
+from sync_pipeline.sandbox.schema import Column, Table
+
+API_PREFIX = "/api/data/v9.2/"
+ODATA_HEADERS = {"OData-Version": "4.0"}
+FORMATTED = "@OData.Community.Display.V1.FormattedValue"
+_PREFER_ITEM = re.compile(r'\s*([\w.\-]+)\s*(?:=\s*("[^"]*"|[^,]*))?\s*(?:,|$)')
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response.json({"error": {"code": code, "message": message}}, status, {**ODATA_HEADERS, **(headers or {})})
+
+
+def fault_response(exc: DataverseFault | ODataError) -> Response:
+    if isinstance(exc, DataverseFault):
+        return error(exc.status, exc.code, exc.message)
+    return error(400, exc.code, str(exc))
+
+
+def guarded(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
+    """Turn the sandbox's DataverseFault/ODataError/bad JSON into Dataverse error responses."""
+    def run(req: Request) -> Response:
+        try:
+            return handler(req)
+        except (DataverseFault, ODataError) as exc:
+            return fault_response(exc)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error(400, "0x80048d19", f"Error identified in Payload provided by the user: the request "
+                                            f"body is not valid JSON ({exc}).")
+    run.__name__ = handler.__name__
+    return run
+
+
+def prefer(req: Request) -> dict[str, str]:
+    """Parsed ``Prefer`` header: {"odata.maxpagesize": "500", "odata.track-changes": "", ...}."""
+    raw = req.header("prefer") or ""
+    return {m.group(1).lower(): (m.group(2) or "").strip('"') for m in _PREFER_ITEM.finditer(raw) if m.group(1)}
+
+
+def table_for_set(store: DynamicsStore, entity_set: str) -> Table:
+    table = store.schema.table_by_set(entity_set)
+    if table is None:
+        raise DataverseFault(404, "0x8006088a", f"Resource not found for the segment '{entity_set}'.")
+    return table
+
+
+def column_kinds(table: Table) -> dict[str, str]:
+    """Wire name -> filter kind for every column of ``table``."""
+    kinds = {}
+    for c in table.columns:
+        if c.type in ("String", "Memo"):
+            kind = "string"
+        elif c.type in ("Uniqueidentifier", "Lookup", "Owner", "Customer"):
+            kind = "guid"
+        elif c.type == "Boolean":
+            kind = "bool"
+        elif c.type == "DateTime":
+            kind = "datetime"
+        else:
+            kind = "number"
+        kinds[c.wire_name] = kind
+    return kinds
+
+
+def wants_annotations(prefs: dict[str, str]) -> tuple[bool, bool]:
+    """(formatted values, lookup logical names) asked for by odata.include-annotations."""
+    spec = prefs.get("odata.include-annotations")
+    if spec is None:
+        return False, False
+    parts = [p.strip() for p in spec.split(",")]
+    every = "*" in parts
+    formatted = every or any(p.startswith("OData.Community.Display.V1.FormattedValue") for p in parts)
+    lookups = every or any(p.startswith("Microsoft.Dynamics.CRM.") for p in parts)
+    return formatted, lookups
+
+
+@dataclass
+class RowRenderer:
+    """Renders stored rows for one query: the selected columns, @odata.etag and asked-for annotations."""
+
+    store: DynamicsStore
+    table: Table
+    columns: list[str]  # wire names
+    formatted: bool = False
+    lookups: bool = False
+
+    def __post_init__(self) -> None:
+        wire_cols = {c.wire_name: c for c in self.table.columns}
+        self._annotated: list[tuple[str, Column]] = [
+            (w, wire_cols[w]) for w in self.columns
+            if w in wire_cols and (wire_cols[w].is_lookup or wire_cols[w].options or wire_cols[w].type == "Boolean")]
+        self._plain = not (self.formatted or self.lookups) or not self._annotated
+
+    def render(self, row: Row) -> dict[str, Any]:
+        out = {"@odata.etag": f'W/"{row.get("versionnumber", 0)}"'}
+        for c in self.columns:
+            out[c] = row.get(c)
+        if not self._plain:
+            self._annotate(row, out)
+        return out
+
+    def _annotate(self, row: Row, out: dict[str, Any]) -> None:
+        for wire, col in self._annotated:
+            value = row.get(wire)
+            if value is None:
+                continue
+            if col.is_lookup:
+                target = row.get(wire + LOOKUP_TARGET) or col.targets[0]
+                if self.lookups:
+                    out[wire + "@Microsoft.Dynamics.CRM.lookuplogicalname"] = target
+                    out[wire + "@Microsoft.Dynamics.CRM.associatednavigationproperty"] = (
+                        f"{col.name}_{target}" if len(col.targets) > 1 else col.name)
+                if self.formatted:
+                    target_table = self.store.schema.tables.get(target)
+                    ref = self.store.get(target, value) if target_table else None
+                    if ref is not None:
+                        out[wire + FORMATTED] = ref.get(target_table.primary_name)
+            elif self.formatted and col.type == "Boolean":
+                out[wire + FORMATTED] = "Yes" if value else "No"
+            elif self.formatted:
+                out[wire + FORMATTED] = dict(col.options).get(value, str(value))

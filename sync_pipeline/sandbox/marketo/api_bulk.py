@@ -1,0 +1,132 @@
+"""Bulk routes (``/bulk/v1``): lead/activity export jobs and bulk lead import."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import re
+from typing import TYPE_CHECKING
+
+from sync_pipeline.sandbox.http import Request, Response
+from sync_pipeline.sandbox.marketo.bulk import BulkError
+from sync_pipeline.sandbox.marketo.wire import ApiError, csv_list, json_body, ok, params
+
+if TYPE_CHECKING:
+    from sync_pipeline.sandbox.marketo.server import MarketoSandbox
+
+_EXPORT = r"/bulk/v1/(?P<kind>leads|activities)/export"
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+
+
+def multipart_file(req: Request) -> bytes:
+    ctype = req.header("content-type") or ""
+    if "multipart/form-data" not in ctype.lower():
+        raise ApiError("612", "Invalid Content Type: expected multipart/form-data")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + req.body)
+    if not message.is_multipart():
+        raise ApiError("613", "Invalid Multipart Request")
+    for part in message.iter_parts():  # type: ignore[attr-defined]
+        if part.get_param("name", header="content-disposition") == "file":
+            return part.get_payload(decode=True) or b""
+    raise ApiError("613", "Invalid Multipart Request: no 'file' part")
+
+
+def _ranged(content: bytes, header: str | None, ctype: str) -> Response:
+    m = _RANGE.match(header.strip()) if header else None
+    if not m or (not m.group(1) and not m.group(2)):
+        return Response(200, content, {"Content-Type": ctype, "Accept-Ranges": "bytes"})
+    size = len(content)
+    if m.group(1):
+        start, end = int(m.group(1)), int(m.group(2)) if m.group(2) else size - 1
+    else:
+        start, end = max(0, size - int(m.group(2))), size - 1
+    end = min(end, size - 1)
+    if start > end:
+        return Response(416, b"", {"Content-Range": f"bytes */{size}"})
+    return Response(206, content[start:end + 1],
+                    {"Content-Type": ctype, "Content-Range": f"bytes {start}-{end}/{size}"})
+
+
+def register(sb: "MarketoSandbox") -> None:
+    app, bulk = sb.app, sb.bulk
+
+    def guarded(fn):  # type: ignore[no-untyped-def]
+        def run(req: Request) -> Response:
+            try:
+                return fn(req)
+            except BulkError as exc:
+                raise ApiError(exc.code, exc.message) from None
+        return run
+
+    @app.route("POST", _EXPORT + r"/create\.json", "marketo.bulk.export.create")
+    @guarded
+    def create(req: Request) -> Response:
+        job = bulk.create_export(req.params["kind"], json_body(req))
+        return ok([job.describe()])
+
+    @app.route("POST", _EXPORT + r"/(?P<id>[^/]+)/enqueue\.json", "marketo.bulk.export.enqueue")
+    @guarded
+    def enqueue(req: Request) -> Response:
+        return ok([bulk.enqueue(req.params["kind"], req.params["id"]).describe()])
+
+    @app.route("GET", _EXPORT + r"/(?P<id>[^/]+)/status\.json", "marketo.bulk.export.status")
+    @guarded
+    def status(req: Request) -> Response:
+        with bulk.lock:
+            bulk.advance()
+            return ok([bulk.job(req.params["kind"], req.params["id"]).describe()])
+
+    @app.route("POST", _EXPORT + r"/(?P<id>[^/]+)/cancel\.json", "marketo.bulk.export.cancel")
+    @guarded
+    def cancel(req: Request) -> Response:
+        return ok([bulk.cancel(req.params["kind"], req.params["id"]).describe()])
+
+    @app.route("GET", _EXPORT + r"/(?P<id>[^/]+)/file\.json", "marketo.bulk.export.file")
+    @guarded
+    def file(req: Request) -> Response:
+        with bulk.lock:
+            bulk.advance()
+            job = bulk.job(req.params["kind"], req.params["id"])
+            content = job.content
+        if job.status != "Completed" or content is None:
+            return Response.text(f"Export file for job {job.export_id} is not available (status {job.status})", 404)
+        return _ranged(content, req.header("range"), "text/csv; charset=utf-8")
+
+    @app.route("GET", r"/bulk/v1/(?P<kind>leads|activities)/export\.json", "marketo.bulk.export.list")
+    @guarded
+    def list_jobs(req: Request) -> Response:
+        return ok(bulk.list_exports(req.params["kind"], csv_list(params(req).get("status"))))
+
+    @app.route("POST", r"/bulk/v1/leads\.json", "marketo.bulk.import.create")
+    @guarded
+    def import_create(req: Request) -> Response:
+        p = params(req)
+        fmt = (p.get("format") or "csv").lower()
+        if fmt != "csv":
+            raise ApiError("1003", f"Unsupported import format '{fmt}' (this sandbox reads csv)")
+        job = bulk.create_import(multipart_file(req), p.get("lookupField") or "email")
+        return ok([{"batchId": job.batch_id, "importId": str(job.batch_id), "status": job.status}])
+
+    @app.route("GET", r"/bulk/v1/leads/batch/(?P<id>\d+)\.json", "marketo.bulk.import.status")
+    @guarded
+    def import_status(req: Request) -> Response:
+        with bulk.lock:
+            bulk.advance()
+            return ok([bulk.import_job(req.params["id"]).describe()])
+
+    def report(which: str):  # type: ignore[no-untyped-def]
+        @guarded
+        def run(req: Request) -> Response:
+            with bulk.lock:
+                bulk.advance()
+                job = bulk.import_job(req.params["id"])
+                if job.status not in ("Complete", "Failed"):
+                    return Response.text(f"Import batch {job.batch_id} is still {job.status}", 404)
+                return Response(200, job.report(which), {"Content-Type": "text/csv; charset=utf-8"})
+        return run
+
+    app.route("GET", r"/bulk/v1/leads/batch/(?P<id>\d+)/failures\.json", "marketo.bulk.import.failures")(
+        report("failures"))
+    app.route("GET", r"/bulk/v1/leads/batch/(?P<id>\d+)/warnings\.json", "marketo.bulk.import.warnings")(
+        report("warnings"))
