@@ -42,3 +42,38 @@ def populated_sandbox(sandbox: Sandbox) -> Sandbox:
 def sandbox_settings(sandbox: Sandbox) -> dict[str, str]:
     """The environment settings (DYNAMICS_URL, ..., SYNC_CA_BUNDLE) of the ``sandbox``."""
     return sandbox.settings()
+
+
+class SyncHarness:
+    """A populated sandbox wired to the pipeline: run sync cycles as real in-process Dagster runs."""
+
+    def __init__(self, sandbox: Sandbox, state_path: Path):
+        import dagster as dg
+
+        self.sandbox = sandbox
+        self.state_path = state_path
+        self.instance = dg.DagsterInstance.ephemeral()
+
+    def run(self, scope: str = "latest", raise_on_error: bool = True) -> "dg.ExecuteInProcessResult":  # noqa: F821
+        from sync_pipeline import runs
+
+        return runs.run_sync(self.instance, scope=scope, raise_on_error=raise_on_error)
+
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        from sync_pipeline.engine import state
+
+        with state.connect(self.state_path) as con:
+            return con.execute(sql, params or []).fetchall()
+
+
+@pytest.fixture
+def harness(populated_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncHarness]:
+    """The tiny org in the sandbox, the pipeline's environment pointing at it, an empty state store."""
+    for key, value in populated_sandbox.settings().items():
+        monkeypatch.setenv(key, value)
+    state_path = tmp_path / "state.duckdb"
+    monkeypatch.setenv("SYNC_STATE_PATH", str(state_path))
+    from sync_pipeline.clients.governor import RateGovernor
+
+    yield SyncHarness(populated_sandbox, state_path)
+    RateGovernor.forget(populated_sandbox.marketo.base_url, populated_sandbox.marketo.client_id)

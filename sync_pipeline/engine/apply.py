@@ -221,16 +221,25 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
     maps = _field_maps(config, entity)
     entity_set = entity.dynamics.entity_set
     results: list[Result] = []
+    dropped: list[tuple[str, list[tuple[str, str]]]] = []
     try:
         for rows in _chunks(con, total):
             created: list[tuple[str, str]] = []
             for did, op, mid, etag, _base, fields, vals in rows:
-                try:
-                    body = {maps[f].dynamics: normalize.to_dynamics(maps[f], v) for f, v in zip(fields, vals)
-                            if f in maps}
-                except ValueError as exc:
-                    results.append(Result(did, op, False, mid, "invalid_value", f"{entity.name} {did}: {exc}"))
-                    continue
+                body, bad = {}, []
+                for f, v in zip(fields, vals):
+                    if f not in maps:
+                        continue
+                    try:
+                        body[maps[f].dynamics] = normalize.to_dynamics(maps[f], v)
+                    except ValueError as exc:  # this field cannot be written; the rest of the record can
+                        bad.append((f, str(exc)))
+                if bad:
+                    dropped.append((did, bad))
+                    if not body:
+                        results.append(Result(did, op, False, mid, "invalid_value",
+                                              f"{entity.name} {did}: " + "; ".join(f"{f}: {m}" for f, m in bad)))
+                        continue
                 results.append(_write_dynamics(dynamics, entity_set, did, op, mid, etag, body))
                 if op == "create" and results[-1].ok:
                     created.append((did, mid))
@@ -242,8 +251,22 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
                         log.warning("lead %s created from Marketo person %s, but the person was not updated: %s",
                                     did, mid, getattr(r, "reasons", None))
     finally:
+        _hold_fields(con, entity, dropped, run_id, now)
         _record_results(con, config, entity, "dynamics", results, run_id, now, stats)
     return stats
+
+
+def _hold_fields(con: duckdb.DuckDBPyConnection, entity: Entity, dropped: list[tuple[str, list[tuple[str, str]]]],
+                 run_id: str, now: datetime) -> None:
+    """Fields left out of a write are held with their reason; their base stays, so nothing is lost."""
+    for did, bad in dropped:
+        for f, _ in bad:
+            con.execute("DELETE FROM plan WHERE entity = ? AND dynamics_id = ? AND target = 'dynamics' AND field = ?",
+                        [entity.name, did, f])
+        message = f"{entity.name} {did}: " + "; ".join(f"field {f}: {m}" for f, m in bad)
+        con.execute("""INSERT OR REPLACE INTO failures VALUES (?, ?, 'dynamics:fields', 'update', NULL, ?,
+                       'invalid_value', ?, 1, ?, ?, ?, true, ?)""",
+                    [entity.name, did, ",".join(f for f, _ in bad), message, now, now, now, run_id])
 
 
 def _write_dynamics(client: Any, entity_set: str, did: str, op: str, mid: str | None, etag: str | None,
@@ -328,6 +351,9 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
     else:
         con.execute("""INSERT OR REPLACE INTO identity
             SELECT ?, did, mid, 'active', ?, 'created_in_dynamics' FROM res WHERE ok AND op = 'create'""", [e, now])
+        con.execute("""UPDATE m_person SET f_dynamicsId = r.did, f_dynamicsType = ? FROM res r
+                       WHERE r.ok AND r.op = 'create' AND m_person.id = TRY_CAST(r.mid AS BIGINT)""",
+                    [entity.marketo.type_value or entity.name.title()])
     _advance_base(con, entity, "okp", run_id, now)
     if entity.is_person:
         _update_person_mirror(con, config, entity, target, run_id, now)

@@ -339,10 +339,16 @@ def _plan_dynamics_creates(con: duckdb.DuckDBPyConnection, config: SyncConfig, e
     # Deterministic GUID from the person id: a re-run after a crash upserts the same lead, never a second.
     guid = ("(SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-' || substr(h, 13, 4) || '-' || "
             "substr(h, 17, 4) || '-' || substr(h, 21, 12) FROM (SELECT md5('marketo-person:' || CAST(m.id AS VARCHAR)) AS h))")
+    # A person whose email a Dynamics lead or contact already has is that record's person (linked by
+    # email when that record is planned), not a new lead.
+    same_email = "".join(
+        f" AND NOT EXISTS (SELECT 1 FROM {qi('d_' + p.name)} x WHERE NOT x.deleted AND lower(x.f_email) = lower(m.f_email))"
+        for p in config.persons if "email" in {f.marketo for f in p.all_fields})
     con.execute(f"""CREATE OR REPLACE TEMP TABLE mc AS
         SELECT m.*, {guid} AS new_id, ({cond}) AS matches FROM m_person m
         WHERE m.pending_seq IS NOT NULL AND NOT m.deleted AND m.f_dynamicsId IS NULL
-          AND NOT EXISTS (SELECT 1 FROM identity i WHERE i.entity IN ({persons}) AND i.marketo_id = CAST(m.id AS VARCHAR))""")
+          AND NOT EXISTS (SELECT 1 FROM identity i WHERE i.entity IN ({persons}) AND i.marketo_id = CAST(m.id AS VARCHAR))
+          {same_email}""")
     if to_d:
         con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, new_id, CAST(id AS VARCHAR), 'dynamics', 'create', field,
                 NULL, value, NULL, 'create_in_dynamics', NULL

@@ -152,7 +152,9 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
         # Take the watermark before reading, so nothing changed during the initial read is missed.
         first = client.paging_token(utcnow().replace(tzinfo=timezone.utc) - timedelta(seconds=5))
         stats.mode = "bulk export"
-        _bulk_windows(con, config, client, start, end, fields, stats, work_dir)
+        # The first read covers everything since the configured start, whatever window triggered it.
+        since = datetime.fromisoformat(config.sync.partitions.start_date).replace(tzinfo=timezone.utc)
+        _bulk_windows(con, config, client, min(start, since), end, fields, stats, work_dir)
         set_cursor(con, LEADCHANGES_CURSOR, first)
         set_cursor(con, DELETED_CURSOR, first)
         return stats
