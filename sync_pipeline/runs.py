@@ -19,15 +19,21 @@ from sync_pipeline.defs.automation import JOB_NAME
 from sync_pipeline.defs.partitions import build_partitions
 
 
+# Settings build_resources() reads when the definitions are built (not at run time like dg.EnvVar):
+# part of the cache key, so a process that switches state stores never runs against the old one.
+_EAGER_ENV = ("SYNC_STATE_PATH", "MARKETO_MUNCHKIN_ID", "SYNC_WORK_DIR", "SYNC_CA_BUNDLE", "MARKETO_CALLS_PER_20S",
+              "MARKETO_MAX_CONCURRENT", "MARKETO_DAILY_QUOTA")
+
+
 @lru_cache(maxsize=4)
-def _definitions(config_path: str | None) -> dg.Definitions:
+def _definitions(config_path: str | None, _env: tuple[str | None, ...] = ()) -> dg.Definitions:
     from sync_pipeline.definitions import build_definitions
 
     return build_definitions(load_config(config_path))
 
 
 def definitions() -> dg.Definitions:
-    return _definitions(os.environ.get("SYNC_CONFIG"))
+    return _definitions(os.environ.get("SYNC_CONFIG"), tuple(os.environ.get(k) for k in _EAGER_ENV))
 
 
 def partition_keys() -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from sync_pipeline.cli.demo import demo
+from sync_pipeline.cli.ops import errors, plan, rebaseline, rollback, status
 from sync_pipeline.cli.sandbox import bench_sandbox, sandbox
 
 
@@ -12,5 +14,11 @@ def main() -> None:
     """Self-hosted Dynamics 365 <-> Marketo sync."""
 
 
+main.add_command(demo)
 main.add_command(sandbox)
 main.add_command(bench_sandbox)
+main.add_command(plan)
+main.add_command(status)
+main.add_command(errors)
+main.add_command(rollback)
+main.add_command(rebaseline)

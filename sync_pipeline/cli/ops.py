@@ -1,0 +1,334 @@
+"""Operating commands: ``plan``, ``status``, ``errors``, ``rollback``, ``rebaseline``.
+
+Exit codes: 0 done; 1 the operation failed (run failed, writes failed, store missing or locked,
+wrong environment); 2 bad usage (click). The state store comes from ``--state`` / ``SYNC_STATE_PATH``,
+the clients from the same environment variables as the Dagster definitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+import duckdb
+from rich.console import Console
+from rich.table import Table
+
+from sync_pipeline.config.model import ConfigError, SyncConfig, load_config
+from sync_pipeline.defs.resources import DEFAULT_STATE_PATH, build_resources
+from sync_pipeline.engine import state as state_mod
+from sync_pipeline.engine.state import utcnow
+
+STATE_OPTION = click.option("--state", "state_path", envvar="SYNC_STATE_PATH", default=DEFAULT_STATE_PATH,
+                            show_default=True, type=click.Path(dir_okay=False),
+                            help="DuckDB state store (env SYNC_STATE_PATH).")
+CONFIG_OPTION = click.option("--config", "config_path", envvar="SYNC_CONFIG", default=None,
+                             type=click.Path(dir_okay=False, exists=True),
+                             help="entities.yaml (env SYNC_CONFIG; default: the packaged one).")
+WAIT_OPTION = click.option("--wait", default=30.0, show_default=True, type=click.FloatRange(min=0),
+                           help="Seconds to wait while a sync run holds the state store.")
+
+
+def _console() -> Console:
+    # Wide when not a terminal: ids and messages in pipes and CSV-like logs must not be cut.
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+
+
+def _config(config_path: str | None) -> SyncConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+
+
+def _entity(config: SyncConfig, name: str | None) -> str | None:
+    if name is not None and name not in config.by_name:
+        raise click.BadParameter(f"{name!r} is not a configured entity ({', '.join(config.by_name)})",
+                                 param_hint="--entity")
+    return name
+
+
+@contextlib.contextmanager
+def _store(path: str, read_only: bool, wait: float = state_mod.LOCK_WAIT_SECONDS
+           ) -> Iterator[duckdb.DuckDBPyConnection]:
+    if not Path(path).exists():
+        raise click.ClickException(f"no state store at {path} (set --state or SYNC_STATE_PATH; a sync creates it)")
+    try:
+        with state_mod.connect(path, read_only=read_only, wait=wait) as con:
+            yield con
+    except state_mod.StateLockedError as exc:
+        raise click.ClickException(f"{exc} (a sync run is writing; try again, or raise --wait)") from None
+
+
+def _clients() -> tuple[contextlib.ExitStack, Any, Any]:
+    """The Dynamics and Marketo clients configured exactly like the definitions' resources."""
+    from dagster import DagsterInvalidConfigError
+
+    resources = build_resources()
+    stack = contextlib.ExitStack()
+    try:
+        dynamics = stack.enter_context(resources["dynamics"].process_config_and_initialize_cm())
+        marketo = stack.enter_context(resources["marketo"].process_config_and_initialize_cm())
+    except DagsterInvalidConfigError as exc:
+        stack.close()
+        missing = sorted(set(re.findall(r'environment variable "(\w+)"', str(exc))))
+        what = f"environment variable {', '.join(missing)} is not set" if missing else "invalid client settings"
+        raise click.ClickException(f"cannot configure the API clients: {what}") from None
+    return stack, dynamics, marketo
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m" if seconds < 172800 else f"{seconds // 86400}d"
+
+
+# ---- plan -------------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--entity", default=None, help="Only this entity (default: all).")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write every row here.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Rows shown per entity in the terminal (the CSV holds all).")
+@STATE_OPTION
+@CONFIG_OPTION
+def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, config_path: str | None) -> None:
+    """Show what the next sync would write, per field, both directions, without writing to either system.
+
+    Runs the extracts and the plans of the latest partition (no push), then lists the plan:
+    entity, ids, target, op, field, before, after and the rule behind each write.
+    """
+    import dagster as dg
+
+    from sync_pipeline import runs
+    from sync_pipeline.ops import preview
+
+    config = _config(config_path)
+    _entity(config, entity)
+    os.environ["SYNC_STATE_PATH"] = state_path  # the run's resources read it
+    if config_path:
+        os.environ["SYNC_CONFIG"] = config_path
+    console = _console()
+    with console.status("extracting and planning (no push)..."):
+        with dg.DagsterInstance.ephemeral() as instance:
+            result = runs.run_sync(instance, scope="latest", raise_on_error=False,
+                                   selection=preview.preview_selection(config, entity),
+                                   tags={"sync/preview": "true"})
+    if not result.success:
+        failures = [ev.message or ev.event_type_value for ev in result.all_events if ev.is_failure]
+        raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
+    entities = [entity] if entity else [e.name for e in config.entities]
+    with _store(state_path, read_only=True) as con:
+        counts = preview.plan_counts(con, entities, result.run_id)
+        summary = Table(title=f"Plan of run {result.run_id}")
+        for col in ("entity", "target", "op", "records", "fields"):
+            summary.add_column(col, justify="right" if col in ("records", "fields") else "left")
+        for row in counts:
+            summary.add_row(*(str(v) for v in row))
+        console.print(summary if counts else "Nothing to write: both systems agree.")
+        shown: dict[str, int] = {}
+        detail = Table(title="Field writes" + (f" (first {limit} per entity)" if limit else ""))
+        for col in preview.PLAN_COLUMNS:
+            detail.add_column(col, overflow="fold")
+        for row in preview.plan_rows(con, entities, result.run_id):
+            if shown.get(row[0], 0) < limit:
+                shown[row[0]] = shown.get(row[0], 0) + 1
+                detail.add_row(*(_fmt(v) for v in row))
+        if shown:
+            console.print(detail)
+        if csv_path:
+            n = preview.write_csv(preview.plan_rows(con, entities, result.run_id), Path(csv_path))
+            console.print(f"{n} plan rows written to {csv_path}")
+
+
+# ---- status -----------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@STATE_OPTION
+@CONFIG_OPTION
+@WAIT_OPTION
+def status(state_path: str, config_path: str | None, wait: float) -> None:
+    """Per entity: last sync, backlog, lag, errors, held records and conflicts (reads the store only).
+
+    Backlog counts records with a change read but not yet synced; lag is how long the oldest of them
+    has waited. Errors are records failing and retried with backoff; held ones need `errors --release`.
+    """
+    from sync_pipeline.ops import report
+
+    config = _config(config_path)
+    with _store(state_path, read_only=True, wait=wait) as con:
+        try:
+            rows = report.status(con, config)
+        except LookupError as exc:
+            raise click.ClickException(f"{state_path}: {exc}") from None
+    now = utcnow()
+    table = Table(title=f"Sync status ({state_path})")
+    for col in ("entity", "last sync", "last run", "last write", "backlog", "lag", "errors", "held", "conflicts"):
+        table.add_column(col, justify="right" if col in ("backlog", "lag", "errors", "held", "conflicts") else "left")
+    for r in rows:
+        table.add_row(r.entity, _fmt(r.last_sync), _fmt(r.last_run), _fmt(r.last_write), _fmt(r.backlog),
+                      _duration(r.lag_seconds(now)), str(r.retrying), str(r.held), str(r.conflicts))
+    _console().print(table)
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--entity", default=None, help="Only this entity.")
+@click.option("--release", "release_id", default=None, metavar="ID",
+              help="Retry this held record (Dynamics id, or Marketo id) at the next sync.")
+@click.option("--release-all", is_flag=True, help="Retry every held record (of --entity, if given).")
+@STATE_OPTION
+@CONFIG_OPTION
+@WAIT_OPTION
+def errors(entity: str | None, release_id: str | None, release_all: bool, state_path: str,
+           config_path: str | None, wait: float) -> None:
+    """List held records with the reason the API gave, or release them for another attempt.
+
+    A record is held after the configured number of failed attempts. Releasing clears the hold,
+    makes it due now and marks it pending, so the next sync plans and writes it again (one attempt:
+    if it fails again it is held again).
+    """
+    from sync_pipeline.ops import report
+
+    if release_id and release_all:
+        raise click.UsageError("use either --release ID or --release-all")
+    config = _config(config_path)
+    _entity(config, entity)
+    console = _console()
+    releasing = bool(release_id or release_all)
+    with _store(state_path, read_only=not releasing, wait=wait) as con:
+        held = report.held_records(con, entity, release_id)
+        if releasing:
+            if release_id and not held:
+                raise click.ClickException(f"no held record with id {release_id}"
+                                           + (f" in entity {entity}" if entity else ""))
+            n = report.release(con, config, held)
+            console.print(f"released {n} held record(s); the next sync retries them")
+            return
+        retrying = report.retrying_count(con, entity)
+    table = Table(title=f"Held records ({len(held)})")
+    for col in ("entity", "dynamics id", "target", "op", "marketo id", "code", "reason", "attempts", "last failed",
+                "run"):
+        table.add_column(col, overflow="fold")
+    for r in held:
+        table.add_row(r.entity, r.dynamics_id, r.target, r.op, _fmt(r.marketo_id), _fmt(r.code), _fmt(r.message),
+                      str(r.attempts), _fmt(r.last_failed_at), _fmt(r.run_id))
+    console.print(table if held else "No held records.")
+    if retrying:
+        console.print(f"{retrying} more record(s) failed and will be retried automatically (not held yet).")
+
+
+# ---- rollback ---------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--yes", is_flag=True, help="Write the old values back (without it: show what would be written).")
+@STATE_OPTION
+@CONFIG_OPTION
+def rollback(run_id: str, yes: bool, state_path: str, config_path: str | None) -> None:
+    """Write back the values RUN_ID replaced, to the system it wrote them to (from the ledger).
+
+    Field updates are restored; creates, deletes, link fields and fields changed again since are
+    skipped with the reason. The rollback's own writes are recorded in the ledger under a new run id.
+    """
+    from sync_pipeline.defs.assets import guard_environment
+    from sync_pipeline.engine.guard import WrongEnvironmentError
+    from sync_pipeline.ops import rollback as rb
+
+    config = _config(config_path)
+    console = _console()
+    with _store(state_path, read_only=not yes) as con:
+        try:
+            items = rb.plan_rollback(con, config, run_id)
+        except rb.RollbackError as exc:
+            raise click.ClickException(str(exc)) from None
+        table = Table(title=f"Rollback of run {run_id}" + ("" if yes else " (dry run: add --yes to write)"))
+        for col in ("entity", "dynamics id", "marketo id", "target", "field", "current", "restore", "action"):
+            table.add_column(col, overflow="fold")
+        for it in items:
+            table.add_row(it.entity, it.dynamics_id, _fmt(it.marketo_id), it.target, _fmt(it.field),
+                          _fmt(it.replaced), _fmt(it.restore), it.action + (f": {it.reason}" if it.reason else ""))
+        console.print(table)
+        todo = sum(it.action == "restore" for it in items)
+        console.print(f"{todo} field value(s) to restore, {len(items) - todo} skipped")
+        if not yes or not todo:
+            return
+        stack, dynamics, marketo = _clients()
+        with stack:
+            try:
+                state_res = build_resources()["state"]
+                guard_environment(con, state_res, dynamics, marketo)
+            except WrongEnvironmentError as exc:
+                raise click.ClickException(str(exc)) from None
+            with console.status(f"restoring {todo} field value(s)..."):
+                outcome = rb.execute_rollback(con, config, items, dynamics.get_client(), marketo.get_client(),
+                                              source_run=run_id)
+    console.print(f"restored {outcome.restored} field value(s); ledger run id {outcome.run_id}")
+    if outcome.failed:
+        for it, reason in outcome.failed[:20]:
+            console.print(f"[red]failed[/red] {it.entity} {it.dynamics_id} {it.field}: {reason}", markup=True)
+        raise click.ClickException(f"{len(outcome.failed)} field value(s) could not be restored")
+
+
+# ---- rebaseline -------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--yes", is_flag=True, help="Confirm: forget the pinned environment and every per-record state.")
+@STATE_OPTION
+@CONFIG_OPTION
+def rebaseline(yes: bool, state_path: str, config_path: str | None) -> None:
+    """Start a fresh baseline after a deliberate environment change (e.g. a refreshed sandbox).
+
+    Forgets the pinned Dynamics organisation and Marketo instance, the mirrors, identities, bases,
+    cursors, failures and conflicts; the ledger and run statistics stay. The next sync is an initial
+    copy that links existing Marketo persons by email.
+    """
+    from sync_pipeline.engine import guard
+
+    if not yes:
+        raise click.UsageError("rebaseline forgets all sync state of this store; add --yes to confirm")
+    _config(config_path)
+    with _store(state_path, read_only=False) as con:
+        pinned = dict(con.execute("SELECT key, value FROM environment").fetchall()) if _has_table(
+            con, "environment") else {}
+        counts = guard.rebaseline(con)
+    table = Table(title="Rebaselined: rows forgotten")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, n in sorted(counts.items()):
+        table.add_row(name, str(n))
+    console = _console()
+    console.print(table)
+    if pinned:
+        console.print("previously pinned: " + ", ".join(f"{k}={v}" for k, v in sorted(pinned.items())))
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [name]).fetchone()[0])
+

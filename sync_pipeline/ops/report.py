@@ -1,0 +1,151 @@
+"""Read-side reports over the state store: per-entity status and held records, plus releasing them.
+
+Everything here takes an open DuckDB connection; ``status`` and ``held_records`` only read, so the
+CLI opens the store read-only for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import duckdb
+
+from sync_pipeline.config.model import Entity, SyncConfig
+from sync_pipeline.engine.state import qi, utcnow
+
+PUSH_STAGES = ("push_marketo", "push_dynamics")
+
+
+@dataclass
+class EntityStatus:
+    entity: str
+    last_sync: datetime | None  # last push step recorded for the entity
+    last_run: str | None
+    last_write: datetime | None  # last ledger entry (a run may push nothing)
+    backlog: int | None  # records with a pending change in the Dynamics mirror (None: not extracted yet)
+    oldest_pending: datetime | None  # when the oldest of those was read
+    retrying: int
+    held: int
+    conflicts: int
+
+    def lag_seconds(self, now: datetime) -> float | None:
+        """How long the oldest change nobody has synced yet has been waiting (0 when nothing waits)."""
+        if self.backlog is None:
+            return None
+        if not self.backlog or self.oldest_pending is None:
+            return 0.0
+        return max(0.0, (now - self.oldest_pending).total_seconds())
+
+
+def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {r[0] for r in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
+
+
+def _counts_by_entity(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
+    return {e: int(n) for e, n in con.execute(sql).fetchall()}
+
+
+def status(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> list[EntityStatus]:
+    tables = _tables(con)
+    missing = {"run_stats", "ledger", "failures", "conflicts"} - tables
+    if missing:
+        raise LookupError(f"the state store has no {', '.join(sorted(missing))} table: no sync has run against it")
+    last_sync = {e: (t, r) for e, t, r in con.execute(
+        f"""SELECT entity, max(recorded_at), arg_max(run_id, recorded_at) FROM run_stats
+            WHERE stage IN {PUSH_STAGES} GROUP BY entity""").fetchall()}
+    last_write = dict(con.execute("SELECT entity, max(written_at) FROM ledger GROUP BY entity").fetchall())
+    retrying = _counts_by_entity(con, "SELECT entity, count(*) FROM failures WHERE NOT held GROUP BY entity")
+    held = _counts_by_entity(con, "SELECT entity, count(*) FROM failures WHERE held GROUP BY entity")
+    conflicts = _counts_by_entity(con, "SELECT entity, count(*) FROM conflicts GROUP BY entity")
+    out = []
+    for e in config.entities:
+        backlog, oldest = _backlog(con, tables, e)
+        t, run = last_sync.get(e.name, (None, None))
+        out.append(EntityStatus(e.name, t, run, last_write.get(e.name), backlog, oldest,
+                                retrying.get(e.name, 0), held.get(e.name, 0), conflicts.get(e.name, 0)))
+    if config.persons and "m_person" in tables:
+        n, oldest = con.execute("SELECT count(*), min(seen_at) FROM m_person WHERE pending_seq IS NOT NULL").fetchone()
+        out.append(EntityStatus("person (Marketo)", None, None, None, int(n), oldest, 0, 0, 0))
+    return out
+
+
+def _backlog(con: duckdb.DuckDBPyConnection, tables: set[str], e: Entity) -> tuple[int | None, datetime | None]:
+    source = e.derived_from or e.name
+    if f"d_{source}" not in tables:
+        return None, None
+    if e.is_derived:  # roles are recomputed from the opportunities on every plan; they have no own backlog
+        return 0, None
+    n, oldest = con.execute(f"SELECT count(*), min(seen_at) FROM {qi('d_' + source)} "
+                            "WHERE pending_seq IS NOT NULL").fetchone()
+    return int(n), oldest
+
+
+@dataclass
+class HeldRecord:
+    entity: str
+    dynamics_id: str
+    target: str
+    op: str
+    marketo_id: str | None
+    code: str | None
+    message: str | None
+    attempts: int
+    last_failed_at: datetime | None
+    run_id: str | None
+
+
+HELD_COLUMNS = "entity, dynamics_id, target, op, marketo_id, code, message, attempts, last_failed_at, run_id"
+
+
+def held_records(con: duckdb.DuckDBPyConnection, entity: str | None = None,
+                 record_id: str | None = None) -> list[HeldRecord]:
+    where, params = ["held"], []
+    if entity:
+        where.append("entity = ?")
+        params.append(entity)
+    if record_id:
+        where.append("(lower(dynamics_id) = lower(?) OR marketo_id = ?)")
+        params += [record_id, record_id]
+    rows = con.execute(f"SELECT {HELD_COLUMNS} FROM failures WHERE {' AND '.join(where)} "
+                       "ORDER BY entity, last_failed_at, dynamics_id", params).fetchall()
+    return [HeldRecord(*r) for r in rows]
+
+
+def retrying_count(con: duckdb.DuckDBPyConnection, entity: str | None = None) -> int:
+    sql, params = "SELECT count(*) FROM failures WHERE NOT held", []
+    if entity:
+        sql += " AND entity = ?"
+        params.append(entity)
+    return int(con.execute(sql, params).fetchone()[0])
+
+
+def release(con: duckdb.DuckDBPyConnection, config: SyncConfig, records: list[HeldRecord]) -> int:
+    """Give held records another attempt now: unhold, due immediately, and pending so the next plan covers them.
+
+    The attempt counter stays: a record that fails again is held again at once, not retried five more times.
+    """
+    if not records:
+        return 0
+    now = utcnow()
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for r in records:
+            con.execute("""UPDATE failures SET held = false, next_attempt_at = ?
+                           WHERE entity = ? AND dynamics_id = ? AND target = ?""",
+                        [now, r.entity, r.dynamics_id, r.target])
+            e = config.by_name.get(r.entity)
+            if e is None:
+                continue  # an entity removed from the configuration: nothing will plan it
+            if not e.is_derived:
+                con.execute(f"UPDATE {qi('d_' + e.name)} SET pending_seq = nextval('change_seq') WHERE id = ?",
+                            [r.dynamics_id])
+            if e.is_person and r.marketo_id:  # e.g. a lead to create from a Marketo person
+                con.execute("UPDATE m_person SET pending_seq = nextval('change_seq') WHERE id = TRY_CAST(? AS BIGINT)",
+                            [r.marketo_id])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return len(records)

@@ -1,0 +1,174 @@
+"""Convergence under faults: seeded random edits on both systems, sync cycles under >= 10% injected faults.
+
+Runs may fail while the sandbox misbehaves; like the sensor and the safety-net schedule, the test simply
+runs again until a run succeeds with no record waiting for a retry. After the faults stop and final
+cycles run, every record of the model is checked on both sides (exists exactly once, holds the value
+its direction and policy dictate) and every value the sync wrote must have a ledger row.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from sync_pipeline_tests.reliability.workload import ACCOUNT_FIELDS, FAULT_RULES, PERSON_FIELDS, Workload
+
+MAX_ATTEMPTS_PER_ROUND = 12
+
+
+@dataclass
+class Figures:
+    seed: int
+    operations: int = 0
+    cycles: int = 0
+    failed_runs: int = 0
+    api_calls: int = 0
+    faults_injected: int = 0
+    records_checked: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        share = self.faults_injected / self.api_calls if self.api_calls else 0.0
+        return (f"seed {self.seed}: {self.operations} operations, {self.cycles} cycles ({self.failed_runs} failed "
+                f"under faults), {self.faults_injected} faults injected in {self.api_calls} API calls "
+                f"({share:.0%}), {self.records_checked} records checked, {len(self.violations)} violations")
+
+
+def converge(harness: Any, figures: Figures) -> None:
+    """Run cycles until one succeeds and no record waits for a retry (what the automation would do)."""
+    for _ in range(MAX_ATTEMPTS_PER_ROUND):
+        result = harness.run("latest", raise_on_error=False)
+        figures.cycles += 1
+        if not result.success:
+            figures.failed_runs += 1
+            continue
+        waiting = harness.query("SELECT count(*) FROM failures WHERE NOT held")[0][0]
+        if not waiting:
+            return
+    failures = harness.query("SELECT entity, dynamics_id, target, code, message FROM failures LIMIT 5")
+    raise AssertionError(f"no clean run after {MAX_ATTEMPTS_PER_ROUND} attempts; failures: {failures}")
+
+
+def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int) -> Figures:
+    sb = harness.sandbox
+    figures = Figures(seed)
+    harness.run("latest")  # initial copy, fault-free: the model starts from a converged state
+    harness.run("latest")
+    held_before = {r[0] for r in harness.query("SELECT dynamics_id FROM failures")}
+    work = Workload(sb, random.Random(seed))
+    work.adopt_synced()
+    for did in held_before:  # records the generator made invalid on purpose are the bad-input tests' business
+        work.records.pop(did, None)
+    sb.reset_calls()
+    sb.faults(FAULT_RULES, seed=seed)
+    for n in range(rounds):
+        work.round(ops_per_round)
+        converge(harness, figures)
+        if n == rounds // 2:
+            work.edit_frozen()
+    figures.api_calls = sum(sb.calls().values())
+    figures.faults_injected = sum(sb.faults_injected().values())
+    sb.clear_faults()
+    work.edit_frozen()
+    converge(harness, figures)
+    converge(harness, figures)
+    figures.operations = work.ops
+    check(harness, work, figures)
+    return figures
+
+
+def check(harness: Any, work: Workload, figures: Figures) -> None:
+    sb, bad = harness.sandbox, figures.violations
+    ledger: dict[tuple[str, str, str], set[str | None]] = defaultdict(set)
+    for did, target, fld, after in harness.query(
+            "SELECT dynamics_id, target, field, value_after FROM ledger WHERE op IN ('create', 'update')"):
+        ledger[(did, target, fld)].add(after)
+    companies = {c["externalCompanyId"]: c for c in sb.marketo_rows("company", limit=1_000_000)}
+    for r in work.records.values():
+        figures.records_checked += 1
+        name = f"{r.entity} {r.did}"
+        if r.entity == "account":
+            row, company = sb.dynamics_get("account", r.did), companies.get(r.did)
+            if company is None:
+                bad.append(f"{name}: no Marketo company")
+                continue
+            for f, col in ACCOUNT_FIELDS.items():
+                if row.get(col) != r.values[f] or company.get(f) != r.values[f]:
+                    bad.append(f"{name}.{f}: expected {r.values[f]!r}, Dynamics {row.get(col)!r}, "
+                               f"Marketo {company.get(f)!r}")
+                elif r.writer.get(f) == "d" and r.values[f] not in ledger[(r.did, "marketo", f)]:
+                    bad.append(f"{name}.{f}: Marketo value {r.values[f]!r} written without a ledger row")
+            continue
+        persons = sb.marketo_find_leads("dynamicsId", r.did)
+        if r.marketo in ("tombstoned", "retired"):
+            if persons:
+                bad.append(f"{name} ({r.marketo}): Marketo persons {persons} still/again carry its id")
+            continue
+        if len(persons) != 1:
+            bad.append(f"{name} ({r.marketo}): expected exactly one Marketo person, found {persons}")
+            continue
+        if r.mid is not None and persons[0] != r.mid:
+            bad.append(f"{name}: Marketo person {persons[0]} instead of {r.mid} (a duplicate or lost link)")
+        person = sb.marketo_get_lead(persons[0])
+        if r.marketo == "flagged":
+            if person.get("dynamicsIsDeleted") is not True:
+                bad.append(f"{name}: deleted in Dynamics, Marketo person {persons[0]} not flagged")
+            continue
+        row = sb.dynamics_get(r.entity, r.did)
+        for f, col in PERSON_FIELDS.items():
+            if person.get(f) != r.values[f]:
+                bad.append(f"{name}.{f}: Marketo holds {person.get(f)!r}, expected {r.values[f]!r}")
+            if r.marketo != "frozen" and row.get(col) != r.values[f]:
+                bad.append(f"{name}.{f}: Dynamics holds {row.get(col)!r}, expected {r.values[f]!r}")
+            if r.marketo == "frozen":
+                continue
+            target = {"d": "marketo", "m": "dynamics"}.get(r.writer.get(f, ""))
+            if target and r.values[f] not in ledger[(r.did, target, f)]:
+                bad.append(f"{name}.{f}: {target} value {r.values[f]!r} written without a ledger row")
+    for email, mid in work.new_persons.items():
+        figures.records_checked += 1
+        leads = [row for row in sb.dynamics_rows("lead", limit=1_000_000) if row.get("emailaddress1") == email]
+        if len(leads) != 1:
+            bad.append(f"Marketo person {mid} ({email}): expected one Dynamics lead, found {len(leads)}")
+        elif sb.marketo_get_lead(mid).get("dynamicsId") != leads[0]["leadid"]:
+            bad.append(f"Marketo person {mid}: dynamicsId does not point at its new lead {leads[0]['leadid']}")
+    for email, loser in work.merged_away:
+        figures.records_checked += 1
+        for table in ("lead", "contact"):
+            if any(row.get("emailaddress1") == email for row in sb.dynamics_rows(table, limit=1_000_000)):
+                bad.append(f"merged-away Marketo person {loser} ({email}) became a Dynamics {table}")
+    dupes = harness.query("""SELECT marketo_id, count(*) FROM identity WHERE entity IN ('lead', 'contact')
+                             AND state = 'active' GROUP BY marketo_id HAVING count(*) > 1""")
+    bad += [f"Marketo person {m} claimed by {n} active Dynamics records" for m, n in dupes]
+
+
+def _report(figures: Figures, capsys: pytest.CaptureFixture[str], started: float) -> None:
+    with capsys.disabled():
+        print(f"\nconvergence {figures.line()} in {time.perf_counter() - started:.0f} s")
+        for v in figures.violations[:20]:
+            print("  violation:", v)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_converges_under_faults(fast_retry_harness: Any, seed: int, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.perf_counter()
+    figures = run_workload(fast_retry_harness, seed, rounds=4, ops_per_round=8)
+    _report(figures, capsys, started)
+    assert figures.faults_injected >= 0.10 * figures.api_calls, figures.line()
+    assert figures.operations >= 25
+    assert figures.violations == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(100, 106))
+def test_converges_under_faults_long(fast_retry_harness: Any, seed: int, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.perf_counter()
+    figures = run_workload(fast_retry_harness, seed, rounds=25, ops_per_round=25)
+    _report(figures, capsys, started)
+    assert figures.faults_injected >= 0.10 * figures.api_calls, figures.line()
+    assert figures.violations == []
