@@ -306,7 +306,7 @@ def rebaseline(yes: bool, state_path: str, config_path: str | None) -> None:
 
     Forgets the pinned Dynamics organisation and Marketo instance, the mirrors, identities, bases,
     cursors, failures and conflicts; the ledger and run statistics stay. The next sync is an initial
-    copy that links existing Marketo persons by email.
+    copy that finds the existing Marketo records again (upserts by Dynamics id, persons also by email).
     """
     from sync_pipeline.engine import guard
 
