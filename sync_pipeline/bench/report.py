@@ -118,13 +118,12 @@ def chart(latest: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(run: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``run-<scale>-<stamp>.json`` plus the merged ``latest.json``, ``results.md`` and ``chart.png``."""
+    """Write ``run-<scale>.json`` (this run) plus the merged ``latest.json``, ``results.md`` and ``chart.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     run = {**run, "written": stamp}
-    paths = {"run": out_dir / "runs" / f"run-{run['scale']}-{stamp}.json", "latest": out_dir / "latest.json",
+    paths = {"run": out_dir / f"run-{run['scale']}.json", "latest": out_dir / "latest.json",
              "markdown": out_dir / "results.md", "chart": out_dir / "chart.png"}
-    paths["run"].parent.mkdir(exist_ok=True)
     paths["run"].write_text(json.dumps(run, indent=2))
     latest = merge_latest(paths["latest"], run)
     latest["written"] = stamp
