@@ -28,8 +28,13 @@ INCREMENTAL_CHANGES = 1000
 # Share of the incremental edits per (system, table): both systems, persons and one-way entities.
 CHANGE_MIX = (("dynamics", "contact", 0.35), ("dynamics", "lead", 0.15), ("dynamics", "account", 0.15),
               ("dynamics", "opportunity", 0.05), ("marketo", "lead", 0.30))
-MARKETO_WRITE_ROUTES = ("marketo.leads.sync", "marketo.companies", "marketo.opportunities", "marketo.roles",
-                        "marketo.salespersons", "marketo.customobjects")
+DYNAMICS_WRITE_ROUTES = ("dynamics.create", "dynamics.update", "dynamics.delete", "dynamics.batch",
+                         "dynamics.createmultiple", "dynamics.updatemultiple", "dynamics.upsertmultiple")
+
+
+def is_marketo_write(route: str) -> bool:
+    """Lead and object sync calls (``marketo.leads.sync``, ``marketo.companies.sync``, custom objects)."""
+    return route.startswith("marketo.") and route.endswith(".sync")
 # Realistic profile budgets (sandbox.yaml limits.realistic): (calls, per seconds) each service allows.
 API_BUDGET = {"marketo": (100, 20), "dynamics": (6000, 300)}
 SCENARIOS = ("initial", "incremental", "idle", "realistic")
@@ -89,24 +94,23 @@ def _records(meta: dict[str, Any]) -> int:
 
 
 def stage_stats(result: Any) -> list[dict[str, Any]]:
-    """Per asset: wall seconds (step duration), records handled and records/s."""
-    from sync_pipeline.runs import materialized_metadata
-
+    """Per asset: wall seconds (its step's duration) and records handled, summed over every partition
+    the run materialized (an initial copy materializes each asset once per partition)."""
     durations: dict[str, float] = {}
     for ev in result.all_events:
         if ev.event_type_value == "STEP_SUCCESS":
             durations[ev.step_key] = ev.event_specific_data.duration_ms / 1000
-    meta = materialized_metadata(result)
-    stages = []
+    stages: dict[str, dict[str, Any]] = {}
     for ev in result.get_asset_materialization_events():
-        name = "/".join(ev.materialization.asset_key.path)
-        if any(s["asset"] == name for s in stages):
-            continue
-        seconds = durations.get(ev.step_key, 0.0)
-        records = _records(meta.get(name, {}))
-        stages.append({"asset": name, "seconds": round(seconds, 3), "records": records,
-                       "records_per_second": round(records / seconds) if seconds > 0 else None})
-    return sorted(stages, key=lambda s: -s["seconds"])
+        m = ev.materialization
+        name = "/".join(m.asset_key.path)
+        stage = stages.setdefault(name, {"asset": name, "seconds": round(durations.get(ev.step_key, 0.0), 3),
+                                         "records": 0, "partitions": 0})
+        stage["records"] += _records({k: v.value for k, v in m.metadata.items()})
+        stage["partitions"] += 1
+    for stage in stages.values():
+        stage["records_per_second"] = round(stage["records"] / stage["seconds"]) if stage["seconds"] > 0 else None
+    return sorted(stages.values(), key=lambda s: -s["seconds"])
 
 
 def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]], full_read: bool
@@ -125,9 +129,10 @@ def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]]
 
 def calls_vs_floor(calls: dict[str, int], floor: dict[str, int]) -> dict[str, Any]:
     dynamics = calls.get("dynamics.query", 0)
-    marketo = sum(calls.get(r, 0) for r in MARKETO_WRITE_ROUTES)
+    marketo = sum(n for r, n in calls.items() if is_marketo_write(r))
     return {"calls": dict(sorted(calls.items())), "total": sum(calls.values()), "floor": floor,
             "dynamics_query": dynamics, "marketo_writes": marketo,
+            "dynamics_writes": sum(calls.get(r, 0) for r in DYNAMICS_WRITE_ROUTES),
             "dynamics_ratio": round(dynamics / floor["dynamics.query"], 3) if floor["dynamics.query"] else None,
             "marketo_ratio": round(marketo / floor["marketo.writes"], 3) if floor["marketo.writes"] else None}
 

@@ -36,8 +36,21 @@ WAIT_OPTION = click.option("--wait", default=30.0, show_default=True, type=click
 
 
 def _console() -> Console:
-    # Wide when not a terminal: ids and messages in pipes and CSV-like logs must not be cut.
-    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+    # Wide when not a terminal (pipes, logs), unless COLUMNS says otherwise: long reasons stay readable.
+    return Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200, soft_wrap=False)
+
+
+def _table(title: str, columns: list[str], numeric: tuple[str, ...] = ()) -> Table:
+    """Ids and run ids never wrap (copy-paste into --release / rollback); long texts fold."""
+    table = Table(title=title)
+    for col in columns:
+        if col in numeric:
+            table.add_column(col, justify="right", no_wrap=True)
+        elif "id" in col.split("_") or "id" in col.split(" ") or col in ("run", "last run"):
+            table.add_column(col, no_wrap=True, min_width=min(36, max(len(col), 10)))
+        else:
+            table.add_column(col, overflow="fold")
+    return table
 
 
 def _config(config_path: str | None) -> SyncConfig:
@@ -140,16 +153,14 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
     entities = [entity] if entity else [e.name for e in config.entities]
     with _store(state_path, read_only=True) as con:
         counts = preview.plan_counts(con, entities, result.run_id)
-        summary = Table(title=f"Plan of run {result.run_id}")
-        for col in ("entity", "target", "op", "records", "fields"):
-            summary.add_column(col, justify="right" if col in ("records", "fields") else "left")
+        summary = _table(f"Plan of run {result.run_id}", ["entity", "target", "op", "records", "fields"],
+                         numeric=("records", "fields"))
         for row in counts:
             summary.add_row(*(str(v) for v in row))
         console.print(summary if counts else "Nothing to write: both systems agree.")
         shown: dict[str, int] = {}
-        detail = Table(title="Field writes" + (f" (first {limit} per entity)" if limit else ""))
-        for col in preview.PLAN_COLUMNS:
-            detail.add_column(col, overflow="fold")
+        detail = _table("Field writes" + (f" (first {limit} per entity)" if limit else ""),
+                        list(preview.PLAN_COLUMNS))
         for row in preview.plan_rows(con, entities, result.run_id):
             if shown.get(row[0], 0) < limit:
                 shown[row[0]] = shown.get(row[0], 0) + 1
@@ -183,9 +194,9 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
         except LookupError as exc:
             raise click.ClickException(f"{state_path}: {exc}") from None
     now = utcnow()
-    table = Table(title=f"Sync status ({state_path})")
-    for col in ("entity", "last sync", "last run", "last write", "backlog", "lag", "errors", "held", "conflicts"):
-        table.add_column(col, justify="right" if col in ("backlog", "lag", "errors", "held", "conflicts") else "left")
+    numeric = ("backlog", "lag", "errors", "held", "conflicts")
+    table = _table(f"Sync status ({state_path})", ["entity", "last sync", "last run", "last write", *numeric],
+                   numeric=numeric)
     for r in rows:
         table.add_row(r.entity, _fmt(r.last_sync), _fmt(r.last_run), _fmt(r.last_write), _fmt(r.backlog),
                       _duration(r.lag_seconds(now)), str(r.retrying), str(r.held), str(r.conflicts))
@@ -229,10 +240,8 @@ def errors(entity: str | None, release_id: str | None, release_all: bool, state_
             console.print(f"released {n} held record(s); the next sync retries them")
             return
         retrying = report.retrying_count(con, entity)
-    table = Table(title=f"Held records ({len(held)})")
-    for col in ("entity", "dynamics id", "target", "op", "marketo id", "code", "reason", "attempts", "last failed",
-                "run"):
-        table.add_column(col, overflow="fold")
+    table = _table(f"Held records ({len(held)})", ["entity", "dynamics id", "target", "op", "marketo id", "code",
+                                                   "reason", "attempts", "last failed", "run"], numeric=("attempts",))
     for r in held:
         table.add_row(r.entity, r.dynamics_id, r.target, r.op, _fmt(r.marketo_id), _fmt(r.code), _fmt(r.message),
                       str(r.attempts), _fmt(r.last_failed_at), _fmt(r.run_id))
@@ -266,9 +275,8 @@ def rollback(run_id: str, yes: bool, state_path: str, config_path: str | None) -
             items = rb.plan_rollback(con, config, run_id)
         except rb.RollbackError as exc:
             raise click.ClickException(str(exc)) from None
-        table = Table(title=f"Rollback of run {run_id}" + ("" if yes else " (dry run: add --yes to write)"))
-        for col in ("entity", "dynamics id", "marketo id", "target", "field", "current", "restore", "action"):
-            table.add_column(col, overflow="fold")
+        table = _table(f"Rollback of run {run_id}" + ("" if yes else " (dry run: add --yes to write)"),
+                       ["entity", "dynamics id", "marketo id", "target", "field", "current", "restore", "action"])
         for it in items:
             table.add_row(it.entity, it.dynamics_id, _fmt(it.marketo_id), it.target, _fmt(it.field),
                           _fmt(it.replaced), _fmt(it.restore), it.action + (f": {it.reason}" if it.reason else ""))
@@ -317,9 +325,7 @@ def rebaseline(yes: bool, state_path: str, config_path: str | None) -> None:
         pinned = dict(con.execute("SELECT key, value FROM environment").fetchall()) if _has_table(
             con, "environment") else {}
         counts = guard.rebaseline(con)
-    table = Table(title="Rebaselined: rows forgotten")
-    table.add_column("table")
-    table.add_column("rows", justify="right")
+    table = _table("Rebaselined: rows forgotten", ["table", "rows"], numeric=("rows",))
     for name, n in sorted(counts.items()):
         table.add_row(name, str(n))
     console = _console()

@@ -236,9 +236,7 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
                         bad.append((f, str(exc)))
                 if bad:
                     dropped.append((did, bad))
-                    if not body:
-                        results.append(Result(did, op, False, mid, "invalid_value",
-                                              f"{entity.name} {did}: " + "; ".join(f"{f}: {m}" for f, m in bad)))
+                    if not body:  # nothing writable: the held field failure says why; retrying cannot help
                         continue
                 results.append(_write_dynamics(dynamics, entity_set, did, op, mid, etag, body))
                 if op == "create" and results[-1].ok:

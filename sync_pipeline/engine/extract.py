@@ -131,8 +131,7 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
         exprs = [_dynamics_value_expr(entity, f) for f in entity.all_fields]
         select = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, names))
         sets = ", ".join(f"{n} = excluded.{n}" for n in names)
-        before = con.execute(f"SELECT count(*) FROM {table} WHERE pending_seq = ?", [seq]).fetchone()[0]
-        con.execute(f"""
+        res = con.execute(f"""
             INSERT INTO {table} (id, version, modified_on, etag, deleted, sync_flag, origin_lead, customer_contact,
                                  partition_key, seen_at, pending_seq, {", ".join(names)})
             SELECT lower({pk}), versionnumber, CAST({mod} AS VARCHAR), "@odata.etag", false, {flag}, {origin},
@@ -145,9 +144,8 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
                 partition_key = excluded.partition_key, seen_at = excluded.seen_at,
                 pending_seq = excluded.pending_seq, {sets}
             WHERE excluded.version > {table}.version OR {table}.version IS NULL OR {table}.deleted
-        """, [partition_key, utcnow(), seq])
-        after = con.execute(f"SELECT count(*) FROM {table} WHERE pending_seq = ?", [seq]).fetchone()[0]
-        stats.changed = after - before
+        """, [partition_key, utcnow(), seq]).fetchone()
+        stats.changed = int(res[0]) if res else 0
     if deleted:
         stats.deleted = mark_dynamics_deleted(con, entity, deleted, partition_key)
     return stats
@@ -218,8 +216,7 @@ def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: 
         names = [fcol(f.marketo) for f in maps]
         exprs = [normalize.marketo_expr(f, qi(f.marketo)) for f in maps]
         changed = " OR ".join(f"m_person.{n} IS DISTINCT FROM excluded.{n}" for n in names)
-        before = con.execute("SELECT count(*) FROM m_person WHERE pending_seq = ?", [seq]).fetchone()[0]
-        con.execute(f"""
+        res = con.execute(f"""
             INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})
             SELECT CAST(id AS BIGINT), "updatedAt", false, ?, ?, {", ".join(exprs)} FROM {name}
             WHERE TRY_CAST(id AS BIGINT) IS NOT NULL
@@ -228,9 +225,8 @@ def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: 
                 seen_at = excluded.seen_at, pending_seq = excluded.pending_seq,
                 {", ".join(f"{n} = excluded.{n}" for n in names)}
             WHERE m_person.deleted OR {changed}
-        """, [utcnow(), seq])
-        after = con.execute("SELECT count(*) FROM m_person WHERE pending_seq = ?", [seq]).fetchone()[0]
-        return IngestStats(rows=table.num_rows, changed=after - before)
+        """, [utcnow(), seq]).fetchone()
+        return IngestStats(rows=table.num_rows, changed=int(res[0]) if res else 0)
     finally:
         con.unregister(name)
 

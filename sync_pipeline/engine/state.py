@@ -21,6 +21,7 @@ set only when the plan that covered it was applied, and only if nothing newer ar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -77,6 +78,17 @@ def entity_columns(entity: Entity) -> list[str]:
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
+    """Create or extend the tables for this configuration; a no-op when the stored schema is current."""
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    row = con.execute("SELECT value FROM schema_meta WHERE key = 'config'").fetchone()
+    if row and row[0] == digest:
+        return
+    _create_tables(con, config)
+    con.execute("INSERT OR REPLACE INTO schema_meta VALUES ('config', ?)", [digest])
+
+
+def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     con.execute("CREATE SEQUENCE IF NOT EXISTS change_seq START 1")
     con.execute("CREATE SEQUENCE IF NOT EXISTS ledger_seq START 1")
     for e in config.entities:

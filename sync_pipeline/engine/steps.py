@@ -28,6 +28,7 @@ from sync_pipeline.engine.state import get_cursor, qi, record_stats, set_cursor,
 log = logging.getLogger(__name__)
 
 MAX_EXPORT_DAYS = 31
+INGEST_ROWS = 25_000  # rows held in memory between upserts (a few 5,000-row pages)
 
 
 @dataclass
@@ -107,15 +108,25 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select
     assert entity.dynamics is not None
     pk = extract.primary_key(entity)
     link = ""
+    buffer: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        stats.take(extract.ingest_dynamics_page(con, entity, buffer, partition_key))
+        if seen and buffer:
+            ids = pa.table({"id": [str(r.get(pk, "")).lower() for r in buffer]})  # noqa: F841
+            con.execute("INSERT INTO seen_ids SELECT id FROM ids")
+        buffer.clear()
+
     for rows, deleted, page_link in client.iter_changes(entity.dynamics.entity_set, select, delta_link=delta,
                                                         annotations=True):
         stats.pages += 1
-        stats.take(extract.ingest_dynamics_page(con, entity, rows, partition_key))
+        buffer += rows  # a few pages per statement: fewer, larger set-based upserts
+        if len(buffer) >= INGEST_ROWS or (deleted and buffer):  # deletes apply after the rows before them
+            flush()
         stats.deleted += extract.mark_dynamics_deleted(con, entity, deleted, partition_key)
-        if seen and rows:
-            ids = pa.table({"id": [str(r.get(pk, "")).lower() for r in rows]})  # noqa: F841
-            con.execute("INSERT INTO seen_ids SELECT id FROM ids")
         link = page_link or link
+    if buffer:
+        flush()
     return link
 
 

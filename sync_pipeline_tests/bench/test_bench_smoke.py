@@ -1,0 +1,69 @@
+"""Smoke test of ``sync-pipeline bench``: a real run (sandbox process + Dagster runs) whose outputs are
+well-formed. No timing assertions: the numbers depend on the machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from sync_pipeline.bench.pipeline import budget_floor_seconds, call_floor, is_marketo_write
+from sync_pipeline.cli import main
+from sync_pipeline.config.model import load_config
+
+
+def test_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks"
+    result = CliRunner().invoke(main, ["bench", "--scale", "tiny", "--scenario", "incremental", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    latest = json.loads((out / "latest.json").read_text())
+    run = latest["scales"]["tiny"]
+    assert json.loads((out / "run-tiny.json").read_text())["scenarios"].keys() == run["scenarios"].keys()
+    assert set(run["scenarios"]) == {"population", "incremental"}
+    population = run["scenarios"]["population"]["counts"]
+    cycle = run["scenarios"]["incremental"]
+    assert sum(cycle["changes"].values()) >= 500  # the tiny org caps some tables below their share
+    assert cycle["seconds"] > 0 and cycle["peak_rss_mb"] > 50
+    # The delta reads saw the Dynamics edits: at least the contacts and accounts edited.
+    raw = {s["asset"]: s["records"] for s in cycle["stages"]}
+    assert raw["dynamics/raw/contact"] >= cycle["changes"]["dynamics.contact"]
+    assert raw["dynamics/raw/account"] >= cycle["changes"]["dynamics.account"]
+    api = cycle["api"]
+    assert api["total"] == sum(api["calls"].values())
+    extracted = [e for e in load_config(None).entities if e.dynamics is not None]
+    assert api["floor"]["dynamics.query"] == len(extracted)  # one delta read a table
+    assert all(population[f"dynamics.{e.dynamics.table}"] > 0 for e in extracted)
+    assert api["dynamics_query"] >= api["floor"]["dynamics.query"]
+
+    md = (out / "results.md").read_text()
+    assert "| tiny | incremental |" in md and "| tiny | population |" in md
+    png = (out / "chart.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_floors() -> None:
+    assert budget_floor_seconds(0, 100, 20) == 0.0
+    assert budget_floor_seconds(100, 100, 20) == 0.0
+    assert budget_floor_seconds(101, 100, 20) == 20.0
+    assert budget_floor_seconds(350, 100, 20) == 60.0
+    assert is_marketo_write("marketo.leads.sync") and is_marketo_write("marketo.customobjects.sync")
+    assert not is_marketo_write("marketo.leads.get") and not is_marketo_write("dynamics.sync")
+
+    class Side:
+        def __init__(self, table: str):
+            self.table = table
+
+    class Entity:
+        def __init__(self, table: str | None):
+            self.dynamics = Side(table) if table else None
+
+    class Config:
+        entities = [Entity("contact"), Entity("account"), Entity(None)]
+
+    stages = [{"asset": "marketo/push/contact", "records": 601}, {"asset": "marketo/push/account", "records": 0},
+              {"asset": "dynamics/raw/contact", "records": 12_000}]
+    counts = {"dynamics.contact": 12_000, "dynamics.account": 5000}
+    assert call_floor(Config(), counts, stages, full_read=True) == {"dynamics.query": 3 + 1, "marketo.writes": 3}
+    assert call_floor(Config(), counts, stages, full_read=False) == {"dynamics.query": 2, "marketo.writes": 3}

@@ -1,0 +1,84 @@
+"""The change sensor of the definitions, evaluated like the daemon does, against the synced sandbox."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from sync_pipeline import runs
+from sync_pipeline.defs.resources import build_resources
+
+
+def tick(harness, cursor: str | None) -> Any:
+    """One evaluation with a fresh context (what a restarted daemon does), carrying only the stored cursor."""
+    defs = runs.definitions()
+    sensor = defs.get_sensor_def("change_sensor")
+    with dg.build_sensor_context(instance=harness.instance, resources=build_resources(), cursor=cursor,
+                                 sensor_name="change_sensor", definitions=defs) as context:
+        return sensor.evaluate_tick(context)
+
+
+def settle(harness, cursor: str | None, max_runs: int = 3) -> Any:
+    """Sync until the sensor sees nothing new (our own writes come back once as Marketo activities)."""
+    for _ in range(max_runs):
+        data = tick(harness, cursor)
+        if not data.run_requests:
+            return data
+        cursor = data.cursor
+        assert harness.run("latest").success
+    raise AssertionError(f"the sensor still requests runs after {max_runs} syncs: {data.run_requests}")
+
+
+def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restarts(harness) -> None:
+    sb = harness.sandbox
+    latest = runs.partition_keys()[-1]
+
+    # Nothing synced yet: every source needs its first read; a second tick asks for the same run (same key).
+    first = tick(harness, None)
+    assert len(first.run_requests) == 1
+    request = first.run_requests[0]
+    assert request.partition_key == latest and request.run_key.startswith("changes-")
+    assert "dynamics:contact" in request.tags["sync/changed"]
+    again = tick(harness, first.cursor)
+    assert [r.run_key for r in again.run_requests] == [request.run_key]
+
+    assert harness.run("latest").success
+    quiet = settle(harness, first.cursor)
+    assert quiet.skip_message == "no changes"
+    calls_before = sum(sb.calls().values())
+    assert tick(harness, quiet.cursor).skip_message == "no changes"
+    # An idle tick is cheap: one $batch of delta links plus two Marketo activity calls (and maybe a token).
+    assert sum(sb.calls().values()) - calls_before <= 6
+
+    # A change in Dynamics: a new run key (the stored cursors moved since the first request).
+    contact_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'contact' LIMIT 1")[0][0]
+    sb.dynamics_update("contact", contact_id, {"telephone1": "+1 555 0177"})
+    changed = tick(harness, quiet.cursor)
+    assert len(changed.run_requests) == 1
+    key = changed.run_requests[0].run_key
+    assert key != request.run_key and changed.run_requests[0].tags["sync/changed"] == "dynamics:contact"
+    # Repeated ticks before the run: the same key, so the daemon launches it once.
+    assert [r.run_key for r in tick(harness, changed.cursor).run_requests] == [key]
+    # A daemon restart that lost the sensor cursor still sees the change: the state store is the memory.
+    assert [r.run_key for r in tick(harness, None).run_requests] == [key]
+
+    # A change in Marketo is seen too, and after the sync everything is quiet again.
+    lead_person = int(harness.query("SELECT marketo_id FROM identity WHERE entity = 'lead' AND state = 'active' "
+                                    "LIMIT 1")[0][0])
+    sb.marketo_update_lead(lead_person, {"title": "Sensor Watcher"})
+    both = tick(harness, changed.cursor)
+    assert both.run_requests[0].tags["sync/changed"] == "dynamics:contact,marketo:person"
+    assert harness.run("latest").success
+    assert settle(harness, both.cursor).skip_message == "no changes"
+    assert harness.query("SELECT count(*) FROM ledger WHERE field = 'phone' AND value_after = '+1 555 0177'") == [(1,)]
+
+
+def test_change_sensor_skips_while_a_sync_run_is_in_flight(harness) -> None:
+    job = runs.definitions().get_job_def("sync")
+    run = harness.instance.create_run_for_job(job, run_config={},
+                                              tags={"dagster/partition": runs.partition_keys()[-1]})
+    data = tick(harness, None)
+    assert not data.run_requests and "in flight" in (data.skip_message or "")
+    harness.instance.report_run_canceled(run)
+    assert len(tick(harness, None).run_requests) == 1
