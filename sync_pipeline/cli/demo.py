@@ -55,8 +55,8 @@ def demo(scale: str, seed: int, state_dir: Path) -> None:
                   f"generated {sum(counts.values()):,} records ({scale})")
     os.environ.update(sb.settings())
     os.environ["SYNC_STATE_PATH"] = str(state_dir / "sync.duckdb")
-    (state_dir / "dagster_home").mkdir()
-    instance = dg.DagsterInstance.local_temp(str(state_dir / "dagster_home"))
+    # In-memory instance: the demo is about the sync; `dagster dev` keeps history for real deployments.
+    instance = dg.DagsterInstance.ephemeral()
 
     def query(sql: str, params: list | None = None) -> list[tuple]:
         with state_mod.connect(state_dir / "sync.duckdb") as con:

@@ -20,6 +20,7 @@ from sync_pipeline.config.model import SyncConfig
 from sync_pipeline.defs.partitions import latest_partition_key
 from sync_pipeline.defs.resources import SyncStateResource
 from sync_pipeline.engine import state as state_mod
+from sync_pipeline.engine.extract import marketo_person_fields
 from sync_pipeline.engine.steps import DELETED_CURSOR, LEADCHANGES_CURSOR, delta_cursor
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
@@ -48,7 +49,9 @@ def pending_changes(config: SyncConfig, tokens: dict[str, str], dynamics: Any, m
         if token is None:
             found["marketo:person"] = True
         else:
-            page = next(iter(marketo.lead_changes(token, ["email"], batch_size=1)))
+            # Lead changes only reports the fields asked for: watch the same fields the extract watches.
+            watch = [f for f in marketo_person_fields(config) if f not in ("id", "updatedAt")]
+            page = next(iter(marketo.lead_changes(token, watch, batch_size=1)))
             found["marketo:person"] = bool(page.results)
             deleted = next(iter(marketo.deleted_leads(tokens.get(DELETED_CURSOR) or token, batch_size=1)))
             found["marketo:person"] |= bool(deleted.results)

@@ -223,8 +223,8 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
     results: list[Result] = []
     dropped: list[tuple[str, list[tuple[str, str]]]] = []
     try:
+        writes: list[tuple[str, str, str | None, str | None, dict[str, Any]]] = []
         for rows in _chunks(con, total):
-            created: list[tuple[str, str]] = []
             for did, op, mid, etag, _base, fields, vals in rows:
                 body, bad = {}, []
                 for f, v in zip(fields, vals):
@@ -238,9 +238,11 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
                     dropped.append((did, bad))
                     if not body:  # nothing writable: the held field failure says why; retrying cannot help
                         continue
-                results.append(_write_dynamics(dynamics, entity_set, did, op, mid, etag, body))
-                if op == "create" and results[-1].ok:
-                    created.append((did, mid))
+                writes.append((did, op, mid, etag, body))
+            batch_results = _write_dynamics_batched(dynamics, entity_set, writes)
+            writes.clear()
+            results += batch_results
+            created = [(r.did, r.marketo_id) for r in batch_results if r.ok and r.op == "create" and r.marketo_id]
             if created:  # the new lead's id goes back to the Marketo person it came from
                 res = marketo.sync_leads([{"id": int(mid), "dynamicsId": did, "dynamicsType": "Lead"}
                                           for did, mid in created], action="updateOnly", lookup_field="id")
@@ -267,22 +269,42 @@ def _hold_fields(con: duckdb.DuckDBPyConnection, entity: Entity, dropped: list[t
                     [entity.name, did, ",".join(f for f, _ in bad), message, now, now, now, run_id])
 
 
-def _write_dynamics(client: Any, entity_set: str, did: str, op: str, mid: str | None, etag: str | None,
-                    body: dict[str, Any]) -> Result:
-    from sync_pipeline.clients.dynamics import DynamicsError, PreconditionFailed, RecordNotFound
+DYNAMICS_BATCH = 100  # requests per $batch: one HTTP call, each PATCH keeps its own If-Match
 
-    try:
-        if op == "create":
-            client.upsert(entity_set, did, body)
-            return Result(did, op, True, mid)
-        client.update(entity_set, did, body, etag=etag)
-        return Result(did, op, True, mid)
-    except PreconditionFailed as exc:
-        return Result(did, op, False, mid, "412", f"changed in Dynamics since it was read; re-planned ({exc})")
-    except RecordNotFound as exc:
-        return Result(did, op, False, mid, "404", f"deleted in Dynamics meanwhile ({exc})")
-    except DynamicsError as exc:
-        return Result(did, op, False, mid, str(getattr(exc, "code", None) or getattr(exc, "status", "error")), str(exc))
+
+def _write_dynamics_batched(client: Any, entity_set: str,
+                            writes: list[tuple[str, str, str | None, str | None, dict[str, Any]]]) -> list[Result]:
+    """PATCH updates (with the row's etag) and upserts (creates by a deterministic id) in ``$batch`` calls."""
+    from sync_pipeline.clients.dynamics import BatchRequest, DynamicsError
+
+    out: list[Result] = []
+    for i in range(0, len(writes), DYNAMICS_BATCH):
+        part = writes[i:i + DYNAMICS_BATCH]
+        requests = [BatchRequest("PATCH", f"{entity_set}({did})", body,
+                                 headers={} if op == "create" else {"If-Match": etag or "*"})
+                    for did, op, _mid, etag, body in part]
+        try:
+            responses = client.execute_batch(requests, continue_on_error=True, idempotent=True)
+        except DynamicsError as exc:  # the whole call failed after retries: every record keeps its plan
+            code = str(getattr(exc, "code", None) or getattr(exc, "status", "error"))
+            out += [Result(did, op, False, mid, code, str(exc)) for did, op, mid, _etag, _body in part]
+            continue
+        for (did, op, mid, _etag, _body), resp in zip(part, responses):
+            if 200 <= resp.status < 300:
+                out.append(Result(did, op, True, mid))
+                continue
+            err = resp.body.get("error", {}) if isinstance(resp.body, dict) else {}
+            message = f"{entity_set}({did}): {err.get('message') or resp.status}"
+            if resp.status == 412:
+                message = f"changed in Dynamics since it was read; re-planned ({message})"
+            elif resp.status == 404:
+                message = f"deleted in Dynamics meanwhile ({message})"
+            code = str(resp.status) if resp.status in (404, 412) else str(err.get("code") or resp.status)
+            out.append(Result(did, op, False, mid, code, message))
+        if len(responses) < len(part):  # a batch that stopped early: the rest were not attempted
+            out += [Result(did, op, False, mid, "not_attempted", f"{entity_set}({did}): batch stopped early")
+                    for did, op, mid, _etag, _body in part[len(responses):]]
+    return out
 
 
 # ---- bookkeeping ----------------------------------------------------------------------------------------------
@@ -473,6 +495,12 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
         con.execute("""UPDATE m_person SET pending_seq = NULL FROM plan_work w
                        WHERE w.entity = ? AND w.marketo_id = CAST(m_person.id AS VARCHAR)
                          AND m_person.pending_seq = w.m_seq""", [e])
+    # A failed write whose record was re-planned with nothing left to write to that target is resolved
+    # (e.g. a 412 re-read and settled by the policy); otherwise it would stay "failed" forever.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND NOT f.held AND f.target IN ('marketo', 'dynamics')
+                   AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
+                   AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
+                                   AND p.target = f.target AND p.op NOT IN ('agree', 'hold'))""", [e, e])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
     return int(n[0]) if n else 0
 

@@ -282,7 +282,7 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
                              ELSE 'hold' END,
                 CASE outcome WHEN 'base' THEN 'agree' WHEN 'hold' THEN 'hold' ELSE 'update' END,
                 field,
-                CASE outcome WHEN 'marketo' THEN mv WHEN 'dynamics' THEN dv END,
+                CASE outcome WHEN 'marketo' THEN mv WHEN 'dynamics' THEN dv WHEN 'hold' THEN mv END,  -- hold keeps both
                 CASE outcome WHEN 'dynamics' THEN mv ELSE dv END,
                 bv, rule, etag
             FROM fx WHERE outcome IS NOT NULL""")

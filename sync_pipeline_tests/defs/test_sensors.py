@@ -46,10 +46,14 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
     assert harness.run("latest").success
     quiet = settle(harness, first.cursor)
     assert quiet.skip_message == "no changes"
-    calls_before = sum(sb.calls().values())
+    before = sb.calls()
     assert tick(harness, quiet.cursor).skip_message == "no changes"
-    # An idle tick is cheap: one $batch of delta links plus two Marketo activity calls (and maybe a token).
-    assert sum(sb.calls().values()) - calls_before <= 6
+    spent = {k: v - before.get(k, 0) for k, v in sb.calls().items() if v != before.get(k, 0)}
+    # An idle tick is cheap: one $batch holding every delta link, two Marketo activity calls (plus tokens).
+    tables = len(harness.query("SELECT name FROM cursors WHERE name LIKE 'dynamics:delta:%'"))
+    assert spent.pop("dynamics.batch") == 1 and spent.pop("dynamics.query") == tables
+    assert spent.pop("marketo.activities.leadchanges") == 1 and spent.pop("marketo.activities.deletedleads") == 1
+    assert set(spent) <= {"identity.openid", "identity.token", "marketo.identity"}, spent
 
     # A change in Dynamics: a new run key (the stored cursors moved since the first request).
     contact_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'contact' LIMIT 1")[0][0]
