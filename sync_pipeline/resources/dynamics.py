@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from typing import Any
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from sync_pipeline.clients.dynamics import DynamicsClient
+
+_CLIENTS: dict[tuple, DynamicsClient] = {}
+_LOCK = threading.Lock()
 
 
 class DynamicsResource(dg.ConfigurableResource):
@@ -31,16 +36,16 @@ class DynamicsResource(dg.ConfigurableResource):
         return self.ca_bundle or True
 
     def get_client(self) -> DynamicsClient:
-        """One client per resource instance (keeps the token and the keep-alive connections)."""
+        """One client per process and settings: steps and runs in a process share the token and connections."""
         if self._client is None:
             if not 1 <= self.page_size <= 5000:
                 raise ValueError(f"DynamicsResource.page_size must be 1..5000, got {self.page_size}")
-            self._client = DynamicsClient(self.url, self.authority, self.client_id, self.client_secret,
-                                          verify=self._verify(), timeout_seconds=self.timeout_seconds,
-                                          max_retries=self.max_retries, page_size=self.page_size)
+            key = (self.url, self.authority, self.client_id, hashlib.sha256(self.client_secret.encode()).hexdigest(),
+                   str(self._verify()), self.timeout_seconds, self.max_retries, self.page_size)
+            with _LOCK:
+                if key not in _CLIENTS:
+                    _CLIENTS[key] = DynamicsClient(self.url, self.authority, self.client_id, self.client_secret,
+                                                   verify=self._verify(), timeout_seconds=self.timeout_seconds,
+                                                   max_retries=self.max_retries, page_size=self.page_size)
+                self._client = _CLIENTS[key]
         return self._client
-
-    def teardown_after_execution(self, context: Any) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None

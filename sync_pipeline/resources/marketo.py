@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from sync_pipeline.clients.marketo import MarketoClient
+
+_CLIENTS: dict[tuple, MarketoClient] = {}
+_LOCK = threading.Lock()
 
 
 class MarketoResource(dg.ConfigurableResource):
@@ -31,17 +35,17 @@ class MarketoResource(dg.ConfigurableResource):
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def get_client(self) -> MarketoClient:
+        """One client per process and settings: steps and runs in a process share the token and connections."""
         with self._lock:
             if self._client is None:
                 verify: bool | str = self.ca_bundle if (self.ca_bundle and self.verify_tls) else self.verify_tls
-                self._client = MarketoClient(
-                    self.base_url, self.client_id, self.client_secret, verify=verify,
-                    timeout_seconds=self.timeout_seconds, calls_per_window=self.calls_per_20s,
-                    window_seconds=20.0, max_concurrent=self.max_concurrent, daily_quota=self.daily_quota)
+                key = (self.base_url, self.client_id, hashlib.sha256(self.client_secret.encode()).hexdigest(),
+                       str(verify), self.timeout_seconds, self.calls_per_20s, self.max_concurrent, self.daily_quota)
+                with _LOCK:
+                    if key not in _CLIENTS:
+                        _CLIENTS[key] = MarketoClient(
+                            self.base_url, self.client_id, self.client_secret, verify=verify,
+                            timeout_seconds=self.timeout_seconds, calls_per_window=self.calls_per_20s,
+                            window_seconds=20.0, max_concurrent=self.max_concurrent, daily_quota=self.daily_quota)
+                    self._client = _CLIENTS[key]
             return self._client
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None

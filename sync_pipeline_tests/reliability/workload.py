@@ -22,17 +22,17 @@ WEIGHTS = (5, 5, 3, 3, 2, 1, 1, 1, 2, 1, 1, 3)
 
 # Fault plan: >= 10% of API calls (identity endpoints excepted) fail in one of the ways real services fail.
 FAULT_RULES: list[dict[str, Any]] = [
-    {"pattern": "marketo.leads.sync", "rate": 0.15, "faults": [
+    {"pattern": "marketo.leads.sync", "rate": 0.2, "faults": [
         {"kind": "partial", "code": "1001", "weight": 3}, {"kind": "code", "code": "606", "weight": 1},
         {"kind": "code", "code": "615", "weight": 1}, {"kind": "code", "code": "604", "weight": 1},
         {"kind": "status", "status": 503, "weight": 1}, {"kind": "drop", "weight": 1}]},
-    {"pattern": "marketo.[!i]*", "rate": 0.15, "faults": [
+    {"pattern": "marketo.[!i]*", "rate": 0.2, "faults": [
         {"kind": "code", "code": "601", "weight": 1}, {"kind": "code", "code": "602", "weight": 1},
         {"kind": "code", "code": "604", "weight": 1}, {"kind": "code", "code": "606", "weight": 2},
         {"kind": "code", "code": "615", "weight": 1}, {"kind": "status", "status": 502, "weight": 1},
         {"kind": "html", "status": 503, "weight": 1}, {"kind": "drop", "weight": 1},
         {"kind": "timeout", "seconds": 0.05, "weight": 1}]},
-    {"pattern": "dynamics.*", "rate": 0.15, "faults": [
+    {"pattern": "dynamics.*", "rate": 0.2, "faults": [
         {"kind": "throttle", "seconds": 1, "weight": 2}, {"kind": "status", "status": 503, "weight": 2},
         {"kind": "timeout", "seconds": 0.05, "weight": 1}, {"kind": "drop", "weight": 1},
         {"kind": "html", "status": 502, "weight": 1}]},
