@@ -9,7 +9,6 @@ the demo read these definitions; the sync pipeline never does: it discovers sche
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +57,19 @@ class Table:
     change_tracking: bool = True
     user_owned: bool = True
 
+    def __post_init__(self) -> None:
+        # Built once: hashing a frozen dataclass on every lookup made lookups the sandbox's hot spot.
+        object.__setattr__(self, "_columns", {c.name: c for c in self.columns})
+
     def column(self, name: str) -> Column | None:
-        return self.column_map.get(name)
+        return self._columns.get(name)  # type: ignore[attr-defined]
 
     @property
     def column_map(self) -> dict[str, Column]:
-        return _column_map(self)
+        return self._columns  # type: ignore[attr-defined]
 
     def wire_columns(self) -> list[str]:
         return [c.wire_name for c in self.columns]
-
-
-@cache
-def _column_map(table: Table) -> dict[str, Column]:
-    return {c.name: c for c in table.columns}
 
 
 def _opts(*labels: str, start: int = 1) -> tuple[tuple[int, str], ...]:
@@ -255,17 +253,15 @@ class MObject:
     relationships: tuple[dict[str, Any], ...] = field(default=(), compare=False)  # dicts: not hashable
     custom: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_fields", {f.name: f for f in self.fields})
+
     def field(self, name: str) -> MField | None:
-        return _mfield_map(self).get(name)
+        return self._fields.get(name)  # type: ignore[attr-defined]
 
     @property
     def field_map(self) -> dict[str, MField]:
-        return _mfield_map(self)
-
-
-@cache
-def _mfield_map(obj: MObject) -> dict[str, MField]:
-    return {f.name: f for f in obj.fields}
+        return self._fields  # type: ignore[attr-defined]
 
 
 def _sys_fields(id_name: str, id_type: str) -> tuple[MField, ...]:
