@@ -259,14 +259,23 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
 def _hold_fields(con: duckdb.DuckDBPyConnection, entity: Entity, dropped: list[tuple[str, list[tuple[str, str]]]],
                  run_id: str, now: datetime) -> None:
     """Fields left out of a write are held with their reason; their base stays, so nothing is lost."""
-    for did, bad in dropped:
-        for f, _ in bad:
-            con.execute("DELETE FROM plan WHERE entity = ? AND dynamics_id = ? AND target = 'dynamics' AND field = ?",
-                        [entity.name, did, f])
-        message = f"{entity.name} {did}: " + "; ".join(f"field {f}: {m}" for f, m in bad)
-        con.execute("""INSERT OR REPLACE INTO failures VALUES (?, ?, 'dynamics:fields', 'update', NULL, ?,
-                       'invalid_value', ?, 1, ?, ?, ?, true, ?)""",
-                    [entity.name, did, ",".join(f for f, _ in bad), message, now, now, now, run_id])
+    if not dropped:
+        return
+    fields = pa.table({"did": [d for d, bad in dropped for _ in bad], "field": [f for _, bad in dropped for f, _ in bad]})
+    held = pa.table({"did": [d for d, _ in dropped], "fields": [",".join(f for f, _ in bad) for _, bad in dropped],
+                     "message": [f"{entity.name} {d}: " + "; ".join(f"field {f}: {m}" for f, m in bad)
+                                 for d, bad in dropped]})
+    con.register("held_fields", fields)
+    con.register("held_records", held)
+    try:
+        con.execute("""DELETE FROM plan WHERE entity = ? AND target = 'dynamics'
+                       AND (dynamics_id, field) IN (SELECT (did, field) FROM held_fields)""", [entity.name])
+        con.execute("""INSERT OR REPLACE INTO failures SELECT ?, did, 'dynamics:fields', 'update', NULL, fields,
+                       'invalid_value', message, 1, ?, ?, ?, true, ? FROM held_records""",
+                    [entity.name, now, now, now, run_id])
+    finally:
+        con.unregister("held_fields")
+        con.unregister("held_records")
 
 
 DYNAMICS_BATCH = 100  # requests per $batch: one HTTP call, each PATCH keeps its own If-Match
@@ -492,9 +501,14 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
     n = con.execute(f"""UPDATE {d} SET pending_seq = NULL FROM plan_work w
                         WHERE w.entity = ? AND w.dynamics_id = {d}.id AND {d}.pending_seq = w.d_seq""", [e]).fetchone()
     if entity.is_person:
+        # A person now owned by another record (a converted lead's person belongs to its contact) keeps
+        # its change for that record's plan: the lead's plan covered it but cannot apply it.
         con.execute("""UPDATE m_person SET pending_seq = NULL FROM plan_work w
                        WHERE w.entity = ? AND w.marketo_id = CAST(m_person.id AS VARCHAR)
-                         AND m_person.pending_seq = w.m_seq""", [e])
+                         AND m_person.pending_seq = w.m_seq
+                         AND NOT EXISTS (SELECT 1 FROM identity o WHERE o.entity <> w.entity AND o.state = 'active'
+                                         AND o.marketo_id = w.marketo_id AND o.dynamics_id = m_person.f_dynamicsId)""",
+                    [e])
     # A failed write whose record was re-planned with nothing left to write to that target is resolved
     # (e.g. a 412 re-read and settled by the policy); otherwise it would stay "failed" forever.
     con.execute("""DELETE FROM failures f WHERE f.entity = ? AND NOT f.held AND f.target IN ('marketo', 'dynamics')

@@ -55,22 +55,26 @@ class StateLockedError(RuntimeError):
 @contextlib.contextmanager
 def connect(path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the state file, waiting (bounded) while another process holds the single-writer lock."""
+    con = open_connection(path, read_only, wait)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def open_connection(path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS
+                    ) -> duckdb.DuckDBPyConnection:
     deadline = time.monotonic() + wait
     delay = 0.05
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
-            break
+            return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise StateLockedError(f"state store {path} is locked by another process: {exc}") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
-    try:
-        yield con
-    finally:
-        con.close()
 
 
 def entity_columns(entity: Entity) -> list[str]:

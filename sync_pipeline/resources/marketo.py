@@ -27,8 +27,9 @@ class MarketoResource(dg.ConfigurableResource):
     ca_bundle: str | None = Field(default=None, description="PEM bundle to verify the server with")
     verify_tls: bool = True
     timeout_seconds: float = 60.0
-    calls_per_20s: int = Field(default=50, ge=1, le=100, description="Our share of Marketo's 100 calls/20 s")
-    max_concurrent: int = Field(default=5, ge=1, le=10, description="In-flight calls (Marketo allows 10)")
+    calls_per_20s: int = Field(default=50, ge=1, description="Our share of Marketo's 100 calls/20 s (higher only for "
+                               "a sandbox with its limits off, e.g. benchmarks)")
+    max_concurrent: int = Field(default=5, ge=1, description="In-flight calls (Marketo allows 10)")
     daily_quota: int = Field(default=50_000, ge=1, description="Calls per day this pipeline may spend")
 
     _client: MarketoClient | None = PrivateAttr(default=None)
