@@ -68,9 +68,15 @@ class PeakRss:
 
 
 @contextmanager
-def pipeline_env(remote: RemoteSandbox, state_dir: Path) -> Iterator[None]:
-    """Point this process's pipeline at ``remote`` with a fresh state store; restore the env afterwards."""
-    wanted = {**remote.settings(), "SYNC_STATE_PATH": str(state_dir / "state.duckdb")}
+def pipeline_env(remote: RemoteSandbox, state_dir: Path, marketo_calls_per_20s: int = 1_000_000,
+                 marketo_max_concurrent: int = 10) -> Iterator[None]:
+    """Point this process's pipeline at ``remote`` with a fresh state store; restore the env afterwards.
+
+    With the sandbox's limits off our own rate governor is opened up too (we measure the pipeline, not the
+    budget); the realistic scenario passes Marketo's real limits instead.
+    """
+    wanted = {**remote.settings(), "SYNC_STATE_PATH": str(state_dir / "state.duckdb"),
+              "MARKETO_CALLS_PER_20S": str(marketo_calls_per_20s), "MARKETO_MAX_CONCURRENT": str(marketo_max_concurrent)}
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     try:
@@ -155,6 +161,29 @@ def run_cycle(instance: Any, remote: RemoteSandbox, config: Any, counts: dict[st
             "api": calls_vs_floor(calls, call_floor(config, counts, stages, full_read))}
 
 
+def sensor_tick(remote: RemoteSandbox, config: Any) -> dict[str, Any]:
+    """API calls of one change-sensor evaluation with nothing changed (what an idle cycle costs when
+    the sensor, not a schedule, drives the sync): one Dataverse $batch plus two Marketo activity reads."""
+    from sync_pipeline.clients.dynamics import DynamicsClient
+    from sync_pipeline.clients.marketo import MarketoClient
+    from sync_pipeline.defs.automation import pending_changes
+    from sync_pipeline.engine import state
+
+    env = os.environ
+    dyn = DynamicsClient(env["DYNAMICS_URL"], env["DYNAMICS_AUTHORITY"], env["DYNAMICS_CLIENT_ID"],
+                         env["DYNAMICS_CLIENT_SECRET"], verify=env["SYNC_CA_BUNDLE"])
+    mkto = MarketoClient(env["MARKETO_BASE_URL"], env["MARKETO_CLIENT_ID"], env["MARKETO_CLIENT_SECRET"],
+                         verify=env["SYNC_CA_BUNDLE"])
+    with state.connect(env["SYNC_STATE_PATH"]) as con:
+        tokens = dict(con.execute("SELECT name, value FROM cursors").fetchall())
+    dyn.whoami(), mkto.describe2()  # tokens first: they are cached for an hour, not paid per tick
+    remote.reset_calls()
+    found = pending_changes(config, tokens, dyn, mkto)
+    calls = {k: v for k, v in remote.calls().items()}
+    http = sum(v for k, v in calls.items() if k.startswith(("marketo.", "identity.")) or k == "dynamics.batch")
+    return {"changes_found": sorted(k for k, v in found.items() if v), "http_calls": http, "calls": calls}
+
+
 def budget_floor_seconds(calls: int, per_window: int, window_seconds: float) -> float:
     """Least wall time ``calls`` need under a sliding window: each full window of calls waits one window."""
     return ((calls - 1) // per_window) * window_seconds if calls > 0 else 0.0
@@ -212,7 +241,10 @@ def _plain_scenarios(scale: str, scenarios: list[str], seed: int, tmp: Path, con
                                  "seconds": (remote.populated or {}).get("seconds")}
         with pipeline_env(remote, tmp), dg.DagsterInstance.ephemeral() as instance:
             log(f"[{scale}] initial copy of {sum(counts.values()):,} records...")
-            initial = run_cycle(instance, remote, config, counts, "all", full_read=True)
+            # The first run on an empty store copies everything (full read + first delta link, bulk extract of
+            # Marketo since the configured start), whatever its window; "all" would add Dagster's per-partition
+            # bookkeeping for ~120 daily partitions (reported separately by the backfill test).
+            initial = run_cycle(instance, remote, config, counts, "latest", full_read=True)
             if "initial" in scenarios:
                 results["initial"] = initial
             if "incremental" in scenarios:
@@ -224,6 +256,7 @@ def _plain_scenarios(scale: str, scenarios: list[str], seed: int, tmp: Path, con
                 log(f"[{scale}] idle cycle...")
                 run_cycle(instance, remote, config, counts, "latest", full_read=False)  # settle echoes
                 results["idle"] = run_cycle(instance, remote, config, counts, "latest", full_read=False)
+                results["idle_sensor_tick"] = sensor_tick(remote, config)
     finally:
         remote.stop()
     return results
@@ -237,8 +270,9 @@ def _realistic(scale: str, seed: int, tmp: Path, config: Any, log: Any) -> dict[
                            latency_seconds=REALISTIC_LATENCY, timeout=1800)
     try:
         counts = dict((remote.populated or {}).get("counts", {}))
-        with pipeline_env(remote, tmp), dg.DagsterInstance.ephemeral() as instance:
-            cycle = run_cycle(instance, remote, config, counts, "all", full_read=True)
+        with pipeline_env(remote, tmp, marketo_calls_per_20s=100, marketo_max_concurrent=10), \
+                dg.DagsterInstance.ephemeral() as instance:
+            cycle = run_cycle(instance, remote, config, counts, "latest", full_read=True)
     finally:
         remote.stop()
     calls = cycle["api"]["calls"]

@@ -60,6 +60,10 @@ def markdown(latest: dict[str, Any]) -> str:
                 lines.append(f"| {scale} | population | {_fmt(sc['records'])} | {_fmt(sc['seconds'])} | | | | | | "
                              f"sandbox generate + load |")
                 continue
+            if name == "idle_sensor_tick":
+                lines.append(f"| {scale} | idle (sensor tick) | | | | | {sc['http_calls']} | | | "
+                             f"HTTP calls of one change-sensor check; changes found: {sc['changes_found'] or 'none'} |")
+                continue
             api = sc["api"]
             note = ""
             if name == "incremental":
@@ -74,7 +78,7 @@ def markdown(latest: dict[str, Any]) -> str:
     lines += ["", "## Slowest stages per scale and scenario", ""]
     for scale, run in latest["scales"].items():
         for name, sc in run["scenarios"].items():
-            if name == "population":
+            if name in ("population", "idle_sensor_tick"):
                 continue
             top = ", ".join(f"{s['asset']} {s['seconds']:.2f} s ({_fmt(s['records_per_second'])}/s)"
                             for s in sc["stages"][:4])

@@ -95,6 +95,26 @@ def _link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: En
     e, d = entity.name, qi(f"d_{entity.name}")
     persons = _person_entities(config)
     unlinked = f"NOT EXISTS (SELECT 1 FROM identity x WHERE x.entity = {_lit(e)} AND x.dynamics_id = d.id)"
+    # A person that already carries this record's id is its person (a re-baselined store, a lost identity row).
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE dl AS
+        SELECT d.id AS did, min(m.id) AS mid FROM w JOIN {d} d ON d.id = w.did
+        JOIN m_person m ON lower(m.f_dynamicsId) = d.id AND NOT m.deleted
+        WHERE {unlinked} AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN ({persons})
+                                         AND y.marketo_id = CAST(m.id AS VARCHAR) AND y.state = 'active')
+        GROUP BY d.id""")
+    n = con.execute("SELECT count(*) FROM dl").fetchone()[0]
+    if n:
+        con.execute(f"INSERT INTO identity SELECT {_lit(e)}, did, CAST(mid AS VARCHAR), 'active', ?, 'dynamics_id' "
+                    "FROM dl", [now])
+        summary.linked["dynamics_id"] = int(n)
+    if entity.name == "lead" and "contact" in config.by_name:
+        # A lead first seen after it was qualified: its contact carries the person, the lead gets none.
+        n = con.execute(f"""INSERT INTO identity SELECT 'lead', d.id, NULL, 'converted', ?, 'qualified_before_sync'
+            FROM w JOIN {d} d ON d.id = w.did
+            WHERE {unlinked} AND EXISTS (SELECT 1 FROM d_contact c WHERE c.origin_lead = d.id AND NOT c.deleted
+                                         AND c.sync_flag IS DISTINCT FROM false)""", [now]).fetchone()
+        if n and n[0]:
+            summary.linked["converted_before_sync"] = int(n[0])
     if entity.name == "contact" and "lead" in config.by_name:
         # Lead qualification: the contact takes over the lead's Marketo person, with the lead's base.
         con.execute(f"""CREATE OR REPLACE TEMP TABLE q AS
@@ -168,6 +188,7 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) 
     recreate = entity.on_marketo_delete == "recreate"
     con.execute(f"""ALTER TABLE j ADD COLUMN cls VARCHAR""")
     con.execute(f"""UPDATE j SET cls = CASE
+        WHEN state = 'converted' THEN 'inactive'
         WHEN marketo_id IS NULL AND d_deleted THEN 'gone'
         WHEN marketo_id IS NULL AND sync_flag = false THEN 'excluded'
         WHEN marketo_id IS NULL THEN 'create'

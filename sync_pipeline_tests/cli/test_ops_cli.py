@@ -188,9 +188,6 @@ def test_rollback_restores_what_a_run_replaced_in_both_systems(harness) -> None:
     assert invoke("rollback", "no-such-run").exit_code == 1
 
 
-@pytest.mark.xfail(strict=True, reason="engine: after a rebaseline the next sync creates a second Marketo person "
-                   "for ~24 persons of the tiny org that already carry the same dynamicsId; the blocking check "
-                   "one_person_per_record stops the run (found by this test, reported to the lead)")
 def test_rebaseline_forgets_the_environment_and_the_next_sync_relinks(harness) -> None:
     assert harness.run("latest").success
     persons = harness.query("SELECT count(*) FROM identity WHERE entity IN ('lead', 'contact')")[0][0]

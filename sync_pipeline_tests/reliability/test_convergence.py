@@ -168,7 +168,7 @@ def _report(figures: Figures, capsys: pytest.CaptureFixture[str], started: float
 @pytest.mark.parametrize("seed", [1, 2])
 def test_converges_under_faults(fast_retry_harness: Any, seed: int, capsys: pytest.CaptureFixture[str]) -> None:
     started = time.perf_counter()
-    figures = run_workload(fast_retry_harness, seed, rounds=3, ops_per_round=10)
+    figures = run_workload(fast_retry_harness, seed, rounds=3, ops_per_round=12)
     _report(figures, capsys, started)
     assert figures.faults_injected >= 0.10 * figures.api_calls, figures.line()
     assert figures.operations >= 25
