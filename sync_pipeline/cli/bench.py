@@ -30,6 +30,10 @@ def bench(scale: str, scenarios: tuple[str, ...], seed: int, out_dir: Path) -> N
     for name, sc in run["scenarios"].items():
         if name == "population":
             continue
+        if name == "idle_sensor_tick":
+            click.echo(f"{scale:>6} idle sensor tick: {sc['http_calls']} HTTP calls, changes found: "
+                       f"{', '.join(sc['changes_found']) or 'none'}")
+            continue
         api = sc["api"]
         click.echo(f"{scale:>6} {name:<11} {sc['seconds']:8.2f} s  {sc['records_per_second'] or 0:>8,} rec/s  "
                    f"peak {sc['peak_rss_mb']:7.1f} MB  calls {api['total']:>5}  "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import json
 import time
 from datetime import datetime, timezone
@@ -67,9 +68,12 @@ def open_connection(path: str | Path, read_only: bool = False, wait: float = LOC
     deadline = time.monotonic() + wait
     delay = 0.05
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # DuckDB would cache up to 80% of RAM; the sync keeps a flat, modest footprint and spills the rest.
+    settings = {"memory_limit": os.environ.get("SYNC_DUCKDB_MEMORY_LIMIT", "512MB"), "threads": 2,
+                "preserve_insertion_order": False}
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(str(path), read_only=read_only, config=settings)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise StateLockedError(f"state store {path} is locked by another process: {exc}") from None

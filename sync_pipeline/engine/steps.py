@@ -174,16 +174,19 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
         _bulk_windows(con, config, client, start, end, fields, stats, work_dir)
         return stats
     stats.mode = "lead changes"
-    changed: set[int] = set()
     watch = [f for f in fields if f not in ("id", "updatedAt")]
+    activities: dict[int, list[dict[str, Any]]] = {}
     for page in client.lead_changes(token, watch):
         stats.pages += 1
-        changed.update(int(a["leadId"]) for a in page.results if a.get("leadId") is not None)
+        for a in page.results:
+            if a.get("leadId") is not None:
+                activities.setdefault(int(a["leadId"]), []).append(a)
         token = page.next_page_token
-    if changed:
-        for rows in _chunked(sorted(changed), 300):
-            found = client.get_leads("id", rows, fields)
-            stats.take(extract.ingest_marketo_persons(con, config, found))
+    if activities:
+        rows, fetch = _apply_activities(con, watch, activities)
+        for ids in _chunked(sorted(fetch), 300):  # persons we have never seen: read them whole
+            rows += client.get_leads("id", ids, fields)
+        stats.take(extract.ingest_marketo_persons(con, config, rows))
     deleted_token = get_cursor(con, DELETED_CURSOR) or token
     gone: list[int] = []
     for page in client.deleted_leads(deleted_token):
@@ -194,6 +197,31 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     set_cursor(con, LEADCHANGES_CURSOR, token)
     set_cursor(con, DELETED_CURSOR, deleted_token)
     return stats
+
+
+def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]]
+                      ) -> tuple[list[dict[str, Any]], set[int]]:
+    """Known persons: the mirror plus each change's new value (no read; our own echoes compare equal and
+    change nothing). Unknown persons are returned to be read whole."""
+    cols = ", ".join(f'f_{f} AS "{f}"' for f in watch)
+    ids = list(activities)
+    known = {r[0]: r for r in con.execute(
+        f"SELECT id, {cols} FROM m_person WHERE NOT deleted AND id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall()}
+    rows: list[dict[str, Any]] = []
+    fetch: set[int] = set()
+    for lead_id, acts in activities.items():
+        mirrored = known.get(lead_id)
+        if mirrored is None:
+            fetch.add(lead_id)
+            continue
+        row: dict[str, Any] = {"id": lead_id, **dict(zip(watch, mirrored[1:]))}
+        for a in sorted(acts, key=lambda a: (str(a.get("activityDate", "")), int(a.get("id") or 0))):
+            row["updatedAt"] = a.get("activityDate")
+            for change in a.get("fields") or []:
+                if change.get("name") in row:
+                    row[change["name"]] = change.get("newValue")
+        rows.append(row)
+    return rows, fetch
 
 
 def _chunked(items: list[Any], n: int) -> Iterator[list[Any]]:

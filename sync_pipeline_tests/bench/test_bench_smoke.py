@@ -21,7 +21,7 @@ def test_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     latest = json.loads((out / "latest.json").read_text())
     run = latest["scales"]["tiny"]
     assert json.loads((out / "run-tiny.json").read_text())["scenarios"].keys() == run["scenarios"].keys()
-    assert set(run["scenarios"]) == {"population", "incremental"}
+    assert set(run["scenarios"]) == {"population", "settle_after_initial", "incremental"}
     population = run["scenarios"]["population"]["counts"]
     cycle = run["scenarios"]["incremental"]
     assert sum(cycle["changes"].values()) >= 500  # the tiny org caps some tables below their share

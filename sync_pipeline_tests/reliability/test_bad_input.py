@@ -38,7 +38,7 @@ BAD = {
     "dup_email_b": ("contact", gid(12), {"emailaddress1": "same@example.org", "lastname": "Twin B"}),
     "too_long": ("lead", gid(13), {"subject": LONG_SUBJECT, "lastname": "Longsubject",
                                    "emailaddress1": "long.subject@example.org"}),
-    "missing_required": ("account", gid(14), {"name": None}),
+    "missing_required": ("opportunity", gid(14), {"name": None, "estimatedvalue": 1000}),
     "unknown_picklist": ("account", gid(15), {"name": "Odd Industry Ltd", "industrycode": 99}),
     "emoji": ("contact", gid(16), {"firstname": EMOJI, "lastname": RTL, "emailaddress1": "emoji@example.org"}),
     "control": ("contact", gid(17), {"lastname": "Control", "description": CONTROL,
@@ -130,11 +130,11 @@ def test_text_longer_than_the_marketo_field_is_held_with_the_limit(bad_org: BadO
 
 
 def test_missing_required_field_is_held_naming_the_field(bad_org: BadOrg) -> None:
-    _, did, _ = BAD["missing_required"]
-    assert bad_org.object_row("company", "externalCompanyId", did) is None
-    target, _op, _f, code, message, held = bad_org.failure("account", did)
-    assert target == "marketo" and held and code == "1002"
-    assert "company" in message
+    _, did, _ = BAD["missing_required"]  # an opportunity without a name (required by Marketo)
+    assert bad_org.object_row("opportunity", "externalOpportunityId", did) is None
+    target, _op, _f, code, message, held = bad_org.failure("opportunity", did)
+    assert (target, code, held) == ("marketo", "1002", True)
+    assert "'name'" in message
 
 
 def test_unknown_picklist_code_is_rejected_naming_field_and_code(bad_org: BadOrg) -> None:
@@ -247,7 +247,7 @@ def test_412_on_a_changed_record_is_named_and_replanned(sandbox: Sandbox, dclien
     sandbox.dynamics_update("account", did, {"name": "Changed meanwhile"})
     with pytest.raises(PreconditionFailed):
         dclient.update("accounts", did, {"name": "Ours"}, etag=etag)
-    result = apply._write_dynamics(dclient, "accounts", did, "update", "7", etag, {"name": "Ours"})
+    (result,) = apply._write_dynamics_batched(dclient, "accounts", [(did, "update", "7", etag, {"name": "Ours"})])
     assert (result.ok, result.code) == (False, "412") and did in result.message
     assert sandbox.dynamics_get("account", did)["name"] == "Changed meanwhile"  # not overwritten blindly
 
@@ -257,7 +257,7 @@ def test_404_on_a_record_deleted_meanwhile_is_named(sandbox: Sandbox, dclient: D
     sandbox.dynamics_delete("account", did)
     with pytest.raises(RecordNotFound):
         dclient.update("accounts", did, {"name": "Ours"})
-    result = apply._write_dynamics(dclient, "accounts", did, "update", "7", None, {"name": "Ours"})
+    (result,) = apply._write_dynamics_batched(dclient, "accounts", [(did, "update", "7", None, {"name": "Ours"})])
     assert (result.ok, result.code) == (False, "404") and did in result.message and "deleted" in result.message
     with pytest.raises(KeyError):  # and the write did not resurrect it
         sandbox.dynamics_get("account", did)

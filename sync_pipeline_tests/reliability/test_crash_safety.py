@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,21 +94,38 @@ def snapshot(sb: RemoteSandbox) -> dict[str, Any]:
             out["leadId"] = person_key.get(out["leadId"], out["leadId"])
         return json.dumps(out, sort_keys=True, default=str)
 
+    # The generator derives project start times from the sandbox's "now", so two sandboxes differ there;
+    # what must match is that each Marketo project carries its own Dynamics row's start time.
+    starts = {r["new_projectid"]: _instant(r.get("new_startdate")) for r in sb.dynamics_rows("new_project", 1_000_000)}
     snap: dict[str, Any] = {"persons": Counter(clean(p) for p in persons)}
     for obj in MARKETO_OBJECTS:
-        snap[obj] = Counter(clean(r) for r in sb.marketo_rows(obj, limit=1_000_000))
+        rows = sb.marketo_rows(obj, limit=1_000_000)
+        if obj == "project_c":
+            rows = [{**r, "startDate": "= Dynamics" if _instant(r.get("startDate")) == starts.get(r["projectId"])
+                     else r.get("startDate")} for r in rows]
+        snap[obj] = Counter(clean(r) for r in rows)
     for table in DYNAMICS_TABLES:
         snap[f"dynamics {table}"] = Counter(clean(r) for r in sb.dynamics_rows(table, limit=1_000_000))
     return snap
 
 
+def _instant(value: Any) -> datetime | None:
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
+
+
 def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     out = []
     for key in a:
-        if a[key] != b[key]:
-            only_a, only_b = a[key] - b[key], b[key] - a[key]
-            out.append(f"{key}: {sum(only_a.values())} rows only in the reference, {sum(only_b.values())} only after "
-                       f"crashes; e.g. {next(iter(only_a), None)} vs {next(iter(only_b), None)}")
+        if a[key] == b[key]:
+            continue
+        only_a, only_b = list((a[key] - b[key]).elements()), list((b[key] - a[key]).elements())
+        detail = ""
+        if only_a and only_b:  # the closest pair, and the fields in which they differ
+            ra = json.loads(only_a[0])
+            rb = max((json.loads(x) for x in only_b), key=lambda r: sum(r.get(k) == v for k, v in ra.items()))
+            detail = "; e.g. " + ", ".join(f"{k}: {ra.get(k)!r} vs {rb.get(k)!r}" for k in sorted(set(ra) | set(rb))
+                                         if ra.get(k) != rb.get(k))
+        out.append(f"{key}: {len(only_a)} rows only in the reference, {len(only_b)} only after crashes{detail}")
     return out
 
 
