@@ -75,20 +75,34 @@ def _field_maps(config: SyncConfig, entity: Entity) -> dict[str, FieldMap]:
 
 
 def _planned_records(con: duckdb.DuckDBPyConnection, entity: Entity, target: str) -> int:
+    """Number the records of the plan (deletes first) and lay their field rows out in that order, so that
+    chunks are cheap range reads and nothing groups the whole plan in memory."""
+    con.execute("""CREATE OR REPLACE TEMP TABLE pr_ids AS
+        SELECT row_number() OVER (ORDER BY CASE op WHEN 'delete' THEN 0 ELSE 1 END, dynamics_id) AS rn, dynamics_id, op
+        FROM (SELECT DISTINCT dynamics_id, op FROM plan
+              WHERE entity = ? AND target = ? AND op NOT IN ('reject', 'agree', 'hold'))""", [entity.name, target])
     con.execute("""CREATE OR REPLACE TEMP TABLE pr AS
-        SELECT row_number() OVER (ORDER BY CASE op WHEN 'delete' THEN 0 ELSE 1 END, dynamics_id) AS rn, *
-        FROM (SELECT dynamics_id, op, any_value(marketo_id) AS marketo_id, any_value(etag) AS etag,
-                     any_value(base_value) AS base_value,
-                     list(field ORDER BY field) AS fields, list(new_value ORDER BY field) AS vals
-              FROM plan WHERE entity = ? AND target = ? AND op NOT IN ('reject', 'agree', 'hold')
-              GROUP BY dynamics_id, op)""", [entity.name, target])
-    return int(con.execute("SELECT count(*) FROM pr").fetchone()[0])
+        SELECT r.rn, p.dynamics_id, p.op, p.marketo_id, p.etag, p.base_value, p.field, p.new_value
+        FROM plan p JOIN pr_ids r ON r.dynamics_id = p.dynamics_id AND r.op = p.op
+        WHERE p.entity = ? AND p.target = ? ORDER BY r.rn""", [entity.name, target])
+    return int(con.execute("SELECT count(*) FROM pr_ids").fetchone()[0])
 
 
 def _chunks(con: duckdb.DuckDBPyConnection, total: int) -> Iterable[list[tuple]]:
+    """Records as (dynamics_id, op, marketo_id, etag, base_value, fields, values), CHUNK_RECORDS at a time."""
     for start in range(1, total + 1, CHUNK_RECORDS):
-        yield con.execute("""SELECT dynamics_id, op, marketo_id, etag, base_value, fields, vals FROM pr
-                             WHERE rn BETWEEN ? AND ? ORDER BY rn""", [start, start + CHUNK_RECORDS - 1]).fetchall()
+        rows = con.execute("""SELECT rn, dynamics_id, op, marketo_id, etag, base_value, field, new_value FROM pr
+                              WHERE rn BETWEEN ? AND ? ORDER BY rn, field""",
+                           [start, start + CHUNK_RECORDS - 1]).fetchall()
+        records: list[tuple] = []
+        current = None
+        for rn, did, op, mid, etag, base, field_name, value in rows:
+            if rn != current:
+                current = rn
+                records.append((did, op, mid, etag, base, [], []))
+            records[-1][5].append(field_name)
+            records[-1][6].append(value)
+        yield records
 
 
 def _outcomes(rows: list[tuple], payload_op: str, results: list[Any], key: Callable[[Any], str | None]
