@@ -67,7 +67,7 @@ def test_other_marketo_instance_is_refused_until_rebaselined(fast_retry_harness:
     with state.connect(h.state_path) as con:
         forgotten = guard.rebaseline(con)
     assert forgotten["environment"] == 2 and forgotten["identity"] > 0
-    h.run("latest", raise_on_error=False)  # see test_rebaseline_resync_creates_no_duplicate_persons
+    assert h.run("latest").success
     assert dict(h.query("SELECT key, value FROM environment"))["marketo_instance"] == "999-zzz-999"
     assert h.sandbox.marketo_count("salesPerson") == before + 1  # the new user arrived exactly once
     assert h.sandbox.marketo_count("salesPerson") == h.sandbox.dynamics_count("systemuser")
@@ -106,9 +106,8 @@ def test_other_dynamics_org_is_refused_and_cli_rebaseline_resets(fast_retry_harn
             other.dynamics.organization_id.lower()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after rebaseline a qualified lead gets a new Marketo person, then its "
-                   "contact (already carried by the old person) is linked to it too: two persons with one dynamicsId")
 def test_rebaseline_resync_creates_no_duplicate_persons(fast_retry_harness: Any) -> None:
+    """Re-syncing after a rebaseline finds every person again (qualified leads' persons included)."""
     h = fast_retry_harness
     assert h.run("latest").success
     persons = h.sandbox.marketo_count("lead")
