@@ -9,10 +9,12 @@ two runs at once.
 """
 
 
+import contextlib
 import time
+import warnings
 from datetime import timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import dagster as dg
 
@@ -22,6 +24,9 @@ from sync_pipeline.defs.resources import SyncStateResource
 from sync_pipeline.engine import guard, steps
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
+
+# backfill_policy is marked beta in Dagster 1.13; we rely on it knowingly (multi-run backfills).
+warnings.filterwarnings("ignore", message=r".*backfill_policy.*", category=Warning)
 
 POOL = "duckdb"
 OWNERS = ["team:data-platform"]
@@ -41,6 +46,20 @@ def plan_key(entity: str) -> dg.AssetKey:
 
 def push_key(entity: str, system: str = "marketo") -> dg.AssetKey:
     return dg.AssetKey([system, "push", entity])
+
+
+@contextlib.contextmanager
+def permanent_errors_fail_fast() -> Iterator[None]:
+    """Errors no retry can fix (configuration, credentials, wrong environment) fail the step at once,
+    skipping the retry policy, so the operator sees them in seconds instead of after the backoff."""
+    from sync_pipeline.clients.dynamics import AuthenticationError
+    from sync_pipeline.clients.marketo import MarketoAuthError
+    from sync_pipeline.config.model import ConfigError
+
+    try:
+        yield
+    except (ConfigError, AuthenticationError, MarketoAuthError, guard.WrongEnvironmentError) as exc:
+        raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
 
 
 def _calls(client: Any) -> int:
@@ -110,9 +129,9 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     def extract(context: dg.AssetExecutionContext, state: SyncStateResource,
                 dynamics: DynamicsResource) -> dg.MaterializeResult:
         window = context.partition_time_window
-        client = dynamics.get_client()
-        before = _calls(client)
-        with state.connect() as con:
+        with permanent_errors_fail_fast(), state.connect() as con:
+            client = dynamics.get_client()
+            before = _calls(client)
             stats = steps.extract_dynamics(con, state.config, e, client, window.start, window.end,
                                            context.partition_key_range.start, is_latest_window(context, window))
         context.log.info(f"{e.name}: {stats.mode}: {stats.rows} rows read, {stats.changed} changed, "
@@ -130,9 +149,9 @@ def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefi
     def extract(context: dg.AssetExecutionContext, state: SyncStateResource,
                 marketo: MarketoResource) -> dg.MaterializeResult:
         window = context.partition_time_window
-        client = marketo.get_client()
-        before = _calls(client)
-        with state.connect() as con:
+        with permanent_errors_fail_fast(), state.connect() as con:
+            client = marketo.get_client()
+            before = _calls(client)
             stats = steps.extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
                                                   window.end.astimezone(timezone.utc),
                                                   is_latest_window(context, window),
@@ -157,7 +176,7 @@ def _plan(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDef
               description=f"What the next sync writes for `{e.name}`: a field-level three-way merge of Dynamics, "
                           "Marketo and the last agreed values, with the rule behind every write.", **common)
     def plan(context: dg.AssetExecutionContext, state: SyncStateResource) -> dg.MaterializeResult:
-        with state.connect() as con:
+        with permanent_errors_fail_fast(), state.connect() as con:
             summary = steps.plan(con, state.config, e, context.run_id)
         md = summary.as_metadata()
         writes = sum(v for k, v in summary.counts.items() if k.split(":")[0] in ("marketo", "dynamics"))
@@ -176,9 +195,9 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
               **common)
     def push(context: dg.AssetExecutionContext, state: SyncStateResource, dynamics: DynamicsResource,
              marketo: MarketoResource) -> dg.MaterializeResult:
-        client = marketo.get_client()
-        before = _calls(client)
-        with state.connect() as con:
+        with permanent_errors_fail_fast(), state.connect() as con:
+            client = marketo.get_client()
+            before = _calls(client)
             guard_environment(con, state, dynamics, marketo)
             stats = steps.push_marketo(con, state.config, e, client, context.run_id, final=not e.is_person)
         if stats.failed:
@@ -197,9 +216,9 @@ def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.
               **common)
     def push(context: dg.AssetExecutionContext, state: SyncStateResource, dynamics: DynamicsResource,
              marketo: MarketoResource) -> dg.MaterializeResult:
-        dclient, mclient = dynamics.get_client(), marketo.get_client()
-        before = (_calls(dclient), _calls(mclient))
-        with state.connect() as con:
+        with permanent_errors_fail_fast(), state.connect() as con:
+            dclient, mclient = dynamics.get_client(), marketo.get_client()
+            before = (_calls(dclient), _calls(mclient))
             guard_environment(con, state, dynamics, marketo)
             stats = steps.push_dynamics(con, state.config, e, dclient, mclient, context.run_id)
         return dg.MaterializeResult(metadata=_meta(stats.as_metadata(), stats.ok,

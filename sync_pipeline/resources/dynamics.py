@@ -9,7 +9,10 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from sync_pipeline.resources.common import build_client
 from sync_pipeline.clients.dynamics import DynamicsClient
+
+
 
 _CLIENTS: dict[tuple, DynamicsClient] = {}
 _LOCK = threading.Lock()
@@ -44,7 +47,7 @@ class DynamicsResource(dg.ConfigurableResource):
                    str(self._verify()), self.timeout_seconds, self.max_retries, self.page_size)
             with _LOCK:
                 if key not in _CLIENTS:
-                    _CLIENTS[key] = DynamicsClient(self.url, self.authority, self.client_id, self.client_secret,
+                    _CLIENTS[key] = build_client(DynamicsClient, self.url, self.authority, self.client_id, self.client_secret,
                                                    verify=self._verify(), timeout_seconds=self.timeout_seconds,
                                                    max_retries=self.max_retries, page_size=self.page_size)
                 self._client = _CLIENTS[key]

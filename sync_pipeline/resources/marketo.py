@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from typing import Any
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from sync_pipeline.resources.common import build_client
 from sync_pipeline.clients.marketo import MarketoClient
+
+
 
 _CLIENTS: dict[tuple, MarketoClient] = {}
 _LOCK = threading.Lock()
@@ -44,7 +48,7 @@ class MarketoResource(dg.ConfigurableResource):
                        str(verify), self.timeout_seconds, self.calls_per_20s, self.max_concurrent, self.daily_quota)
                 with _LOCK:
                     if key not in _CLIENTS:
-                        _CLIENTS[key] = MarketoClient(
+                        _CLIENTS[key] = build_client(MarketoClient, 
                             self.base_url, self.client_id, self.client_secret, verify=verify,
                             timeout_seconds=self.timeout_seconds, calls_per_window=self.calls_per_20s,
                             window_seconds=20.0, max_concurrent=self.max_concurrent, daily_quota=self.daily_quota)
