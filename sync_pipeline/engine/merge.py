@@ -23,6 +23,7 @@ from sync_pipeline.engine import normalize
 from sync_pipeline.engine.state import fcol, qi
 
 PERSON_STATES_LINKED = ("active", "converted")
+PLAN_SLICE = 50_000  # records per three-way join
 
 
 @dataclass
@@ -258,9 +259,22 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     summary.work = _work_set(con, config, entity, now)
     if entity.is_person:
         _link_persons(con, config, entity, now, summary)
+    e, rid = _lit(entity.name), _lit(run_id)
+    # The three-way join is wide (three values per field): plan the work set a slice at a time, so memory
+    # stays flat whether 1,000 or 1,000,000 records changed.
+    con.execute("CREATE OR REPLACE TEMP TABLE w_all AS SELECT did, d_seq, row_number() OVER (ORDER BY did) AS wn FROM w")
+    for start in range(1, summary.work + 1, PLAN_SLICE):
+        con.execute("CREATE OR REPLACE TEMP TABLE w AS SELECT did, d_seq FROM w_all WHERE wn BETWEEN ? AND ?",
+                    [start, start + PLAN_SLICE - 1])
+        _plan_slice(con, config, entity, rid, e, summary)
+    if entity.is_person and entity.create_in_dynamics:
+        _plan_dynamics_creates(con, config, entity, rid, e)
+    return summary
+
+
+def _plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, rid: str, e: str,
+                summary: PlanSummary) -> None:
     _joined(con, config, entity)
-    e = _lit(entity.name)
-    rid = _lit(run_id)
     fields = [f for f in entity.all_fields if entity.field_direction(f) != "none"]
     to_m = [f for f in fields if entity.field_direction(f) in ("to_marketo", "two_way")]
 
@@ -310,11 +324,10 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
         for policy, n in con.execute("""SELECT split_part(rule, ':', 2), count(*) FROM fx
                                         WHERE starts_with(rule, 'conflict:') AND outcome IS NOT NULL
                                         GROUP BY 1""").fetchall():
-            summary.conflicts[policy] = int(n)
+            summary.conflicts[policy] = summary.conflicts.get(policy, 0) + int(n)
+        con.execute("DROP TABLE fx")
     if entity.is_person:
         _plan_person_identity_fields(con, entity, rid, e)
-        if entity.create_in_dynamics:
-            _plan_dynamics_creates(con, config, entity, rid, e)
 
     con.execute(f"""INSERT INTO plan_work SELECT {rid}, {e}, did, d_seq, marketo_id, m_seq FROM j""")
     for cls, n in con.execute("SELECT cls, count(*) FROM j GROUP BY cls").fetchall():
@@ -322,9 +335,9 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
             summary.excluded += int(n)
         elif cls == "marketo_deleted":
             summary.tombstoned += int(n)
-    summary.unchanged = int(con.execute(f"""SELECT count(*) FROM j WHERE cls = 'update' AND did NOT IN
+    summary.unchanged += int(con.execute(f"""SELECT count(*) FROM j WHERE cls = 'update' AND did NOT IN
         (SELECT dynamics_id FROM plan WHERE entity = {e} AND target IN ('marketo', 'dynamics'))""").fetchone()[0])
-    return summary
+    con.execute("DROP TABLE j")
 
 
 def _plan_person_identity_fields(con: duckdb.DuckDBPyConnection, entity: Entity, rid: str, e: str) -> None:
