@@ -209,26 +209,31 @@ def _text(v: Any) -> str | None:
     return str(v)
 
 
+UPSERT_ROWS = 20_000  # rows per upsert statement: DuckDB's ON CONFLICT keeps its input in memory
+
+
 def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: str, table: pa.Table) -> IngestStats:
-    con.register(name, table)
-    try:
-        seq = next_seq(con)
-        names = [fcol(f.marketo) for f in maps]
-        exprs = [normalize.marketo_expr(f, qi(f.marketo)) for f in maps]
-        changed = " OR ".join(f"m_person.{n} IS DISTINCT FROM excluded.{n}" for n in names)
-        res = con.execute(f"""
-            INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})
-            SELECT CAST(id AS BIGINT), "updatedAt", false, ?, ?, {", ".join(exprs)} FROM {name}
-            WHERE TRY_CAST(id AS BIGINT) IS NOT NULL
-            QUALIFY row_number() OVER (PARTITION BY CAST(id AS BIGINT) ORDER BY "updatedAt" DESC) = 1
-            ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at, deleted = false,
-                seen_at = excluded.seen_at, pending_seq = excluded.pending_seq,
-                {", ".join(f"{n} = excluded.{n}" for n in names)}
-            WHERE m_person.deleted OR {changed}
-        """, [utcnow(), seq]).fetchone()
-        return IngestStats(rows=table.num_rows, changed=int(res[0]) if res else 0)
-    finally:
-        con.unregister(name)
+    stats = IngestStats(rows=table.num_rows)
+    names = [fcol(f.marketo) for f in maps]
+    exprs = [normalize.marketo_expr(f, qi(f.marketo)) for f in maps]
+    changed = " OR ".join(f"m_person.{n} IS DISTINCT FROM excluded.{n}" for n in names)
+    for batch in table.to_batches(max_chunksize=UPSERT_ROWS):
+        con.register(name, pa.Table.from_batches([batch]))
+        try:
+            res = con.execute(f"""
+                INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})
+                SELECT CAST(id AS BIGINT), "updatedAt", false, ?, ?, {", ".join(exprs)} FROM {name}
+                WHERE TRY_CAST(id AS BIGINT) IS NOT NULL
+                QUALIFY row_number() OVER (PARTITION BY CAST(id AS BIGINT) ORDER BY "updatedAt" DESC) = 1
+                ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at, deleted = false,
+                    seen_at = excluded.seen_at, pending_seq = excluded.pending_seq,
+                    {", ".join(f"{n} = excluded.{n}" for n in names)}
+                WHERE m_person.deleted OR {changed}
+            """, [utcnow(), next_seq(con)]).fetchone()
+            stats.changed += int(res[0]) if res else 0
+        finally:
+            con.unregister(name)
+    return stats
 
 
 def mark_marketo_deleted(con: duckdb.DuckDBPyConnection, ids: Iterable[int]) -> int:
