@@ -28,6 +28,7 @@ from sync_pipeline.engine.state import get_cursor, qi, record_stats, set_cursor,
 log = logging.getLogger(__name__)
 
 MAX_EXPORT_DAYS = 31
+ACTIVITY_SLICE = 20_000  # persons whose lead changes are applied together
 INGEST_ROWS = 25_000  # rows held in memory between upserts (a few 5,000-row pages)
 
 
@@ -176,17 +177,26 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     stats.mode = "lead changes"
     watch = [f for f in fields if f not in ("id", "updatedAt")]
     activities: dict[int, list[dict[str, Any]]] = {}
+
+    def flush() -> None:
+        rows, fetch = _apply_activities(con, watch, activities)
+        for ids in _chunked(sorted(fetch), 300):  # persons we have never seen: read them whole
+            rows += client.get_leads("id", ids, fields)
+        stats.take(extract.ingest_marketo_persons(con, config, rows))
+        activities.clear()
+
     for page in client.lead_changes(token, watch):
         stats.pages += 1
         for a in page.results:
             if a.get("leadId") is not None:
                 activities.setdefault(int(a["leadId"]), []).append(a)
         token = page.next_page_token
+        # Pages come in activity order, so applying them a slice at a time keeps memory flat (the echo of an
+        # initial copy is one activity per person created) without reordering anyone's changes.
+        if len(activities) >= ACTIVITY_SLICE:
+            flush()
     if activities:
-        rows, fetch = _apply_activities(con, watch, activities)
-        for ids in _chunked(sorted(fetch), 300):  # persons we have never seen: read them whole
-            rows += client.get_leads("id", ids, fields)
-        stats.take(extract.ingest_marketo_persons(con, config, rows))
+        flush()
     deleted_token = get_cursor(con, DELETED_CURSOR) or token
     gone: list[int] = []
     for page in client.deleted_leads(deleted_token):
