@@ -212,6 +212,11 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
     ssl_context: ssl.SSLContext | None = None
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that drop a connection (fault tests, refused TLS handshakes) are expected; handler errors
+        # are already answered as HTTP 500 by the App. Nothing worth a traceback on stderr.
+        return
+
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
         # Headers and body go out in separate writes: without this, Nagle + delayed ACK add ~40 ms a request.
