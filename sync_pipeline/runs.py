@@ -41,8 +41,8 @@ def partition_keys() -> list[str]:
 
 
 def run_sync(instance: dg.DagsterInstance, *, scope: str = "latest", raise_on_error: bool = True,
-             tags: dict[str, str] | None = None, selection: list[dg.AssetKey] | None = None
-             ) -> dg.ExecuteInProcessResult:
+             tags: dict[str, str] | None = None, selection: list[dg.AssetKey] | None = None,
+             log_level: str = "WARNING") -> dg.ExecuteInProcessResult:
     """``scope``: "all" (initial copy, every partition), "latest", or "<start>...<end>" partition keys."""
     keys = partition_keys()
     if scope == "all":
@@ -53,9 +53,11 @@ def run_sync(instance: dg.DagsterInstance, *, scope: str = "latest", raise_on_er
         start, _, end = scope.partition("...")
     run_tags = {"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end}
     run_tags.update(tags or {})
-    job = definitions().get_job_def(JOB_NAME)
+    job = definitions().resolve_job_def(JOB_NAME)
+    # The console logger at WARNING: step events stay in the instance's event log (and the UI), not on stdout.
     return job.execute_in_process(instance=instance, tags=run_tags, raise_on_error=raise_on_error,
-                                  asset_selection=selection)
+                                  asset_selection=selection,
+                                  run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
 
 
 def materialized_metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]:

@@ -27,7 +27,7 @@ def year_config(tmp_path: Path) -> Path:
 
 def test_a_year_of_daily_partitions_is_a_handful_of_runs(tmp_path) -> None:
     defs = build_definitions(load_config(year_config(tmp_path)))
-    job = defs.get_job_def(JOB_NAME)
+    job = defs.resolve_job_def(JOB_NAME)
     partitions = job.partitions_def
     assert isinstance(partitions, dg.TimeWindowPartitionsDefinition)
     keys = partitions.get_partition_keys()

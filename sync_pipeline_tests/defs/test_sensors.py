@@ -79,7 +79,7 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
 
 
 def test_change_sensor_skips_while_a_sync_run_is_in_flight(harness) -> None:
-    job = runs.definitions().get_job_def("sync")
+    job = runs.definitions().resolve_job_def("sync")
     run = harness.instance.create_run_for_job(job, run_config={},
                                               tags={"dagster/partition": runs.partition_keys()[-1]})
     data = tick(harness, None)
