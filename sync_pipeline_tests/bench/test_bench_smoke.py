@@ -1,4 +1,4 @@
-"""Smoke test of ``sync-pipeline bench``: a real run (sandbox process + Dagster runs) whose outputs are
+"""Smoke test of ``sync-pipeline bench --scale small``: a real run (sandbox process + Dagster runs) whose outputs are
 well-formed. No timing assertions: the numbers depend on the machine."""
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from sync_pipeline.config.model import load_config
 
 def test_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks"
-    result = CliRunner().invoke(main, ["bench", "--scale", "tiny", "--scenario", "incremental", "--out", str(out)])
+    result = CliRunner().invoke(main, ["bench", "--scale", "small", "--scenario", "incremental", "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
 
     latest = json.loads((out / "latest.json").read_text())
-    run = latest["scales"]["tiny"]
-    assert json.loads((out / "run-tiny.json").read_text())["scenarios"].keys() == run["scenarios"].keys()
+    run = latest["scales"]["small"]
+    assert json.loads((out / "run-small.json").read_text())["scenarios"].keys() == run["scenarios"].keys()
     assert set(run["scenarios"]) == {"population", "settle_after_initial", "incremental"}
     population = run["scenarios"]["population"]["counts"]
     cycle = run["scenarios"]["incremental"]
-    assert sum(cycle["changes"].values()) >= 500  # the tiny org caps some tables below their share
+    assert sum(cycle["changes"].values()) >= 500  # small orgs cap some tables below their share
     assert cycle["seconds"] > 0 and cycle["peak_rss_mb"] > 50
     # The delta reads saw the Dynamics edits: at least the contacts and accounts edited.
     raw = {s["asset"]: s["records"] for s in cycle["stages"]}
@@ -38,7 +38,7 @@ def test_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     assert api["dynamics_query"] >= api["floor"]["dynamics.query"]
 
     md = (out / "results.md").read_text()
-    assert "| tiny | incremental |" in md and "| tiny | population |" in md
+    assert "| small | incremental |" in md and "| small | population |" in md
     png = (out / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
