@@ -22,6 +22,19 @@ def _lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+def _shared_expr(t: str, x: str) -> str | None:
+    """Numbers, dates and ids canonicalise the same way from either system (``x`` is the value as text)."""
+    if t == "number":
+        return f"CASE WHEN {x} IS NULL THEN NULL ELSE {_NUMBER.format(x=f'TRY_CAST({x} AS DOUBLE)')} END"
+    if t == "datetime":
+        return _TS.format(x=x)
+    if t == "date":
+        return f"strftime(TRY_CAST({x} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%d')"
+    if t in ("lookup", "customer_account", "owner"):
+        return f"lower({x})"
+    return None
+
+
 def dynamics_expr(f: FieldMap, col: str) -> str:
     """SQL turning a typed Dynamics column (from the page's Arrow table) into canonical text."""
     t = f.transform
@@ -31,19 +44,14 @@ def dynamics_expr(f: FieldMap, col: str) -> str:
         return f"CASE WHEN CAST({col} AS BOOLEAN) THEN 'true' ELSE 'false' END"
     if t == "integer":
         return f"CAST(TRY_CAST({col} AS BIGINT) AS VARCHAR)"
-    if t == "number":
-        return f"CASE WHEN {col} IS NULL THEN NULL ELSE {_NUMBER.format(x=f'TRY_CAST({col} AS DOUBLE)')} END"
-    if t == "datetime":
-        return _TS.format(x=f"CAST({col} AS VARCHAR)")
-    if t == "date":
-        return f"strftime(TRY_CAST(CAST({col} AS VARCHAR) AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%d')"
     if t == "picklist":
         whens = " ".join(f"WHEN {int(code)} THEN {_lit(label)}" for code, label in (f.options or {}).items())
         return (f"CASE WHEN {col} IS NULL THEN NULL ELSE CASE TRY_CAST({col} AS BIGINT) {whens} "
                 f"ELSE {_lit(INVALID)} || CAST({col} AS VARCHAR) END END")
-    if t in ("lookup", "customer_account", "owner"):
-        return f"lower(CAST({col} AS VARCHAR))"
-    raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
+    shared = _shared_expr(t, f"CAST({col} AS VARCHAR)")
+    if shared is None:
+        raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
+    return shared
 
 
 def marketo_expr(f: FieldMap, col: str) -> str:
@@ -56,15 +64,10 @@ def marketo_expr(f: FieldMap, col: str) -> str:
         return f"CASE WHEN lower({v}) IN ('true', '1', 'yes') THEN 'true' ELSE 'false' END"
     if t == "integer":
         return f"CAST(TRY_CAST(TRY_CAST({v} AS DOUBLE) AS BIGINT) AS VARCHAR)"
-    if t == "number":
-        return f"CASE WHEN {v} IS NULL THEN NULL ELSE {_NUMBER.format(x=f'TRY_CAST({v} AS DOUBLE)')} END"
-    if t == "datetime":
-        return _TS.format(x=v)
-    if t == "date":
-        return f"strftime(TRY_CAST({v} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%d')"
-    if t in ("lookup", "customer_account", "owner"):
-        return f"lower({v})"
-    raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
+    shared = _shared_expr(t, v)
+    if shared is None:
+        raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
+    return shared
 
 
 def compare_expr(f: FieldMap, x: str) -> str:
