@@ -78,10 +78,8 @@ def compare_expr(f: FieldMap, x: str) -> str:
 # ---- wire values ----------------------------------------------------------------------------------
 
 
-def to_marketo(f: FieldMap, value: str | None, data_type: str | None = None) -> Any:
-    if value is None:
-        return None
-    t = f.transform
+def _scalar(t: str, value: str) -> Any:
+    """Booleans and numbers are JSON values on both APIs; everything else stays text."""
     if t == "boolean":
         return value == "true"
     if t == "integer":
@@ -89,6 +87,10 @@ def to_marketo(f: FieldMap, value: str | None, data_type: str | None = None) -> 
     if t == "number":
         return float(value)
     return value
+
+
+def to_marketo(f: FieldMap, value: str | None) -> Any:
+    return None if value is None else _scalar(f.transform, value)
 
 
 def to_dynamics(f: FieldMap, value: str | None) -> Any:
@@ -96,23 +98,15 @@ def to_dynamics(f: FieldMap, value: str | None) -> Any:
     if value is None:
         return None
     t = f.transform
-    if t == "boolean":
-        return value == "true"
-    if t == "integer":
-        return int(value)
-    if t == "number":
-        return float(value)
     if t == "picklist":
         for code, label in (f.options or {}).items():
             if label.lower() == value.lower():
                 return int(code)
         raise ValueError(f"value {value!r} is not one of the options of {f.dynamics} "
                          f"({', '.join((f.options or {}).values())})")
-    if t == "datetime":
-        return value
     if t == "date":
         return f"{value}T00:00:00Z"
-    return value
+    return _scalar(t, value)
 
 
 def invalid_reason(value: str | None) -> str | None:
