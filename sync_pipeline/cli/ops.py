@@ -123,9 +123,12 @@ def _duration(seconds: float | None) -> str:
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write every row here.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
               help="Rows shown per entity in the terminal (the CSV holds all).")
+@click.option("--all", "full", is_flag=True, help="A full re-evaluation of every linked record under the current "
+              "mapping (after a direction or policy change); run it with `resync --entity E`.")
 @STATE_OPTION
 @CONFIG_OPTION
-def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, config_path: str | None) -> None:
+def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state_path: str,
+         config_path: str | None) -> None:
     """Show what the next sync would write, per field, both directions, without writing to either system.
 
     Runs the extracts and the plans of the latest partition (no push), then lists the plan:
@@ -138,6 +141,10 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
 
     config = _config(config_path)
     _entity(config, entity)
+    if full:
+        from sync_pipeline.cli.resync import print_full_plan
+
+        return print_full_plan(config, entity, limit, state_path)
     os.environ["SYNC_STATE_PATH"] = state_path  # the run's resources read it
     if config_path:
         os.environ["SYNC_CONFIG"] = config_path

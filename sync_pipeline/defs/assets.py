@@ -21,7 +21,7 @@ import dagster as dg
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.defs.partitions import is_latest_window
 from sync_pipeline.defs.resources import SyncStateResource
-from sync_pipeline.engine import guard, steps
+from sync_pipeline.engine import guard, mapping, steps
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
 
@@ -46,6 +46,12 @@ def plan_key(entity: str) -> dg.AssetKey:
 
 def push_key(entity: str, system: str = "marketo") -> dg.AssetKey:
     return dg.AssetKey([system, "push", entity])
+
+
+def mapping_version(config: SyncConfig, entity: Entity | None = None) -> str:
+    """An asset's code version: a hash of its entity's mapping (None: the person extract's fields), so a
+    mapping change shows the entity's assets as changed in the UI (engine/mapping.py)."""
+    return mapping.code_version(config, entity)
 
 
 @contextlib.contextmanager
@@ -111,7 +117,7 @@ def build_assets(config: SyncConfig, partitions: dg.PartitionsDefinition) -> lis
         assets.append(_person_extract(config, common))
     for e in config.entities:
         if not e.is_derived:
-            assets.append(_dynamics_extract(e, common))
+            assets.append(_dynamics_extract(config, e, common))
         assets.append(_plan(config, e, common))
         assets.append(_marketo_push(config, e, common))
         if e.is_person:
@@ -119,10 +125,11 @@ def build_assets(config: SyncConfig, partitions: dg.PartitionsDefinition) -> lis
     return assets
 
 
-def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
+def _dynamics_extract(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     assert e.dynamics is not None
 
     @dg.asset(key=raw_key(e.name), group_name=e.name, kinds={"dynamics", "duckdb"}, retry_policy=RETRY,
+              code_version=mapping_version(config, e),
               description=f"Mirror of Dynamics `{e.dynamics.entity_set}` rows modified in the partition window "
                           "(the latest window follows the change-tracking delta link, which also reports deletes).",
               **common)
@@ -144,6 +151,7 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
 
 def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefinition:
     @dg.asset(key=PERSON_RAW, group_name="person", kinds={"marketo", "duckdb"}, retry_policy=RETRY,
+              code_version=mapping_version(config),
               description="Mirror of Marketo persons: bulk extract by updatedAt for the initial copy, then "
                           "lead-change and deleted-lead activities since the stored paging token.", **common)
     def extract(context: dg.AssetExecutionContext, state: SyncStateResource,
@@ -172,6 +180,7 @@ def _plan(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDef
         deps += [push_key(d) for d in push_order(config, e)]
 
     @dg.asset(key=plan_key(e.name), group_name=e.name, kinds={"duckdb"}, deps=deps,
+              code_version=mapping_version(config, e),
               automation_condition=dg.AutomationCondition.eager(),
               description=f"What the next sync writes for `{e.name}`: a field-level three-way merge of Dynamics, "
                           "Marketo and the last agreed values, with the rule behind every write.", **common)
@@ -189,6 +198,7 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
     deps = [plan_key(e.name)] + [push_key(d) for d in push_order(config, e)]
 
     @dg.asset(key=push_key(e.name), group_name=e.name, kinds={"marketo"}, deps=deps, retry_policy=RETRY,
+              code_version=mapping_version(config, e),
               automation_condition=dg.AutomationCondition.eager(),
               description=f"Writes the plan of `{e.name}` to Marketo `{e.marketo.object}` in batches of up to 300, "
                           "upserting by external ids so re-runs never duplicate; failures are kept and retried.",
@@ -210,6 +220,7 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
 
 def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     @dg.asset(key=push_key(e.name, "dynamics"), group_name=e.name, kinds={"dynamics"}, retry_policy=RETRY,
+              code_version=mapping_version(config, e),
               deps=[push_key(e.name)], automation_condition=dg.AutomationCondition.eager(),
               description=f"Writes Marketo-side changes of `{e.name}` persons back to Dynamics with `If-Match` etags "
                           "(a record changed meanwhile is re-read and re-planned, never overwritten blindly).",

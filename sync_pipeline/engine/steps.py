@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import apply as apply_mod
-from sync_pipeline.engine import extract, merge
+from sync_pipeline.engine import extract, mapping, merge
 from sync_pipeline.engine.state import get_cursor, qi, record_stats, set_cursor, utcnow
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,10 @@ def _bulk_windows(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: An
 
 
 def plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str) -> merge.PlanSummary:
+    # Fields added to the mapping wait for their back-fill (engine/mapping.py); the plan says what changed.
+    config, entity = mapping.effective(con, config, entity)
     summary = merge.compute_plan(con, config, entity, run_id, utcnow())
+    mapping.add_plan_notices(con, entity.name, run_id)
     record_stats(con, run_id, entity.name, "plan", summary.as_metadata())
     return summary
 
@@ -268,6 +271,7 @@ def push_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     stats = apply_mod.apply_to_marketo(con, config, entity, client, run_id, utcnow())
     if final:
         apply_mod.finish(con, entity)
+        mapping.note_in_ledger(con, entity.name, run_id, utcnow())
     record_stats(con, run_id, entity.name, "push_marketo", stats.as_metadata())
     return stats
 
@@ -276,5 +280,6 @@ def push_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: En
                   run_id: str) -> apply_mod.ApplyStats:
     stats = apply_mod.apply_to_dynamics(con, config, entity, dynamics, marketo, run_id, utcnow())
     apply_mod.finish(con, entity)
+    mapping.note_in_ledger(con, entity.name, run_id, utcnow())
     record_stats(con, run_id, entity.name, "push_dynamics", stats.as_metadata())
     return stats
