@@ -28,13 +28,16 @@ OBJECTS = ("salesPerson", "company", "opportunity", "opportunityRole", "dynamics
            "project_c")
 
 
-def _config(path: Path, *, website: bool, title: bool, project: bool) -> Path:
+def _config(path: Path, *, website: bool, title: bool, project: bool, middle_name: str | None = None) -> Path:
     raw = yaml.safe_load(DEFAULT_PATH.read_text())
     ents = {e["name"]: e for e in raw["entities"]}
     account = ents["account"]
     account["fields"] = [f for f in account["fields"] if website or f["marketo"] != "website"]
     contact = ents["contact"]
     contact["fields"] = [copy.deepcopy(f) for f in contact["fields"] if title or f["marketo"] != "title"]
+    for f in contact["fields"]:
+        if f["marketo"] == "middleName" and middle_name:
+            f["direction"] = middle_name
     if not project:
         raw["entities"] = [e for e in raw["entities"] if e["name"] != "project"]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -132,12 +135,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     v1 = _config(tmp / "v1.yaml", website=True, title=True, project=False)
     v2 = _config(tmp / "v2.yaml", website=True, title=False, project=True)
     v3 = _config(tmp / "v3.yaml", website=True, title=True, project=True)
+    v4 = _config(tmp / "v4.yaml", website=True, title=True, project=True, middle_name="none")
     with Sandbox(tmp / "sandbox") as sb:
         sb.populate("tiny", seed=0)
         env = dict(sb.settings(), SYNC_STATE_PATH=str(tmp / "state.duckdb"), MARKETO_CALLS_PER_20S="100")
         w = World(sb, env, tmp / "state.duckdb", dg.DagsterInstance.ephemeral())
         rec = w.rec
-        rec["configs"] = (v0, v1, v2, v3)
+        rec["configs"] = (v0, v1, v2, v3, v4)
         try:
             # 1. The initial copy with a mapping lacking website, title and project.
             w.run(v0, "all")
@@ -239,6 +243,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             rec["since_ledger"] = w.ledger_since(seq)
             rec["since_companies"] = w.companies()
             rec["arows"] = {r["accountid"]: r for r in sb.dynamics_rows("account", ALL)}
+            # 8. A direction change applies from the next change; `plan --all` shows the full re-evaluation.
+            rec["rule_contact"] = rule_contact = with_title[8]
+            mid = int(w.persons_by_dynamics_id()[rule_contact]["id"])
+            seq = w.last_seq()
+            w.run(v4)  # middleName: direction none
+            sb.marketo_update_lead(mid, {"middleName": "Marketo Middle"})
+            w.run(v4)
+            w.run(v3)  # back to two-way: the change was consumed while the field did not sync
+            rec["rule_incremental"] = w.ledger_since(seq)
+            seq = w.last_seq()
+            rec["plan_all"] = w.cli(v3, "plan", "--all", "--entity", "contact")
+            rec["plan_all_ledger"] = w.ledger_since(seq)
+            rec["plan_all_dynamics"] = sb.dynamics_get("contact", rule_contact).get("middlename")
+            rec["rule_run"], rec["rule_meta"] = w.resync(v3, "contact")
+            rec["rule_ledger"] = w.ledger_since(seq)
+            rec["rule_dynamics"] = sb.dynamics_get("contact", rule_contact).get("middlename")
             yield w
         finally:
             RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
@@ -389,7 +409,7 @@ def test_mapping_is_part_of_the_affected_assets_code_versions(world: World) -> N
     from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key
     from sync_pipeline.definitions import build_definitions
 
-    v0, v1, _, _ = world.rec["configs"]
+    v0, v1, _, _, _ = world.rec["configs"]
 
     def versions(path: Path) -> dict[Any, str | None]:
         graph = build_definitions(load_config(path)).resolve_asset_graph()
@@ -407,3 +427,36 @@ def test_mapping_is_part_of_the_affected_assets_code_versions(world: World) -> N
     # The initial copy recorded the old mapping's version on its materializations: the UI compares them.
     recorded = world.rec["v0_materializations"]["sync/plan/contact"]
     assert recorded == old[plan_key("contact")] != new[plan_key("contact")]
+
+
+# ---- direction and policy changes ---------------------------------------------------------------------------
+
+
+def test_direction_change_applies_from_the_next_change_and_is_recorded(world: World) -> None:
+    rec = world.rec
+    led = rec["rule_incremental"]
+    assert not [r for r in led if r[5] == "middleName" and r[4] != "mapping"]
+    changes = [r for r in led if r[4] == "mapping" and r[5] == "middleName"]
+    assert [r[8] for r in changes] == ["mapping:changed", "mapping:changed"]
+    assert "direction two_way -> none" in changes[0][7] and "direction none -> two_way" in changes[1][7]
+
+
+def test_plan_all_shows_the_full_reevaluation_without_writing(world: World) -> None:
+    rec = world.rec
+    out = rec["plan_all"]
+    assert out.exit_code == 0, out.output
+    assert rec["rule_contact"] in out.output and "Marketo Middle" in out.output
+    assert rec["plan_all_ledger"] == [] and rec["plan_all_dynamics"] != "Marketo Middle"
+
+
+def test_full_reevaluation_writes_what_plan_all_showed(world: World) -> None:
+    rec = world.rec
+    assert rec["rule_dynamics"] == "Marketo Middle"
+    writes = {(r[2], r[3], r[5]) for r in rec["rule_ledger"] if r[4] == "update"}
+    assert (rec["rule_contact"], "dynamics", "middleName") in writes
+    # Everything else it wrote is what the preview listed: the one-way Marketo -> Dynamics score, whose
+    # Dynamics values the generator invented (the incremental sync leaves them until Marketo changes).
+    others = writes - {(rec["rule_contact"], "dynamics", "middleName")}
+    assert {(t, f) for _, t, f in others} <= {("dynamics", "leadScore")}
+    shown = rec["plan_all"].output
+    assert f"{len(writes)} field value(s)" in shown
