@@ -55,7 +55,7 @@ def run_resync(instance: Any, entity: str, fields: list[str], since: str | None,
     job = runs.definitions().resolve_job_def(JOB_NAME)
     result = job.execute_in_process(
         instance=instance, raise_on_error=False,
-        run_config={"ops": {"resync": {"config": {"entity": entity, "fields": list(fields), "since": since,
+        run_config={"ops": {"backfill": {"config": {"entity": entity, "fields": list(fields), "since": since,
                                                   "dry_run": dry_run}}},
                     "loggers": {"console": {"config": {"log_level": "WARNING"}}}})
     meta: dict[str, Any] = {}
@@ -64,7 +64,7 @@ def run_resync(instance: Any, entity: str, fields: list[str], since: str | None,
         for ev in result.all_node_events:
             if ev.event_type_value == "STEP_OUTPUT":
                 meta = {k: v.value for k, v in ev.event_specific_data.metadata.items()}
-        rows = result.output_for_node("resync")
+        rows = result.output_for_node("backfill")
     return result, meta, rows
 
 

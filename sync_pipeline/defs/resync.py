@@ -1,6 +1,6 @@
 """The ``resync`` job: back-fill mapped fields of one entity (Marketo's "Quick Sync"), in its own run.
 
-Launch it from the UI (Jobs -> resync -> Launchpad, config ``ops: resync: config: {entity: contact,
+Launch it from the UI (Jobs -> resync -> Launchpad, config ``ops: backfill: config: {entity: contact,
 fields: [title], since: "2026-09-01"}``) or with ``sync-pipeline resync --entity E [--field F] [--since
 DATE]``. The op is in the ``duckdb`` pool like every asset, so it runs between incremental syncs, which
 keep flowing before and after it. An entity that was never copied gets its initial copy instead: the
@@ -31,7 +31,7 @@ class ResyncConfig(dg.Config):
     dry_run: bool = Field(default=False, description="Plan only: return the writes, change nothing")
 
 
-@dg.op(name="resync", pool=POOL, description="Re-read the fields' source columns and write the values that "
+@dg.op(name="backfill", pool=POOL, description="Re-read the fields' source columns and write the values that "
        "differ to the other side of every linked record (direction and policy of each field).")
 def resync_op(context: dg.OpExecutionContext, config: ResyncConfig, state: SyncStateResource,
               dynamics: DynamicsResource, marketo: MarketoResource) -> dg.Output:
