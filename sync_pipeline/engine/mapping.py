@@ -180,10 +180,14 @@ def unnoted(con: duckdb.DuckDBPyConnection, entity: str) -> list[tuple[int, str 
 
 def add_plan_notices(con: duckdb.DuckDBPyConnection, entity: str, run_id: str) -> int:
     """The plan says what changed in the mapping (target ``state``, op ``mapping``, no record ids)."""
-    rows = unnoted(con, entity)
-    for _seq, field, change, detail in rows:
+    rows = [(field, detail, f"mapping:{change}") for _seq, field, change, detail in unnoted(con, entity)]
+    told = {r[0] for r in rows}
+    # A field added stays in every plan's notices until its back-fill ran.
+    rows += [(name, f"not synced until back-filled: sync-pipeline resync --entity {entity} --field {name}",
+              "mapping:pending") for name in pending_fields(con, entity) if name not in told]
+    for field, detail, rule in rows:
         con.execute("""INSERT INTO plan VALUES (?, ?, NULL, NULL, 'state', 'mapping', ?, NULL, ?, NULL, ?, NULL)""",
-                    [run_id, entity, field, detail, f"mapping:{change}"])
+                    [run_id, entity, field, detail, rule])
     return len(rows)
 
 

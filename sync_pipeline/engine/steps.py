@@ -60,6 +60,11 @@ def delta_cursor(entity: Entity) -> str:
     return f"dynamics:delta:{entity.name}"
 
 
+def select_cursor(entity: Entity) -> str:
+    """The $select the stored delta link was started with."""
+    return f"dynamics:delta-select:{entity.name}"
+
+
 # ---- Dynamics -----------------------------------------------------------------------------------------------
 
 
@@ -71,7 +76,16 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     select = extract.dynamics_select(entity)
     modified = entity.dynamics.modified_column
     delta = get_cursor(con, delta_cursor(entity))
-    if latest and delta:
+    # A delta link is opaque and replays the query it came from, $select included ("opaque, service-generated
+    # links", learn.microsoft.com/en-us/training/modules/dataverse-web-api/change-tracking): after a mapping
+    # change its rows would lack the new columns, which would read as blanks. A new $select starts a new link.
+    selected, wanted = get_cursor(con, select_cursor(entity)), ",".join(select)
+    if latest and delta and selected is not None and selected != wanted:
+        stats.mode = "full (mapping changed: new delta link)"
+        set_cursor(con, delta_cursor(entity), None)
+        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True)
+        set_cursor(con, delta_cursor(entity), new_link)
+    elif latest and delta:
         stats.mode = "delta"
         try:
             new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats)
@@ -94,6 +108,8 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
             stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key))
     else:
         stats.mode = "skipped (no modified-time column; read on the latest window)"
+    if latest:
+        set_cursor(con, select_cursor(entity), wanted)
     return stats
 
 

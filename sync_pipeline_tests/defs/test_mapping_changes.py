@@ -34,7 +34,8 @@ def _config(path: Path, *, website: bool, title: bool, project: bool, middle_nam
     account = ents["account"]
     account["fields"] = [f for f in account["fields"] if website or f["marketo"] != "website"]
     contact = ents["contact"]
-    contact["fields"] = [copy.deepcopy(f) for f in contact["fields"] if title or f["marketo"] != "title"]
+    contact["fields"] = [copy.deepcopy(f) for f in contact["fields"]
+                         if (title or f["marketo"] != "title") and (website or f["marketo"] != "doNotEmail")]
     for f in contact["fields"]:
         if f["marketo"] == "middleName" and middle_name:
             f["direction"] = middle_name
@@ -196,6 +197,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             rec["after_website"] = {"dynamics": {r["accountid"]: _norm(r.get("website"))
                                                  for r in sb.dynamics_rows("account", ALL)},
                                     "marketo": {d: _norm(c.get("website")) for d, c in w.companies().items()}}
+            # A consent field added: the opt-out wins whichever side holds it.
+            drows = {r["contactid"]: r for r in sb.dynamics_rows("contact", ALL)}
+            opt_in = [d for d, _ in contacts if not drows[d].get("donotemail")][20:22]
+            for d in opt_in:
+                sb.marketo_update_lead(int(by_did[d]["id"]), {"doNotEmail": True})
+            rec["consent_marketo_out"] = opt_in
+            rec["consent_dynamics_out"] = [d for d, _ in contacts if drows[d].get("donotemail")]
+            seq = w.last_seq()
+            _, rec["consent_meta"] = w.resync(v1, "contact", ["doNotEmail"])
+            rec["consent_ledger"] = w.ledger_since(seq)
+            rec["consent_after"] = {"dynamics": {r["contactid"]: r.get("donotemail")
+                                                 for r in sb.dynamics_rows("contact", ALL)},
+                                    "marketo": w.persons_by_dynamics_id()}
             # A second back-fill finds nothing to write.
             sb.reset_calls()
             _, rec["title_again_meta"] = w.resync(v1, "contact", ["title"])
@@ -377,6 +391,15 @@ def test_removed_field_is_no_longer_written_and_the_ledger_says_so(world: World)
     assert rec["removed_person"]["phone"] == "+1 555 0170"
 
 
+def test_changes_after_a_mapping_change_carry_the_new_columns(world: World) -> None:
+    """The stored delta link replays its old $select: records changed later must not read as blanked."""
+    rec = world.rec
+    assert not [r for r in rec["removed_ledger"] if r[5] in ("doNotEmail", "website") and r[4] != "mapping"]
+    # the back-fill's own writes to Dynamics came back through the delta link with the column
+    for d in rec["consent_marketo_out"]:
+        assert world.query("SELECT f_doNotEmail FROM d_contact WHERE id = ?", [d]) == [("true",)], d
+
+
 def test_readded_field_backfills_without_conflicts(world: World) -> None:
     rec = world.rec
     assert not [r for r in rec["readded_incremental"] if r[5] == "title" and r[4] != "mapping"]
@@ -460,3 +483,15 @@ def test_full_reevaluation_writes_what_plan_all_showed(world: World) -> None:
     assert {(t, f) for _, t, f in others} <= {("dynamics", "leadScore")}
     shown = rec["plan_all"].output
     assert f"{len(writes)} field value(s)" in shown
+
+
+def test_consent_field_backfill_keeps_every_opt_out(world: World) -> None:
+    rec = world.rec
+    after = rec["consent_after"]
+    assert rec["consent_dynamics_out"], "the tiny org has contacts opted out in Dynamics"
+    for d in rec["consent_marketo_out"]:  # Dynamics wins on contacts, but not over an opt-out
+        assert after["dynamics"][d] is True and after["marketo"][d]["doNotEmail"] in (True, "true"), d
+    for d in rec["consent_dynamics_out"]:
+        assert after["dynamics"][d] is True and after["marketo"][d]["doNotEmail"] in (True, "true"), d
+    assert all(r[7] == "true" for r in rec["consent_ledger"] if r[4] == "update")
+    assert {r[8] for r in rec["consent_ledger"] if r[4] == "update"} == {"resync:consent"}
