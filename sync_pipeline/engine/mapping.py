@@ -49,8 +49,10 @@ def code_version(config: SyncConfig, entity: Entity | None = None) -> str:
 
 
 def field_spec(entity: Entity, f: FieldMap) -> dict[str, Any]:
-    return {"dynamics": f.dynamics, "direction": entity.field_direction(f), "policy": entity.field_policy(f),
-            "transform": f.transform, "options": f.options, "target": f.target}
+    """What decides how a field syncs, as stored (JSON: picklist codes become text keys)."""
+    return json.loads(json.dumps({"dynamics": f.dynamics, "direction": entity.field_direction(f),
+                                  "policy": entity.field_policy(f), "transform": f.transform,
+                                  "options": f.options, "target": f.target}))
 
 
 def _describe(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -141,6 +143,9 @@ def effective(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity
     """The configuration an incremental plan uses: the mapping without fields still waiting for a back-fill."""
     pending: dict[str, set[str]] = {}
     if has_tables(con):
+        # An entity with no linked record yet (never copied, or re-baselined) gets every field with its copy.
+        con.execute("""UPDATE mapping_fields SET state = 'active' WHERE state = 'pending'
+                       AND NOT EXISTS (SELECT 1 FROM identity i WHERE i.entity = mapping_fields.entity)""")
         for ent, name in con.execute("SELECT entity, field FROM mapping_fields WHERE state = 'pending'").fetchall():
             pending.setdefault(ent, set()).add(name)
     if not pending:
