@@ -495,3 +495,25 @@ def test_consent_field_backfill_keeps_every_opt_out(world: World) -> None:
         assert after["dynamics"][d] is True and after["marketo"][d]["doNotEmail"] in (True, "true"), d
     assert all(r[7] == "true" for r in rec["consent_ledger"] if r[4] == "update")
     assert {r[8] for r in rec["consent_ledger"] if r[4] == "update"} == {"resync:consent"}
+
+
+def test_after_a_mapping_change_the_ui_shows_the_entity_assets_stale(world: World) -> None:
+    """What the asset pages show: the stale status Dagster computes from the recorded code versions."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory
+    from dagster._core.loader import LoadingContextForTest
+
+    from sync_pipeline.defs.assets import plan_key, push_key
+    from sync_pipeline.definitions import build_definitions
+    from sync_pipeline.defs.partitions import build_partitions
+
+    v4 = world.rec["configs"][4]  # the last runs used v3; v4 changes contact's middleName direction
+    graph = build_definitions(load_config(v4)).resolve_asset_graph()
+    latest = build_partitions(load_config(v4)).get_last_partition_key()
+    resolver = CachingStaleStatusResolver(world.instance, graph, LoadingContextForTest(world.instance))
+
+    def code_causes(key: Any) -> list[str]:
+        return [c.reason for c in resolver.get_stale_causes(key, latest) if c.category == StaleCauseCategory.CODE]
+
+    assert code_causes(plan_key("contact")) == ["has a new code version"]
+    assert code_causes(push_key("contact")) == ["has a new code version"]
+    assert code_causes(plan_key("lead")) == [] and code_causes(push_key("account")) == []
