@@ -517,3 +517,18 @@ def test_after_a_mapping_change_the_ui_shows_the_entity_assets_stale(world: Worl
     assert code_causes(plan_key("contact")) == ["has a new code version"]
     assert code_causes(push_key("contact")) == ["has a new code version"]
     assert code_causes(plan_key("lead")) == [] and code_causes(push_key("account")) == []
+
+
+def test_plan_all_reads_every_entity_and_changes_nothing(world: World) -> None:
+    """A dry run over every entity (objects by their external keys, persons by id) writes nothing."""
+    v3 = world.rec["configs"][3]
+    seq, calls_before = world.last_seq(), world.sandbox.calls()
+    out = world.cli(v3, "plan", "--all", "--limit", "3")
+    assert out.exit_code == 0, out.output
+    for e in load_config(v3).entities:
+        if not e.is_derived:
+            assert f"{e.name}:" in out.output, e.name
+    assert world.ledger_since(seq) == []
+    calls = world.sandbox.calls()
+    assert {k: calls[k] - calls_before.get(k, 0) for k in calls
+            if (k.endswith(".sync") or "batch" in k) and calls[k] != calls_before.get(k, 0)} == {}
