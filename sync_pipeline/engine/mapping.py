@@ -111,8 +111,8 @@ def record(con: duckdb.DuckDBPyConnection, config: SyncConfig, now: Any) -> list
                                 f"(sync-pipeline plan --all shows a full re-evaluation)"))
         for (ent, name), (_spec, state) in stored_fields.items():
             if ent == e.name and name not in current and state != "removed":
-                con.execute("UPDATE mapping_fields SET state = 'removed', changed_at = ? WHERE entity = ? AND field = ?",
-                            [now, ent, name])
+                con.execute("UPDATE mapping_fields SET state = 'removed', changed_at = ? "
+                            "WHERE entity = ? AND field = ?", [now, ent, name])
                 changes.append((ent, name, "removed", "no longer synced; its last agreed values are kept"))
     names = {e.name for e in config.entities}
     for ent, (_digest, state) in stored_entities.items():

@@ -201,7 +201,8 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, 
                 g.marketo for g in config.entity("contact").all_fields}:
             dval = f"COALESCE(r.{c}, cc.f_externalCompanyId)"  # a contact customer: its account (as the plan does)
             contact_join = "LEFT JOIN d_contact cc ON cc.id = s.customer_contact"
-        sel.append(f"{dval} AS {qi('d_' + f.marketo)}, m.{c} AS {qi('m_' + f.marketo)}, b.{c} AS {qi('b_' + f.marketo)}")
+        sel.append(f"{dval} AS {qi('d_' + f.marketo)}, m.{c} AS {qi('m_' + f.marketo)}, "
+                   f"b.{c} AS {qi('b_' + f.marketo)}")
     mjoin = "CAST(s.mid AS VARCHAR) = m.mkey" if entity.is_person else "s.did = m.mkey"
     # Records the other side no longer has are left to the incremental sync (tombstones, deletes).
     con.execute(f"""CREATE OR REPLACE TEMP TABLE rs_j AS
