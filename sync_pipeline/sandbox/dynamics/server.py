@@ -4,11 +4,15 @@ Route names (``api_app.calls`` / fault patterns) under ``/api/data/v9.2/``:
 
 ==========================  =========================================================================
 ``dynamics.service``        ``GET /`` service document
-``dynamics.metadata``       ``GET $metadata`` (minimal CSDL)
+``dynamics.metadata``       ``GET $metadata`` (CSDL of the tables and the metadata types)
 ``dynamics.whoami``         ``GET WhoAmI`` / ``WhoAmI()``
 ``dynamics.entitydefinitions`` ``GET EntityDefinitions`` (``$select``/``$filter``)
 ``dynamics.entitydefinition``  ``GET EntityDefinitions(LogicalName='x')``
 ``dynamics.attributes``     ``GET EntityDefinitions(LogicalName='x')/Attributes[/Microsoft.Dynamics.CRM.<Type>]``
+``dynamics.attribute``      ``GET EntityDefinitions(LogicalName='x')/Attributes(LogicalName='y')[/<cast>]``
+``dynamics.entityrelationships`` ``GET EntityDefinitions(...)/ManyToOneRelationships`` (also OneToMany, ManyToMany, Keys)
+``dynamics.relationships``  ``GET RelationshipDefinitions[/<cast>]``; ``dynamics.relationship`` one by SchemaName
+``dynamics.globaloptionsets`` ``GET GlobalOptionSetDefinitions``; ``dynamics.globaloptionset`` one by Name
 ``dynamics.batch``          ``POST $batch``
 ``dynamics.qualify``        ``POST leads(<id>)/Microsoft.Dynamics.CRM.QualifyLead``
 ``dynamics.createmultiple`` / ``dynamics.updatemultiple`` / ``dynamics.upsertmultiple``
@@ -39,8 +43,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from sync_pipeline.sandbox.clock import Clock
-from sync_pipeline.sandbox.dynamics import batch, metadata, query, writes
-from sync_pipeline.sandbox.dynamics.odata import compile_filter, parse_select
+from sync_pipeline.sandbox.dynamics import batch, metadata, metadata_api, query, writes
 from sync_pipeline.sandbox.dynamics.store import DataverseFault, DynamicsStore
 from sync_pipeline.sandbox.dynamics.wire import ODATA_HEADERS, error, guarded, prefer
 from sync_pipeline.sandbox.faults import Fault
@@ -50,9 +53,6 @@ from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
 P = "/api/data/v9\\.2/"
 _GUID = r"[0-9a-fA-F-]{36}"
-_LOGICAL = r"EntityDefinitions\(LogicalName='(?P<logical>[^']+)'\)"
-_ATTR_FILTERABLE = {k: v for k, v in metadata.ATTRIBUTE_PROPS.items()
-                    if k not in ("RequiredLevel", "Targets", "OptionSet", "MaxLength")}
 
 
 class DynamicsSandbox:
@@ -203,10 +203,8 @@ class DynamicsSandbox:
         add("GET", r"?", "dynamics.service", self._service_document)
         add("GET", r"\$metadata", "dynamics.metadata", self._metadata)
         add("GET", r"WhoAmI(?:\(\))?", "dynamics.whoami", self._whoami)
-        add("GET", r"EntityDefinitions", "dynamics.entitydefinitions", self._entity_definitions)
-        add("GET", _LOGICAL, "dynamics.entitydefinition", self._entity_definition)
-        add("GET", _LOGICAL + r"/Attributes(?:/Microsoft\.Dynamics\.CRM\.(?P<cast>\w+))?", "dynamics.attributes",
-            self._attributes)
+        for pattern, name, handler in metadata_api.routes(self):
+            add("GET", pattern, name, handler)
         add("POST", r"\$batch", "dynamics.batch", self._batch)
         add("POST", rf"leads\((?P<key>{_GUID})\)/Microsoft\.Dynamics\.CRM\.QualifyLead", "dynamics.qualify",
             lambda req: writes.qualify_lead(self, req))
@@ -241,52 +239,6 @@ class DynamicsSandbox:
         return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM."
                                                 f"WhoAmIResponse", "BusinessUnitId": self.business_unit_id,
                               "UserId": self.app_user_id, "OrganizationId": self.organization_id},
-                             headers=ODATA_HEADERS)
-
-    def _definitions(self) -> list[dict[str, Any]]:
-        return [metadata.entity_definition(t, 10000 + i) for i, t in enumerate(self.schema.tables.values())]
-
-    @staticmethod
-    def _select_docs(req: Request, docs: list[dict[str, Any]], props: dict[str, str],
-                     filterable: dict[str, str], what: str) -> list[dict[str, Any]]:
-        select, flt = req.arg("$select"), req.arg("$filter")
-        if flt:
-            predicate = compile_filter(flt, filterable, what)
-            docs = [d for d in docs if predicate(d)]
-        if select:
-            names = parse_select(select, props, what)
-            keep = set(names) | {"MetadataId", "@odata.type"}
-            docs = [{k: v for k, v in d.items() if k in keep} for d in docs]
-        return docs
-
-    def _entity_definitions(self, req: Request) -> Response:
-        docs = self._select_docs(req, self._definitions(), metadata.ENTITY_PROPS, metadata.ENTITY_PROPS,
-                                 "EntityMetadata")
-        return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#EntityDefinitions",
-                              "value": docs}, headers=ODATA_HEADERS)
-
-    def _table_named(self, logical: str) -> Any:
-        table = self.schema.tables.get(logical.lower())
-        if table is None:
-            raise DataverseFault(404, "0x80040217", f"Could not find an entity with name '{logical}'.")
-        return table
-
-    def _entity_definition(self, req: Request) -> Response:
-        table = self._table_named(req.params["logical"])
-        doc = next(d for d in self._definitions() if d["LogicalName"] == table.logical_name)
-        doc = self._select_docs(req, [doc], metadata.ENTITY_PROPS, metadata.ENTITY_PROPS, "EntityMetadata")[0]
-        return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#EntityDefinitions/$entity",
-                              **doc}, headers=ODATA_HEADERS)
-
-    def _attributes(self, req: Request) -> Response:
-        table = self._table_named(req.params["logical"])
-        docs = [metadata.attribute_definition(table, c) for c in table.columns]
-        cast = req.params.get("cast")
-        if cast:
-            docs = [d for d in docs if d["@odata.type"] == f"#Microsoft.Dynamics.CRM.{cast}"]
-        docs = self._select_docs(req, docs, metadata.ATTRIBUTE_PROPS, _ATTR_FILTERABLE, "AttributeMetadata")
-        return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#EntityDefinitions("
-                                                f"'{table.logical_name}')/Attributes", "value": docs},
                              headers=ODATA_HEADERS)
 
     # ------------------------------------------------------------------------------------------- batch
