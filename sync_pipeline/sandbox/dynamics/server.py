@@ -37,8 +37,9 @@ from __future__ import annotations
 import math
 import ssl
 import threading
+import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -52,6 +53,9 @@ from sync_pipeline.sandbox.identity import IdentityService, TokenTable
 from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
 P = "/api/data/v9\\.2/"
+# Requests the service-protection limiter admitted (counted only while limits are on); the benchmark's
+# API-budget floor is computed from this number (sync_pipeline.bench.pipeline.budget_floor).
+COUNTED = "limits.dynamics.requests"
 _GUID = r"[0-9a-fA-F-]{36}"
 
 
@@ -84,6 +88,9 @@ class DynamicsSandbox:
         self.api_app = App("dynamics")
         self.limits = dict(limits or {})
         self._window: deque[float] = deque()
+        self._exec: deque[tuple[float, float]] = deque()  # (sandbox time, execution seconds) of each request
+        self._exec_total = 0.0
+        self.limit_rejections: Counter[str] = Counter()  # 429s by Dataverse error code
         self._in_flight = 0
         self._limit_lock = threading.Lock()
         self._api_server: SandboxServer | None = None
@@ -154,33 +161,83 @@ class DynamicsSandbox:
             why = {"expired": "The access token has expired.",
                    "invalid_audience": f"The access token was not issued for {self.api_url}."}
             return self._unauthorized(why.get(reason, "The access token is not valid."))
-        return self._check_limits()
+        return self._check_limits(req)
 
-    def _check_limits(self) -> Response | None:
+    def _check_limits(self, req: Request | None = None) -> Response | None:
+        """Service protection API limits, per user (all our tokens are the one application user), counted as
+        Microsoft documents them ("Service protection API limits",
+        https://learn.microsoft.com/power-apps/developer/data-platform/api-limits):
+
+        - number of requests over a sliding window (6,000 / 300 s; 429, ``0x80072322``). A ``$batch`` or a
+          bulk message (``CreateMultiple``...) is ONE request: "You could send fewer requests by bundling them
+          in batch operations. The combined execution time limit will counter this."
+        - combined execution time over the window (1,200 s / 300 s; 429, ``0x80072321``): every request adds
+          its measured handler time plus, to model server work the sandbox does not really spend,
+          ``execution_seconds_per_operation`` for each operation it carries (each request inside a ``$batch``,
+          each target of a bulk message, else one).
+        - concurrent requests (52; 429, ``0x80072326``), immediate.
+
+        Each 429 carries ``Retry-After`` (seconds). Requests answered 429 are not counted. The limiter uses
+        the sandbox clock, so tests move time instead of waiting.
+        """
         if not self.limits:
             return None
         concurrent = self.limits.get("concurrent")
         per_window = self.limits.get("requests_per_window")
+        exec_limit = self.limits.get("execution_seconds_per_window")
         window = float(self.limits.get("window_seconds", 300))
         now = self.clock.timestamp()
         with self._limit_lock:
             if concurrent and self._in_flight >= concurrent:
+                self.limit_rejections["0x80072326"] += 1
                 return error(429, "0x80072326", f"Number of concurrent requests exceeded the limit of {concurrent}.",
                              {"Retry-After": str(int(self.limits.get("concurrent_retry_after", 1)))})
             while self._window and self._window[0] <= now - window:
                 self._window.popleft()
+            while self._exec and self._exec[0][0] <= now - window:
+                self._exec_total -= self._exec.popleft()[1]
             if per_window and len(self._window) >= per_window:
                 retry = max(1, math.ceil(self._window[0] + window - now))
+                self.limit_rejections["0x80072322"] += 1
                 return error(429, "0x80072322", f"Number of requests exceeded the limit of {per_window} over "
                                                 f"time window of {int(window)} seconds.", {"Retry-After": str(retry)})
+            if exec_limit and self._exec_total >= exec_limit:
+                # Retry when enough of the window's execution time has expired to fall under the limit.
+                excess, retry_at = self._exec_total - exec_limit, now
+                for at, seconds in self._exec:
+                    excess -= seconds
+                    retry_at = at + window
+                    if excess < 0:
+                        break
+                self.limit_rejections["0x80072321"] += 1
+                return error(429, "0x80072321", f"Combined execution time of incoming requests exceeded limit of "
+                                                f"{int(exec_limit * 1000):,} milliseconds over time window of "
+                                                f"{int(window)} seconds. Decrease number of concurrent requests or "
+                                                f"reduce the duration of requests and try again later.",
+                             {"Retry-After": str(max(1, math.ceil(retry_at - now)))})
             self._window.append(now)
             self._in_flight += 1
+            self.api_app.calls[COUNTED] += 1
+        if req is not None:
+            req.limit_started = time.perf_counter()  # type: ignore[attr-defined]
         return None
 
+    def _operations(self, req: Request) -> int:
+        if req.route == "dynamics.batch":
+            return max(1, getattr(req, "operations", 1))
+        if req.route in ("dynamics.createmultiple", "dynamics.updatemultiple", "dynamics.upsertmultiple"):
+            return max(1, req.body.count(b'"@odata.type"'))
+        return 1
+
     def _after(self, req: Request) -> None:
-        if self.limits:
+        started = getattr(req, "limit_started", None)
+        if self.limits and started is not None:
+            spent = time.perf_counter() - started
+            spent += self._operations(req) * float(self.limits.get("execution_seconds_per_operation", 0.0))
             with self._limit_lock:
                 self._in_flight = max(0, self._in_flight - 1)
+                self._exec.append((self.clock.timestamp(), spent))
+                self._exec_total += spent
 
     def _render_fault(self, fault: Fault, req: Request) -> Response | None:
         if fault.kind == "throttle":
@@ -244,6 +301,8 @@ class DynamicsSandbox:
     # ------------------------------------------------------------------------------------------- batch
     def _batch(self, req: Request) -> Response:
         items = batch.parse_batch(req.header("content-type") or "", req.body)
+        req.operations = sum(len(i.parts) if isinstance(i, batch.ChangeSet) else 1  # type: ignore[attr-defined]
+                             for i in items)
         return batch.execute_batch(self.store, items, self._dispatch_inner,
                                    "odata.continue-on-error" in prefer(req))
 

@@ -36,6 +36,10 @@ from sync_pipeline.sandbox.marketo.wire import ERROR_MESSAGES, ApiError, error
 from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
 
+# Calls the rate/quota gate admitted (counted only while limits are on): every REST and bulk call, not the
+# identity endpoint, not calls refused for their token (601/602). The benchmark's API-budget floor is computed
+# from this number (sync_pipeline.bench.pipeline.budget_floor).
+COUNTED = "limits.marketo.calls"
 MAX_URI_BYTES = 8 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 MAX_IMPORT_BODY = 10 * 1024 * 1024 + 64 * 1024  # the file plus multipart framing
@@ -175,6 +179,9 @@ class MarketoSandbox:
         if refused is not None:
             return error(*refused)
         req.gated = True  # type: ignore[attr-defined]
+        if self.gate.active:
+            with self.app._lock:
+                self.app.calls[COUNTED] += 1
         return None
 
     def _after(self, req: Request) -> None:
