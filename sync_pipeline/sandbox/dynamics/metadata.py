@@ -152,7 +152,7 @@ def _entity_props() -> dict[str, Prop]:
         "LogicalName": t(lambda tb: tb.logical_name),
         "MobileOfflineFilters": t(_const(None)),
         "ModifiedOn": Prop("datetime", _const(CREATED_ON)),
-        "ObjectTypeCode": Prop("number", lambda tb: _TYPE_CODES.get(tb.logical_name, 10000)),
+        "ObjectTypeCode": Prop("number", lambda tb: _TYPE_CODES.get(tb.logical_name, _custom_code(tb))),
         "OwnershipType": Prop("enum", lambda tb: "UserOwned" if tb.user_owned else "OrganizationOwned"),
         "PrimaryIdAttribute": t(lambda tb: tb.primary_id),
         "PrimaryImageAttribute": t(_const(None)),
@@ -171,6 +171,11 @@ def _entity_props() -> dict[str, Prop]:
 ENTITY = _entity_props()
 ENTITY_NAVIGATION = ("Attributes", "Keys", "ManyToManyRelationships", "ManyToOneRelationships",
                      "OneToManyRelationships")
+
+
+def _custom_code(table: Table) -> int:
+    """Custom tables get codes from 10000 up; stable per logical name (the product numbers them in creation order)."""
+    return 10000 + int(_id(table.logical_name)[:8], 16) % 90000
 
 
 def _schema_name(table: Table) -> str:
