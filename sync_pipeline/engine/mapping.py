@@ -143,11 +143,16 @@ def effective(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity
     """The configuration an incremental plan uses: the mapping without fields still waiting for a back-fill."""
     pending: dict[str, set[str]] = {}
     if has_tables(con):
+        rows = con.execute("""SELECT entity, field, EXISTS (SELECT 1 FROM identity i WHERE i.entity = f.entity)
+                              FROM mapping_fields f WHERE state = 'pending'""").fetchall()
         # An entity with no linked record yet (never copied, or re-baselined) gets every field with its copy.
-        con.execute("""UPDATE mapping_fields SET state = 'active' WHERE state = 'pending'
-                       AND NOT EXISTS (SELECT 1 FROM identity i WHERE i.entity = mapping_fields.entity)""")
-        for ent, name in con.execute("SELECT entity, field FROM mapping_fields WHERE state = 'pending'").fetchall():
-            pending.setdefault(ent, set()).add(name)
+        fresh = sorted({ent for ent, _name, copied in rows if not copied})
+        if fresh:
+            con.execute("UPDATE mapping_fields SET state = 'active' WHERE state = 'pending' "
+                        "AND entity IN (SELECT unnest(?::VARCHAR[]))", [fresh])
+        for ent, name, copied in rows:
+            if copied:
+                pending.setdefault(ent, set()).add(name)
     if not pending:
         return config, entity
     entities = [restrict(e, [f.marketo for f in e.all_fields if f.marketo not in pending.get(e.name, set())])
