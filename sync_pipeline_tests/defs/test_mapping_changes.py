@@ -230,6 +230,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             seq = w.last_seq()
             w.run(v2)
             rec["removed_ledger"] = w.ledger_since(seq)
+            rec["removed_plan_notices"] = w.query("SELECT entity, field, new_value, rule FROM plan WHERE op = 'mapping'")
             rec["removed_person"] = w.persons_by_dynamics_id()[removed]
             # 6. title re-added: the back-fill compares against the kept base, so no conflicts.
             seq = w.last_seq()
@@ -387,6 +388,7 @@ def test_removed_field_is_no_longer_written_and_the_ledger_says_so(world: World)
     assert not [r for r in led if r[5] == "title" and r[4] != "mapping"]
     assert ("contact", "phone") in {(r[1], r[5]) for r in led if r[4] == "update"}
     assert ("contact", "title", "mapping:removed") in {(r[1], r[5], r[8]) for r in led if r[4] == "mapping"}
+    assert ("contact", "title", "mapping:removed") in {(e, f, rule) for e, f, _, rule in rec["removed_plan_notices"]}
     assert rec["removed_person"]["title"] != "Changed While Unmapped"
     assert rec["removed_person"]["phone"] == "+1 555 0170"
 
