@@ -146,6 +146,7 @@ def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fi
         rs_page = extract._coerce(page, pa.schema(list(schema.items())))  # noqa: F841 - used in the SQL
         con.execute(f"""INSERT INTO rs_d SELECT lower({qi(pk)}), "@odata.etag", CAST({modcol} AS VARCHAR) {exprs}
                         FROM rs_page""")
+    con.execute("CREATE OR REPLACE TEMP TABLE rs_d AS SELECT DISTINCT ON (did) * FROM rs_d")  # a row paged twice
     return rows
 
 
