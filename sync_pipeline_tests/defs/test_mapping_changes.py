@@ -158,6 +158,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             for d in rec["title_equal"]:
                 sb.marketo_update_lead(int(by_did[d]["id"]), {"title": rows[d]["jobtitle"]})
             rec["title_blank_in_dynamics"] = with_title[5]
+            # One bad record: Marketo's title is longer than Dynamics' jobtitle column (100) allows.
+            rec["title_too_long"] = with_title[9]
+            sb.dynamics_update("contact", with_title[9], {"jobtitle": None})
+            sb.marketo_update_lead(int(by_did[with_title[9]]["id"]), {"title": "T" * 150})
             sb.dynamics_update("contact", with_title[5], {"jobtitle": None})
             sb.marketo_update_lead(int(by_did[with_title[5]]["id"]), {"title": "Marketo Only Title"})
             arows = {r["accountid"]: r for r in sb.dynamics_rows("account", ALL)}
@@ -191,6 +195,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             rec["title_run"], rec["title_meta"] = w.resync(v1, "contact", ["title"])
             rec["title_calls"] = dict(sb.calls())
             rec["title_ledger"] = w.ledger_since(seq)
+            rec["title_failures"] = w.query("SELECT dynamics_id, target, code, message FROM failures "
+                                            "WHERE entity = 'contact' AND run_id = ?", [rec["title_run"]])
             rec["after_title"] = {"dynamics": {r["contactid"]: _norm(r.get("jobtitle"))
                                                for r in sb.dynamics_rows("contact", ALL)},
                                   "marketo": w.persons_by_dynamics_id()}
@@ -268,7 +274,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             w.run(v3)  # back to two-way: the change was consumed while the field did not sync
             rec["rule_incremental"] = w.ledger_since(seq)
             seq = w.last_seq()
-            rec["plan_all"] = w.cli(v3, "plan", "--all", "--entity", "contact")
+            rec["plan_all"] = w.cli(v3, "plan", "--all", "--entity", "contact", "--limit", "0")
             rec["plan_all_ledger"] = w.ledger_since(seq)
             rec["plan_all_dynamics"] = sb.dynamics_get("contact", rule_contact).get("middlename")
             rec["rule_run"], rec["rule_meta"] = w.resync(v3, "contact")
@@ -330,7 +336,7 @@ def test_one_way_backfill_writes_only_companies_that_differed(world: World) -> N
 def test_two_way_backfill_every_linked_person_holds_the_value(world: World) -> None:
     rec = world.rec
     dyn, persons = rec["after_title"]["dynamics"], rec["after_title"]["marketo"]
-    linked = [d for d, _ in world.linked("contact")]
+    linked = [d for d, _ in world.linked("contact") if d != rec["title_too_long"]]
     for d in linked:
         assert _norm(persons[d].get("title")) == dyn[d], d
     # A blank in Dynamics never overwrote Marketo's value: it went to Dynamics instead.
@@ -345,7 +351,7 @@ def test_two_way_backfill_writes_only_records_that_differed(world: World) -> Non
                  if _norm(before["marketo"][d].get("title")) != before["dynamics"][d]}
     assert set(rec["title_equal"]).isdisjoint(differing)
     written = {r[2] for r in rec["title_ledger"] if r[4] == "update"}
-    assert written == differing
+    assert written == differing - {rec["title_too_long"]}
     assert {r[3] for r in rec["title_ledger"] if r[4] == "update" and r[2] == rec["title_blank_in_dynamics"]} == \
         {"dynamics"}
     assert rec["title_meta"]["records_differing"] == len(differing)
@@ -357,10 +363,20 @@ def test_two_way_backfill_writes_only_records_that_differed(world: World) -> Non
         assert rec["after_title"]["marketo"][d]["updatedAt"] == before["marketo"][d]["updatedAt"], d
 
 
-def test_backfill_again_writes_nothing(world: World) -> None:
+def test_one_bad_record_is_kept_with_its_reason_and_the_others_are_written(world: World) -> None:
     rec = world.rec
-    assert rec["title_again_meta"]["records_differing"] == 0
-    assert rec["title_again_writes"] == {}
+    bad = rec["title_too_long"]
+    assert [(d, t) for d, t, _, _ in rec["title_failures"]] == [(bad, "dynamics")]
+    assert bad in rec["title_failures"][0][3]  # the message names the record
+    assert rec["after_title"]["dynamics"][bad] is None  # nothing blanked, nothing half-written
+    assert rec["after_title"]["marketo"][bad]["title"] == "T" * 150
+    assert rec["title_meta"]["failed/dynamics"] == 1 and rec["title_meta"]["written/dynamics"] == 1
+
+
+def test_backfill_again_writes_only_what_is_still_due(world: World) -> None:
+    rec = world.rec
+    assert rec["title_again_meta"]["records_differing"] == 1  # the record Dynamics refused
+    assert "marketo.leads.sync" not in rec["title_again_writes"]
 
 
 # ---- adding an entity -------------------------------------------------------------------------------------
@@ -484,7 +500,7 @@ def test_full_reevaluation_writes_what_plan_all_showed(world: World) -> None:
     others = writes - {(rec["rule_contact"], "dynamics", "middleName")}
     assert {(t, f) for _, t, f in others} <= {("dynamics", "leadScore")}
     shown = rec["plan_all"].output
-    assert f"{len(writes)} field value(s)" in shown
+    assert all(d in shown for d, _, _ in writes)
 
 
 def test_consent_field_backfill_keeps_every_opt_out(world: World) -> None:
