@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +31,8 @@ OBJECTS = ("salesPerson", "company", "opportunity", "opportunityRole", "dynamics
 
 def _config(path: Path, *, website: bool, title: bool, project: bool, middle_name: str | None = None) -> Path:
     raw = yaml.safe_load(DEFAULT_PATH.read_text())
+    # A week of daily partitions keeps the initial copy short (the latest window reads every row anyway).
+    raw["sync"]["partitions"]["start_date"] = (date.today() - timedelta(days=7)).isoformat()
     ents = {e["name"]: e for e in raw["entities"]}
     account = ents["account"]
     account["fields"] = [f for f in account["fields"] if website or f["marketo"] != "website"]
