@@ -82,7 +82,7 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     selected, wanted = get_cursor(con, select_cursor(entity)), ",".join(select)
     if latest and delta and selected is not None and selected != wanted:
         stats.mode = "full (mapping changed: new delta link)"
-        set_cursor(con, delta_cursor(entity), None)
+        # The old link stays until the new one is complete: a run killed meanwhile starts this read again.
         new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True)
         set_cursor(con, delta_cursor(entity), new_link)
     elif latest and delta:
