@@ -48,9 +48,9 @@ def push_key(entity: str, system: str = "marketo") -> dg.AssetKey:
     return dg.AssetKey([system, "push", entity])
 
 
-def mapping_version(config: SyncConfig, entity: Entity | None = None) -> str:
-    """An asset's code version: a hash of its entity's mapping (None: the person extract's fields), so a
-    mapping change shows the entity's assets as changed in the UI (engine/mapping.py)."""
+def mapping_version(config: SyncConfig | None, entity: Entity | None = None) -> str:
+    """An asset's code version: a hash of its entity's mapping (no entity: the person extract's fields), so
+    a mapping change shows the entity's assets as changed in the UI (engine/mapping.py)."""
     return mapping.code_version(config, entity)
 
 
@@ -117,7 +117,7 @@ def build_assets(config: SyncConfig, partitions: dg.PartitionsDefinition) -> lis
         assets.append(_person_extract(config, common))
     for e in config.entities:
         if not e.is_derived:
-            assets.append(_dynamics_extract(config, e, common))
+            assets.append(_dynamics_extract(e, common))
         assets.append(_plan(config, e, common))
         assets.append(_marketo_push(config, e, common))
         if e.is_person:
@@ -125,11 +125,11 @@ def build_assets(config: SyncConfig, partitions: dg.PartitionsDefinition) -> lis
     return assets
 
 
-def _dynamics_extract(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
+def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     assert e.dynamics is not None
 
     @dg.asset(key=raw_key(e.name), group_name=e.name, kinds={"dynamics", "duckdb"}, retry_policy=RETRY,
-              code_version=mapping_version(config, e),
+              code_version=mapping_version(None, e),
               description=f"Mirror of Dynamics `{e.dynamics.entity_set}` rows modified in the partition window "
                           "(the latest window follows the change-tracking delta link, which also reports deletes).",
               **common)

@@ -29,10 +29,10 @@ import duckdb
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 
 
-def entity_digest(config: SyncConfig, entity: Entity) -> str:
+def entity_digest(config: SyncConfig | None, entity: Entity) -> str:
     """A short hash of one entity's mapping (a derived entity includes its source's): its code version."""
     parts = [entity.model_dump_json()]
-    if entity.derived_from and entity.derived_from in config.by_name:
+    if config is not None and entity.derived_from and entity.derived_from in config.by_name:
         parts.append(config.by_name[entity.derived_from].model_dump_json())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -43,9 +43,12 @@ def persons_digest(config: SyncConfig) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def code_version(config: SyncConfig, entity: Entity | None = None) -> str:
-    """The ``code_version`` of an entity's assets (None: the Marketo person extract)."""
-    return "mapping-" + (entity_digest(config, entity) if entity is not None else persons_digest(config))
+def code_version(config: SyncConfig | None, entity: Entity | None = None) -> str:
+    """The ``code_version`` of an entity's assets (no entity: the Marketo person extract, from ``config``)."""
+    if entity is not None:
+        return "mapping-" + entity_digest(config, entity)
+    assert config is not None
+    return "mapping-" + persons_digest(config)
 
 
 def field_spec(entity: Entity, f: FieldMap) -> dict[str, Any]:
