@@ -178,7 +178,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             sb.dynamics_update("contact", with_title[6], {"jobtitle": "Changed Before Backfill",
                                                          "telephone1": "+1 555 0160"})
             seq = w.last_seq()
-            w.run(v1)
+            rec["v1_checks"] = _checks(w.run(v1))
             rec["incremental_v1"] = w.ledger_since(seq)
             rec["v1_plan_notices"] = w.query("SELECT entity, field, new_value, rule FROM plan WHERE op = 'mapping'")
             # 3. Back-fill website (one-way, through the CLI) and title (two-way, through the job).
@@ -237,7 +237,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             sb.dynamics_update("contact", removed, {"jobtitle": "Changed While Unmapped",
                                                    "telephone1": "+1 555 0170"})
             seq = w.last_seq()
-            w.run(v2)
+            rec["v2_checks"] = _checks(w.run(v2))
             rec["removed_ledger"] = w.ledger_since(seq)
             rec["removed_plan_notices"] = w.query("SELECT entity, field, new_value, rule FROM plan WHERE op = 'mapping'")
             rec["removed_person"] = w.persons_by_dynamics_id()[removed]
@@ -286,6 +286,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             yield w
         finally:
             RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
+
+
+def _checks(result: Any) -> dict[tuple[str, str], tuple[bool, dict[str, Any]]]:
+    """(asset key, check name) -> (passed, metadata) of a run's asset checks."""
+    return {("/".join(ev.asset_key.path), ev.check_name): (ev.passed, {k: v.value for k, v in ev.metadata.items()})
+            for ev in result.get_asset_check_evaluations()}
 
 
 def _code_versions_in_instance(instance: Any) -> dict[Any, str | None]:
@@ -553,3 +559,15 @@ def test_plan_all_reads_every_entity_and_changes_nothing(world: World) -> None:
     calls = world.sandbox.calls()
     assert {k: calls[k] - calls_before.get(k, 0) for k in calls
             if (k.endswith(".sync") or "batch" in k) and calls[k] != calls_before.get(k, 0)} == {}
+
+
+def test_the_plan_asset_check_says_which_fields_wait_for_their_backfill(world: World) -> None:
+    from sync_pipeline.defs.assets import plan_key
+
+    contact, account, lead = ("/".join(plan_key(e).path) for e in ("contact", "account", "lead"))
+    v1, v2 = world.rec["v1_checks"], world.rec["v2_checks"]
+    passed, md = v1[(contact, "mapping_backfilled")]
+    assert not passed and md["pending_fields"] == "doNotEmail, title"
+    assert md["launch"] == "sync-pipeline resync --entity contact --field doNotEmail --field title"
+    assert v1[(account, "mapping_backfilled")][0] is False and v1[(lead, "mapping_backfilled")][0] is True
+    assert v2[(contact, "mapping_backfilled")][0] is True and v2[(account, "mapping_backfilled")][0] is True
