@@ -529,6 +529,17 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
                    AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
                    AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
                                    AND p.target = f.target AND p.op NOT IN ('agree', 'hold'))""", [e, e])
+    # A field held because its value could not be written (e.g. a picklist label with no option) clears once
+    # its record was planned again and this plan's push did not hold it again: the value was fixed (written,
+    # agreed, or reverted). Otherwise a released hold would stay "retrying" and in every work set for good.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.target = 'dynamics:fields'
+                   AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
+                   AND f.last_failed_at < (SELECT max(created_at) FROM plan_meta WHERE entity = ?)""", [e, e, e])
+    # Likewise a record rejected for a value Dynamics could not express, once a plan covered it without a reject.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.op = 'reject'
+                   AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
+                   AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
+                                   AND p.op = 'reject')""", [e, e])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
     return int(n[0]) if n else 0
 

@@ -74,16 +74,18 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     if latest and delta:
         stats.mode = "delta"
         try:
-            new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats)
+            new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats, config)
         except _delta_expired_errors() as exc:
             log.warning("%s: delta link no longer valid (%s); falling back to a full read", entity.name, exc)
             set_cursor(con, delta_cursor(entity), None)
             stats.mode = "full (delta expired)"
-            new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True)
+            new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True,
+                                  config=config)
         set_cursor(con, delta_cursor(entity), new_link)
     elif latest:
         stats.mode = "full (first delta link)"
-        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=False)
+        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=False,
+                              config=config)
         set_cursor(con, delta_cursor(entity), new_link)
     elif modified:
         stats.mode = "window"
@@ -91,7 +93,7 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
         for page in client.iter_pages(entity.dynamics.entity_set, select, filter=flt,
                                       annotations=True):
             stats.pages += 1
-            stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key))
+            stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key, extract.target_tables(config)))
     else:
         stats.mode = "skipped (no modified-time column; read on the latest window)"
     return stats
@@ -104,7 +106,7 @@ def _delta_expired_errors() -> tuple[type[BaseException], ...]:
 
 
 def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str | None,
-             partition_key: str, stats: ExtractStats, seen: bool = False) -> str:
+             partition_key: str, stats: ExtractStats, seen: bool = False, config: SyncConfig | None = None) -> str:
     """Follow a delta link (or start change tracking with a full read); returns the next delta link."""
     assert entity.dynamics is not None
     pk = extract.primary_key(entity)
@@ -112,7 +114,8 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select
     buffer: list[dict[str, Any]] = []
 
     def flush() -> None:
-        stats.take(extract.ingest_dynamics_page(con, entity, buffer, partition_key))
+        stats.take(extract.ingest_dynamics_page(con, entity, buffer, partition_key,
+                                                extract.target_tables(config) if config else None))
         if seen and buffer:
             ids = pa.table({"id": [str(r.get(pk, "")).lower() for r in buffer]})  # noqa: F841
             con.execute("INSERT INTO seen_ids SELECT id FROM ids")
@@ -132,15 +135,15 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select
 
 
 def _ingest_changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str,
-                    partition_key: str, stats: ExtractStats) -> str:
-    return _changes(con, entity, client, select, delta, partition_key, stats)
+                    partition_key: str, stats: ExtractStats, config: SyncConfig | None = None) -> str:
+    return _changes(con, entity, client, select, delta, partition_key, stats, config=config)
 
 
 def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str],
-               partition_key: str, stats: ExtractStats, detect_deletes: bool) -> str:
+               partition_key: str, stats: ExtractStats, detect_deletes: bool, config: SyncConfig | None = None) -> str:
     if detect_deletes:
         con.execute("CREATE OR REPLACE TEMP TABLE seen_ids (id VARCHAR)")
-    link = _changes(con, entity, client, select, None, partition_key, stats, seen=detect_deletes)
+    link = _changes(con, entity, client, select, None, partition_key, stats, seen=detect_deletes, config=config)
     if detect_deletes:
         gone = [r[0] for r in con.execute(f"SELECT id FROM {qi('d_' + entity.name)} WHERE NOT deleted "
                                           "AND id NOT IN (SELECT id FROM seen_ids)").fetchall()]
