@@ -20,7 +20,7 @@ import duckdb
 
 from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import fcol, qi
+from sync_pipeline.engine.state import fcol, latest_fields, qi
 
 PERSON_STATES_LINKED = ("active", "converted")
 PLAN_SLICE = 50_000  # records per three-way join
@@ -183,6 +183,13 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) 
                    "m.f_dynamicsId AS m_dynamicsId, m.f_dynamicsType AS m_dynamicsType") if entity.is_person else \
         "NULL AS m_id, false AS m_deleted, NULL AS m_updated, NULL AS m_seq, NULL AS m_dynamicsId, NULL AS m_dynamicsType"
     person_join = "LEFT JOIN m_person m ON CAST(m.id AS VARCHAR) = i.marketo_id" if entity.is_person else ""
+    for n, name in enumerate(latest_fields(entity)):  # per-field change times, for policy latest
+        sel.append(f"td{n}.changed_at AS {qi('dt_' + name)}")
+        sel.append(f"tm{n}.changed_at AS {qi('mt_' + name)}")
+        person_join += (f" LEFT JOIN field_times td{n} ON td{n}.side = {_lit('d:' + e)} AND td{n}.id = w.did"
+                        f" AND td{n}.field = {_lit(name)}"
+                        f" LEFT JOIN field_times tm{n} ON tm{n}.side = 'm' AND tm{n}.id = i.marketo_id"
+                        f" AND tm{n}.field = {_lit(name)}")
     contact_join = ("LEFT JOIN d_contact cc ON cc.id = d.customer_contact"
                     if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name
                     else "")
@@ -253,8 +260,9 @@ def _outcome_sql(entity: Entity, f: FieldMap) -> str:
     resolve = {
         "dynamics_wins": "'marketo'",
         "marketo_wins": "'dynamics'",
-        "latest": "CASE WHEN TRY_CAST(d_modified AS TIMESTAMPTZ) >= TRY_CAST(m_updated AS TIMESTAMPTZ) "
-                  "THEN 'marketo' ELSE 'dynamics' END",
+        # The later edit of this field wins: per-field times where known (field_times), else the records'.
+        "latest": "CASE WHEN TRY_CAST(COALESCE(dt, d_modified) AS TIMESTAMPTZ) >= "
+                  "TRY_CAST(COALESCE(mt, m_updated) AS TIMESTAMPTZ) THEN 'marketo' ELSE 'dynamics' END",
         "prefer_non_blank": f"CASE WHEN dv IS NULL THEN 'dynamics' WHEN mv IS NULL THEN 'marketo' ELSE {fallback} END",
         "hold": "'hold'",
     }[policy]
@@ -284,11 +292,15 @@ def _field_rows_sql(entity: Entity, f: FieldMap) -> str:
     cmp_b = normalize.compare_expr(f, qi("b_" + f.marketo))
     cmp_m = normalize.compare_expr(f, qi("m_" + f.marketo)) if entity.is_person else "CAST(NULL AS VARCHAR)"
     mv = qi("m_" + f.marketo) if entity.is_person else "CAST(NULL AS VARCHAR)"
+    timed = f.marketo in latest_fields(entity)
+    dt = qi("dt_" + f.marketo) if timed else "CAST(NULL AS VARCHAR)"
+    mt = qi("mt_" + f.marketo) if timed else "CAST(NULL AS VARCHAR)"
     return f"""SELECT did, marketo_id, etag, d_modified, m_updated, field, dv, mv, bv, outcome,
                       {_rule_sql(entity, f)} AS rule
                FROM (SELECT *, {_outcome_sql(entity, f)} AS outcome
                      FROM (SELECT did, marketo_id, etag, d_modified, m_updated, {_lit(f.marketo)} AS field,
                             {qi('d_' + f.marketo)} AS dv, {mv} AS mv, {qi('b_' + f.marketo)} AS bv,
+                            {dt} AS dt, {mt} AS mt,
                             ({cmp_d}) IS DISTINCT FROM ({cmp_b}) AS dc,
                             ({cmp_m}) IS DISTINCT FROM ({cmp_b}) AS mc,
                             ({cmp_d}) IS NOT DISTINCT FROM ({cmp_m}) AS same

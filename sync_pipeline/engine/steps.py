@@ -23,7 +23,7 @@ import pyarrow as pa
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import apply as apply_mod
 from sync_pipeline.engine import extract, merge
-from sync_pipeline.engine.state import get_cursor, qi, record_stats, set_cursor, utcnow
+from sync_pipeline.engine.state import get_cursor, latest_fields, qi, record_stats, set_cursor, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,15 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     watch = [f for f in fields if f not in ("id", "updatedAt")]
     activities: dict[int, list[dict[str, Any]]] = {}
 
+    timed = {f for e in config.persons for f in latest_fields(e)}
+
     def flush() -> None:
-        rows, fetch = _apply_activities(con, watch, activities)
+        times: list[tuple[int, str, str]] = []
+        rows, fetch = _apply_activities(con, watch, activities, timed, times)
         for ids in _chunked(sorted(fetch), 300):  # persons we have never seen: read them whole
             rows += client.get_leads("id", ids, fields)
         stats.take(extract.ingest_marketo_persons(con, config, rows))
+        extract.record_marketo_field_times(con, times)
         activities.clear()
 
     for page in client.lead_changes(token, watch):
@@ -212,10 +216,13 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     return stats
 
 
-def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]]
+def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]],
+                      timed: set[str] | None = None, times: list[tuple[int, str, str]] | None = None
                       ) -> tuple[list[dict[str, Any]], set[int]]:
     """Known persons: the mirror plus each change's new value (no read; our own echoes compare equal and
-    change nothing). Unknown persons are returned to be read whole."""
+    change nothing). Unknown persons are returned to be read whole. For the ``timed`` fields (policy
+    latest), each change to a new value appends (person, field, activity time) to ``times``: Marketo's
+    lead-change activities carry the time per field (domain.md 3.5)."""
     cols = ", ".join(f'f_{f} AS "{f}"' for f in watch)
     ids = list(activities)
     known = {r[0]: r for r in con.execute(
@@ -231,10 +238,23 @@ def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activiti
         for a in sorted(acts, key=lambda a: (str(a.get("activityDate", "")), int(a.get("id") or 0))):
             row["updatedAt"] = a.get("activityDate")
             for change in a.get("fields") or []:
-                if change.get("name") in row:
-                    row[change["name"]] = change.get("newValue")
+                name = change.get("name")
+                if name in row:
+                    if timed and times is not None and name in timed and a.get("activityDate") and \
+                            _text_of(change.get("newValue")) != _text_of(row[name]):
+                        times.append((lead_id, name, str(a["activityDate"])))
+                    row[name] = change.get("newValue")
         rows.append(row)
     return rows, fetch
+
+
+def _text_of(v: Any) -> str | None:
+    """Loose comparison of a mirrored (canonical) and an activity (raw) value."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v).strip()
 
 
 def _chunked(items: list[Any], n: int) -> Iterator[list[Any]]:
