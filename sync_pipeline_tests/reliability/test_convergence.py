@@ -143,6 +143,7 @@ def check(harness: Any, work: Workload, figures: Figures) -> None:
         for table in ("lead", "contact"):
             if any(row.get("emailaddress1") == email for row in sb.dynamics_rows(table, limit=1_000_000)):
                 bad.append(f"merged-away Marketo person {loser} ({email}) became a Dynamics {table}")
+    bad += work.consent_violations(harness)
     dupes = harness.query("""SELECT marketo_id, count(*) FROM identity WHERE entity IN ('lead', 'contact')
                              AND state = 'active' GROUP BY marketo_id HAVING count(*) > 1""")
     bad += [f"Marketo person {m} claimed by {n} active Dynamics records" for m, n in dupes]
