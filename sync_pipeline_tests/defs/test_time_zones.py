@@ -98,3 +98,26 @@ def test_results_are_identical_across_host_time_zones(results: dict[str, dict]) 
     assert sorted(tuple(row[2:]) for row in a["ledger"]) == [
         ("closeDate", "2026-08-31"), ("expectedCloseDate", "2026-08-03"), ("expectedCloseDate", "2026-09-01"),
         ("startDate", "2026-08-03T10:00:00Z"), ("startDate", "2026-12-31T23:30:00Z")]
+
+
+def test_packaged_date_time_behaviors_match_the_dataverse_metadata(sandbox) -> None:
+    """The config declares each date column's DateTimeBehavior (read at sync time it would cost metadata calls
+    on every run); this contract test holds the declarations to what the org's metadata says."""
+    from sync_pipeline.clients.dynamics import DynamicsClient
+    from sync_pipeline.config.model import load_config
+
+    wire = {"DateOnly": "date_only", "UserLocal": "user_local", "TimeZoneIndependent": "time_zone_independent"}
+    s = sandbox.settings()
+    checked = 0
+    with DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],
+                        s["DYNAMICS_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"]) as client:
+        for e in load_config().entities:
+            dated = [f for f in e.all_fields if f.transform in ("date", "datetime")]
+            if not dated or e.dynamics is None:
+                continue
+            attrs = {a["LogicalName"]: a for a in client.attributes(e.dynamics.table)}
+            for f in dated:
+                behavior = (attrs[f.dynamics].get("DateTimeBehavior") or {}).get("Value")
+                assert wire[behavior] == f.behavior, (e.name, f.marketo, behavior)
+                checked += 1
+    assert checked >= 3  # opportunity close dates, project start date
