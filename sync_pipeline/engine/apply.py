@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import fcol, qi
+from sync_pipeline.engine.state import fcol, latest_fields, qi
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,13 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
                    FROM raced""", [run_id, now, entity.name])
     con.execute("""DELETE FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
                    AND (dynamics_id, field) IN (SELECT (dynamics_id, field) FROM raced)""", [entity.name])
+    # Policy latest: the marketer's edit is the field's newest Marketo change (the activity read later will
+    # find the mirror already holding the value and record nothing).
+    timed = latest_fields(entity)
+    if timed:
+        con.execute("""INSERT OR REPLACE INTO field_times SELECT 'm', r.marketo_id, r.field, m.updated_at
+                       FROM raced r JOIN m_person m ON CAST(m.id AS VARCHAR) = r.marketo_id
+                       WHERE r.field IN (SELECT unnest(?::VARCHAR[])) AND m.updated_at IS NOT NULL""", [timed])
     # The mirror already holds the fresh values; make sure each raced person is planned again.
     con.execute("""UPDATE m_person SET pending_seq = nextval('change_seq')
                    WHERE CAST(id AS VARCHAR) IN (SELECT marketo_id FROM raced)""")
