@@ -13,8 +13,7 @@ from sync_pipeline.engine.state import ensure_schema
 from sync_pipeline_tests.engine.test_merge import (AGREED, C1, C2, L1, dyn, mkto, plan, synced_contact)
 
 CONSENT = ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax", "doNotSendMarketingMaterial")
-C3, C4, C5 = ("c0000000-0000-4000-8000-000000000003", "c0000000-0000-4000-8000-000000000004",
-              "c0000000-0000-4000-8000-000000000005")
+C3 = "c0000000-0000-4000-8000-000000000003"
 
 
 @pytest.fixture
