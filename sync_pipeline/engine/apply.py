@@ -603,8 +603,10 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
                                          AND o.marketo_id = w.marketo_id AND o.dynamics_id = m_person.f_dynamicsId)""",
                     [e])
     # A failed write whose record was re-planned with nothing left to write to that target is resolved
-    # (e.g. a 412 re-read and settled by the policy); otherwise it would stay "failed" forever.
-    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND NOT f.held AND f.target IN ('marketo', 'dynamics')
+    # (e.g. a 412 re-read and settled by the policy, or a held record whose value was fixed back to what the
+    # other side holds); otherwise it would stay "failed" or "held" forever. A write that is still needed is
+    # planned again, so its failure stays.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.target IN ('marketo', 'dynamics')
                    AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
                    AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
                                    AND p.target = f.target AND p.op NOT IN ('agree', 'hold'))""", [e, e])
