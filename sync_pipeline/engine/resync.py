@@ -14,7 +14,8 @@ Dynamics for a New Custom Field"). Here a back-fill is one run of the ``resync``
    (the base moves to the agreed value); a one-way field takes its source's value, nulls included
    (Quick Sync semantics); a two-way field goes through the three-way merge against the base, which for
    a field never synced is empty: a blank never overwrites a value, and two different values are a
-   conflict resolved by the field's policy, except consent fields, where the opt-out wins.
+   conflict resolved by the field's policy; consent fields (``opt_out_sticky``) never turn an opt-out into
+   an opt-in the side did not make itself.
 3. **Write through the ordinary load steps** (batches of 300 to Marketo, ``If-Match`` PATCHes in
    ``$batch`` to Dynamics, ledger rows with rule ``resync:...``, base advanced only for successful writes,
    failures kept and retried by the incremental sync).
@@ -33,16 +34,13 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from sync_pipeline.config.model import ConfigError, Entity, FieldMap, SyncConfig
+from sync_pipeline.config.model import STICKY, ConfigError, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import apply as apply_mod
-from sync_pipeline.engine import extract, mapping, normalize
+from sync_pipeline.engine import extract, mapping, merge, normalize
 from sync_pipeline.engine.state import fcol, get_cursor, qi
 
 log = logging.getLogger(__name__)
 
-# Opt-out fields (Marketo names): with no evidence that a side itself changed from "out" to "in" since
-# the last sync, a back-fill never writes "opted in" over "opted out".
-CONSENT_FIELDS = frozenset({"unsubscribed", "doNotEmail", "doNotCall", "doNotFax", "doNotSendMarketingMaterial"})
 
 
 @dataclass
@@ -213,20 +211,21 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, 
 
 
 def _outcome_sql(entity: Entity, f: FieldMap) -> str:
-    """'marketo' | 'dynamics' | 'base' | 'hold' | NULL for one field of a record in scope."""
+    """'marketo' | 'dynamics' | 'base' | 'hold' | NULL for one field of a record in scope. Consent fields
+    (policy ``opt_out_sticky``) follow the same rule as the incremental plan (engine/merge.py): an opt-in
+    is written only where its side itself changed from out to in since the last sync."""
     direction, policy = entity.field_direction(f), entity.field_policy(f)
-    consent = f.marketo in CONSENT_FIELDS and f.transform == "boolean"
     if direction == "none":
         return "NULL"
     agree = "WHEN same AND dc THEN 'base' WHEN same THEN NULL"
     if not entity.is_person or direction == "to_marketo":
-        keep = "WHEN mv = 'true' AND dv IS DISTINCT FROM 'true' AND bv IS DISTINCT FROM 'true' THEN 'hold'" \
-            if consent else ""
-        return f"CASE {agree} {keep} ELSE 'marketo' END"
+        out = f"CASE {agree} ELSE 'marketo' END"
+        return merge._one_way_sticky(out, "marketo") if policy == STICKY else out
     if direction == "to_dynamics":
-        keep = "WHEN dv = 'true' AND mv IS DISTINCT FROM 'true' AND bv IS DISTINCT FROM 'true' THEN 'hold'" \
-            if consent else ""
-        return f"CASE {agree} {keep} ELSE 'dynamics' END"
+        out = f"CASE {agree} ELSE 'dynamics' END"
+        return merge._one_way_sticky(out, "dynamics") if policy == STICKY else out
+    if policy == STICKY:
+        return merge._STICKY_OUTCOME
     fallback = "'dynamics'" if entity.policy == "marketo_wins" else "'marketo'"
     resolve = {
         "dynamics_wins": "'marketo'",
@@ -236,23 +235,19 @@ def _outcome_sql(entity: Entity, f: FieldMap) -> str:
         "prefer_non_blank": f"CASE WHEN dv IS NULL THEN 'dynamics' WHEN mv IS NULL THEN 'marketo' ELSE {fallback} END",
         "hold": "'hold'",
     }[policy]
-    optout = "WHEN dv = 'true' THEN 'marketo' WHEN mv = 'true' THEN 'dynamics'" if consent else ""
     # With no base (a field never synced) a side holding a value "changed" and a blank one did not: the
     # value flows, a blank never overwrites it; two different values are a conflict.
     return f"""CASE {agree}
                     WHEN dc AND NOT mc THEN 'marketo'
                     WHEN mc AND NOT dc THEN 'dynamics'
-                    {optout}
                     ELSE {resolve} END"""
 
 
 def _rule_sql(entity: Entity, f: FieldMap) -> str:
     direction, policy = entity.field_direction(f), entity.field_policy(f)
-    consent = f.marketo in CONSENT_FIELDS and f.transform == "boolean"
     if not entity.is_person or direction != "two_way":
-        return f"CASE WHEN outcome = 'hold' THEN 'resync:consent' ELSE 'resync:{direction}' END"
-    kind = "consent" if consent else f"conflict:{policy}"
-    return f"CASE WHEN dc AND mc AND outcome <> 'base' THEN 'resync:{kind}' ELSE 'resync:two_way' END"
+        return f"'resync:{direction}'"
+    return f"CASE WHEN dc AND mc AND outcome <> 'base' THEN 'resync:conflict:{policy}' ELSE 'resync:two_way' END"
 
 
 def _plan_rows(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldMap], run_id: str) -> None:

@@ -520,8 +520,9 @@ def test_consent_field_backfill_keeps_every_opt_out(world: World) -> None:
         assert after["dynamics"][d] is True and after["marketo"][d]["doNotEmail"] in (True, "true"), d
     for d in rec["consent_dynamics_out"]:
         assert after["dynamics"][d] is True and after["marketo"][d]["doNotEmail"] in (True, "true"), d
-    assert all(r[7] == "true" for r in rec["consent_ledger"] if r[4] == "update")
-    assert {r[8] for r in rec["consent_ledger"] if r[4] == "update"} == {"resync:consent"}
+    updates = [r for r in rec["consent_ledger"] if r[4] == "update"]
+    assert not [r for r in updates if r[6] == "true" and r[7] != "true"]  # no opt-out reversed
+    assert {r[8] for r in updates if r[2] in rec["consent_marketo_out"]} == {"resync:conflict:opt_out_sticky"}
 
 
 def test_after_a_mapping_change_the_ui_shows_the_entity_assets_stale(world: World) -> None:
