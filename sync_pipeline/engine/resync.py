@@ -117,7 +117,7 @@ def parse_since(value: str | None) -> datetime | None:
 
 
 def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldMap], client: Any,
-                   since: datetime | None) -> int:
+                   since: datetime | None, tables: dict[str, str]) -> int:
     assert entity.dynamics is not None
     pk, mod = extract.primary_key(entity), entity.dynamics.modified_column
     if since is not None and not mod:
@@ -128,11 +128,11 @@ def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fi
         schema[mod] = pa.string()
     for f in maps:
         schema[extract.wire_name(f)] = extract._arrow_type(f)
-        if f.transform in ("owner", "customer_account"):
+        if f.transform in ("lookup", "owner", "customer_account"):
             schema[extract.wire_name(f) + extract.LOOKUP_TYPE] = pa.string()
     cols = "".join(f", {fcol(f.marketo)} VARCHAR" for f in maps)
     con.execute(f"CREATE OR REPLACE TEMP TABLE rs_d (did VARCHAR, etag VARCHAR, modified_on VARCHAR {cols})")
-    exprs = "".join(f", {extract._dynamics_value_expr(entity, f)}" for f in maps)
+    exprs = "".join(f", {extract._dynamics_value_expr(entity, f, tables)}" for f in maps)
     modcol = qi(mod) if mod else "NULL"
     flt = f"{mod} ge {_iso(since)}" if since is not None else None
     rows = 0
@@ -298,7 +298,7 @@ def resync(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity_name: str,
     maps = [f for f in entity.all_fields if f.marketo in names]
     stats = ResyncStats(entity.name, names, _iso(since) if since else None, dry_run)
     d0, m0 = _calls(dynamics), _calls(marketo)
-    stats.read_rows = _read_dynamics(con, entity, maps, dynamics, since)
+    stats.read_rows = _read_dynamics(con, entity, maps, dynamics, since, extract.target_tables(config))
     stats.in_scope = _scope(con, entity)
     _read_marketo(con, entity, maps, marketo)
     _joined(con, config, entity, maps)
