@@ -21,7 +21,8 @@ Dynamics for a New Custom Field"). Here a back-fill is one run of the ``resync``
    failures kept and retried by the incremental sync).
 
 API cost: reads ``ceil(rows/5000)`` Dataverse pages plus ``ceil(linked/300)`` Marketo reads; writes
-``ceil(differing/300)`` Marketo calls and ``ceil(differing/100)`` Dataverse ``$batch`` calls.
+``ceil(differing/300)`` Marketo calls (persons: plus the push's re-read of the same persons) and
+``ceil(differing/100)`` Dataverse ``$batch`` calls.
 """
 
 from __future__ import annotations
