@@ -20,6 +20,11 @@ from sync_pipeline.engine.state import fcol, next_seq, qi, utcnow
 
 LOOKUP_TYPE = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 PK = {"systemuser": "systemuserid", "team": "teamid", "teammembership": "teammembershipid"}
+# Tables Dataverse's ``Merge`` action applies to; a merged (subordinate) row is deactivated with ``merged`` =
+# true and ``masterid`` pointing at the row it was merged into ("Merge table rows using the Web API",
+# https://learn.microsoft.com/power-apps/developer/data-platform/webapi/merge-table-rows).
+MERGEABLE = ("account", "contact", "lead")
+MASTER = "_masterid_value"
 
 
 @dataclass
@@ -58,6 +63,8 @@ def dynamics_select(entity: Entity) -> list[str]:
         cols.append(entity.sync_filter_column)
     if entity.name == "contact":
         cols.append("_originatingleadid_value")
+    if entity.dynamics.table in MERGEABLE:
+        cols += [MASTER, "merged"]
     cols += [wire_name(f) for f in entity.all_fields]
     return list(dict.fromkeys(cols))
 
@@ -72,6 +79,8 @@ def _page_schema(entity: Entity) -> pa.Schema:
         fields[entity.sync_filter_column] = pa.bool_()
     if entity.name == "contact":
         fields["_originatingleadid_value"] = pa.string()
+    if entity.dynamics.table in MERGEABLE:
+        fields[MASTER], fields["merged"] = pa.string(), pa.bool_()
     for f in entity.all_fields:
         fields[wire_name(f)] = _arrow_type(f)
         if f.transform in ("owner", "customer_account"):
@@ -122,6 +131,7 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
         mod = qi(entity.dynamics.modified_column) if entity.dynamics.modified_column else "NULL"
         flag = qi(entity.sync_filter_column) if entity.sync_filter_column else "NULL"
         origin = "lower(\"_originatingleadid_value\")" if entity.name == "contact" else "NULL"
+        master = f"CASE WHEN merged THEN lower({qi(MASTER)}) END" if entity.dynamics.table in MERGEABLE else "NULL"
         customer = "NULL"
         for f in entity.all_fields:
             if f.transform == "customer_account":
@@ -133,15 +143,15 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
         sets = ", ".join(f"{n} = excluded.{n}" for n in names)
         res = con.execute(f"""
             INSERT INTO {table} (id, version, modified_on, etag, deleted, sync_flag, origin_lead, customer_contact,
-                                 partition_key, seen_at, pending_seq, {", ".join(names)})
+                                 master_id, partition_key, seen_at, pending_seq, {", ".join(names)})
             SELECT lower({pk}), versionnumber, CAST({mod} AS VARCHAR), "@odata.etag", false, {flag}, {origin},
-                   {customer}, ?, ?, ?, {select}
+                   {customer}, {master}, ?, ?, ?, {select}
             FROM page
             QUALIFY row_number() OVER (PARTITION BY lower({pk}) ORDER BY versionnumber DESC) = 1
             ON CONFLICT (id) DO UPDATE SET version = excluded.version, modified_on = excluded.modified_on,
                 etag = excluded.etag, deleted = false, sync_flag = excluded.sync_flag,
                 origin_lead = excluded.origin_lead, customer_contact = excluded.customer_contact,
-                partition_key = excluded.partition_key, seen_at = excluded.seen_at,
+                master_id = excluded.master_id, partition_key = excluded.partition_key, seen_at = excluded.seen_at,
                 pending_seq = excluded.pending_seq, {sets}
             WHERE excluded.version > {table}.version OR {table}.version IS NULL OR {table}.deleted
         """, [partition_key, utcnow(), seq]).fetchone()
