@@ -40,6 +40,7 @@ class ExtractStats:
     rows: int = 0
     changed: int = 0
     deleted: int = 0
+    merged: int = 0  # Dynamics links moved or retired by Marketo merges
     calls: dict[str, int] = field(default_factory=dict)
 
     def take(self, s: extract.IngestStats) -> None:
@@ -48,8 +49,11 @@ class ExtractStats:
         self.deleted += s.deleted
 
     def as_metadata(self) -> dict[str, Any]:
-        return {"mode": self.mode, "pages": self.pages, "rows_read": self.rows, "rows_changed": self.changed,
-                "rows_deleted": self.deleted}
+        out = {"mode": self.mode, "pages": self.pages, "rows_read": self.rows, "rows_changed": self.changed,
+               "rows_deleted": self.deleted}
+        if self.merged:
+            out["links_moved_by_merges"] = self.merged
+        return out
 
 
 def _iso(dt: datetime) -> str:
@@ -153,10 +157,12 @@ def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, sele
 
 LEADCHANGES_CURSOR = "marketo:leadchanges"
 DELETED_CURSOR = "marketo:deletedleads"
+MERGES_CURSOR = "marketo:mergeleads"
 
 
 def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, start: datetime,
-                            end: datetime, latest: bool, work_dir: Path | None = None) -> ExtractStats:
+                            end: datetime, latest: bool, work_dir: Path | None = None,
+                            run_id: str | None = None) -> ExtractStats:
     stats = ExtractStats("person")
     token = get_cursor(con, LEADCHANGES_CURSOR)
     fields = extract.marketo_person_fields(config)
@@ -169,6 +175,7 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
         _bulk_windows(con, config, client, min(start, since), end, fields, stats, work_dir)
         set_cursor(con, LEADCHANGES_CURSOR, first)
         set_cursor(con, DELETED_CURSOR, first)
+        set_cursor(con, MERGES_CURSOR, first)
         return stats
     if not latest:
         stats.mode = "bulk export (re-read window)"
@@ -198,6 +205,9 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     if activities:
         flush()
     deleted_token = get_cursor(con, DELETED_CURSOR) or token
+    # Merges after the lead changes (the winner's copied values are mirrored first), before the deletes.
+    stats.merged += _follow_marketo_merges(con, config, client, get_cursor(con, MERGES_CURSOR) or deleted_token,
+                                           fields, run_id, stats)
     gone: list[int] = []
     for page in client.deleted_leads(deleted_token):
         stats.pages += 1
@@ -207,6 +217,28 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     set_cursor(con, LEADCHANGES_CURSOR, token)
     set_cursor(con, DELETED_CURSOR, deleted_token)
     return stats
+
+
+def _follow_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, token: str,
+                           fields: list[str], run_id: str | None, stats: ExtractStats) -> int:
+    """Read Merge Leads activities since the stored token and move the merged persons' links to the winners."""
+    merges: list[extract.MarketoMerge] = []
+    for page in client.activities(token, [extract.MERGE_LEADS_TYPE]):
+        stats.pages += 1
+        merges += [m for m in map(extract.parse_merge_activity, page.results or []) if m is not None]
+        token = page.next_page_token or token
+    moved = 0
+    if merges:
+        winners = sorted({m.winner for m in merges})
+        known = {r[0] for r in con.execute("SELECT id FROM m_person WHERE NOT deleted AND id IN "
+                                           "(SELECT unnest(?::BIGINT[]))", [winners]).fetchall()}
+        rows: list[dict[str, Any]] = []
+        for ids in _chunked([w for w in winners if w not in known], 300):  # a winner we never read: read it
+            rows += client.get_leads("id", ids, fields)
+        stats.take(extract.ingest_marketo_persons(con, config, rows))
+        moved = extract.apply_marketo_merges(con, config, merges, run_id)
+    set_cursor(con, MERGES_CURSOR, token)
+    return moved
 
 
 def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]]
