@@ -15,88 +15,15 @@ one rule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from sync_pipeline.sandbox.runner import Sandbox
+from sync_pipeline_tests.defs.sync_world import ALL, World, world_of
 
-ALL = 100_000
 # Person fields a duplicate can bring to a winner that lacks them (the first one blank on the winner is used).
 FILLABLE = {"title": "jobtitle", "mobilePhone": "mobilephone", "address2": "address1_line2",
             "address3": "address1_line3", "middleName": "middlename", "personNotes": "description"}
-
-
-@dataclass
-class World:
-    sandbox: Sandbox
-    env: dict[str, str] = field(repr=False)  # holds the sandbox's client secrets
-    state_path: Path
-    instance: Any = field(default=None, repr=False)
-    p: dict[str, Any] = field(default_factory=dict)  # picks and recorded observations
-    results: list[Any] = field(default_factory=list, repr=False)
-
-    def run(self, scope: str = "latest") -> Any:
-        from sync_pipeline import runs
-
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in self.env.items():
-                mp.setenv(k, v)
-            result = runs.run_sync(self.instance, scope=scope)
-        assert result.success
-        self.results.append(result)
-        return result
-
-    def query(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
-        from sync_pipeline.engine import state
-
-        with state.connect(self.state_path, read_only=True) as con:
-            return con.execute(sql, params or []).fetchall()
-
-    def persons_of(self, dynamics_id: str) -> list[dict[str, Any]]:
-        return [p for p in self.sandbox.marketo_rows("lead", ALL) if p.get("dynamicsId") == dynamics_id]
-
-    def person_of(self, dynamics_id: str) -> dict[str, Any]:
-        found = self.persons_of(dynamics_id)
-        assert len(found) == 1, f"expected one Marketo person with dynamicsId {dynamics_id}, found {len(found)}"
-        return found[0]
-
-    def identity(self, entity: str, dynamics_id: str) -> tuple[str, str, str] | None:
-        rows = self.query("SELECT marketo_id, state, how FROM identity WHERE entity = ? AND dynamics_id = ?",
-                          [entity, dynamics_id])
-        return rows[0] if rows else None
-
-    def synced(self, entity: str, n: int, how: str = "created") -> list[str]:
-        rows = self.query("SELECT dynamics_id FROM identity WHERE entity = ? AND state = 'active' AND how = ? "
-                          "ORDER BY dynamics_id", [entity, how])
-        assert len(rows) >= n, f"the tiny org has too few synced {entity} rows"
-        return [r[0] for r in rows[:n]]
-
-    def ledger(self, dynamics_id: str) -> list[tuple]:
-        return self.query("SELECT target, op, field, value_before, value_after, rule FROM ledger "
-                          "WHERE dynamics_id = ? ORDER BY seq", [dynamics_id])
-
-    def check(self, result: Any, entity: str, name: str = "one_person_per_record") -> Any:
-        evaluations = [e for e in result.get_asset_check_evaluations()
-                       if e.asset_check_key.name == name and e.asset_key.path[-1] == entity]
-        assert evaluations, f"check {name} of {entity} did not run"
-        return evaluations[-1]
-
-
-def _world(tmp: Path) -> Iterator[World]:
-    import dagster as dg
-
-    from sync_pipeline.clients.governor import RateGovernor
-
-    with Sandbox(tmp / "sandbox") as sb:
-        sb.populate("tiny", seed=0)
-        env = dict(sb.settings(), SYNC_STATE_PATH=str(tmp / "state.duckdb"), MARKETO_CALLS_PER_20S="100")
-        try:
-            yield World(sb, env, tmp / "state.duckdb", dg.DagsterInstance.ephemeral())
-        finally:
-            RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
 
 
 def _blank_field(person: dict[str, Any]) -> str:
@@ -105,7 +32,7 @@ def _blank_field(person: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    for w in _world(tmp_path_factory.mktemp("merges")):
+    for w in world_of(tmp_path_factory.mktemp("merges")):
         sb, p = w.sandbox, w.p
         w.run("all")
         contacts = w.synced("contact", 12)
