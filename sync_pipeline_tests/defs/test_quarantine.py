@@ -33,11 +33,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for w in world_of(tmp_path_factory.mktemp("quarantine")):
         sb, p = w.sandbox, w.p
         w.run("all")
-        contacts = w.synced("contact", 40)
-        p["dup"], p["vanished"], p["shared"], p["owner"], p["garbage"], p["unrelated"] = contacts[:6]
+        # The contact whose link gets a value that is no person id is an opportunity's customer (it has a role).
+        p["garbage"] = w.query("""SELECT o.customer_contact FROM d_opportunity o JOIN identity i
+            ON i.entity = 'contact' AND i.dynamics_id = o.customer_contact AND i.state = 'active'
+            WHERE NOT o.deleted ORDER BY o.id LIMIT 1""")[0][0]
+        contacts = [c for c in w.synced("contact", 41) if c != p["garbage"]]
+        p["dup"], p["vanished"], p["shared"], p["owner"], p["unrelated"] = contacts[:5]
         p["many"] = contacts[6:6 + QUARANTINE_BLOCK_FLOOR + 5]
         pid = {k: w.person_of(p[k])["id"] for k in ("dup", "vanished", "shared", "owner", "garbage")}
         p["pid"] = pid
+        p["roles0"] = [r for r in sb.marketo_rows("opportunityRole", 100_000) if r.get("leadId") == pid["garbage"]]
         opps = w.query("SELECT dynamics_id FROM identity WHERE entity = 'opportunity' AND state = 'active' "
                        "ORDER BY dynamics_id LIMIT 1")
         p["opp"] = opps[0][0]
@@ -59,6 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         p["run1"] = w.run("latest")
         p["failures1"] = w.query("SELECT dynamics_id, code, message, held, target FROM failures "
                                  "WHERE target = 'quarantine' ORDER BY dynamics_id")
+        p["roles1"] = [r for r in sb.marketo_rows("opportunityRole", 100_000) if r.get("leadId") == pid["garbage"]]
         p["held_titles1"] = [(r["id"], r["title"]) for r in sb.marketo_rows("lead", 100_000)
                              if str(r.get("title", "")).startswith("Held edit")]
         p["errors1"] = _cli(w, "errors")
@@ -104,6 +110,11 @@ def test_everything_else_keeps_syncing_in_the_same_run(world: World) -> None:
     assert world.person_of(p["unrelated"])["title"] == "Arrives despite the damage"
     opportunity = sb.marketo.store.get_object("opportunity", p["opp"])
     assert opportunity is not None and opportunity["name"] == "Opportunity edited next to damage"
+
+
+def test_a_quarantined_contacts_roles_stay_as_they_were(world: World) -> None:
+    p = world.p
+    assert p["roles0"] and p["roles1"] == p["roles0"]
 
 
 def test_quarantine_is_visible_in_errors_status_and_the_check(world: World) -> None:
