@@ -267,6 +267,7 @@ def mark_marketo_deleted(con: duckdb.DuckDBPyConnection, ids: Iterable[int]) -> 
 # "Merge Leads" (activity type 32 in ``GET /rest/v1/activities/types.json``; Adobe Marketo Engage developer
 # docs, REST API > Activities): logged on the winner (``leadId``), its "Merge ids" attribute lists the losers.
 MERGE_LEADS_TYPE = 32
+DELETE_LEAD_TYPE = 37  # "Delete Lead", what deletedleads.json returns (domain reference section 3.5)
 # Which Dynamics record keeps a merged person when several were linked to its persons: a contact before a
 # lead (the native sync prefers contacts: a lead's person becomes its contact's on qualification), then
 # the winner's own link, then the losers' links in the merge's order.

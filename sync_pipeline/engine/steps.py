@@ -5,7 +5,8 @@ latest window follows the table's delta link, which also reports deletes. The fi
 with change tracking is a full read that yields the first delta link (one pass, the API floor); an
 expired link falls back to such a full read and marks rows that vanished meanwhile as deleted.
 Marketo persons: a paging token taken before anything is read, then lead-change activities (for the
-persons that changed) and deleted-lead activities; the initial copy uses bulk extract windows.
+persons that changed), then Merge Leads and Delete Lead activities (merges move links to the winners); the
+initial copy uses bulk extract windows.
 """
 
 from __future__ import annotations
@@ -156,8 +157,7 @@ def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, sele
 
 
 LEADCHANGES_CURSOR = "marketo:leadchanges"
-DELETED_CURSOR = "marketo:deletedleads"
-MERGES_CURSOR = "marketo:mergeleads"
+DELETED_CURSOR = "marketo:deletedleads"  # the position of the Delete Lead and Merge Leads activities read
 
 
 def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, start: datetime,
@@ -175,7 +175,6 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
         _bulk_windows(con, config, client, min(start, since), end, fields, stats, work_dir)
         set_cursor(con, LEADCHANGES_CURSOR, first)
         set_cursor(con, DELETED_CURSOR, first)
-        set_cursor(con, MERGES_CURSOR, first)
         return stats
     if not latest:
         stats.mode = "bulk export (re-read window)"
@@ -204,30 +203,32 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
             flush()
     if activities:
         flush()
-    deleted_token = get_cursor(con, DELETED_CURSOR) or token
-    # Merges after the lead changes (the winner's copied values are mirrored first), before the deletes.
-    stats.merged += _follow_marketo_merges(con, config, client, get_cursor(con, MERGES_CURSOR) or deleted_token,
-                                           fields, run_id, stats)
-    gone: list[int] = []
-    for page in client.deleted_leads(deleted_token):
-        stats.pages += 1
-        gone += [int(a["leadId"]) for a in page.results if a.get("leadId") is not None]
-        deleted_token = page.next_page_token
-    stats.deleted += extract.mark_marketo_deleted(con, gone)
+    deleted_token = _removals(con, config, client, get_cursor(con, DELETED_CURSOR) or token, fields, run_id, stats)
     set_cursor(con, LEADCHANGES_CURSOR, token)
     set_cursor(con, DELETED_CURSOR, deleted_token)
     return stats
 
 
-def _follow_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, token: str,
-                           fields: list[str], run_id: str | None, stats: ExtractStats) -> int:
-    """Read Merge Leads activities since the stored token and move the merged persons' links to the winners."""
+def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, token: str, fields: list[str],
+              run_id: str | None, stats: ExtractStats) -> str:
+    """Persons that left Marketo since ``token``: Merge Leads and Delete Lead activities, read together in
+    one ``activities.json`` call (up to 10 type ids per call; the Delete Lead activities are the ones
+    ``deletedleads.json`` serves, type 37), so following merges costs no extra call. Runs after the lead
+    changes (a winner's copied values are mirrored first); merges are applied before deletes. Returns the
+    new paging token."""
     merges: list[extract.MarketoMerge] = []
-    for page in client.activities(token, [extract.MERGE_LEADS_TYPE]):
+    gone: list[int] = []
+    for page in client.activities(token, [extract.MERGE_LEADS_TYPE, extract.DELETE_LEAD_TYPE]):
         stats.pages += 1
-        merges += [m for m in map(extract.parse_merge_activity, page.results or []) if m is not None]
+        for a in page.results or []:
+            kind = a.get("activityTypeId")
+            if kind == extract.MERGE_LEADS_TYPE:
+                merge = extract.parse_merge_activity(a)
+                if merge is not None:
+                    merges.append(merge)
+            elif kind == extract.DELETE_LEAD_TYPE and a.get("leadId") is not None:
+                gone.append(int(a["leadId"]))
         token = page.next_page_token or token
-    moved = 0
     if merges:
         winners = sorted({m.winner for m in merges})
         known = {r[0] for r in con.execute("SELECT id FROM m_person WHERE NOT deleted AND id IN "
@@ -236,9 +237,9 @@ def _follow_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, c
         for ids in _chunked([w for w in winners if w not in known], 300):  # a winner we never read: read it
             rows += client.get_leads("id", ids, fields)
         stats.take(extract.ingest_marketo_persons(con, config, rows))
-        moved = extract.apply_marketo_merges(con, config, merges, run_id)
-    set_cursor(con, MERGES_CURSOR, token)
-    return moved
+        stats.merged += extract.apply_marketo_merges(con, config, merges, run_id)
+    stats.deleted += extract.mark_marketo_deleted(con, gone)
+    return token
 
 
 def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]]
