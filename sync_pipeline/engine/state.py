@@ -6,7 +6,8 @@ Table layout (``<e>`` = entity name, ``f_<x>`` = canonical value of Marketo fiel
                  the record a Dataverse ``Merge`` folded this one into), f_*,
                  pending_seq (set when a newer version arrives; cleared once the change is applied)
 - ``m_person``   Marketo person mirror (shared by leads and contacts): id, updated_at, deleted, f_*,
-                 pending_seq, merged_into (a person that lost a Marketo merge: retired, not deleted by a user)
+                 pending_seq, merged_into (a person that lost a Marketo merge: retired, not deleted by a user;
+                 ``deleted`` is true for both, as the person is gone from Marketo, ``merged_into`` tells them apart)
 - ``b_<e>``      base: the last values both sides agreed on, per record and field (three-way merge)
 - ``identity``   Dynamics id <-> Marketo id per entity, with a state (active, converted, tombstoned, deleted,
                  merged: the record lost a merge in either system and no longer syncs; its id points at the winner)
