@@ -331,6 +331,8 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
                 if mid != str(m.winner):
                     con.execute("""UPDATE identity SET marketo_id = ?, how = 'marketo_merge', linked_at = ?
                                    WHERE entity = ? AND dynamics_id = ?""", [str(m.winner), now, entity, did])
+                if mid != str(m.winner):
+                    _keep_opt_outs(con, config, entity, did, m.winner)
                 # relink: the record moves from a loser to the winner; merge: it kept the winner, losers folded in
                 ledger.append((entity, did, str(m.winner), "relink" if mid != str(m.winner) else "merge",
                                "marketo_id", mid if mid != str(m.winner) else losers_text, str(m.winner),
@@ -354,6 +356,28 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
                            VALUES (?, ?, ?, ?, ?, 'state', ?, ?, ?, ?, ?)""",
                         [[run_id, now, *row] for row in ledger])
     return moved
+
+
+# Consent fields (domain reference section 1.19): an opt-out both sides had agreed on survives a merge.
+CONSENT_FIELDS = ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax", "doNotSendMarketingMaterial")
+
+
+def _keep_opt_outs(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: str, did: str, winner: int) -> None:
+    """A record that moves to a merge winner keeps its agreed opt-outs: where its base says opted out and the
+    winner says opted in, the base takes the winner's value, so the plan sees the record's opt-out as the
+    change and writes it to the winner, instead of reading the winner's opt-in as a Marketo change that
+    would reverse the record's opt-out in Dynamics. (Marketo keeps the winner's non-empty values; a merge is
+    not the person opting in.)"""
+    e = config.by_name.get(entity)
+    if e is None:
+        return
+    fields = [f.marketo for f in e.all_fields if f.marketo in CONSENT_FIELDS and f.transform == "boolean"]
+    b = qi(f"b_{entity}")
+    for f in fields:
+        col = fcol(f)
+        con.execute(f"""UPDATE {b} SET {col} = m.{col} FROM m_person m
+                        WHERE {b}.dynamics_id = ? AND m.id = ? AND {b}.{col} = 'true'
+                          AND m.{col} IS DISTINCT FROM 'true'""", [did, winner])
 
 
 def _mark_pending(con: duckdb.DuckDBPyConnection, entity: str, dynamics_id: str) -> None:

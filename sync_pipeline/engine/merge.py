@@ -209,6 +209,15 @@ def _follow_dynamics_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
                     FROM dm WHERE action = 'relink'""", [now])
     con.execute(f"""INSERT OR REPLACE INTO {b} SELECT x.* REPLACE (dm.master AS dynamics_id)
                     FROM {b} x JOIN dm ON dm.sub = x.dynamics_id AND dm.action = 'relink'""")
+    # An opt-out the subordinate had agreed on survives the merge: where the master says opted in, its value
+    # becomes the base, so the person's opt-out is the change that flows (to the master), not the reverse.
+    from sync_pipeline.engine.extract import CONSENT_FIELDS
+
+    for f in [f.marketo for f in entity.all_fields if f.marketo in CONSENT_FIELDS and f.transform == "boolean"]:
+        c = fcol(f)
+        con.execute(f"""UPDATE {b} SET {c} = d.{c} FROM dm JOIN {d} d ON d.id = dm.master
+                        WHERE dm.action = 'relink' AND {b}.dynamics_id = dm.master AND {b}.{c} = 'true'
+                          AND d.{c} IS DISTINCT FROM 'true'""")
     # Both had a person: merge the subordinate's into the master's in Marketo (applied by the push).
     con.execute(f"""INSERT INTO plan SELECT {_lit(run_id)}, {e}, sub, master_mid, 'marketo', 'merge', 'leadIds',
                         sub_mid, master_mid, sub_mid, 'dynamics_merge', NULL FROM dm WHERE action = 'merge'""")

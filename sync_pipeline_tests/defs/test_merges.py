@@ -35,16 +35,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for w in world_of(tmp_path_factory.mktemp("merges")):
         sb, p = w.sandbox, w.p
         w.run("all")
-        contacts = w.synced("contact", 12)
+        every = [r[0] for r in w.query("SELECT dynamics_id FROM identity WHERE entity = 'contact' "
+                                       "AND state = 'active' AND how = 'created' ORDER BY dynamics_id")]
+        # A and E are contacts whose opt-out both sides agree on: it must survive their merges.
+        opted_out = [c for c in every if sb.dynamics_get("contact", c).get("donotbulkemail")]
+        assert len(opted_out) >= 2, "the tiny org needs two synced contacts that opted out"
+        p["cA"], p["cE"] = opted_out[:2]
+        contacts = [c for c in every if c not in opted_out]
+        (p["cB"], p["cC"], p["cD1"], p["cD2"], p["cU"]) = contacts[:5]
         leads = [i for i in w.synced("lead", 30) if (sb.dynamics_get("lead", i).get("statecode") or 0) == 0]
-        (p["cA"], p["cB"], p["cC"], p["cD1"], p["cD2"], p["cE"], p["cU"]) = contacts[:7]
         p["lC"], p["lG1"], p["lG2"] = leads[:3]
         pid = {k: w.person_of(p[k])["id"] for k in ("cA", "cB", "cC", "cD1", "cD2", "cE", "lC", "lG1", "lG2")}
         p["pid"] = pid
 
         # A: contact A's person loses a merge to a Marketo-only person.
         winner = sb.marketo_create_lead({"email": "winnie.winner@example.com", "firstName": "Winnie",
-                                         "lastName": "Winner"})
+                                         "lastName": "Winner", "unsubscribed": False})
         p["wA"] = winner["id"]
         sb.marketo_merge_leads(p["wA"], [pid["cA"]])
         p["wA_after_merge"] = sb.marketo_get_lead(p["wA"])
@@ -64,7 +70,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # E: a synced contact merged into a contact created after the last sync (never synced itself).
         row = sb.dynamics_get("contact", p["cE"])
         p["mE"] = sb.dynamics_insert("contact", {"lastname": row.get("lastname") or "Master",
-                                                 "firstname": "Master", "jobtitle": "Merged Master"})["contactid"]
+                                                 "firstname": "Master", "jobtitle": "Merged Master",
+                                                 "donotbulkemail": False})["contactid"]
         sb.dynamics_merge("contact", p["mE"], p["cE"])
         # F: two accounts; the subordinate's contacts are re-parented to the master.
         accounts = w.synced("account", 2)
@@ -114,6 +121,17 @@ def test_marketo_merge_values_follow_the_policies_and_edits_flow_both_ways(world
     assert person["title"] == "Edited in Dynamics after the merge"
     assert contact["telephone1"] == "+1 555 0199"
     assert world.persons_of(p["cA"]) == [person]
+
+
+def test_an_agreed_opt_out_survives_merges(world: World) -> None:
+    """The winner of the Marketo merge said opted in (its own value wins in Marketo); the master of the
+    Dataverse merge said opted in too. Neither merge may turn the record's agreed opt-out into an opt-in."""
+    p, sb = world.p, world.sandbox
+    assert p["wA_after_merge"]["unsubscribed"] is False  # what Marketo's merge made of it
+    assert sb.dynamics_get("contact", p["cA"])["donotbulkemail"] is True
+    assert sb.marketo_get_lead(p["wA"])["unsubscribed"] is True
+    assert sb.dynamics_get("contact", p["mE"])["donotbulkemail"] is True
+    assert sb.marketo_get_lead(p["pid"]["cE"])["unsubscribed"] is True
 
 
 def test_one_merge_never_halts_the_rest(world: World) -> None:
