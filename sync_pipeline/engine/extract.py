@@ -269,8 +269,9 @@ def mark_marketo_deleted(con: duckdb.DuckDBPyConnection, ids: Iterable[int]) -> 
 MERGE_LEADS_TYPE = 32
 DELETE_LEAD_TYPE = 37  # "Delete Lead", what deletedleads.json returns (domain reference section 3.5)
 # Which Dynamics record keeps a merged person when several were linked to its persons: a contact before a
-# lead (the native sync prefers contacts: a lead's person becomes its contact's on qualification), then
-# the winner's own link, then the losers' links in the merge's order.
+# lead (the native sync prefers contacts: a lead's person becomes its contact's on qualification; with a
+# native CRM sync on, practitioners report that a merge of a CRM lead and a CRM contact always keeps the
+# contact), then the winner's own link, then the losers' links in the merge's order.
 KEEPER_RANK = {"contact": 0}
 
 
@@ -306,8 +307,8 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
     record: the keeper (see KEEPER_RANK) is linked to the winner; any other record that was linked to one
     of the merged persons is retired (identity state ``merged``, pointing at the winner), so it stops
     syncing instead of writing into a person that now belongs to another record. Every change is in the
-    ledger (target ``state``, op ``relink`` / ``merged``, rule ``marketo_merge``). Idempotent: a merge read
-    twice changes nothing the second time.
+    ledger (target ``state``, op ``relink`` / ``merge`` / ``merged``, rule ``marketo_merge``). A merge read
+    twice (a re-run after a crash) moves nothing the second time; the ledger notes it again.
     """
     persons = [e.name for e in config.persons]
     if not merges or not persons:
@@ -331,7 +332,6 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
                 if mid != str(m.winner):
                     con.execute("""UPDATE identity SET marketo_id = ?, how = 'marketo_merge', linked_at = ?
                                    WHERE entity = ? AND dynamics_id = ?""", [str(m.winner), now, entity, did])
-                if mid != str(m.winner):
                     _keep_opt_outs(con, config, entity, did, m.winner)
                 # relink: the record moves from a loser to the winner; merge: it kept the winner, losers folded in
                 ledger.append((entity, did, str(m.winner), "relink" if mid != str(m.winner) else "merge",
