@@ -203,10 +203,30 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
             flush()
     if activities:
         flush()
+    _reread_lost_persons(con, config, client, fields, stats)
     deleted_token = _removals(con, config, client, get_cursor(con, DELETED_CURSOR) or token, fields, run_id, stats)
     set_cursor(con, LEADCHANGES_CURSOR, token)
     set_cursor(con, DELETED_CURSOR, deleted_token)
     return stats
+
+
+LOST_PERSONS_PER_RUN = 3000
+
+
+def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, fields: list[str],
+                         stats: ExtractStats) -> None:
+    """Linked persons missing from the mirror (a damaged or partly restored store) are read again, so their
+    records plan normally instead of staying quarantined; an id Marketo does not know stays quarantined."""
+    persons = [e.name for e in config.persons]
+    ids = [int(r[0]) for r in con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS mid FROM identity
+        WHERE state = 'active' AND entity IN (SELECT unnest(?::VARCHAR[])) AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL
+          AND TRY_CAST(marketo_id AS BIGINT) NOT IN (SELECT id FROM m_person) ORDER BY mid LIMIT ?""",
+                                          [persons, LOST_PERSONS_PER_RUN]).fetchall()]
+    rows: list[dict[str, Any]] = []
+    for chunk in _chunked(ids, 300):
+        rows += client.get_leads("id", chunk, fields)
+    if rows:
+        stats.take(extract.ingest_marketo_persons(con, config, rows))
 
 
 def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, token: str, fields: list[str],

@@ -38,9 +38,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             ON i.entity = 'contact' AND i.dynamics_id = o.customer_contact AND i.state = 'active'
             WHERE NOT o.deleted ORDER BY o.id LIMIT 1""")[0][0]
         contacts = [c for c in w.synced("contact", 41) if c != p["garbage"]]
-        p["dup"], p["vanished"], p["shared"], p["owner"], p["unrelated"] = contacts[:5]
+        p["dup"], p["vanished"], p["shared"], p["owner"], p["unrelated"], p["lost"] = contacts[:6]
         p["many"] = contacts[6:6 + QUARANTINE_BLOCK_FLOOR + 5]
-        pid = {k: w.person_of(p[k])["id"] for k in ("dup", "vanished", "shared", "owner", "garbage")}
+        pid = {k: w.person_of(p[k])["id"] for k in ("dup", "vanished", "shared", "owner", "garbage", "lost")}
         p["pid"] = pid
         p["roles0"] = [r for r in sb.marketo_rows("opportunityRole", 100_000) if r.get("leadId") == pid["garbage"]]
         opps = w.query("SELECT dynamics_id FROM identity WHERE entity = 'opportunity' AND state = 'active' "
@@ -57,6 +57,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                   [p["garbage"]])
         w.execute("UPDATE identity SET marketo_id = ? WHERE entity = 'contact' AND dynamics_id = ?",
                   [str(pid["owner"]), p["shared"]])
+        # A person the mirror lost (it still exists in Marketo) is read again: not damage, nothing is held.
+        w.execute("DELETE FROM m_person WHERE id = ?", [pid["lost"]])
+        sb.dynamics_update("contact", p["lost"], {"jobtitle": "Arrives although the mirror lost its person"})
         for k in ("dup", "vanished", "shared", "garbage"):  # each damaged record also has an edit to sync
             sb.dynamics_update("contact", p[k], {"jobtitle": f"Held edit {k}"})
         sb.dynamics_update("contact", p["unrelated"], {"jobtitle": "Arrives despite the damage"})
@@ -108,6 +111,7 @@ def test_everything_else_keeps_syncing_in_the_same_run(world: World) -> None:
     p, sb = world.p, world.sandbox
     assert p["run1"].success
     assert world.person_of(p["unrelated"])["title"] == "Arrives despite the damage"
+    assert world.person_of(p["lost"])["title"] == "Arrives although the mirror lost its person"
     opportunity = sb.marketo.store.get_object("opportunity", p["opp"])
     assert opportunity is not None and opportunity["name"] == "Opportunity edited next to damage"
 
