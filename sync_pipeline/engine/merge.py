@@ -253,7 +253,8 @@ def _quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
     every plan, so its row clears by itself once the damage is repaired (e.g. the duplicate person merged or
     deleted in Marketo). Reasons: ``duplicate_dynamics_id`` (two live persons carry this record's id),
     ``person_shared`` (another live record is linked to the same person), ``vanished_person`` (the link names
-    a person id that is not a number, or one the mirror has never seen).
+    a person id that is not a number, or one Marketo does not return: the extract reads linked persons the
+    mirror lacks again, so a mirror that merely lost a row heals without a hold).
     """
     e = _lit(entity.name)
     persons = _person_entities(config)
@@ -269,7 +270,7 @@ def _quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
         SELECT l.did, 'quarantine:vanished_person' AS code,
                {_lit(entity.name)} || ' ' || l.did || ' is linked to Marketo person ' || COALESCE(l.marketo_id, '(none)')
                || CASE WHEN TRY_CAST(l.marketo_id AS BIGINT) IS NULL THEN ', which is not a person id'
-                       ELSE ', which the mirror has never seen (neither read nor created by the sync)' END
+                       ELSE ', which Marketo does not return (it is read again in every run)' END
                || '; held until the link is repaired or the record is released' AS message
         FROM ql l LEFT JOIN m_person m ON m.id = TRY_CAST(l.marketo_id AS BIGINT) WHERE m.id IS NULL
         UNION ALL
