@@ -258,9 +258,20 @@ def _quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
     """
     e = _lit(entity.name)
     persons = _person_entities(config)
-    # Quarantined records are re-examined in every plan (a handful by construction: see the person check).
-    added = con.execute(f"""INSERT INTO w SELECT d.id, d.pending_seq FROM failures f JOIN {qi('d_' + entity.name)} d
-        ON d.id = f.dynamics_id WHERE f.entity = {e} AND f.target = 'quarantine'
+    # Damage is looked for in the whole store, not only among the records that changed (a record nobody edits
+    # must still show up in errors and status), and quarantined records are re-examined in every plan.
+    added = con.execute(f"""INSERT INTO w SELECT d.id, d.pending_seq FROM {qi('d_' + entity.name)} d WHERE d.id IN (
+            SELECT dynamics_id FROM failures WHERE entity = {e} AND target = 'quarantine'
+            UNION ALL
+            SELECT i.dynamics_id FROM identity i LEFT JOIN m_person m ON m.id = TRY_CAST(i.marketo_id AS BIGINT)
+            WHERE i.entity = {e} AND i.state = 'active' AND m.id IS NULL
+            UNION ALL
+            SELECT i.dynamics_id FROM identity i WHERE i.entity = {e} AND i.state = 'active' AND i.marketo_id IN
+                (SELECT marketo_id FROM identity WHERE state = 'active' AND entity IN ({persons})
+                 GROUP BY marketo_id HAVING count(*) > 1)
+            UNION ALL
+            SELECT lower(f_dynamicsId) FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL
+            GROUP BY lower(f_dynamicsId) HAVING count(*) > 1)
         AND d.id NOT IN (SELECT did FROM w)""").fetchone()
     # Set-based and anti/semi-joins only: about 4 s for a work set of 1,000,000 linked records, milliseconds
     # for an incremental one.

@@ -60,7 +60,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # A person the mirror lost (it still exists in Marketo) is read again: not damage, nothing is held.
         w.execute("DELETE FROM m_person WHERE id = ?", [pid["lost"]])
         sb.dynamics_update("contact", p["lost"], {"jobtitle": "Arrives although the mirror lost its person"})
-        for k in ("dup", "vanished", "shared", "garbage"):  # each damaged record also has an edit to sync
+        # Three damaged records also have an edit to sync; the fourth ("garbage") has none and is found anyway.
+        for k in ("dup", "vanished", "shared"):
             sb.dynamics_update("contact", p[k], {"jobtitle": f"Held edit {k}"})
         sb.dynamics_update("contact", p["unrelated"], {"jobtitle": "Arrives despite the damage"})
         sb.dynamics_update("opportunity", p["opp"], {"name": "Opportunity edited next to damage"})
@@ -97,11 +98,13 @@ def test_damaged_records_are_quarantined_with_the_reason(world: World) -> None:
     assert _codes(world) == {p["dup"]: "quarantine:duplicate_dynamics_id",
                              p["vanished"]: "quarantine:vanished_person",
                              p["garbage"]: "quarantine:vanished_person",
-                             p["shared"]: "quarantine:person_shared"}
+                             p["shared"]: "quarantine:person_shared",
+                             p["owner"]: "quarantine:person_shared"}  # both claim the person: neither writes
     messages = {did: m for did, _c, m, _h, _t in p["failures1"]}
     assert str(p["twin"]) in messages[p["dup"]] and str(p["pid"]["dup"]) in messages[p["dup"]]
     assert "99999999" in messages[p["vanished"]]
     assert p["owner"] in messages[p["shared"]] and str(p["pid"]["owner"]) in messages[p["shared"]]
+    assert p["shared"] in messages[p["owner"]]
     assert all(held for _d, _c, _m, held, _t in p["failures1"])
     # Held means held: after that run, none of the damaged records' edits was written to any person.
     assert p["held_titles1"] == []
@@ -126,19 +129,19 @@ def test_quarantine_is_visible_in_errors_status_and_the_check(world: World) -> N
     for did, code in _codes(world).items():
         assert did in p["errors1"] and code in p["errors1"]
     row = [line for line in p["status1"].splitlines() if "contact " in line and "(Marketo)" not in line]
-    assert row and [c.strip() for c in row[0].split("│")][-3] == "4", p["status1"]  # the held column
+    assert row and [c.strip() for c in row[0].split("│")][-3] == "5", p["status1"]  # the held column
     evaluation = world.check(p["run1"], "contact")
     assert not evaluation.passed
     assert evaluation.severity.value == "WARN"  # per-record damage: a warning, nothing downstream blocked
     meta = {k: v.value for k, v in evaluation.metadata.items()}
-    assert meta["quarantined"] == 4 and meta["quarantined/vanished_person"] == 2
+    assert meta["quarantined"] == 5 and meta["quarantined/vanished_person"] == 2
     assert meta["dynamics_ids_twice"] == 1
 
 
 def test_repaired_damage_releases_the_record(world: World) -> None:
     p = world.p
     assert p["dup"] not in {did for did, _ in p["failures2"]}
-    assert {did for did, _ in p["failures2"]} == {p["vanished"], p["garbage"], p["shared"]}
+    assert {did for did, _ in p["failures2"]} == {p["vanished"], p["garbage"], p["shared"], p["owner"]}
     assert world.person_of(p["dup"])["title"] == "Held edit dup"  # its held edit arrives once repaired
 
 
