@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import fcol, qi
+from sync_pipeline.engine.state import ensure_split_base, fcol, qi
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
             elif entity.is_derived:
                 results += _push_roles(client, entity, rows)
             else:
+                _read_objects_before(con, client, entity, maps, rows)
                 results += _push_objects(client, entity, maps, rows)
             if len(results) >= 50_000:  # keep memory flat on a large initial copy
                 _record_results(con, config, entity, "marketo", results, run_id, now, stats)
@@ -179,6 +180,46 @@ def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: 
         res = client.delete_leads([r["id"] for _, r in deletes])
         out += _outcomes([row for row, _ in deletes], "delete", res, lambda r: None)
     return out
+
+
+def _read_objects_before(con: duckdb.DuckDBPyConnection, client: Any, entity: Entity, maps: dict[str, FieldMap],
+                         rows: list[tuple]) -> None:
+    """The ledger's before-value of an object update is what Marketo held, not what we last wrote there:
+    read exactly the records about to be updated (by their dedupe field, up to 300 per call) and put
+    their canonical values into the plan rows the ledger copies. Creates had nothing there to read."""
+    updates = [r for r in rows if r[1] == "update"]
+    fields = sorted({f for r in updates for f in r[5] if f in maps and f != entity.marketo.key})
+    if not updates or not fields:
+        return
+    key = entity.marketo.key
+    wanted = {r[0] for r in updates}
+    found = {str(o.get(key) or "").lower(): o for o in
+             client.query_objects(object_path(entity), key, sorted(wanted), fields=[key, *fields])}
+    dids, names, values = [], [], []
+    for did, _op, _mid, _etag, _base, fs, _vals in updates:
+        obj = found.get(did)
+        for f in fs:
+            if f in fields:
+                dids.append(did)
+                names.append(f)
+                values.append(None if obj is None else _wire_text(obj.get(f)))
+    con.register("before_raw", pa.table({"did": dids, "field": names, "value": pa.array(values, type=pa.string())}))
+    try:
+        whens = " ".join(f"WHEN '{f}' THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
+        con.execute(f"""UPDATE plan SET old_value = r.v FROM (SELECT did, field, CASE field {whens} END AS v
+                                                              FROM before_raw) r
+                        WHERE plan.entity = ? AND plan.target = 'marketo' AND plan.op = 'update'
+                          AND plan.dynamics_id = r.did AND plan.field = r.field""", [entity.name])
+    finally:
+        con.unregister("before_raw")
+
+
+def _wire_text(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
 
 
 def _push_objects(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
@@ -416,6 +457,11 @@ def _advance_base(con: duckdb.DuckDBPyConnection, entity: Entity, source: str, r
                      for f in fields)
     con.execute(f"UPDATE {b} SET synced_at = ?, run_id = ?, {sets} FROM nb WHERE {b}.dynamics_id = nb.dynamics_id",
                 [now, run_id])
+    # A field written or agreed on again has one base again (a rollback's split base ends here).
+    ensure_split_base(con)
+    con.execute(f"""DELETE FROM b__split WHERE entity = ? AND (dynamics_id, field) IN
+                    (SELECT (dynamics_id, field) FROM {source} WHERE op IN ('create', 'update', 'agree'))""",
+                [entity.name])
 
 
 def _update_person_mirror(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str,

@@ -7,6 +7,7 @@ Table layout (``<e>`` = entity name, ``f_<x>`` = canonical value of Marketo fiel
 - ``m_person``   Marketo person mirror (shared by leads and contacts): id, updated_at, deleted, f_*,
                  pending_seq
 - ``b_<e>``      base: the last values both sides agreed on, per record and field (three-way merge)
+- ``b__split``   per-system bases of person fields a rollback left different on the two systems
 - ``identity``   Dynamics id <-> Marketo id per entity, with a state (active, converted, tombstoned, deleted)
 - ``plan`` / ``plan_work``   the current plan per entity (field-level writes) and the records it covers
 - ``ledger``     every write: run, entity, ids, target, op, field, before, after, rule
@@ -143,6 +144,16 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     con.execute("CREATE TABLE IF NOT EXISTS environment (key VARCHAR PRIMARY KEY, value VARCHAR, pinned_at TIMESTAMP)")
     con.execute("""CREATE TABLE IF NOT EXISTS run_stats (run_id VARCHAR, entity VARCHAR, stage VARCHAR,
         recorded_at TIMESTAMP, stats VARCHAR)""")
+    ensure_split_base(con)
+
+
+def ensure_split_base(con: duckdb.DuckDBPyConnection) -> None:
+    """``b__split``: after a rollback, a person field whose two systems hold different values (as they
+    did before the rolled-back run) has one agreed value per system instead of one base; the merge
+    compares each side with its own. Any sync write or agreement of the field drops the row."""
+    con.execute("""CREATE TABLE IF NOT EXISTS b__split (entity VARCHAR, dynamics_id VARCHAR, field VARCHAR,
+        d_value VARCHAR, m_value VARCHAR, run_id VARCHAR, split_at TIMESTAMP,
+        PRIMARY KEY (entity, dynamics_id, field))""")
 
 
 def _add_missing_columns(con: duckdb.DuckDBPyConnection, table: str, fields: list[str]) -> None:
