@@ -47,7 +47,13 @@ def plan_rows(con: duckdb.DuckDBPyConnection, entities: list[str], run_id: str |
               batch: int = 10_000) -> Iterator[tuple]:
     """The stored plan rows in a stable order, streamed in batches."""
     where, params = _where(entities, run_id)
-    cur = con.execute(f"""SELECT entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, rule
+    # Before-values: a known empty value is "(blank)", a record the write creates has none ("(new record)").
+    # One-way objects show the value we last wrote there; the push reads what Marketo really holds just
+    # before it writes, and that is what the ledger keeps.
+    cur = con.execute(f"""SELECT entity, dynamics_id, marketo_id, target, op, field,
+                                 CASE WHEN old_value IS NOT NULL THEN old_value
+                                      WHEN op = 'create' THEN '(new record)' ELSE '(blank)' END,
+                                 new_value, rule
                           FROM plan WHERE {where} ORDER BY entity, target, op, dynamics_id, field""", params)
     while rows := cur.fetchmany(batch):
         yield from rows

@@ -1,0 +1,263 @@
+"""Rollback end to end: the sandbox, real in-process Dagster runs, both systems read back after each step.
+
+One populated world per module (the initial copy is the expensive part); every test works on its own
+records, picked from the identity map, so the tests do not see each other's edits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from sync_pipeline.engine import state
+from sync_pipeline.ops import rollback as rb
+from sync_pipeline.sandbox.runner import Sandbox
+
+
+class World:
+    def __init__(self, sb: Sandbox, state_path: Path):
+        import dagster as dg
+
+        from sync_pipeline.cli.ops import _clients
+        from sync_pipeline.config.model import load_config
+
+        self.sb, self.state_path = sb, state_path
+        self.instance = dg.DagsterInstance.ephemeral()
+        self.config = load_config(None)
+        self.stack, dynamics, marketo = _clients()
+        self.dynamics, self.marketo = dynamics.get_client(), marketo.get_client()
+        self.used: set[str] = set()
+
+    def run(self) -> str:
+        from sync_pipeline import runs
+
+        result = runs.run_sync(self.instance, scope="latest", raise_on_error=True)
+        assert result.success
+        return result.run_id
+
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        with state.connect(self.state_path) as con:
+            return con.execute(sql, params or []).fetchall()
+
+    def pick(self, entity: str) -> tuple[str, str]:
+        """A linked record no other test has used."""
+        for did, mid in self.query("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active'
+                                      ORDER BY dynamics_id""", [entity]):
+            if did not in self.used:
+                self.used.add(did)
+                return did, mid
+        raise AssertionError(f"no unused linked {entity}")
+
+    def plan(self, run_id: str, **kw: Any) -> list[rb.Item]:
+        with state.connect(self.state_path) as con:
+            return rb.plan_rollback(con, self.config, run_id, self.dynamics, self.marketo, **kw)
+
+    def rollback(self, run_id: str, **kw: Any) -> tuple[list[rb.Item], rb.Outcome]:
+        before_write = kw.pop("before_write", None)
+        with state.connect(self.state_path) as con:
+            items = rb.plan_rollback(con, self.config, run_id, self.dynamics, self.marketo, **kw)
+            outcome = rb.execute_rollback(con, self.config, items, self.dynamics, self.marketo, source_run=run_id,
+                                          before_write=before_write)
+        return items, outcome
+
+    def company(self, did: str) -> dict[str, Any]:
+        return next(c for c in self.sb.marketo_rows("company", limit=1_000_000) if c["externalCompanyId"] == did)
+
+    def writes(self, run_id: str, did: str) -> list[tuple]:
+        return self.query("""SELECT target, op, field, value_before, value_after FROM ledger
+                             WHERE run_id = ? AND dynamics_id = ? AND op = 'update' ORDER BY target, field""",
+                          [run_id, did])
+
+
+def _item(items: list[rb.Item], did: str, fld: str) -> rb.Item:
+    return next(it for it in items if it.dynamics_id == did and it.field == fld)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    from sync_pipeline.clients.governor import RateGovernor
+
+    base = tmp_path_factory.mktemp("rollback")
+    with Sandbox(base / "sandbox") as sb, pytest.MonkeyPatch.context() as mp:
+        sb.populate("tiny", seed=0)
+        for key, value in sb.settings().items():
+            mp.setenv(key, value)
+        mp.setenv("SYNC_STATE_PATH", str(base / "state.duckdb"))
+        w = World(sb, base / "state.duckdb")
+        with w.stack:
+            w.run()  # the initial copy
+            w.run()  # and its echoes
+            yield w
+        RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
+
+
+def test_one_way_field_is_restored_to_what_marketo_really_held(world: World) -> None:
+    sb = world.sb
+    account, _ = world.pick("account")
+    synced = world.company(account)["mainPhone"]
+    # A marketer changed the company's phone in Marketo; the base still says `synced`.
+    world.marketo.upsert_objects("companies", [{"externalCompanyId": account, "mainPhone": "+1 555 0100"}],
+                                 action="updateOnly")
+    sb.dynamics_update("account", account, {"telephone1": "+1 555 0111"})
+    run = world.run()
+    assert world.company(account)["mainPhone"] == "+1 555 0111"
+    # The ledger has what was really there, not NULL and not the stale base.
+    assert ("marketo", "update", "mainPhone", "+1 555 0100", "+1 555 0111") in world.writes(run, account)
+    assert synced != "+1 555 0100"
+
+    items, outcome = world.rollback(run)
+    it = _item(items, account, "mainPhone")
+    assert (it.action, it.now, it.restore) == (rb.RESTORE, "+1 555 0111", "+1 555 0100")
+    assert outcome.restored >= 1 and not outcome.failed
+    assert world.company(account)["mainPhone"] == "+1 555 0100"
+    assert sb.dynamics_get("account", account)["telephone1"] == "+1 555 0111"  # untouched
+
+    # One more sync: nothing bounces, on either system.
+    after = world.run()
+    assert world.company(account)["mainPhone"] == "+1 555 0100"
+    assert sb.dynamics_get("account", account)["telephone1"] == "+1 555 0111"
+    assert world.writes(after, account) == []
+
+
+def test_two_way_field_is_restored_and_the_other_side_keeps_its_value(world: World) -> None:
+    sb = world.sb
+    contact, person = world.pick("contact")
+    old = sb.marketo_get_lead(int(person)).get("phone")
+    sb.dynamics_update("contact", contact, {"telephone1": "+1 555 0222"})
+    run = world.run()
+    assert sb.marketo_get_lead(int(person))["phone"] == "+1 555 0222"
+    assert ("marketo", "update", "phone", old, "+1 555 0222") in world.writes(run, contact)
+
+    items, outcome = world.rollback(run)
+    assert _item(items, contact, "phone").action == rb.RESTORE and not outcome.failed
+    assert sb.marketo_get_lead(int(person)).get("phone") == old
+    assert sb.dynamics_get("contact", contact)["telephone1"] == "+1 555 0222"
+    for _ in range(2):  # the rollback's echoes, then a quiet cycle: nothing bounces
+        after = world.run()
+        assert world.writes(after, contact) == []
+        assert sb.marketo_get_lead(int(person)).get("phone") == old
+        assert sb.dynamics_get("contact", contact)["telephone1"] == "+1 555 0222"
+
+    # A new edit on either side after the rollback flows as usual (the split base ends there).
+    sb.marketo_update_lead(int(person), {"phone": "+1 555 0223"})
+    world.run()
+    assert sb.dynamics_get("contact", contact)["telephone1"] == "+1 555 0223"
+    assert world.query("SELECT count(*) FROM b__split WHERE dynamics_id = ?", [contact]) == [(0,)]
+
+
+def test_conflict_resolution_is_undone_on_both_sides(world: World) -> None:
+    sb = world.sb
+    lead, person = world.pick("lead")
+    sb.dynamics_update("lead", lead, {"address1_city": "Dynamicsville"})
+    sb.marketo_update_lead(int(person), {"city": "Marketoburg"})
+    run = world.run()
+    # Leads: Marketo wins; Dynamics got Marketo's value.
+    assert sb.dynamics_get("lead", lead)["address1_city"] == "Marketoburg"
+    assert ("dynamics", "update", "city", "Dynamicsville", "Marketoburg") in world.writes(run, lead)
+
+    items, outcome = world.rollback(run)
+    assert _item(items, lead, "city").action == rb.RESTORE and not outcome.failed
+    assert sb.dynamics_get("lead", lead)["address1_city"] == "Dynamicsville"
+    assert sb.marketo_get_lead(int(person))["city"] == "Marketoburg"
+    for _ in range(2):
+        after = world.run()
+        assert world.writes(after, lead) == []
+        assert sb.dynamics_get("lead", lead)["address1_city"] == "Dynamicsville"
+        assert sb.marketo_get_lead(int(person))["city"] == "Marketoburg"  # the marketer's value is kept
+
+
+def test_fields_changed_since_are_skipped_and_left_untouched(world: World) -> None:
+    sb = world.sb
+    account, _ = world.pick("account")
+    lead, person = world.pick("lead")
+    sb.dynamics_update("account", account, {"telephone1": "+1 555 0331"})
+    sb.marketo_update_lead(int(person), {"title": "Run Title"})
+    run = world.run()
+    assert sb.dynamics_get("lead", lead)["jobtitle"] == "Run Title"
+    # After the run: a marketer edits the company, a Dynamics user edits the lead's title.
+    world.marketo.upsert_objects("companies", [{"externalCompanyId": account, "mainPhone": "+1 555 0332"}],
+                                 action="updateOnly")
+    sb.dynamics_update("lead", lead, {"jobtitle": "Newer Title"})
+
+    items, outcome = world.rollback(run)
+    phone, title = _item(items, account, "mainPhone"), _item(items, lead, "title")
+    assert (phone.action, phone.now) == (rb.SKIP_CHANGED, "+1 555 0332")
+    assert (title.action, title.now) == (rb.SKIP_CHANGED, "Newer Title")
+    assert world.company(account)["mainPhone"] == "+1 555 0332"
+    assert sb.dynamics_get("lead", lead)["jobtitle"] == "Newer Title"
+    assert not any(it.dynamics_id in (account, lead) for it, _ in outcome.failed)
+    assert world.query("""SELECT count(*) FROM ledger WHERE rule = ? AND dynamics_id IN (?, ?)""",
+                       [f"rollback:{run}", account, lead]) == [(0,)]
+
+
+def test_a_change_between_the_read_and_the_write_is_skipped_not_overwritten(world: World) -> None:
+    sb = world.sb
+    lead, lead_person = world.pick("lead")
+    contact, contact_person = world.pick("contact")
+    sb.marketo_update_lead(int(lead_person), {"title": "Race Title"})  # -> Dynamics
+    sb.dynamics_update("contact", contact, {"telephone1": "+1 555 0441"})  # -> Marketo
+    run = world.run()
+
+    def meanwhile(entity: str, target: str, items: list[rb.Item]) -> None:
+        # Someone edits both records after rollback decided to restore them, before it writes.
+        if (entity, target) == ("lead", "dynamics"):
+            sb.dynamics_update("lead", lead, {"jobtitle": "Edited Meanwhile"})
+        if (entity, target) == ("contact", "marketo"):
+            sb.marketo_update_lead(int(contact_person), {"phone": "+1 555 0442"})
+
+    items, outcome = world.rollback(run, before_write=meanwhile)
+    title, phone = _item(items, lead, "title"), _item(items, contact, "phone")
+    assert title.action == rb.SKIP_CHANGED and "412" in title.reason
+    assert phone.action == rb.SKIP_CHANGED and "between the read and the write" in phone.reason
+    assert {title.seq, phone.seq} <= {it.seq for it in outcome.skipped}
+    assert sb.dynamics_get("lead", lead)["jobtitle"] == "Edited Meanwhile"
+    assert sb.marketo_get_lead(int(contact_person))["phone"] == "+1 555 0442"
+
+
+def test_a_rollback_can_be_rolled_back_and_rolling_back_twice_is_a_no_op(world: World) -> None:
+    sb = world.sb
+    contact, person = world.pick("contact")
+    old = sb.marketo_get_lead(int(person)).get("phone")
+    sb.dynamics_update("contact", contact, {"telephone1": "+1 555 0551"})
+    run = world.run()
+
+    _, first = world.rollback(run)
+    assert first.restored >= 1 and sb.marketo_get_lead(int(person)).get("phone") == old
+    again, second = world.rollback(run)
+    assert second.restored == 0 and _item(again, contact, "phone").action == rb.SKIP_CHANGED
+    assert sb.marketo_get_lead(int(person)).get("phone") == old
+
+    # Undo the undo: the run's value is back, and the state agrees with both systems again.
+    items, undo = world.rollback(first.run_id)
+    assert _item(items, contact, "phone").action == rb.RESTORE and undo.restored >= 1
+    assert sb.marketo_get_lead(int(person))["phone"] == "+1 555 0551"
+    assert world.query("SELECT count(*) FROM b__split WHERE dynamics_id = ?", [contact]) == [(0,)]
+    assert world.query('SELECT f_phone FROM b_contact WHERE dynamics_id = ?', [contact]) == [("+1 555 0551",)]
+    after = world.run()
+    assert world.writes(after, contact) == []
+    assert sb.dynamics_get("contact", contact)["telephone1"] == "+1 555 0551"
+
+
+def test_since_rolls_back_every_run_after_a_time_newest_first(world: World) -> None:
+    sb = world.sb
+    contact, person = world.pick("contact")
+    old = sb.marketo_get_lead(int(person)).get("phone")
+    since = state.utcnow()
+    sb.dynamics_update("contact", contact, {"telephone1": "+1 555 0661"})
+    first = world.run()
+    sb.dynamics_update("contact", contact, {"telephone1": "+1 555 0662"})
+    second = world.run()
+    with state.connect(world.state_path) as con:
+        runs = rb.runs_since(con, since)
+    assert runs[:2] == [second, first] and all(not r.startswith("rollback-") for r in runs)
+    done: list[str] = []
+    for source in runs:  # what `rollback --since` does
+        _, outcome = world.rollback(source, ignore_runs=[*runs, *done])
+        done.append(outcome.run_id)
+    assert sb.marketo_get_lead(int(person)).get("phone") == old
+    after = world.run()
+    assert world.writes(after, contact) == []
+    assert sb.marketo_get_lead(int(person)).get("phone") == old
+    assert sb.dynamics_get("contact", contact)["telephone1"] == "+1 555 0662"
