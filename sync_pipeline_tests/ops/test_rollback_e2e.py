@@ -261,3 +261,32 @@ def test_since_rolls_back_every_run_after_a_time_newest_first(world: World) -> N
     assert world.writes(after, contact) == []
     assert sb.marketo_get_lead(int(person)).get("phone") == old
     assert sb.dynamics_get("contact", contact)["telephone1"] == "+1 555 0662"
+
+
+# (entity, Dynamics table, Dynamics column, Marketo object, Marketo field, new value)
+ONE_WAY = [("systemuser", "systemuser", "title", "salesPerson", "title", "Rollback Tester"),
+           ("team", "team", "description", "dynamicsTeam_c", "description", "rolled team"),
+           ("opportunity", "opportunity", "name", "opportunity", "name", "Rolled Opportunity"),
+           ("project", "new_project", "new_name", "project_c", "name", "Rolled Project")]
+
+
+def test_every_one_way_object_records_its_true_before_value_and_is_restored(world: World) -> None:
+    sb = world.sb
+    picked = []
+    for entity, table, column, obj, fld, value in ONE_WAY:
+        did, _ = world.pick(entity)
+        key = world.config.entity(entity).marketo.key
+        row = next(r for r in sb.marketo_rows(obj, limit=1_000_000) if str(r.get(key)).lower() == did)
+        sb.dynamics_update(table, did, {column: value})
+        assert row.get(fld) is not None, (obj, did)  # a real value: NULL is what the ledger used to say
+        picked.append((did, key, obj, fld, value, row.get(fld)))
+    run = world.run()
+    for did, key, obj, fld, value, before in picked:
+        written = [w for w in world.writes(run, did) if w[2] == fld]
+        assert written == [("marketo", "update", fld, before, value)], (obj, written)
+    items, outcome = world.rollback(run)
+    assert not outcome.failed
+    for did, key, obj, fld, value, before in picked:
+        assert _item(items, did, fld).action == rb.RESTORE
+        row = next(r for r in sb.marketo_rows(obj, limit=1_000_000) if str(r.get(key)).lower() == did)
+        assert row.get(fld) == before, obj
