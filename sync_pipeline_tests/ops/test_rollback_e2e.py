@@ -166,6 +166,18 @@ def test_conflict_resolution_is_undone_on_both_sides(world: World) -> None:
         assert world.writes(after, lead) == []
         assert sb.dynamics_get("lead", lead)["address1_city"] == "Dynamicsville"
         assert sb.marketo_get_lead(int(person))["city"] == "Marketoburg"  # the marketer's value is kept
+    # `verify` knows the difference is the rollback's, not a sync bug; a difference elsewhere would show.
+    from sync_pipeline import verify
+
+    diffs = verify.compare(world.config, world.dynamics, world.marketo, world.state_path)
+    assert [d for d in diffs if d.dynamics_id == lead] == []
+    sb.marketo_update_lead(int(person), {"city": "Sneaky"})  # not synced yet: a real difference
+    diffs = verify.compare(world.config, world.dynamics, world.marketo, world.state_path)
+    assert [(d.field, d.dynamics_value, d.marketo_value) for d in diffs if d.dynamics_id == lead] == [
+        ("city", "Dynamicsville", "Sneaky")]
+    sb.marketo_update_lead(int(person), {"city": "Marketoburg"})  # back to its split value: nothing to sync
+    after = world.run()
+    assert world.writes(after, lead) == [] and sb.dynamics_get("lead", lead)["address1_city"] == "Dynamicsville"
 
 
 def test_fields_changed_since_are_skipped_and_left_untouched(world: World) -> None:
