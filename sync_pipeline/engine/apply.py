@@ -136,7 +136,10 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
             elif entity.is_derived:
                 results += _push_roles(client, entity, rows)
             else:
-                _read_objects_before(con, client, entity, maps, rows)
+                unread = _read_objects_before(con, client, entity, maps, rows)
+                if unread is not None:  # failed like the write would have: kept and retried, never blind
+                    results += [Result(r[0], r[1], False, r[2], unread[0], unread[1]) for r in rows if r[1] == "update"]
+                    rows = [r for r in rows if r[1] != "update"]
                 results += _push_objects(client, entity, maps, rows)
             if len(results) >= 50_000:  # keep memory flat on a large initial copy
                 _record_results(con, config, entity, "marketo", results, run_id, now, stats)
@@ -183,18 +186,26 @@ def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: 
 
 
 def _read_objects_before(con: duckdb.DuckDBPyConnection, client: Any, entity: Entity, maps: dict[str, FieldMap],
-                         rows: list[tuple]) -> None:
+                         rows: list[tuple]) -> tuple[str, str] | None:
     """The ledger's before-value of an object update is what Marketo held, not what we last wrote there:
     read exactly the records about to be updated (by their dedupe field, up to 300 per call) and put
-    their canonical values into the plan rows the ledger copies. Creates had nothing there to read."""
+    their canonical values into the plan rows the ledger copies. Creates had nothing there to read.
+    Returns (code, message) when the read failed: those updates are not written this time."""
+    from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, MarketoTransientError, QuotaExhausted
+
     updates = [r for r in rows if r[1] == "update"]
     fields = sorted({f for r in updates for f in r[5] if f in maps and f != entity.marketo.key})
     if not updates or not fields:
-        return
+        return None
     key = entity.marketo.key
     wanted = {r[0] for r in updates}
-    found = {str(o.get(key) or "").lower(): o for o in
-             client.query_objects(object_path(entity), key, sorted(wanted), fields=[key, *fields])}
+    try:
+        found = {str(o.get(key) or "").lower(): o for o in
+                 client.query_objects(object_path(entity), key, sorted(wanted), fields=[key, *fields])}
+    except (QuotaExhausted, MarketoAuthError, MarketoTransientError):
+        raise  # like a write: the step fails and is retried (or fails fast on credentials)
+    except MarketoError as exc:
+        return exc.code, f"could not read the current values before writing (the ledger's before-value): {exc}"
     dids, names, values = [], [], []
     for did, _op, _mid, _etag, _base, fs, _vals in updates:
         obj = found.get(did)
@@ -212,6 +223,7 @@ def _read_objects_before(con: duckdb.DuckDBPyConnection, client: Any, entity: En
                           AND plan.dynamics_id = r.did AND plan.field = r.field""", [entity.name])
     finally:
         con.unregister("before_raw")
+    return None
 
 
 def _wire_text(v: Any) -> str | None:

@@ -314,13 +314,15 @@ def _collect(records: dict[str, Any], found: dict[str, dict[str, Any]], fields: 
 
 def _read_persons(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[str, tuple[str | None, set[str]]],
                   client: Any) -> dict[str, dict[str, Any]]:
-    from sync_pipeline.clients.marketo import MarketoError
+    from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, QuotaExhausted
 
     maps = _person_maps(e)
     by_mid = {str(mid): did for did, (mid, _) in records.items() if mid}
     fields = sorted({f for _, fs in records.values() for f in fs if f in maps})
     try:
         leads = client.get_leads("id", list(by_mid), fields=["id", *fields])
+    except (MarketoAuthError, QuotaExhausted):
+        raise  # nothing can be read or written: stop, and say why
     except MarketoError:
         return {}  # unreadable: every field of these records is skipped with the reason
     found = {by_mid[str(lead.get("id"))]: lead for lead in leads if str(lead.get("id")) in by_mid}
@@ -329,7 +331,7 @@ def _read_persons(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[s
 
 def _read_objects(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[str, tuple[str | None, set[str]]],
                   client: Any) -> dict[str, dict[str, Any]]:
-    from sync_pipeline.clients.marketo import MarketoError
+    from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, QuotaExhausted
 
     if e.is_derived:  # roles are only created and deleted, never updated: nothing to compare
         return {}
@@ -340,6 +342,8 @@ def _read_objects(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[s
         # Companies, opportunities, sales persons and custom objects are readable by their dedupe field:
         # GET /rest/v1/<object>.json?filterType=<key>&filterValues=<up to 300 values>&fields=...
         objs = client.query_objects(object_path(e), key, list(records), fields=[key, *fields])
+    except (MarketoAuthError, QuotaExhausted):
+        raise  # nothing can be read or written: stop, and say why
     except MarketoError:
         return {}
     found = {str(o.get(key)).lower(): o for o in objs if str(o.get(key) or "").lower() in records}
@@ -349,7 +353,7 @@ def _read_objects(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[s
 def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str], client: Any
                    ) -> dict[str, dict[str, Any]]:
     """One GET per record: the etag of exactly this read is what the write carries as If-Match."""
-    from sync_pipeline.clients.dynamics import DynamicsError, RecordNotFound
+    from sync_pipeline.clients.dynamics import AuthenticationError, DynamicsError, RecordNotFound
     from sync_pipeline.engine.extract import _coerce, _dynamics_value_expr, _page_schema, dynamics_select, primary_key
 
     assert e.dynamics is not None
@@ -360,6 +364,8 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
             rows.append(client.get(e.dynamics.entity_set, did, select=dynamics_select(e)))
         except RecordNotFound:
             out[did] = {"__gone__": True}
+        except AuthenticationError:
+            raise
         except DynamicsError:
             continue  # unreadable: skipped with the reason
     if not rows:

@@ -302,3 +302,23 @@ def test_every_one_way_object_records_its_true_before_value_and_is_restored(worl
         assert _item(items, did, fld).action == rb.RESTORE
         row = next(r for r in sb.marketo_rows(obj, limit=1_000_000) if str(r.get(key)).lower() == did)
         assert row.get(fld) == before, obj
+
+
+def test_an_object_update_whose_before_value_cannot_be_read_waits_for_the_next_run(world: World) -> None:
+    sb = world.sb
+    account, _ = world.pick("account")
+    before = world.company(account)["mainPhone"]
+    sb.dynamics_update("account", account, {"telephone1": "+1 555 0881"})
+    sb.faults([{"pattern": "marketo.companies.get", "rate": 1.0, "faults": [{"kind": "code", "code": "1003"}]}])
+    try:
+        run = world.run()
+    finally:
+        sb.clear_faults()
+    assert world.company(account)["mainPhone"] == before  # not written blind
+    assert world.writes(run, account) == []
+    code, message = world.query("SELECT code, message FROM failures WHERE dynamics_id = ?", [account])[0]
+    assert code == "1003" and "before-value" in message
+    world.query("UPDATE failures SET next_attempt_at = TIMESTAMP '2000-01-01' WHERE dynamics_id = ?", [account])
+    again = world.run()  # the retry (due now instead of after the packaged 60 s backoff)
+    assert world.company(account)["mainPhone"] == "+1 555 0881"
+    assert ("marketo", "update", "mainPhone", before, "+1 555 0881") in world.writes(again, account)
