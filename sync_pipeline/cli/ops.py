@@ -152,6 +152,9 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
         raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
     entities = [entity] if entity else [e.name for e in config.entities]
     with _store(state_path, read_only=True) as con:
+        stack, _dynamics, marketo = _clients()
+        with stack:  # one-way objects have no mirror: read the records the plan updates for their before-values
+            before = preview.object_before_values(con, config, entities, result.run_id, marketo.get_client())
         counts = preview.plan_counts(con, entities, result.run_id)
         summary = _table(f"Plan of run {result.run_id}", ["entity", "target", "op", "records", "fields"],
                          numeric=("records", "fields"))
@@ -161,14 +164,14 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
         shown: dict[str, int] = {}
         detail = _table("Field writes" + (f" (first {limit} per entity)" if limit else ""),
                         list(preview.PLAN_COLUMNS))
-        for row in preview.plan_rows(con, entities, result.run_id):
+        for row in preview.plan_rows(con, entities, result.run_id, before=before):
             if shown.get(row[0], 0) < limit:
                 shown[row[0]] = shown.get(row[0], 0) + 1
                 detail.add_row(*(_fmt(v) for v in row))
         if shown:
             console.print(detail)
         if csv_path:
-            n = preview.write_csv(preview.plan_rows(con, entities, result.run_id), Path(csv_path))
+            n = preview.write_csv(preview.plan_rows(con, entities, result.run_id, before=before), Path(csv_path))
             console.print(f"{n} plan rows written to {csv_path}")
 
 

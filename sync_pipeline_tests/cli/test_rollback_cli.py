@@ -29,16 +29,22 @@ def test_rollback_dry_run_table_csv_since_created_and_flags(harness, tmp_path) -
     contacts = harness.query("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact'
                                 AND state = 'active' ORDER BY 1 LIMIT 2""")
     (contact, person), (gone, gone_person) = contacts
-    old_phone = next(c for c in sb.marketo_rows("company", limit=100_000)
-                     if c["externalCompanyId"] == account)["mainPhone"]
+    # A marketer edits the company in Marketo: the base (what the sync last wrote) is stale now.
+    from sync_pipeline.cli.ops import _clients
+
+    stack, _, marketo = _clients()
+    with stack:
+        marketo.get_client().upsert_objects("companies", [{"externalCompanyId": account, "mainPhone": "+1 555 0700"}],
+                                            action="updateOnly")
+    old_phone = "+1 555 0700"
     old_contact_phone = sb.marketo_get_lead(int(person)).get("phone")
 
-    # `plan` shows the real before-value of a one-way write (it used to show "-" for every one).
+    # `plan` shows the real before-value of a one-way write: what Marketo holds (it used to show "-").
     sb.dynamics_update("account", account, {"telephone1": "+1 555 0701"})
     plan_csv = tmp_path / "plan.csv"
     assert invoke("plan", "--entity", "account", "--csv", str(plan_csv)).exit_code == 0
     row = next(r for r in csv.DictReader(plan_csv.open()) if r["dynamics_id"] == account and r["field"] == "mainPhone")
-    assert (row["before"], row["after"]) == (old_phone or "(blank)", "+1 555 0701")
+    assert (row["before"], row["after"]) == ("+1 555 0700", "+1 555 0701")
 
     since = utcnow()
     sb.dynamics_update("contact", contact, {"telephone1": "+1 555 0702"})
@@ -62,7 +68,7 @@ def test_rollback_dry_run_table_csv_since_created_and_flags(harness, tmp_path) -
     rows = list(csv.DictReader(rb_csv.open()))
     phone = next(r for r in rows if r["dynamics_id"] == account and r["field"] == "mainPhone")
     assert (phone["before_the_run"], phone["the_run_wrote"], phone["now"], phone["will_do"]) == (
-        old_phone or "(blank)", "+1 555 0701", "+1 555 0701", "restore")
+        "+1 555 0700", "+1 555 0701", "+1 555 0701", "restore")
     flag = next(r for r in rows if r["dynamics_id"] == gone and r["field"] == "dynamicsIsDeleted")
     assert (flag["before_the_run"], flag["now"], flag["will_do"]) == ("false", "true", "restore")
     assert sb.marketo_get_lead(int(gone_person))["dynamicsIsDeleted"] is True
