@@ -20,7 +20,7 @@ import duckdb
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import ensure_split_base, fcol, qi
+from sync_pipeline.engine.state import ensure_split_base, fcol, mark_ledger_before_values, qi
 
 PERSON_STATES_LINKED = ("active", "converted")
 PLAN_SLICE = 50_000  # records per three-way join
@@ -64,6 +64,7 @@ def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     con.execute("DELETE FROM plan WHERE entity = ?", [entity.name])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [entity.name])
     ensure_split_base(con)
+    mark_ledger_before_values(con)
     if entity.is_derived:
         summary = _plan_roles(con, config, entity, run_id)
     else:

@@ -147,6 +147,18 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     ensure_split_base(con)
 
 
+BEFORE_VALUES_FROM = "ledger_before_values_from_seq"
+
+
+def mark_ledger_before_values(con: duckdb.DuckDBPyConnection) -> None:
+    """Remember from which ledger row on one-way object writes carry a real before-value (older versions
+    stored NULL for them): rollback treats an older NULL as unknown, never as "blank it"."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    if not con.execute("SELECT count(*) FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM]).fetchone()[0]:
+        con.execute("INSERT INTO schema_meta SELECT ?, CAST(COALESCE(max(seq), 0) + 1 AS VARCHAR) FROM ledger",
+                    [BEFORE_VALUES_FROM])
+
+
 def ensure_split_base(con: duckdb.DuckDBPyConnection) -> None:
     """``b__split``: after a rollback, a person field whose two systems hold different values (as they
     did before the rolled-back run) has one agreed value per system instead of one base; the merge

@@ -40,7 +40,7 @@ import pyarrow as pa
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.apply import object_path
-from sync_pipeline.engine.state import ensure_split_base, fcol, qi, record_stats, utcnow
+from sync_pipeline.engine.state import BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, utcnow
 
 LINK_FIELDS = ("dynamicsId", "dynamicsType")
 BATCH = 300  # Marketo's records per call
@@ -148,10 +148,19 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
            WHERE l.op NOT IN ('hold', 'reject') {skip_ignored}
            GROUP BY ALL""", [run_id, ignore] if ignore else [run_id]).fetchall()}
     items = [Item(*r, source_run=run_id) for r in rows]
+    marker = con.execute("SELECT value FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM]).fetchone() \
+        if _has_table(con, "schema_meta") else None
+    true_from = int(marker[0]) if marker else None
     for it in items:
         e = config.by_name.get(it.entity)
         if e is None:
             it.action, it.reason = SKIP_OTHER, "entity no longer configured"
+            continue
+        if (it.op == "update" and it.target == "marketo" and not e.is_person and it.restore is None
+                and (true_from is None or it.seq < true_from)):
+            # Written by a version that did not record before-values of one-way objects: unknown, not blank.
+            it.restore = UNKNOWN
+            it.action, it.reason = SKIP_OTHER, "before-value not recorded (ledger row from an older version)"
             continue
         if it.op == "create":
             can_delete = e.is_person and it.target == "marketo"
@@ -178,6 +187,11 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
         elif it.op == "update" and it.field not in {f.marketo for f in e.all_fields}:
             it.action, it.reason = SKIP_OTHER, f"field {it.field} is no longer mapped"
     return items
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [name]).fetchone()[0])
 
 
 def _same(f: FieldMap | None, a: Any, b: Any) -> bool:

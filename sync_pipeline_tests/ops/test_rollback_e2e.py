@@ -322,3 +322,21 @@ def test_an_object_update_whose_before_value_cannot_be_read_waits_for_the_next_r
     again = world.run()  # the retry (due now instead of after the packaged 60 s backoff)
     assert world.company(account)["mainPhone"] == "+1 555 0881"
     assert ("marketo", "update", "mainPhone", before, "+1 555 0881") in world.writes(again, account)
+
+
+def test_a_ledger_row_from_before_before_values_is_unknown_not_blank(world: World) -> None:
+    account, _ = world.pick("account")
+    world.sb.dynamics_update("account", account, {"telephone1": "+1 555 0991"})
+    run = world.run()
+    marker = world.query("SELECT value FROM schema_meta WHERE key = 'ledger_before_values_from_seq'")[0][0]
+    # What an older version wrote: NULL before-values for objects, and no marker past its rows.
+    world.query("UPDATE ledger SET value_before = NULL WHERE run_id = ? AND dynamics_id = ?", [run, account])
+    world.query("UPDATE schema_meta SET value = CAST((SELECT max(seq) + 1 FROM ledger) AS VARCHAR) "
+                "WHERE key = 'ledger_before_values_from_seq'")
+    try:
+        phone = _item(world.plan(run), account, "mainPhone")
+        assert phone.action == rb.SKIP_OTHER and "not recorded" in phone.reason
+        assert rb.display(phone.restore) == "(unknown)"
+    finally:
+        world.query("UPDATE schema_meta SET value = ? WHERE key = 'ledger_before_values_from_seq'", [marker])
+    assert world.company(account)["mainPhone"] == "+1 555 0991"
