@@ -353,8 +353,10 @@ def _read_objects(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[s
     key = e.marketo.key
     fields = sorted({f for _, fs in records.values() for f in fs if f in maps and f != key})
     try:
-        # Companies, opportunities, sales persons and custom objects are readable by their dedupe field:
-        # GET /rest/v1/<object>.json?filterType=<key>&filterValues=<up to 300 values>&fields=...
+        # Companies, opportunities, sales persons and custom objects are readable by their dedupe field
+        # (filterType takes any field of the describe's searchableFields; up to 300 values per call):
+        # https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/companies
+        # and .../lead-database/custom-objects
         objs = client.query_objects(object_path(e), key, list(records), fields=[key, *fields])
     except (MarketoAuthError, QuotaExhausted):
         raise  # nothing can be read or written: stop, and say why
@@ -538,8 +540,8 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
             body = {maps[it.field].dynamics: normalize.to_dynamics(maps[it.field], it.restore)
                     for it in its if it.field}
             # If-Match carries the etag of the decision read: a record changed since answers 412
-            # Precondition Failed instead of being overwritten (Dataverse Web API, "Perform conditional
-            # operations using the Web API": optimistic concurrency with If-Match).
+            # Precondition Failed instead of being overwritten ("Apply optimistic concurrency",
+            # https://learn.microsoft.com/en-us/power-apps/developer/data-platform/webapi/perform-conditional-operations-using-web-api).
             client.update(e.dynamics.entity_set, did, body, etag=its[0].etag)
             done += its
         except PreconditionFailed as exc:
