@@ -191,7 +191,8 @@ def _read_objects_before(con: duckdb.DuckDBPyConnection, client: Any, entity: En
     read exactly the records about to be updated (by their dedupe field, up to 300 per call) and put
     their canonical values into the plan rows the ledger copies. Creates had nothing there to read.
     Returns (code, message) when the read failed: those updates are not written this time.
-    (Query by dedupe field: https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/companies)"""
+    (Query by dedupe field: experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/
+    companies.)"""
     from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, MarketoTransientError, QuotaExhausted
 
     updates = [r for r in rows if r[1] == "update"]

@@ -62,7 +62,8 @@ def object_before_values(con: duckdb.DuckDBPyConnection, config: SyncConfig, ent
     for it in items:
         rec = current.get((it.entity, "marketo", it.dynamics_id))
         if rec is not None:
-            out[(it.entity, it.dynamics_id, it.field or "")] = rb.GONE if rec.get("__gone__") else rec.get(it.field or "")
+            key = (it.entity, it.dynamics_id, it.field or "")
+            out[key] = rb.GONE if rec.get("__gone__") else rec.get(it.field or "")
     return out
 
 

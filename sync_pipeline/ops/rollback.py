@@ -541,7 +541,8 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
                     for it in its if it.field}
             # If-Match carries the etag of the decision read: a record changed since answers 412
             # Precondition Failed instead of being overwritten ("Apply optimistic concurrency",
-            # https://learn.microsoft.com/en-us/power-apps/developer/data-platform/webapi/perform-conditional-operations-using-web-api).
+            # learn.microsoft.com/en-us/power-apps/developer/data-platform/webapi/
+            # perform-conditional-operations-using-web-api).
             client.update(e.dynamics.entity_set, did, body, etag=its[0].etag)
             done += its
         except PreconditionFailed as exc:
@@ -576,8 +577,9 @@ def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: 
     now = utcnow()
     con.execute("BEGIN TRANSACTION")
     try:
-        con.executemany("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
-                                               value_before, value_after, rule) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        con.executemany("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op,
+                                               field, value_before, value_after, rule)
+                            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                         [[run_id, now, it.entity, it.dynamics_id, it.marketo_id, it.target,
                           "delete" if it.action == DELETE else "update", it.field,
                           it.replaced if isinstance(it.now, _Marker) else it.now,
