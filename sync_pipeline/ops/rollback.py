@@ -571,71 +571,78 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
 
 
 def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: str, done: list[Item]) -> None:
-    """Ledger rows, mirrors, base and split base for the writes that succeeded, in one transaction."""
+    """Ledger rows, mirrors, base and split base for the writes that succeeded: set-based, one transaction."""
     if not done:
         return
     now = utcnow()
+    table = pa.table({
+        "did": [it.dynamics_id for it in done], "mid": [it.marketo_id for it in done],
+        "target": [it.target for it in done], "op": ["delete" if it.action == DELETE else "update" for it in done],
+        "field": [it.field for it in done],
+        "before": pa.array([it.replaced if isinstance(it.now, _Marker) else it.now for it in done], type=pa.string()),
+        "after": pa.array([None if it.action == DELETE else it.restore for it in done], type=pa.string())})
+    con.register("rb_done", table)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.executemany("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op,
-                                               field, value_before, value_after, rule)
-                            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                        [[run_id, now, it.entity, it.dynamics_id, it.marketo_id, it.target,
-                          "delete" if it.action == DELETE else "update", it.field,
-                          it.replaced if isinstance(it.now, _Marker) else it.now,
-                          None if it.action == DELETE else it.restore, f"rollback:{source_run}"] for it in done])
-        for it in done:
-            if it.action == DELETE:
-                _forget_person(con, it)
-            else:
-                _move_state(con, e, it, run_id, now)
+        con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+                                           value_before, value_after, rule)
+                       SELECT ?, ?, ?, did, mid, target, op, field, before, after, ? FROM rb_done""",
+                    [run_id, now, e.name, f"rollback:{source_run}"])
+        # Persons deleted (--delete-created): tombstone the link so the next sync does not create them again.
+        con.execute("""UPDATE identity SET state = 'tombstoned' WHERE entity = ?
+                       AND dynamics_id IN (SELECT did FROM rb_done WHERE op = 'delete')""", [e.name])
+        con.execute("""UPDATE m_person SET deleted = true
+                       WHERE id IN (SELECT TRY_CAST(mid AS BIGINT) FROM rb_done WHERE op = 'delete')""")
+        for fld in sorted({it.field for it in done if it.action == RESTORE and it.field}):
+            _move_state(con, e, fld, run_id, now)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
         raise
+    finally:
+        con.unregister("rb_done")
 
 
-def _forget_person(con: duckdb.DuckDBPyConnection, it: Item) -> None:
-    """The person is gone from Marketo: tombstone the link so the next sync does not create it again."""
-    con.execute("UPDATE identity SET state = 'tombstoned' WHERE entity = ? AND dynamics_id = ?",
-                [it.entity, it.dynamics_id])
-    con.execute("UPDATE m_person SET deleted = true WHERE id = TRY_CAST(? AS BIGINT)", [it.marketo_id])
-
-
-def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, it: Item, run_id: str, now: datetime) -> None:
-    if it.field == FLAG_FIELD:
-        con.execute(f"UPDATE m_person SET {fcol(FLAG_FIELD)} = ? WHERE id = TRY_CAST(? AS BIGINT)",
-                    [it.restore, it.marketo_id])
-        return
-    col = fcol(it.field or "")
+def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, fld: str, run_id: str, now: datetime) -> None:
+    """One field of the restored records (``rb_done``): mirrors, then base or split base."""
+    col, rows = fcol(fld), f"(SELECT * FROM rb_done WHERE op = 'update' AND field = {_lit(fld)})"
     # The mirror of the written system takes the restored value: its echo is not an edit.
-    if it.target == "dynamics":
-        con.execute(f"UPDATE {qi('d_' + e.name)} SET {col} = ? WHERE id = ?", [it.restore, it.dynamics_id])
-    elif e.is_person:
-        con.execute(f"UPDATE m_person SET {col} = ? WHERE id = TRY_CAST(? AS BIGINT)", [it.restore, it.marketo_id])
+    if e.is_person:
+        con.execute(f"""UPDATE m_person SET {col} = r.after FROM {rows} r
+                        WHERE r.target = 'marketo' AND m_person.id = TRY_CAST(r.mid AS BIGINT)""")
+    if fld == FLAG_FIELD:
+        return
+    if e.dynamics is not None and not e.is_derived:
+        d = qi("d_" + e.name)
+        con.execute(f"UPDATE {d} SET {col} = r.after FROM {rows} r WHERE r.target = 'dynamics' AND {d}.id = r.did")
     if not e.is_person:
         # One-way objects: the base is the last Dynamics value pushed, and Dynamics was not touched, so it
         # stays; the next sync pushes this field again only when it changes in Dynamics.
         return
     # Persons: each system's agreed value is what it holds now. The restored side holds the restored
     # value; the other side holds what it held (its split value, or the base the run agreed on).
-    side, other = ("d_value", "m_value") if it.target == "dynamics" else ("m_value", "d_value")
-    split = con.execute(f"SELECT {other} FROM b__split WHERE entity = ? AND dynamics_id = ? AND field = ?",
-                        [e.name, it.dynamics_id, it.field]).fetchone()
-    if split is not None:
-        other_value = split[0]
-    else:
-        row = con.execute(f"SELECT {col} FROM {qi('b_' + e.name)} WHERE dynamics_id = ?", [it.dynamics_id]).fetchone()
-        other_value = row[0] if row else None
-    fm = next((f for f in e.all_fields if f.marketo == it.field), None)
-    if _same(fm, other_value, it.restore):
-        con.execute("DELETE FROM b__split WHERE entity = ? AND dynamics_id = ? AND field = ?",
-                    [e.name, it.dynamics_id, it.field])
-        con.execute(f"""INSERT INTO {qi('b_' + e.name)} (dynamics_id, synced_at, run_id, {col}) VALUES (?, ?, ?, ?)
-                        ON CONFLICT (dynamics_id) DO UPDATE SET {col} = excluded.{col},
-                        synced_at = excluded.synced_at, run_id = excluded.run_id""",
-                    [it.dynamics_id, now, run_id, it.restore])
-    else:
-        con.execute(f"""INSERT OR REPLACE INTO b__split (entity, dynamics_id, field, {side}, {other}, run_id, split_at)
-                        VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                    [e.name, it.dynamics_id, it.field, it.restore, other_value, run_id, now])
+    b = qi("b_" + e.name)
+    fm = next((f for f in e.all_fields if f.marketo == fld), FieldMap(marketo=fld, dynamics="x"))
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE rb_f AS
+        SELECT r.did, r.target, r.after AS restored,
+               CASE WHEN s.dynamics_id IS NULL THEN b.{col}
+                    WHEN r.target = 'dynamics' THEN s.m_value ELSE s.d_value END AS other
+        FROM {rows} r
+        LEFT JOIN b__split s ON s.entity = ? AND s.dynamics_id = r.did AND s.field = ?
+        LEFT JOIN {b} b ON b.dynamics_id = r.did""", [e.name, fld])
+    con.execute("ALTER TABLE rb_f ADD COLUMN agreed BOOLEAN")
+    con.execute(f"""UPDATE rb_f SET agreed = ({normalize.compare_expr(fm, 'other')})
+                                             IS NOT DISTINCT FROM ({normalize.compare_expr(fm, 'restored')})""")
+    # Both systems hold the same value again: one base, no split.
+    con.execute("""DELETE FROM b__split WHERE entity = ? AND field = ?
+                   AND dynamics_id IN (SELECT did FROM rb_f WHERE agreed)""", [e.name, fld])
+    con.execute(f"""INSERT INTO {b} (dynamics_id, synced_at, run_id, {col})
+                    SELECT did, ?, ?, restored FROM rb_f WHERE agreed
+                    ON CONFLICT (dynamics_id) DO UPDATE SET {col} = excluded.{col}, synced_at = excluded.synced_at,
+                        run_id = excluded.run_id""", [now, run_id])
+    # Different values, as before the run: one agreed value per system until either side changes it.
+    con.execute("""INSERT OR REPLACE INTO b__split (entity, dynamics_id, field, d_value, m_value, run_id, split_at)
+                   SELECT ?, did, ?, CASE target WHEN 'dynamics' THEN restored ELSE other END,
+                          CASE target WHEN 'dynamics' THEN other ELSE restored END, ?, ?
+                   FROM rb_f WHERE NOT agreed""", [e.name, fld, run_id, now])
+    con.execute("DROP TABLE rb_f")
