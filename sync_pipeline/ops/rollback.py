@@ -366,31 +366,41 @@ def _read_objects(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[s
     return _collect(records, found, fields, scratch, maps)
 
 
+DYNAMICS_BATCH = 100  # requests per $batch call (one HTTP call; each part keeps its own status and headers)
+
+
 def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str], client: Any
                    ) -> dict[str, dict[str, Any]]:
-    """One GET per record: the etag of exactly this read is what the write carries as If-Match."""
-    from sync_pipeline.clients.dynamics import AuthenticationError, DynamicsError, RecordNotFound
+    """GET exactly these records (in ``$batch`` calls of 100): their values and the etag of this read,
+    which is what the write carries as If-Match."""
+    from sync_pipeline.clients.dynamics import AuthenticationError, BatchRequest, DynamicsError
     from sync_pipeline.engine.extract import _coerce, _dynamics_value_expr, _page_schema, dynamics_select, primary_key
 
     assert e.dynamics is not None
+    select = ",".join(dynamics_select(e))
     out: dict[str, dict[str, Any]] = {}
     rows = []
-    for did in ids:
+    for start in range(0, len(ids), DYNAMICS_BATCH):
+        part = ids[start:start + DYNAMICS_BATCH]
         try:
-            rows.append(client.get(e.dynamics.entity_set, did, select=dynamics_select(e)))
-        except RecordNotFound:
-            out[did] = {"__gone__": True}
+            responses = client.execute_batch([BatchRequest("GET", f"{e.dynamics.entity_set}({did})?$select={select}")
+                                              for did in part], continue_on_error=True, idempotent=True)
         except AuthenticationError:
             raise
         except DynamicsError:
-            continue  # unreadable: skipped with the reason
+            continue  # unreadable: every field of these records is skipped with the reason
+        for did, resp in zip(part, responses):
+            if resp.status == 404:
+                out[did] = {"__gone__": True}
+            elif 200 <= resp.status < 300 and isinstance(resp.body, dict):
+                rows.append(resp.body)
     if not rows:
         return out
     scratch.register("dy_page", _coerce(rows, _page_schema(e)))
     try:
         names = [f.marketo for f in e.all_fields]
-        select = ", ".join(f"{_dynamics_value_expr(e, f)} AS {qi(f.marketo)}" for f in e.all_fields)
-        for row in scratch.execute(f'SELECT lower({qi(primary_key(e))}), "@odata.etag", {select} '
+        cols = ", ".join(f"{_dynamics_value_expr(e, f)} AS {qi(f.marketo)}" for f in e.all_fields)
+        for row in scratch.execute(f'SELECT lower({qi(primary_key(e))}), "@odata.etag", {cols} '
                                    "FROM dy_page").fetchall():
             out[row[0]] = {"__etag__": row[1], **dict(zip(names, row[2:]))}
     finally:
@@ -530,40 +540,61 @@ def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: An
 
 
 def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome) -> list[Item]:
-    from sync_pipeline.clients.dynamics import DynamicsError, PreconditionFailed, RecordNotFound
+    from sync_pipeline.clients.dynamics import BatchRequest, DynamicsError
 
     assert e.dynamics is not None
     maps = {f.marketo: f for f in e.all_fields}
-    done: list[Item] = []
+    writes: list[tuple[str, list[Item], dict[str, Any]]] = []
     for did, its in _by_record(items).items():
         try:
-            body = {maps[it.field].dynamics: normalize.to_dynamics(maps[it.field], it.restore)
-                    for it in its if it.field}
-            # If-Match carries the etag of the decision read: a record changed since answers 412
-            # Precondition Failed instead of being overwritten ("Apply optimistic concurrency",
-            # learn.microsoft.com/en-us/power-apps/developer/data-platform/webapi/
-            # perform-conditional-operations-using-web-api).
-            client.update(e.dynamics.entity_set, did, body, etag=its[0].etag)
-            done += its
-        except PreconditionFailed as exc:
-            # Changed after the read: skipped. Only a PATCH the client had to send twice (the first attempt
-            # landed, the retry met our own new version) counts as done, and only if the fields hold
-            # exactly the restored values now.
-            fresh = read_current(config, its, client, None).get((e.name, "dynamics", did)) or {}
-            if exc.retried and not fresh.get("__gone__") and all(
-                    _same(maps.get(it.field or ""), fresh.get(it.field or "", UNKNOWN), it.restore) for it in its):
+            writes.append((did, its, {maps[it.field].dynamics: normalize.to_dynamics(maps[it.field], it.restore)
+                                      for it in its if it.field}))
+        except ValueError as exc:
+            outcome.failed += [(it, f"ValueError: {exc}") for it in its]
+    done: list[Item] = []
+    changed: list[tuple[str, list[Item]]] = []
+    for start in range(0, len(writes), DYNAMICS_BATCH):
+        part = writes[start:start + DYNAMICS_BATCH]
+        # If-Match carries the etag of the decision read: a record changed since answers 412
+        # Precondition Failed instead of being overwritten ("Apply optimistic concurrency",
+        # learn.microsoft.com/en-us/power-apps/developer/data-platform/webapi/
+        # perform-conditional-operations-using-web-api). Never "*": that would overwrite anything.
+        requests = [BatchRequest("PATCH", f"{e.dynamics.entity_set}({did})", body,
+                                 headers={"If-Match": its[0].etag or "W/\"unknown\""}) for did, its, body in part]
+        try:
+            responses = client.execute_batch(requests, continue_on_error=True, idempotent=True)
+        except DynamicsError as exc:
+            outcome.failed += [(it, f"{type(exc).__name__}: {exc}") for _, its, _ in part for it in its]
+            continue
+        for (did, its, _), resp in zip(part, responses):
+            if 200 <= resp.status < 300:
+                done += its
+            elif resp.status == 412:
+                changed.append((did, its))
+            elif resp.status == 404:
+                for it in its:
+                    it.now, it.action, it.reason = GONE, SKIP_DELETED, "deleted meanwhile (404)"
+                    outcome.skipped.append(it)
+            else:
+                err = resp.body.get("error", {}) if isinstance(resp.body, dict) else {}
+                outcome.failed += [(it, f"Dynamics {resp.status} {err.get('code', '')}: {err.get('message', '')}")
+                                   for it in its]
+        for did, its, _ in part[len(responses):]:  # a batch that stopped early: not attempted
+            outcome.failed += [(it, "Dynamics: not attempted (the batch stopped early)") for it in its]
+    if changed:
+        # 412: changed after the read, so skipped. Read again to show what is there now; a record that holds
+        # exactly the restored values is ours (a retried $batch whose first attempt had landed).
+        fresh = read_current(config, [it for _, its in changed for it in its], client, None)
+        for did, its in changed:
+            rec = fresh.get((e.name, "dynamics", did)) or {}
+            if not rec.get("__gone__") and all(
+                    _same(maps.get(it.field or ""), rec.get(it.field or "", UNKNOWN), it.restore) for it in its):
                 done += its
                 continue
             for it in its:
-                it.now = fresh.get(it.field or "", UNKNOWN)
+                it.now = rec.get(it.field or "", UNKNOWN)
                 it.action, it.reason = SKIP_CHANGED, "changed between the read and the write (412)"
                 outcome.skipped.append(it)
-        except RecordNotFound:
-            for it in its:
-                it.now, it.action, it.reason = GONE, SKIP_DELETED, "deleted meanwhile (404)"
-                outcome.skipped.append(it)
-        except (DynamicsError, ValueError) as exc:
-            outcome.failed += [(it, f"{type(exc).__name__}: {exc}") for it in its]
     return done
 
 
