@@ -77,8 +77,9 @@ def plan_rows(con: duckdb.DuckDBPyConnection, entities: list[str], run_id: str |
     # One-way objects have no Marketo mirror: the stored plan has the value we last wrote there; ``before``
     # (object_before_values) has what Marketo holds now, and the push reads it again before writing.
     cur = con.execute(f"""SELECT entity, dynamics_id, marketo_id, target, op, field,
-                                 CASE WHEN old_value IS NOT NULL THEN old_value
-                                      WHEN op = 'create' THEN '(new record)' ELSE '(blank)' END,
+                                 CASE WHEN old_value IS NOT NULL OR field IS NULL THEN old_value
+                                      WHEN op = 'create' THEN '(new record)'
+                                      WHEN op IN ('update', 'flag', 'delete', 'hold') THEN '(blank)' END,
                                  new_value, rule
                           FROM plan WHERE {where} ORDER BY entity, target, op, dynamics_id, field""", params)
     while rows := cur.fetchmany(batch):
