@@ -66,6 +66,7 @@ class _Marker:
 
 UNKNOWN: Any = _Marker("(unknown)")  # the current value could not be read
 GONE: Any = _Marker("(deleted)")  # the record no longer exists in the written system
+NOT_READ: Any = _Marker("(not read)")  # no need to read it: the item is skipped whatever it holds
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Item:
     restore: str | None  # the value before the run (ledger value_before)
     replaced: str | None  # what the run wrote (ledger value_after)
     source_run: str = ""
-    now: Any = UNKNOWN  # the written system's value at rollback time
+    now: Any = NOT_READ  # the written system's value at rollback time
     action: str = RESTORE  # one of the constants above
     reason: str = ""
     etag: str | None = None  # Dynamics: the record's etag at the decision read (sent as If-Match)
