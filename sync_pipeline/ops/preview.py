@@ -47,7 +47,7 @@ def object_before_values(con: duckdb.DuckDBPyConnection, config: SyncConfig, ent
                          marketo: Any) -> dict[tuple[str, str, str], Any]:
     """What Marketo holds now for the plan's updates of one-way objects (companies, opportunities, sales
     persons, custom objects), read for exactly those records: (entity, dynamics id, field) -> canonical value
-    (``None`` blank, ``rollback.GONE`` record gone). Records that could not be read are left out."""
+    (``None`` blank, ``rollback.GONE`` record gone, ``rollback.UNKNOWN`` could not be read)."""
     from sync_pipeline.ops import rollback as rb
 
     names = [e for e in entities if e in config.by_name and not config.by_name[e].is_person
@@ -61,9 +61,8 @@ def object_before_values(con: duckdb.DuckDBPyConnection, config: SyncConfig, ent
     out: dict[tuple[str, str, str], Any] = {}
     for it in items:
         rec = current.get((it.entity, "marketo", it.dynamics_id))
-        if rec is not None:
-            key = (it.entity, it.dynamics_id, it.field or "")
-            out[key] = rb.GONE if rec.get("__gone__") else rec.get(it.field or "")
+        key = (it.entity, it.dynamics_id, it.field or "")
+        out[key] = rb.UNKNOWN if rec is None else rb.GONE if rec.get("__gone__") else rec.get(it.field or "")
     return out
 
 
