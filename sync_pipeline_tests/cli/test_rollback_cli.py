@@ -45,6 +45,14 @@ def test_rollback_dry_run_table_csv_since_created_and_flags(harness, tmp_path) -
     assert invoke("plan", "--entity", "account", "--csv", str(plan_csv)).exit_code == 0
     row = next(r for r in csv.DictReader(plan_csv.open()) if r["dynamics_id"] == account and r["field"] == "mainPhone")
     assert (row["before"], row["after"]) == ("+1 555 0700", "+1 555 0701")
+    # Marketo cannot be read: the before-value is unknown, and `plan` says so (not "-", not blank).
+    sb.faults([{"pattern": "marketo.companies.get", "rate": 1.0, "faults": [{"kind": "code", "code": "1003"}]}])
+    try:
+        assert invoke("plan", "--entity", "account", "--csv", str(plan_csv)).exit_code == 0
+    finally:
+        sb.clear_faults()
+    row = next(r for r in csv.DictReader(plan_csv.open()) if r["dynamics_id"] == account and r["field"] == "mainPhone")
+    assert row["before"] == "(unknown)"
 
     since = utcnow()
     sb.dynamics_update("contact", contact, {"telephone1": "+1 555 0702"})
