@@ -291,6 +291,7 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
     entity_set = entity.dynamics.entity_set
     results: list[Result] = []
     dropped: list[tuple[str, list[tuple[str, str]]]] = []
+    unlinked: list[tuple[str, str]] = []  # leads created whose person did not get their id
     try:
         writes: list[tuple[str, str, str | None, str | None, dict[str, Any]]] = []
         for rows in _chunks(con, total):
@@ -317,11 +318,20 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
                                           for did, mid in created], action="updateOnly", lookup_field="id")
                 for (did, mid), r in zip(created, res):
                     if getattr(r, "status", None) not in ("updated", "created"):
-                        log.warning("lead %s created from Marketo person %s, but the person was not updated: %s",
-                                    did, mid, getattr(r, "reasons", None))
+                        log.warning("lead %s created from Marketo person %s, but the person was not updated "
+                                    "(the next sync writes the link): %s", did, mid, getattr(r, "reasons", None))
+                        unlinked.append((did, mid))
     finally:
         _hold_fields(con, entity, dropped, run_id, now)
         _record_results(con, config, entity, "dynamics", results, run_id, now, stats)
+        if unlinked:
+            # The mirror must not claim a link Marketo does not have: the next plan of the lead then writes
+            # dynamicsId/dynamicsType to the person (rule "identity"), like for any linked person.
+            ids = [int(mid) for _, mid in unlinked]
+            con.execute("""UPDATE m_person SET f_dynamicsId = NULL, f_dynamicsType = NULL
+                           WHERE id IN (SELECT unnest(?::BIGINT[]))""", [ids])
+            con.execute(f"""UPDATE {qi('d_' + entity.name)} SET pending_seq = nextval('change_seq')
+                            WHERE id IN (SELECT unnest(?::VARCHAR[]))""", [[did for did, _ in unlinked]])
     return stats
 
 
