@@ -428,12 +428,15 @@ def execute_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, items: 
             before_write(entity_name, target, group)
         skipped_before, failed_before = len(outcome.skipped), len(outcome.failed)
         restores = [it for it in group if it.action == RESTORE]
-        if target == "dynamics":
-            done = _write_dynamics(config, e, restores, dynamics, outcome)
-        else:
-            done = _write_marketo(config, e, restores, marketo, outcome)
-            done += _delete_persons(config, e, [it for it in group if it.action == DELETE], marketo, outcome)
-        _record(con, e, outcome.run_id, source_run, done)
+        done: list[Item] = []  # the writers add what landed as it lands, so an error midway loses nothing
+        try:
+            if target == "dynamics":
+                _write_dynamics(config, e, restores, dynamics, outcome, done)
+            else:
+                _write_marketo(config, e, restores, marketo, outcome, done)
+                _delete_persons(config, e, [it for it in group if it.action == DELETE], marketo, outcome, done)
+        finally:
+            _record(con, e, outcome.run_id, source_run, done)
         restored = sum(it.action == RESTORE for it in done)
         deleted = len({it.dynamics_id for it in done if it.action == DELETE})
         outcome.restored += restored
@@ -479,15 +482,15 @@ def _marketo_reason(res: Any) -> str:
     return f"Marketo {reason.get('code')}: {reason.get('message')}"
 
 
-def _write_marketo(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome) -> list[Item]:
+def _write_marketo(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome,
+                   done: list[Item]) -> None:
     from sync_pipeline.clients.marketo import MarketoError
 
     if not items:
-        return []
+        return
     items = _recheck(config, items, client, outcome)
     maps = _person_maps(e) if e.is_person else {f.marketo: f for f in e.all_fields}
     records = list(_by_record(items).items())
-    done: list[Item] = []
     for start in range(0, len(records), BATCH):
         chunk = records[start:start + BATCH]
         values = [{it.field: normalize.to_marketo(maps[it.field], it.restore) for it in its if it.field}
@@ -508,14 +511,14 @@ def _write_marketo(config: SyncConfig, e: Entity, items: list[Item], client: Any
                 done += its
             else:
                 outcome.failed += [(it, _marketo_reason(res)) for it in its]
-    return done
 
 
-def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome) -> list[Item]:
+def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome,
+                    done: list[Item]) -> None:
     from sync_pipeline.clients.marketo import MarketoError
 
     if not items:
-        return []
+        return
     kept = _recheck(config, items, client, outcome)
     changed = {it.dynamics_id for it in items if it not in kept}
     for it in kept:  # one field changed between the read and the write keeps the whole person
@@ -524,7 +527,6 @@ def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: An
             outcome.skipped.append(it)
     records = _by_record([it for it in kept if it.dynamics_id not in changed])
     ids = list(records)
-    done: list[Item] = []
     for start in range(0, len(ids), BATCH):
         chunk = ids[start:start + BATCH]
         try:
@@ -537,10 +539,10 @@ def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: An
                 done += records[did]
             else:
                 outcome.failed += [(it, _marketo_reason(res)) for it in records[did]]
-    return done
 
 
-def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome) -> list[Item]:
+def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome,
+                    done: list[Item]) -> None:
     from sync_pipeline.clients.dynamics import BatchRequest, DynamicsError
 
     assert e.dynamics is not None
@@ -552,7 +554,6 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
                                       for it in its if it.field}))
         except ValueError as exc:
             outcome.failed += [(it, f"ValueError: {exc}") for it in its]
-    done: list[Item] = []
     changed: list[tuple[str, list[Item]]] = []
     for start in range(0, len(writes), DYNAMICS_BATCH):
         part = writes[start:start + DYNAMICS_BATCH]
@@ -596,7 +597,6 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
                 it.now = rec.get(it.field or "", UNKNOWN)
                 it.action, it.reason = SKIP_CHANGED, "changed between the read and the write (412)"
                 outcome.skipped.append(it)
-    return done
 
 
 # ---- bookkeeping --------------------------------------------------------------------------------------

@@ -278,6 +278,7 @@ class RandomRollbacks:
     violations: list[str]
     rounds: int = 0
     restored: int = 0
+    aborted: int = 0  # rollbacks the injected faults stopped midway
 
     def maybe(self, n: int, total: int) -> None:
         if n == total // 2 or self.rng.random() < 0.3:
@@ -300,6 +301,8 @@ class RandomRollbacks:
         import os
 
         from sync_pipeline.cli.ops import _clients
+        from sync_pipeline.clients.dynamics import DynamicsError
+        from sync_pipeline.clients.marketo import MarketoError
         from sync_pipeline.config.model import load_config
         from sync_pipeline.engine import state
         from sync_pipeline.ops import rollback as rb
@@ -331,11 +334,22 @@ class RandomRollbacks:
             runs = rb.runs_since(con, since)
             ids: list[str] = []
             for source in runs:  # newest first, like `rollback --since`
-                items = rb.plan_rollback(con, config, source, dynamics.get_client(), marketo.get_client(),
-                                         ignore_runs=[*runs, *ids])
-                outcome = rb.execute_rollback(con, config, items, dynamics.get_client(), marketo.get_client(),
-                                              source_run=source)
-                ids.append(outcome.run_id)
+                rid = rb.new_run_id()
+                ids.append(rid)
+                try:
+                    items = rb.plan_rollback(con, config, source, dynamics.get_client(), marketo.get_client(),
+                                             ignore_runs=[*runs, *ids])
+                    outcome = rb.execute_rollback(con, config, items, dynamics.get_client(), marketo.get_client(),
+                                                  source_run=source, run_id=rid)
+                except (MarketoError, DynamicsError):
+                    # The faults stopped this rollback (like the command exiting 1): what it did write is
+                    # in the ledger under its run id; the older runs are left as they are.
+                    self.aborted += 1
+                    done += [rb.Item(0, ent, did, mid, target, "update", fld, after, None, source)
+                             for ent, did, mid, target, fld, after in con.execute(
+                                 """SELECT entity, dynamics_id, marketo_id, target, field, value_after FROM ledger
+                                    WHERE run_id = ? AND op = 'update'""", [rid]).fetchall()]
+                    break
                 failed = {id(it) for it, _ in outcome.failed} | {id(it) for it in outcome.skipped}
                 done += [it for it in items if it.action == rb.RESTORE and id(it) not in failed]
         self.sync()
