@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import ensure_split_base, fcol, qi
+from sync_pipeline.engine.state import ensure_split_base, fcol, latest_fields, qi
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ def _outcomes(rows: list[tuple], payload_op: str, results: list[Any], key: Calla
 def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
                      run_id: str, now: datetime) -> ApplyStats:
     stats = ApplyStats("marketo")
+    if entity.is_person:
+        _drop_raced_fields(con, config, entity, client, run_id, now)
     total = _planned_records(con, entity, "marketo")
     stats.records = total
     maps = _field_maps(config, entity)
@@ -150,6 +152,83 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     return stats
 
 
+RACE_READ = 300  # persons per read (Get Leads by id: up to 300 filter values, domain.md 3.4)
+
+
+def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
+                       run_id: str, now: datetime) -> None:
+    """A marketer may edit a person between our plan and our push. Sync Leads has no conditional update (no
+    etag, no If-Match), so before writing we re-read the persons we are about to update (one Get Leads call per
+    300 persons, only those with planned field updates) and compare each planned field with the value the plan
+    was made against. A field that moved is not written: the fresh value goes into the mirror, the person stays
+    pending, and the next plan resolves the two edits by the field's policy (e.g. the marketer's value on both
+    sides for leads). The race is recorded in the ledger (op ``race``, rule ``conflict:<policy>``).
+
+    Cheaper alternatives were rejected: ``updatedAt`` alone would also flag our own earlier writes and changes
+    to fields we do not write, and reading lead-change activities since the extract's token costs as many
+    calls as there were changes anywhere in the instance, not per person we write."""
+    from sync_pipeline.engine import extract
+
+    ids = [r[0] for r in con.execute(
+        """SELECT DISTINCT marketo_id FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+           AND rule <> 'identity' AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL ORDER BY 1""",
+        [entity.name]).fetchall()]
+    if not ids or not hasattr(client, "get_leads"):
+        return
+    fields = extract.marketo_person_fields(config)
+    for i in range(0, len(ids), RACE_READ):
+        fresh = client.get_leads("id", [int(x) for x in ids[i:i + RACE_READ]], fields)
+        extract.ingest_marketo_persons(con, config, list(fresh))
+    maps = {f.marketo: f for f in entity.all_fields}
+    planned = [r[0] for r in con.execute(
+        """SELECT DISTINCT field FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+           AND rule <> 'identity'""", [entity.name]).fetchall()]
+    parts = []
+    for name in planned:
+        f = maps.get(name)
+        if f is None:
+            continue
+        now_v = normalize.compare_expr(f, f"m.{fcol(name)}")
+        was_v = normalize.compare_expr(f, "p.old_value")
+        parts.append(f"""SELECT p.dynamics_id, p.marketo_id, p.field, p.old_value, m.{fcol(name)} AS now_value,
+                                {_race_rule(entity, f)} AS rule
+                         FROM plan p JOIN m_person m ON CAST(m.id AS VARCHAR) = p.marketo_id
+                         WHERE p.entity = {_sql_lit(entity.name)} AND p.target = 'marketo' AND p.op = 'update'
+                           AND p.field = {_sql_lit(name)} AND ({now_v}) IS DISTINCT FROM ({was_v})""")
+    if not parts:
+        return
+    con.execute(f"CREATE OR REPLACE TEMP TABLE raced AS {' UNION ALL '.join(parts)}")
+    n = con.execute("SELECT count(*) FROM raced").fetchone()[0]
+    if not n:
+        return
+    log.warning("%s: %d planned field write(s) to Marketo raced with an edit there; re-planned by policy",
+                entity.name, n)
+    con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+                                       value_before, value_after, rule)
+                   SELECT ?, ?, ?, dynamics_id, marketo_id, 'marketo', 'race', field, old_value, now_value, rule
+                   FROM raced""", [run_id, now, entity.name])
+    con.execute("""DELETE FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+                   AND (dynamics_id, field) IN (SELECT (dynamics_id, field) FROM raced)""", [entity.name])
+    # Policy latest: the marketer's edit is the field's newest Marketo change (the activity read later will
+    # find the mirror already holding the value and record nothing).
+    timed = latest_fields(entity)
+    if timed:
+        con.execute("""INSERT OR REPLACE INTO field_times SELECT 'm', r.marketo_id, r.field, m.updated_at
+                       FROM raced r JOIN m_person m ON CAST(m.id AS VARCHAR) = r.marketo_id
+                       WHERE r.field IN (SELECT unnest(?::VARCHAR[])) AND m.updated_at IS NOT NULL""", [timed])
+    # The mirror already holds the fresh values; make sure each raced person is planned again.
+    con.execute("""UPDATE m_person SET pending_seq = nextval('change_seq')
+                   WHERE CAST(id AS VARCHAR) IN (SELECT marketo_id FROM raced)""")
+
+
+def _race_rule(entity: Entity, f: FieldMap) -> str:
+    return _sql_lit(f"conflict:{entity.field_policy(f)}")
+
+
+def _sql_lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
 def _values(maps: dict[str, FieldMap], fields: list[str], vals: list[str | None], drop_null: bool) -> dict[str, Any]:
     out = {}
     for f, v in zip(fields, vals):
@@ -172,7 +251,7 @@ def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: 
             updates.append((row, {"id": int(mid), **_values(maps, fields, vals, drop_null=False)}))
         elif op == "delete":
             deletes.append((row, {"id": int(mid)}))
-    out: list[Result] = []
+    out: list[Result] = [_merge_person(client, row) for row in rows if row[1] == "merge"]
     if creates:
         res = client.sync_leads([r for _, r in creates], action="createOrUpdate", lookup_field="dynamicsId")
         out += _outcomes([row for row, _ in creates], "create", res, lambda r: str(r.id) if r.id else None)
@@ -234,6 +313,19 @@ def _wire_text(v: Any) -> str | None:
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
+
+
+def _merge_person(client: Any, row: tuple) -> Result:
+    """A Dataverse merge folded two linked records into one: merge the subordinate's person (the plan row's
+    base value) into the master's (its Marketo id) with Merge Leads, so the human stays one person."""
+    from sync_pipeline.clients.marketo import MarketoError
+
+    did, op, winner, _etag, loser, _fields, _vals = row
+    try:
+        client.merge_leads(int(winner), [int(loser)])
+    except MarketoError as exc:
+        return Result(did, op, False, winner, exc.code, f"merge of person {loser} into {winner}: {exc.message}")
+    return Result(did, op, True, winner)
 
 
 def _push_objects(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
@@ -456,6 +548,7 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
             SELECT ?, did, COALESCE(mid, did), 'active', ?, 'created' FROM res WHERE ok AND op = 'create'""", [e, now])
         con.execute("""UPDATE identity SET state = 'deleted' WHERE entity = ? AND dynamics_id IN
             (SELECT did FROM res WHERE ok AND op IN ('delete', 'flag'))""", [e])
+        _on_merged(con, e, now)
     else:
         con.execute("""INSERT OR REPLACE INTO identity
             SELECT ?, did, mid, 'active', ?, 'created_in_dynamics' FROM res WHERE ok AND op = 'create'""", [e, now])
@@ -465,6 +558,16 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
     _advance_base(con, entity, "okp", run_id, now)
     if entity.is_person:
         _update_person_mirror(con, config, entity, target, run_id, now)
+
+
+def _on_merged(con: duckdb.DuckDBPyConnection, e: str, now: datetime) -> None:
+    """A merged subordinate's person is gone into the master's: its link retires, the loser is retired in the
+    mirror (``merged_into``; the Merge Leads activity read later finds nothing left to do)."""
+    con.execute("""UPDATE identity SET state = 'merged', marketo_id = okp.new_value FROM okp
+                   WHERE okp.op = 'merge' AND identity.entity = ? AND identity.dynamics_id = okp.dynamics_id""", [e])
+    con.execute("""UPDATE m_person SET deleted = true, merged_into = TRY_CAST(okp.new_value AS BIGINT),
+                   pending_seq = NULL, seen_at = ? FROM okp
+                   WHERE okp.op = 'merge' AND m_person.id = TRY_CAST(okp.old_value AS BIGINT)""", [now])
 
 
 def _advance_base(con: duckdb.DuckDBPyConnection, entity: Entity, source: str, run_id: str, now: datetime) -> None:
@@ -566,10 +669,13 @@ def _apply_local(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
             (SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'tombstone')""", [e, e])
         con.execute("""UPDATE identity SET state = 'deleted' WHERE entity = ? AND dynamics_id IN
             (SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'retire')""", [e, e])
+        # Merged in Dynamics (Merge): the subordinate's last state went out with this push; it syncs no more.
+        con.execute("""UPDATE identity SET state = 'merged' WHERE entity = ? AND dynamics_id IN
+            (SELECT dynamics_id FROM plan WHERE entity = ? AND target = 'state' AND op = 'merged')""", [e, e])
         con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field, value_before,
                                            value_after, rule)
             SELECT ?, ?, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, rule FROM plan
-            WHERE entity = ? AND op IN ('tombstone', 'retire', 'hold', 'reject')""", [run_id, now, e])
+            WHERE entity = ? AND op IN ('tombstone', 'retire', 'merged', 'hold', 'reject')""", [run_id, now, e])
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
@@ -594,11 +700,24 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
                                          AND o.marketo_id = w.marketo_id AND o.dynamics_id = m_person.f_dynamicsId)""",
                     [e])
     # A failed write whose record was re-planned with nothing left to write to that target is resolved
-    # (e.g. a 412 re-read and settled by the policy); otherwise it would stay "failed" forever.
-    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND NOT f.held AND f.target IN ('marketo', 'dynamics')
+    # (e.g. a 412 re-read and settled by the policy, or a held record whose value was fixed back to what the
+    # other side holds); otherwise it would stay "failed" or "held" forever. A write that is still needed is
+    # planned again, so its failure stays.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.target IN ('marketo', 'dynamics')
                    AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
                    AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
                                    AND p.target = f.target AND p.op NOT IN ('agree', 'hold'))""", [e, e])
+    # A field held because its value could not be written (e.g. a picklist label with no option) clears once
+    # its record was planned again and this plan's push did not hold it again: the value was fixed (written,
+    # agreed, or reverted). Otherwise a released hold would stay "retrying" and in every work set for good.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.target = 'dynamics:fields'
+                   AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
+                   AND f.last_failed_at < (SELECT max(created_at) FROM plan_meta WHERE entity = ?)""", [e, e, e])
+    # Likewise a record rejected for a value Dynamics could not express, once a plan covered it without a reject.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.op = 'reject'
+                   AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
+                   AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
+                                   AND p.op = 'reject')""", [e, e])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
     return int(n[0]) if n else 0
 

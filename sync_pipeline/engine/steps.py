@@ -5,7 +5,8 @@ latest window follows the table's delta link, which also reports deletes. The fi
 with change tracking is a full read that yields the first delta link (one pass, the API floor); an
 expired link falls back to such a full read and marks rows that vanished meanwhile as deleted.
 Marketo persons: a paging token taken before anything is read, then lead-change activities (for the
-persons that changed) and deleted-lead activities; the initial copy uses bulk extract windows.
+persons that changed), then Merge Leads and Delete Lead activities (merges move links to the winners); the
+initial copy uses bulk extract windows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pyarrow as pa
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import apply as apply_mod
 from sync_pipeline.engine import extract, merge
-from sync_pipeline.engine.state import get_cursor, qi, record_stats, set_cursor, utcnow
+from sync_pipeline.engine.state import get_cursor, latest_fields, qi, record_stats, set_cursor, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ExtractStats:
     rows: int = 0
     changed: int = 0
     deleted: int = 0
+    merged: int = 0  # Dynamics links moved or retired by Marketo merges
     calls: dict[str, int] = field(default_factory=dict)
 
     def take(self, s: extract.IngestStats) -> None:
@@ -48,8 +50,11 @@ class ExtractStats:
         self.deleted += s.deleted
 
     def as_metadata(self) -> dict[str, Any]:
-        return {"mode": self.mode, "pages": self.pages, "rows_read": self.rows, "rows_changed": self.changed,
-                "rows_deleted": self.deleted}
+        out = {"mode": self.mode, "pages": self.pages, "rows_read": self.rows, "rows_changed": self.changed,
+               "rows_deleted": self.deleted}
+        if self.merged:
+            out["links_moved_by_merges"] = self.merged
+        return out
 
 
 def _iso(dt: datetime) -> str:
@@ -74,16 +79,18 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     if latest and delta:
         stats.mode = "delta"
         try:
-            new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats)
+            new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats, config)
         except _delta_expired_errors() as exc:
             log.warning("%s: delta link no longer valid (%s); falling back to a full read", entity.name, exc)
             set_cursor(con, delta_cursor(entity), None)
             stats.mode = "full (delta expired)"
-            new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True)
+            new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True,
+                                  config=config)
         set_cursor(con, delta_cursor(entity), new_link)
     elif latest:
         stats.mode = "full (first delta link)"
-        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=False)
+        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=False,
+                              config=config)
         set_cursor(con, delta_cursor(entity), new_link)
     elif modified:
         stats.mode = "window"
@@ -91,7 +98,7 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
         for page in client.iter_pages(entity.dynamics.entity_set, select, filter=flt,
                                       annotations=True):
             stats.pages += 1
-            stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key))
+            stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key, extract.target_tables(config)))
     else:
         stats.mode = "skipped (no modified-time column; read on the latest window)"
     return stats
@@ -104,7 +111,7 @@ def _delta_expired_errors() -> tuple[type[BaseException], ...]:
 
 
 def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str | None,
-             partition_key: str, stats: ExtractStats, seen: bool = False) -> str:
+             partition_key: str, stats: ExtractStats, seen: bool = False, config: SyncConfig | None = None) -> str:
     """Follow a delta link (or start change tracking with a full read); returns the next delta link."""
     assert entity.dynamics is not None
     pk = extract.primary_key(entity)
@@ -112,7 +119,8 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select
     buffer: list[dict[str, Any]] = []
 
     def flush() -> None:
-        stats.take(extract.ingest_dynamics_page(con, entity, buffer, partition_key))
+        stats.take(extract.ingest_dynamics_page(con, entity, buffer, partition_key,
+                                                extract.target_tables(config) if config else None))
         if seen and buffer:
             ids = pa.table({"id": [str(r.get(pk, "")).lower() for r in buffer]})  # noqa: F841
             con.execute("INSERT INTO seen_ids SELECT id FROM ids")
@@ -132,15 +140,15 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select
 
 
 def _ingest_changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str,
-                    partition_key: str, stats: ExtractStats) -> str:
-    return _changes(con, entity, client, select, delta, partition_key, stats)
+                    partition_key: str, stats: ExtractStats, config: SyncConfig | None = None) -> str:
+    return _changes(con, entity, client, select, delta, partition_key, stats, config=config)
 
 
 def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str],
-               partition_key: str, stats: ExtractStats, detect_deletes: bool) -> str:
+               partition_key: str, stats: ExtractStats, detect_deletes: bool, config: SyncConfig | None = None) -> str:
     if detect_deletes:
         con.execute("CREATE OR REPLACE TEMP TABLE seen_ids (id VARCHAR)")
-    link = _changes(con, entity, client, select, None, partition_key, stats, seen=detect_deletes)
+    link = _changes(con, entity, client, select, None, partition_key, stats, seen=detect_deletes, config=config)
     if detect_deletes:
         gone = [r[0] for r in con.execute(f"SELECT id FROM {qi('d_' + entity.name)} WHERE NOT deleted "
                                           "AND id NOT IN (SELECT id FROM seen_ids)").fetchall()]
@@ -152,11 +160,12 @@ def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, sele
 
 
 LEADCHANGES_CURSOR = "marketo:leadchanges"
-DELETED_CURSOR = "marketo:deletedleads"
+DELETED_CURSOR = "marketo:deletedleads"  # the position of the Delete Lead and Merge Leads activities read
 
 
 def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, start: datetime,
-                            end: datetime, latest: bool, work_dir: Path | None = None) -> ExtractStats:
+                            end: datetime, latest: bool, work_dir: Path | None = None,
+                            run_id: str | None = None) -> ExtractStats:
     stats = ExtractStats("person")
     token = get_cursor(con, LEADCHANGES_CURSOR)
     fields = extract.marketo_person_fields(config)
@@ -178,11 +187,15 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     watch = [f for f in fields if f not in ("id", "updatedAt")]
     activities: dict[int, list[dict[str, Any]]] = {}
 
+    timed = {f for e in config.persons for f in latest_fields(e)}
+
     def flush() -> None:
-        rows, fetch = _apply_activities(con, watch, activities)
+        times: list[tuple[int, str, str]] = []
+        rows, fetch = _apply_activities(con, watch, activities, timed, times)
         for ids in _chunked(sorted(fetch), 300):  # persons we have never seen: read them whole
             rows += client.get_leads("id", ids, fields)
         stats.take(extract.ingest_marketo_persons(con, config, rows))
+        extract.record_marketo_field_times(con, times)
         activities.clear()
 
     for page in client.lead_changes(token, watch):
@@ -197,22 +210,72 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
             flush()
     if activities:
         flush()
-    deleted_token = get_cursor(con, DELETED_CURSOR) or token
-    gone: list[int] = []
-    for page in client.deleted_leads(deleted_token):
-        stats.pages += 1
-        gone += [int(a["leadId"]) for a in page.results if a.get("leadId") is not None]
-        deleted_token = page.next_page_token
-    stats.deleted += extract.mark_marketo_deleted(con, gone)
+    _reread_lost_persons(con, config, client, fields, stats)
+    deleted_token = _removals(con, config, client, get_cursor(con, DELETED_CURSOR) or token, fields, run_id, stats)
     set_cursor(con, LEADCHANGES_CURSOR, token)
     set_cursor(con, DELETED_CURSOR, deleted_token)
     return stats
 
 
-def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]]
+LOST_PERSONS_PER_RUN = 3000
+
+
+def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, fields: list[str],
+                         stats: ExtractStats) -> None:
+    """Linked persons missing from the mirror (a damaged or partly restored store) are read again, so their
+    records plan normally instead of staying quarantined; an id Marketo does not know stays quarantined."""
+    persons = [e.name for e in config.persons]
+    ids = [int(r[0]) for r in con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS mid FROM identity
+        WHERE state = 'active' AND entity IN (SELECT unnest(?::VARCHAR[])) AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL
+          AND TRY_CAST(marketo_id AS BIGINT) NOT IN (SELECT id FROM m_person) ORDER BY mid LIMIT ?""",
+                                          [persons, LOST_PERSONS_PER_RUN]).fetchall()]
+    rows: list[dict[str, Any]] = []
+    for chunk in _chunked(ids, 300):
+        rows += client.get_leads("id", chunk, fields)
+    if rows:
+        stats.take(extract.ingest_marketo_persons(con, config, rows))
+
+
+def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, token: str, fields: list[str],
+              run_id: str | None, stats: ExtractStats) -> str:
+    """Persons that left Marketo since ``token``: Merge Leads and Delete Lead activities, read together in
+    one ``activities.json`` call (up to 10 type ids per call; the Delete Lead activities are the ones
+    ``deletedleads.json`` serves, type 37), so following merges costs no extra call. Runs after the lead
+    changes (a winner's copied values are mirrored first); merges are applied before deletes. Returns the
+    new paging token."""
+    merges: list[extract.MarketoMerge] = []
+    gone: list[int] = []
+    for page in client.activities(token, [extract.MERGE_LEADS_TYPE, extract.DELETE_LEAD_TYPE]):
+        stats.pages += 1
+        for a in page.results or []:
+            kind = a.get("activityTypeId")
+            if kind == extract.MERGE_LEADS_TYPE:
+                merge = extract.parse_merge_activity(a)
+                if merge is not None:
+                    merges.append(merge)
+            elif kind == extract.DELETE_LEAD_TYPE and a.get("leadId") is not None:
+                gone.append(int(a["leadId"]))
+        token = page.next_page_token or token
+    if merges:
+        winners = sorted({m.winner for m in merges})
+        known = {r[0] for r in con.execute("SELECT id FROM m_person WHERE NOT deleted AND id IN "
+                                           "(SELECT unnest(?::BIGINT[]))", [winners]).fetchall()}
+        rows: list[dict[str, Any]] = []
+        for ids in _chunked([w for w in winners if w not in known], 300):  # a winner we never read: read it
+            rows += client.get_leads("id", ids, fields)
+        stats.take(extract.ingest_marketo_persons(con, config, rows))
+        stats.merged += extract.apply_marketo_merges(con, config, merges, run_id)
+    stats.deleted += extract.mark_marketo_deleted(con, gone)
+    return token
+
+
+def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]],
+                      timed: set[str] | None = None, times: list[tuple[int, str, str]] | None = None
                       ) -> tuple[list[dict[str, Any]], set[int]]:
     """Known persons: the mirror plus each change's new value (no read; our own echoes compare equal and
-    change nothing). Unknown persons are returned to be read whole."""
+    change nothing). Unknown persons are returned to be read whole. For the ``timed`` fields (policy
+    latest), each change to a new value appends (person, field, activity time) to ``times``: Marketo's
+    lead-change activities carry the time per field (domain.md 3.5)."""
     cols = ", ".join(f'f_{f} AS "{f}"' for f in watch)
     ids = list(activities)
     known = {r[0]: r for r in con.execute(
@@ -228,10 +291,23 @@ def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activiti
         for a in sorted(acts, key=lambda a: (str(a.get("activityDate", "")), int(a.get("id") or 0))):
             row["updatedAt"] = a.get("activityDate")
             for change in a.get("fields") or []:
-                if change.get("name") in row:
-                    row[change["name"]] = change.get("newValue")
+                name = change.get("name")
+                if name in row:
+                    if timed and times is not None and name in timed and a.get("activityDate") and \
+                            _text_of(change.get("newValue")) != _text_of(row[name]):
+                        times.append((lead_id, name, str(a["activityDate"])))
+                    row[name] = change.get("newValue")
         rows.append(row)
     return rows, fetch
+
+
+def _text_of(v: Any) -> str | None:
+    """Loose comparison of a mirrored (canonical) and an activity (raw) value."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v).strip()
 
 
 def _chunked(items: list[Any], n: int) -> Iterator[list[Any]]:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import duckdb
 import pyarrow as pa
 
-from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
+from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.apply import object_path
 from sync_pipeline.engine.state import BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, utcnow
@@ -45,6 +45,9 @@ from sync_pipeline.engine.state import BEFORE_VALUES_FROM, ensure_split_base, fc
 LINK_FIELDS = ("dynamicsId", "dynamicsType")
 BATCH = 300  # Marketo's records per call
 FLAG_FIELD = "dynamicsIsDeleted"
+# The ledger op of a rollback's field write (its before = what was there, after = the restored value). Not
+# "update": checks of what the *sync* wrote (e.g. "never blanks a value") do not apply to a restore.
+RESTORE_OP = "restore"
 
 # What the dry-run says an item will do.
 RESTORE, DELETE = "restore", "delete"
@@ -157,7 +160,7 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
         if e is None:
             it.action, it.reason = SKIP_OTHER, "entity no longer configured"
             continue
-        if (it.op == "update" and it.target == "marketo" and not e.is_person and it.restore is None
+        if (it.op in ("update", RESTORE_OP) and it.target == "marketo" and not e.is_person and it.restore is None
                 and (true_from is None or it.seq < true_from)):
             # Written by a version that did not record before-values of one-way objects: unknown, not blank.
             it.restore = UNKNOWN
@@ -177,15 +180,21 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
             it.field = it.field or FLAG_FIELD
             if it.restore is None:  # ledgers written before flags carried their before-value
                 it.restore = "false"
+        elif it.op == RESTORE_OP:  # a rollback's own write: rolled back like any field update
+            pass
         elif it.op != "update":
             it.action, it.reason = SKIP_OTHER, f"op {it.op} wrote nothing to revert"
             continue
         key = (it.entity, it.dynamics_id, it.target, it.field)
-        if it.field in LINK_FIELDS:
+        fm = next((f for f in e.all_fields if f.marketo == it.field), None)
+        if fm is not None and e.field_policy(fm) == STICKY and it.replaced == "true" and it.restore != "true":
+            # Consent: the run wrote an opt-out; putting the opt-in (or blank) back would reverse it.
+            it.action, it.reason = SKIP_OTHER, "an opt-out is never turned back into an opt-in (opt_out_sticky)"
+        elif it.field in LINK_FIELDS:
             it.action, it.reason = SKIP_OTHER, "link field (keeps the person linked)"
         elif key in later:
             it.action, it.reason = SKIP_CHANGED, f"written again later by run {later[key]}"
-        elif it.op == "update" and it.field not in {f.marketo for f in e.all_fields}:
+        elif it.op != "flag" and it.field not in {f.marketo for f in e.all_fields}:
             it.action, it.reason = SKIP_OTHER, f"field {it.field} is no longer mapped"
     return items
 
@@ -609,7 +618,7 @@ def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: 
     now = utcnow()
     table = pa.table({
         "did": [it.dynamics_id for it in done], "mid": [it.marketo_id for it in done],
-        "target": [it.target for it in done], "op": ["delete" if it.action == DELETE else "update" for it in done],
+        "target": [it.target for it in done], "op": ["delete" if it.action == DELETE else RESTORE_OP for it in done],
         "field": [it.field for it in done],
         "before": pa.array([it.replaced if isinstance(it.now, _Marker) else it.now for it in done], type=pa.string()),
         "after": pa.array([None if it.action == DELETE else it.restore for it in done], type=pa.string())})
@@ -637,7 +646,7 @@ def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: 
 
 def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, fld: str, run_id: str, now: datetime) -> None:
     """One field of the restored records (``rb_done``): mirrors, then base or split base."""
-    col, rows = fcol(fld), f"(SELECT * FROM rb_done WHERE op = 'update' AND field = {_lit(fld)})"
+    col, rows = fcol(fld), f"(SELECT * FROM rb_done WHERE op = '{RESTORE_OP}' AND field = {_lit(fld)})"
     # The mirror of the written system takes the restored value: its echo is not an edit.
     if e.is_person:
         con.execute(f"""UPDATE m_person SET {col} = r.after FROM {rows} r

@@ -356,3 +356,18 @@ def test_a_new_lead_whose_link_back_to_its_person_failed_is_linked_by_the_next_s
     world.run()
     assert sb.marketo_get_lead(person).get("dynamicsId") == lead[0][0]
     assert sb.marketo_get_lead(person).get("dynamicsType") == "Lead"
+
+
+def test_an_opt_out_the_run_wrote_is_never_rolled_back_into_an_opt_in(world: World) -> None:
+    sb = world.sb
+    contact, person = world.pick("contact")
+    assert sb.marketo_get_lead(int(person)).get("unsubscribed") is not True
+    sb.dynamics_update("contact", contact, {"donotbulkemail": True, "jobtitle": "Opted Out Title"})
+    run = world.run()
+    assert sb.marketo_get_lead(int(person))["unsubscribed"] is True
+    items, outcome = world.rollback(run)
+    consent, title = _item(items, contact, "unsubscribed"), _item(items, contact, "title")
+    assert consent.action == rb.SKIP_OTHER and "opt-out" in consent.reason
+    assert title.action == rb.RESTORE  # the rest of the record is rolled back
+    assert sb.marketo_get_lead(int(person))["unsubscribed"] is True
+    assert world.query("SELECT DISTINCT op FROM ledger WHERE run_id = ?", [outcome.run_id]) == [("restore",)]

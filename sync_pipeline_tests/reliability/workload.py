@@ -19,6 +19,18 @@ ACCOUNT_FIELDS = {"mainPhone": "telephone1"}
 OPS = ("d_update", "m_update", "conflict_same", "conflict_different", "d_insert_contact", "d_delete_contact",
        "m_delete_lead_person", "qualify", "m_create_person", "m_merge", "filter_flip", "account_update")
 WEIGHTS = (5, 5, 3, 3, 2, 1, 1, 1, 2, 1, 1, 3)
+# Merges on both sides (issue 9): Marketo merges of linked persons, Dataverse Merge of contacts and accounts.
+MERGE_OPS = ("m_merge_linked_loser", "m_merge_lead_contact", "d_merge_contacts", "d_merge_accounts")
+MERGE_WEIGHTS = (1, 1, 1, 1)
+OPS, WEIGHTS = OPS + MERGE_OPS, WEIGHTS + MERGE_WEIGHTS
+
+# Consent (issue 9): a marketer opts a lead's person out (with notes and a home phone) and the lead is
+# qualified in a later round; an opted-out Marketo-only person gets a Dynamics contact with the same email
+# (first link) in a later round. Invariants: no opt-out reversed by the sync, no field blanked by it.
+OPS += ("opt_out_lead", "qualify_opted_out", "m_create_opted_out", "first_link_email")
+WEIGHTS += (1, 1, 1, 1)
+CONSENT_FIELDS = {"unsubscribed": "donotbulkemail", "doNotEmail": "donotemail", "doNotCall": "donotphone"}
+CONSENT_EXTRAS = {"personNotes": "description", "homePhone": "telephone2"}
 
 # Fault plan: >= 10% of API calls (identity endpoints excepted) fail in one of the ways real services fail.
 FAULT_RULES: list[dict[str, Any]] = [
@@ -58,8 +70,15 @@ class Workload:
     records: dict[str, Expect] = field(default_factory=dict)
     new_persons: dict[str, int] = field(default_factory=dict)  # email -> Marketo id (must become a lead)
     merged_away: list[tuple[str, int]] = field(default_factory=list)  # (email, loser id): must not become leads
+    merged_persons: list[tuple[int, int]] = field(default_factory=list)  # (loser id, winner id) of merged persons
+    merged_accounts: list[tuple[str, str]] = field(default_factory=list)  # (subordinate, master) Dataverse merges
     ops: int = 0
     counter: int = 0
+    # Consent: (entity, Dynamics id) -> (Marketo id, extras that must survive); leads opted out awaiting a
+    # qualification; opted-out Marketo-only persons awaiting a contact (email -> (Marketo id, extras)).
+    opted_out: dict[tuple[str, str], tuple[int, dict[str, str]]] = field(default_factory=dict)
+    to_qualify: list[str] = field(default_factory=list)
+    to_link: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
 
     # ---- setup ---------------------------------------------------------------------------------
     def adopt_synced(self) -> None:
@@ -254,6 +273,171 @@ class Workload:
             n += 1
         return n
 
+    # ---- merges (issue 9) ----------------------------------------------------------------------
+    def _m_merge_linked_loser(self, touched: set[str]) -> bool:
+        """A synced person loses a merge to a new Marketo-only person: the link must move to the winner.
+
+        The winner carries no checked field, so Marketo fills them (and the Dynamics id) from the loser and
+        the expected values stay; the record's person becomes the winner."""
+        r = self._pick(("contact", "lead"), exclude=touched)
+        if r is None or r.mid is None:
+            return False
+        self.counter += 1
+        winner = self.sb.marketo_create_lead({"email": f"model.winner{self.counter}@example.net",
+                                              "firstName": "Winner", "lastName": f"Merge{self.counter}",
+                                              "leadScore": 5})
+        self.sb.marketo_merge_leads(int(winner["id"]), [r.mid])
+        self.merged_persons.append((r.mid, int(winner["id"])))
+        r.mid = int(winner["id"])
+        touched.add(r.did)
+        return True
+
+    def _m_merge_lead_contact(self, touched: set[str]) -> bool:
+        """A contact's person is merged into a lead's person (the lead's wins in Marketo). Decision under
+        test: the contact keeps the surviving person, the lead's link retires (no person carries its id);
+        the winner's non-empty values are Marketo-side changes for the contact, its blanks come from the
+        contact's person."""
+        lead = self._pick("lead", exclude=touched)
+        contact = self._pick("contact", exclude=touched)
+        if lead is None or contact is None or lead.mid is None or contact.mid is None:
+            return False
+        self.sb.marketo_merge_leads(lead.mid, [contact.mid])
+        self.merged_persons.append((contact.mid, lead.mid))
+        for f in PERSON_FIELDS:
+            if lead.values[f] and lead.values[f] != contact.values[f]:
+                contact.values[f], contact.writer[f] = lead.values[f], "m"
+        contact.mid = lead.mid
+        lead.marketo = "retired"
+        touched.update({lead.did, contact.did})
+        return True
+
+    def _d_merge_contacts(self, touched: set[str]) -> bool:
+        """Dataverse Merge of two synced contacts: the subordinate's person is merged into the master's in
+        Marketo (its values fill the master person's blanks, which then reach the master contact); the
+        deactivated subordinate syncs no more and no person carries its id."""
+        master = self._pick("contact", exclude=touched)
+        sub = self._pick("contact", exclude=touched | ({master.did} if master else set()))
+        if master is None or sub is None or master.mid is None or sub.mid is None:
+            return False
+        self.sb.dynamics_merge("contact", master.did, sub.did)
+        self.merged_persons.append((sub.mid, master.mid))
+        for f in PERSON_FIELDS:
+            if not master.values[f] and sub.values[f]:
+                master.values[f], master.writer[f] = sub.values[f], "m"
+        sub.marketo = "retired"
+        touched.update({master.did, sub.did})
+        return True
+
+    def _d_merge_accounts(self, touched: set[str]) -> bool:
+        """Dataverse Merge of two synced accounts: the subordinate's contacts are re-parented (a Dynamics
+        change the sync must carry), the subordinate leaves the model (its company keeps its last state)."""
+        master = self._pick("account", exclude=touched)
+        sub = self._pick("account", exclude=touched | ({master.did} if master else set()))
+        if master is None or sub is None:
+            return False
+        self.sb.dynamics_merge("account", master.did, sub.did)
+        self.records.pop(sub.did)
+        self.merged_accounts.append((sub.did, master.did))
+        touched.update({master.did, sub.did})
+        return True
+
+    # ---- consent (issue 9) -------------------------------------------------------------------------
+    def _consent_extras(self) -> dict[str, str]:
+        self.counter += 1
+        return {"personNotes": f"Opted out, note {self.counter}", "homePhone": f"+1 555 3{self.counter:06d}"}
+
+    def _opt_out_lead(self, touched: set[str]) -> bool:
+        """A marketer opts a lead's person out of everything and adds notes and a home phone."""
+        r = self._pick("lead", exclude=touched | set(self.to_qualify))
+        if r is None or r.mid is None:
+            return False
+        extras = self._consent_extras()
+        self.sb.marketo_update_lead(r.mid, {**{f: True for f in CONSENT_FIELDS}, **extras})
+        self.opted_out[("lead", r.did)] = (r.mid, extras)
+        self.to_qualify.append(r.did)
+        touched.add(r.did)
+        return True
+
+    def _qualify_opted_out(self, touched: set[str]) -> bool:
+        """A lead opted out in an earlier round is qualified: its contact takes over the opted-out person."""
+        ready = [d for d in self.to_qualify if d not in touched and self.records[d].marketo == "linked"]
+        if not ready:
+            return False
+        r = self.records[ready[0]]
+        self.to_qualify.remove(r.did)
+        created = self.sb.qualify_lead(r.did, create_account=False, create_contact=True)
+        cid = created["contact"]
+        row = self.sb.dynamics_get("contact", cid)
+        r.marketo = "retired"
+        self.records[cid] = Expect("contact", cid, {f: row.get(c) for f, c in PERSON_FIELDS.items()},
+                                   marketo="linked", mid=r.mid)
+        self.opted_out[("contact", cid)] = self.opted_out[("lead", r.did)]
+        touched.update({r.did, cid})
+        return True
+
+    def _m_create_opted_out(self, touched: set[str]) -> bool:
+        """An opted-out person exists only in Marketo (too cold to become a lead)."""
+        self.counter += 1
+        email = f"model.optout{self.counter}@example.net"
+        extras = self._consent_extras()
+        lead = self.sb.marketo_create_lead({"email": email, "firstName": "Opted", "lastName": f"Out{self.counter}",
+                                            "leadScore": 5, **{f: True for f in CONSENT_FIELDS}, **extras})
+        self.to_link[email] = (int(lead["id"]), extras)
+        return True
+
+    def _first_link_email(self, touched: set[str]) -> bool:
+        """A new Dynamics contact with that person's email and no consent columns: linked by email."""
+        if not self.to_link:
+            return False
+        email = sorted(self.to_link)[0]
+        mid, extras = self.to_link.pop(email)
+        did = str(uuid.UUID(int=self.rng.getrandbits(128)))
+        values = {"phone": self._text("phone", "d"), "title": self._text("title", "d")}
+        self.sb.dynamics_insert("contact", {"contactid": did, "firstname": "Opted", "lastname": "Linked",
+                                            "emailaddress1": email.upper(), "telephone1": values["phone"],
+                                            "jobtitle": values["title"]})
+        self.records[did] = Expect("contact", did, values, {"phone": "d", "title": "d"}, mid=mid)
+        self.opted_out[("contact", did)] = (mid, extras)
+        touched.add(did)
+        return True
+
+    def consent_violations(self, harness: Any) -> list[str]:
+        """Opted-out records are opted out on both sides with their notes and home phone; the ledger shows
+        no opt-out reversed and no value blanked by the sync (the workload never opts in nor blanks)."""
+        bad: list[str] = []
+        for (entity, did), (mid, extras) in sorted(self.opted_out.items()):
+            r = self.records.get(did)
+            if r is not None and r.marketo in ("tombstoned",):
+                continue
+            try:
+                person = self.sb.marketo_get_lead(mid)
+            except KeyError:
+                continue  # merged away by another operation
+            try:
+                row: dict[str, Any] | None = self.sb.dynamics_get(entity, did)
+            except KeyError:
+                row = None  # deleted in Dynamics meanwhile: the person keeps its consent
+            for f, col in CONSENT_FIELDS.items():
+                if person.get(f) is not True:
+                    bad.append(f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, opted out expected")
+                if row is not None and (r is None or r.marketo != "frozen") and row.get(col) is not True:
+                    bad.append(f"{entity} {did}.{col} is {row.get(col)!r}, opted out expected")
+            for f, col in CONSENT_EXTRAS.items():
+                if person.get(f) != extras[f]:
+                    bad.append(f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, "
+                               f"expected {extras[f]!r} (blanked?)")
+        consent = ", ".join(f"'{f}'" for f in ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax",
+                                                "doNotSendMarketingMaterial"))
+        for entity, did, target, f, before, after in harness.query(
+                f"""SELECT entity, dynamics_id, target, field, value_before, value_after FROM ledger
+                    WHERE op = 'update' AND field IN ({consent}) AND value_before = 'true'
+                      AND value_after IS DISTINCT FROM 'true'"""):
+            bad.append(f"opt-out reversed by the sync: {entity} {did} {target}.{f} {before!r} -> {after!r}")
+        for entity, did, target, f, before in harness.query(
+                """SELECT entity, dynamics_id, target, field, value_before FROM ledger
+                   WHERE op = 'update' AND value_after IS NULL AND value_before IS NOT NULL"""):
+            bad.append(f"field blanked by the sync: {entity} {did} {target}.{f} (was {before!r})")
+        return bad
 
 # ---- random rollbacks ------------------------------------------------------------------------------------
 
@@ -348,7 +532,7 @@ class RandomRollbacks:
                     done += [rb.Item(0, ent, did, mid, target, "update", fld, after, None, source)
                              for ent, did, mid, target, fld, after in con.execute(
                                  """SELECT entity, dynamics_id, marketo_id, target, field, value_after FROM ledger
-                                    WHERE run_id = ? AND op = 'update'""", [rid]).fetchall()]
+                                    WHERE run_id = ? AND op = 'restore'""", [rid]).fetchall()]
                     break
                 failed = {id(it) for it, _ in outcome.failed} | {id(it) for it in outcome.skipped}
                 done += [it for it in items if it.action == rb.RESTORE and id(it) not in failed]
