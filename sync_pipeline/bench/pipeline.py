@@ -128,7 +128,10 @@ def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]]
         if e.dynamics is not None:
             rows = counts.get(f"dynamics.{e.dynamics.table}", 0)
             dynamics += max(1, math.ceil(rows / DYNAMICS_PAGE)) if full_read else 1
-    written = {s["asset"]: s["records"] for s in stages if s["asset"].startswith("marketo/push/")}
+    from sync_pipeline.defs.assets import key_name, push_key
+
+    pushes = {key_name(push_key(e.name)) for e in config.entities}
+    written = {s["asset"]: s["records"] for s in stages if s["asset"] in pushes}
     marketo = sum(math.ceil(n / MARKETO_BATCH) for n in written.values())
     return {"dynamics.query": dynamics, "marketo.writes": marketo}
 
@@ -153,7 +156,10 @@ def run_cycle(instance: Any, remote: RemoteSandbox, config: Any, counts: dict[st
         result = run_sync(instance, scope=scope)
         seconds = time.perf_counter() - started
     stages = stage_stats(result)
-    records = sum(s["records"] for s in stages if s["asset"].startswith(("dynamics/raw/", "marketo/raw/")))
+    from sync_pipeline.defs.assets import PERSON_RAW, key_name, raw_key
+
+    extracts = {key_name(raw_key(e.name)) for e in config.entities} | {key_name(PERSON_RAW)}
+    records = sum(s["records"] for s in stages if s["asset"] in extracts)
     calls = remote.calls()
     return {"seconds": round(seconds, 3), "records_read": records,
             "records_per_second": round(records / seconds) if seconds else None,

@@ -1,8 +1,11 @@
 """Assets, generated from the declared entities: extract -> plan -> push, per entity.
 
-Keys are path segments: ``dynamics/raw/<entity>`` and ``marketo/raw/person`` (extract),
-``sync/plan/<entity>`` (three-way merge), ``marketo/push/<entity>`` and, for leads and contacts,
-``dynamics/push/<entity>`` (load). Each asset is a thin shell around ``sync_pipeline.engine.steps``.
+Keys are path segments whose last part names the stage (the UI titles a node by that part):
+``dynamics/<entity>/extract`` and ``marketo/person/extract``, ``sync/<entity>/plan`` (three-way merge),
+``marketo/<entity>/push`` and, for leads and contacts, ``dynamics/<entity>/push`` (load). Keys are built only
+by the helpers below (``raw_key``, ``PERSON_RAW``, ``plan_key``, ``push_key``, ``key_name``): every module and
+test uses them, so a later prefix (e.g. a connection name) changes one place. Each asset is a thin shell
+around ``sync_pipeline.engine.steps``.
 Every asset opens the DuckDB state file, so all carry ``pool="duckdb"`` (limit 1 in dagster.yaml):
 steps of concurrent runs queue instead of failing on the file lock, and Marketo is never called by
 two runs at once.
@@ -33,19 +36,33 @@ OWNERS = ["team:data-platform"]
 RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
+STAGES = ("extract", "plan", "push")
+
+
 def raw_key(entity: str) -> dg.AssetKey:
-    return dg.AssetKey(["dynamics", "raw", entity])
+    """The Dynamics extract (mirror) of an entity: ``dynamics/<entity>/extract``."""
+    return dg.AssetKey(["dynamics", entity, "extract"])
 
 
-PERSON_RAW = dg.AssetKey(["marketo", "raw", "person"])
+PERSON_RAW = dg.AssetKey(["marketo", "person", "extract"])
 
 
 def plan_key(entity: str) -> dg.AssetKey:
-    return dg.AssetKey(["sync", "plan", entity])
+    return dg.AssetKey(["sync", entity, "plan"])
 
 
 def push_key(entity: str, system: str = "marketo") -> dg.AssetKey:
-    return dg.AssetKey([system, "push", entity])
+    return dg.AssetKey([system, entity, "push"])
+
+
+def key_name(key: dg.AssetKey) -> str:
+    """The key as the UI and metadata print it, e.g. ``marketo/contact/push``."""
+    return key.to_user_string()
+
+
+def stage_of(key: dg.AssetKey) -> str:
+    """``extract``, ``plan`` or ``push``: the last part of every key this module builds."""
+    return key.path[-1]
 
 
 @contextlib.contextmanager
