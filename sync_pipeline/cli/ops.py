@@ -79,6 +79,21 @@ def _store(path: str, read_only: bool, wait: float = state_mod.LOCK_WAIT_SECONDS
         raise click.ClickException(f"{exc} (a sync run is writing; try again, or raise --wait)") from None
 
 
+# What build_resources() reads through dg.EnvVar: required to talk to either system.
+REQUIRED_SETTINGS = ("DYNAMICS_URL", "DYNAMICS_AUTHORITY", "DYNAMICS_CLIENT_ID", "DYNAMICS_CLIENT_SECRET",
+                     "MARKETO_BASE_URL", "MARKETO_CLIENT_ID", "MARKETO_CLIENT_SECRET")
+
+
+def require_settings() -> None:
+    """One line naming the missing environment variables (instead of a configuration traceback)."""
+    missing = [k for k in REQUIRED_SETTINGS if not os.environ.get(k)]
+    if missing:
+        raise click.ClickException(
+            f"missing setting: environment variable {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set (export them, e.g. the lines `sync-pipeline sandbox` "
+            "prints)")
+
+
 def _clients() -> tuple[contextlib.ExitStack, Any, Any]:
     """The Dynamics and Marketo clients configured exactly like the definitions' resources."""
     from dagster import DagsterInvalidConfigError
@@ -125,11 +140,15 @@ def _duration(seconds: float | None) -> str:
               help="Rows shown per entity in the terminal (the CSV holds all).")
 @STATE_OPTION
 @CONFIG_OPTION
-def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, config_path: str | None) -> None:
+@WAIT_OPTION
+def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, config_path: str | None,
+         wait: float) -> None:
     """Show what the next sync would write, per field, both directions, without writing to either system.
 
-    Runs the extracts and the plans of the latest partition (no push), then lists the plan:
-    entity, ids, target, op, field, before, after and the rule behind each write.
+    Runs the extracts and the plans of the latest partition (no push) on a private copy of the state
+    store, then lists the plan: entity, ids, target, op, field, before, after and the rule behind each
+    write. The real store is left exactly as it was (cursors, pending changes, stored plan), so the next
+    sync still delivers everything the preview showed.
     """
     import dagster as dg
 
@@ -138,22 +157,41 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
 
     config = _config(config_path)
     _entity(config, entity)
-    os.environ["SYNC_STATE_PATH"] = state_path  # the run's resources read it
-    if config_path:
-        os.environ["SYNC_CONFIG"] = config_path
+    require_settings()
     console = _console()
-    with console.status("extracting and planning (no push)..."):
-        with dg.DagsterInstance.ephemeral() as instance:
-            result = runs.run_sync(instance, scope="latest", raise_on_error=False,
-                                   selection=preview.preview_selection(config, entity),
-                                   tags={"sync/preview": "true"})
-    if not result.success:
-        failures = [ev.message or ev.event_type_value for ev in result.all_events if ev.is_failure]
-        raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
+    saved = {k: os.environ.get(k) for k in ("SYNC_STATE_PATH", "SYNC_CONFIG")}
+    try:
+        with preview.snapshot(state_path, wait=wait) as copy:
+            os.environ["SYNC_STATE_PATH"] = str(copy)  # the preview run's resources read it
+            if config_path:
+                os.environ["SYNC_CONFIG"] = config_path
+            with console.status("extracting and planning on a copy of the state store (no push)..."):
+                with dg.DagsterInstance.ephemeral() as instance:
+                    result = runs.run_sync(instance, scope="latest", raise_on_error=False,
+                                           selection=preview.preview_selection(config, entity),
+                                           tags={"sync/preview": "true"})
+            if not result.success:
+                failures = [ev.message or ev.event_type_value for ev in result.all_events if ev.is_failure]
+                raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
+            _print_plan(console, config, entity, str(copy), result.run_id, limit, csv_path)
+    except state_mod.StateLockedError as exc:
+        raise click.ClickException(f"{exc} (a sync run is writing; try again, or raise --wait)") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _print_plan(console: Console, config: SyncConfig, entity: str | None, store: str, run_id: str, limit: int,
+                csv_path: str | None) -> None:
+    from sync_pipeline.ops import preview
+
     entities = [entity] if entity else [e.name for e in config.entities]
-    with _store(state_path, read_only=True) as con:
-        counts = preview.plan_counts(con, entities, result.run_id)
-        summary = _table(f"Plan of run {result.run_id}", ["entity", "target", "op", "records", "fields"],
+    with state_mod.connect(store, read_only=True) as con:
+        counts = preview.plan_counts(con, entities, run_id)
+        summary = _table(f"Plan of run {run_id}", ["entity", "target", "op", "records", "fields"],
                          numeric=("records", "fields"))
         for row in counts:
             summary.add_row(*(str(v) for v in row))
@@ -161,14 +199,14 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
         shown: dict[str, int] = {}
         detail = _table("Field writes" + (f" (first {limit} per entity)" if limit else ""),
                         list(preview.PLAN_COLUMNS))
-        for row in preview.plan_rows(con, entities, result.run_id):
+        for row in preview.plan_rows(con, entities, run_id):
             if shown.get(row[0], 0) < limit:
                 shown[row[0]] = shown.get(row[0], 0) + 1
                 detail.add_row(*(_fmt(v) for v in row))
         if shown:
             console.print(detail)
         if csv_path:
-            n = preview.write_csv(preview.plan_rows(con, entities, result.run_id), Path(csv_path))
+            n = preview.write_csv(preview.plan_rows(con, entities, run_id), Path(csv_path))
             console.print(f"{n} plan rows written to {csv_path}")
 
 
