@@ -106,13 +106,22 @@ def stage_stats(result: Any) -> list[dict[str, Any]]:
     for ev in result.all_events:
         if ev.event_type_value == "STEP_SUCCESS":
             durations[ev.step_key] = ev.event_specific_data.duration_ms / 1000
+    from sync_pipeline.defs.assets import RUN_TOTALS
+
     stages: dict[str, dict[str, Any]] = {}
+    counted: set[tuple[str, str | None]] = set()
     for ev in result.get_asset_materialization_events():
         m = ev.materialization
         name = "/".join(m.asset_key.path)
         stage = stages.setdefault(name, {"asset": name, "seconds": round(durations.get(ev.step_key, 0.0), 3),
                                          "records": 0, "partitions": 0})
-        stage["records"] += _records({k: v.value for k, v in m.metadata.items()})
+        meta = {k: v.value for k, v in m.metadata.items()}
+        if RUN_TOTALS in meta:  # a range run: the same totals on every partition of the range, counted once
+            if (name, ev.step_key) not in counted:
+                counted.add((name, ev.step_key))
+                stage["records"] += _records(meta[RUN_TOTALS])
+        else:
+            stage["records"] += _records(meta)
         stage["partitions"] += 1
     for stage in stages.values():
         stage["records_per_second"] = round(stage["records"] / stage["seconds"]) if stage["seconds"] > 0 else None

@@ -219,7 +219,7 @@ def held_records_tick(context: Any, path: str) -> dg.SensorResult | dg.SkipReaso
     what = f"{len(new)} newly held record(s) (" + ", ".join(f"{k}: {n}" for k, n in sorted(by_code.items())) + ")"
     if not os.environ.get(ALERT_WEBHOOK_ENV):
         return dg.SensorResult(skip_reason=_skip(
-            context, f"{what}; no webhook configured (set ${ALERT_WEBHOOK_ENV} to be notified); "
+            context, f"{what}; no webhook configured (set ${ALERT_WEBHOOK_ENV} to get alerts); "
                      "see `sync-pipeline errors`").skip_message, cursor=next_cursor)
     sent = notify({"event": "records_held", "records": [
         {"entity": r[0], "dynamics_id": r[1], "target": r[2], "code": r[3], "reason": r[4]} for r in new]})

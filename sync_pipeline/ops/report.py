@@ -17,6 +17,43 @@ from sync_pipeline.engine.state import qi, utcnow
 PUSH_STAGES = ("push_marketo", "push_dynamics")
 
 
+def target_filter(system: str) -> str:
+    """Failures a push asset owns: ``dynamics`` rows for the Dynamics push, every other target (``marketo``, and
+    any record-level class such as a quarantine filed under another target) for the Marketo push."""
+    return "target = 'dynamics'" if system == "dynamics" else "target IS DISTINCT FROM 'dynamics'"
+
+
+def reason_class_sql(column: str = "code") -> str:
+    """SQL for a failure's reason class: ``quarantine`` for every quarantine code, else the code."""
+    return f"CASE WHEN {column} LIKE 'quarantine%' THEN 'quarantine' ELSE coalesce({column}, 'unknown') END"
+
+
+@dataclass
+class FailureCounts:
+    held: int  # every held record, quarantined ones included
+    quarantined: int  # held records whose code starts with "quarantine"
+    retrying: int  # failed, retried automatically with backoff (not held yet)
+    classes: dict[str, int]  # held records per reason class
+
+
+def failure_counts(con: duckdb.DuckDBPyConnection, entity: str | None = None, system: str | None = None
+                   ) -> FailureCounts:
+    """Held / quarantined / retrying records of an entity (all entities: None), as the ``failures`` table has them."""
+    where, params = ["true"], []
+    if entity is not None:
+        where.append("entity = ?")
+        params.append(entity)
+    if system is not None:
+        where.append(target_filter(system))
+    sql = " AND ".join(where)
+    held, quarantined, retrying = con.execute(
+        f"""SELECT count(*) FILTER (WHERE held), count(*) FILTER (WHERE held AND code LIKE 'quarantine%'),
+                   count(*) FILTER (WHERE NOT held) FROM failures WHERE {sql}""", params).fetchone()
+    classes = dict(con.execute(f"SELECT {reason_class_sql()} AS c, count(*) FROM failures WHERE held AND {sql} "
+                               "GROUP BY c ORDER BY 2 DESC, 1", params).fetchall())
+    return FailureCounts(int(held), int(quarantined), int(retrying), {k: int(v) for k, v in classes.items()})
+
+
 @dataclass
 class EntityStatus:
     entity: str
