@@ -218,10 +218,11 @@ def _print_plan(console: Console, config: SyncConfig, entity: str | None, store:
 @CONFIG_OPTION
 @WAIT_OPTION
 def status(state_path: str, config_path: str | None, wait: float) -> None:
-    """Per entity: last sync, backlog, lag, errors, held records and conflicts (reads the store only).
+    """Per entity: last sync, backlog, lag, errors, held and quarantined records, conflicts (reads the store only).
 
     Backlog counts records with a change read but not yet synced; lag is how long the oldest of them
-    has waited. Errors are records failing and retried with backoff; held ones need `errors --release`.
+    has waited. Errors are records failing and retried with backoff; held ones (quarantined ones included)
+    need `errors --release`; "held by reason" gives the reason classes.
     """
     from sync_pipeline.ops import report
 
@@ -231,14 +232,26 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
             rows = report.status(con, config)
         except LookupError as exc:
             raise click.ClickException(f"{state_path}: {exc}") from None
+        started = bool(con.execute("SELECT count(*) FROM cursors WHERE name = 'marketo:leadchanges' "
+                                   "OR name LIKE 'dynamics:delta:%'").fetchone()[0])
     now = utcnow()
-    numeric = ("backlog", "lag", "errors", "held", "conflicts")
-    table = _table(f"Sync status ({state_path})", ["entity", "last sync", "last run", "last write", *numeric],
-                   numeric=numeric)
+    numeric = ("backlog", "lag", "errors", "held", "quarantined", "conflicts")
+    table = _table(f"Sync status ({state_path})", ["entity", "last sync", "last run", "last write", *numeric,
+                                                   "held by reason"], numeric=numeric)
     for r in rows:
         table.add_row(r.entity, _fmt(r.last_sync), _fmt(r.last_run), _fmt(r.last_write), _fmt(r.backlog),
-                      _duration(r.lag_seconds(now)), str(r.retrying), str(r.held), str(r.conflicts))
-    _console().print(table)
+                      _duration(r.lag_seconds(now)), _fmt(r.retrying), _fmt(r.held), _fmt(r.quarantined),
+                      _fmt(r.conflicts), ", ".join(f"{k} {v}" for k, v in r.held_classes.items()) or "-")
+    console = _console()
+    console.print(table)
+    if not started:
+        from sync_pipeline.defs.automation import INITIAL_COPY_HOW
+
+        console.print("Initial copy not started: nothing has been written to either system and the sensors "
+                      f"launch nothing until it runs; {INITIAL_COPY_HOW}.")
+    if any(r.entity.startswith("person") for r in rows):
+        console.print("person (Marketo): changes read from Marketo; their errors and held records count under "
+                      "lead and contact.")
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------
@@ -246,19 +259,24 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
 
 @click.command()
 @click.option("--entity", default=None, help="Only this entity.")
+@click.option("--full", is_flag=True, help="Every column and the whole reason (wraps); default: one line a record.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write every held record, all columns and whole reasons, to this CSV file.")
 @click.option("--release", "release_id", default=None, metavar="ID",
               help="Retry this held record (Dynamics id, or Marketo id) at the next sync.")
 @click.option("--release-all", is_flag=True, help="Retry every held record (of --entity, if given).")
 @STATE_OPTION
 @CONFIG_OPTION
 @WAIT_OPTION
-def errors(entity: str | None, release_id: str | None, release_all: bool, state_path: str,
-           config_path: str | None, wait: float) -> None:
+def errors(entity: str | None, full: bool, csv_path: str | None, release_id: str | None, release_all: bool,
+           state_path: str, config_path: str | None, wait: float) -> None:
     """List held records with the reason the API gave, or release them for another attempt.
 
-    A record is held after the configured number of failed attempts. Releasing clears the hold,
-    makes it due now and marks it pending, so the next sync plans and writes it again (one attempt:
-    if it fails again it is held again).
+    A record is held after the configured number of failed attempts (or at once when no retry can help, e.g.
+    a rejected value, or a quarantine). One line a record by default, the reason shortened to fit; `--full`
+    shows every column and the whole reason, `--csv FILE` writes them all. Releasing clears the hold, makes it
+    due now and marks it pending, so the next sync plans and writes it again (one attempt: if it fails again
+    it is held again).
     """
     from sync_pipeline.ops import report
 
@@ -278,14 +296,46 @@ def errors(entity: str | None, release_id: str | None, release_all: bool, state_
             console.print(f"released {n} held record(s); the next sync retries them")
             return
         retrying = report.retrying_count(con, entity)
-    table = _table(f"Held records ({len(held)})", ["entity", "dynamics id", "target", "op", "marketo id", "code",
-                                                   "reason", "attempts", "last failed", "run"], numeric=("attempts",))
-    for r in held:
-        table.add_row(r.entity, r.dynamics_id, r.target, r.op, _fmt(r.marketo_id), _fmt(r.code), _fmt(r.message),
-                      str(r.attempts), _fmt(r.last_failed_at), _fmt(r.run_id))
-    console.print(table if held else "No held records.")
+    if csv_path:
+        report.write_held_csv(held, Path(csv_path))
+    if not held:
+        console.print("No held records.")
+    elif full:
+        table = _table(f"Held records ({len(held)})", ["entity", "dynamics id", "target", "op", "marketo id", "code",
+                                                       "reason", "attempts", "last failed", "run"],
+                       numeric=("attempts",))
+        for r in held:
+            table.add_row(r.entity, r.dynamics_id, r.target, r.op, _fmt(r.marketo_id), _fmt(r.code), _fmt(r.message),
+                          str(r.attempts), _fmt(r.last_failed_at), _fmt(r.run_id))
+        console.print(table)
+    else:
+        console.print(f"Held records ({len(held)}; --full for every column and whole reasons, --csv FILE for all)",
+                      highlight=False)
+        for line in _held_lines(held, console.width):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if csv_path:
+        console.print(f"{len(held)} held record(s) written to {csv_path}")
     if retrying:
         console.print(f"{retrying} more record(s) failed and will be retried automatically (not held yet).")
+
+
+def _held_lines(held: list[Any], width: int) -> list[str]:
+    """One line a held record, fitted to the terminal: entity, Dynamics id (whole: copy it into --release),
+    target, code, and the reason shortened (first line, the record's own id left out) with an ellipsis."""
+    from sync_pipeline.ops import report
+
+    def cut(text: str, n: int) -> str:
+        return text if len(text) <= n else text[:max(0, n - 1)] + "…"
+
+    ew = max(6, *(len(r.entity) for r in held))
+    cw = min(16, max(4, *(len(r.code or "-") for r in held)))
+    head = f"{'entity':<{ew}}  {'dynamics id':<36}  {'target':<8}  {'code':<{cw}}  reason"
+    lines = [cut(head, width)]
+    for r in held:
+        reason = report.short_reason((r.message or "").replace(f"{r.entity} {r.dynamics_id}: ", ""), limit=1000)
+        start = f"{r.entity:<{ew}}  {r.dynamics_id:<36}  {r.target:<8}  {cut(r.code or '-', cw):<{cw}}  "
+        lines.append(start + cut(reason, max(10, width - len(start))))
+    return lines
 
 
 # ---- rollback ---------------------------------------------------------------------------------------------------

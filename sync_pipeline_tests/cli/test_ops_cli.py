@@ -112,9 +112,11 @@ def test_status_errors_and_release_of_a_held_record(harness) -> None:
     assert result.exit_code == 0, result.output
     assert account_id in result.output and "unknown option code 999" in result.output
     result = invoke("status")
-    account_line = next(line for line in result.output.splitlines() if "│ account" in line)
-    cells = [c.strip() for c in account_line.split("│")]
-    assert cells[-3:-1] == ["1", "0"]  # held 1, conflicts 0
+    lines = result.output.splitlines()
+    header = [c.strip() for c in next(line for line in lines if "┃ entity" in line).split("┃")]
+    account_line = next(line for line in lines if "│ account" in line)
+    cells = dict(zip(header, (c.strip() for c in account_line.split("│"))))
+    assert (cells["held"], cells["conflicts"]) == ("1", "0")
 
     result = invoke("errors", "--release", "no-such-id")
     assert result.exit_code == 1 and "no-such-id" in result.output
