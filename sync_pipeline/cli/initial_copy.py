@@ -61,7 +61,7 @@ def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> di
 def initial_copy(url: str, location: str, state_path: str, again: bool) -> None:
     """Launch the initial copy: a backfill of the `sync` job over every partition (writes to both systems).
 
-    The same as, in the UI: Jobs > sync > Materialize all... > (every partition is selected) > Launch backfill.
+    In the UI the same backfill is: Jobs > sync > Partitions > Materialize..., select every partition, Launch backfill.
     Follow it under Jobs > sync > Backfills (or Overview > Backfills); `sync-pipeline status` shows the result.
     """
     tokens = read_cursors(state_path)

@@ -60,8 +60,8 @@ def pending_changes(config: SyncConfig, tokens: dict[str, str], dynamics: Any, m
     return found
 
 
-INITIAL_COPY_HOW = ("launch it with `sync-pipeline initial-copy`, or in the UI: Jobs > sync > Materialize all... > "
-                    "all partitions > Launch backfill")
+INITIAL_COPY_HOW = ("launch it with `sync-pipeline initial-copy` (or in the UI: Jobs > sync > Partitions > "
+                    "Materialize..., select every partition, Launch backfill)")
 WAITING_FOR_INITIAL_COPY = ("waiting for the initial copy: nothing is read into or written to Dynamics or Marketo "
                             "until you start it; " + INITIAL_COPY_HOW)
 # Runs the change sensor requests jump the run queue ahead of a backfill's queued runs, so an incremental sync
