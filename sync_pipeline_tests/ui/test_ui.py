@@ -88,10 +88,11 @@ def short_history(tmp_path, monkeypatch) -> Path:
     return path
 
 
-@pytest.fixture
-def dagster_dev(short_history, harness, tmp_path) -> Iterator[str]:
-    """`dagster dev -w workspace.yaml` (webserver + daemon) with the sandbox settings, the shipped dagster.yaml
-    in a throwaway DAGSTER_HOME, and the harness's empty state store."""
+def start_dagster_dev(tmp_path: Path) -> Iterator[str]:
+    """`dagster dev -w workspace.yaml` (webserver + daemon) with the current environment (sandbox settings, state
+    store), the shipped dagster.yaml in a throwaway DAGSTER_HOME; stopped (its whole process group) at the end."""
+    import signal
+
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
@@ -114,8 +115,6 @@ def dagster_dev(short_history, harness, tmp_path) -> Iterator[str]:
         wait_for("the webserver", up, 120, 0.5)
         yield url
     finally:
-        import signal
-
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -125,6 +124,12 @@ def dagster_dev(short_history, harness, tmp_path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture
+def dagster_dev(short_history, harness, tmp_path) -> Iterator[str]:
+    """Dagster on the sandbox with the harness's empty state store (five partitions)."""
+    yield from start_dagster_dev(tmp_path)
 
 
 class Shots:
@@ -259,6 +264,7 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
             page.goto(f"{url}/locations/{LOCATION}/asset-groups/contact/lineage", wait_until="domcontentloaded")
             page.wait_for_function("() => document.querySelectorAll('svg foreignObject').length >= 4",
                                    timeout=60_000)
+            page.wait_for_function("() => !document.body.innerText.includes('Loading...')", timeout=60_000)
             page.wait_for_timeout(1500)
             titles = " ".join(page.locator("svg foreignObject").all_text_contents())
             for stage in ("extract", "plan", "push"):
