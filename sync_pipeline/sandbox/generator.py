@@ -23,12 +23,14 @@ from datetime import datetime, timezone
 from typing import Any, Iterator, Protocol
 
 from sync_pipeline.sandbox import generator_pools as pools
+from sync_pipeline.sandbox.marketo.assets import generate_assets
 from sync_pipeline.sandbox.schema import SandboxSchema, Table, load_schema
 
 Row = dict[str, Any]
 Chunk = tuple[str, str, list[Row]]  # (system "dynamics" | "marketo", table or object name, rows)
 
 CHUNK_SIZE = 5000
+HISTORY_CHUNKS = ("activity", "asset")  # Marketo history: loaded with the records, not counted as records
 LOOKUP_TABLE = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 OWNER_TABLE_KEY = "_ownerid_value" + LOOKUP_TABLE
 DAY = 86400
@@ -163,6 +165,7 @@ class _Org:
         # Qualified lead index -> (first, last, email, company, city tuple), for contacts made from them.
         self.qualified: dict[int, tuple[str, str, str | None, str, tuple[str, str, str, str]]] = {}
         self.shared_contacts: list[tuple[str, str, str]] = []  # (first, last, email) Marketo reuses
+        self.marketo_history: list[tuple[str, str, int]] = []  # (createdAt, updatedAt, leadScore) per person
 
     # -- helpers ----------------------------------------------------------------------------------
     def options(self, table: str, column: str) -> list[int]:
@@ -557,7 +560,40 @@ def _marketo_persons(org: _Org) -> Iterator[Row]:
             row["title"] = pools.TITLES[int(rnd() * len(pools.TITLES))]
         if rnd() < 0.5:
             row["phone"] = org.phone()
+        org.marketo_history.append((created, updated, row["leadScore"]))
         yield row
+
+
+# Activity history of the generated persons, as a real instance has it (Adobe, "Activities",
+# https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/activities): a
+# "New Lead" (type 12) when the person was created, by form fill or list import, and a "Change Data Value" (13)
+# when it was last changed (a score change made in Marketo). Rows name persons by their position counted from
+# the end of the generated ones (negative), so a store that already held persons maps them right.
+def _marketo_activities(org: _Org) -> list[Row]:
+    n = len(org.marketo_history)
+    rows: list[Row] = []
+    for i, (created, updated, score) in enumerate(org.marketo_history):
+        rows.append({"leadIndex": i - n, "activityTypeId": 12, "activityDate": created,
+                     "source": "import" if i % 3 == 0 else "web"})
+        if updated != created:
+            delta = 5 + i % 20
+            rows.append({"leadIndex": i - n, "activityTypeId": 13, "activityDate": updated, "field": "leadScore",
+                         "oldValue": score - delta if score >= delta else score + delta, "newValue": score})
+    rows.sort(key=lambda r: r["activityDate"])  # the activity log is ordered by date across chunks
+    return rows
+
+
+def _marketo_assets(org: _Org, seed: int) -> list[Row]:
+    """Programs, folders, tokens, smart campaigns, static lists (members among the generated persons),
+    emails and segmentations; their own random stream, so the records above do not depend on them."""
+    rng = random.Random(f"assets:{seed}")
+    timeline = Timeline(rng, datetime.fromtimestamp(org.time.end, timezone.utc), org.time.span / DAY)
+    n = len(org.marketo_history)
+    rows = generate_assets(rng, n, timeline.stamps)
+    for row in rows:
+        if "memberIndexes" in row:
+            row["memberIndexes"] = [i - n for i in row["memberIndexes"]]
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,6 +620,8 @@ def generate(scale: str | Scale, seed: int = 0, now: datetime | None = None, *, 
         if table.custom:
             yield from _chunks("dynamics", table.logical_name, _custom_rows(org, table))
     yield from _chunks("marketo", "lead", _marketo_persons(org))
+    yield from _chunks("marketo", "activity", iter(_marketo_activities(org)))
+    yield from _chunks("marketo", "asset", iter(_marketo_assets(org, seed)))
 
 
 def populate(dynamics_store: _Store | None, marketo_store: _Store | None, scale: str | Scale, seed: int = 0,
@@ -592,6 +630,7 @@ def populate(dynamics_store: _Store | None, marketo_store: _Store | None, scale:
     """Generate and bulk-load an org; returns row counts keyed ``"dynamics.<table>"`` / ``"marketo.<object>"``.
 
     A store passed as None is skipped (its rows are still generated, so the other side stays identical).
+    Marketo history (``activity`` and ``asset`` rows) is loaded but not counted: the counts are records to sync.
     """
     counts: dict[str, int] = {}
     stores = {"dynamics": dynamics_store, "marketo": marketo_store}
@@ -605,5 +644,6 @@ def populate(dynamics_store: _Store | None, marketo_store: _Store | None, scale:
             except Exception as exc:
                 raise RuntimeError(f"populate: the {system} store refused generated {name} rows "
                                    f"{loaded}-{loaded + len(rows) - 1}: {exc}") from exc
-        counts[key] = loaded + len(rows)
+        if name not in HISTORY_CHUNKS:
+            counts[key] = loaded + len(rows)
     return counts

@@ -15,6 +15,7 @@ kept in a :class:`TokenTable` that the API server consults; expiry follows the s
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import uuid
@@ -64,6 +65,14 @@ class TokenTable:
     def revoke_all(self) -> None:
         with self._lock:
             self._tokens.clear()
+
+
+_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::\d{1,5})?")
+
+
+def _loopback_alias(url: str) -> str:
+    """The sandbox's API is the same resource whether named ``localhost`` or ``127.0.0.1``."""
+    return url.replace("://127.0.0.1:", "://localhost:")
 
 
 def _aad_error(status: int, error: str, code: int, description: str) -> Response:
@@ -117,17 +126,31 @@ class IdentityService:
     def _tenant_ok(self, tenant: str) -> bool:
         return tenant.lower() in (self.tenant_id.lower(), "organizations", "common")
 
+    def _origin(self, req: Request) -> str:
+        """``scheme://host:port`` as the client addressed this server (its Host header), else our own URL.
+
+        Entra ID's discovery document names the issuer and endpoints on the host the client asked
+        (https://learn.microsoft.com/entra/identity-platform/v2-protocols-oidc#find-your-apps-openid-configuration-document-uri);
+        MSAL checks that the ``issuer`` matches the authority it was given, so a client configured with
+        ``127.0.0.1`` must get ``127.0.0.1`` back, one configured with ``localhost`` must get ``localhost``.
+        """
+        host = (req.header("host") or "").strip()
+        if not _HOST.fullmatch(host):
+            return self.base_url
+        return f"{self.base_url.split('://', 1)[0]}://{host}"
+
     def openid_configuration(self, req: Request) -> Response:
         tenant = req.params["tenant"]
         if not self._tenant_ok(tenant):
             return _aad_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found. Check to make sure "
                               "you have the correct tenant ID and are signing into the correct cloud.")
-        base = f"{self.base_url}/{self.tenant_id}"
+        origin = self._origin(req)
+        base = f"{origin}/{self.tenant_id}"
         return Response.json({
             "token_endpoint": f"{base}/oauth2/v2.0/token",
             "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
                                                       "client_secret_basic"],
-            "jwks_uri": f"{self.base_url}/{self.tenant_id}/discovery/v2.0/keys",
+            "jwks_uri": f"{base}/discovery/v2.0/keys",
             "response_modes_supported": ["query", "fragment", "form_post"],
             "subject_types_supported": ["pairwise"],
             "id_token_signing_alg_values_supported": ["RS256"],
@@ -135,7 +158,7 @@ class IdentityService:
             "scopes_supported": ["openid", "profile", "email", "offline_access"],
             "issuer": f"{base}/v2.0",
             "request_uri_parameter_supported": False,
-            "userinfo_endpoint": f"{self.base_url}/oidc/userinfo",
+            "userinfo_endpoint": f"{origin}/oidc/userinfo",
             "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
             "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
             "http_logout_supported": True,
@@ -147,9 +170,10 @@ class IdentityService:
         })
 
     def instance_discovery(self, req: Request) -> Response:
-        host = self.base_url.split("://", 1)[-1]
+        origin = self._origin(req)
+        host = origin.split("://", 1)[-1]
         return Response.json({
-            "tenant_discovery_endpoint": f"{self.base_url}/{self.tenant_id}/v2.0/.well-known/openid-configuration",
+            "tenant_discovery_endpoint": f"{origin}/{self.tenant_id}/v2.0/.well-known/openid-configuration",
             "api-version": "1.1",
             "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
         })
@@ -174,7 +198,7 @@ class IdentityService:
         scopes = form.get("scope", "").split()
         wanted = f"{self.audience.rstrip('/')}/.default"
         resource_scopes = [s for s in scopes if s not in ("openid", "profile", "offline_access")]
-        if len(resource_scopes) != 1 or resource_scopes[0].lower() != wanted.lower():
+        if len(resource_scopes) != 1 or _loopback_alias(resource_scopes[0].lower()) != _loopback_alias(wanted.lower()):
             return _aad_error(400, "invalid_scope", 70011, f"The provided request must include a 'scope' input "
                               f"parameter. The provided value for the input parameter 'scope' is not valid. "
                               f"The scope {' '.join(scopes) or '(none)'} is not valid; expected {wanted}.")

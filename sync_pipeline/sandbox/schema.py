@@ -32,6 +32,7 @@ class Column:
     options: tuple[tuple[int, str], ...] = ()  # picklist/state/status codes and labels
     required: bool = False
     read_only: bool = False  # system-managed (createdon, modifiedon, versionnumber, ...)
+    global_option_set: str | None = None  # name of the global option set a picklist uses (else local)
 
     @property
     def is_lookup(self) -> bool:
@@ -384,7 +385,8 @@ def _column_from_yaml(table: str, spec: dict[str, Any]) -> Column:
     try:
         options = tuple((int(k), str(v)) for k, v in (spec.get("options") or {}).items())
         return Column(spec["name"], spec["type"], spec.get("max_length"), tuple(spec.get("targets", ())),
-                      options, bool(spec.get("required", False)))
+                      options, bool(spec.get("required", False)),
+                      global_option_set=spec.get("global_option_set"))
     except KeyError as exc:
         raise SandboxConfigError(f"sandbox config: table {table!r}: column {spec!r} lacks {exc}") from None
 

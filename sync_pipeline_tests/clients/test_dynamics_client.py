@@ -84,8 +84,12 @@ def test_metadata_calls(client: DynamicsClient) -> None:
     assert defs["new_project"]["EntitySetName"] == "new_projects" and defs["new_project"]["IsCustomEntity"]
     custom = client.entity_definitions(select="LogicalName", filter="IsCustomEntity eq true")
     assert [d["LogicalName"] for d in custom] == ["new_project"]
-    attrs = {a["LogicalName"]: a for a in client.attributes("lead", select="LogicalName,AttributeType,MaxLength")}
+    # MaxLength belongs to StringAttributeMetadata: Dataverse returns it for the derived items of the full
+    # Attributes collection, but rejects it in a $select on the base AttributeMetadata.
+    attrs = {a["LogicalName"]: a for a in client.attributes("lead")}
     assert attrs["subject"]["MaxLength"] == 300 and attrs["ownerid"]["AttributeType"] == "Owner"
+    typed = client.attributes("lead", select="LogicalName,AttributeType")
+    assert {"LogicalName", "AttributeType"} <= set(typed[0])
 
 
 def test_token_reacquired_on_401(client: DynamicsClient, sb: DynamicsSandbox) -> None:

@@ -113,7 +113,10 @@ def test_entity_definitions_and_attributes(api: httpx.Client) -> None:
     attrs = {a["LogicalName"]: a for a in api.get("EntityDefinitions(LogicalName='contact')/Attributes").json()["value"]}
     assert attrs["lastname"]["MaxLength"] == 50 and attrs["lastname"]["RequiredLevel"]["Value"] == "ApplicationRequired"
     assert attrs["parentcustomerid"]["Targets"] == ["account", "contact"]
-    assert {o["Value"] for o in attrs["preferredcontactmethodcode"]["OptionSet"]["Options"]} == {1, 2, 3, 4, 5}
+    # OptionSet is a navigation property: returned with $expand on the picklist cast (query-metadata-web-api).
+    method = api.get("EntityDefinitions(LogicalName='contact')/Attributes(LogicalName='preferredcontactmethodcode')/"
+                     "Microsoft.Dynamics.CRM.PicklistAttributeMetadata", params={"$expand": "OptionSet"}).json()
+    assert {o["Value"] for o in method["OptionSet"]["Options"]} == {1, 2, 3, 4, 5}
     picklists = api.get("EntityDefinitions(LogicalName='lead')/Attributes/Microsoft.Dynamics.CRM."
                         "PicklistAttributeMetadata", params={"$select": "LogicalName"}).json()["value"]
     assert {a["LogicalName"] for a in picklists} == {"preferredcontactmethodcode", "leadsourcecode", "leadqualitycode"}

@@ -4,8 +4,11 @@ Parts are ``application/http`` requests or change sets (nested ``multipart/mixed
 in one store transaction: the first failing request rolls back the whole set and is the set's only
 response. ``Content-ID: n`` lets later requests in the same change set use ``$n`` as a URL prefix or an
 ``@odata.bind`` value. Without ``Prefer: odata.continue-on-error`` processing stops at the first failure
-and the batch answers 400 (still multipart, with the responses so far); with it, 200 and every part
-carries its own status.
+and the batch answers 400 whose multipart body holds that request's error only ("the batch fails on the
+first request ... The batch error represents the error of the first failing request"); with it, 200 and
+every part carries its own status, later parts still run. Requests before the failure that are outside a
+change set are not rolled back. Source: "Execute batch operations using the Web API", Handling errors,
+https://learn.microsoft.com/power-apps/developer/data-platform/webapi/execute-batch-operations-using-web-api#handling-errors
 """
 
 from __future__ import annotations
@@ -123,11 +126,11 @@ def execute_batch(store: DynamicsStore, items: list[Part | ChangeSet], dispatch:
         else:
             resp = dispatch(item.method, item.url, item.headers, item.body, lambda ref: None)
             rendered, ok = _render(resp), resp.status < 400
+        if not ok and not continue_on_error:
+            out, failed = [rendered], True
+            break
         out.append(rendered)
-        if not ok:
-            failed = True
-            if not continue_on_error:
-                break
+        failed = failed or not ok
     body = "".join(f"--{boundary}\r\n{part}\r\n" for part in out) + f"--{boundary}--\r\n"
     status = 400 if failed and not continue_on_error else 200
     return Response(status, body.encode("utf-8"),
@@ -155,8 +158,8 @@ def _run_changeset(store: DynamicsStore, changeset: ChangeSet, dispatch: Dispatc
                 if url.startswith("$"):
                     ref, _, tail = url[1:].partition("/")
                     if ref not in refs:
-                        raise _Rollback(_error_response(f"Content-ID reference ${ref} is not defined before "
-                                                        f"its use in '{part.url}'."), part.content_id)
+                        raise _Rollback(_error_response(f"Content-ID Reference: '${ref}' does not exist in the "
+                                                        f"batch context."), part.content_id)
                     url = refs[ref] + (f"/{tail}" if tail else "")
                 resp = dispatch(part.method, url, part.headers, part.body, resolve)
                 if resp.status >= 400:

@@ -37,7 +37,8 @@ _TOKEN = re.compile(r"""
   | (?P<guid>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(?![\w-]))
   | (?P<date>\d{4}-\d{2}-\d{2}(?![\w:]))
   | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[mMdDlLfF]?(?![\w.]))
-  | (?P<name>[A-Za-z_][\w.]*)
+  | (?P<enum>[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+'(?:[^']|'')*')
+  | (?P<name>[A-Za-z_][\w.]*(?:/[A-Za-z_]\w*)*)
   | (?P<punct>[(),])
 """, re.VERBOSE)
 
@@ -92,13 +93,16 @@ def _literal(tok: _Tok, text: str) -> tuple[str, Any]:
     if tok.kind == "number":
         raw = tok.text.rstrip("mMdDlLfF")
         return "number", float(raw) if any(c in raw for c in ".eE") else int(raw)
+    if tok.kind == "enum":  # Microsoft.Dynamics.CRM.OwnershipTypes'UserOwned' (enum member by name)
+        type_name, _, member = tok.text.partition("'")
+        return "enum", (type_name.rsplit(".", 1)[-1], member[:-1].replace("''", "'"))
     if tok.kind == "name" and tok.text in ("null", "true", "false"):
         return ("null", None) if tok.text == "null" else ("bool", tok.text == "true")
     raise ODataError(f"Expected a literal at position {tok.pos} in '{text}', found '{tok.text}'.")
 
 
 _EDM = {"string": "Edm.String", "guid": "Edm.Guid", "number": "Edm.Int32", "bool": "Edm.Boolean",
-        "datetime": "Edm.DateTimeOffset", "null": "null"}
+        "datetime": "Edm.DateTimeOffset", "null": "null", "enum": "Edm.Enum"}
 _ORDER_OPS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
 _OP_KIND = {"eq": "Equal", "ne": "NotEqual", "gt": "GreaterThan", "ge": "GreaterThanOrEqual",
             "lt": "LessThan", "le": "LessThanOrEqual"}
@@ -198,6 +202,13 @@ class _Parser:
             raise ODataError(f"Syntax error at position {op_tok.pos} in '{self.text}': expected a comparison "
                              f"operator, found '{op_tok.text}'.")
         lit_kind, value = _literal(self.take(), self.text)
+        if kind == "enum" and lit_kind in ("enum", "string"):
+            # Enum properties compare by member name; a plain string literal is accepted for the member too.
+            kind, lit_kind = "string", "string"
+            value = value[1] if isinstance(value, tuple) else value
+        if kind in ("label", "collection", "complex", "managed"):
+            raise ODataError(f"The property '{name}' of type 'Microsoft.Dynamics.CRM.{self.entity}' cannot be used "
+                             f"in $filter; filter on a primitive property (e.g. '{name}/Value').")
         if lit_kind != "null" and lit_kind != kind:
             raise ODataError(f"A binary operator with incompatible types was detected. Found operand types "
                              f"'{_EDM[kind]}' and '{_EDM[lit_kind]}' for operator kind "

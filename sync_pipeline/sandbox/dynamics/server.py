@@ -4,11 +4,15 @@ Route names (``api_app.calls`` / fault patterns) under ``/api/data/v9.2/``:
 
 ==========================  =========================================================================
 ``dynamics.service``        ``GET /`` service document
-``dynamics.metadata``       ``GET $metadata`` (minimal CSDL)
+``dynamics.metadata``       ``GET $metadata`` (CSDL of the tables and the metadata types)
 ``dynamics.whoami``         ``GET WhoAmI`` / ``WhoAmI()``
 ``dynamics.entitydefinitions`` ``GET EntityDefinitions`` (``$select``/``$filter``)
 ``dynamics.entitydefinition``  ``GET EntityDefinitions(LogicalName='x')``
 ``dynamics.attributes``     ``GET EntityDefinitions(LogicalName='x')/Attributes[/Microsoft.Dynamics.CRM.<Type>]``
+``dynamics.attribute``      ``GET EntityDefinitions(LogicalName='x')/Attributes(LogicalName='y')[/<cast>]``
+``dynamics.entityrelationships`` ``GET EntityDefinitions(...)/ManyToOneRelationships`` (also OneToMany, ManyToMany, Keys)
+``dynamics.relationships``  ``GET RelationshipDefinitions[/<cast>]``; ``dynamics.relationship`` one by SchemaName
+``dynamics.globaloptionsets`` ``GET GlobalOptionSetDefinitions``; ``dynamics.globaloptionset`` one by Name
 ``dynamics.batch``          ``POST $batch``
 ``dynamics.qualify``        ``POST leads(<id>)/Microsoft.Dynamics.CRM.QualifyLead``
 ``dynamics.createmultiple`` / ``dynamics.updatemultiple`` / ``dynamics.upsertmultiple``
@@ -33,14 +37,14 @@ from __future__ import annotations
 import math
 import ssl
 import threading
+import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from sync_pipeline.sandbox.clock import Clock
-from sync_pipeline.sandbox.dynamics import batch, metadata, query, writes
-from sync_pipeline.sandbox.dynamics.odata import compile_filter, parse_select
+from sync_pipeline.sandbox.dynamics import batch, metadata, metadata_api, query, writes
 from sync_pipeline.sandbox.dynamics.store import DataverseFault, DynamicsStore
 from sync_pipeline.sandbox.dynamics.wire import ODATA_HEADERS, error, guarded, prefer
 from sync_pipeline.sandbox.faults import Fault
@@ -49,10 +53,10 @@ from sync_pipeline.sandbox.identity import IdentityService, TokenTable
 from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
 P = "/api/data/v9\\.2/"
+# Requests the service-protection limiter admitted (counted only while limits are on); the benchmark's
+# API-budget floor is computed from this number (sync_pipeline.bench.pipeline.budget_floor).
+COUNTED = "limits.dynamics.requests"
 _GUID = r"[0-9a-fA-F-]{36}"
-_LOGICAL = r"EntityDefinitions\(LogicalName='(?P<logical>[^']+)'\)"
-_ATTR_FILTERABLE = {k: v for k, v in metadata.ATTRIBUTE_PROPS.items()
-                    if k not in ("RequiredLevel", "Targets", "OptionSet", "MaxLength")}
 
 
 class DynamicsSandbox:
@@ -84,6 +88,9 @@ class DynamicsSandbox:
         self.api_app = App("dynamics")
         self.limits = dict(limits or {})
         self._window: deque[float] = deque()
+        self._exec: deque[tuple[float, float]] = deque()  # (sandbox time, execution seconds) of each request
+        self._exec_total = 0.0
+        self.limit_rejections: Counter[str] = Counter()  # 429s by Dataverse error code
         self._in_flight = 0
         self._limit_lock = threading.Lock()
         self._api_server: SandboxServer | None = None
@@ -154,33 +161,83 @@ class DynamicsSandbox:
             why = {"expired": "The access token has expired.",
                    "invalid_audience": f"The access token was not issued for {self.api_url}."}
             return self._unauthorized(why.get(reason, "The access token is not valid."))
-        return self._check_limits()
+        return self._check_limits(req)
 
-    def _check_limits(self) -> Response | None:
+    def _check_limits(self, req: Request | None = None) -> Response | None:
+        """Service protection API limits, per user (all our tokens are the one application user), counted as
+        Microsoft documents them ("Service protection API limits",
+        https://learn.microsoft.com/power-apps/developer/data-platform/api-limits):
+
+        - number of requests over a sliding window (6,000 / 300 s; 429, ``0x80072322``). A ``$batch`` or a
+          bulk message (``CreateMultiple``...) is ONE request: "You could send fewer requests by bundling them
+          in batch operations. The combined execution time limit will counter this."
+        - combined execution time over the window (1,200 s / 300 s; 429, ``0x80072321``): every request adds
+          its measured handler time plus, to model server work the sandbox does not really spend,
+          ``execution_seconds_per_operation`` for each operation it carries (each request inside a ``$batch``,
+          each target of a bulk message, else one).
+        - concurrent requests (52; 429, ``0x80072326``), immediate.
+
+        Each 429 carries ``Retry-After`` (seconds). Requests answered 429 are not counted. The limiter uses
+        the sandbox clock, so tests move time instead of waiting.
+        """
         if not self.limits:
             return None
         concurrent = self.limits.get("concurrent")
         per_window = self.limits.get("requests_per_window")
+        exec_limit = self.limits.get("execution_seconds_per_window")
         window = float(self.limits.get("window_seconds", 300))
         now = self.clock.timestamp()
         with self._limit_lock:
             if concurrent and self._in_flight >= concurrent:
+                self.limit_rejections["0x80072326"] += 1
                 return error(429, "0x80072326", f"Number of concurrent requests exceeded the limit of {concurrent}.",
                              {"Retry-After": str(int(self.limits.get("concurrent_retry_after", 1)))})
             while self._window and self._window[0] <= now - window:
                 self._window.popleft()
+            while self._exec and self._exec[0][0] <= now - window:
+                self._exec_total -= self._exec.popleft()[1]
             if per_window and len(self._window) >= per_window:
                 retry = max(1, math.ceil(self._window[0] + window - now))
+                self.limit_rejections["0x80072322"] += 1
                 return error(429, "0x80072322", f"Number of requests exceeded the limit of {per_window} over "
                                                 f"time window of {int(window)} seconds.", {"Retry-After": str(retry)})
+            if exec_limit and self._exec_total >= exec_limit:
+                # Retry when enough of the window's execution time has expired to fall under the limit.
+                excess, retry_at = self._exec_total - exec_limit, now
+                for at, seconds in self._exec:
+                    excess -= seconds
+                    retry_at = at + window
+                    if excess < 0:
+                        break
+                self.limit_rejections["0x80072321"] += 1
+                return error(429, "0x80072321", f"Combined execution time of incoming requests exceeded limit of "
+                                                f"{int(exec_limit * 1000):,} milliseconds over time window of "
+                                                f"{int(window)} seconds. Decrease number of concurrent requests or "
+                                                f"reduce the duration of requests and try again later.",
+                             {"Retry-After": str(max(1, math.ceil(retry_at - now)))})
             self._window.append(now)
             self._in_flight += 1
+            self.api_app.calls[COUNTED] += 1
+        if req is not None:
+            req.limit_started = time.perf_counter()  # type: ignore[attr-defined]
         return None
 
+    def _operations(self, req: Request) -> int:
+        if req.route == "dynamics.batch":
+            return max(1, getattr(req, "operations", 1))
+        if req.route in ("dynamics.createmultiple", "dynamics.updatemultiple", "dynamics.upsertmultiple"):
+            return max(1, req.body.count(b'"@odata.type"'))
+        return 1
+
     def _after(self, req: Request) -> None:
-        if self.limits:
+        started = getattr(req, "limit_started", None)
+        if self.limits and started is not None:
+            spent = time.perf_counter() - started
+            spent += self._operations(req) * float(self.limits.get("execution_seconds_per_operation", 0.0))
             with self._limit_lock:
                 self._in_flight = max(0, self._in_flight - 1)
+                self._exec.append((self.clock.timestamp(), spent))
+                self._exec_total += spent
 
     def _render_fault(self, fault: Fault, req: Request) -> Response | None:
         if fault.kind == "throttle":
@@ -203,10 +260,8 @@ class DynamicsSandbox:
         add("GET", r"?", "dynamics.service", self._service_document)
         add("GET", r"\$metadata", "dynamics.metadata", self._metadata)
         add("GET", r"WhoAmI(?:\(\))?", "dynamics.whoami", self._whoami)
-        add("GET", r"EntityDefinitions", "dynamics.entitydefinitions", self._entity_definitions)
-        add("GET", _LOGICAL, "dynamics.entitydefinition", self._entity_definition)
-        add("GET", _LOGICAL + r"/Attributes(?:/Microsoft\.Dynamics\.CRM\.(?P<cast>\w+))?", "dynamics.attributes",
-            self._attributes)
+        for pattern, name, handler in metadata_api.routes(self):
+            add("GET", pattern, name, handler)
         add("POST", r"\$batch", "dynamics.batch", self._batch)
         add("POST", rf"leads\((?P<key>{_GUID})\)/Microsoft\.Dynamics\.CRM\.QualifyLead", "dynamics.qualify",
             lambda req: writes.qualify_lead(self, req))
@@ -243,55 +298,11 @@ class DynamicsSandbox:
                               "UserId": self.app_user_id, "OrganizationId": self.organization_id},
                              headers=ODATA_HEADERS)
 
-    def _definitions(self) -> list[dict[str, Any]]:
-        return [metadata.entity_definition(t, 10000 + i) for i, t in enumerate(self.schema.tables.values())]
-
-    @staticmethod
-    def _select_docs(req: Request, docs: list[dict[str, Any]], props: dict[str, str],
-                     filterable: dict[str, str], what: str) -> list[dict[str, Any]]:
-        select, flt = req.arg("$select"), req.arg("$filter")
-        if flt:
-            predicate = compile_filter(flt, filterable, what)
-            docs = [d for d in docs if predicate(d)]
-        if select:
-            names = parse_select(select, props, what)
-            keep = set(names) | {"MetadataId", "@odata.type"}
-            docs = [{k: v for k, v in d.items() if k in keep} for d in docs]
-        return docs
-
-    def _entity_definitions(self, req: Request) -> Response:
-        docs = self._select_docs(req, self._definitions(), metadata.ENTITY_PROPS, metadata.ENTITY_PROPS,
-                                 "EntityMetadata")
-        return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#EntityDefinitions",
-                              "value": docs}, headers=ODATA_HEADERS)
-
-    def _table_named(self, logical: str) -> Any:
-        table = self.schema.tables.get(logical.lower())
-        if table is None:
-            raise DataverseFault(404, "0x80040217", f"Could not find an entity with name '{logical}'.")
-        return table
-
-    def _entity_definition(self, req: Request) -> Response:
-        table = self._table_named(req.params["logical"])
-        doc = next(d for d in self._definitions() if d["LogicalName"] == table.logical_name)
-        doc = self._select_docs(req, [doc], metadata.ENTITY_PROPS, metadata.ENTITY_PROPS, "EntityMetadata")[0]
-        return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#EntityDefinitions/$entity",
-                              **doc}, headers=ODATA_HEADERS)
-
-    def _attributes(self, req: Request) -> Response:
-        table = self._table_named(req.params["logical"])
-        docs = [metadata.attribute_definition(table, c) for c in table.columns]
-        cast = req.params.get("cast")
-        if cast:
-            docs = [d for d in docs if d["@odata.type"] == f"#Microsoft.Dynamics.CRM.{cast}"]
-        docs = self._select_docs(req, docs, metadata.ATTRIBUTE_PROPS, _ATTR_FILTERABLE, "AttributeMetadata")
-        return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#EntityDefinitions("
-                                                f"'{table.logical_name}')/Attributes", "value": docs},
-                             headers=ODATA_HEADERS)
-
     # ------------------------------------------------------------------------------------------- batch
     def _batch(self, req: Request) -> Response:
         items = batch.parse_batch(req.header("content-type") or "", req.body)
+        req.operations = sum(len(i.parts) if isinstance(i, batch.ChangeSet) else 1  # type: ignore[attr-defined]
+                             for i in items)
         return batch.execute_batch(self.store, items, self._dispatch_inner,
                                    "odata.continue-on-error" in prefer(req))
 

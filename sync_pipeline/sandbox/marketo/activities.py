@@ -85,6 +85,21 @@ class ActivityLog:
         self._dates.append(date)
         return item
 
+    def load_history(self, items: list[dict[str, Any]]) -> None:
+        """Append generated past activities, sorted by date; a date before the log's last one is moved up to it
+        (the log is ordered by date: positions and ``sinceDatetime`` look-ups rely on it)."""
+        for item in sorted(items, key=lambda i: i["activityDate"]):
+            date = item["activityDate"]
+            if self._dates and date < self._dates[-1]:
+                date = self._dates[-1]
+            activity_id = len(self.items) + 1
+            full = {"id": activity_id, "marketoGUID": str(activity_id), **item, "activityDate": date}
+            full.setdefault("primaryAttributeValueId", None)
+            full.setdefault("primaryAttributeValue", None)
+            full.setdefault("attributes", [])
+            self.items.append(full)
+            self._dates.append(date)
+
     def position_since(self, since_iso: str) -> int:
         return bisect_left(self._dates, since_iso)
 

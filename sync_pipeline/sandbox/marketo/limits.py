@@ -1,5 +1,12 @@
 """The instance-wide API limits: 606 rate window, 615 concurrency, 607 daily quota, artificial latency.
 
+As Adobe documents them ("Marketo REST API", Limits, and "Error Codes",
+https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/rest-api and
+https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/error-codes): 100 calls per 20 s
+sliding window (606), 10 concurrent calls (615), 50,000 calls a day reset at midnight US Central (607), shared
+by every REST call of the instance, bulk endpoints included. Calls answered 606/615 still count in the window
+and the day (only 601/602/604/605/608/611 are documented as not counted).
+
 All OFF unless configured (``limits.realistic.marketo`` in sandbox.yaml has the real figures). Like
 the real API, a rejected call answers HTTP 200 with the error in the body. Calls rejected for an
 invalid/expired token never get here, so they are not counted (601/602 are free in the docs).
@@ -9,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -67,6 +74,7 @@ class LimitGate:
         self._in_flight = 0
         self._day_end = next_central_midnight(clock.now())
         self.daily_calls = 0
+        self.rejected: Counter[str] = Counter()  # refusals by code (606, 607, 615)
 
     def enter(self) -> tuple[str, str] | None:
         """None when the call may proceed (the caller must then call :meth:`leave`), else (code, message)."""
@@ -76,6 +84,7 @@ class LimitGate:
             if now_dt >= self._day_end:
                 self._day_end, self.daily_calls = next_central_midnight(now_dt), 0
             if lim.daily_quota is not None and self.daily_calls >= lim.daily_quota:
+                self.rejected["607"] += 1
                 return "607", "Daily quota reached"
             self.daily_calls += 1
             if lim.calls_per_window is not None:
@@ -84,14 +93,21 @@ class LimitGate:
                     self._window.popleft()
                 self._window.append(now)
                 if len(self._window) > lim.calls_per_window:
+                    self.rejected["606"] += 1
                     return "606", (f"Max rate limit '{lim.calls_per_window}' exceeded with in "
                                    f"'{lim.window_seconds:g}' secs")
             if lim.concurrent is not None and self._in_flight >= lim.concurrent:
+                self.rejected["615"] += 1
                 return "615", "Concurrent access limit reached"
             self._in_flight += 1
         if lim.latency_seconds > 0:
             time.sleep(lim.latency_seconds)
         return None
+
+    @property
+    def active(self) -> bool:
+        lim = self.limits
+        return any(v is not None for v in (lim.calls_per_window, lim.daily_quota, lim.concurrent))
 
     def leave(self) -> None:
         with self._lock:

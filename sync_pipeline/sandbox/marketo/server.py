@@ -11,6 +11,9 @@ Routes (names are what ``app.calls`` counts and fault rules match):
   ``marketo.bulk.import.{create,status,failures,warnings}``
 - ``marketo.{companies,opportunities,roles,salespersons,customobjects}.{describe,get,sync,delete}`` and
   ``marketo.customobjects.list``
+- assets (read side, :mod:`~sync_pipeline.sandbox.marketo.api_assets`): ``marketo.assets.<kind>.{browse,byid,byname}``,
+  ``marketo.assets.folder.tokens``, ``marketo.assets.segmentation.segments``; lead-database views
+  ``marketo.lists.{get,byid,leads,ismember}`` and ``marketo.campaigns.{get,byid}``
 
 Fault kinds beyond the shared ones: ``code`` (``Fault(kind="code", code="606")``: that API error inside
 an HTTP 200 body) and ``partial`` (the call runs, but every other input record of a write is skipped with
@@ -28,7 +31,7 @@ from urllib.parse import parse_qs
 from sync_pipeline.sandbox.clock import Clock
 from sync_pipeline.sandbox.faults import Fault
 from sync_pipeline.sandbox.http import App, Request, Response, SandboxServer
-from sync_pipeline.sandbox.marketo import api_bulk, api_leads, api_objects
+from sync_pipeline.sandbox.marketo import api_assets, api_bulk, api_leads, api_objects
 from sync_pipeline.sandbox.marketo.bulk import BulkService
 from sync_pipeline.sandbox.marketo.limits import LimitGate, MarketoLimits
 from sync_pipeline.sandbox.marketo.store import MarketoStore
@@ -36,9 +39,23 @@ from sync_pipeline.sandbox.marketo.wire import ERROR_MESSAGES, ApiError, error
 from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
 
+# Calls the rate/quota gate admitted (counted only while limits are on): every REST and bulk call, not the
+# identity endpoint, not calls refused for their token (601/602). The benchmark's API-budget floor is computed
+# from this number (sync_pipeline.bench.pipeline.budget_floor).
+COUNTED = "limits.marketo.calls"
 MAX_URI_BYTES = 8 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 MAX_IMPORT_BODY = 10 * 1024 * 1024 + 64 * 1024  # the file plus multipart framing
+
+
+def _override(req: Request) -> str:
+    method = req.arg("_method")
+    if method is None and "application/x-www-form-urlencoded" in (req.header("content-type") or "").lower():
+        try:
+            method = (req.form().get("_method") or [None])[-1]
+        except UnicodeDecodeError:
+            method = None
+    return (method or "").upper()
 
 
 class _MarketoApp(App):
@@ -50,8 +67,12 @@ class _MarketoApp(App):
         limit = MAX_IMPORT_BODY if req.path == "/bulk/v1/leads.json" else MAX_BODY_BYTES
         if len(req.body) > limit:
             return Response.text("Request Entity Too Large", 413)
-        # POST ...?_method=GET is a GET whose query string travels in the body (URIs over 8 KB).
-        if req.method == "POST" and (req.arg("_method") or "").upper() == "GET":
+        # POST with _method=GET is a GET whose query string travels in the body (URIs over 8 KB). The override is
+        # an ordinary request parameter, so it is honoured in the query string and in an
+        # application/x-www-form-urlencoded body alike, for every endpoint that has a GET form (Adobe, "Leads",
+        # Query, and the Companies/Opportunities/Custom Objects pages:
+        # https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/leads).
+        if req.method == "POST" and _override(req) == "GET":
             req.method = "GET"
         return super().dispatch(req)
 
@@ -88,6 +109,7 @@ class MarketoSandbox:
         self.app.route("GET", r"/identity/oauth/token", "marketo.identity")(self._identity)
         self.app.route("POST", r"/identity/oauth/token", "marketo.identity")(self._identity)
         api_leads.register(self)
+        api_assets.register(self)
         api_objects.register(self)
         api_bulk.register(self)
         for route in self.app.routes:
@@ -175,6 +197,9 @@ class MarketoSandbox:
         if refused is not None:
             return error(*refused)
         req.gated = True  # type: ignore[attr-defined]
+        if self.gate.active:
+            with self.app._lock:
+                self.app.calls[COUNTED] += 1
         return None
 
     def _after(self, req: Request) -> None:

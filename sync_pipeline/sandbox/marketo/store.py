@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 from sync_pipeline.sandbox.clock import Clock, iso
 from sync_pipeline.sandbox.marketo.activities import (CHANGE_DATA_VALUE, DELETE_LEAD, MERGE_LEADS, NEW_LEAD,
                                                       SOURCES, ActivityLog)
+from sync_pipeline.sandbox.marketo.assets import AssetStore
 from sync_pipeline.sandbox.marketo.objects import ObjectTable, ValueIndex, norm
 from sync_pipeline.sandbox.marketo.validation import FieldError, coerce, validate_record
 from sync_pipeline.sandbox.schema import MObject, SandboxSchema, load_schema
@@ -51,6 +52,10 @@ class MarketoStore:
         self.tables: dict[str, ObjectTable] = {
             name: ObjectTable(obj, self.clock) for name, obj in self.schema.objects.items() if name != "lead"}
         self.tables["opportunityRole"].check = self._check_role
+        self.assets = AssetStore()
+        # Ids of the leads bulk_load created, in load order: generated activities and list memberships name
+        # persons by their position among the generated ones.
+        self.bulk_lead_ids: list[int] = []
 
     # ------------------------------------------------------------------ names
     def object_def(self, name: str) -> MObject:
@@ -249,7 +254,12 @@ class MarketoStore:
 
     # ------------------------------------------------------------------ bulk load (generator fast path)
     def bulk_load(self, object_name: str, rows: Iterable[dict[str, Any]]) -> int:
-        """Load generated data without activities; values are coerced, unknown fields rejected."""
+        """Load generated data; values are coerced, unknown fields rejected. Leads load without activities:
+        the generator's ``activity`` rows (and ``asset`` rows) are loaded by the same call, by name."""
+        if object_name == "activity":
+            return self._load_activities(list(rows))
+        if object_name == "asset":
+            return self.assets.load(list(rows), self.bulk_lead_ids)
         obj = self.object_def(object_name)
         fmap = obj.field_map
         # Values already in stored form skip coerce(): (python type, max length) per field.
@@ -292,6 +302,7 @@ class MarketoStore:
         lead_id = self._next_lead_id
         self._next_lead_id += 1
         values["id"] = lead_id
+        self.bulk_lead_ids.append(lead_id)
         values.setdefault("createdAt", now)
         values.setdefault("updatedAt", now)
         self._leads[lead_id] = values
@@ -299,6 +310,40 @@ class MarketoStore:
             value = values.get(name)
             if value is not None:
                 index.add(value, lead_id)
+
+    def _load_activities(self, rows: list[dict[str, Any]]) -> int:
+        """Generated history: ``{"leadIndex", "activityTypeId", "activityDate", ...}`` rows, in date order
+        before anything the API logs later (the log stays ordered by date)."""
+        items = []
+        with self.lock:
+            for n, row in enumerate(rows):
+                index = row["leadIndex"]
+                if not -len(self.bulk_lead_ids) <= index < len(self.bulk_lead_ids):
+                    raise StoreError(f"Marketo sandbox: bulk_load activity row {n}: no generated person {index}")
+                lead_id = self.bulk_lead_ids[index]
+                type_id = row["activityTypeId"]
+                field_name = row.get("field")
+                item: dict[str, Any] = {"leadId": lead_id, "activityDate": row["activityDate"],
+                                        "activityTypeId": type_id, "campaignId": None}
+                if type_id == NEW_LEAD:
+                    source = row.get("source", "web")
+                    item.update(primaryAttributeValueId=None, primaryAttributeValue=SOURCES.get(source, source),
+                                attributes=[{"name": "Source", "value": SOURCES.get(source, source)},
+                                            {"name": "Reason", "value": _REASONS.get(source, source)}])
+                elif type_id == CHANGE_DATA_VALUE and field_name:
+                    fid = self.field_ids.get(field_name)
+                    label = self.lead_object.field(field_name).label  # type: ignore[union-attr]
+                    new, old = row.get("newValue"), row.get("oldValue")
+                    item.update(primaryAttributeValueId=fid, primaryAttributeValue=label,
+                                fields=[{"id": fid, "name": field_name, "newValue": new, "oldValue": old}],
+                                attributes=[{"name": "New Value", "value": new}, {"name": "Old Value", "value": old},
+                                            {"name": "Reason", "value": _REASONS["UI"]},
+                                            {"name": "Source", "value": SOURCES["UI"]}])
+                else:
+                    raise StoreError(f"Marketo sandbox: bulk_load activity row {n}: unsupported activity {row!r}")
+                items.append(item)
+            self.activities.load_history(items)
+        return len(items)
 
     # ------------------------------------------------------------------ other objects
     def objects(self, object_name: str) -> Iterator[dict[str, Any]]:
