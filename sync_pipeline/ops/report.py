@@ -20,9 +20,12 @@ PUSH_STAGES = ("push_marketo", "push_dynamics")
 
 
 def target_filter(system: str) -> str:
-    """Failures a push asset owns: ``dynamics`` rows for the Dynamics push, every other target (``marketo``, and
-    any record-level class such as a quarantine filed under another target) for the Marketo push."""
-    return "target = 'dynamics'" if system == "dynamics" else "target IS DISTINCT FROM 'dynamics'"
+    """Failures a push asset owns: targets starting with ``dynamics`` (``dynamics``, ``dynamics:fields``) for the
+    Dynamics push, every other target (``marketo``, and any record-level class such as a quarantine filed under
+    another target) for the Marketo push."""
+    if system == "dynamics":
+        return "coalesce(target, '') LIKE 'dynamics%'"
+    return "coalesce(target, '') NOT LIKE 'dynamics%'"
 
 
 def reason_class_sql(column: str = "code") -> str:
