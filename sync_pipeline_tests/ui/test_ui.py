@@ -298,7 +298,8 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
                                                         or {}).get("status") == "FAILED", 300, 3)
             assert check_status(url, push_key("account"), "no_held_records")["evaluation"]["severity"] == "WARN"
             alerts = wait_for("an alert tick about held records", lambda: [
-                t for t in sensor_ticks(url, "alert_on_held_records") if "newly held" in (t["skipReason"] or "")],
+                t for t in sensor_ticks(url, "alert_on_held_records")
+                if "newly held record(s)" in (t["skipReason"] or "")],
                 180, 5)
             assert "no webhook configured" in alerts[0]["skipReason"]
             assert "notified" not in alerts[0]["skipReason"].split(";")[0]
