@@ -33,8 +33,8 @@ def _held_records(e: Entity, system: str) -> dg.AssetChecksDefinition:
     from sync_pipeline.ops import report
 
     @dg.asset_check(asset=push_key(e.name, system), name="no_held_records", pool=POOL,
-                    description=f"No `{e.name}` record bound for {system.title()} is held (failed past the retry limit, "
-                                "rejected or quarantined); `sync-pipeline errors` lists them with the reason.")
+                    description=f"No `{e.name}` record bound for {system.title()} is held (failed past the retry "
+                                "limit, rejected or quarantined); `sync-pipeline errors` lists them with the reason.")
     def check(state: SyncStateResource) -> dg.AssetCheckResult:
         with state.connect() as con:
             counts = report.failure_counts(con, e.name, system)

@@ -12,7 +12,8 @@ from sync_pipeline.cli import main
 from sync_pipeline.cli.ops import REQUIRED_SETTINGS
 
 
-def invoke(*args: str, columns: int = 100, env: dict[str, str | None] | None = None) -> "click.testing.Result":  # noqa: F821
+def invoke(*args: str, columns: int = 100,
+           env: dict[str, str | None] | None = None) -> "click.testing.Result":  # noqa: F821
     return CliRunner(env={"COLUMNS": str(columns), **(env or {})}).invoke(main, list(args), catch_exceptions=False)
 
 

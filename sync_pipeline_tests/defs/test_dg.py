@@ -38,8 +38,8 @@ def test_dg_list_defs_and_check_defs() -> None:
 
 def test_dg_and_workspace_yaml_use_one_code_location_name() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    pins = {line.split("==")[0].lower(): line.split("==")[1] for line in (ROOT / "constraints.txt").read_text().splitlines()
-            if "==" in line and not line.startswith("#")}
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    pins = {line.split("==")[0].lower(): line.split("==")[1] for line in lines if "==" in line and not line.startswith("#")}
     assert "dagster-dg-cli==1.13.27" in project["project"]["dependencies"] and pins["dagster-dg-cli"] == pins["dagster"]
     workspace = yaml.safe_load((ROOT / "workspace.yaml").read_text())
     names = [entry["python_module"]["location_name"] for entry in workspace["load_from"]]
