@@ -297,9 +297,10 @@ def _checks(result: Any) -> dict[tuple[str, str], tuple[bool, dict[str, Any]]]:
 def _code_versions_in_instance(instance: Any) -> dict[Any, str | None]:
     import dagster as dg
 
+    from sync_pipeline.defs.assets import plan_key
+
     out = {}
-    for record in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(["sync", "plan",
-                                                                                                "contact"])),
+    for record in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=plan_key("contact")),
                                                   limit=1).records:
         out[record.asset_key] = record.asset_materialization.tags.get("dagster/code_version")
     return out
@@ -475,7 +476,7 @@ def test_mapping_is_part_of_the_affected_assets_code_versions(world: World) -> N
     assert not unaffected & changed
     assert all(v and v.startswith("mapping-") for v in new.values())
     # The initial copy recorded the old mapping's version on its materializations: the UI compares them.
-    recorded = world.rec["v0_materializations"]["sync/plan/contact"]
+    recorded = world.rec["v0_materializations"]["/".join(plan_key("contact").path)]
     assert recorded == old[plan_key("contact")] != new[plan_key("contact")]
 
 
