@@ -71,8 +71,10 @@ class World:
                           "WHERE dynamics_id = ? ORDER BY seq", [dynamics_id])
 
     def check(self, result: Any, entity: str, name: str = "one_person_per_record") -> Any:
+        from sync_pipeline.defs.assets import push_key
+
         evaluations = [e for e in result.get_asset_check_evaluations()
-                       if e.asset_check_key.name == name and e.asset_key.path[-1] == entity]
+                       if e.asset_check_key.name == name and e.asset_key == push_key(entity)]
         assert evaluations, f"check {name} of {entity} did not run"
         return evaluations[-1]
 

@@ -71,7 +71,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         p["roles1"] = [r for r in sb.marketo_rows("opportunityRole", 100_000) if r.get("leadId") == pid["garbage"]]
         p["held_titles1"] = [(r["id"], r["title"]) for r in sb.marketo_rows("lead", 100_000)
                              if str(r.get("title", "")).startswith("Held edit")]
-        p["errors1"] = _cli(w, "errors")
+        p["errors1"] = _cli(w, "errors", "--full")
         p["status1"] = _cli(w, "status")
 
         # Repair: the duplicate person is deleted in Marketo; the next run releases the record by itself.
@@ -128,8 +128,12 @@ def test_quarantine_is_visible_in_errors_status_and_the_check(world: World) -> N
     p = world.p
     for did, code in _codes(world).items():
         assert did in p["errors1"] and code in p["errors1"]
-    row = [line for line in p["status1"].splitlines() if "contact " in line and "(Marketo)" not in line]
-    assert row and [c.strip() for c in row[0].split("│")][-3] == "5", p["status1"]  # the held column
+    lines = p["status1"].splitlines()
+    header = [c.strip() for c in next(line for line in lines if "entity" in line and "held" in line).split("┃")]
+    row = [line for line in lines if "contact " in line and "(Marketo)" not in line]
+    cells = [c.strip() for c in row[0].split("│")] if row else []
+    assert cells and cells[header.index("held")] == "5", p["status1"]
+    assert cells[header.index("quarantined")] == "5", p["status1"]
     evaluation = world.check(p["run1"], "contact")
     assert not evaluation.passed
     assert evaluation.severity.value == "WARN"  # per-record damage: a warning, nothing downstream blocked
