@@ -56,10 +56,23 @@ def permanent_errors_fail_fast() -> Iterator[None]:
     from sync_pipeline.clients.marketo import MarketoAuthError
     from sync_pipeline.config.model import ConfigError
 
+    from sync_pipeline.clients.dynamics import DynamicsError
+
     try:
         yield
     except (ConfigError, AuthenticationError, MarketoAuthError, guard.WrongEnvironmentError) as exc:
         raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
+    except DynamicsError as exc:
+        if exc.status != 400:  # a malformed query (e.g. a column the table lacks) fails the same way every time
+            raise
+        raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
+
+
+def run_config(context: Any, state: SyncStateResource, client: Any) -> SyncConfig:
+    """The run's configuration after the preflight checks (one metadata call per run, see ops/validate.py)."""
+    from sync_pipeline.ops.validate import prepare
+
+    return prepare(context.run_id, state.config, client)
 
 
 def _calls(client: Any) -> int:
@@ -132,7 +145,8 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
         with permanent_errors_fail_fast(), state.connect() as con:
             client = dynamics.get_client()
             before = _calls(client)
-            stats = steps.extract_dynamics(con, state.config, e, client, window.start, window.end,
+            cfg = run_config(context, state, client)
+            stats = steps.extract_dynamics(con, cfg, cfg.entity(e.name), client, window.start, window.end,
                                            context.partition_key_range.start, is_latest_window(context, window))
         context.log.info(f"{e.name}: {stats.mode}: {stats.rows} rows read, {stats.changed} changed, "
                          f"{stats.deleted} deleted")
@@ -199,7 +213,8 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
             client = marketo.get_client()
             before = _calls(client)
             guard_environment(con, state, dynamics, marketo)
-            stats = steps.push_marketo(con, state.config, e, client, context.run_id, final=not e.is_person)
+            cfg = run_config(context, state, dynamics.get_client())
+            stats = steps.push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id, final=not e.is_person)
         if stats.failed:
             context.log.warning(f"{e.name}: {stats.failed} records failed in Marketo: {stats.errors}")
         return dg.MaterializeResult(metadata=_meta(stats.as_metadata(), stats.ok,
@@ -220,7 +235,8 @@ def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.
             dclient, mclient = dynamics.get_client(), marketo.get_client()
             before = (_calls(dclient), _calls(mclient))
             guard_environment(con, state, dynamics, marketo)
-            stats = steps.push_dynamics(con, state.config, e, dclient, mclient, context.run_id)
+            cfg = run_config(context, state, dclient)
+            stats = steps.push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
         return dg.MaterializeResult(metadata=_meta(stats.as_metadata(), stats.ok,
                                                    {"dynamics": _calls(dclient) - before[0],
                                                     "marketo": _calls(mclient) - before[1]}))

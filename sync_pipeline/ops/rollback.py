@@ -114,6 +114,11 @@ def execute_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, items: 
                      marketo: Any, source_run: str, run_id: str | None = None) -> Outcome:
     """Write the ``restore`` items, record the successful ones in the ledger, return the failures."""
     outcome = Outcome(run_id or new_run_id())
+    if any(it.action == "restore" and it.target == "dynamics" for it in items):
+        from sync_pipeline.engine import orgmeta  # picklist labels -> codes come from the org's option sets
+
+        config = orgmeta.runtime_config(config, orgmeta.read_metadata(dynamics, orgmeta.mapped_tables(config),
+                                                                       config.sync.language))
     groups: dict[tuple[str, str], dict[tuple[str, str | None], list[Item]]] = defaultdict(lambda: defaultdict(list))
     for it in items:
         if it.action == "restore":
