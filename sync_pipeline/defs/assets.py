@@ -68,6 +68,12 @@ def permanent_errors_fail_fast() -> Iterator[None]:
         raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
 
 
+def prepare_persons(run_id: str, config: SyncConfig, client: Any) -> None:
+    from sync_pipeline.ops.validate import prepare_persons as check
+
+    check(run_id, config, client)
+
+
 def run_config(context: Any, state: SyncStateResource, client: Any) -> SyncConfig:
     """The run's configuration after the preflight checks (one metadata call per run, see ops/validate.py)."""
     from sync_pipeline.ops.validate import prepare
@@ -166,6 +172,7 @@ def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefi
         with permanent_errors_fail_fast(), state.connect() as con:
             client = marketo.get_client()
             before = _calls(client)
+            prepare_persons(context.run_id, state.config, client)
             stats = steps.extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
                                                   window.end.astimezone(timezone.utc),
                                                   is_latest_window(context, window),

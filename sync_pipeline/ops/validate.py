@@ -190,7 +190,8 @@ def _searchable(doc: dict[str, Any]) -> set[str]:
     return {s[0] for s in doc.get("searchableFields") or [] if len(s) == 1}
 
 
-def marketo_checks(config: SyncConfig, client: Any, meta: OrgMetadata | None) -> list[Check]:
+def marketo_checks(config: SyncConfig, client: Any, meta: OrgMetadata | None,
+                   entities: list[Entity] | None = None) -> list[Check]:
     from sync_pipeline.clients.marketo import MarketoError
 
     out: list[Check] = []
@@ -210,7 +211,7 @@ def marketo_checks(config: SyncConfig, client: Any, meta: OrgMetadata | None) ->
         return described[obj]
 
     custom = None
-    for e in config.entities:
+    for e in config.entities if entities is None else entities:
         obj = e.marketo.object
         standard = obj in _DESCRIBE or obj == config.sync.marketo_person_object
         if not standard and custom is None:
@@ -370,6 +371,22 @@ def errors(checks: list[Check]) -> list[Check]:
 _PREPARED: dict[tuple[str, str], SyncConfig] = {}
 
 
+def _failed(bad: list[Check]) -> ValidationFailed:
+    return ValidationFailed("preflight (sync-pipeline validate shows every check): " + "; ".join(
+        f"{c.message} (fix: {c.fix})" if c.fix else c.message for c in bad))
+
+
+def prepare_persons(run_id: str, config: SyncConfig, marketo: Any) -> None:
+    """The person extract's preflight: every mapped person field exists on the Marketo lead (one describe call
+    per run), so a missing field fails the run at once instead of a bulk export refused and retried."""
+    key = (run_id, "marketo:" + getattr(marketo, "base_url", ""))
+    if key not in _PREPARED:
+        bad = errors(marketo_checks(config, marketo, None, entities=config.persons))
+        if bad:
+            raise _failed(bad)
+        _PREPARED[key] = config
+
+
 def prepare(run_id: str, config: SyncConfig, dynamics: Any) -> SyncConfig:
     """The run's configuration (option labels from the org, filter column only where it exists), after the
     Dynamics checks; raises :class:`ValidationFailed` naming every error. Cached per run."""
@@ -378,8 +395,7 @@ def prepare(run_id: str, config: SyncConfig, dynamics: Any) -> SyncConfig:
         meta = orgmeta.read_metadata(dynamics, orgmeta.mapped_tables(config), config.sync.language)
         bad = errors(dynamics_checks(config, meta))
         if bad:
-            raise ValidationFailed("preflight (sync-pipeline validate shows every check): " + "; ".join(
-                f"{c.message} (fix: {c.fix})" if c.fix else c.message for c in bad))
+            raise _failed(bad)
         while len(_PREPARED) >= 8:
             _PREPARED.pop(next(iter(_PREPARED)))
         _PREPARED[key] = orgmeta.runtime_config(config, meta)
