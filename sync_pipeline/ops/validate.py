@@ -313,8 +313,7 @@ def marketo_access_checks(client: Any) -> list[Check]:
     try:
         # Usage statistics: https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/rest-api
         # (GET /rest/v1/stats/usage.json: today's calls per API user).
-        body = client._call("GET", "/rest/v1/stats/usage.json", "stats.usage")
-        used = sum(int(r.get("total", 0)) for r in body.get("result") or [])
+        used = sum(int(r.get("total", 0)) for r in client.usage())
         left = client.governor.daily_quota - used
         status: Status = "ok" if left > client.governor.daily_quota * 0.1 else "warning"
         out.append(Check(status, "marketo.quota", "marketo", f"{used:,} calls used today, {left:,} of "
