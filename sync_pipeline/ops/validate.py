@@ -271,7 +271,7 @@ def _marketo_field_checks(e: Entity, f: FieldMap, obj: str, fields: dict[str, di
     if _writes_marketo(e, f) and mf.get("updateable") is False:
         out.append(Check("error", "marketo.field", subject, f"{where} is not writable through the API",
                          "make the field updateable, or set direction: to_dynamics / none"))
-    if not e.is_person and f.transform in ("lookup", "owner") and obj not in _DESCRIBE and f.marketo not in links:
+    if not e.is_person and f.transform == "lookup" and obj not in _DESCRIBE and f.marketo not in links:
         out.append(Check("warning", "marketo.link", subject, f"{where}: a link field without a relationship on the "
                          "custom object, so Marketo will not show it as linked",
                          "add the relationship in the custom object's definition"))
@@ -280,12 +280,12 @@ def _marketo_field_checks(e: Entity, f: FieldMap, obj: str, fields: dict[str, di
     if attr is not None and attr.max_length and mlen:
         if _writes_marketo(e, f) and attr.max_length > int(mlen):
             out.append(Check("warning", "length", subject, f"Dynamics {tm.logical_name}.{f.dynamics} holds "
-                             f"{attr.max_length} characters, Marketo {obj}.{f.marketo} {mlen}: longer values are "
-                             "refused by Marketo", f"lengthen {f.marketo} in Marketo or shorten the column"))
+                             f"{attr.max_length} characters, Marketo {obj}.{f.marketo} {mlen}: a longer value does not "
+                             "fit", f"lengthen {f.marketo} in Marketo or shorten the column"))
         if _writes_dynamics(e, f) and int(mlen) > attr.max_length:
             out.append(Check("warning", "length", subject, f"Marketo {obj}.{f.marketo} holds {mlen} characters, "
-                             f"Dynamics {tm.logical_name}.{f.dynamics} {attr.max_length}: longer values are refused "
-                             "by Dynamics", f"lengthen {tm.logical_name}.{f.dynamics} or make the field to_marketo"))
+                             f"Dynamics {tm.logical_name}.{f.dynamics} {attr.max_length}: a longer value does "
+                             "not fit", f"lengthen {tm.logical_name}.{f.dynamics} or make the field to_marketo"))
     if not out:
         out.append(Check("ok", "marketo.field", subject, f"{where}: {dtype}"))
     return out

@@ -115,3 +115,41 @@ def test_option_labels_come_from_the_org_and_follow_a_rename(harness) -> None:
     written = harness.query("SELECT DISTINCT value_after FROM ledger WHERE run_id = ? AND field = 'leadSource'",
                             [result.run_id])
     assert written == [("Website",)]
+
+
+def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(tmp_path: Path, monkeypatch, env) -> None:
+    schema_file = tmp_path / "schema.yaml"
+    schema_file.write_text("dynamics:\n  tables:\n    opportunity: {change_tracking: false}\n")
+    with Sandbox(tmp_path / "sb", schema=load_schema(schema_file)) as sb:
+        _point_at(sb, monkeypatch)
+        out = CliRunner().invoke(main, ["validate", "--json"], catch_exceptions=False)
+        assert out.exit_code == 1  # change tracking off is an error
+        import json
+
+        checks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        by = {(c["check"], c["subject"]): c for c in checks}
+        assert by[("dynamics.tracking", "opportunity")]["status"] == "error"
+        assert "Track changes" in by[("dynamics.tracking", "opportunity")]["fix"]
+        # Dynamics lead.subject holds 300 characters, the Marketo field it fills 255: a warning naming both.
+        topic = by[("length", "lead.topic")]
+        assert topic["status"] == "warning"
+        assert "Dynamics lead.subject holds 300" in topic["message"] and "Marketo lead.topic 255" in topic["message"]
+        # Two-way the other way: Marketo's firstName (255) is longer than Dynamics' (50).
+        assert any(c["check"] == "length" and "Marketo lead.firstName holds 255" in c["message"]
+                   and "Dynamics lead.firstname 50" in c["message"] for c in checks)
+        for name in ("dynamics.login", "marketo.login", "marketo.activities", "marketo.bulk"):
+            assert any(c["check"] == name and c["status"] == "ok" for c in checks), name
+        assert any(c["check"] == "marketo.quota" for c in checks)
+        assert by[("dynamics.options", "lead.leadsourcecode")]["status"] == "ok"
+        assert by[("marketo.field", "lead.dynamicsId")]["status"] == "ok"  # the key is searchable
+        assert sb.settings()["DYNAMICS_CLIENT_SECRET"] not in out.output
+
+        # The same checks as a Dagster job users can run from the UI.
+        from sync_pipeline.defs.validate import VALIDATE_JOB
+
+        result = runs.definitions().resolve_job_def(VALIDATE_JOB).execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+        assert "change tracking is not enabled" in failure.event_specific_data.error.message
+        assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
