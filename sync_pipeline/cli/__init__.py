@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from sync_pipeline.cli.bench import bench
-from sync_pipeline.cli.connect import init, validate
+from sync_pipeline.cli.connect import backfill, init, validate
 from sync_pipeline.cli.demo import demo
 from sync_pipeline.cli.ops import errors, plan, rebaseline, rollback, status
 from sync_pipeline.cli.sandbox import bench_sandbox, sandbox
@@ -27,3 +27,4 @@ main.add_command(rebaseline)
 main.add_command(bench)
 main.add_command(validate)
 main.add_command(init)
+main.add_command(backfill)

@@ -109,3 +109,37 @@ def init(out_path: Path, write: bool, create_marketo_fields: bool, prefix: str) 
     out_path.write_text(text, encoding="utf-8")
     click.echo(f"wrote {out_path} (previous version: {backup})")
 
+
+
+@click.command("backfill")
+@CONFIG_OPTION
+@click.option("--scope", default="all", show_default=True,
+              help="all (every partition: the initial copy), latest, or START...END partition keys.")
+def backfill(config_path: str | None, scope: str) -> None:
+    """Run the sync job in this process over the partitions (the first backfill from the command line).
+
+    The run is recorded in the Dagster instance of DAGSTER_HOME when it is set (the UI shows it), else in a
+    temporary one. For a large org, prefer the UI's backfill (multi-run, 100 partitions a run)."""
+    import os
+
+    import dagster as dg
+
+    from sync_pipeline import runs
+
+    _config(config_path)  # a broken file fails here, naming the entity and field
+    if config_path:
+        os.environ["SYNC_CONFIG"] = config_path
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    result = runs.run_sync(instance, scope=scope, raise_on_error=False)
+    rows: dict[str, int] = {}
+    for key, md in runs.materialized_metadata(result).items():
+        rows[key] = int(md.get("dagster/row_count") or 0)
+    for key in sorted(rows):
+        click.echo(f"{key}: {rows[key]:,} rows")
+    if not result.success:
+        failures = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        for e in failures:
+            err = e.event_specific_data.error if e.event_specific_data else None
+            click.echo(f"failed: {e.step_key}: {err.message.strip() if err else 'see the run log'}", err=True)
+        raise click.ClickException(f"run {result.run_id} failed")
+    click.echo(f"run {result.run_id} succeeded")
