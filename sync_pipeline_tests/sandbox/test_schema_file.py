@@ -75,3 +75,32 @@ def test_sandbox_command_serves_the_schema_files_org(tmp_path: Path) -> None:
             assert client.count("new_events") == 12
             assert "new_synctomkto" not in {a["LogicalName"] for a in client.attributes("account", "LogicalName")}
         assert remote.populated["counts"]["dynamics.new_event"] == 12
+
+
+def test_marketo_schema_api_creates_lead_fields_as_documented(sandbox, tmp_path: Path) -> None:
+    from sync_pipeline.clients.marketo import MarketoClient
+    from sync_pipeline.sandbox.runner import Sandbox
+
+    s = sandbox.settings()
+    client = MarketoClient(s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"],
+                           verify=s.get("SYNC_CA_BUNDLE") or True)
+    results = client.create_lead_fields([
+        {"name": "shoeSize", "displayName": "Shoe Size", "dataType": "integer"},
+        {"name": "nickname", "displayName": "Nickname", "dataType": "string", "length": 40},
+        {"name": "email", "displayName": "Email 2", "dataType": "string"},  # the name exists
+        {"name": "bad", "displayName": "Bad", "dataType": "colour"},
+        {"name": "noDisplay", "dataType": "string"},
+    ])
+    assert [r["status"] for r in results] == ["created", "created", "skipped", "skipped", "skipped"]
+    assert "already exists" in results[2]["reasons"][0]["message"]
+    assert "dataType" in results[3]["reasons"][0]["message"] and "displayName" in results[4]["reasons"][0]["message"]
+    fields = {f["name"]: f for f in client.describe2()["fields"]}
+    assert (fields["nickname"]["dataType"], fields["nickname"]["length"]) == ("string", 40)
+    assert {f["rest"]["name"] for f in client.describe_leads()} >= {"shoeSize", "nickname"}
+    created = client.sync_leads([{"email": "shoe@example.org", "shoeSize": 44, "nickname": "Shoe"}])
+    assert created[0].ok
+    assert client.get_lead(created[0].id, ["shoeSize", "nickname"])["shoeSize"] == 44
+    # Another instance (another sandbox) has its own lead definition.
+    with Sandbox(tmp_path / "other") as other:
+        assert other.marketo.store.lead_object.field("shoeSize") is None
+    client.close()
