@@ -139,7 +139,8 @@ def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(tmp_path
                    and "Dynamics lead.firstname 50" in c["message"] for c in checks)
         for name in ("dynamics.login", "marketo.login", "marketo.activities", "marketo.bulk"):
             assert any(c["check"] == name and c["status"] == "ok" for c in checks), name
-        assert any(c["check"] == "marketo.quota" for c in checks)
+        quota = by[("marketo.quota", "marketo")]
+        assert quota["status"] == "ok" and "calls used today" in quota["message"] and " 0 calls" not in quota["message"]
         assert by[("dynamics.options", "lead.leadsourcecode")]["status"] == "ok"
         assert by[("marketo.field", "lead.dynamicsId")]["status"] == "ok"  # the key is searchable
         assert sb.settings()["DYNAMICS_CLIENT_SECRET"] not in out.output

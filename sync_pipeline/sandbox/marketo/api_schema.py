@@ -1,4 +1,4 @@
-"""Lead field management: ``POST /rest/v1/leads/schema/fields.json`` (create custom lead fields).
+"""Lead field management (``POST /rest/v1/leads/schema/fields.json``) and today's usage (``stats/usage.json``).
 
 Adobe, "Field Management" (https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/field-management):
 the body is ``{"input": [{"displayName", "name", "dataType", "description", "length", "isHidden",
@@ -6,6 +6,10 @@ the body is ``{"input": [{"displayName", "name", "dataType", "description", "len
 ``"skipped"`` with ``reasons``; the API user needs the Read-Write Schema Custom Field permission. A created
 field is a custom field of the lead: ``describe``/``describe2`` list it and records can carry it at once.
 Fields cannot be deleted through the API (only in Admin > Field Management).
+
+``GET /rest/v1/stats/usage.json`` (Adobe, "REST API" page, usage statistics): today's calls, ``[{"date",
+"total", "users": [{"userId", "count"}]}]``, counted by the sandbox's quota gate (the day ends at midnight
+US Central, as the 607 quota does); one API user.
 
 Simplifications: no permission model beyond the token; an input whose name or display name exists is skipped
 with a reason under code ``1009`` (the page does not pin that code down); no ``GET`` of the field list.
@@ -52,6 +56,14 @@ def register(sb: "MarketoSandbox") -> None:
                                         display_name=str(item["displayName"])))
             results.append({"name": name, "status": "created"})
         return ok(results)
+
+
+    @app.route("GET", r"/rest/v1/stats/usage\.json", "marketo.stats.usage")
+    def usage(req: Request) -> Response:
+        gate = sb.gate
+        total = gate.daily_calls
+        return ok([{"date": sb.clock.now().strftime("%Y-%m-%d"), "total": total,
+                    "users": [{"userId": sb.api_user, "count": total}]}])
 
 
 def _invalid(item: Any, store: Any) -> dict[str, str] | None:
