@@ -42,7 +42,7 @@ _SYSTEM_FIELDS = {"marketoGUID", "createdAt", "updatedAt", "dynamicsIsDeleted", 
 _SYSTEM_COLUMNS = {"createdon", "modifiedon", "versionnumber", "createdby", "modifiedby", "statuscode",
                    "importsequencenumber", "overriddencreatedon", "timezoneruleversionnumber",
                    "utcconversiontimezonecode", "owningbusinessunit", "owninguser", "owningteam"}
-_PERSON_TABLES = ("lead", "contact")
+TEMPLATE_EXAMPLES = {"project"}  # the packaged file's custom-entity example: not a native default
 _RELATED = {"lead": ("contact", "lead"), "company": ("account",), "opportunity": ("opportunity",)}
 HEADER = """\
 # Written by `sync-pipeline init` from the org's metadata (EntityDefinitions) and Marketo's describe
@@ -93,6 +93,12 @@ def _fmap(f: dict[str, Any]) -> str:
     return yaml.safe_dump(f, default_flow_style=True, sort_keys=False, width=10_000).strip()
 
 
+def _value(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        return _fmap(v)
+    return yaml.safe_dump(v, width=10_000).strip().removesuffix("...").strip()
+
+
 def _marketo_objects(mclient: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """(standard objects by name incl. the lead, custom objects by apiName), each with its describe."""
     from sync_pipeline.clients.marketo import MarketoError
@@ -119,8 +125,8 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
     tables = dclient.entity_definitions(select="LogicalName,EntitySetName,IsCustomEntity")
     custom_tables = sorted(t["LogicalName"] for t in tables if t.get("IsCustomEntity")
                            and t["LogicalName"].startswith(prefix))
-    native = [e for e in template["entities"] if not (e.get("dynamics") and e["dynamics"]["table"] in custom_tables)
-              and not str((e.get("dynamics") or {}).get("table", "")).startswith("new_")]
+    native = [e for e in template["entities"] if e["name"] not in TEMPLATE_EXAMPLES
+              and (e.get("dynamics") or {}).get("table") not in custom_tables]
     std_tables = [e["dynamics"]["table"] for e in native if e.get("dynamics")]
     meta = orgmeta.read_metadata(dclient, std_tables + custom_tables)
     std, custom = _marketo_objects(mclient)
@@ -331,15 +337,11 @@ def create_marketo_fields(mclient: Any, found: Discovery) -> list[tuple[str, str
 
 def render_data(sync: dict[str, Any], entities: list[dict[str, Any]], comments: dict[str, list[str]]) -> str:
     lines = [HEADER, "sync:"]
-    for k, v in sync.items():
-        lines.append(f"  {k}: {_fmap(v) if isinstance(v, (dict, list)) else yaml.safe_dump(v).strip().removesuffix('...').strip()}")
+    lines += [f"  {k}: {_value(v)}" for k, v in sync.items()]
     lines += ["", "entities:"]
     for e in entities:
         lines.append(f"  - name: {e['name']}")
-        for k, v in e.items():
-            if k in ("name", "fields", "extra_fields"):
-                continue
-            lines.append(f"    {k}: {_fmap(v) if isinstance(v, (dict, list)) else yaml.safe_dump(v).strip().removesuffix('...').strip()}")
+        lines += [f"    {k}: {_value(v)}" for k, v in e.items() if k not in ("name", "fields", "extra_fields")]
         for part in ("fields", "extra_fields"):
             if part not in e:
                 continue

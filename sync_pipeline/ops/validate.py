@@ -367,7 +367,13 @@ def errors(checks: list[Check]) -> list[Check]:
 
 
 # The sync's own runs: the Dynamics checks once per run, from one metadata call, and the run's configuration.
-_PREPARED: dict[tuple[str, str], SyncConfig] = {}
+_PREPARED: dict[tuple[str, str], SyncConfig | ValidationFailed] = {}
+
+
+def _remember(key: tuple[str, str], value: SyncConfig | ValidationFailed) -> None:
+    while len(_PREPARED) >= 16:
+        _PREPARED.pop(next(iter(_PREPARED)))
+    _PREPARED[key] = value
 
 
 def _failed(bad: list[Check]) -> ValidationFailed:
@@ -381,21 +387,20 @@ def prepare_persons(run_id: str, config: SyncConfig, marketo: Any) -> None:
     key = (run_id, "marketo:" + getattr(marketo, "base_url", ""))
     if key not in _PREPARED:
         bad = errors(marketo_checks(config, marketo, None, entities=config.persons))
-        if bad:
-            raise _failed(bad)
-        _PREPARED[key] = config
+        _remember(key, _failed(bad) if bad else config)
+    if isinstance(_PREPARED[key], ValidationFailed):
+        raise ValidationFailed(str(_PREPARED[key]))
 
 
 def prepare(run_id: str, config: SyncConfig, dynamics: Any) -> SyncConfig:
     """The run's configuration (option labels from the org, filter column only where it exists), after the
     Dynamics checks; raises :class:`ValidationFailed` naming every error. Cached per run."""
     key = (run_id, getattr(dynamics, "url", ""))
-    if key not in _PREPARED:
+    if key not in _PREPARED:  # the other steps of a failed run fail with the same message, no new call
         meta = orgmeta.read_metadata(dynamics, orgmeta.mapped_tables(config), config.sync.language)
         bad = errors(dynamics_checks(config, meta))
-        if bad:
-            raise _failed(bad)
-        while len(_PREPARED) >= 8:
-            _PREPARED.pop(next(iter(_PREPARED)))
-        _PREPARED[key] = orgmeta.runtime_config(config, meta)
-    return _PREPARED[key]
+        _remember(key, _failed(bad) if bad else orgmeta.runtime_config(config, meta))
+    found = _PREPARED[key]
+    if isinstance(found, ValidationFailed):
+        raise ValidationFailed(str(found))
+    return found
