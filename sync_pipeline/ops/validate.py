@@ -58,6 +58,10 @@ _DESCRIBE = {"company": "companies", "opportunity": "opportunities", "opportunit
              "salesPerson": "salespersons"}
 
 
+# Custom object relationships link to persons, companies and opportunities ("Custom Objects" page).
+_LINKABLE = ("lead", "contact", "account", "opportunity")
+
+
 class ValidationFailed(ConfigError):
     """A preflight check found an error no retry can fix; the message lists every such check."""
 
@@ -95,9 +99,13 @@ def dynamics_checks(config: SyncConfig, meta: OrgMetadata) -> list[Check]:
         where = f"entity {e.name!r}: table {table!r}"
         tm = meta.table(table)
         if tm is None:
-            out.append(Check("error", "dynamics.table", table, f"{where} does not exist in the org "
-                             f"({meta.missing.get(table, 'not found')})",
-                             "correct dynamics.table in entities.yaml (a logical name), or remove the entity"))
+            why = meta.missing.get(table, "not found")
+            if why.startswith("HTTP 404") or why == "not found":
+                out.append(Check("error", "dynamics.table", table, f"{where} does not exist in the org ({why})",
+                                 "correct dynamics.table in entities.yaml (a logical name), or remove the entity"))
+            else:
+                out.append(Check("error", "dynamics.table", table, f"{where} cannot be read ({why})",
+                                 "give the application user's security role read access to the table"))
             continue
         if tm.entity_set and tm.entity_set != e.dynamics.entity_set:
             out.append(Check("error", "dynamics.table", table, f"{where}: entity_set is "
@@ -271,7 +279,8 @@ def _marketo_field_checks(e: Entity, f: FieldMap, obj: str, fields: dict[str, di
     if _writes_marketo(e, f) and mf.get("updateable") is False:
         out.append(Check("error", "marketo.field", subject, f"{where} is not writable through the API",
                          "make the field updateable, or set direction: to_dynamics / none"))
-    if not e.is_person and f.transform == "lookup" and obj not in _DESCRIBE and f.marketo not in links:
+    if not e.is_person and f.transform == "lookup" and obj not in _DESCRIBE \
+            and f.target in _LINKABLE and f.marketo not in links:
         out.append(Check("warning", "marketo.link", subject, f"{where}: a link field without a relationship on the "
                          "custom object, so Marketo will not show it as linked",
                          "add the relationship in the custom object's definition"))
