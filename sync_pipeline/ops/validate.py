@@ -348,8 +348,13 @@ def connection_checks(config: SyncConfig, dynamics: Any, marketo: Any,
     meta: OrgMetadata | None = None
     try:
         who = dynamics.whoami()
-        out.append(Check("ok", "dynamics.login", dynamics.url, f"token and WhoAmI: organisation "
-                         f"{who.get('OrganizationId')}, application user {who.get('UserId')}"))
+        try:
+            org = dynamics.current_organization()
+            name = f"{org.get('FriendlyName')} ({org.get('UniqueName')}, version {org.get('OrganizationVersion')}, "
+        except DynamicsError:
+            name = "("
+        out.append(Check("ok", "dynamics.login", dynamics.url, f"token and WhoAmI: organisation {name}id "
+                         f"{who.get('OrganizationId')}), application user {who.get('UserId')}"))
         meta = orgmeta.read_metadata(dynamics, orgmeta.mapped_tables(config), config.sync.language)
         out += dynamics_checks(config, meta)
     except AuthenticationError as exc:

@@ -137,6 +137,8 @@ def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(tmp_path
         # Two-way the other way: Marketo's firstName (255) is longer than Dynamics' (50).
         assert any(c["check"] == "length" and "Marketo lead.firstName holds 255" in c["message"]
                    and "Dynamics lead.firstname 50" in c["message"] for c in checks)
+        login = next(c for c in checks if c["check"] == "dynamics.login")
+        assert "Sandbox Org (sandboxorg" in login["message"] and sb.dynamics.organization_id in login["message"]
         for name in ("dynamics.login", "marketo.login", "marketo.activities", "marketo.bulk"):
             assert any(c["check"] == name and c["status"] == "ok" for c in checks), name
         quota = by[("marketo.quota", "marketo")]
