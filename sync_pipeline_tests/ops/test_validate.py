@@ -50,7 +50,8 @@ def _entity(raw: dict, name: str) -> dict:
     return next(e for e in raw["entities"] if e["name"] == name)
 
 
-def test_a_table_without_the_filter_column_syncs_every_row(tmp_path: Path, monkeypatch, env) -> None:
+def test_a_table_without_the_filter_column_syncs_every_row_and_labels_follow_the_org(tmp_path: Path, monkeypatch,
+                                                                                      env) -> None:
     schema_file = tmp_path / "schema.yaml"
     schema_file.write_text(NO_FILTER_ON_ACCOUNT)
     with Sandbox(tmp_path / "sb", schema=load_schema(schema_file)) as sb:
@@ -61,16 +62,33 @@ def test_a_table_without_the_filter_column_syncs_every_row(tmp_path: Path, monke
         out = CliRunner().invoke(main, ["validate"], catch_exceptions=False)
         assert out.exit_code == 0, out.output
         assert "account.new_synctomkto" in out.output and "every row syncs" in out.output
-        result = runs.run_sync(dg.DagsterInstance.ephemeral(), scope="all")
-        assert result.success
+        instance = dg.DagsterInstance.ephemeral()
+        assert runs.run_sync(instance, scope="all").success
         accounts = {r["accountid"] for r in sb.dynamics_rows("account", 10_000)}
         companies = {c["externalCompanyId"] for c in sb.marketo_rows("company", 10_000)}
         assert accounts and accounts <= companies  # all of them, not only the ones flagged Yes
         # Contacts still have the column: an explicit No keeps a contact out, as before.
         excluded = [r["contactid"] for r in sb.dynamics_rows("contact", 10_000) if r.get("new_synctomkto") is False]
         assert excluded
-        persons = {p.get("dynamicsId") for p in sb.marketo_rows("lead", 100_000)}
-        assert not persons & set(excluded)
+        persons = {p.get("dynamicsId"): p for p in sb.marketo_rows("lead", 100_000)}
+        assert not set(persons) & set(excluded)
+
+        # Option labels come from the org's metadata, and a label an admin renames reaches the next sync.
+        leads = [r["leadid"] for r in sb.dynamics_rows("lead", 10_000) if r.get("leadsourcecode") == 8]
+        synced = [i for i in leads if i in persons]
+        assert synced and all(persons[i].get("leadSource") == "Web" for i in synced)
+        sb.dynamics.schema.set_option_label("lead", "leadsourcecode", 8, "Website")
+        result = runs.run_sync(instance, scope="latest")
+        assert result.success
+        persons = {p.get("dynamicsId"): p for p in sb.marketo_rows("lead", 100_000)}
+        assert all(persons[i].get("leadSource") == "Website" for i in synced)
+        # Exactly the renamed label was written: other codes' records were not touched.
+        from sync_pipeline.engine import state
+
+        with state.connect(tmp_path / "state.duckdb") as con:
+            written = con.execute("SELECT DISTINCT value_after FROM ledger WHERE run_id = ? AND field = 'leadSource'",
+                                  [result.run_id]).fetchall()
+        assert written == [("Website",)]
 
 
 def test_a_missing_column_fails_validate_and_the_run_at_once(sandbox: Sandbox, tmp_path: Path, monkeypatch,
@@ -95,26 +113,6 @@ def test_a_missing_column_fails_validate_and_the_run_at_once(sandbox: Sandbox, t
     assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     assert took < 30  # no retry backoff (the policy waits 10 s, then 20 s)
     assert sandbox.calls().get("dynamics.query", 0) == 0  # no data was read, let alone written
-
-
-def test_option_labels_come_from_the_org_and_follow_a_rename(harness) -> None:
-    sb = harness.sandbox
-    assert harness.run("all").success
-    leads = [r for r in sb.dynamics_rows("lead", 10_000) if r.get("leadsourcecode") == 8]
-    assert leads
-    by_dynamics = {p.get("dynamicsId"): p for p in sb.marketo_rows("lead", 100_000)}
-    synced = [r["leadid"] for r in leads if r["leadid"] in by_dynamics]
-    assert synced and all(by_dynamics[i].get("leadSource") == "Web" for i in synced)
-
-    sb.dynamics.schema.set_option_label("lead", "leadsourcecode", 8, "Website")
-    result = harness.run("latest")
-    assert result.success
-    by_dynamics = {p.get("dynamicsId"): p for p in sb.marketo_rows("lead", 100_000)}
-    assert all(by_dynamics[i].get("leadSource") == "Website" for i in synced)
-    # Exactly the renamed label was written: other codes' records were not touched.
-    written = harness.query("SELECT DISTINCT value_after FROM ledger WHERE run_id = ? AND field = 'leadSource'",
-                            [result.run_id])
-    assert written == [("Website",)]
 
 
 def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(tmp_path: Path, monkeypatch, env) -> None:
