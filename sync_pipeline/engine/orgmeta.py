@@ -105,25 +105,32 @@ def _options_of(doc: dict[str, Any], language: int | None) -> tuple[dict[int, st
     return {}, None, False
 
 
-def _requests(table: str) -> list[tuple[str, str]]:
+def _requests(table: str, casts: set[str] | None = None) -> list[tuple[str, str]]:
+    """The batch parts for one table: its definition and columns, then the type casts (all, or ``casts``)."""
     base = f"EntityDefinitions(LogicalName='{table}')"
     out = [("entity", f"{base}?$select=LogicalName,EntitySetName,DisplayName,IsCustomEntity,ChangeTrackingEnabled,"
                       "PrimaryIdAttribute,PrimaryNameAttribute&$expand=Attributes($select=LogicalName,AttributeType,"
                       "DisplayName,IsCustomAttribute,IsValidForUpdate,AttributeOf)")]
     for cast, select in _CASTS.items():
-        out.append((cast, f"{base}/Attributes/{NS}.{cast}?$select={select}"))
+        if casts is None or cast in casts:
+            out.append((cast, f"{base}/Attributes/{NS}.{cast}?$select={select}"))
     for cast in _OPTION_CASTS:
+        if casts is not None and cast not in casts:
+            continue
         out.append((cast, f"{base}/Attributes/{NS}.{cast}?$select=LogicalName"
                           "&$expand=OptionSet($select=Name,IsGlobal,Options),GlobalOptionSet($select=Name,IsGlobal,Options)"))
     return out
 
 
-def read_metadata(client: Any, tables: list[str], language: int | None = None) -> OrgMetadata:
-    """Every named table's definition, columns and options, in one ``$batch`` call."""
+def read_metadata(client: Any, tables: list[str], language: int | None = None,
+                  casts: dict[str, set[str]] | None = None) -> OrgMetadata:
+    """Every named table's definition, columns and options, in one ``$batch`` call. ``casts`` (table -> derived
+    types) narrows the type-cast parts to what the caller needs; by default every one is read."""
     from sync_pipeline.clients.dynamics import BatchRequest, DynamicsError
 
     tables = list(dict.fromkeys(tables))
-    plan = [(t, kind, url) for t in tables for kind, url in _requests(t)]
+    plan = [(t, kind, url) for t in tables
+            for kind, url in _requests(t, None if casts is None else casts.get(t, set()))]
     if not plan:
         return OrgMetadata({}, {})
     responses = client.execute_batch([BatchRequest("GET", url) for _, _, url in plan], continue_on_error=True,
@@ -207,3 +214,18 @@ def runtime_config(config: SyncConfig, meta: OrgMetadata) -> SyncConfig:
 
 def mapped_tables(config: SyncConfig) -> list[str]:
     return [e.dynamics.table for e in config.entities if e.dynamics is not None]
+
+
+def run_casts(config: SyncConfig) -> dict[str, set[str]]:
+    """What a sync run needs beyond the columns: the option sets of its picklist fields. The state and status
+    columns of every table are ``statecode`` and ``statuscode`` (their AttributeType is State / Status)."""
+    out: dict[str, set[str]] = {}
+    for e in config.entities:
+        if e.dynamics is None:
+            continue
+        need = out.setdefault(e.dynamics.table, set())
+        for f in e.all_fields:
+            if f.transform == "picklist":
+                need.add({"statecode": "StateAttributeMetadata",
+                          "statuscode": "StatusAttributeMetadata"}.get(f.dynamics, "PicklistAttributeMetadata"))
+    return out

@@ -411,7 +411,8 @@ def prepare(run_id: str, config: SyncConfig, dynamics: Any) -> SyncConfig:
     Dynamics checks; raises :class:`ValidationFailed` naming every error. Cached per run."""
     key = (run_id, getattr(dynamics, "url", ""))
     if key not in _PREPARED:  # the other steps of a failed run fail with the same message, no new call
-        meta = orgmeta.read_metadata(dynamics, orgmeta.mapped_tables(config), config.sync.language)
+        meta = orgmeta.read_metadata(dynamics, orgmeta.mapped_tables(config), config.sync.language,
+                                     casts=orgmeta.run_casts(config))
         bad = errors(dynamics_checks(config, meta))
         _remember(key, _failed(bad) if bad else orgmeta.runtime_config(config, meta))
     found = _PREPARED[key]
