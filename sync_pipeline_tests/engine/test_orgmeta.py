@@ -57,3 +57,11 @@ def test_a_renamed_label_rewrites_the_mirror_and_marks_the_rows_pending() -> Non
     rows = con.execute("SELECT id, f_leadSource, pending_seq IS NOT NULL FROM d_lead ORDER BY id").fetchall()
     assert rows == [("a", "Website", True), ("b", "Seminar", False), ("c", "Partner Portal", True)]
     assert steps.relabel_options(con, renamed) == 0  # nothing changed since
+
+
+def test_the_configured_language_picks_the_localized_label() -> None:
+    label = {"LocalizedLabels": [{"Label": "Web", "LanguageCode": 1033}, {"Label": "Webseite", "LanguageCode": 1031}],
+             "UserLocalizedLabel": {"Label": "Web", "LanguageCode": 1033}}
+    assert orgmeta.localized(label, 1031) == "Webseite"
+    assert orgmeta.localized(label, None) == "Web" and orgmeta.localized(label, 1036) == "Web"  # the user's label
+    assert orgmeta.localized({"LocalizedLabels": [], "UserLocalizedLabel": None}) == ""
