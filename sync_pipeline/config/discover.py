@@ -108,8 +108,8 @@ def _marketo_objects(mclient: Any) -> tuple[dict[str, dict[str, Any]], dict[str,
                        ("opportunityRole", "opportunities/roles"), ("salesPerson", "salespersons")):
         try:
             std[name] = mclient.describe_object(path)
-        except MarketoError:
-            std[name] = {}
+        except MarketoError as exc:  # e.g. disabled while Marketo's native CRM sync is on (Lead Database page)
+            std[name] = {"error": str(exc)}
     custom: dict[str, dict[str, Any]] = {}
     for c in mclient.list_custom_objects():
         custom[str(c["name"])] = mclient.describe_object(f"customobjects/{c['name']}") or c
@@ -150,8 +150,9 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
                 comments.append(f"the org's {tm.logical_name} table has no {flt} column: every row syncs")
         else:
             tm = None
-        if not mdoc:
-            out.notes.append(f"Marketo has no object {obj!r}: entity {e['name']!r} left out")
+        if not mdoc or "error" in mdoc:
+            why = f" ({mdoc['error']})" if mdoc and "error" in mdoc else ""
+            out.notes.append(f"Marketo has no object {obj!r}{why}: entity {e['name']!r} left out")
             names.discard(e["name"])
             continue
         mfields = _fields_of(mdoc)
