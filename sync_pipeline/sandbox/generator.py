@@ -46,7 +46,7 @@ class Scale:
     contacts: int
     leads: int
     opportunities: int
-    custom_rows: int  # per custom table (new_project)
+    custom_rows: int  # per custom table without its own `rows:` (the packaged new_project)
     marketo_share: float = 0.10  # Marketo-only persons, as a share of Dynamics leads + contacts
 
     @property
@@ -494,7 +494,7 @@ def _opportunities(org: _Org) -> Iterator[Row]:
 
 
 def _custom_rows(org: _Org, table: Table) -> Iterator[Row]:
-    """Fill any custom table by column type; lookups to account/contact keep contact and account paired."""
+    """A custom table's declared rows (`rows:`, else the scale's count), filled by column type."""
     rnd = org.rng.random
     ids = org.ids[table.logical_name]
     n_accounts = org.scale.accounts
