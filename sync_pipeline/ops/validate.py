@@ -58,6 +58,7 @@ _DESCRIBE = {"company": "companies", "opportunity": "opportunities", "opportunit
              "salesPerson": "salespersons"}
 
 
+GUID_LENGTH = 36  # a Dynamics id as text (lookups and keys hold them)
 # Custom object relationships link to persons, companies and opportunities ("Custom Objects" page).
 _LINKABLE = ("lead", "contact", "account", "opportunity")
 
@@ -247,6 +248,10 @@ def marketo_checks(config: SyncConfig, client: Any, meta: OrgMetadata | None,
             out.append(Check("error", "marketo.field", f"{obj}.{key}", f"entity {e.name!r}: key field {key!r} is "
                              "not searchable, so records cannot be looked up by it",
                              "make it a dedupe or searchable field of the object"))
+        elif fields[key].get("length") and int(fields[key]["length"]) < GUID_LENGTH:
+            out.append(Check("error", "marketo.field", f"{obj}.{key}", f"entity {e.name!r}: key field {key!r} holds "
+                             f"{fields[key]['length']} characters, a Dynamics id needs {GUID_LENGTH}",
+                             f"lengthen {key!r} to at least {GUID_LENGTH}"))
         else:
             out.append(Check("ok", "marketo.field", f"{obj}.{key}", f"entity {e.name!r}: key field exists and is "
                              "searchable"))
@@ -284,8 +289,11 @@ def _marketo_field_checks(e: Entity, f: FieldMap, obj: str, fields: dict[str, di
         out.append(Check("warning", "marketo.link", subject, f"{where}: a link field without a relationship on the "
                          "custom object, so Marketo will not show it as linked",
                          "add the relationship in the custom object's definition"))
-    attr = tm.attributes.get(f.dynamics) if tm is not None else None
     mlen = mf.get("length")
+    if f.transform in ("lookup", "owner", "customer_account") and mlen and int(mlen) < GUID_LENGTH:
+        out.append(Check("error", "marketo.field", subject, f"{where} holds {mlen} characters, a Dynamics id needs "
+                         f"{GUID_LENGTH}", f"lengthen {f.marketo!r} to at least {GUID_LENGTH}"))
+    attr = tm.attributes.get(f.dynamics) if tm is not None else None
     if attr is not None and attr.max_length and mlen:
         if _writes_marketo(e, f) and attr.max_length > int(mlen):
             out.append(Check("warning", "length", subject, f"Dynamics {tm.logical_name}.{f.dynamics} holds "
