@@ -301,8 +301,12 @@ def _missing_field(attr: orgmeta.Attribute, table: str) -> MissingField:
     transform = _TRANSFORMS.get(attr.type, "text")
     if transform == "datetime" and attr.datetime_behavior == "DateOnly":
         transform = "date"
-    dtype = _MARKETO_TYPES.get(transform, "string")
+    dtype = "currency" if attr.type == "Money" else _MARKETO_TYPES.get(transform, "string")
     length = None
+    if transform in ("lookup", "owner", "customer_account"):
+        return MissingField(name, label, "string", 36, attr.name, table)
+    if attr.type == "Memo":
+        return MissingField(name, label, "text", None, attr.name, table)
     if dtype == "string":
         length = min(attr.max_length or 255, 255)
         if (attr.max_length or 0) > 255:
