@@ -53,7 +53,7 @@ def compare(config: SyncConfig, dynamics_client: Any, marketo_client: Any, state
         state.ensure_schema(con, config)
         for e in config.entities:
             if not e.is_derived:
-                _read_dynamics(con, e, dynamics_client)
+                _read_dynamics(con, e, dynamics_client, extract.target_tables(config))
         _read_persons(con, config, marketo_client)
         diffs: list[Difference] = []
         for e in config.entities:
@@ -88,10 +88,11 @@ def _copy_state(con: duckdb.DuckDBPyConnection, config: SyncConfig, state_path: 
             con.execute(f"CREATE TABLE {qi('s_' + t)} AS SELECT * FROM data")
 
 
-def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any) -> None:
+def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any,
+                   tables: dict[str, str] | None = None) -> None:
     assert entity.dynamics is not None
     for page in client.iter_pages(entity.dynamics.entity_set, extract.dynamics_select(entity), annotations=True):
-        extract.ingest_dynamics_page(con, entity, page, "verify")
+        extract.ingest_dynamics_page(con, entity, page, "verify", tables)
 
 
 def _linked_ids(con: duckdb.DuckDBPyConnection, entities: Iterable[str]) -> list[str]:

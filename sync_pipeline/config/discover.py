@@ -271,6 +271,8 @@ def _field_for(attr: orgmeta.Attribute, meta: orgmeta.OrgMetadata, entities: set
         out.update(transform="lookup", target=target)
     elif transform != "text":
         out["transform"] = transform
+    if attr.datetime_behavior == "TimeZoneIndependent":  # the default for datetime is user_local
+        out["date_time_behavior"] = "time_zone_independent"
     return out
 
 

@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DEFAULT_PATH = Path(__file__).with_name("entities.yaml")
 
 Direction = Literal["two_way", "to_marketo", "to_dynamics", "none"]
-Policy = Literal["dynamics_wins", "marketo_wins", "latest", "prefer_non_blank", "hold"]
+Policy = Literal["dynamics_wins", "marketo_wins", "latest", "prefer_non_blank", "hold", "opt_out_sticky"]
+# How Dataverse stores a DateTime column (DateTimeAttributeMetadata.DateTimeBehavior): UserLocal values are
+# stored and returned in UTC, TimeZoneIndependent and DateOnly values are wall-clock / calendar values with no
+# zone (learn.microsoft.com/power-apps/developer/data-platform/behavior-format-date-time-attribute). New
+# columns default to UserLocal; a `date` field defaults to DateOnly.
+DateTimeBehavior = Literal["user_local", "time_zone_independent", "date_only"]
+# Consent: opted out is "true". Such a field never becomes false through the sync unless the side it comes
+# from changed from true to false since the last sync (README, rules).
+STICKY = "opt_out_sticky"
 Transform = Literal["text", "email", "boolean", "integer", "number", "datetime", "date", "picklist", "lookup",
                     "owner", "customer_account"]
 DeleteMode = Literal["flag", "delete", "ignore"]
@@ -42,6 +50,7 @@ class FieldMap(_Strict):
     transform: Transform = "text"
     options: dict[int, str] | None = None
     target: str | None = None
+    date_time_behavior: DateTimeBehavior | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "FieldMap":
@@ -52,7 +61,17 @@ class FieldMap(_Strict):
         # a code neither the org nor this map knows is rejected at run time, naming the record and field.
         if self.transform == "lookup" and not self.target:
             raise ValueError(f"field {self.marketo!r}: transform lookup needs a target entity")
+        if self.policy == STICKY and self.transform != "boolean":
+            raise ValueError(f"field {self.marketo!r}: policy {STICKY} applies to boolean (opt-out) fields only, "
+                             f"not transform {self.transform}")
+        if self.date_time_behavior and self.transform not in ("date", "datetime"):
+            raise ValueError(f"field {self.marketo!r}: date_time_behavior applies to date and datetime fields only")
         return self
+
+    @property
+    def behavior(self) -> str:
+        """The column's DateTimeBehavior (date and datetime fields)."""
+        return self.date_time_behavior or ("date_only" if self.transform == "date" else "user_local")
 
 
 class Condition(_Strict):
@@ -96,6 +115,8 @@ class Entity(_Strict):
     def _check(self) -> "Entity":
         if not _IDENT.match(self.name):
             raise ValueError(f"entity name {self.name!r} is not a valid identifier")
+        if self.policy == STICKY:
+            raise ValueError(f"policy {STICKY} is set per consent field (boolean), not for a whole entity")
         if self.derived_from is None and self.dynamics is None:
             raise ValueError("needs a dynamics block (or derived_from)")
         seen: set[str] = set()

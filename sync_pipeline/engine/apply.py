@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import fcol, qi
+from sync_pipeline.engine.state import fcol, latest_fields, qi
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ def _outcomes(rows: list[tuple], payload_op: str, results: list[Any], key: Calla
 def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
                      run_id: str, now: datetime) -> ApplyStats:
     stats = ApplyStats("marketo")
+    if entity.is_person:
+        _drop_raced_fields(con, config, entity, client, run_id, now)
     total = _planned_records(con, entity, "marketo")
     stats.records = total
     maps = _field_maps(config, entity)
@@ -144,6 +146,83 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
         _record_results(con, config, entity, "marketo", results, run_id, now, stats)
         _apply_local(con, config, entity, run_id, now)
     return stats
+
+
+RACE_READ = 300  # persons per read (Get Leads by id: up to 300 filter values, domain.md 3.4)
+
+
+def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
+                       run_id: str, now: datetime) -> None:
+    """A marketer may edit a person between our plan and our push. Sync Leads has no conditional update (no
+    etag, no If-Match), so before writing we re-read the persons we are about to update (one Get Leads call per
+    300 persons, only those with planned field updates) and compare each planned field with the value the plan
+    was made against. A field that moved is not written: the fresh value goes into the mirror, the person stays
+    pending, and the next plan resolves the two edits by the field's policy (e.g. the marketer's value on both
+    sides for leads). The race is recorded in the ledger (op ``race``, rule ``conflict:<policy>``).
+
+    Cheaper alternatives were rejected: ``updatedAt`` alone would also flag our own earlier writes and changes
+    to fields we do not write, and reading lead-change activities since the extract's token costs as many
+    calls as there were changes anywhere in the instance, not per person we write."""
+    from sync_pipeline.engine import extract
+
+    ids = [r[0] for r in con.execute(
+        """SELECT DISTINCT marketo_id FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+           AND rule <> 'identity' AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL ORDER BY 1""",
+        [entity.name]).fetchall()]
+    if not ids or not hasattr(client, "get_leads"):
+        return
+    fields = extract.marketo_person_fields(config)
+    for i in range(0, len(ids), RACE_READ):
+        fresh = client.get_leads("id", [int(x) for x in ids[i:i + RACE_READ]], fields)
+        extract.ingest_marketo_persons(con, config, list(fresh))
+    maps = {f.marketo: f for f in entity.all_fields}
+    planned = [r[0] for r in con.execute(
+        """SELECT DISTINCT field FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+           AND rule <> 'identity'""", [entity.name]).fetchall()]
+    parts = []
+    for name in planned:
+        f = maps.get(name)
+        if f is None:
+            continue
+        now_v = normalize.compare_expr(f, f"m.{fcol(name)}")
+        was_v = normalize.compare_expr(f, "p.old_value")
+        parts.append(f"""SELECT p.dynamics_id, p.marketo_id, p.field, p.old_value, m.{fcol(name)} AS now_value,
+                                {_race_rule(entity, f)} AS rule
+                         FROM plan p JOIN m_person m ON CAST(m.id AS VARCHAR) = p.marketo_id
+                         WHERE p.entity = {_sql_lit(entity.name)} AND p.target = 'marketo' AND p.op = 'update'
+                           AND p.field = {_sql_lit(name)} AND ({now_v}) IS DISTINCT FROM ({was_v})""")
+    if not parts:
+        return
+    con.execute(f"CREATE OR REPLACE TEMP TABLE raced AS {' UNION ALL '.join(parts)}")
+    n = con.execute("SELECT count(*) FROM raced").fetchone()[0]
+    if not n:
+        return
+    log.warning("%s: %d planned field write(s) to Marketo raced with an edit there; re-planned by policy",
+                entity.name, n)
+    con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+                                       value_before, value_after, rule)
+                   SELECT ?, ?, ?, dynamics_id, marketo_id, 'marketo', 'race', field, old_value, now_value, rule
+                   FROM raced""", [run_id, now, entity.name])
+    con.execute("""DELETE FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+                   AND (dynamics_id, field) IN (SELECT (dynamics_id, field) FROM raced)""", [entity.name])
+    # Policy latest: the marketer's edit is the field's newest Marketo change (the activity read later will
+    # find the mirror already holding the value and record nothing).
+    timed = latest_fields(entity)
+    if timed:
+        con.execute("""INSERT OR REPLACE INTO field_times SELECT 'm', r.marketo_id, r.field, m.updated_at
+                       FROM raced r JOIN m_person m ON CAST(m.id AS VARCHAR) = r.marketo_id
+                       WHERE r.field IN (SELECT unnest(?::VARCHAR[])) AND m.updated_at IS NOT NULL""", [timed])
+    # The mirror already holds the fresh values; make sure each raced person is planned again.
+    con.execute("""UPDATE m_person SET pending_seq = nextval('change_seq')
+                   WHERE CAST(id AS VARCHAR) IN (SELECT marketo_id FROM raced)""")
+
+
+def _race_rule(entity: Entity, f: FieldMap) -> str:
+    return _sql_lit(f"conflict:{entity.field_policy(f)}")
+
+
+def _sql_lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
 
 
 def _values(maps: dict[str, FieldMap], fields: list[str], vals: list[str | None], drop_null: bool) -> dict[str, Any]:
@@ -524,11 +603,24 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
                                          AND o.marketo_id = w.marketo_id AND o.dynamics_id = m_person.f_dynamicsId)""",
                     [e])
     # A failed write whose record was re-planned with nothing left to write to that target is resolved
-    # (e.g. a 412 re-read and settled by the policy); otherwise it would stay "failed" forever.
-    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND NOT f.held AND f.target IN ('marketo', 'dynamics')
+    # (e.g. a 412 re-read and settled by the policy, or a held record whose value was fixed back to what the
+    # other side holds); otherwise it would stay "failed" or "held" forever. A write that is still needed is
+    # planned again, so its failure stays.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.target IN ('marketo', 'dynamics')
                    AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
                    AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
                                    AND p.target = f.target AND p.op NOT IN ('agree', 'hold'))""", [e, e])
+    # A field held because its value could not be written (e.g. a picklist label with no option) clears once
+    # its record was planned again and this plan's push did not hold it again: the value was fixed (written,
+    # agreed, or reverted). Otherwise a released hold would stay "retrying" and in every work set for good.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.target = 'dynamics:fields'
+                   AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
+                   AND f.last_failed_at < (SELECT max(created_at) FROM plan_meta WHERE entity = ?)""", [e, e, e])
+    # Likewise a record rejected for a value Dynamics could not express, once a plan covered it without a reject.
+    con.execute("""DELETE FROM failures f WHERE f.entity = ? AND f.op = 'reject'
+                   AND f.dynamics_id IN (SELECT dynamics_id FROM plan_work WHERE entity = ?)
+                   AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
+                                   AND p.op = 'reject')""", [e, e])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
     return int(n[0]) if n else 0
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import fcol, next_seq, qi, utcnow
+from sync_pipeline.engine.state import fcol, latest_fields, next_seq, qi, utcnow
 
 LOOKUP_TYPE = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 PK = {"systemuser": "systemuserid", "team": "teamid", "teammembership": "teammembershipid"}
@@ -74,7 +74,7 @@ def _page_schema(entity: Entity) -> pa.Schema:
         fields["_originatingleadid_value"] = pa.string()
     for f in entity.all_fields:
         fields[wire_name(f)] = _arrow_type(f)
-        if f.transform in ("owner", "customer_account"):
+        if f.transform in ("owner", "customer_account", "lookup"):
             fields[wire_name(f) + LOOKUP_TYPE] = pa.string()
     return pa.schema(list(fields.items()))
 
@@ -94,8 +94,15 @@ def _coerce(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
         return pa.table(cols)
 
 
-def _dynamics_value_expr(entity: Entity, f: FieldMap) -> str:
+def _dynamics_value_expr(entity: Entity, f: FieldMap, tables: dict[str, str] | None = None) -> str:
     col = qi(wire_name(f))
+    if f.transform == "lookup":
+        # A polymorphic lookup (a Customer column such as parentcustomerid points at an account *or* a
+        # contact) carries the target's table in the lookuplogicalname annotation. Only the declared target
+        # becomes the Marketo link: a contact's id is no company (same rule as opportunities' customer).
+        typ = qi(wire_name(f) + LOOKUP_TYPE)
+        target = (tables or {}).get(f.target or "", f.target or "")
+        return f"CASE WHEN {typ} IS NULL OR {typ} = {_sql_text(target)} THEN lower({col}) END"
     if f.transform == "owner":  # only users become Marketo sales persons (domain.md section 5, item 18)
         typ = qi(wire_name(f) + LOOKUP_TYPE)
         return f"CASE WHEN {typ} = 'systemuser' THEN lower({col}) END"
@@ -105,12 +112,21 @@ def _dynamics_value_expr(entity: Entity, f: FieldMap) -> str:
     return normalize.dynamics_expr(f, col)
 
 
+def _sql_text(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def target_tables(config: SyncConfig) -> dict[str, str]:
+    """Entity name -> Dataverse table, for checking lookup targets."""
+    return {e.name: e.dynamics.table for e in config.entities if e.dynamics is not None}
+
+
 def _is_deleted_entry(row: dict[str, Any]) -> bool:
     return str(row.get("@odata.context", "")).endswith("$deletedEntity")
 
 
 def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: list[dict[str, Any]],
-                         partition_key: str) -> IngestStats:
+                         partition_key: str, tables: dict[str, str] | None = None) -> IngestStats:
     live = [r for r in rows if not _is_deleted_entry(r)]
     deleted = [r["id"] for r in rows if _is_deleted_entry(r) and "id" in r]
     stats = IngestStats(rows=len(rows))
@@ -128,7 +144,8 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
                 customer = (f"CASE WHEN {qi(wire_name(f) + LOOKUP_TYPE)} = 'contact' "
                             f"THEN lower({qi(wire_name(f))}) END")
         names = [fcol(f.marketo) for f in entity.all_fields]
-        exprs = [_dynamics_value_expr(entity, f) for f in entity.all_fields]
+        exprs = [_dynamics_value_expr(entity, f, tables) for f in entity.all_fields]
+        _record_field_times(con, entity, table, pk, mod, exprs, page)
         select = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, names))
         sets = ", ".join(f"{n} = excluded.{n}" for n in names)
         res = con.execute(f"""
@@ -149,6 +166,45 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
     if deleted:
         stats.deleted = mark_dynamics_deleted(con, entity, deleted, partition_key)
     return stats
+
+
+def _record_field_times(con: duckdb.DuckDBPyConnection, entity: Entity, table: str, pk: str, mod: str,
+                        exprs: list[str], page: pa.Table) -> None:
+    """Policy ``latest``: a field's time is the modified time of the first version read that showed its value."""
+    timed = set(latest_fields(entity))
+    if not timed:
+        return
+    con.register("ft_page", page)
+    try:
+        _field_times_sql(con, entity, table, pk, mod, exprs, timed)
+    finally:
+        con.unregister("ft_page")
+
+
+def _field_times_sql(con: duckdb.DuckDBPyConnection, entity: Entity, table: str, pk: str, mod: str,
+                     exprs: list[str], timed: set[str]) -> None:
+    for f, expr in zip(entity.all_fields, exprs):
+        if f.marketo not in timed:
+            continue
+        con.execute(f"""INSERT OR REPLACE INTO field_times
+            SELECT {_sql_text('d:' + entity.name)}, n.id, {_sql_text(f.marketo)}, n.modified_on
+            FROM (SELECT lower({pk}) AS id, versionnumber AS version, CAST({mod} AS VARCHAR) AS modified_on,
+                         {expr} AS v FROM ft_page
+                  QUALIFY row_number() OVER (PARTITION BY lower({pk}) ORDER BY versionnumber DESC) = 1) n
+            LEFT JOIN {table} t ON t.id = n.id
+            WHERE n.modified_on IS NOT NULL
+              AND (t.id IS NULL OR t.version IS NULL OR n.version > t.version OR t.deleted)
+              AND n.v IS DISTINCT FROM t.{fcol(f.marketo)}""")
+
+
+def record_marketo_field_times(con: duckdb.DuckDBPyConnection, times: list[tuple[int, str, str]]) -> None:
+    """(person id, field, activity time) of lead changes to fields with policy ``latest``."""
+    if not times:
+        return
+    tbl = pa.table({"id": [str(t[0]) for t in times], "field": [t[1] for t in times],  # noqa: F841
+                    "at": [t[2] for t in times]})
+    con.execute("""INSERT OR REPLACE INTO field_times SELECT 'm', id, field, max(at) FROM tbl
+                   GROUP BY id, field""")
 
 
 def mark_dynamics_deleted(con: duckdb.DuckDBPyConnection, entity: Entity, ids: Iterable[str],

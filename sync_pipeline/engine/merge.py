@@ -18,9 +18,9 @@ from typing import Any
 
 import duckdb
 
-from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
+from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import fcol, qi
+from sync_pipeline.engine.state import fcol, latest_fields, qi
 
 PERSON_STATES_LINKED = ("active", "converted")
 PLAN_SLICE = 50_000  # records per three-way join
@@ -129,12 +129,19 @@ def _link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: En
                         [now])
             con.execute("UPDATE identity SET state = 'converted' WHERE entity = 'lead' "
                         "AND dynamics_id IN (SELECT lead_id FROM q)")
-            shared = [f.marketo for f in entity.all_fields if f.marketo in
+            # The contact is a new record, not an edit of the lead: a field it holds with the lead's agreed
+            # value keeps that base; any other field starts without one, so a field the contact did not
+            # receive (blank) is no "Dynamics change" that would blank the person, and a value it carries
+            # that differs meets the person's as on a first link (policy decides; consent stays opted out).
+            shared = [f for f in entity.all_fields if f.marketo in
                       {g.marketo for g in config.entity("lead").all_fields}]
-            cols = ", ".join(fcol(c) for c in shared)
+            cols = ", ".join(fcol(f.marketo) for f in shared)
+            kept = ", ".join(
+                f"CASE WHEN {normalize.compare_expr(f, 'c.' + fcol(f.marketo))} IS NOT DISTINCT FROM "
+                f"{normalize.compare_expr(f, 'b.' + fcol(f.marketo))} THEN b.{fcol(f.marketo)} END" for f in shared)
             con.execute(f"""INSERT OR REPLACE INTO b_contact (dynamics_id, synced_at, run_id, {cols})
-                SELECT q.did, b.synced_at, b.run_id, {", ".join('b.' + fcol(c) for c in shared)}
-                FROM q JOIN b_lead b ON b.dynamics_id = q.lead_id""")
+                SELECT q.did, b.synced_at, b.run_id, {kept}
+                FROM q JOIN b_lead b ON b.dynamics_id = q.lead_id JOIN {d} c ON c.id = q.did""")
             summary.linked["qualification"] = int(n)
     if "email" in {f.marketo for f in entity.all_fields}:
         # First sync: an existing Marketo person with the same email is the same person, not a new one.
@@ -176,6 +183,13 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) 
                    "m.f_dynamicsId AS m_dynamicsId, m.f_dynamicsType AS m_dynamicsType") if entity.is_person else \
         "NULL AS m_id, false AS m_deleted, NULL AS m_updated, NULL AS m_seq, NULL AS m_dynamicsId, NULL AS m_dynamicsType"
     person_join = "LEFT JOIN m_person m ON CAST(m.id AS VARCHAR) = i.marketo_id" if entity.is_person else ""
+    for n, name in enumerate(latest_fields(entity)):  # per-field change times, for policy latest
+        sel.append(f"td{n}.changed_at AS {qi('dt_' + name)}")
+        sel.append(f"tm{n}.changed_at AS {qi('mt_' + name)}")
+        person_join += (f" LEFT JOIN field_times td{n} ON td{n}.side = {_lit('d:' + e)} AND td{n}.id = w.did"
+                        f" AND td{n}.field = {_lit(name)}"
+                        f" LEFT JOIN field_times tm{n} ON tm{n}.side = 'm' AND tm{n}.id = i.marketo_id"
+                        f" AND tm{n}.field = {_lit(name)}")
     contact_join = ("LEFT JOIN d_contact cc ON cc.id = d.customer_contact"
                     if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name
                     else "")
@@ -204,6 +218,29 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) 
 # ---- field decisions -----------------------------------------------------------------------------------------
 
 
+# Consent (policy opt_out_sticky, domain.md 1.19): "true" is opted out. An opt-in is written only where the
+# side it comes from itself changed from out to in since the last sync (base true, now false, the other side
+# untouched); a blank is never written over a value. Everything else keeps or spreads the opt-out.
+_STICKY_OUTCOME = """CASE WHEN NOT dc AND NOT mc THEN NULL
+        WHEN same THEN 'base'
+        WHEN dv = 'true' THEN CASE WHEN mc AND NOT dc AND bv = 'true' AND mv = 'false' THEN 'dynamics'
+                                   ELSE 'marketo' END
+        WHEN mv = 'true' THEN CASE WHEN dc AND NOT mc AND bv = 'true' AND dv = 'false' THEN 'marketo'
+                                   ELSE 'dynamics' END
+        WHEN dv IS NULL THEN 'dynamics'
+        WHEN mv IS NULL THEN 'marketo'
+        WHEN dc AND NOT mc THEN 'marketo'
+        WHEN mc AND NOT dc THEN 'dynamics'
+        ELSE NULL END"""
+
+
+def _one_way_sticky(outcome: str, source: str) -> str:
+    """A one-way consent field: never carry an opt-in or a blank over an opt-out the source did not revoke."""
+    v, other = ("dv", "mv") if source == "marketo" else ("mv", "dv")
+    return f"""CASE WHEN ({outcome}) = '{source}' AND {other} = 'true'
+                         AND NOT ({v} = 'false' AND bv = 'true') THEN NULL ELSE ({outcome}) END"""
+
+
 def _outcome_sql(entity: Entity, f: FieldMap) -> str:
     """CASE giving 'marketo' | 'dynamics' | 'base' | 'hold' | NULL for one field of a linked record."""
     direction, policy = entity.field_direction(f), entity.field_policy(f)
@@ -212,15 +249,20 @@ def _outcome_sql(entity: Entity, f: FieldMap) -> str:
     if not entity.is_person:  # one-way: push what changed in Dynamics since we last pushed it
         return "CASE WHEN dc THEN 'marketo' END"
     if direction == "to_marketo":
-        return "CASE WHEN dc AND same THEN 'base' WHEN dc THEN 'marketo' END"
+        out = "CASE WHEN dc AND same THEN 'base' WHEN dc THEN 'marketo' END"
+        return _one_way_sticky(out, "marketo") if policy == STICKY else out
     if direction == "to_dynamics":
-        return "CASE WHEN mc AND same THEN 'base' WHEN mc THEN 'dynamics' END"
+        out = "CASE WHEN mc AND same THEN 'base' WHEN mc THEN 'dynamics' END"
+        return _one_way_sticky(out, "dynamics") if policy == STICKY else out
+    if policy == STICKY:
+        return _STICKY_OUTCOME
     fallback = {"marketo_wins": "'dynamics'"}.get(entity.policy, "'marketo'")
     resolve = {
         "dynamics_wins": "'marketo'",
         "marketo_wins": "'dynamics'",
-        "latest": "CASE WHEN TRY_CAST(d_modified AS TIMESTAMPTZ) >= TRY_CAST(m_updated AS TIMESTAMPTZ) "
-                  "THEN 'marketo' ELSE 'dynamics' END",
+        # The later edit of this field wins: per-field times where known (field_times), else the records'.
+        "latest": "CASE WHEN TRY_CAST(COALESCE(dt, d_modified) AS TIMESTAMPTZ) >= "
+                  "TRY_CAST(COALESCE(mt, m_updated) AS TIMESTAMPTZ) THEN 'marketo' ELSE 'dynamics' END",
         "prefer_non_blank": f"CASE WHEN dv IS NULL THEN 'dynamics' WHEN mv IS NULL THEN 'marketo' ELSE {fallback} END",
         "hold": "'hold'",
     }[policy]
@@ -232,9 +274,16 @@ def _outcome_sql(entity: Entity, f: FieldMap) -> str:
 
 
 def _rule_sql(entity: Entity, f: FieldMap) -> str:
+    """The ledger's rule; evaluated where ``outcome`` is known."""
     direction, policy = entity.field_direction(f), entity.field_policy(f)
     if not entity.is_person or direction != "two_way":
+        if policy == STICKY and entity.is_person:
+            return f"CASE WHEN outcome IS NULL AND (dc OR mc) THEN '{STICKY}' ELSE '{direction}' END"
         return f"'{direction}'"
+    if policy == STICKY:  # a one-sided change the opt-out overruled is named as such
+        return (f"CASE WHEN dc AND mc AND NOT same THEN 'conflict:{STICKY}' "
+                f"WHEN (dc AND NOT mc AND outcome = 'dynamics') OR (mc AND NOT dc AND outcome = 'marketo') "
+                f"THEN '{STICKY}' ELSE 'two_way' END")
     return f"CASE WHEN dc AND mc AND NOT same THEN 'conflict:{policy}' ELSE 'two_way' END"
 
 
@@ -243,14 +292,19 @@ def _field_rows_sql(entity: Entity, f: FieldMap) -> str:
     cmp_b = normalize.compare_expr(f, qi("b_" + f.marketo))
     cmp_m = normalize.compare_expr(f, qi("m_" + f.marketo)) if entity.is_person else "CAST(NULL AS VARCHAR)"
     mv = qi("m_" + f.marketo) if entity.is_person else "CAST(NULL AS VARCHAR)"
-    return f"""SELECT did, marketo_id, etag, d_modified, m_updated, {_lit(f.marketo)} AS field,
-                      dv, mv, bv, {_outcome_sql(entity, f)} AS outcome, {_rule_sql(entity, f)} AS rule
-               FROM (SELECT did, marketo_id, etag, d_modified, m_updated,
+    timed = f.marketo in latest_fields(entity)
+    dt = qi("dt_" + f.marketo) if timed else "CAST(NULL AS VARCHAR)"
+    mt = qi("mt_" + f.marketo) if timed else "CAST(NULL AS VARCHAR)"
+    return f"""SELECT did, marketo_id, etag, d_modified, m_updated, field, dv, mv, bv, outcome,
+                      {_rule_sql(entity, f)} AS rule
+               FROM (SELECT *, {_outcome_sql(entity, f)} AS outcome
+                     FROM (SELECT did, marketo_id, etag, d_modified, m_updated, {_lit(f.marketo)} AS field,
                             {qi('d_' + f.marketo)} AS dv, {mv} AS mv, {qi('b_' + f.marketo)} AS bv,
+                            {dt} AS dt, {mt} AS mt,
                             ({cmp_d}) IS DISTINCT FROM ({cmp_b}) AS dc,
                             ({cmp_m}) IS DISTINCT FROM ({cmp_b}) AS mc,
                             ({cmp_d}) IS NOT DISTINCT FROM ({cmp_m}) AS same
-                     FROM j WHERE cls = 'update')"""
+                     FROM j WHERE cls = 'update'))"""
 
 
 def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,

@@ -15,21 +15,53 @@ from sync_pipeline.config.model import FieldMap
 INVALID = "\u2400invalid:"  # prefix of a value that cannot be represented; such records are rejected
 
 _NUMBER = "regexp_replace(printf('%.4f', {x}), '\\.?0+$', '')"
-_TS = "strftime(TRY_CAST({x} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%SZ')"
+
+# Time never depends on the host: DuckDB reads a string without an offset as the *session* time zone (the
+# host's), so no expression here casts such a string to TIMESTAMPTZ. A value with an offset is an instant
+# (converted to UTC); a value without one is read per the column's DateTimeBehavior (FieldMap.behavior):
+# UserLocal columns are stored and returned in UTC by Dataverse, so a bare value is UTC; TimeZoneIndependent
+# values are wall-clock times kept as written; DateOnly values are calendar dates, never shifted
+# (learn.microsoft.com/power-apps/developer/data-platform/behavior-format-date-time-attribute).
+_OFFSET = "'([0-9]{2}:[0-9]{2}(:[0-9]{2}([.][0-9]+)?)?) ?([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)$'"
+_DATE = "'^[0-9]{4}-[0-9]{2}-[0-9]{2}'"
+
+
+def _utc_ts(x: str) -> str:
+    """A TIMESTAMP (no zone) holding the UTC wall-clock time of ``x``; bare values are taken as UTC."""
+    return (f"CASE WHEN regexp_matches({x}, {_OFFSET}) THEN TRY_CAST({x} AS TIMESTAMPTZ) AT TIME ZONE 'UTC' "
+            f"ELSE TRY_CAST({x} AS TIMESTAMP) END")
+
+
+def _wall_ts(x: str) -> str:
+    """A TIMESTAMP holding the wall-clock time of ``x`` as written (any offset dropped, nothing converted)."""
+    return f"TRY_CAST(regexp_replace({x}, {_OFFSET}, '\\1') AS TIMESTAMP)"
+
+
+def _datetime_expr(f: FieldMap, x: str) -> str:
+    behavior = f.behavior
+    if f.transform == "date":
+        if behavior == "user_local":
+            return f"strftime({_utc_ts(x)}, '%Y-%m-%d')"
+        # DateOnly (and a zone-independent date): the calendar date as written.
+        return f"CASE WHEN regexp_matches({x}, {_DATE}) THEN strftime(TRY_CAST(substr({x}, 1, 10) AS DATE), '%Y-%m-%d') END"
+    if behavior == "date_only":
+        return (f"CASE WHEN regexp_matches({x}, {_DATE}) THEN "
+                f"strftime(TRY_CAST(substr({x}, 1, 10) AS DATE), '%Y-%m-%dT00:00:00Z') END")
+    ts = _wall_ts(x) if behavior == "time_zone_independent" else _utc_ts(x)
+    return f"strftime({ts}, '%Y-%m-%dT%H:%M:%SZ')"
 
 
 def _lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _shared_expr(t: str, x: str) -> str | None:
+def _shared_expr(f: FieldMap, x: str) -> str | None:
     """Numbers, dates and ids canonicalise the same way from either system (``x`` is the value as text)."""
+    t = f.transform
     if t == "number":
         return f"CASE WHEN {x} IS NULL THEN NULL ELSE {_NUMBER.format(x=f'TRY_CAST({x} AS DOUBLE)')} END"
-    if t == "datetime":
-        return _TS.format(x=x)
-    if t == "date":
-        return f"strftime(TRY_CAST({x} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%d')"
+    if t in ("datetime", "date"):
+        return _datetime_expr(f, x)
     if t in ("lookup", "customer_account", "owner"):
         return f"lower({x})"
     return None
@@ -40,8 +72,8 @@ def dynamics_expr(f: FieldMap, col: str) -> str:
     t = f.transform
     if t in ("text", "email"):
         return f"nullif(trim(CAST({col} AS VARCHAR)), '')"
-    if t == "boolean":
-        return f"CASE WHEN CAST({col} AS BOOLEAN) THEN 'true' ELSE 'false' END"
+    if t == "boolean":  # unset is unset, not "false" (an opt-out column nobody filled in is no opt-in)
+        return f"CASE WHEN {col} IS NULL THEN NULL WHEN CAST({col} AS BOOLEAN) THEN 'true' ELSE 'false' END"
     if t == "integer":
         return f"CAST(TRY_CAST({col} AS BIGINT) AS VARCHAR)"
     if t == "picklist":
@@ -50,7 +82,7 @@ def dynamics_expr(f: FieldMap, col: str) -> str:
             return f"CASE WHEN {col} IS NULL THEN NULL ELSE {_lit(INVALID)} || CAST({col} AS VARCHAR) END"
         return (f"CASE WHEN {col} IS NULL THEN NULL ELSE CASE TRY_CAST({col} AS BIGINT) {whens} "
                 f"ELSE {_lit(INVALID)} || CAST({col} AS VARCHAR) END END")
-    shared = _shared_expr(t, f"CAST({col} AS VARCHAR)")
+    shared = _shared_expr(f, f"CAST({col} AS VARCHAR)")
     if shared is None:
         raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
     return shared
@@ -63,10 +95,10 @@ def marketo_expr(f: FieldMap, col: str) -> str:
     if t in ("text", "email", "picklist"):
         return v
     if t == "boolean":
-        return f"CASE WHEN lower({v}) IN ('true', '1', 'yes') THEN 'true' ELSE 'false' END"
+        return f"CASE WHEN {v} IS NULL THEN NULL WHEN lower({v}) IN ('true', '1', 'yes') THEN 'true' ELSE 'false' END"
     if t == "integer":
         return f"CAST(TRY_CAST(TRY_CAST({v} AS DOUBLE) AS BIGINT) AS VARCHAR)"
-    shared = _shared_expr(t, v)
+    shared = _shared_expr(f, v)
     if shared is None:
         raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
     return shared

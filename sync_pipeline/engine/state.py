@@ -81,6 +81,12 @@ def open_connection(path: str | Path, read_only: bool = False, wait: float = LOC
             delay = min(delay * 2, 1.0)
 
 
+def latest_fields(entity: Entity) -> list[str]:
+    """Two-way person fields resolved by policy ``latest`` (their change times are tracked per field)."""
+    return [f.marketo for f in entity.all_fields
+            if entity.is_person and entity.field_policy(f) == "latest" and entity.field_direction(f) == "two_way"]
+
+
 def entity_columns(entity: Entity) -> list[str]:
     return [f.marketo for f in entity.all_fields]
 
@@ -138,6 +144,11 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     con.execute("""CREATE TABLE IF NOT EXISTS conflicts (entity VARCHAR, dynamics_id VARCHAR, marketo_id VARCHAR,
         field VARCHAR, dynamics_value VARCHAR, marketo_value VARCHAR, base_value VARCHAR, detected_at TIMESTAMP,
         run_id VARCHAR, PRIMARY KEY (entity, dynamics_id, field))""")
+    # When a field last changed on a side ("d:<entity>" or "m"), for policy `latest`: Marketo's lead-change
+    # activities carry a time per field; on Dynamics it is the modified time of the first extracted version
+    # that showed the value. Only fields with policy `latest` are tracked.
+    con.execute("""CREATE TABLE IF NOT EXISTS field_times (side VARCHAR, id VARCHAR, field VARCHAR,
+        changed_at VARCHAR, PRIMARY KEY (side, id, field))""")
     con.execute("""CREATE TABLE IF NOT EXISTS cursors (name VARCHAR PRIMARY KEY, value VARCHAR,
         updated_at TIMESTAMP)""")
     con.execute("CREATE TABLE IF NOT EXISTS environment (key VARCHAR PRIMARY KEY, value VARCHAR, pinned_at TIMESTAMP)")

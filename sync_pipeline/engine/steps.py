@@ -25,7 +25,7 @@ import pyarrow as pa
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import apply as apply_mod
 from sync_pipeline.engine import extract, merge, normalize
-from sync_pipeline.engine.state import fcol, get_cursor, next_seq, qi, record_stats, set_cursor, utcnow
+from sync_pipeline.engine.state import fcol, get_cursor, latest_fields, next_seq, qi, record_stats, set_cursor, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +78,18 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     if latest and delta:
         stats.mode = "delta"
         try:
-            new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats)
+            new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats, config)
         except _delta_expired_errors() as exc:
             log.warning("%s: delta link no longer valid (%s); falling back to a full read", entity.name, exc)
             set_cursor(con, delta_cursor(entity), None)
             stats.mode = "full (delta expired)"
-            new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True)
+            new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True,
+                                  config=config)
         set_cursor(con, delta_cursor(entity), new_link)
     elif latest:
         stats.mode = "full (first delta link)"
-        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=False)
+        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=False,
+                              config=config)
         set_cursor(con, delta_cursor(entity), new_link)
     elif modified:
         stats.mode = "window"
@@ -95,7 +97,7 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
         for page in client.iter_pages(entity.dynamics.entity_set, select, filter=flt,
                                       annotations=True):
             stats.pages += 1
-            stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key))
+            stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key, extract.target_tables(config)))
     else:
         stats.mode = "skipped (no modified-time column; read on the latest window)"
     return stats
@@ -139,7 +141,7 @@ def _delta_expired_errors() -> tuple[type[BaseException], ...]:
 
 
 def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str | None,
-             partition_key: str, stats: ExtractStats, seen: bool = False) -> str:
+             partition_key: str, stats: ExtractStats, seen: bool = False, config: SyncConfig | None = None) -> str:
     """Follow a delta link (or start change tracking with a full read); returns the next delta link."""
     assert entity.dynamics is not None
     pk = extract.primary_key(entity)
@@ -147,7 +149,8 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select
     buffer: list[dict[str, Any]] = []
 
     def flush() -> None:
-        stats.take(extract.ingest_dynamics_page(con, entity, buffer, partition_key))
+        stats.take(extract.ingest_dynamics_page(con, entity, buffer, partition_key,
+                                                extract.target_tables(config) if config else None))
         if seen and buffer:
             ids = pa.table({"id": [str(r.get(pk, "")).lower() for r in buffer]})  # noqa: F841
             con.execute("INSERT INTO seen_ids SELECT id FROM ids")
@@ -167,15 +170,15 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select
 
 
 def _ingest_changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str,
-                    partition_key: str, stats: ExtractStats) -> str:
-    return _changes(con, entity, client, select, delta, partition_key, stats)
+                    partition_key: str, stats: ExtractStats, config: SyncConfig | None = None) -> str:
+    return _changes(con, entity, client, select, delta, partition_key, stats, config=config)
 
 
 def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str],
-               partition_key: str, stats: ExtractStats, detect_deletes: bool) -> str:
+               partition_key: str, stats: ExtractStats, detect_deletes: bool, config: SyncConfig | None = None) -> str:
     if detect_deletes:
         con.execute("CREATE OR REPLACE TEMP TABLE seen_ids (id VARCHAR)")
-    link = _changes(con, entity, client, select, None, partition_key, stats, seen=detect_deletes)
+    link = _changes(con, entity, client, select, None, partition_key, stats, seen=detect_deletes, config=config)
     if detect_deletes:
         gone = [r[0] for r in con.execute(f"SELECT id FROM {qi('d_' + entity.name)} WHERE NOT deleted "
                                           "AND id NOT IN (SELECT id FROM seen_ids)").fetchall()]
@@ -213,11 +216,15 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     watch = [f for f in fields if f not in ("id", "updatedAt")]
     activities: dict[int, list[dict[str, Any]]] = {}
 
+    timed = {f for e in config.persons for f in latest_fields(e)}
+
     def flush() -> None:
-        rows, fetch = _apply_activities(con, watch, activities)
+        times: list[tuple[int, str, str]] = []
+        rows, fetch = _apply_activities(con, watch, activities, timed, times)
         for ids in _chunked(sorted(fetch), 300):  # persons we have never seen: read them whole
             rows += client.get_leads("id", ids, fields)
         stats.take(extract.ingest_marketo_persons(con, config, rows))
+        extract.record_marketo_field_times(con, times)
         activities.clear()
 
     for page in client.lead_changes(token, watch):
@@ -244,10 +251,13 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     return stats
 
 
-def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]]
+def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]],
+                      timed: set[str] | None = None, times: list[tuple[int, str, str]] | None = None
                       ) -> tuple[list[dict[str, Any]], set[int]]:
     """Known persons: the mirror plus each change's new value (no read; our own echoes compare equal and
-    change nothing). Unknown persons are returned to be read whole."""
+    change nothing). Unknown persons are returned to be read whole. For the ``timed`` fields (policy
+    latest), each change to a new value appends (person, field, activity time) to ``times``: Marketo's
+    lead-change activities carry the time per field (domain.md 3.5)."""
     cols = ", ".join(f'f_{f} AS "{f}"' for f in watch)
     ids = list(activities)
     known = {r[0]: r for r in con.execute(
@@ -263,10 +273,23 @@ def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activiti
         for a in sorted(acts, key=lambda a: (str(a.get("activityDate", "")), int(a.get("id") or 0))):
             row["updatedAt"] = a.get("activityDate")
             for change in a.get("fields") or []:
-                if change.get("name") in row:
-                    row[change["name"]] = change.get("newValue")
+                name = change.get("name")
+                if name in row:
+                    if timed and times is not None and name in timed and a.get("activityDate") and \
+                            _text_of(change.get("newValue")) != _text_of(row[name]):
+                        times.append((lead_id, name, str(a["activityDate"])))
+                    row[name] = change.get("newValue")
         rows.append(row)
     return rows, fetch
+
+
+def _text_of(v: Any) -> str | None:
+    """Loose comparison of a mirrored (canonical) and an activity (raw) value."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v).strip()
 
 
 def _chunked(items: list[Any], n: int) -> Iterator[list[Any]]:

@@ -161,7 +161,16 @@ def _column_checks(e: Entity, f: FieldMap, tm: orgmeta.TableMeta) -> list[Check]
                          f"syncs to Dynamics ({e.field_direction(f)})", "set direction: to_marketo on the field"))
     if f.transform == "picklist":
         out += _option_checks(e, f, attr, subject, where)
+    org_behavior = _BEHAVIORS.get(attr.datetime_behavior or "")
+    if f.transform in ("date", "datetime") and org_behavior and org_behavior != f.behavior:
+        out.append(Check("error", "dynamics.column", subject, f"{where}: the column's DateTimeBehavior is "
+                         f"{attr.datetime_behavior}, the field declares {f.behavior}, so times would shift",
+                         f"set date_time_behavior: {org_behavior} on the field"))
     return out
+
+
+# DateTimeAttributeMetadata.DateTimeBehavior values -> the field setting (config/model.py).
+_BEHAVIORS = {"UserLocal": "user_local", "TimeZoneIndependent": "time_zone_independent", "DateOnly": "date_only"}
 
 
 def _option_checks(e: Entity, f: FieldMap, attr: orgmeta.Attribute, subject: str, where: str) -> list[Check]:

@@ -121,6 +121,9 @@ PLACES = (  # (city, state/province, country, postal code)
     ("Bengaluru", "Karnataka", "India", "560001"), ("São Paulo", "SP", "Brazil", "01000-000"),
     ("Mexico City", "CDMX", "Mexico", "06000"), ("Dubai", "Dubai", "United Arab Emirates", "00000"),
 )
-MARKETO_SOURCES = ("Web Form", "Webinar", "Trade Show", "List Import", "Content Download", "Paid Social",
-                   "Organic Search", "Referral")
+# Labels of the Dynamics lead "Lead Source" option set (sandbox schema LEAD_SOURCE), so that persons that
+# become leads ("Sync Person to Microsoft") carry a source Dynamics can store: a generated org starts with no
+# held record (issue 9). Unmappable labels are made on purpose by the bad-input tests.
+MARKETO_SOURCES = ("Web", "Seminar", "Trade Show", "Advertisement", "Partner", "Word of Mouth",
+                   "Employee Referral", "Other")
 MARKETO_STATUSES = ("New", "Engaged", "Nurture", "MQL", "Recycled")

@@ -26,11 +26,12 @@ def canon(expr: str, values: list[Any], sql_type: str) -> list[str | None]:
     return [r[0] for r in con.execute(f"SELECT {expr} FROM t ORDER BY i").fetchall()]
 
 
-def test_booleans_from_both_sides_become_true_or_false() -> None:
+def test_booleans_from_both_sides_become_true_false_or_unset() -> None:
+    # Issue 9: an unset boolean is unset, not "false" (an opt-out column nobody filled in is no opt-in).
     assert canon(normalize.dynamics_expr(fm("boolean"), "v"), [True, False, None], "BOOLEAN") == \
-        ["true", "false", "false"]
+        ["true", "false", None]
     assert canon(normalize.marketo_expr(fm("boolean"), "v"), ["true", "1", "yes", "TRUE", "false", "0", "", None],
-                 "VARCHAR") == ["true", "true", "true", "true", "false", "false", "false", "false"]
+                 "VARCHAR") == ["true", "true", "true", "true", "false", "false", None, None]
 
 
 def test_numbers_drop_trailing_zeros_on_both_sides() -> None:
@@ -47,8 +48,29 @@ def test_datetimes_with_offsets_become_utc_z() -> None:
     expected = ["2026-08-01T10:00:00Z", "2026-08-01T10:00:00Z", "2026-08-01T10:00:00Z", None]
     assert canon(normalize.dynamics_expr(fm("datetime"), "v"), values, "VARCHAR") == expected
     assert canon(normalize.marketo_expr(fm("datetime"), "v"), values, "VARCHAR") == expected
-    assert canon(normalize.dynamics_expr(fm("date"), "v"), ["2026-08-01T00:00:00Z", "2026-08-01T23:30:00-02:00"],
+    # A UserLocal date is the UTC date of the instant; a DateOnly date (the default) is the date as written.
+    user_local = FieldMap(marketo="x", dynamics="x", transform="date", date_time_behavior="user_local")
+    assert canon(normalize.dynamics_expr(user_local, "v"), ["2026-08-01T00:00:00Z", "2026-08-01T23:30:00-02:00"],
                  "VARCHAR") == ["2026-08-01", "2026-08-02"]
+    assert canon(normalize.dynamics_expr(fm("date"), "v"), ["2026-08-01T00:00:00Z", "2026-08-01", None],
+                 "VARCHAR") == ["2026-08-01", "2026-08-01", None]
+
+
+@pytest.mark.parametrize("tz", ["Asia/Kolkata", "America/Los_Angeles", "UTC"])
+def test_canonical_times_do_not_depend_on_the_session_time_zone(tz: str) -> None:
+    """DuckDB reads a string without an offset in the session's (by default the host's) time zone; no
+    canonical form may depend on it (issue 9)."""
+    con = duckdb.connect()
+    con.execute(f"SET TimeZone = '{tz}'")
+    tzi = FieldMap(marketo="x", dynamics="x", transform="datetime", date_time_behavior="time_zone_independent")
+    cases = [(fm("date"), "2026-08-03", "2026-08-03"), (fm("date"), "2026-08-03T00:00:00Z", "2026-08-03"),
+             (fm("datetime"), "2026-08-03T10:00:00", "2026-08-03T10:00:00Z"),
+             (fm("datetime"), "2026-08-03T10:00:00+05:30", "2026-08-03T04:30:00Z"),
+             (tzi, "2026-08-03T10:00:00", "2026-08-03T10:00:00Z"), (tzi, "2026-08-03T10:00:00-07:00", "2026-08-03T10:00:00Z")]
+    for f, value, expected in cases:
+        for expr in (normalize.dynamics_expr(f, "v"), normalize.marketo_expr(f, "v")):
+            got = con.execute(f"SELECT {expr} FROM (SELECT ?::VARCHAR AS v)", [value]).fetchone()[0]
+            assert got == expected, (tz, f.transform, f.behavior, value)
 
 
 def test_picklist_codes_become_labels_and_unknown_codes_are_marked_invalid() -> None:

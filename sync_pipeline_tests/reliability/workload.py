@@ -20,6 +20,14 @@ OPS = ("d_update", "m_update", "conflict_same", "conflict_different", "d_insert_
        "m_delete_lead_person", "qualify", "m_create_person", "m_merge", "filter_flip", "account_update")
 WEIGHTS = (5, 5, 3, 3, 2, 1, 1, 1, 2, 1, 1, 3)
 
+# Consent (issue 9): a marketer opts a lead's person out (with notes and a home phone) and the lead is
+# qualified in a later round; an opted-out Marketo-only person gets a Dynamics contact with the same email
+# (first link) in a later round. Invariants: no opt-out reversed by the sync, no field blanked by it.
+OPS += ("opt_out_lead", "qualify_opted_out", "m_create_opted_out", "first_link_email")
+WEIGHTS += (1, 1, 1, 1)
+CONSENT_FIELDS = {"unsubscribed": "donotbulkemail", "doNotEmail": "donotemail", "doNotCall": "donotphone"}
+CONSENT_EXTRAS = {"personNotes": "description", "homePhone": "telephone2"}
+
 # Fault plan: >= 10% of API calls (identity endpoints excepted) fail in one of the ways real services fail.
 FAULT_RULES: list[dict[str, Any]] = [
     {"pattern": "marketo.leads.sync", "rate": 0.2, "faults": [
@@ -60,6 +68,11 @@ class Workload:
     merged_away: list[tuple[str, int]] = field(default_factory=list)  # (email, loser id): must not become leads
     ops: int = 0
     counter: int = 0
+    # Consent: (entity, Dynamics id) -> (Marketo id, extras that must survive); leads opted out awaiting a
+    # qualification; opted-out Marketo-only persons awaiting a contact (email -> (Marketo id, extras)).
+    opted_out: dict[tuple[str, str], tuple[int, dict[str, str]]] = field(default_factory=dict)
+    to_qualify: list[str] = field(default_factory=list)
+    to_link: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
 
     # ---- setup ---------------------------------------------------------------------------------
     def adopt_synced(self) -> None:
@@ -253,3 +266,101 @@ class Workload:
             self.sb.dynamics_update("contact", r.did, {"telephone1": self._text("phone", "d")})
             n += 1
         return n
+
+    # ---- consent (issue 9) -------------------------------------------------------------------------
+    def _consent_extras(self) -> dict[str, str]:
+        self.counter += 1
+        return {"personNotes": f"Opted out, note {self.counter}", "homePhone": f"+1 555 3{self.counter:06d}"}
+
+    def _opt_out_lead(self, touched: set[str]) -> bool:
+        """A marketer opts a lead's person out of everything and adds notes and a home phone."""
+        r = self._pick("lead", exclude=touched | set(self.to_qualify))
+        if r is None or r.mid is None:
+            return False
+        extras = self._consent_extras()
+        self.sb.marketo_update_lead(r.mid, {**{f: True for f in CONSENT_FIELDS}, **extras})
+        self.opted_out[("lead", r.did)] = (r.mid, extras)
+        self.to_qualify.append(r.did)
+        touched.add(r.did)
+        return True
+
+    def _qualify_opted_out(self, touched: set[str]) -> bool:
+        """A lead opted out in an earlier round is qualified: its contact takes over the opted-out person."""
+        ready = [d for d in self.to_qualify if d not in touched and self.records[d].marketo == "linked"]
+        if not ready:
+            return False
+        r = self.records[ready[0]]
+        self.to_qualify.remove(r.did)
+        created = self.sb.qualify_lead(r.did, create_account=False, create_contact=True)
+        cid = created["contact"]
+        row = self.sb.dynamics_get("contact", cid)
+        r.marketo = "retired"
+        self.records[cid] = Expect("contact", cid, {f: row.get(c) for f, c in PERSON_FIELDS.items()},
+                                   marketo="linked", mid=r.mid)
+        self.opted_out[("contact", cid)] = self.opted_out[("lead", r.did)]
+        touched.update({r.did, cid})
+        return True
+
+    def _m_create_opted_out(self, touched: set[str]) -> bool:
+        """An opted-out person exists only in Marketo (too cold to become a lead)."""
+        self.counter += 1
+        email = f"model.optout{self.counter}@example.net"
+        extras = self._consent_extras()
+        lead = self.sb.marketo_create_lead({"email": email, "firstName": "Opted", "lastName": f"Out{self.counter}",
+                                            "leadScore": 5, **{f: True for f in CONSENT_FIELDS}, **extras})
+        self.to_link[email] = (int(lead["id"]), extras)
+        return True
+
+    def _first_link_email(self, touched: set[str]) -> bool:
+        """A new Dynamics contact with that person's email and no consent columns: linked by email."""
+        if not self.to_link:
+            return False
+        email = sorted(self.to_link)[0]
+        mid, extras = self.to_link.pop(email)
+        did = str(uuid.UUID(int=self.rng.getrandbits(128)))
+        values = {"phone": self._text("phone", "d"), "title": self._text("title", "d")}
+        self.sb.dynamics_insert("contact", {"contactid": did, "firstname": "Opted", "lastname": "Linked",
+                                            "emailaddress1": email.upper(), "telephone1": values["phone"],
+                                            "jobtitle": values["title"]})
+        self.records[did] = Expect("contact", did, values, {"phone": "d", "title": "d"}, mid=mid)
+        self.opted_out[("contact", did)] = (mid, extras)
+        touched.add(did)
+        return True
+
+    def consent_violations(self, harness: Any) -> list[str]:
+        """Opted-out records are opted out on both sides with their notes and home phone; the ledger shows
+        no opt-out reversed and no value blanked by the sync (the workload never opts in nor blanks)."""
+        bad: list[str] = []
+        for (entity, did), (mid, extras) in sorted(self.opted_out.items()):
+            r = self.records.get(did)
+            if r is not None and r.marketo in ("tombstoned",):
+                continue
+            try:
+                person = self.sb.marketo_get_lead(mid)
+            except KeyError:
+                continue  # merged away by another operation
+            try:
+                row: dict[str, Any] | None = self.sb.dynamics_get(entity, did)
+            except KeyError:
+                row = None  # deleted in Dynamics meanwhile: the person keeps its consent
+            for f, col in CONSENT_FIELDS.items():
+                if person.get(f) is not True:
+                    bad.append(f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, opted out expected")
+                if row is not None and (r is None or r.marketo != "frozen") and row.get(col) is not True:
+                    bad.append(f"{entity} {did}.{col} is {row.get(col)!r}, opted out expected")
+            for f, col in CONSENT_EXTRAS.items():
+                if person.get(f) != extras[f]:
+                    bad.append(f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, "
+                               f"expected {extras[f]!r} (blanked?)")
+        consent = ", ".join(f"'{f}'" for f in ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax",
+                                                "doNotSendMarketingMaterial"))
+        for entity, did, target, f, before, after in harness.query(
+                f"""SELECT entity, dynamics_id, target, field, value_before, value_after FROM ledger
+                    WHERE op = 'update' AND field IN ({consent}) AND value_before = 'true'
+                      AND value_after IS DISTINCT FROM 'true'"""):
+            bad.append(f"opt-out reversed by the sync: {entity} {did} {target}.{f} {before!r} -> {after!r}")
+        for entity, did, target, f, before in harness.query(
+                """SELECT entity, dynamics_id, target, field, value_before FROM ledger
+                   WHERE op = 'update' AND value_after IS NULL AND value_before IS NOT NULL"""):
+            bad.append(f"field blanked by the sync: {entity} {did} {target}.{f} (was {before!r})")
+        return bad
