@@ -165,7 +165,7 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
 def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefinition:
     @dg.asset(key=PERSON_RAW, group_name="person", kinds={"marketo", "duckdb"}, retry_policy=RETRY,
               description="Mirror of Marketo persons: bulk extract by updatedAt for the initial copy, then "
-                          "lead-change and deleted-lead activities since the stored paging token.", **common)
+                          "lead-change, merge and deleted-lead activities since the stored paging token.", **common)
     def extract(context: dg.AssetExecutionContext, state: SyncStateResource,
                 marketo: MarketoResource) -> dg.MaterializeResult:
         window = context.partition_time_window
@@ -176,7 +176,8 @@ def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefi
             stats = steps.extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
                                                   window.end.astimezone(timezone.utc),
                                                   is_latest_window(context, window),
-                                                  work_dir=Path(state.work_dir) if state.work_dir else None)
+                                                  work_dir=Path(state.work_dir) if state.work_dir else None,
+                                                  run_id=context.run_id)
         return dg.MaterializeResult(metadata=_meta(stats.as_metadata(), stats.rows,
                                                    {"marketo": _calls(client) - before}))
 

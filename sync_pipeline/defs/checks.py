@@ -6,6 +6,7 @@ import dagster as dg
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.defs.assets import POOL, push_key
 from sync_pipeline.defs.resources import SyncStateResource
+from sync_pipeline.engine.merge import QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE
 
 MAX_REJECTED_RATE = 0.05
 
@@ -48,15 +49,35 @@ def _unique_person(config: SyncConfig, e: Entity) -> dg.AssetChecksDefinition:
 
     @dg.asset_check(asset=push_key(e.name), name="one_person_per_record", pool=POOL, blocking=True,
                     description="No Marketo person is linked to two live Dynamics records, and no Dynamics record "
-                                "owns two Marketo persons (duplicates created by the sync).")
+                                "owns two Marketo persons. A record with such damage is quarantined (held with "
+                                "the reason; the rest keeps syncing): the check warns with the count. It fails "
+                                f"with ERROR, blocking what runs downstream, only when the damage spans the run: "
+                                f"more than {QUARANTINE_BLOCK_FLOOR} quarantined records and more than "
+                                f"{QUARANTINE_BLOCK_SHARE:.0%} of the linked ones.")
     def check(state: SyncStateResource) -> dg.AssetCheckResult:
         with state.connect() as con:
             shared = con.execute(f"""SELECT count(*) FROM (SELECT marketo_id FROM identity
                 WHERE entity IN ({persons}) AND state = 'active' GROUP BY marketo_id HAVING count(*) > 1)""").fetchone()[0]
             twins = con.execute("""SELECT count(*) FROM (SELECT f_dynamicsId FROM m_person
                 WHERE NOT deleted AND f_dynamicsId IS NOT NULL GROUP BY f_dynamicsId HAVING count(*) > 1)""").fetchone()[0]
-        return dg.AssetCheckResult(passed=shared == 0 and twins == 0,
-                                   metadata={"persons_shared": int(shared), "dynamics_ids_twice": int(twins)})
+            linked = con.execute("SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'",
+                                 [e.name]).fetchone()[0]
+            by_code = dict(con.execute("""SELECT code, count(*) FROM failures WHERE entity = ?
+                AND target = 'quarantine' AND held GROUP BY code""", [e.name]).fetchall())
+            sample = con.execute("""SELECT dynamics_id, code, message FROM failures WHERE entity = ?
+                AND target = 'quarantine' ORDER BY last_failed_at DESC, dynamics_id LIMIT 10""", [e.name]).fetchall()
+        quarantined = int(sum(by_code.values()))
+        spans_run = quarantined > max(QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE * linked)
+        metadata: dict = {"quarantined": quarantined, "linked": int(linked), "persons_shared": int(shared),
+                          "dynamics_ids_twice": int(twins),
+                          "block_threshold": int(max(QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE * linked)),
+                          "sample": dg.MetadataValue.md("\n".join(f"- `{d}` {c}: {m}" for d, c, m in sample)
+                                                        or "none")}
+        metadata.update({f"quarantined/{code.split(':', 1)[-1]}": int(n) for code, n in sorted(by_code.items())})
+        return dg.AssetCheckResult(
+            passed=quarantined == 0 and shared == 0 and twins == 0,
+            severity=dg.AssetCheckSeverity.ERROR if spans_run else dg.AssetCheckSeverity.WARN,
+            metadata=metadata)
 
     return check
 

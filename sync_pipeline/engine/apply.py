@@ -247,7 +247,7 @@ def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: 
             updates.append((row, {"id": int(mid), **_values(maps, fields, vals, drop_null=False)}))
         elif op == "delete":
             deletes.append((row, {"id": int(mid)}))
-    out: list[Result] = []
+    out: list[Result] = [_merge_person(client, row) for row in rows if row[1] == "merge"]
     if creates:
         res = client.sync_leads([r for _, r in creates], action="createOrUpdate", lookup_field="dynamicsId")
         out += _outcomes([row for row, _ in creates], "create", res, lambda r: str(r.id) if r.id else None)
@@ -258,6 +258,19 @@ def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: 
         res = client.delete_leads([r["id"] for _, r in deletes])
         out += _outcomes([row for row, _ in deletes], "delete", res, lambda r: None)
     return out
+
+
+def _merge_person(client: Any, row: tuple) -> Result:
+    """A Dataverse merge folded two linked records into one: merge the subordinate's person (the plan row's
+    base value) into the master's (its Marketo id) with Merge Leads, so the human stays one person."""
+    from sync_pipeline.clients.marketo import MarketoError
+
+    did, op, winner, _etag, loser, _fields, _vals = row
+    try:
+        client.merge_leads(int(winner), [int(loser)])
+    except MarketoError as exc:
+        return Result(did, op, False, winner, exc.code, f"merge of person {loser} into {winner}: {exc.message}")
+    return Result(did, op, True, winner)
 
 
 def _push_objects(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
@@ -470,6 +483,7 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
             SELECT ?, did, COALESCE(mid, did), 'active', ?, 'created' FROM res WHERE ok AND op = 'create'""", [e, now])
         con.execute("""UPDATE identity SET state = 'deleted' WHERE entity = ? AND dynamics_id IN
             (SELECT did FROM res WHERE ok AND op IN ('delete', 'flag'))""", [e])
+        _on_merged(con, e, now)
     else:
         con.execute("""INSERT OR REPLACE INTO identity
             SELECT ?, did, mid, 'active', ?, 'created_in_dynamics' FROM res WHERE ok AND op = 'create'""", [e, now])
@@ -479,6 +493,16 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
     _advance_base(con, entity, "okp", run_id, now)
     if entity.is_person:
         _update_person_mirror(con, config, entity, target, run_id, now)
+
+
+def _on_merged(con: duckdb.DuckDBPyConnection, e: str, now: datetime) -> None:
+    """A merged subordinate's person is gone into the master's: its link retires, the loser is retired in the
+    mirror (``merged_into``; the Merge Leads activity read later finds nothing left to do)."""
+    con.execute("""UPDATE identity SET state = 'merged', marketo_id = okp.new_value FROM okp
+                   WHERE okp.op = 'merge' AND identity.entity = ? AND identity.dynamics_id = okp.dynamics_id""", [e])
+    con.execute("""UPDATE m_person SET deleted = true, merged_into = TRY_CAST(okp.new_value AS BIGINT),
+                   pending_seq = NULL, seen_at = ? FROM okp
+                   WHERE okp.op = 'merge' AND m_person.id = TRY_CAST(okp.old_value AS BIGINT)""", [now])
 
 
 def _advance_base(con: duckdb.DuckDBPyConnection, entity: Entity, source: str, run_id: str, now: datetime) -> None:
@@ -575,10 +599,13 @@ def _apply_local(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
             (SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'tombstone')""", [e, e])
         con.execute("""UPDATE identity SET state = 'deleted' WHERE entity = ? AND dynamics_id IN
             (SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'retire')""", [e, e])
+        # Merged in Dynamics (Merge): the subordinate's last state went out with this push; it syncs no more.
+        con.execute("""UPDATE identity SET state = 'merged' WHERE entity = ? AND dynamics_id IN
+            (SELECT dynamics_id FROM plan WHERE entity = ? AND target = 'state' AND op = 'merged')""", [e, e])
         con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field, value_before,
                                            value_after, rule)
             SELECT ?, ?, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, rule FROM plan
-            WHERE entity = ? AND op IN ('tombstone', 'retire', 'hold', 'reject')""", [run_id, now, e])
+            WHERE entity = ? AND op IN ('tombstone', 'retire', 'merged', 'hold', 'reject')""", [run_id, now, e])
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")

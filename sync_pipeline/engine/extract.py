@@ -20,6 +20,11 @@ from sync_pipeline.engine.state import fcol, latest_fields, next_seq, qi, utcnow
 
 LOOKUP_TYPE = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 PK = {"systemuser": "systemuserid", "team": "teamid", "teammembership": "teammembershipid"}
+# Tables Dataverse's ``Merge`` action applies to; a merged (subordinate) row is deactivated with ``merged`` =
+# true and ``masterid`` pointing at the row it was merged into ("Merge table rows using the Web API",
+# https://learn.microsoft.com/power-apps/developer/data-platform/webapi/merge-table-rows).
+MERGEABLE = ("account", "contact", "lead")
+MASTER = "_masterid_value"
 
 
 @dataclass
@@ -58,6 +63,8 @@ def dynamics_select(entity: Entity) -> list[str]:
         cols.append(entity.sync_filter_column)
     if entity.name == "contact":
         cols.append("_originatingleadid_value")
+    if entity.dynamics.table in MERGEABLE:
+        cols += [MASTER, "merged"]
     cols += [wire_name(f) for f in entity.all_fields]
     return list(dict.fromkeys(cols))
 
@@ -72,6 +79,8 @@ def _page_schema(entity: Entity) -> pa.Schema:
         fields[entity.sync_filter_column] = pa.bool_()
     if entity.name == "contact":
         fields["_originatingleadid_value"] = pa.string()
+    if entity.dynamics.table in MERGEABLE:
+        fields[MASTER], fields["merged"] = pa.string(), pa.bool_()
     for f in entity.all_fields:
         fields[wire_name(f)] = _arrow_type(f)
         if f.transform in ("owner", "customer_account", "lookup"):
@@ -138,6 +147,7 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
         mod = qi(entity.dynamics.modified_column) if entity.dynamics.modified_column else "NULL"
         flag = qi(entity.sync_filter_column) if entity.sync_filter_column else "NULL"
         origin = "lower(\"_originatingleadid_value\")" if entity.name == "contact" else "NULL"
+        master = f"CASE WHEN merged THEN lower({qi(MASTER)}) END" if entity.dynamics.table in MERGEABLE else "NULL"
         customer = "NULL"
         for f in entity.all_fields:
             if f.transform == "customer_account":
@@ -150,15 +160,15 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
         sets = ", ".join(f"{n} = excluded.{n}" for n in names)
         res = con.execute(f"""
             INSERT INTO {table} (id, version, modified_on, etag, deleted, sync_flag, origin_lead, customer_contact,
-                                 partition_key, seen_at, pending_seq, {", ".join(names)})
+                                 master_id, partition_key, seen_at, pending_seq, {", ".join(names)})
             SELECT lower({pk}), versionnumber, CAST({mod} AS VARCHAR), "@odata.etag", false, {flag}, {origin},
-                   {customer}, ?, ?, ?, {select}
+                   {customer}, {master}, ?, ?, ?, {select}
             FROM page
             QUALIFY row_number() OVER (PARTITION BY lower({pk}) ORDER BY versionnumber DESC) = 1
             ON CONFLICT (id) DO UPDATE SET version = excluded.version, modified_on = excluded.modified_on,
                 etag = excluded.etag, deleted = false, sync_flag = excluded.sync_flag,
                 origin_lead = excluded.origin_lead, customer_contact = excluded.customer_contact,
-                partition_key = excluded.partition_key, seen_at = excluded.seen_at,
+                master_id = excluded.master_id, partition_key = excluded.partition_key, seen_at = excluded.seen_at,
                 pending_seq = excluded.pending_seq, {sets}
             WHERE excluded.version > {table}.version OR {table}.version IS NULL OR {table}.deleted
         """, [partition_key, utcnow(), seq]).fetchone()
@@ -306,3 +316,125 @@ def mark_marketo_deleted(con: duckdb.DuckDBPyConnection, ids: Iterable[int]) -> 
         con.execute("INSERT INTO m_person (id, deleted, seen_at, pending_seq) VALUES (?, true, ?, ?)",
                     [i, utcnow(), seq])
     return (int(res[0]) if res else 0) + len(set(ids) - known)
+
+
+# ---- Marketo merges ---------------------------------------------------------------------------------------
+
+# "Merge Leads" (activity type 32 in ``GET /rest/v1/activities/types.json``; Adobe Marketo Engage developer
+# docs, REST API > Activities): logged on the winner (``leadId``), its "Merge ids" attribute lists the losers.
+MERGE_LEADS_TYPE = 32
+DELETE_LEAD_TYPE = 37  # "Delete Lead", what deletedleads.json returns (domain reference section 3.5)
+# Which Dynamics record keeps a merged person when several were linked to its persons: a contact before a
+# lead (the native sync prefers contacts: a lead's person becomes its contact's on qualification; with a
+# native CRM sync on, practitioners report that a merge of a CRM lead and a CRM contact always keeps the
+# contact), then the winner's own link, then the losers' links in the merge's order.
+KEEPER_RANK = {"contact": 0}
+
+
+@dataclass
+class MarketoMerge:
+    winner: int
+    losers: list[int]
+    date: str | None = None
+
+
+def parse_merge_activity(activity: dict[str, Any]) -> MarketoMerge | None:
+    """(winner, losers) from a Merge Leads activity, or None when it names no loser."""
+    try:
+        winner = int(activity.get("primaryAttributeValueId") or activity["leadId"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    raw = next((a.get("value") for a in activity.get("attributes") or []
+                if str(a.get("name", "")).lower() == "merge ids"), None)
+    losers: list[int] = []
+    for part in str(raw or "").replace(";", ",").split(","):
+        part = part.strip()
+        if part.isdigit() and int(part) != winner and int(part) not in losers:
+            losers.append(int(part))
+    return MarketoMerge(winner, losers, activity.get("activityDate")) if losers else None
+
+
+def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, merges: list[MarketoMerge],
+                         run_id: str | None) -> int:
+    """Follow Marketo merges: retire each loser in the mirror (``merged_into``: not a user's delete, so no
+    tombstone) and move the Dynamics links of the merged persons to the winner, one record keeping it.
+
+    A Dynamics record is never left pointing at a removed person and never shares one with another
+    record: the keeper (see KEEPER_RANK) is linked to the winner; any other record that was linked to one
+    of the merged persons is retired (identity state ``merged``, pointing at the winner), so it stops
+    syncing instead of writing into a person that now belongs to another record. Every change is in the
+    ledger (target ``state``, op ``relink`` / ``merge`` / ``merged``, rule ``marketo_merge``). A merge read
+    twice (a re-run after a crash) moves nothing the second time; the ledger notes it again.
+    """
+    persons = [e.name for e in config.persons]
+    if not merges or not persons:
+        return 0
+    now = utcnow()
+    moved = 0
+    ledger: list[tuple] = []
+    for m in merges:
+        ids = [str(m.winner)] + [str(i) for i in m.losers]
+        con.execute("""UPDATE m_person SET deleted = true, merged_into = ?, pending_seq = NULL, seen_at = ?
+                       WHERE id IN (SELECT unnest(?::BIGINT[])) AND merged_into IS DISTINCT FROM ?""",
+                    [m.winner, now, m.losers, m.winner])
+        links = con.execute(f"""SELECT entity, dynamics_id, marketo_id, state FROM identity
+            WHERE entity IN (SELECT unnest(?::VARCHAR[])) AND marketo_id IN (SELECT unnest(?::VARCHAR[]))""",
+                            [persons, ids]).fetchall()
+        active = [r for r in links if r[3] == "active"]
+        active.sort(key=lambda r: (KEEPER_RANK.get(r[0], 1), ids.index(r[2]), r[1]))
+        losers_text = ",".join(str(i) for i in m.losers)
+        for n, (entity, did, mid, state) in enumerate(active):
+            if n == 0:
+                if mid != str(m.winner):
+                    con.execute("""UPDATE identity SET marketo_id = ?, how = 'marketo_merge', linked_at = ?
+                                   WHERE entity = ? AND dynamics_id = ?""", [str(m.winner), now, entity, did])
+                    _keep_opt_outs(con, config, entity, did, m.winner)
+                # relink: the record moves from a loser to the winner; merge: it kept the winner, losers folded in
+                ledger.append((entity, did, str(m.winner), "relink" if mid != str(m.winner) else "merge",
+                               "marketo_id", mid if mid != str(m.winner) else losers_text, str(m.winner),
+                               "marketo_merge"))
+                _mark_pending(con, entity, did)
+            else:
+                con.execute("""UPDATE identity SET marketo_id = ?, state = 'merged', linked_at = ?
+                               WHERE entity = ? AND dynamics_id = ?""", [str(m.winner), now, entity, did])
+                ledger.append((entity, did, str(m.winner), "merged", "marketo_id", mid, str(m.winner),
+                               "marketo_merge"))
+            moved += 1
+        # Records no longer synced (converted, tombstoned, ...) still point at a live person.
+        con.execute("""UPDATE identity SET marketo_id = ? WHERE state <> 'active'
+                       AND entity IN (SELECT unnest(?::VARCHAR[])) AND marketo_id IN (SELECT unnest(?::VARCHAR[]))""",
+                    [str(m.winner), persons, [str(i) for i in m.losers]])
+        # The winner's values (and the Dynamics id Marketo may have copied onto it) are planned again.
+        con.execute("UPDATE m_person SET pending_seq = ? WHERE id = ?", [next_seq(con), m.winner])
+    if ledger:
+        con.executemany("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+                                               value_before, value_after, rule)
+                           VALUES (?, ?, ?, ?, ?, 'state', ?, ?, ?, ?, ?)""",
+                        [[run_id, now, *row] for row in ledger])
+    return moved
+
+
+# Consent fields (domain reference section 1.19): an opt-out both sides had agreed on survives a merge.
+CONSENT_FIELDS = ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax", "doNotSendMarketingMaterial")
+
+
+def _keep_opt_outs(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: str, did: str, winner: int) -> None:
+    """A record that moves to a merge winner keeps its agreed opt-outs: where its base says opted out and the
+    winner says opted in, the base takes the winner's value, so the plan sees the record's opt-out as the
+    change and writes it to the winner, instead of reading the winner's opt-in as a Marketo change that
+    would reverse the record's opt-out in Dynamics. (Marketo keeps the winner's non-empty values; a merge is
+    not the person opting in.)"""
+    e = config.by_name.get(entity)
+    if e is None:
+        return
+    fields = [f.marketo for f in e.all_fields if f.marketo in CONSENT_FIELDS and f.transform == "boolean"]
+    b = qi(f"b_{entity}")
+    for f in fields:
+        col = fcol(f)
+        con.execute(f"""UPDATE {b} SET {col} = m.{col} FROM m_person m
+                        WHERE {b}.dynamics_id = ? AND m.id = ? AND {b}.{col} = 'true'
+                          AND m.{col} IS DISTINCT FROM 'true'""", [did, winner])
+
+
+def _mark_pending(con: duckdb.DuckDBPyConnection, entity: str, dynamics_id: str) -> None:
+    con.execute(f"UPDATE {qi('d_' + entity)} SET pending_seq = ? WHERE id = ?", [next_seq(con), dynamics_id])

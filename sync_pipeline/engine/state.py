@@ -2,12 +2,15 @@
 
 Table layout (``<e>`` = entity name, ``f_<x>`` = canonical value of Marketo field ``x``):
 
-- ``d_<e>``      Dynamics mirror: id, version, modified_on, etag, deleted, sync_flag, aux columns, f_*,
+- ``d_<e>``      Dynamics mirror: id, version, modified_on, etag, deleted, sync_flag, aux columns (master_id:
+                 the record a Dataverse ``Merge`` folded this one into), f_*,
                  pending_seq (set when a newer version arrives; cleared once the change is applied)
 - ``m_person``   Marketo person mirror (shared by leads and contacts): id, updated_at, deleted, f_*,
-                 pending_seq
+                 pending_seq, merged_into (a person that lost a Marketo merge: retired, not deleted by a user;
+                 ``deleted`` is true for both, as the person is gone from Marketo, ``merged_into`` tells them apart)
 - ``b_<e>``      base: the last values both sides agreed on, per record and field (three-way merge)
-- ``identity``   Dynamics id <-> Marketo id per entity, with a state (active, converted, tombstoned, deleted)
+- ``identity``   Dynamics id <-> Marketo id per entity, with a state (active, converted, tombstoned, deleted,
+                 merged: the record lost a merge in either system and no longer syncs; its id points at the winner)
 - ``plan`` / ``plan_work``   the current plan per entity (field-level writes) and the records it covers
 - ``ledger``     every write: run, entity, ids, target, op, field, before, after, rule
 - ``failures``   per-record errors with the API's code and message, attempts, next retry, held flag
@@ -34,6 +37,8 @@ import duckdb
 from sync_pipeline.config.model import Entity, SyncConfig
 
 LOCK_WAIT_SECONDS = 120.0
+# Part of the stored schema digest: bump it when a table gains a column, so existing stores are extended.
+SCHEMA_VERSION = "merges-1"
 
 
 def utcnow() -> datetime:
@@ -93,7 +98,7 @@ def entity_columns(entity: Entity) -> list[str]:
 
 def ensure_schema(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     """Create or extend the tables for this configuration; a no-op when the stored schema is current."""
-    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    digest = hashlib.sha256((SCHEMA_VERSION + config.model_dump_json()).encode()).hexdigest()
     con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
     row = con.execute("SELECT value FROM schema_meta WHERE key = 'config'").fetchone()
     if row and row[0] == digest:
@@ -114,6 +119,7 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
                 deleted BOOLEAN DEFAULT false, sync_flag BOOLEAN, origin_lead VARCHAR, customer_contact VARCHAR,
                 partition_key VARCHAR, seen_at TIMESTAMP, pending_seq BIGINT {fdefs})""")
             _add_missing_columns(con, f"d_{e.name}", cols)
+            con.execute(f"ALTER TABLE {qi('d_' + e.name)} ADD COLUMN IF NOT EXISTS master_id VARCHAR")
         base_cols = cols if not e.is_derived else ["leadId", "role", "externalOpportunityId"]
         bdefs = "".join(f", {fcol(c)} VARCHAR" for c in base_cols)
         con.execute(f"CREATE TABLE IF NOT EXISTS {qi('b_' + e.name)} (dynamics_id VARCHAR PRIMARY KEY, "
@@ -125,6 +131,7 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     con.execute(f"""CREATE TABLE IF NOT EXISTS m_person (id BIGINT PRIMARY KEY, updated_at VARCHAR,
         deleted BOOLEAN DEFAULT false, seen_at TIMESTAMP, pending_seq BIGINT {pdefs})""")
     _add_missing_columns(con, "m_person", person_cols)
+    con.execute("ALTER TABLE m_person ADD COLUMN IF NOT EXISTS merged_into BIGINT")
     con.execute("""CREATE TABLE IF NOT EXISTS identity (entity VARCHAR, dynamics_id VARCHAR, marketo_id VARCHAR,
         state VARCHAR, linked_at TIMESTAMP, how VARCHAR, PRIMARY KEY (entity, dynamics_id))""")
     con.execute("""CREATE TABLE IF NOT EXISTS plan (run_id VARCHAR, entity VARCHAR, dynamics_id VARCHAR,

@@ -5,7 +5,8 @@ latest window follows the table's delta link, which also reports deletes. The fi
 with change tracking is a full read that yields the first delta link (one pass, the API floor); an
 expired link falls back to such a full read and marks rows that vanished meanwhile as deleted.
 Marketo persons: a paging token taken before anything is read, then lead-change activities (for the
-persons that changed) and deleted-lead activities; the initial copy uses bulk extract windows.
+persons that changed), then Merge Leads and Delete Lead activities (merges move links to the winners); the
+initial copy uses bulk extract windows.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ExtractStats:
     rows: int = 0
     changed: int = 0
     deleted: int = 0
+    merged: int = 0  # Dynamics links moved or retired by Marketo merges
     calls: dict[str, int] = field(default_factory=dict)
     relabeled: int = 0  # mirrored rows whose option label changed in the org's metadata
 
@@ -51,8 +53,13 @@ class ExtractStats:
         self.deleted += s.deleted
 
     def as_metadata(self) -> dict[str, Any]:
-        return {"mode": self.mode, "pages": self.pages, "rows_read": self.rows, "rows_changed": self.changed,
-                "rows_deleted": self.deleted, **({"rows_relabeled": self.relabeled} if self.relabeled else {})}
+        out = {"mode": self.mode, "pages": self.pages, "rows_read": self.rows, "rows_changed": self.changed,
+               "rows_deleted": self.deleted}
+        if self.merged:
+            out["links_moved_by_merges"] = self.merged
+        if self.relabeled:
+            out["rows_relabeled"] = self.relabeled
+        return out
 
 
 def _iso(dt: datetime) -> str:
@@ -190,11 +197,12 @@ def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, sele
 
 
 LEADCHANGES_CURSOR = "marketo:leadchanges"
-DELETED_CURSOR = "marketo:deletedleads"
+DELETED_CURSOR = "marketo:deletedleads"  # the position of the Delete Lead and Merge Leads activities read
 
 
 def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, start: datetime,
-                            end: datetime, latest: bool, work_dir: Path | None = None) -> ExtractStats:
+                            end: datetime, latest: bool, work_dir: Path | None = None,
+                            run_id: str | None = None) -> ExtractStats:
     stats = ExtractStats("person")
     token = get_cursor(con, LEADCHANGES_CURSOR)
     fields = extract.marketo_person_fields(config)
@@ -239,16 +247,63 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
             flush()
     if activities:
         flush()
-    deleted_token = get_cursor(con, DELETED_CURSOR) or token
-    gone: list[int] = []
-    for page in client.deleted_leads(deleted_token):
-        stats.pages += 1
-        gone += [int(a["leadId"]) for a in page.results if a.get("leadId") is not None]
-        deleted_token = page.next_page_token
-    stats.deleted += extract.mark_marketo_deleted(con, gone)
+    _reread_lost_persons(con, config, client, fields, stats)
+    deleted_token = _removals(con, config, client, get_cursor(con, DELETED_CURSOR) or token, fields, run_id, stats)
     set_cursor(con, LEADCHANGES_CURSOR, token)
     set_cursor(con, DELETED_CURSOR, deleted_token)
     return stats
+
+
+LOST_PERSONS_PER_RUN = 3000
+
+
+def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, fields: list[str],
+                         stats: ExtractStats) -> None:
+    """Linked persons missing from the mirror (a damaged or partly restored store) are read again, so their
+    records plan normally instead of staying quarantined; an id Marketo does not know stays quarantined."""
+    persons = [e.name for e in config.persons]
+    ids = [int(r[0]) for r in con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS mid FROM identity
+        WHERE state = 'active' AND entity IN (SELECT unnest(?::VARCHAR[])) AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL
+          AND TRY_CAST(marketo_id AS BIGINT) NOT IN (SELECT id FROM m_person) ORDER BY mid LIMIT ?""",
+                                          [persons, LOST_PERSONS_PER_RUN]).fetchall()]
+    rows: list[dict[str, Any]] = []
+    for chunk in _chunked(ids, 300):
+        rows += client.get_leads("id", chunk, fields)
+    if rows:
+        stats.take(extract.ingest_marketo_persons(con, config, rows))
+
+
+def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, token: str, fields: list[str],
+              run_id: str | None, stats: ExtractStats) -> str:
+    """Persons that left Marketo since ``token``: Merge Leads and Delete Lead activities, read together in
+    one ``activities.json`` call (up to 10 type ids per call; the Delete Lead activities are the ones
+    ``deletedleads.json`` serves, type 37), so following merges costs no extra call. Runs after the lead
+    changes (a winner's copied values are mirrored first); merges are applied before deletes. Returns the
+    new paging token."""
+    merges: list[extract.MarketoMerge] = []
+    gone: list[int] = []
+    for page in client.activities(token, [extract.MERGE_LEADS_TYPE, extract.DELETE_LEAD_TYPE]):
+        stats.pages += 1
+        for a in page.results or []:
+            kind = a.get("activityTypeId")
+            if kind == extract.MERGE_LEADS_TYPE:
+                merge = extract.parse_merge_activity(a)
+                if merge is not None:
+                    merges.append(merge)
+            elif kind == extract.DELETE_LEAD_TYPE and a.get("leadId") is not None:
+                gone.append(int(a["leadId"]))
+        token = page.next_page_token or token
+    if merges:
+        winners = sorted({m.winner for m in merges})
+        known = {r[0] for r in con.execute("SELECT id FROM m_person WHERE NOT deleted AND id IN "
+                                           "(SELECT unnest(?::BIGINT[]))", [winners]).fetchall()}
+        rows: list[dict[str, Any]] = []
+        for ids in _chunked([w for w in winners if w not in known], 300):  # a winner we never read: read it
+            rows += client.get_leads("id", ids, fields)
+        stats.take(extract.ingest_marketo_persons(con, config, rows))
+        stats.merged += extract.apply_marketo_merges(con, config, merges, run_id)
+    stats.deleted += extract.mark_marketo_deleted(con, gone)
+    return token
 
 
 def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]],

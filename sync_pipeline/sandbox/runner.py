@@ -238,6 +238,11 @@ class Sandbox:
         return self.dynamics.store.qualify_lead(lead_id, create_account, create_contact, create_opportunity,
                                                 modified_by=self.ui_user())
 
+    def dynamics_merge(self, table: str, target_id: str, subordinate_id: str,
+                       update_content: dict[str, Any] | None = None) -> None:
+        """A user merges two rows in Dynamics (the ``Merge`` action): the subordinate is deactivated."""
+        self.dynamics.store.merge(table, target_id, subordinate_id, update_content, modified_by=self.ui_user())
+
     # ------------------------------------------------------------------ Marketo, as a marketer in the UI
     def marketo_find_leads(self, field: str, value: Any) -> list[int]:
         return self.marketo.store.find_leads(field, value)

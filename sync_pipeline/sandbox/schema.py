@@ -121,6 +121,13 @@ def _person_columns() -> tuple[Column, ...]:
     )
 
 
+def _merge_columns(table: str) -> tuple[Column, ...]:
+    """Set only by the ``Merge`` action on the subordinate row: ``masterid`` (the row it was merged into) and
+    ``merged``; both read-only (Dataverse table reference: account / contact / lead columns)."""
+    return (Column("masterid", "Lookup", targets=(table,), read_only=True),
+            Column("merged", "Boolean", read_only=True))
+
+
 LEAD = Table(
     "lead", "leads", "leadid", "fullname",
     _system("leadid") + _person_columns() + (
@@ -135,7 +142,7 @@ LEAD = Table(
                                                      "No Longer Interested", "Canceled")),
         Column("parentaccountid", "Lookup", targets=("account",)),
         Column("parentcontactid", "Lookup", targets=("contact",)),
-    ),
+    ) + _merge_columns("lead"),
 )
 
 CONTACT = Table(
@@ -146,7 +153,7 @@ CONTACT = Table(
         Column("parentcustomerid", "Customer", targets=("account", "contact")),
         Column("originatingleadid", "Lookup", targets=("lead",)),
         Column("mkt_leadscore", "Integer"),
-    ),
+    ) + _merge_columns("contact"),
 )
 
 ACCOUNT = Table(
@@ -168,7 +175,7 @@ ACCOUNT = Table(
         Column("primarycontactid", "Lookup", targets=("contact",)),
         Column("originatingleadid", "Lookup", targets=("lead",)),
         Column("new_synctomkto", "Boolean"),
-    ),
+    ) + _merge_columns("account"),
 )
 
 OPPORTUNITY = Table(

@@ -150,6 +150,29 @@ def check(harness: Any, work: Workload, figures: Figures) -> None:
     dupes = harness.query("""SELECT marketo_id, count(*) FROM identity WHERE entity IN ('lead', 'contact')
                              AND state = 'active' GROUP BY marketo_id HAVING count(*) > 1""")
     bad += [f"Marketo person {m} claimed by {n} active Dynamics records" for m, n in dupes]
+    check_merges(harness, work, figures)
+
+
+def check_merges(harness: Any, work: Workload, figures: Figures) -> None:
+    """Merges on both sides (issue 9): no record follows a removed person, none is quarantined by mistake."""
+    sb, bad = harness.sandbox, figures.violations
+    live = {str(p["id"]) for p in sb.marketo_rows("lead", limit=1_000_000)}
+    for entity, did, mid, state in harness.query(
+            """SELECT entity, dynamics_id, marketo_id, state FROM identity WHERE entity IN ('lead', 'contact')
+               AND state IN ('active', 'merged') AND marketo_id IS NOT NULL"""):
+        if mid not in live:
+            bad.append(f"{entity} {did} ({state}) points at Marketo person {mid}, which no longer exists")
+    for loser, winner in work.merged_persons:
+        figures.records_checked += 1
+        if str(loser) in live:
+            bad.append(f"Marketo person {loser} merged into {winner} still exists")
+    for sub, master in work.merged_accounts:
+        figures.records_checked += 1
+        state = harness.query("SELECT state FROM identity WHERE entity = 'account' AND dynamics_id = ?", [sub])
+        if state != [("merged",)]:
+            bad.append(f"account {sub} merged into {master} in Dynamics: link state {state}, expected merged")
+    bad += [f"{e} {d} quarantined: {c} {m}" for e, d, c, m in harness.query(
+        "SELECT entity, dynamics_id, code, message FROM failures WHERE target = 'quarantine'")]
 
 
 def _state_of(harness: Any, entity: str, did: str, mid: int, f: str) -> str:

@@ -19,6 +19,10 @@ ACCOUNT_FIELDS = {"mainPhone": "telephone1"}
 OPS = ("d_update", "m_update", "conflict_same", "conflict_different", "d_insert_contact", "d_delete_contact",
        "m_delete_lead_person", "qualify", "m_create_person", "m_merge", "filter_flip", "account_update")
 WEIGHTS = (5, 5, 3, 3, 2, 1, 1, 1, 2, 1, 1, 3)
+# Merges on both sides (issue 9): Marketo merges of linked persons, Dataverse Merge of contacts and accounts.
+MERGE_OPS = ("m_merge_linked_loser", "m_merge_lead_contact", "d_merge_contacts", "d_merge_accounts")
+MERGE_WEIGHTS = (1, 1, 1, 1)
+OPS, WEIGHTS = OPS + MERGE_OPS, WEIGHTS + MERGE_WEIGHTS
 
 # Consent (issue 9): a marketer opts a lead's person out (with notes and a home phone) and the lead is
 # qualified in a later round; an opted-out Marketo-only person gets a Dynamics contact with the same email
@@ -66,6 +70,8 @@ class Workload:
     records: dict[str, Expect] = field(default_factory=dict)
     new_persons: dict[str, int] = field(default_factory=dict)  # email -> Marketo id (must become a lead)
     merged_away: list[tuple[str, int]] = field(default_factory=list)  # (email, loser id): must not become leads
+    merged_persons: list[tuple[int, int]] = field(default_factory=list)  # (loser id, winner id) of merged persons
+    merged_accounts: list[tuple[str, str]] = field(default_factory=list)  # (subordinate, master) Dataverse merges
     ops: int = 0
     counter: int = 0
     # Consent: (entity, Dynamics id) -> (Marketo id, extras that must survive); leads opted out awaiting a
@@ -266,6 +272,74 @@ class Workload:
             self.sb.dynamics_update("contact", r.did, {"telephone1": self._text("phone", "d")})
             n += 1
         return n
+
+    # ---- merges (issue 9) ----------------------------------------------------------------------
+    def _m_merge_linked_loser(self, touched: set[str]) -> bool:
+        """A synced person loses a merge to a new Marketo-only person: the link must move to the winner.
+
+        The winner carries no checked field, so Marketo fills them (and the Dynamics id) from the loser and
+        the expected values stay; the record's person becomes the winner."""
+        r = self._pick(("contact", "lead"), exclude=touched)
+        if r is None or r.mid is None:
+            return False
+        self.counter += 1
+        winner = self.sb.marketo_create_lead({"email": f"model.winner{self.counter}@example.net",
+                                              "firstName": "Winner", "lastName": f"Merge{self.counter}",
+                                              "leadScore": 5})
+        self.sb.marketo_merge_leads(int(winner["id"]), [r.mid])
+        self.merged_persons.append((r.mid, int(winner["id"])))
+        r.mid = int(winner["id"])
+        touched.add(r.did)
+        return True
+
+    def _m_merge_lead_contact(self, touched: set[str]) -> bool:
+        """A contact's person is merged into a lead's person (the lead's wins in Marketo). Decision under
+        test: the contact keeps the surviving person, the lead's link retires (no person carries its id);
+        the winner's non-empty values are Marketo-side changes for the contact, its blanks come from the
+        contact's person."""
+        lead = self._pick("lead", exclude=touched)
+        contact = self._pick("contact", exclude=touched)
+        if lead is None or contact is None or lead.mid is None or contact.mid is None:
+            return False
+        self.sb.marketo_merge_leads(lead.mid, [contact.mid])
+        self.merged_persons.append((contact.mid, lead.mid))
+        for f in PERSON_FIELDS:
+            if lead.values[f] and lead.values[f] != contact.values[f]:
+                contact.values[f], contact.writer[f] = lead.values[f], "m"
+        contact.mid = lead.mid
+        lead.marketo = "retired"
+        touched.update({lead.did, contact.did})
+        return True
+
+    def _d_merge_contacts(self, touched: set[str]) -> bool:
+        """Dataverse Merge of two synced contacts: the subordinate's person is merged into the master's in
+        Marketo (its values fill the master person's blanks, which then reach the master contact); the
+        deactivated subordinate syncs no more and no person carries its id."""
+        master = self._pick("contact", exclude=touched)
+        sub = self._pick("contact", exclude=touched | ({master.did} if master else set()))
+        if master is None or sub is None or master.mid is None or sub.mid is None:
+            return False
+        self.sb.dynamics_merge("contact", master.did, sub.did)
+        self.merged_persons.append((sub.mid, master.mid))
+        for f in PERSON_FIELDS:
+            if not master.values[f] and sub.values[f]:
+                master.values[f], master.writer[f] = sub.values[f], "m"
+        sub.marketo = "retired"
+        touched.update({master.did, sub.did})
+        return True
+
+    def _d_merge_accounts(self, touched: set[str]) -> bool:
+        """Dataverse Merge of two synced accounts: the subordinate's contacts are re-parented (a Dynamics
+        change the sync must carry), the subordinate leaves the model (its company keeps its last state)."""
+        master = self._pick("account", exclude=touched)
+        sub = self._pick("account", exclude=touched | ({master.did} if master else set()))
+        if master is None or sub is None:
+            return False
+        self.sb.dynamics_merge("account", master.did, sub.did)
+        self.records.pop(sub.did)
+        self.merged_accounts.append((sub.did, master.did))
+        touched.update({master.did, sub.did})
+        return True
 
     # ---- consent (issue 9) -------------------------------------------------------------------------
     def _consent_extras(self) -> dict[str, str]:

@@ -15,6 +15,7 @@ Route names (``api_app.calls`` / fault patterns) under ``/api/data/v9.2/``:
 ``dynamics.globaloptionsets`` ``GET GlobalOptionSetDefinitions``; ``dynamics.globaloptionset`` one by Name
 ``dynamics.batch``          ``POST $batch``
 ``dynamics.qualify``        ``POST leads(<id>)/Microsoft.Dynamics.CRM.QualifyLead``
+``dynamics.merge``          ``POST Merge`` (Target, Subordinate, UpdateContent, PerformParentingChecks)
 ``dynamics.createmultiple`` / ``dynamics.updatemultiple`` / ``dynamics.upsertmultiple``
                             ``POST <set>/Microsoft.Dynamics.CRM.<Message>``
 ``dynamics.count``          ``GET <set>/$count``
@@ -266,6 +267,7 @@ class DynamicsSandbox:
         add("POST", r"\$batch", "dynamics.batch", self._batch)
         add("POST", rf"leads\((?P<key>{_GUID})\)/Microsoft\.Dynamics\.CRM\.QualifyLead", "dynamics.qualify",
             lambda req: writes.qualify_lead(self, req))
+        add("POST", r"Merge", "dynamics.merge", lambda req: writes.merge(self, req))
         for message in ("CreateMultiple", "UpdateMultiple", "UpsertMultiple"):
             add("POST", rf"(?P<set>\w+)/Microsoft\.Dynamics\.CRM\.{message}", f"dynamics.{message.lower()}",
                 lambda req, m=message: writes.multiple(self, req, m))

@@ -279,6 +279,67 @@ class DynamicsStore:
                 self._undo = None
 
     # -------------------------------------------------------------------------------------- messages
+    # The Merge action ("Merge table rows using the Web API", Microsoft Learn, webapi/merge-entity-using-web-api,
+    # and the Merge action reference): an unbound action for account, contact and lead (incident needs
+    # Service). UpdateContent's columns are set on the target; the target's other data is not overwritten;
+    # then the subordinate is deactivated, with ``merged`` = true and ``masterid`` = the target, and the rows
+    # that pointed at the subordinate are re-parented to the target. Validation messages follow what
+    # Dataverse answers (M. Carrington, "MSDyn365 Internals: Merge Permissions", 2019): a record cannot be
+    # merged with itself, only these types merge, and both records must be active.
+    MERGEABLE = ("account", "contact", "lead")
+    # statecode / statuscode of a merged subordinate: Inactive/Inactive; a lead becomes Disqualified/Canceled.
+    MERGED_STATE = {"account": (1, 2), "contact": (1, 2), "lead": (2, 7)}
+    # Lookups a merge does not move: history (where a row came from) and system columns.
+    NOT_REPARENTED = ("originatingleadid", "masterid", "createdby", "modifiedby")
+
+    def merge(self, table: str, target_id: str, subordinate_id: str, update_content: Row | None = None,
+              perform_parenting_checks: bool = False, modified_by: str | None = None) -> None:
+        t = self.table(table)
+        name = t.logical_name
+        if name not in self.MERGEABLE:
+            raise DataverseFault(400, "0x80040203", f"This type: {name} is not supported with merge operation")
+        target_id, subordinate_id = target_id.lower(), subordinate_id.lower()
+        if target_id == subordinate_id:
+            raise DataverseFault(400, "0x80040203",
+                                 "Merge cannot be performed on master and sub-entities that are identical.")
+        with self.transaction():
+            target, sub = self.get(name, target_id), self.get(name, subordinate_id)
+            if target is None:
+                raise RecordNotFound(name, target_id)
+            if sub is None:
+                raise RecordNotFound(name, subordinate_id)
+            if (target.get("statecode") or 0) != 0:
+                raise DataverseFault(400, "0x80040203", f"master entity:{name}-{target_id} is deactive")
+            if (sub.get("statecode") or 0) != 0:
+                raise DataverseFault(400, "0x80040203", f"sub-entity:{name}-{subordinate_id} is deactive")
+            if perform_parenting_checks:
+                for col in t.columns:
+                    if col.name in ("parentcustomerid", "parentaccountid") and col.is_lookup:
+                        a, b = target.get(col.wire_name), sub.get(col.wire_name)
+                        if a and b and a != b:
+                            raise DataverseFault(400, "0x80040203", f"Unable to merge: the subordinate {name} "
+                                                 f"{subordinate_id} has a different parent ({col.name}) than the "
+                                                 f"master {target_id}; merge without PerformParentingChecks.")
+            if update_content:
+                self.update(name, target_id, update_content, modified_by)
+            self._reparent(name, subordinate_id, target_id, modified_by)
+            state, status = self.MERGED_STATE[name]
+            self.update(name, subordinate_id, {"statecode": state, "statuscode": status, "merged": True,
+                                               "_masterid_value": target_id}, modified_by)
+
+    def _reparent(self, table: str, old_id: str, new_id: str, modified_by: str | None) -> None:
+        for other in self.schema.tables.values():
+            cols = [c for c in other.columns if c.is_lookup and table in c.targets and not c.read_only
+                    and c.name not in self.NOT_REPARENTED]
+            for col in cols:
+                wire = col.wire_name
+                for row in list(self._rows[other.logical_name].values()):
+                    if row.get(wire) != old_id or (row.get(wire + LOOKUP_TARGET) not in (None, table)):
+                        continue
+                    if other.logical_name == table and row[other.primary_id] == old_id:
+                        continue
+                    self.update(other.logical_name, row[other.primary_id], {wire: new_id}, modified_by)
+
     def qualify_lead(self, lead_id: str, create_account: bool, create_contact: bool,
                      create_opportunity: bool, status: int = 3, modified_by: str | None = None) -> dict[str, str]:
         """QualifyLead: create the requested rows from the lead, then close it as Qualified."""

@@ -178,3 +178,49 @@ def multiple(ctx: WriteContext, req: Request, message: str) -> Response:
                                                 f"CreateMultipleResponse", "Ids": ids}, headers=ODATA_HEADERS)
     return Response(204, b"", dict(ODATA_HEADERS))
 
+
+
+def _merge_record(ctx: WriteContext, body: dict[str, Any], name: str) -> tuple[Table, str | None, dict[str, Any]]:
+    """A Merge parameter: an entity object with its @odata.type (required: the parameter is a crmbaseentity)."""
+    value = body.get(name)
+    if not isinstance(value, dict):
+        raise DataverseFault(400, "0x80048d19", f"Merge parameter '{name}' is required and must be an entity object.")
+    odata_type = str(value.get("@odata.type", "")).lstrip("#")
+    if not odata_type.startswith("Microsoft.Dynamics.CRM."):
+        raise DataverseFault(400, "0x80048d19", f"Merge parameter '{name}' needs an @odata.type annotation "
+                                                f"(e.g. 'Microsoft.Dynamics.CRM.account').")
+    logical = odata_type.rsplit(".", 1)[1]
+    table = ctx.store.schema.tables.get(logical)
+    if table is None:
+        raise DataverseFault(400, "0x80040203", f"This type: {logical} is not supported with merge operation")
+    key = value.get(table.primary_id)
+    return table, (parse_key(table, str(key)) if key is not None else None), value
+
+
+def merge(ctx: WriteContext, req: Request) -> Response:
+    """POST /Merge {Target, Subordinate, UpdateContent?, PerformParentingChecks}: 204 No Content."""
+    body = req.json()
+    if not isinstance(body, dict):
+        raise DataverseFault(400, "0x80048d19", "The Merge request body must be a JSON object.")
+    table, target_id, _ = _merge_record(ctx, body, "Target")
+    sub_table, sub_id, _ = _merge_record(ctx, body, "Subordinate")
+    if sub_table.logical_name != table.logical_name:
+        raise DataverseFault(400, "0x80040203", f"Merge needs two records of one type, got {table.logical_name} "
+                                                f"and {sub_table.logical_name}.")
+    if target_id is None or sub_id is None:
+        raise DataverseFault(400, "0x80048d19", f"Merge parameters 'Target' and 'Subordinate' must carry "
+                                                f"'{table.primary_id}'.")
+    checks = body.get("PerformParentingChecks")
+    if not isinstance(checks, bool):
+        raise DataverseFault(400, "0x80048d19", f"Merge parameter 'PerformParentingChecks' is required and must be "
+                                                f"a boolean, got {checks!r}.")
+    content: Row = {}
+    if body.get("UpdateContent") is not None:
+        upd_table, _, raw = _merge_record(ctx, body, "UpdateContent")
+        if upd_table.logical_name != table.logical_name:
+            raise DataverseFault(400, "0x80040203", f"UpdateContent is a {upd_table.logical_name}, the merge is "
+                                                    f"of {table.logical_name} records.")
+        content = parse_body(ctx.store, table, {k: v for k, v in raw.items() if k != table.primary_id},
+                             creating=False)
+    ctx.store.merge(table.logical_name, target_id, sub_id, content, checks, ctx.app_user_id)
+    return Response(204, b"", dict(ODATA_HEADERS))

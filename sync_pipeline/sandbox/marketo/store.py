@@ -194,6 +194,19 @@ class MarketoStore:
                                                {"name": "Source", "value": SOURCES.get(source, source)}])
 
     def merge_leads(self, winner: int, losers: Iterable[int], source: str = "UI") -> dict[str, Any]:
+        """Merge Leads (``POST /rest/v1/leads/{winner}/merge.json?leadIds=...``, at most 25 losers).
+
+        Winner/loser rules, as real Marketo applies them: the winner keeps every non-empty value of its own;
+        a field that is empty on the winner takes the value of the FIRST loser, in ``leadIds`` order, that has
+        one (Adobe Experience League KB ka-28666, "What Field Values Are Copied to Winning Records When
+        Merging Multiple Records From REST API"). That includes CRM link fields such as ``dynamicsId`` (the
+        issue-9 report: Marketo copies the loser's Dynamics id onto an unlinked winner). The losers are
+        removed without a Delete Lead activity; a "Merge Leads" activity (type 32, ``activities/types.json``)
+        is logged on the winner: ``leadId`` and ``primaryAttributeValueId`` = the winner's id, attribute
+        "Merge ids" = the losers' ids, comma-separated, "Master Updated" = whether the winner changed (Adobe
+        Marketo Engage developer docs, REST API > Activities). The values copied onto the winner are logged
+        as its Change Data Value activities (Reason "Lead merge").
+        """
         with self.lock:
             losers = [int(x) for x in losers]
             missing = [i for i in [winner, *losers] if i not in self._leads]
