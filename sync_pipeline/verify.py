@@ -7,7 +7,8 @@ map, bases, failures, conflicts), never written.
 
 Not differences, because the rules say so: records excluded by the sync filter, tombstoned, converted
 or retired links, persons flagged ``dynamicsIsDeleted``, fields held (failures naming fields, records
-held as rejected, conflicts held for review), and one-way fields the target side changed itself (a
+held as rejected, conflicts held for review), fields a rollback left different on purpose (each system
+still holds its value of the split base), and one-way fields the target side changed itself (a
 field the target changed while the source kept the base value does not flow back). Marketo-only
 fields are not mapped, so they are never compared.
 """
@@ -86,6 +87,12 @@ def _copy_state(con: duckdb.DuckDBPyConnection, config: SyncConfig, state_path: 
         for t in wanted:
             data = st.execute(f"SELECT * FROM {qi(t)}").fetch_arrow_table()  # noqa: F841 - read by name below
             con.execute(f"CREATE TABLE {qi('s_' + t)} AS SELECT * FROM data")
+        # Split bases (a rollback left a person field different on the two systems, on purpose).
+        split = st.execute("SELECT entity, dynamics_id, field, d_value, m_value FROM b__split").fetch_arrow_table() \
+            if "b__split" in have else None  # noqa: F841 - read by name below
+        con.execute("CREATE TABLE s_split AS SELECT * FROM split" if split is not None else
+                    "CREATE TABLE s_split (entity VARCHAR, dynamics_id VARCHAR, field VARCHAR, d_value VARCHAR, "
+                    "m_value VARCHAR)")
 
 
 def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any,
@@ -205,6 +212,9 @@ def _compare_linked(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: 
         rows = con.execute(f"""SELECT * FROM ({' UNION ALL '.join(parts)}) x
             WHERE NOT EXISTS (SELECT 1 FROM s_conflicts c WHERE c.entity = {_lit(e)} AND c.dynamics_id = x.did
                               AND c.field = x.field)
+              AND NOT EXISTS (SELECT 1 FROM s_split s WHERE s.entity = {_lit(e)} AND s.dynamics_id = x.did
+                              AND s.field = x.field AND s.d_value IS NOT DISTINCT FROM x.dv
+                              AND s.m_value IS NOT DISTINCT FROM x.mv)
               AND NOT EXISTS (SELECT 1 FROM s_failures h WHERE h.entity = {_lit(e)} AND h.dynamics_id = x.did
                               AND h.field IS NOT NULL AND list_contains(string_split(h.field, ','), x.field))
         """).fetchall()

@@ -152,6 +152,9 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
         raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
     entities = [entity] if entity else [e.name for e in config.entities]
     with _store(state_path, read_only=True) as con:
+        stack, _dynamics, marketo = _clients()
+        with stack:  # one-way objects have no mirror: read the records the plan updates for their before-values
+            before = preview.object_before_values(con, config, entities, result.run_id, marketo.get_client())
         counts = preview.plan_counts(con, entities, result.run_id)
         summary = _table(f"Plan of run {result.run_id}", ["entity", "target", "op", "records", "fields"],
                          numeric=("records", "fields"))
@@ -161,14 +164,14 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
         shown: dict[str, int] = {}
         detail = _table("Field writes" + (f" (first {limit} per entity)" if limit else ""),
                         list(preview.PLAN_COLUMNS))
-        for row in preview.plan_rows(con, entities, result.run_id):
+        for row in preview.plan_rows(con, entities, result.run_id, before=before):
             if shown.get(row[0], 0) < limit:
                 shown[row[0]] = shown.get(row[0], 0) + 1
                 detail.add_row(*(_fmt(v) for v in row))
         if shown:
             console.print(detail)
         if csv_path:
-            n = preview.write_csv(preview.plan_rows(con, entities, result.run_id), Path(csv_path))
+            n = preview.write_csv(preview.plan_rows(con, entities, result.run_id, before=before), Path(csv_path))
             console.print(f"{n} plan rows written to {csv_path}")
 
 
@@ -252,54 +255,122 @@ def errors(entity: str | None, release_id: str | None, release_all: bool, state_
 
 # ---- rollback ---------------------------------------------------------------------------------------------------
 
+ROLLBACK_COLUMNS = ("run", "entity", "dynamics id", "marketo id", "target", "field", "before the run", "the run wrote",
+                    "now", "will do")
+
+
+def _parse_since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        since = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO time (e.g. 2026-08-01T14:00:00Z; no zone = UTC)",
+                                 param_hint="--since") from None
+    return since
+
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", required=False)
+@click.option("--since", "since_text", default=None, metavar="TIME",
+              help="Roll back every sync run that wrote at or after TIME (ISO, UTC unless a zone is given), "
+                   "newest first.")
 @click.option("--yes", is_flag=True, help="Write the old values back (without it: show what would be written).")
+@click.option("--delete-created", is_flag=True,
+              help="Also delete Marketo persons the run created, if nothing about them changed since.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write every row here.")
 @STATE_OPTION
 @CONFIG_OPTION
-def rollback(run_id: str, yes: bool, state_path: str, config_path: str | None) -> None:
-    """Write back the values RUN_ID replaced, to the system it wrote them to (from the ledger).
+def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_created: bool, csv_path: str | None,
+             state_path: str, config_path: str | None) -> None:
+    """Put back the values RUN_ID replaced, field by field, where nobody has changed them since.
 
-    Field updates are restored; creates, deletes, link fields and fields changed again since are
-    skipped with the reason. The rollback's own writes are recorded in the ledger under a new run id.
+    Reads the current value of every field the run wrote from the system it wrote (a fresh read) and
+    restores the before-value only where that system still holds what the run wrote; anything changed
+    since is skipped and listed. Dynamics writes carry the record's etag (a change between the read and
+    the write is skipped, not overwritten); Marketo records are read again just before the write.
+    Creates are kept (--delete-created deletes unchanged Marketo persons the run created), deletes cannot
+    be undone. The rollback is recorded in the ledger as a run of its own (it can be rolled back too).
     """
+    import csv as csv_mod
+
     from sync_pipeline.defs.assets import guard_environment
     from sync_pipeline.engine.guard import WrongEnvironmentError
     from sync_pipeline.ops import rollback as rb
 
+    since = _parse_since(since_text)
+    if bool(run_id) == bool(since):
+        raise click.UsageError("give either RUN_ID or --since TIME")
     config = _config(config_path)
     console = _console()
     with _store(state_path, read_only=not yes) as con:
-        try:
-            items = rb.plan_rollback(con, config, run_id)
-        except rb.RollbackError as exc:
-            raise click.ClickException(str(exc)) from None
-        table = _table(f"Rollback of run {run_id}" + ("" if yes else " (dry run: add --yes to write)"),
-                       ["entity", "dynamics id", "marketo id", "target", "field", "current", "restore", "action"])
-        for it in items:
-            table.add_row(it.entity, it.dynamics_id, _fmt(it.marketo_id), it.target, _fmt(it.field),
-                          _fmt(it.replaced), _fmt(it.restore), it.action + (f": {it.reason}" if it.reason else ""))
-        console.print(table)
-        todo = sum(it.action == "restore" for it in items)
-        console.print(f"{todo} field value(s) to restore, {len(items) - todo} skipped")
-        if not yes or not todo:
+        runs = [run_id] if run_id else rb.runs_since(con, since)  # type: ignore[arg-type]
+        if not runs:
+            console.print(f"No sync run wrote anything since {since_text}.")
             return
         stack, dynamics, marketo = _clients()
         with stack:
             try:
-                state_res = build_resources()["state"]
-                guard_environment(con, state_res, dynamics, marketo)
+                guard_environment(con, build_resources()["state"], dynamics, marketo)
             except WrongEnvironmentError as exc:
                 raise click.ClickException(str(exc)) from None
-            with console.status(f"restoring {todo} field value(s)..."):
-                outcome = rb.execute_rollback(con, config, items, dynamics.get_client(), marketo.get_client(),
-                                              source_run=run_id)
-    console.print(f"restored {outcome.restored} field value(s); ledger run id {outcome.run_id}")
-    if outcome.failed:
-        for it, reason in outcome.failed[:20]:
+            dclient, mclient = dynamics.get_client(), marketo.get_client()
+            plans: list[tuple[str, list[rb.Item]]] = []
+            overlay: dict[tuple[str, str, str, str], Any] = {}
+            done_ids: list[str] = []
+            restored = deleted = 0
+            failed: list[tuple[rb.Item, str]] = []
+            for source in runs:
+                try:
+                    with console.status(f"reading the records run {source} wrote..."):
+                        items = rb.plan_rollback(con, config, source, dclient, mclient,
+                                                 delete_created=delete_created,
+                                                 ignore_runs=[*runs, *done_ids], overlay=overlay)
+                except rb.RollbackError as exc:
+                    raise click.ClickException(str(exc)) from None
+                if yes:
+                    with console.status(f"rolling back run {source}..."):
+                        outcome = rb.execute_rollback(con, config, items, dclient, mclient, source_run=source)
+                    if outcome.restored or outcome.deleted:
+                        done_ids.append(outcome.run_id)
+                    restored, deleted = restored + outcome.restored, deleted + outcome.deleted
+                    failed += outcome.failed
+                else:  # what the older runs' rollbacks will find once the newer ones are done
+                    overlay.update({(it.entity, it.target, it.dynamics_id, it.field or ""): it.restore
+                                    for it in items if it.action == rb.RESTORE})
+                plans.append((source, items))
+    title = "Rollback of " + (f"run {run_id}" if run_id else f"{len(runs)} run(s) since {since_text}, newest first")
+    table = _table(title + ("" if yes else " (dry run: add --yes to write)"), list(ROLLBACK_COLUMNS))
+    totals: dict[str, int] = {}
+    for source, items in plans:
+        for it in items:
+            table.add_row(source, it.entity, it.dynamics_id, _fmt(it.marketo_id), it.target, _fmt(it.field),
+                          rb.display(it.restore), rb.display(it.replaced), rb.display(it.now), it.will_do)
+            totals[it.action] = totals.get(it.action, 0) + 1
+    console.print(table)
+    order = [rb.RESTORE, rb.DELETE, rb.SKIP_CHANGED, rb.SKIP_CREATED, rb.SKIP_DELETED, rb.SKIP_OTHER]
+    console.print("totals: " + ", ".join(f"{k} {totals[k]}" for k in order if totals.get(k)))
+    todo = totals.get(rb.RESTORE, 0)
+    console.print(f"{todo} field value(s) to restore, {sum(totals.values()) - todo} skipped")
+    if csv_path:
+        path = Path(csv_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            out = csv_mod.writer(fh)
+            out.writerow([c.replace(" ", "_") for c in ROLLBACK_COLUMNS])
+            for source, items in plans:
+                for it in items:
+                    out.writerow([source, it.entity, it.dynamics_id, it.marketo_id or "", it.target, it.field or "",
+                                  rb.display(it.restore), rb.display(it.replaced), rb.display(it.now), it.will_do])
+        console.print(f"{sum(len(i) for _, i in plans)} rollback rows written to {csv_path}")
+    if not yes:
+        return
+    console.print(f"restored {restored} field value(s)" + (f", deleted {deleted} person(s)" if deleted else "")
+                  + ("; ledger run id " + ", ".join(done_ids) if done_ids else ""))
+    if failed:
+        for it, reason in failed[:20]:
             console.print(f"[red]failed[/red] {it.entity} {it.dynamics_id} {it.field}: {reason}", markup=True)
-        raise click.ClickException(f"{len(outcome.failed)} field value(s) could not be restored")
+        raise click.ClickException(f"{len(failed)} field value(s) could not be restored")
 
 
 # ---- rebaseline -------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import fcol, latest_fields, qi
+from sync_pipeline.engine.state import ensure_split_base, fcol, latest_fields, qi
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,10 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
             elif entity.is_derived:
                 results += _push_roles(client, entity, rows)
             else:
+                unread = _read_objects_before(con, client, entity, maps, rows)
+                if unread is not None:  # failed like the write would have: kept and retried, never blind
+                    results += [Result(r[0], r[1], False, r[2], unread[0], unread[1]) for r in rows if r[1] == "update"]
+                    rows = [r for r in rows if r[1] != "update"]
                 results += _push_objects(client, entity, maps, rows)
             if len(results) >= 50_000:  # keep memory flat on a large initial copy
                 _record_results(con, config, entity, "marketo", results, run_id, now, stats)
@@ -260,6 +264,57 @@ def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: 
     return out
 
 
+def _read_objects_before(con: duckdb.DuckDBPyConnection, client: Any, entity: Entity, maps: dict[str, FieldMap],
+                         rows: list[tuple]) -> tuple[str, str] | None:
+    """The ledger's before-value of an object update is what Marketo held, not what we last wrote there:
+    read exactly the records about to be updated (by their dedupe field, up to 300 per call) and put
+    their canonical values into the plan rows the ledger copies. Creates had nothing there to read.
+    Returns (code, message) when the read failed: those updates are not written this time.
+    (Query by dedupe field: experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/
+    companies.)"""
+    from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, MarketoTransientError, QuotaExhausted
+
+    updates = [r for r in rows if r[1] == "update"]
+    fields = sorted({f for r in updates for f in r[5] if f in maps and f != entity.marketo.key})
+    if not updates or not fields:
+        return None
+    key = entity.marketo.key
+    wanted = {r[0] for r in updates}
+    try:
+        found = {str(o.get(key) or "").lower(): o for o in
+                 client.query_objects(object_path(entity), key, sorted(wanted), fields=[key, *fields])}
+    except (QuotaExhausted, MarketoAuthError, MarketoTransientError):
+        raise  # like a write: the step fails and is retried (or fails fast on credentials)
+    except MarketoError as exc:
+        return exc.code, f"could not read the current values before writing (the ledger's before-value): {exc}"
+    dids, names, values = [], [], []
+    for did, _op, _mid, _etag, _base, fs, _vals in updates:
+        obj = found.get(did)
+        for f in fs:
+            if f in fields:
+                dids.append(did)
+                names.append(f)
+                values.append(None if obj is None else _wire_text(obj.get(f)))
+    con.register("before_raw", pa.table({"did": dids, "field": names, "value": pa.array(values, type=pa.string())}))
+    try:
+        whens = " ".join(f"WHEN '{f}' THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
+        con.execute(f"""UPDATE plan SET old_value = r.v FROM (SELECT did, field, CASE field {whens} END AS v
+                                                              FROM before_raw) r
+                        WHERE plan.entity = ? AND plan.target = 'marketo' AND plan.op = 'update'
+                          AND plan.dynamics_id = r.did AND plan.field = r.field""", [entity.name])
+    finally:
+        con.unregister("before_raw")
+    return None
+
+
+def _wire_text(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
 def _merge_person(client: Any, row: tuple) -> Result:
     """A Dataverse merge folded two linked records into one: merge the subordinate's person (the plan row's
     base value) into the master's (its Marketo id) with Merge Leads, so the human stays one person."""
@@ -328,6 +383,7 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
     entity_set = entity.dynamics.entity_set
     results: list[Result] = []
     dropped: list[tuple[str, list[tuple[str, str]]]] = []
+    unlinked: list[tuple[str, str]] = []  # leads created whose person did not get their id
     try:
         writes: list[tuple[str, str, str | None, str | None, dict[str, Any]]] = []
         for rows in _chunks(con, total):
@@ -354,11 +410,20 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
                                           for did, mid in created], action="updateOnly", lookup_field="id")
                 for (did, mid), r in zip(created, res):
                     if getattr(r, "status", None) not in ("updated", "created"):
-                        log.warning("lead %s created from Marketo person %s, but the person was not updated: %s",
-                                    did, mid, getattr(r, "reasons", None))
+                        log.warning("lead %s created from Marketo person %s, but the person was not updated "
+                                    "(the next sync writes the link): %s", did, mid, getattr(r, "reasons", None))
+                        unlinked.append((did, mid))
     finally:
         _hold_fields(con, entity, dropped, run_id, now)
         _record_results(con, config, entity, "dynamics", results, run_id, now, stats)
+        if unlinked:
+            # The mirror must not claim a link Marketo does not have: the next plan of the lead then writes
+            # dynamicsId/dynamicsType to the person (rule "identity"), like for any linked person.
+            ids = [int(mid) for _, mid in unlinked]
+            con.execute("""UPDATE m_person SET f_dynamicsId = NULL, f_dynamicsType = NULL
+                           WHERE id IN (SELECT unnest(?::BIGINT[]))""", [ids])
+            con.execute(f"""UPDATE {qi('d_' + entity.name)} SET pending_seq = nextval('change_seq')
+                            WHERE id IN (SELECT unnest(?::VARCHAR[]))""", [[did for did, _ in unlinked]])
     return stats
 
 
@@ -519,6 +584,11 @@ def _advance_base(con: duckdb.DuckDBPyConnection, entity: Entity, source: str, r
                      for f in fields)
     con.execute(f"UPDATE {b} SET synced_at = ?, run_id = ?, {sets} FROM nb WHERE {b}.dynamics_id = nb.dynamics_id",
                 [now, run_id])
+    # A field written or agreed on again has one base again (a rollback's split base ends here).
+    ensure_split_base(con)
+    con.execute(f"""DELETE FROM b__split WHERE entity = ? AND (dynamics_id, field) IN
+                    (SELECT (dynamics_id, field) FROM {source} WHERE op IN ('create', 'update', 'agree'))""",
+                [entity.name])
 
 
 def _update_person_mirror(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str,

@@ -20,7 +20,7 @@ import duckdb
 
 from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.state import fcol, latest_fields, qi
+from sync_pipeline.engine.state import ensure_split_base, fcol, latest_fields, mark_ledger_before_values, qi
 
 PERSON_STATES_LINKED = ("active", "converted")
 PLAN_SLICE = 50_000  # records per three-way join
@@ -66,6 +66,8 @@ def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
                  now: datetime) -> PlanSummary:
     con.execute("DELETE FROM plan WHERE entity = ?", [entity.name])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [entity.name])
+    ensure_split_base(con)
+    mark_ledger_before_values(con)
     if entity.is_derived:
         summary = _plan_roles(con, config, entity, run_id)
     else:
@@ -352,10 +354,24 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) 
         if entity.is_person:
             # No mirrored Marketo row (we created it and have not read it back): Marketo holds the base.
             sel.append(f"CASE WHEN m.id IS NULL THEN b.{c} ELSE m.{c} END AS {qi('m_' + f.marketo)}")
+            # After a rollback a field may have one agreed value per system (b__split, ops/rollback.py).
+            for side in ("d", "m"):
+                sel.append(f"CASE WHEN sp.{qi('sh_' + f.marketo)} THEN sp.{qi('s' + side + '_' + f.marketo)} "
+                           f"ELSE b.{c} END AS {qi('b' + side + '_' + f.marketo)}")
     person_cols = ("m.id AS m_id, m.deleted AS m_deleted, m.updated_at AS m_updated, m.pending_seq AS m_seq, "
-                   "m.f_dynamicsId AS m_dynamicsId, m.f_dynamicsType AS m_dynamicsType") if entity.is_person else \
-        "NULL AS m_id, false AS m_deleted, NULL AS m_updated, NULL AS m_seq, NULL AS m_dynamicsId, NULL AS m_dynamicsType"
+                   "m.f_dynamicsId AS m_dynamicsId, m.f_dynamicsType AS m_dynamicsType, "
+                   "m.f_dynamicsIsDeleted AS m_dynamicsIsDeleted") if entity.is_person else \
+        ("NULL AS m_id, false AS m_deleted, NULL AS m_updated, NULL AS m_seq, NULL AS m_dynamicsId, "
+         "NULL AS m_dynamicsType, NULL AS m_dynamicsIsDeleted")
     person_join = "LEFT JOIN m_person m ON CAST(m.id AS VARCHAR) = i.marketo_id" if entity.is_person else ""
+    if entity.is_person:
+        pivots = ", ".join(f"bool_or(field = {_lit(f.marketo)}) AS {qi('sh_' + f.marketo)}, "
+                           f"max(CASE WHEN field = {_lit(f.marketo)} THEN d_value END) AS {qi('sd_' + f.marketo)}, "
+                           f"max(CASE WHEN field = {_lit(f.marketo)} THEN m_value END) AS {qi('sm_' + f.marketo)}"
+                           for f in entity.all_fields)
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE sp AS SELECT dynamics_id, {pivots} FROM b__split
+                        WHERE entity = {_lit(e)} AND dynamics_id IN (SELECT did FROM w) GROUP BY dynamics_id""")
+        person_join += " LEFT JOIN sp ON sp.dynamics_id = w.did"
     for n, name in enumerate(latest_fields(entity)):  # per-field change times, for policy latest
         sel.append(f"td{n}.changed_at AS {qi('dt_' + name)}")
         sel.append(f"tm{n}.changed_at AS {qi('mt_' + name)}")
@@ -462,9 +478,12 @@ def _rule_sql(entity: Entity, f: FieldMap) -> str:
 
 def _field_rows_sql(entity: Entity, f: FieldMap) -> str:
     cmp_d = normalize.compare_expr(f, qi("d_" + f.marketo))
-    cmp_b = normalize.compare_expr(f, qi("b_" + f.marketo))
+    cmp_bd = normalize.compare_expr(f, qi(("bd_" if entity.is_person else "b_") + f.marketo))
+    cmp_bm = normalize.compare_expr(f, qi(("bm_" if entity.is_person else "b_") + f.marketo))
     cmp_m = normalize.compare_expr(f, qi("m_" + f.marketo)) if entity.is_person else "CAST(NULL AS VARCHAR)"
-    mv = qi("m_" + f.marketo) if entity.is_person else "CAST(NULL AS VARCHAR)"
+    # One-way objects have no Marketo mirror: their before-value is the base (the value we last wrote
+    # there); the push reads the records it writes and replaces it by what Marketo actually holds.
+    mv = qi("m_" + f.marketo) if entity.is_person else qi("b_" + f.marketo)
     timed = f.marketo in latest_fields(entity)
     dt = qi("dt_" + f.marketo) if timed else "CAST(NULL AS VARCHAR)"
     mt = qi("mt_" + f.marketo) if timed else "CAST(NULL AS VARCHAR)"
@@ -474,8 +493,8 @@ def _field_rows_sql(entity: Entity, f: FieldMap) -> str:
                      FROM (SELECT did, marketo_id, etag, d_modified, m_updated, {_lit(f.marketo)} AS field,
                             {qi('d_' + f.marketo)} AS dv, {mv} AS mv, {qi('b_' + f.marketo)} AS bv,
                             {dt} AS dt, {mt} AS mt,
-                            ({cmp_d}) IS DISTINCT FROM ({cmp_b}) AS dc,
-                            ({cmp_m}) IS DISTINCT FROM ({cmp_b}) AS mc,
+                            ({cmp_d}) IS DISTINCT FROM ({cmp_bd}) AS dc,
+                            ({cmp_m}) IS DISTINCT FROM ({cmp_bm}) AS mc,
                             ({cmp_d}) IS NOT DISTINCT FROM ({cmp_m}) AS same
                      FROM j WHERE cls = 'update'))"""
 
@@ -531,7 +550,7 @@ def _plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
     if entity.on_dynamics_delete != "ignore":
         op = entity.on_dynamics_delete
         con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', {_lit(op)},
-                'dynamicsIsDeleted', NULL, 'true', NULL, {_lit('dynamics_delete:' + op)}, etag
+                'dynamicsIsDeleted', m_dynamicsIsDeleted, 'true', NULL, {_lit('dynamics_delete:' + op)}, etag
             FROM j WHERE cls = 'delete'""")
     con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'state', 'retire', NULL, NULL, NULL, NULL,
             'dynamics_delete:ignore', etag FROM j WHERE cls = 'delete' AND {str(entity.on_dynamics_delete == 'ignore').lower()}""")

@@ -9,6 +9,7 @@ Table layout (``<e>`` = entity name, ``f_<x>`` = canonical value of Marketo fiel
                  pending_seq, merged_into (a person that lost a Marketo merge: retired, not deleted by a user;
                  ``deleted`` is true for both, as the person is gone from Marketo, ``merged_into`` tells them apart)
 - ``b_<e>``      base: the last values both sides agreed on, per record and field (three-way merge)
+- ``b__split``   per-system bases of person fields a rollback left different on the two systems
 - ``identity``   Dynamics id <-> Marketo id per entity, with a state (active, converted, tombstoned, deleted,
                  merged: the record lost a merge in either system and no longer syncs; its id points at the winner)
 - ``plan`` / ``plan_work``   the current plan per entity (field-level writes) and the records it covers
@@ -161,6 +162,28 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     con.execute("CREATE TABLE IF NOT EXISTS environment (key VARCHAR PRIMARY KEY, value VARCHAR, pinned_at TIMESTAMP)")
     con.execute("""CREATE TABLE IF NOT EXISTS run_stats (run_id VARCHAR, entity VARCHAR, stage VARCHAR,
         recorded_at TIMESTAMP, stats VARCHAR)""")
+    ensure_split_base(con)
+
+
+BEFORE_VALUES_FROM = "ledger_before_values_from_seq"
+
+
+def mark_ledger_before_values(con: duckdb.DuckDBPyConnection) -> None:
+    """Remember from which ledger row on one-way object writes carry a real before-value (older versions
+    stored NULL for them): rollback treats an older NULL as unknown, never as "blank it"."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    if not con.execute("SELECT count(*) FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM]).fetchone()[0]:
+        con.execute("INSERT INTO schema_meta SELECT ?, CAST(COALESCE(max(seq), 0) + 1 AS VARCHAR) FROM ledger",
+                    [BEFORE_VALUES_FROM])
+
+
+def ensure_split_base(con: duckdb.DuckDBPyConnection) -> None:
+    """``b__split``: after a rollback, a person field whose two systems hold different values (as they
+    did before the rolled-back run) has one agreed value per system instead of one base; the merge
+    compares each side with its own. Any sync write or agreement of the field drops the row."""
+    con.execute("""CREATE TABLE IF NOT EXISTS b__split (entity VARCHAR, dynamics_id VARCHAR, field VARCHAR,
+        d_value VARCHAR, m_value VARCHAR, run_id VARCHAR, split_at TIMESTAMP,
+        PRIMARY KEY (entity, dynamics_id, field))""")
 
 
 def _add_missing_columns(con: duckdb.DuckDBPyConnection, table: str, fields: list[str]) -> None:

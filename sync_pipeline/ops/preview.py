@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import dagster as dg
 import duckdb
@@ -43,13 +43,48 @@ def _where(entities: list[str], run_id: str | None) -> tuple[str, list[str]]:
     return sql, params
 
 
+def object_before_values(con: duckdb.DuckDBPyConnection, config: SyncConfig, entities: list[str], run_id: str,
+                         marketo: Any) -> dict[tuple[str, str, str], Any]:
+    """What Marketo holds now for the plan's updates of one-way objects (companies, opportunities, sales
+    persons, custom objects), read for exactly those records: (entity, dynamics id, field) -> canonical value
+    (``None`` blank, ``rollback.GONE`` record gone, ``rollback.UNKNOWN`` could not be read)."""
+    from sync_pipeline.ops import rollback as rb
+
+    names = [e for e in entities if e in config.by_name and not config.by_name[e].is_person
+             and not config.by_name[e].is_derived]
+    if not names:
+        return {}
+    items = [rb.Item(0, e, did, mid, "marketo", "update", f, None, None) for e, did, mid, f in con.execute(
+        f"""SELECT entity, dynamics_id, marketo_id, field FROM plan WHERE run_id = ? AND target = 'marketo'
+            AND op = 'update' AND entity IN ({', '.join('?' for _ in names)})""", [run_id, *names]).fetchall()]
+    current = rb.read_current(config, items, None, marketo)
+    out: dict[tuple[str, str, str], Any] = {}
+    for it in items:
+        rec = current.get((it.entity, "marketo", it.dynamics_id))
+        key = (it.entity, it.dynamics_id, it.field or "")
+        out[key] = rb.UNKNOWN if rec is None else rb.GONE if rec.get("__gone__") else rec.get(it.field or "")
+    return out
+
+
 def plan_rows(con: duckdb.DuckDBPyConnection, entities: list[str], run_id: str | None = None,
-              batch: int = 10_000) -> Iterator[tuple]:
-    """The stored plan rows in a stable order, streamed in batches."""
+              batch: int = 10_000, before: dict[tuple[str, str, str], Any] | None = None) -> Iterator[tuple]:
+    """The stored plan rows in a stable order, streamed in batches (``before``: read before-values)."""
+    from sync_pipeline.ops.rollback import display
+
     where, params = _where(entities, run_id)
-    cur = con.execute(f"""SELECT entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, rule
+    # Before-values: a known empty value is "(blank)", a record the write creates has none ("(new record)").
+    # One-way objects have no Marketo mirror: the stored plan has the value we last wrote there; ``before``
+    # (object_before_values) has what Marketo holds now, and the push reads it again before writing.
+    cur = con.execute(f"""SELECT entity, dynamics_id, marketo_id, target, op, field,
+                                 CASE WHEN old_value IS NOT NULL OR field IS NULL THEN old_value
+                                      WHEN op = 'create' THEN '(new record)'
+                                      WHEN op IN ('update', 'flag', 'delete', 'hold') THEN '(blank)' END,
+                                 new_value, rule
                           FROM plan WHERE {where} ORDER BY entity, target, op, dynamics_id, field""", params)
     while rows := cur.fetchmany(batch):
+        if before:
+            rows = [r[:6] + (display(before[(r[0], r[1], r[5])]),) + r[7:] if (r[0], r[1], r[5]) in before else r
+                    for r in rows]
         yield from rows
 
 

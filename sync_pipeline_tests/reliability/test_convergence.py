@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from sync_pipeline_tests.reliability.workload import ACCOUNT_FIELDS, FAULT_RULES, PERSON_FIELDS, Workload
+from sync_pipeline_tests.reliability.workload import RandomRollbacks
 
 MAX_ATTEMPTS_PER_ROUND = 6
 
@@ -66,9 +67,12 @@ def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int) -> Fi
         work.records.pop(did, None)
     sb.reset_calls()
     sb.faults(FAULT_RULES, seed=seed)
+    rollbacks = RandomRollbacks(work, harness, lambda: converge(harness, figures), random.Random(seed + 7),
+                                figures.violations)
     for n in range(rounds):
         work.round(ops_per_round)
         converge(harness, figures)
+        rollbacks.maybe(n, rounds)
         if n == rounds // 2:
             work.edit_frozen()
     # API calls are HTTP requests: the pipeline writes to Dynamics only inside $batch requests, whose parts the

@@ -438,3 +438,133 @@ class Workload:
                    WHERE op = 'update' AND value_after IS NULL AND value_before IS NOT NULL"""):
             bad.append(f"field blanked by the sync: {entity} {did} {target}.{f} (was {before!r})")
         return bad
+
+# ---- random rollbacks ------------------------------------------------------------------------------------
+
+ROLLBACK_EDITS = ("d_update", "m_update", "conflict_same", "conflict_different", "account_update")
+
+
+@dataclass
+class RandomRollbacks:
+    """Now and then: edits, sync, more edits on some fields the sync wrote, rollback of those runs, sync.
+
+    Invariant, checked on both systems right after the rollback and one more sync: every field the
+    rollback restored (it found what the run wrote) holds its pre-run value on both sides (the written
+    side got its before-value back, the other side kept what it had); every edit made after the run
+    is on both sides (not lost, not overwritten). Then the fields the rollback left different on the two
+    systems get a fresh Dynamics edit, so the model's "both sides agree" holds again for the final check.
+    """
+
+    work: Workload
+    harness: Any
+    sync: Any  # () -> None: sync cycles until one succeeds with nothing waiting (the test's converge)
+    rng: random.Random
+    violations: list[str]
+    rounds: int = 0
+    restored: int = 0
+    aborted: int = 0  # rollbacks the injected faults stopped midway
+
+    def maybe(self, n: int, total: int) -> None:
+        if n == total // 2 or self.rng.random() < 0.3:
+            self.round()
+
+    def _values(self, r: Expect) -> dict[tuple[str, str], Any]:
+        """(field, side) -> raw value, read from the sandbox itself."""
+        sb = self.work.sb
+        if r.entity == "account":
+            row = sb.dynamics_get("account", r.did)
+            company = next((c for c in sb.marketo_rows("company", limit=1_000_000) if c["externalCompanyId"] == r.did),
+                           {})
+            return {**{(f, "d"): row.get(c) for f, c in ACCOUNT_FIELDS.items()},
+                    **{(f, "m"): company.get(f) for f in ACCOUNT_FIELDS}}
+        row, person = sb.dynamics_get(r.entity, r.did), sb.marketo_get_lead(int(r.mid or 0))
+        return {**{(f, "d"): row.get(c) for f, c in PERSON_FIELDS.items()},
+                **{(f, "m"): person.get(f) for f in PERSON_FIELDS}}
+
+    def round(self) -> None:
+        import os
+
+        from sync_pipeline.cli.ops import _clients
+        from sync_pipeline.clients.dynamics import DynamicsError
+        from sync_pipeline.clients.marketo import MarketoError
+        from sync_pipeline.config.model import load_config
+        from sync_pipeline.engine import state
+        from sync_pipeline.ops import rollback as rb
+
+        work, sb = self.work, self.work.sb
+        touched: set[str] = set()
+        for _ in range(self.rng.randrange(2, 6)):
+            if getattr(work, "_" + self.rng.choice(ROLLBACK_EDITS))(touched):
+                work.ops += 1
+        records = [work.records[d] for d in sorted(touched) if d in work.records]
+        pre = {r.did: self._values(r) for r in records}
+        since = state.utcnow()
+        self.sync()
+        # Edits after the run, on some of the fields it wrote (accounts only in Dynamics: one-way).
+        later: dict[tuple[str, str], str] = {}
+        for r in records:
+            for f in (ACCOUNT_FIELDS if r.entity == "account" else PERSON_FIELDS):
+                if self.rng.random() < 0.25:
+                    side = "d" if r.entity == "account" else self.rng.choice("dm")
+                    value = work._text(f, side)
+                    (work._d_set if side == "d" else work._m_set)(r, f, value)
+                    r.values[f], r.writer[f] = value, side
+                    later[(r.did, f)] = value
+                    work.ops += 1
+        config = load_config(os.environ.get("SYNC_CONFIG"))
+        stack, dynamics, marketo = _clients()
+        done: list[rb.Item] = []
+        with stack, state.connect(self.harness.state_path) as con:
+            runs = rb.runs_since(con, since)
+            ids: list[str] = []
+            for source in runs:  # newest first, like `rollback --since`
+                rid = rb.new_run_id()
+                ids.append(rid)
+                try:
+                    items = rb.plan_rollback(con, config, source, dynamics.get_client(), marketo.get_client(),
+                                             ignore_runs=[*runs, *ids])
+                    outcome = rb.execute_rollback(con, config, items, dynamics.get_client(), marketo.get_client(),
+                                                  source_run=source, run_id=rid)
+                except (MarketoError, DynamicsError):
+                    # The faults stopped this rollback (like the command exiting 1): what it did write is
+                    # in the ledger under its run id; the older runs are left as they are.
+                    self.aborted += 1
+                    done += [rb.Item(0, ent, did, mid, target, "update", fld, after, None, source)
+                             for ent, did, mid, target, fld, after in con.execute(
+                                 """SELECT entity, dynamics_id, marketo_id, target, field, value_after FROM ledger
+                                    WHERE run_id = ? AND op = 'restore'""", [rid]).fetchall()]
+                    break
+                failed = {id(it) for it, _ in outcome.failed} | {id(it) for it in outcome.skipped}
+                done += [it for it in items if it.action == rb.RESTORE and id(it) not in failed]
+        self.sync()
+        self.rounds += 1
+        self.restored += len(done)
+        # The invariant.
+        fields = set(PERSON_FIELDS) | set(ACCOUNT_FIELDS)
+        heal: set[tuple[str, str]] = set()
+        for it in done:
+            r = work.records.get(it.dynamics_id)
+            if r is None or it.field not in fields or r.did not in pre or (r.did, it.field) in later:
+                continue
+            now = self._values(r)
+            w = "d" if it.target == "dynamics" else "m"
+            for side in "dm":
+                if now[(it.field, side)] != pre[r.did][(it.field, side)]:
+                    self.violations.append(
+                        f"rollback of {it.source_run}: {r.entity} {r.did}.{it.field} on {side}: "
+                        f"{now[(it.field, side)]!r}, pre-run value {pre[r.did][(it.field, side)]!r} "
+                        f"(restored {it.restore!r} on {w})")
+            heal.add((r.did, it.field))
+        for (did, f), value in later.items():
+            r = work.records[did]
+            now = self._values(r)
+            if now[(f, "d")] != value or now[(f, "m")] != value:
+                self.violations.append(f"edit after the run lost: {r.entity} {did}.{f} = {value!r}, now Dynamics "
+                                       f"{now[(f, 'd')]!r}, Marketo {now[(f, 'm')]!r}")
+        # Back to a model where both sides agree: a fresh Dynamics edit of every restored field.
+        for did, f in sorted(heal):
+            r = work.records[did]
+            value = work._text(f, "d")
+            work._d_set(r, f, value)
+            r.values[f], r.writer[f] = value, "d"
+            work.ops += 1
