@@ -106,13 +106,22 @@ def stage_stats(result: Any) -> list[dict[str, Any]]:
     for ev in result.all_events:
         if ev.event_type_value == "STEP_SUCCESS":
             durations[ev.step_key] = ev.event_specific_data.duration_ms / 1000
+    from sync_pipeline.defs.assets import RUN_TOTALS
+
     stages: dict[str, dict[str, Any]] = {}
+    counted: set[tuple[str, str | None]] = set()
     for ev in result.get_asset_materialization_events():
         m = ev.materialization
         name = "/".join(m.asset_key.path)
         stage = stages.setdefault(name, {"asset": name, "seconds": round(durations.get(ev.step_key, 0.0), 3),
                                          "records": 0, "partitions": 0})
-        stage["records"] += _records({k: v.value for k, v in m.metadata.items()})
+        meta = {k: v.value for k, v in m.metadata.items()}
+        if RUN_TOTALS in meta:  # a range run: the same totals on every partition of the range, counted once
+            if (name, ev.step_key) not in counted:
+                counted.add((name, ev.step_key))
+                stage["records"] += _records(meta[RUN_TOTALS])
+        else:
+            stage["records"] += _records(meta)
         stage["partitions"] += 1
     for stage in stages.values():
         stage["records_per_second"] = round(stage["records"] / stage["seconds"]) if stage["seconds"] > 0 else None
@@ -128,7 +137,10 @@ def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]]
         if e.dynamics is not None:
             rows = counts.get(f"dynamics.{e.dynamics.table}", 0)
             dynamics += max(1, math.ceil(rows / DYNAMICS_PAGE)) if full_read else 1
-    written = {s["asset"]: s["records"] for s in stages if s["asset"].startswith("marketo/push/")}
+    from sync_pipeline.defs.assets import key_name, push_key
+
+    pushes = {key_name(push_key(e.name)) for e in config.entities}
+    written = {s["asset"]: s["records"] for s in stages if s["asset"] in pushes}
     marketo = sum(math.ceil(n / MARKETO_BATCH) for n in written.values())
     return {"dynamics.query": dynamics, "marketo.writes": marketo}
 
@@ -154,7 +166,10 @@ def run_cycle(instance: Any, remote: RemoteSandbox, config: Any, counts: dict[st
         result = run_sync(instance, scope=scope)
         seconds = time.perf_counter() - started
     stages = stage_stats(result)
-    records = sum(s["records"] for s in stages if s["asset"].startswith(("dynamics/raw/", "marketo/raw/")))
+    from sync_pipeline.defs.assets import PERSON_RAW, key_name, raw_key
+
+    extracts = {key_name(raw_key(e.name)) for e in config.entities} | {key_name(PERSON_RAW)}
+    records = sum(s["records"] for s in stages if s["asset"] in extracts)
     calls = remote.calls()
     return {"seconds": round(seconds, 3), "records_read": records,
             "records_per_second": round(records / seconds) if seconds else None,

@@ -7,6 +7,7 @@ import click
 from sync_pipeline.cli.bench import bench
 from sync_pipeline.cli.connect import backfill, init, validate
 from sync_pipeline.cli.demo import demo
+from sync_pipeline.cli.initial_copy import initial_copy
 from sync_pipeline.cli.ops import errors, plan, rebaseline, rollback, status
 from sync_pipeline.cli.sandbox import bench_sandbox, sandbox
 
@@ -19,6 +20,7 @@ def main() -> None:
 main.add_command(demo)
 main.add_command(sandbox)
 main.add_command(bench_sandbox)
+main.add_command(initial_copy)
 main.add_command(plan)
 main.add_command(status)
 main.add_command(errors)

@@ -79,6 +79,21 @@ def _store(path: str, read_only: bool, wait: float = state_mod.LOCK_WAIT_SECONDS
         raise click.ClickException(f"{exc} (a sync run is writing; try again, or raise --wait)") from None
 
 
+# What build_resources() reads through dg.EnvVar: required to talk to either system.
+REQUIRED_SETTINGS = ("DYNAMICS_URL", "DYNAMICS_AUTHORITY", "DYNAMICS_CLIENT_ID", "DYNAMICS_CLIENT_SECRET",
+                     "MARKETO_BASE_URL", "MARKETO_CLIENT_ID", "MARKETO_CLIENT_SECRET")
+
+
+def require_settings() -> None:
+    """One line naming the missing environment variables (instead of a configuration traceback)."""
+    missing = [k for k in REQUIRED_SETTINGS if not os.environ.get(k)]
+    if missing:
+        raise click.ClickException(
+            f"missing setting: environment variable {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set (export them, e.g. the lines `sync-pipeline sandbox` "
+            "prints)")
+
+
 def _clients() -> tuple[contextlib.ExitStack, Any, Any]:
     """The Dynamics and Marketo clients configured exactly like the definitions' resources."""
     from dagster import DagsterInvalidConfigError
@@ -125,11 +140,15 @@ def _duration(seconds: float | None) -> str:
               help="Rows shown per entity in the terminal (the CSV holds all).")
 @STATE_OPTION
 @CONFIG_OPTION
-def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, config_path: str | None) -> None:
+@WAIT_OPTION
+def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, config_path: str | None,
+         wait: float) -> None:
     """Show what the next sync would write, per field, both directions, without writing to either system.
 
-    Runs the extracts and the plans of the latest partition (no push), then lists the plan:
-    entity, ids, target, op, field, before, after and the rule behind each write.
+    Runs the extracts and the plans of the latest partition (no push) on a private copy of the state
+    store, then lists the plan: entity, ids, target, op, field, before, after and the rule behind each
+    write. The real store is left exactly as it was (cursors, pending changes, stored plan), so the next
+    sync still delivers everything the preview showed.
     """
     import dagster as dg
 
@@ -138,25 +157,44 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
 
     config = _config(config_path)
     _entity(config, entity)
-    os.environ["SYNC_STATE_PATH"] = state_path  # the run's resources read it
-    if config_path:
-        os.environ["SYNC_CONFIG"] = config_path
+    require_settings()
     console = _console()
-    with console.status("extracting and planning (no push)..."):
-        with dg.DagsterInstance.ephemeral() as instance:
-            result = runs.run_sync(instance, scope="latest", raise_on_error=False,
-                                   selection=preview.preview_selection(config, entity),
-                                   tags={"sync/preview": "true"})
-    if not result.success:
-        failures = [ev.message or ev.event_type_value for ev in result.all_events if ev.is_failure]
-        raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
+    saved = {k: os.environ.get(k) for k in ("SYNC_STATE_PATH", "SYNC_CONFIG")}
+    try:
+        with preview.snapshot(state_path, wait=wait) as copy:
+            os.environ["SYNC_STATE_PATH"] = str(copy)  # the preview run's resources read it
+            if config_path:
+                os.environ["SYNC_CONFIG"] = config_path
+            with console.status("extracting and planning on a copy of the state store (no push)..."):
+                with dg.DagsterInstance.ephemeral() as instance:
+                    result = runs.run_sync(instance, scope="latest", raise_on_error=False,
+                                           selection=preview.preview_selection(config, entity),
+                                           tags={"sync/preview": "true"})
+            if not result.success:
+                failures = [ev.message or ev.event_type_value for ev in result.all_events if ev.is_failure]
+                raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
+            _print_plan(console, config, entity, str(copy), result.run_id, limit, csv_path)
+    except state_mod.StateLockedError as exc:
+        raise click.ClickException(f"{exc} (a sync run is writing; try again, or raise --wait)") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _print_plan(console: Console, config: SyncConfig, entity: str | None, store: str, run_id: str, limit: int,
+                csv_path: str | None) -> None:
+    from sync_pipeline.ops import preview
+
     entities = [entity] if entity else [e.name for e in config.entities]
-    with _store(state_path, read_only=True) as con:
+    with state_mod.connect(store, read_only=True) as con:
         stack, _dynamics, marketo = _clients()
         with stack:  # one-way objects have no mirror: read the records the plan updates for their before-values
-            before = preview.object_before_values(con, config, entities, result.run_id, marketo.get_client())
-        counts = preview.plan_counts(con, entities, result.run_id)
-        summary = _table(f"Plan of run {result.run_id}", ["entity", "target", "op", "records", "fields"],
+            before = preview.object_before_values(con, config, entities, run_id, marketo.get_client())
+        counts = preview.plan_counts(con, entities, run_id)
+        summary = _table(f"Plan of run {run_id}", ["entity", "target", "op", "records", "fields"],
                          numeric=("records", "fields"))
         for row in counts:
             summary.add_row(*(str(v) for v in row))
@@ -164,14 +202,14 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
         shown: dict[str, int] = {}
         detail = _table("Field writes" + (f" (first {limit} per entity)" if limit else ""),
                         list(preview.PLAN_COLUMNS))
-        for row in preview.plan_rows(con, entities, result.run_id, before=before):
+        for row in preview.plan_rows(con, entities, run_id, before=before):
             if shown.get(row[0], 0) < limit:
                 shown[row[0]] = shown.get(row[0], 0) + 1
                 detail.add_row(*(_fmt(v) for v in row))
         if shown:
             console.print(detail)
         if csv_path:
-            n = preview.write_csv(preview.plan_rows(con, entities, result.run_id, before=before), Path(csv_path))
+            n = preview.write_csv(preview.plan_rows(con, entities, run_id, before=before), Path(csv_path))
             console.print(f"{n} plan rows written to {csv_path}")
 
 
@@ -183,10 +221,11 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
 @CONFIG_OPTION
 @WAIT_OPTION
 def status(state_path: str, config_path: str | None, wait: float) -> None:
-    """Per entity: last sync, backlog, lag, errors, held records and conflicts (reads the store only).
+    """Per entity: last sync, backlog, lag, errors, held and quarantined records, conflicts (reads the store only).
 
     Backlog counts records with a change read but not yet synced; lag is how long the oldest of them
-    has waited. Errors are records failing and retried with backoff; held ones need `errors --release`.
+    has waited. Errors are records failing and retried with backoff; held ones (quarantined ones included)
+    need `errors --release`; "held by reason" gives the reason classes.
     """
     from sync_pipeline.ops import report
 
@@ -196,14 +235,26 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
             rows = report.status(con, config)
         except LookupError as exc:
             raise click.ClickException(f"{state_path}: {exc}") from None
+        started = bool(con.execute("SELECT count(*) FROM cursors WHERE name = 'marketo:leadchanges' "
+                                   "OR name LIKE 'dynamics:delta:%'").fetchone()[0])
     now = utcnow()
-    numeric = ("backlog", "lag", "errors", "held", "conflicts")
-    table = _table(f"Sync status ({state_path})", ["entity", "last sync", "last run", "last write", *numeric],
-                   numeric=numeric)
+    numeric = ("backlog", "lag", "errors", "held", "quarantined", "conflicts")
+    table = _table(f"Sync status ({state_path})", ["entity", "last sync", "last run", "last write", *numeric,
+                                                   "held by reason"], numeric=numeric)
     for r in rows:
         table.add_row(r.entity, _fmt(r.last_sync), _fmt(r.last_run), _fmt(r.last_write), _fmt(r.backlog),
-                      _duration(r.lag_seconds(now)), str(r.retrying), str(r.held), str(r.conflicts))
-    _console().print(table)
+                      _duration(r.lag_seconds(now)), _fmt(r.retrying), _fmt(r.held), _fmt(r.quarantined),
+                      _fmt(r.conflicts), ", ".join(f"{k} {v}" for k, v in r.held_classes.items()) or "-")
+    console = _console()
+    console.print(table)
+    if not started:
+        from sync_pipeline.defs.automation import INITIAL_COPY_HOW
+
+        console.print("Initial copy not started: nothing has been written to either system and the sensors "
+                      f"launch nothing until it runs; {INITIAL_COPY_HOW}.")
+    if any(r.entity.startswith("person") for r in rows):
+        console.print("person (Marketo): changes read from Marketo; their errors and held records count under "
+                      "lead and contact.")
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------
@@ -211,19 +262,24 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
 
 @click.command()
 @click.option("--entity", default=None, help="Only this entity.")
+@click.option("--full", is_flag=True, help="Every column and the whole reason (wraps); default: one line a record.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write every held record, all columns and whole reasons, to this CSV file.")
 @click.option("--release", "release_id", default=None, metavar="ID",
               help="Retry this held record (Dynamics id, or Marketo id) at the next sync.")
 @click.option("--release-all", is_flag=True, help="Retry every held record (of --entity, if given).")
 @STATE_OPTION
 @CONFIG_OPTION
 @WAIT_OPTION
-def errors(entity: str | None, release_id: str | None, release_all: bool, state_path: str,
-           config_path: str | None, wait: float) -> None:
+def errors(entity: str | None, full: bool, csv_path: str | None, release_id: str | None, release_all: bool,
+           state_path: str, config_path: str | None, wait: float) -> None:
     """List held records with the reason the API gave, or release them for another attempt.
 
-    A record is held after the configured number of failed attempts. Releasing clears the hold,
-    makes it due now and marks it pending, so the next sync plans and writes it again (one attempt:
-    if it fails again it is held again).
+    A record is held after the configured number of failed attempts (or at once when no retry can help, e.g.
+    a rejected value, or a quarantine). One line a record by default, the reason shortened to fit; `--full`
+    shows every column and the whole reason, `--csv FILE` writes them all. Releasing clears the hold, makes it
+    due now and marks it pending, so the next sync plans and writes it again (one attempt: if it fails again
+    it is held again).
     """
     from sync_pipeline.ops import report
 
@@ -243,14 +299,46 @@ def errors(entity: str | None, release_id: str | None, release_all: bool, state_
             console.print(f"released {n} held record(s); the next sync retries them")
             return
         retrying = report.retrying_count(con, entity)
-    table = _table(f"Held records ({len(held)})", ["entity", "dynamics id", "target", "op", "marketo id", "code",
-                                                   "reason", "attempts", "last failed", "run"], numeric=("attempts",))
-    for r in held:
-        table.add_row(r.entity, r.dynamics_id, r.target, r.op, _fmt(r.marketo_id), _fmt(r.code), _fmt(r.message),
-                      str(r.attempts), _fmt(r.last_failed_at), _fmt(r.run_id))
-    console.print(table if held else "No held records.")
+    if csv_path:
+        report.write_held_csv(held, Path(csv_path))
+    if not held:
+        console.print("No held records.")
+    elif full:
+        table = _table(f"Held records ({len(held)})", ["entity", "dynamics id", "target", "op", "marketo id", "code",
+                                                       "reason", "attempts", "last failed", "run"],
+                       numeric=("attempts",))
+        for r in held:
+            table.add_row(r.entity, r.dynamics_id, r.target, r.op, _fmt(r.marketo_id), _fmt(r.code), _fmt(r.message),
+                          str(r.attempts), _fmt(r.last_failed_at), _fmt(r.run_id))
+        console.print(table)
+    else:
+        console.print(f"Held records ({len(held)}; --full for every column and whole reasons, --csv FILE for all)",
+                      highlight=False)
+        for line in _held_lines(held, console.width):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if csv_path:
+        console.print(f"{len(held)} held record(s) written to {csv_path}")
     if retrying:
         console.print(f"{retrying} more record(s) failed and will be retried automatically (not held yet).")
+
+
+def _held_lines(held: list[Any], width: int) -> list[str]:
+    """One line a held record, fitted to the terminal: entity, Dynamics id (whole: copy it into --release),
+    target, code, and the reason shortened (first line, the record's own id left out) with an ellipsis."""
+    from sync_pipeline.ops import report
+
+    def cut(text: str, n: int) -> str:
+        return text if len(text) <= n else text[:max(0, n - 1)] + "…"
+
+    ew = max(6, *(len(r.entity) for r in held))
+    cw = min(16, max(4, *(len(r.code or "-") for r in held)))
+    head = f"{'entity':<{ew}}  {'dynamics id':<36}  {'target':<8}  {'code':<{cw}}  reason"
+    lines = [cut(head, width)]
+    for r in held:
+        reason = report.short_reason((r.message or "").replace(f"{r.entity} {r.dynamics_id}: ", ""), limit=1000)
+        start = f"{r.entity:<{ew}}  {r.dynamics_id:<36}  {r.target:<8}  {cut(r.code or '-', cw):<{cw}}  "
+        lines.append(start + cut(reason, max(10, width - len(start))))
+    return lines
 
 
 # ---- rollback ---------------------------------------------------------------------------------------------------

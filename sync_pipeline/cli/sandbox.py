@@ -124,7 +124,8 @@ def sandbox(scale: str | None, seed: int, tls: bool, profile: str, state_dir: Pa
         threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True).start()
     if stop_on_stdin_eof:
         threading.Thread(target=_watch_stdin, args=(stop,), daemon=True).start()
-    sb = Sandbox(state_dir, profile=profile, tls=tls, seed=seed, latency_seconds=latency,
+    # Absolute paths in what it prints (SYNC_CA_BUNDLE): the exports work from any folder.
+    sb = Sandbox(state_dir.resolve(), profile=profile, tls=tls, seed=seed, latency_seconds=latency,
                  dynamics_port=port_map.get("dynamics", 0), identity_port=port_map.get("identity", 0),
                  marketo_port=port_map.get("marketo", 0), admin_port=port_map.get("admin", 0), schema=schema)
     with sb:

@@ -1,8 +1,11 @@
 """Assets, generated from the declared entities: extract -> plan -> push, per entity.
 
-Keys are path segments: ``dynamics/raw/<entity>`` and ``marketo/raw/person`` (extract),
-``sync/plan/<entity>`` (three-way merge), ``marketo/push/<entity>`` and, for leads and contacts,
-``dynamics/push/<entity>`` (load). Each asset is a thin shell around ``sync_pipeline.engine.steps``.
+Keys are path segments whose last part names the stage (the UI titles a node by that part):
+``dynamics/<entity>/extract`` and ``marketo/person/extract``, ``sync/<entity>/plan`` (three-way merge),
+``marketo/<entity>/push`` and, for leads and contacts, ``dynamics/<entity>/push`` (load). Keys are built only
+by the helpers below (``raw_key``, ``PERSON_RAW``, ``plan_key``, ``push_key``, ``key_name``): every module and
+test uses them, so a later prefix (e.g. a connection name) changes one place. Each asset is a thin shell
+around ``sync_pipeline.engine.steps``.
 Every asset opens the DuckDB state file, so all carry ``pool="duckdb"`` (limit 1 in dagster.yaml):
 steps of concurrent runs queue instead of failing on the file lock, and Marketo is never called by
 two runs at once.
@@ -33,38 +36,57 @@ OWNERS = ["team:data-platform"]
 RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
+STAGES = ("extract", "plan", "push")
+
+
 def raw_key(entity: str) -> dg.AssetKey:
-    return dg.AssetKey(["dynamics", "raw", entity])
+    """The Dynamics extract (mirror) of an entity: ``dynamics/<entity>/extract``."""
+    return dg.AssetKey(["dynamics", entity, "extract"])
 
 
-PERSON_RAW = dg.AssetKey(["marketo", "raw", "person"])
+PERSON_RAW = dg.AssetKey(["marketo", "person", "extract"])
 
 
 def plan_key(entity: str) -> dg.AssetKey:
-    return dg.AssetKey(["sync", "plan", entity])
+    return dg.AssetKey(["sync", entity, "plan"])
 
 
 def push_key(entity: str, system: str = "marketo") -> dg.AssetKey:
-    return dg.AssetKey([system, "push", entity])
+    return dg.AssetKey([system, entity, "push"])
+
+
+def key_name(key: dg.AssetKey) -> str:
+    """The key as the UI and metadata print it, e.g. ``marketo/contact/push``."""
+    return key.to_user_string()
+
+
+def stage_of(key: dg.AssetKey) -> str:
+    """``extract``, ``plan`` or ``push``: the last part of every key this module builds."""
+    return key.path[-1]
 
 
 @contextlib.contextmanager
 def permanent_errors_fail_fast() -> Iterator[None]:
-    """Errors no retry can fix (configuration, credentials, wrong environment) fail the step at once,
-    skipping the retry policy, so the operator sees them in seconds instead of after the backoff."""
-    from sync_pipeline.clients.dynamics import AuthenticationError
-    from sync_pipeline.clients.marketo import MarketoAuthError
-    from sync_pipeline.config.model import ConfigError
+    """Failures name their cause first, and fail at once when Dagster's retry cannot help.
 
+    Configuration, credentials and wrong-environment errors need a person. API errors already went through the
+    client's own retries with backoff (transient ones: 429/5xx/transport) or are permanent (4xx, Marketo
+    record-independent codes): a Dagster retry on top would only repeat them for minutes. The step's failure
+    description starts with the system, the call, the code and the API's message.
+    """
     from sync_pipeline.clients.dynamics import DynamicsError
+    from sync_pipeline.clients.marketo import MarketoError
+    from sync_pipeline.config.model import ConfigError
 
     try:
         yield
-    except (ConfigError, AuthenticationError, MarketoAuthError, guard.WrongEnvironmentError) as exc:
-        raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
-    except DynamicsError as exc:
-        if exc.status != 400:  # a malformed query (e.g. a column the table lacks) fails the same way every time
-            raise
+    except MarketoError as exc:  # "Marketo <call>: <code> <message>"
+        raise dg.Failure(description=str(exc), allow_retries=False,
+                         metadata={"system": "marketo", "call": exc.endpoint, "code": exc.code}) from exc
+    except DynamicsError as exc:  # "HTTP <status> <code>: <message>", the call is in the message
+        raise dg.Failure(description=f"Dynamics: {exc}", allow_retries=False,
+                         metadata={"system": "dynamics", "status": exc.status, "code": exc.code}) from exc
+    except (ConfigError, guard.WrongEnvironmentError) as exc:
         raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
 
 
@@ -86,12 +108,54 @@ def _calls(client: Any) -> int:
     return int(sum(calls.values())) if calls else 0
 
 
-def _meta(stats: dict[str, Any], rows: int, calls: dict[str, int]) -> dict[str, Any]:
-    md: dict[str, Any] = {"dagster/row_count": dg.MetadataValue.int(int(rows))}
-    for k, v in stats.items():
-        md[k] = v
-    for system, n in calls.items():
-        md[f"api_calls/{system}"] = dg.MetadataValue.int(int(n))
+RUN_TOTALS = "run_totals_data"
+
+
+def _meta(context: dg.AssetExecutionContext, stats: dict[str, Any], table_rows: int | None,
+          calls: dict[str, int], lasting: dict[str, Any] | None = None) -> dict[str, Any]:
+    """True metadata for the partition(s) the run materialises.
+
+    ``dagster/row_count`` is the asset's table size (mirror rows, planned writes, linked records), so a run with
+    nothing to do shows the table as it is rather than a 0 over the latest real numbers; ``lasting`` carries the
+    latest real change (e.g. the last write) forward the same way. A range run (a backfill of many partitions in one
+    run) materialises every partition in the range with the same metadata, so it reports its totals as text for the
+    whole range, never as per-partition numbers.
+    """
+    md: dict[str, Any] = {}
+    keys = context.partition_key_range if context.has_partition_key_range else None
+    per_run = dict(stats) | {f"api_calls/{system}": int(n) for system, n in calls.items()}
+    if keys is not None and keys.start != keys.end:
+        n = len(context.partition_keys)
+        md["run_totals"] = dg.MetadataValue.md(
+            f"Totals of run `{context.run_id}` for the {n} partitions {keys.start}...{keys.end} together "
+            "(not per partition):\n\n" + "\n".join(f"- {k}: {v}" for k, v in per_run.items()))
+        md["partition_range"] = f"{keys.start}...{keys.end}"
+        md[RUN_TOTALS] = dg.MetadataValue.json(per_run)  # machine-readable, never plotted per partition
+        return md
+    if table_rows is not None:
+        md["dagster/row_count"] = dg.MetadataValue.int(int(table_rows))
+    md.update(per_run)
+    md.update(lasting or {})
+    return md
+
+
+def _table_rows(con: Any, sql: str, params: list[Any]) -> int:
+    return int(con.execute(sql, params).fetchone()[0])
+
+
+def _push_state(con: Any, entity: str, system: str) -> dict[str, Any]:
+    """Held/quarantined/retrying counts exactly as the state store has them, and the last real write."""
+    from sync_pipeline.ops import report
+
+    counts = report.failure_counts(con, entity, system)
+    last = con.execute("SELECT max(written_at), arg_max(run_id, written_at) FROM ledger WHERE entity = ? "
+                       "AND target = ?", [entity, system]).fetchone()
+    md: dict[str, Any] = {"records_held": counts.held, "records_quarantined": counts.quarantined,
+                          "records_retrying": counts.retrying}
+    md.update({f"held/{k}": v for k, v in counts.classes.items()})
+    if last and last[0] is not None:
+        md["last_write_at"] = str(last[0])
+        md["last_write_run"] = str(last[1])
     return md
 
 
@@ -154,9 +218,10 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
             cfg = run_config(context, state, client)
             stats = steps.extract_dynamics(con, cfg, cfg.entity(e.name), client, window.start, window.end,
                                            context.partition_key_range.start, is_latest_window(context, window))
+            rows = _table_rows(con, f"SELECT count(*) FROM d_{e.name} WHERE NOT deleted", [])
         context.log.info(f"{e.name}: {stats.mode}: {stats.rows} rows read, {stats.changed} changed, "
                          f"{stats.deleted} deleted")
-        return dg.MaterializeResult(metadata=_meta(stats.as_metadata(), stats.rows,
+        return dg.MaterializeResult(metadata=_meta(context, stats.as_metadata(), rows,
                                                    {"dynamics": _calls(client) - before}))
 
     return extract
@@ -178,7 +243,8 @@ def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefi
                                                   is_latest_window(context, window),
                                                   work_dir=Path(state.work_dir) if state.work_dir else None,
                                                   run_id=context.run_id)
-        return dg.MaterializeResult(metadata=_meta(stats.as_metadata(), stats.rows,
+            rows = _table_rows(con, "SELECT count(*) FROM m_person WHERE NOT deleted", [])
+        return dg.MaterializeResult(metadata=_meta(context, stats.as_metadata(), rows,
                                                    {"marketo": _calls(client) - before}))
 
     return extract
@@ -202,7 +268,7 @@ def _plan(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDef
             summary = steps.plan(con, state.config, e, context.run_id)
         md = summary.as_metadata()
         writes = sum(v for k, v in summary.counts.items() if k.split(":")[0] in ("marketo", "dynamics"))
-        return dg.MaterializeResult(metadata=_meta(md, writes, {}))
+        return dg.MaterializeResult(metadata=_meta(context, md, writes, {}))
 
     return plan
 
@@ -223,10 +289,17 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
             guard_environment(con, state, dynamics, marketo)
             cfg = run_config(context, state, dynamics.get_client())
             stats = steps.push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id, final=not e.is_person)
+            lasting = _push_state(con, e.name, "marketo")
+            linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
         if stats.failed:
             context.log.warning(f"{e.name}: {stats.failed} records failed in Marketo: {stats.errors}")
-        return dg.MaterializeResult(metadata=_meta(stats.as_metadata(), stats.ok,
-                                                   {"marketo": _calls(client) - before}))
+        if lasting["records_held"]:
+            context.log.warning(f"{e.name}: {lasting['records_held']} records held for Marketo "
+                                "(`sync-pipeline errors` lists them)")
+        md = stats.as_metadata()
+        md.pop("records_held", None)  # from the store below, for every reason a record is held
+        return dg.MaterializeResult(metadata=_meta(context, md, linked, {"marketo": _calls(client) - before},
+                                                   lasting))
 
     return push
 
@@ -245,9 +318,16 @@ def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.
             guard_environment(con, state, dynamics, marketo)
             cfg = run_config(context, state, dclient)
             stats = steps.push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
-        return dg.MaterializeResult(metadata=_meta(stats.as_metadata(), stats.ok,
+            lasting = _push_state(con, e.name, "dynamics")
+            linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
+        if lasting["records_held"]:
+            context.log.warning(f"{e.name}: {lasting['records_held']} records held for Dynamics "
+                                "(`sync-pipeline errors` lists them)")
+        md = stats.as_metadata()
+        md.pop("records_held", None)
+        return dg.MaterializeResult(metadata=_meta(context, md, linked,
                                                    {"dynamics": _calls(dclient) - before[0],
-                                                    "marketo": _calls(mclient) - before[1]}))
+                                                    "marketo": _calls(mclient) - before[1]}, lasting))
 
     return push
 

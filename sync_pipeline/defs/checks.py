@@ -1,4 +1,4 @@
-"""Asset checks over the state store: duplicate persons, referential integrity, rejected-record rate."""
+"""Asset checks over the state store: held records, duplicate persons, referential integrity, rejected-record rate."""
 
 
 import dagster as dg
@@ -14,6 +14,9 @@ MAX_REJECTED_RATE = 0.05
 def build_checks(config: SyncConfig) -> list[dg.AssetChecksDefinition]:
     checks = []
     for e in config.entities:
+        checks.append(_held_records(e, "marketo"))
+        if e.is_person:
+            checks.append(_held_records(e, "dynamics"))
         checks.append(_rejected_rate(e))
         if e.is_person:
             checks.append(_unique_person(config, e))
@@ -24,6 +27,31 @@ def build_checks(config: SyncConfig) -> list[dg.AssetChecksDefinition]:
         checks.append(_references("opportunity", "externalCompanyId", "account",
                                   "opportunities whose customer account is not in Dynamics"))
     return checks
+
+
+def _held_records(e: Entity, system: str) -> dg.AssetChecksDefinition:
+    """On every push asset: not green while any record is held (a held record never syncs until released)."""
+    from sync_pipeline.ops import report
+
+    @dg.asset_check(asset=push_key(e.name, system), name="no_held_records", pool=POOL,
+                    description=f"No `{e.name}` record bound for {system.title()} is held (failed past the retry "
+                                "limit, rejected or quarantined); `sync-pipeline errors` lists them with the reason.")
+    def check(state: SyncStateResource) -> dg.AssetCheckResult:
+        with state.connect() as con:
+            counts = report.failure_counts(con, e.name, system)
+            sample = con.execute(f"""SELECT dynamics_id, code, message FROM failures WHERE entity = ? AND held
+                                     AND {report.target_filter(system)} ORDER BY last_failed_at DESC LIMIT 10""",
+                                 [e.name]).fetchall()
+        md: dict[str, dg.MetadataValue] = {
+            "held": dg.MetadataValue.int(counts.held), "quarantined": dg.MetadataValue.int(counts.quarantined),
+            "retrying": dg.MetadataValue.int(counts.retrying),
+            "sample": dg.MetadataValue.md("\n".join(f"- `{d}` {c}: {(m or '')[:200]}" for d, c, m in sample) or "none")}
+        md.update({f"held/{k}": dg.MetadataValue.int(v) for k, v in counts.classes.items()})
+        return dg.AssetCheckResult(passed=counts.held == 0, severity=dg.AssetCheckSeverity.WARN, metadata=md,
+                                   description=None if not counts.held else
+                                   f"{counts.held} held ({', '.join(f'{k}: {v}' for k, v in counts.classes.items())})")
+
+    return check
 
 
 def _rejected_rate(e: Entity) -> dg.AssetChecksDefinition:

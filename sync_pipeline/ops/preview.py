@@ -1,13 +1,18 @@
 """``plan``: what the next sync would write, by running the extracts and the plans but no push.
 
-The extracts and plans do update the state store (mirrors, cursors, the stored plan): that is the
-same work the next sync starts with, and records stay pending until a push applies them, so a
-preview never hides a change from the real run.
+A preview has no side effects: the extracts and plans run against a private copy of the state store
+(``snapshot``), so the real store's cursors (delta links, Marketo paging tokens), pending marks and stored
+plan are exactly as before, and the next sync still sees every change the preview saw. Neither system is
+written to (no push runs); the extracts only read (delta links and paging tokens are stateless on the
+server side).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +25,27 @@ from sync_pipeline.defs.assets import PERSON_RAW, plan_key, raw_key
 PLAN_COLUMNS = ("entity", "dynamics_id", "marketo_id", "target", "op", "field", "before", "after", "rule")
 # 'agree' rows only move the base (both systems already hold the value): nothing is written.
 _WRITES = "op <> 'agree'"
+
+
+@contextlib.contextmanager
+def snapshot(state_path: str | Path, wait: float = 30.0) -> Iterator[Path]:
+    """A private copy of the state store, deleted afterwards (an empty store if none exists yet).
+
+    The copy is taken while holding a read-only connection, so no writer can change the file (or its WAL)
+    mid-copy; DuckDB replays the copied WAL when the copy is opened.
+    """
+    from sync_pipeline.engine import state as state_mod
+
+    src = Path(state_path)
+    with tempfile.TemporaryDirectory(prefix="sync-pipeline-preview-") as tmp:
+        dest = Path(tmp) / "preview.duckdb"
+        if src.exists():
+            with state_mod.connect(src, read_only=True, wait=wait):
+                shutil.copyfile(src, dest)
+                wal = src.with_name(src.name + ".wal")
+                if wal.exists():
+                    shutil.copyfile(wal, dest.with_name(dest.name + ".wal"))
+        yield dest
 
 
 def preview_selection(config: SyncConfig, entity: str | None = None) -> list[dg.AssetKey]:

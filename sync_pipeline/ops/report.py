@@ -6,7 +6,9 @@ CLI opens the store read-only for them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import datetime
 
 import duckdb
@@ -17,6 +19,46 @@ from sync_pipeline.engine.state import qi, utcnow
 PUSH_STAGES = ("push_marketo", "push_dynamics")
 
 
+def target_filter(system: str) -> str:
+    """Failures a push asset owns: targets starting with ``dynamics`` (``dynamics``, ``dynamics:fields``) for the
+    Dynamics push, every other target (``marketo``, and any record-level class such as a quarantine filed under
+    another target) for the Marketo push."""
+    if system == "dynamics":
+        return "coalesce(target, '') LIKE 'dynamics%'"
+    return "coalesce(target, '') NOT LIKE 'dynamics%'"
+
+
+def reason_class_sql(column: str = "code") -> str:
+    """SQL for a failure's reason class: ``quarantine`` for every quarantine code, else the code."""
+    return f"CASE WHEN {column} LIKE 'quarantine%' THEN 'quarantine' ELSE coalesce({column}, 'unknown') END"
+
+
+@dataclass
+class FailureCounts:
+    held: int  # every held record, quarantined ones included
+    quarantined: int  # held records whose code starts with "quarantine"
+    retrying: int  # failed, retried automatically with backoff (not held yet)
+    classes: dict[str, int]  # held records per reason class
+
+
+def failure_counts(con: duckdb.DuckDBPyConnection, entity: str | None = None, system: str | None = None
+                   ) -> FailureCounts:
+    """Held / quarantined / retrying records of an entity (all entities: None), as the ``failures`` table has them."""
+    where, params = ["true"], []
+    if entity is not None:
+        where.append("entity = ?")
+        params.append(entity)
+    if system is not None:
+        where.append(target_filter(system))
+    sql = " AND ".join(where)
+    held, quarantined, retrying = con.execute(
+        f"""SELECT count(*) FILTER (WHERE held), count(*) FILTER (WHERE held AND code LIKE 'quarantine%'),
+                   count(*) FILTER (WHERE NOT held) FROM failures WHERE {sql}""", params).fetchone()
+    classes = dict(con.execute(f"SELECT {reason_class_sql()} AS c, count(*) FROM failures WHERE held AND {sql} "
+                               "GROUP BY c ORDER BY 2 DESC, 1", params).fetchall())
+    return FailureCounts(int(held), int(quarantined), int(retrying), {k: int(v) for k, v in classes.items()})
+
+
 @dataclass
 class EntityStatus:
     entity: str
@@ -25,9 +67,11 @@ class EntityStatus:
     last_write: datetime | None  # last ledger entry (a run may push nothing)
     backlog: int | None  # records with a pending change in the Dynamics mirror (None: not extracted yet)
     oldest_pending: datetime | None  # when the oldest of those was read
-    retrying: int
-    held: int
-    conflicts: int
+    retrying: int | None  # None: counted elsewhere (the Marketo person row: under lead and contact)
+    held: int | None
+    conflicts: int | None
+    quarantined: int | None = None
+    held_classes: dict[str, int] = field(default_factory=dict)
 
     def lag_seconds(self, now: datetime) -> float | None:
         """How long the oldest change nobody has synced yet has been waiting (0 when nothing waits)."""
@@ -59,15 +103,28 @@ def status(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> list[EntitySta
     retrying = _counts_by_entity(con, "SELECT entity, count(*) FROM failures WHERE NOT held GROUP BY entity")
     held = _counts_by_entity(con, "SELECT entity, count(*) FROM failures WHERE held GROUP BY entity")
     conflicts = _counts_by_entity(con, "SELECT entity, count(*) FROM conflicts GROUP BY entity")
+    quarantined = _counts_by_entity(con, "SELECT entity, count(*) FROM failures WHERE held AND code LIKE "
+                                         "'quarantine%' GROUP BY entity")
+    classes: dict[str, dict[str, int]] = {}
+    for e, c, n in con.execute(f"""SELECT entity, {reason_class_sql()} AS c, count(*) FROM failures WHERE held
+                                   GROUP BY ALL ORDER BY 1, 3 DESC, 2""").fetchall():
+        classes.setdefault(e, {})[c] = int(n)
     out = []
     for e in config.entities:
         backlog, oldest = _backlog(con, tables, e)
         t, run = last_sync.get(e.name, (None, None))
         out.append(EntityStatus(e.name, t, run, last_write.get(e.name), backlog, oldest,
-                                retrying.get(e.name, 0), held.get(e.name, 0), conflicts.get(e.name, 0)))
+                                retrying.get(e.name, 0), held.get(e.name, 0), conflicts.get(e.name, 0),
+                                quarantined.get(e.name, 0), classes.get(e.name, {})))
     if config.persons and "m_person" in tables:
         n, oldest = con.execute("SELECT count(*), min(seen_at) FROM m_person WHERE pending_seq IS NOT NULL").fetchone()
-        out.append(EntityStatus("person (Marketo)", None, None, None, int(n), oldest, 0, 0, 0))
+        # Persons are synced by the lead and contact pushes: their latest is the person row's last sync / write.
+        persons = [s for s in out if s.entity in {p.name for p in config.persons}]
+        synced = max((s for s in persons if s.last_sync), key=lambda s: s.last_sync, default=None)
+        writes = [s.last_write for s in persons if s.last_write]
+        out.append(EntityStatus("person (Marketo)", synced.last_sync if synced else None,
+                                synced.last_run if synced else None, max(writes) if writes else None, int(n), oldest,
+                                None, None, None))
     return out
 
 
@@ -111,6 +168,24 @@ def held_records(con: duckdb.DuckDBPyConnection, entity: str | None = None,
     rows = con.execute(f"SELECT {HELD_COLUMNS} FROM failures WHERE {' AND '.join(where)} "
                        "ORDER BY entity, last_failed_at, dynamics_id", params).fetchall()
     return [HeldRecord(*r) for r in rows]
+
+
+def short_reason(message: str | None, limit: int = 120) -> str:
+    """The first line of a reason, at most ``limit`` characters (the terminal ellipsizes it further to fit)."""
+    if not message:
+        return "-"
+    line = " ".join(message.strip().splitlines()[0].split()) if message.strip() else "-"
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def write_held_csv(records: list[HeldRecord], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        out.writerow([c.strip() for c in HELD_COLUMNS.split(",")])
+        for r in records:
+            out.writerow([r.entity, r.dynamics_id, r.target, r.op, r.marketo_id or "", r.code or "", r.message or "",
+                          r.attempts, r.last_failed_at or "", r.run_id or ""])
 
 
 def retrying_count(con: duckdb.DuckDBPyConnection, entity: str | None = None) -> int:

@@ -96,6 +96,16 @@ def _lead_id(req: Request) -> int:
         raise ValueError(f"Marketo lead id must be an integer, got {req.params['id']!r}") from None
 
 
+def unmatched_fault_patterns(sandbox: "Sandbox", rules: list[Any]) -> list[str]:
+    """Patterns of fault rules that match none of the sandbox's API routes (bad rules raise ValueError: 400)."""
+    import fnmatch
+
+    from sync_pipeline.sandbox.runner import parse_fault_rules
+
+    names = [r.name for a in sandbox.apps() for r in a.routes if not r.name.startswith("admin.")]
+    return [r.pattern for r in parse_fault_rules(rules) if not any(fnmatch.fnmatchcase(n, r.pattern) for n in names)]
+
+
 def make_admin_app(sandbox: "Sandbox") -> App:
     app = App("admin")
     sb = sandbox
@@ -126,7 +136,13 @@ def make_admin_app(sandbox: "Sandbox") -> App:
     @route("PUT", "/faults", "faults.set")
     def set_faults(req: Request) -> Any:
         body = _body(req)
-        sb.faults(body.get("rules") or [], seed=int(body.get("seed", 0)))
+        rules = body.get("rules") or []
+        unmatched = unmatched_fault_patterns(sb, rules)
+        if unmatched:  # a rule that matches no route would inject nothing, silently
+            names = sorted({r.name for a in sb.apps() for r in a.routes if not r.name.startswith("admin.")})
+            return _error(400, f"fault rule pattern(s) {', '.join(repr(p) for p in unmatched)} match no route; "
+                               f"routes: {', '.join(names)}")
+        sb.faults(rules, seed=int(body.get("seed", 0)))
         return {}
 
     @route("DELETE", "/faults", "faults.clear")

@@ -28,3 +28,12 @@ def test_bad_scale_is_refused_before_anything_starts(tmp_path) -> None:
     result = CliRunner().invoke(main, ["sandbox", "--scale", "huge", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2 and "huge" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_the_printed_settings_hold_absolute_paths(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["sandbox", "--state-dir", "sb", "--stop-on-stdin-eof"], input="")
+    assert result.exit_code == 0, result.output
+    bundle = next(line for line in result.output.splitlines() if line.startswith("export SYNC_CA_BUNDLE="))
+    path = bundle.split("=", 1)[1].strip("'\"")
+    assert path.startswith(str(tmp_path / "sb")) and path.endswith(".pem"), bundle

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
+
 
 from sync_pipeline.config.model import load_config
+from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key, stage_of
 from sync_pipeline.definitions import build_definitions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,13 +20,14 @@ def test_every_entity_has_extract_plan_push_with_metadata() -> None:
     config = load_config()
     defs = build_definitions(config)
     graph = defs.resolve_asset_graph()
-    keys = {"/".join(k.path) for k in graph.get_all_asset_keys()}
+    keys = set(graph.get_all_asset_keys())
     for e in config.entities:
-        raw = f"dynamics/raw/{e.derived_from or e.name}"
-        assert {raw, f"sync/plan/{e.name}", f"marketo/push/{e.name}"} <= keys, e.name
+        assert {raw_key(e.derived_from or e.name), plan_key(e.name), push_key(e.name)} <= keys, e.name
         if e.is_person:
-            assert f"dynamics/push/{e.name}" in keys
-    assert "marketo/raw/person" in keys
+            assert push_key(e.name, "dynamics") in keys
+    assert PERSON_RAW in keys
+    # The last key part (what the UI titles a node by) names the stage.
+    assert {stage_of(k) for k in keys} == {"extract", "plan", "push"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.description, key
@@ -45,8 +47,8 @@ def test_dagster_definitions_validate_passes_on_workspace() -> None:
 def test_load_order_puts_referenced_objects_first() -> None:
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
-    up = lambda k: {"/".join(p.path) for p in graph.get(dg.AssetKey(k.split("/"))).parent_keys}  # noqa: E731
-    assert "marketo/push/systemuser" in up("marketo/push/account")
-    assert "marketo/push/account" in up("marketo/push/contact")
-    assert {"marketo/push/opportunity", "marketo/push/contact"} <= up("sync/plan/opportunity_role")
-    assert "marketo/push/lead" in up("sync/plan/contact")  # qualification: the lead's person exists first
+    up = lambda k: set(graph.get(k).parent_keys)  # noqa: E731
+    assert push_key("systemuser") in up(push_key("account"))
+    assert push_key("account") in up(push_key("contact"))
+    assert {push_key("opportunity"), push_key("contact")} <= up(plan_key("opportunity_role"))
+    assert push_key("lead") in up(plan_key("contact"))  # qualification: the lead's person exists first

@@ -34,16 +34,14 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
     sb = harness.sandbox
     latest = runs.partition_keys()[-1]
 
-    # Nothing synced yet: every source needs its first read; a second tick asks for the same run (same key).
+    # Nothing synced yet: the sensor waits for the initial copy (issue 15: it used to start it by itself).
+    calls = sb.calls()
     first = tick(harness, None)
-    assert len(first.run_requests) == 1
-    request = first.run_requests[0]
-    assert request.partition_key == latest and request.run_key.startswith("changes-")
-    assert "dynamics:contact" in request.tags["sync/changed"]
-    again = tick(harness, first.cursor)
-    assert [r.run_key for r in again.run_requests] == [request.run_key]
+    assert not first.run_requests and "waiting for the initial copy" in (first.skip_message or "")
+    assert not [k for k, v in sb.calls().items() if v != calls.get(k, 0) and not k.startswith("identity.")]
+    assert not harness.state_path.exists()
 
-    assert harness.run("latest").success
+    assert harness.run("all").success  # the initial copy, launched deliberately (what the backfill runs)
     quiet = settle(harness, first.cursor)
     assert quiet.skip_message == "no changes"
     before = sb.calls()
@@ -61,7 +59,8 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
     changed = tick(harness, quiet.cursor)
     assert len(changed.run_requests) == 1
     key = changed.run_requests[0].run_key
-    assert key != request.run_key and changed.run_requests[0].tags["sync/changed"] == "dynamics:contact"
+    assert changed.run_requests[0].partition_key == latest and key.startswith("changes-")
+    assert changed.run_requests[0].tags["sync/changed"] == "dynamics:contact"
     # Repeated ticks before the run: the same key, so the daemon launches it once.
     assert [r.run_key for r in tick(harness, changed.cursor).run_requests] == [key]
     # A daemon restart that lost the sensor cursor still sees the change: the state store is the memory.
@@ -79,10 +78,13 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
 
 
 def test_change_sensor_skips_while_a_sync_run_is_in_flight(harness) -> None:
+    assert harness.run("latest").success  # a synced store (the initial copy done)
     job = runs.definitions().resolve_job_def("sync")
     run = harness.instance.create_run_for_job(job, run_config={},
                                               tags={"dagster/partition": runs.partition_keys()[-1]})
     data = tick(harness, None)
     assert not data.run_requests and "in flight" in (data.skip_message or "")
     harness.instance.report_run_canceled(run)
+    harness.sandbox.dynamics_update("contact", harness.query("SELECT dynamics_id FROM identity WHERE entity = "
+                                                             "'contact' LIMIT 1")[0][0], {"telephone1": "+1 555 0142"})
     assert len(tick(harness, None).run_requests) == 1

@@ -12,6 +12,8 @@ from typing import Iterator
 
 import pytest
 
+from sync_pipeline.defs.assets import push_key
+
 REPO = Path(__file__).resolve().parents[2]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 REQUIRED = os.environ.get("SYNC_PIPELINE_REQUIRE_POSTGRES") == "1"
@@ -97,7 +99,7 @@ def test_sync_runs_are_stored_in_postgresql(harness, postgres, tmp_path, monkeyp
     with dg.DagsterInstance.get() as other:
         record = other.get_run_record_by_id(result.run_id)
         assert record is not None and record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
-        assert other.get_latest_materialization_event(dg.AssetKey(["marketo", "push", "contact"])) is not None
+        assert other.get_latest_materialization_event(push_key("contact")) is not None
 
     conn = psycopg2.connect(host="127.0.0.1", port=int(postgres["DAGSTER_PG_PORT"]), user="dagster",
                             password=postgres["DAGSTER_PG_PASSWORD"], dbname="postgres")
