@@ -131,11 +131,14 @@ def backfill(config_path: str | None, scope: str) -> None:
         os.environ["SYNC_CONFIG"] = config_path
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     result = runs.run_sync(instance, scope=scope, raise_on_error=False)
-    rows: dict[str, int] = {}
-    for key, md in runs.materialized_metadata(result).items():
-        rows[key] = int(md.get("dagster/row_count") or 0)
-    for key in sorted(rows):
-        click.echo(f"{key}: {rows[key]:,} rows")
+    from sync_pipeline.defs.assets import RUN_TOTALS
+
+    for key, md in sorted(runs.materialized_metadata(result).items()):
+        totals = md.get(RUN_TOTALS) or md  # a run over many partitions reports its totals once
+        if "rows_read" in totals:
+            click.echo(f"{key}: {int(totals['rows_read']):,} rows read, {int(totals.get('rows_changed') or 0):,} changed")
+        elif "dagster/row_count" in totals:
+            click.echo(f"{key}: {int(totals['dagster/row_count']):,} rows")
     if not result.success:
         failures = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
         for e in failures:
