@@ -9,6 +9,7 @@ from sync_pipeline.cli.connect import backfill, init, validate
 from sync_pipeline.cli.demo import demo
 from sync_pipeline.cli.initial_copy import initial_copy
 from sync_pipeline.cli.ops import errors, plan, rebaseline, rollback, status
+from sync_pipeline.cli.resync import resync
 from sync_pipeline.cli.sandbox import bench_sandbox, sandbox
 
 
@@ -30,3 +31,4 @@ main.add_command(bench)
 main.add_command(validate)
 main.add_command(init)
 main.add_command(backfill)
+main.add_command(resync)

@@ -138,10 +138,12 @@ def _duration(seconds: float | None) -> str:
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write every row here.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
               help="Rows shown per entity in the terminal (the CSV holds all).")
+@click.option("--all", "full", is_flag=True, help="A full re-evaluation of every linked record under the current "
+              "mapping (after a direction or policy change); run it with `resync --entity E`.")
 @STATE_OPTION
 @CONFIG_OPTION
 @WAIT_OPTION
-def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, config_path: str | None,
+def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state_path: str, config_path: str | None,
          wait: float) -> None:
     """Show what the next sync would write, per field, both directions, without writing to either system.
 
@@ -165,6 +167,10 @@ def plan(entity: str | None, csv_path: str | None, limit: int, state_path: str, 
             os.environ["SYNC_STATE_PATH"] = str(copy)  # the preview run's resources read it
             if config_path:
                 os.environ["SYNC_CONFIG"] = config_path
+            if full:  # a full re-evaluation (after a mapping change), on the same private copy
+                from sync_pipeline.cli.resync import print_full_plan
+
+                return print_full_plan(config, entity, limit, str(copy))
             with console.status("extracting and planning on a copy of the state store (no push)..."):
                 with dg.DagsterInstance.ephemeral() as instance:
                     result = runs.run_sync(instance, scope="latest", raise_on_error=False,

@@ -24,7 +24,7 @@ import dagster as dg
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.defs.partitions import is_latest_window
 from sync_pipeline.defs.resources import SyncStateResource
-from sync_pipeline.engine import guard, steps
+from sync_pipeline.engine import guard, mapping, steps
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
 
@@ -63,6 +63,12 @@ def key_name(key: dg.AssetKey) -> str:
 def stage_of(key: dg.AssetKey) -> str:
     """``extract``, ``plan`` or ``push``: the last part of every key this module builds."""
     return key.path[-1]
+
+
+def mapping_version(config: SyncConfig | None, entity: Entity | None = None) -> str:
+    """An asset's code version: a hash of its entity's mapping (no entity: the person extract's fields), so
+    a mapping change shows the entity's assets as changed in the UI (engine/mapping.py)."""
+    return mapping.code_version(config, entity)
 
 
 @contextlib.contextmanager
@@ -206,6 +212,7 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     assert e.dynamics is not None
 
     @dg.asset(key=raw_key(e.name), group_name=e.name, kinds={"dynamics", "duckdb"}, retry_policy=RETRY,
+              code_version=mapping_version(None, e),
               description=f"Mirror of Dynamics `{e.dynamics.entity_set}` rows modified in the partition window "
                           "(the latest window follows the change-tracking delta link, which also reports deletes).",
               **common)
@@ -229,6 +236,7 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
 
 def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefinition:
     @dg.asset(key=PERSON_RAW, group_name="person", kinds={"marketo", "duckdb"}, retry_policy=RETRY,
+              code_version=mapping_version(config),
               description="Mirror of Marketo persons: bulk extract by updatedAt for the initial copy, then "
                           "lead-change, merge and deleted-lead activities since the stored paging token.", **common)
     def extract(context: dg.AssetExecutionContext, state: SyncStateResource,
@@ -260,6 +268,7 @@ def _plan(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDef
         deps += [push_key(d) for d in push_order(config, e)]
 
     @dg.asset(key=plan_key(e.name), group_name=e.name, kinds={"duckdb"}, deps=deps,
+              code_version=mapping_version(config, e),
               automation_condition=dg.AutomationCondition.eager(),
               description=f"What the next sync writes for `{e.name}`: a field-level three-way merge of Dynamics, "
                           "Marketo and the last agreed values, with the rule behind every write.", **common)
@@ -277,6 +286,7 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
     deps = [plan_key(e.name)] + [push_key(d) for d in push_order(config, e)]
 
     @dg.asset(key=push_key(e.name), group_name=e.name, kinds={"marketo"}, deps=deps, retry_policy=RETRY,
+              code_version=mapping_version(config, e),
               automation_condition=dg.AutomationCondition.eager(),
               description=f"Writes the plan of `{e.name}` to Marketo `{e.marketo.object}` in batches of up to 300, "
                           "upserting by external ids so re-runs never duplicate; failures are kept and retried.",
@@ -306,6 +316,7 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
 
 def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     @dg.asset(key=push_key(e.name, "dynamics"), group_name=e.name, kinds={"dynamics"}, retry_policy=RETRY,
+              code_version=mapping_version(config, e),
               deps=[push_key(e.name)], automation_condition=dg.AutomationCondition.eager(),
               description=f"Writes Marketo-side changes of `{e.name}` persons back to Dynamics with `If-Match` etags "
                           "(a record changed meanwhile is re-read and re-planned, never overwritten blindly).",

@@ -17,6 +17,7 @@ Table layout (``<e>`` = entity name, ``f_<x>`` = canonical value of Marketo fiel
 - ``failures``   per-record errors with the API's code and message, attempts, next retry, held flag
 - ``conflicts``  conflicts held for review (policy ``hold``)
 - ``cursors``    delta links and paging tokens; ``environment`` the org / instance this store synced
+- ``mapping_*``  the mapping the store synced with and its changes (``engine/mapping.py``)
 
 Only the ``pending_seq`` protocol makes runs safe to interleave and to kill: a record leaves the work
 set only when the plan that covered it was applied, and only if nothing newer arrived meanwhile.
@@ -102,9 +103,17 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     digest = hashlib.sha256((SCHEMA_VERSION + config.model_dump_json()).encode()).hexdigest()
     con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
     row = con.execute("SELECT value FROM schema_meta WHERE key = 'config'").fetchone()
+    from sync_pipeline.engine import mapping
+
     if row and row[0] == digest:
+        if not mapping.has_tables(con):  # a store from before mapping changes were tracked: its baseline
+            mapping.record(con, config, utcnow())
         return
+
     _create_tables(con, config)
+    # What changed in the mapping since the store last synced (fields added, removed, re-ruled, entities
+    # added): recorded once, when the new configuration is first seen. Added fields wait for a back-fill.
+    mapping.record(con, config, utcnow())
     con.execute("INSERT OR REPLACE INTO schema_meta VALUES ('config', ?)", [digest])
 
 

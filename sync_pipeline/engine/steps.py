@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import apply as apply_mod
-from sync_pipeline.engine import extract, merge, normalize
+from sync_pipeline.engine import extract, mapping, merge, normalize
 from sync_pipeline.engine.state import fcol, get_cursor, latest_fields, next_seq, qi, record_stats, set_cursor, utcnow
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,11 @@ def delta_cursor(entity: Entity) -> str:
     return f"dynamics:delta:{entity.name}"
 
 
+def select_cursor(entity: Entity) -> str:
+    """The $select the stored delta link was started with."""
+    return f"dynamics:delta-select:{entity.name}"
+
+
 # ---- Dynamics -----------------------------------------------------------------------------------------------
 
 
@@ -82,7 +87,16 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     select = extract.dynamics_select(entity)
     modified = entity.dynamics.modified_column
     delta = get_cursor(con, delta_cursor(entity))
-    if latest and delta:
+    # A delta link is opaque and replays the query it came from, $select included ("opaque, service-generated
+    # links", learn.microsoft.com/en-us/training/modules/dataverse-web-api/change-tracking): after a mapping
+    # change its rows would lack the new columns, which would read as blanks. A new $select starts a new link.
+    selected, wanted = get_cursor(con, select_cursor(entity)), ",".join(select)
+    if latest and delta and selected is not None and selected != wanted:
+        stats.mode = "full (mapping changed: new delta link)"
+        # The old link stays until the new one is complete: a run killed meanwhile starts this read again.
+        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True)
+        set_cursor(con, delta_cursor(entity), new_link)
+    elif latest and delta:
         stats.mode = "delta"
         try:
             new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats, config)
@@ -107,6 +121,8 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
             stats.take(extract.ingest_dynamics_page(con, entity, page, partition_key, extract.target_tables(config)))
     else:
         stats.mode = "skipped (no modified-time column; read on the latest window)"
+    if latest:
+        set_cursor(con, select_cursor(entity), wanted)
     return stats
 
 
@@ -371,7 +387,10 @@ def _bulk_windows(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: An
 
 
 def plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str) -> merge.PlanSummary:
+    # Fields added to the mapping wait for their back-fill (engine/mapping.py); the plan says what changed.
+    config, entity = mapping.effective(con, config, entity)
     summary = merge.compute_plan(con, config, entity, run_id, utcnow())
+    mapping.add_plan_notices(con, entity.name, run_id)
     record_stats(con, run_id, entity.name, "plan", summary.as_metadata())
     return summary
 
@@ -381,6 +400,7 @@ def push_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     stats = apply_mod.apply_to_marketo(con, config, entity, client, run_id, utcnow())
     if final:
         apply_mod.finish(con, entity)
+        mapping.note_in_ledger(con, entity.name, run_id, utcnow())
     record_stats(con, run_id, entity.name, "push_marketo", stats.as_metadata())
     return stats
 
@@ -389,5 +409,6 @@ def push_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: En
                   run_id: str) -> apply_mod.ApplyStats:
     stats = apply_mod.apply_to_dynamics(con, config, entity, dynamics, marketo, run_id, utcnow())
     apply_mod.finish(con, entity)
+    mapping.note_in_ledger(con, entity.name, run_id, utcnow())
     record_stats(con, run_id, entity.name, "push_dynamics", stats.as_metadata())
     return stats
