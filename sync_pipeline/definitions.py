@@ -14,6 +14,7 @@ from sync_pipeline.defs.checks import build_checks
 from sync_pipeline.defs.mapping_checks import build_mapping_checks
 from sync_pipeline.defs.partitions import build_partitions
 from sync_pipeline.defs.resources import build_resources
+from sync_pipeline.defs.validate import validate_job
 from sync_pipeline.defs.resync import build_resync_job
 
 FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=2), warn_window=timedelta(minutes=30))
@@ -34,7 +35,7 @@ def build_definitions(config: SyncConfig | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=assets,
         asset_checks=build_checks(config) + build_mapping_checks(config),
-        jobs=[job, build_resync_job()],
+        jobs=[job, build_resync_job(), validate_job],
         sensors=[s for s in automation if not isinstance(s, dg.ScheduleDefinition)],
         schedules=[s for s in automation if isinstance(s, dg.ScheduleDefinition)],
         resources=build_resources(),

@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
-from sync_pipeline.engine import extract, normalize, state
+from sync_pipeline.engine import extract, normalize, orgmeta, state
 from sync_pipeline.engine.apply import object_path
 from sync_pipeline.engine.state import fcol, qi
 
@@ -48,6 +48,9 @@ def compare(config: SyncConfig, dynamics_client: Any, marketo_client: Any, state
     con = duckdb.connect()  # scratch: both systems' current values, canonical
     try:
         _copy_state(con, config, state_path)
+        # Option labels from the org, filter column only where the table has it: what the sync's runs use.
+        config = orgmeta.runtime_config(config, orgmeta.read_metadata(dynamics_client, orgmeta.mapped_tables(config),
+                                                                       config.sync.language))
         state.ensure_schema(con, config)
         for e in config.entities:
             if not e.is_derived:

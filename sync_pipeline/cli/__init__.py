@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from sync_pipeline.cli.bench import bench
+from sync_pipeline.cli.connect import backfill, init, validate
 from sync_pipeline.cli.demo import demo
 from sync_pipeline.cli.initial_copy import initial_copy
 from sync_pipeline.cli.ops import errors, plan, rebaseline, rollback, status
@@ -27,4 +28,7 @@ main.add_command(errors)
 main.add_command(rollback)
 main.add_command(rebaseline)
 main.add_command(bench)
+main.add_command(validate)
+main.add_command(init)
+main.add_command(backfill)
 main.add_command(resync)

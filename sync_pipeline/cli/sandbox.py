@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sync_pipeline.sandbox.generator import SCALES
 from sync_pipeline.sandbox.runner import PROFILES, Sandbox
+from sync_pipeline.sandbox.schema import SandboxConfigError, load_schema
 
 PORT_NAMES = ("dynamics", "identity", "marketo", "admin")
 
@@ -55,6 +56,7 @@ def _print_banner(console: Console, sandbox: Sandbox) -> None:
         counts = sandbox.populated["counts"]
         table.add_row("populated", f"{sandbox.populated['scale']} (seed {sandbox.populated['seed']}): "
                                    f"{sum(counts.values()):,} rows in {sandbox.populated['seconds']} s")
+        table.add_row("rows", ", ".join(f"{k}={v:,}" for k, v in counts.items()))
     console.print(table)
     # Plain echo: rich would wrap long lines and break copy-paste into a shell.
     click.echo("\n# Point the pipeline at this sandbox:")
@@ -98,14 +100,21 @@ def _watch_stdin(stop: threading.Event) -> None:
 @click.option("--settings-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the settings (URLs, credentials) as JSON here once serving.")
 @click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds added to every request.")
+@click.option("--schema", "schema_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Your org's shape: custom tables and columns, option sets, the sync-filter column present or "
+                   "not, Marketo fields and custom objects (example: docs/sandbox-schema.example.yaml).")
 @click.option("--quiet", is_flag=True, help="Do not print the banner.")
 @click.option("--parent-pid", type=int, default=None, hidden=True)
 @click.option("--stop-on-stdin-eof", is_flag=True, hidden=True)
 def sandbox(scale: str | None, seed: int, tls: bool, profile: str, state_dir: Path, ports: str,
-            settings_file: Path | None, latency: float, quiet: bool, parent_pid: int | None,
-            stop_on_stdin_eof: bool) -> None:
+            settings_file: Path | None, latency: float, schema_file: Path | None, quiet: bool,
+            parent_pid: int | None, stop_on_stdin_eof: bool) -> None:
     """Run the Dynamics 365 and Marketo sandboxes on loopback until Ctrl-C."""
     port_map = parse_ports(ports)
+    try:
+        schema = load_schema(schema_file) if schema_file else None
+    except SandboxConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--schema") from None
     console = Console(stderr=False)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -118,7 +127,7 @@ def sandbox(scale: str | None, seed: int, tls: bool, profile: str, state_dir: Pa
     # Absolute paths in what it prints (SYNC_CA_BUNDLE): the exports work from any folder.
     sb = Sandbox(state_dir.resolve(), profile=profile, tls=tls, seed=seed, latency_seconds=latency,
                  dynamics_port=port_map.get("dynamics", 0), identity_port=port_map.get("identity", 0),
-                 marketo_port=port_map.get("marketo", 0), admin_port=port_map.get("admin", 0))
+                 marketo_port=port_map.get("marketo", 0), admin_port=port_map.get("admin", 0), schema=schema)
     with sb:
         if scale:
             if not quiet:

@@ -283,6 +283,13 @@ class DynamicsClient:
     def whoami(self) -> dict[str, Any]:
         return self._send("whoami", "GET", "WhoAmI", "GET WhoAmI")[1]
 
+    def current_organization(self) -> dict[str, Any]:
+        """``RetrieveCurrentOrganization``: the org's ``OrganizationDetail`` (FriendlyName, UniqueName, version)."""
+        body = self._send("organization", "GET", "RetrieveCurrentOrganization(AccessType=@p1)",
+                          "GET RetrieveCurrentOrganization",
+                          params={"@p1": "Microsoft.Dynamics.CRM.EndpointAccessType'Default'"})[1]
+        return body.get("Detail") or {}
+
     def entity_definitions(self, select: str = "LogicalName,EntitySetName,PrimaryIdAttribute,PrimaryNameAttribute,"
                                               "ChangeTrackingEnabled,IsCustomEntity",
                            filter: str | None = None) -> list[dict[str, Any]]:

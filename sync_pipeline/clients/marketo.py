@@ -337,6 +337,21 @@ class MarketoClient:
         result = self._call("GET", "/rest/v1/leads/describe2.json", "leads.describe2").get("result", [])
         return result[0] if result else {}
 
+    def create_lead_fields(self, fields: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Create custom lead fields (``POST /rest/v1/leads/schema/fields.json``, Adobe "Field Management";
+        needs Read-Write Schema Custom Field). One result per input: ``{"name", "status", "reasons"?}``.
+        Marketo fields cannot be deleted through the API: callers create only on the user's request."""
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(fields), 100):  # at most 100 fields per call
+            body = self._call("POST", "/rest/v1/leads/schema/fields.json", "leads.schema.create",
+                              json_body={"input": list(fields[i:i + 100])})
+            out += body.get("result") or []
+        return out
+
+    def usage(self) -> list[dict[str, Any]]:
+        """Today's API calls per user (``GET /rest/v1/stats/usage.json``, Adobe "REST API": usage statistics)."""
+        return self._call("GET", "/rest/v1/stats/usage.json", "stats.usage").get("result", [])
+
     def get_lead(self, lead_id: int, fields: Sequence[str] | None = None) -> dict[str, Any] | None:
         params = {"fields": ",".join(fields)} if fields else {}
         result = self._call("GET", f"/rest/v1/lead/{int(lead_id)}.json", "leads.byid", params=params).get("result")

@@ -57,8 +57,8 @@ class FieldMap(_Strict):
         for name in (self.marketo, self.dynamics):
             if not _IDENT.match(name):
                 raise ValueError(f"field name {name!r} is not a valid identifier")
-        if self.transform == "picklist" and not self.options:
-            raise ValueError(f"field {self.marketo!r}: transform picklist needs options")
+        # Picklist labels come from the org's metadata at run time (``options`` here overrides single labels);
+        # a code neither the org nor this map knows is rejected at run time, naming the record and field.
         if self.transform == "lookup" and not self.target:
             raise ValueError(f"field {self.marketo!r}: transform lookup needs a target entity")
         if self.policy == STICKY and self.transform != "boolean":
@@ -163,6 +163,8 @@ class SyncSettings(_Strict):
     partitions: Partitions = Partitions()
     retry: RetrySettings = RetrySettings()
     marketo_person_object: str = PERSON_OBJECT
+    language: int | None = Field(None, description="LCID of the option-set labels to sync (e.g. 1033); "
+                                 "default: the API user's language")
 
 
 class SyncConfig(_Strict):

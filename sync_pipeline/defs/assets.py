@@ -96,6 +96,19 @@ def permanent_errors_fail_fast() -> Iterator[None]:
         raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
 
 
+def prepare_persons(run_id: str, config: SyncConfig, client: Any) -> None:
+    from sync_pipeline.ops.validate import prepare_persons as check
+
+    check(run_id, config, client)
+
+
+def run_config(context: Any, state: SyncStateResource, client: Any) -> SyncConfig:
+    """The run's configuration after the preflight checks (one metadata call per run, see ops/validate.py)."""
+    from sync_pipeline.ops.validate import prepare
+
+    return prepare(context.run_id, state.config, client)
+
+
 def _calls(client: Any) -> int:
     calls = getattr(client, "calls", None)
     return int(sum(calls.values())) if calls else 0
@@ -209,7 +222,8 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
         with permanent_errors_fail_fast(), state.connect() as con:
             client = dynamics.get_client()
             before = _calls(client)
-            stats = steps.extract_dynamics(con, state.config, e, client, window.start, window.end,
+            cfg = run_config(context, state, client)
+            stats = steps.extract_dynamics(con, cfg, cfg.entity(e.name), client, window.start, window.end,
                                            context.partition_key_range.start, is_latest_window(context, window))
             rows = _table_rows(con, f"SELECT count(*) FROM d_{e.name} WHERE NOT deleted", [])
         context.log.info(f"{e.name}: {stats.mode}: {stats.rows} rows read, {stats.changed} changed, "
@@ -231,6 +245,7 @@ def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefi
         with permanent_errors_fail_fast(), state.connect() as con:
             client = marketo.get_client()
             before = _calls(client)
+            prepare_persons(context.run_id, state.config, client)
             stats = steps.extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
                                                   window.end.astimezone(timezone.utc),
                                                   is_latest_window(context, window),
@@ -282,7 +297,8 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
             client = marketo.get_client()
             before = _calls(client)
             guard_environment(con, state, dynamics, marketo)
-            stats = steps.push_marketo(con, state.config, e, client, context.run_id, final=not e.is_person)
+            cfg = run_config(context, state, dynamics.get_client())
+            stats = steps.push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id, final=not e.is_person)
             lasting = _push_state(con, e.name, "marketo")
             linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
         if stats.failed:
@@ -311,7 +327,8 @@ def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.
             dclient, mclient = dynamics.get_client(), marketo.get_client()
             before = (_calls(dclient), _calls(mclient))
             guard_environment(con, state, dynamics, marketo)
-            stats = steps.push_dynamics(con, state.config, e, dclient, mclient, context.run_id)
+            cfg = run_config(context, state, dclient)
+            stats = steps.push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
             lasting = _push_state(con, e.name, "dynamics")
             linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
         if lasting["records_held"]:

@@ -78,6 +78,8 @@ def dynamics_expr(f: FieldMap, col: str) -> str:
         return f"CAST(TRY_CAST({col} AS BIGINT) AS VARCHAR)"
     if t == "picklist":
         whens = " ".join(f"WHEN {int(code)} THEN {_lit(label)}" for code, label in (f.options or {}).items())
+        if not whens:  # no labels known (neither the org's metadata nor the YAML): every code is unknown
+            return f"CASE WHEN {col} IS NULL THEN NULL ELSE {_lit(INVALID)} || CAST({col} AS VARCHAR) END"
         return (f"CASE WHEN {col} IS NULL THEN NULL ELSE CASE TRY_CAST({col} AS BIGINT) {whens} "
                 f"ELSE {_lit(INVALID)} || CAST({col} AS VARCHAR) END END")
     shared = _shared_expr(f, f"CAST({col} AS VARCHAR)")

@@ -11,8 +11,10 @@ initial copy uses bulk extract windows.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -23,8 +25,8 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import apply as apply_mod
-from sync_pipeline.engine import extract, mapping, merge
-from sync_pipeline.engine.state import get_cursor, latest_fields, qi, record_stats, set_cursor, utcnow
+from sync_pipeline.engine import extract, mapping, merge, normalize
+from sync_pipeline.engine.state import fcol, get_cursor, latest_fields, next_seq, qi, record_stats, set_cursor, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class ExtractStats:
     deleted: int = 0
     merged: int = 0  # Dynamics links moved or retired by Marketo merges
     calls: dict[str, int] = field(default_factory=dict)
+    relabeled: int = 0  # mirrored rows whose option label changed in the org's metadata
 
     def take(self, s: extract.IngestStats) -> None:
         self.rows += s.rows
@@ -54,6 +57,8 @@ class ExtractStats:
                "rows_deleted": self.deleted}
         if self.merged:
             out["links_moved_by_merges"] = self.merged
+        if self.relabeled:
+            out["rows_relabeled"] = self.relabeled
         return out
 
 
@@ -78,6 +83,7 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     """Mirror the Dynamics rows of one entity for a modified-time window (and its deletes when latest)."""
     assert entity.dynamics is not None
     stats = ExtractStats(entity.name)
+    stats.relabeled = relabel_options(con, entity)
     select = extract.dynamics_select(entity)
     modified = entity.dynamics.modified_column
     delta = get_cursor(con, delta_cursor(entity))
@@ -118,6 +124,37 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     if latest:
         set_cursor(con, select_cursor(entity), wanted)
     return stats
+
+
+def relabel_options(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
+    """Option labels the org renamed since the last run: mirrored rows take the new label and become pending,
+    so the next plan writes it (a label change does not change the Dynamics rows' versions). Labels of
+    codes that were unknown before (held as invalid) are filled in too. Returns the rows changed."""
+    changed = 0
+    for f in entity.all_fields:
+        if f.transform != "picklist" or not f.options:
+            continue
+        name = f"optionsets:{entity.name}:{f.marketo}"
+        now = {str(k): v for k, v in sorted(f.options.items())}
+        stored = get_cursor(con, name)
+        if stored is not None:
+            old = json.loads(stored)
+            unique = Counter(old.values())
+            pairs = [(old[c], now[c]) for c in old if c in now and old[c] != now[c] and unique[old[c]] == 1]
+            pairs += [(normalize.INVALID + c, now[c]) for c in now if c not in old]
+            if pairs:
+                col = fcol(f.marketo)
+                whens = " ".join("WHEN ? THEN ?" for _ in pairs)
+                args = [v for pair in pairs for v in pair]
+                res = con.execute(f"""UPDATE {qi('d_' + entity.name)} SET {col} = CASE {col} {whens} END,
+                                      pending_seq = ? WHERE NOT deleted AND {col} IN (SELECT unnest(?::VARCHAR[]))""",
+                                  args + [next_seq(con), [p[0] for p in pairs]]).fetchone()
+                changed += int(res[0]) if res else 0
+        if stored != json.dumps(now):
+            set_cursor(con, name, json.dumps(now))
+    if changed:
+        log.info("%s: %d mirrored rows took renamed option labels", entity.name, changed)
+    return changed
 
 
 def _delta_expired_errors() -> tuple[type[BaseException], ...]:

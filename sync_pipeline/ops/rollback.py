@@ -246,6 +246,17 @@ def decide(config: SyncConfig, items: list[Item], current: dict[tuple[str, str, 
             it.action, it.reason = SKIP_CREATED, "edited since the run created it"
 
 
+def org_config(config: SyncConfig, dynamics: Any) -> SyncConfig:
+    """Picklist labels from the org's option sets (reading and writing Dynamics values), as the sync's runs."""
+    from sync_pipeline.engine import orgmeta
+
+    if dynamics is None or not any(f.transform == "picklist" and not f.options
+                                   for e in config.entities for f in e.all_fields):
+        return config
+    return orgmeta.runtime_config(config, orgmeta.read_metadata(dynamics, orgmeta.mapped_tables(config),
+                                                                config.sync.language, casts=orgmeta.run_casts(config)))
+
+
 def plan_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, dynamics: Any, marketo: Any,
                   *, delete_created: bool = False, ignore_runs: Iterable[str] = (),
                   overlay: dict[tuple[str, str, str, str], Any] | None = None) -> list[Item]:
@@ -253,6 +264,7 @@ def plan_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: st
 
     ``overlay`` (dry runs over several runs) replaces read values by what newer rollbacks would restore.
     """
+    config = org_config(config, dynamics)
     items = load_items(con, config, run_id, delete_created=delete_created, ignore_runs=ignore_runs)
     current = read_current(config, [it for it in items if it.action in (RESTORE, DELETE)], dynamics, marketo)
     for (entity, target, did, fld), value in (overlay or {}).items():
@@ -427,6 +439,8 @@ def execute_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, items: 
     """Write the ``restore`` (and ``delete``) items, record the done ones, move the base and mirrors."""
     ensure_split_base(con)
     outcome = Outcome(run_id or new_run_id())
+    if any(it.action == RESTORE and it.target == "dynamics" for it in items):
+        config = org_config(config, dynamics)
     groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
     for it in items:
         if it.action in (RESTORE, DELETE):

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Protocol
 
 from sync_pipeline.sandbox import generator_pools as pools
 from sync_pipeline.sandbox.marketo.assets import generate_assets
-from sync_pipeline.sandbox.schema import SandboxSchema, Table, load_schema
+from sync_pipeline.sandbox.schema import FILTER_COLUMN, STANDARD_TABLES, Column, SandboxSchema, Table, load_schema
 
 Row = dict[str, Any]
 Chunk = tuple[str, str, list[Row]]  # (system "dynamics" | "marketo", table or object name, rows)
@@ -46,7 +46,7 @@ class Scale:
     contacts: int
     leads: int
     opportunities: int
-    custom_rows: int  # per custom table (new_project)
+    custom_rows: int  # per custom table without its own `rows:` (the packaged new_project)
     marketo_share: float = 0.10  # Marketo-only persons, as a share of Dynamics leads + contacts
 
     @property
@@ -494,43 +494,69 @@ def _opportunities(org: _Org) -> Iterator[Row]:
 
 
 def _custom_rows(org: _Org, table: Table) -> Iterator[Row]:
-    """Fill any custom table by column type; lookups to account/contact keep contact and account paired."""
+    """A custom table's declared rows (`rows:`, else the scale's count), filled by column type."""
     rnd = org.rng.random
     ids = org.ids[table.logical_name]
-    n_accounts, n_contacts = org.scale.accounts, org.scale.contacts
+    n_accounts = org.scale.accounts
     writable = [c for c in table.columns if not c.read_only and c.name not in ("ownerid", table.primary_id)]
-    for j in range(org.scale.custom_rows):
+    # A schema file's `rows:` says how many; the packaged example table follows the scale.
+    for j in range(table.rows if table.rows is not None else org.scale.custom_rows):
         row: Row = {table.primary_id: ids(j)}
         account = int(rnd() * n_accounts) if n_accounts else None
-        for col in writable:
-            if col.name == "new_synctomkto":
-                org.sync_flag(row)
-            elif col.type in ("Lookup", "Customer"):
-                if "account" in col.targets and account is not None:
-                    row[col.wire_name] = org.ids["account"](account)
-                elif "contact" in col.targets and n_contacts and rnd() < 0.7:
-                    # a contact of the same account: contacts k with k % n_accounts == account
-                    k = account if account is not None and account < n_contacts else int(rnd() * n_contacts)
-                    row[col.wire_name] = org.ids["contact"](k)
-            elif col.type == "State":
-                row[col.name] = 0 if rnd() < 0.9 else 1
-            elif col.type in ("Picklist", "Status"):
-                codes = sorted(col.option_codes)
-                if codes:
-                    row[col.name] = codes[int(rnd() * len(codes))]
-            elif col.type == "Money" or col.type in ("Decimal", "Double"):
-                row[col.name] = round(5000 + rnd() * 500_000, 2)
-            elif col.type in ("Integer", "BigInt"):
-                row[col.name] = int(rnd() * 1000)
-            elif col.type == "Boolean":
-                row[col.name] = rnd() < 0.5
-            elif col.type == "DateTime":
-                row[col.name] = org.time.fmt(org.time.start + int(rnd() * org.time.span))
-            elif col.type in ("String", "Memo"):
-                text = (f"{pools.PROJECT_WORDS[int(rnd() * len(pools.PROJECT_WORDS))]} "
-                        f"{pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]} {j}")
-                row[col.name] = text[: col.max_length or None]
+        _fill(org, row, writable, j, account)
         org.system_columns(row, owned=table.user_owned)
+        yield row
+
+
+def _fill(org: _Org, row: Row, writable: list[Column], j: int, account: int | None) -> None:
+    """Values by column type (lookups to account/contact keep a row's account and contact paired)."""
+    rnd = org.rng.random
+    n_contacts = org.scale.contacts
+    for col in writable:
+        if col.name == "new_synctomkto":
+            org.sync_flag(row)
+        elif col.type in ("Lookup", "Customer"):
+            if "account" in col.targets and account is not None:
+                row[col.wire_name] = org.ids["account"](account)
+            elif "contact" in col.targets and n_contacts and rnd() < 0.7:
+                # a contact of the same account: contacts k with k % n_accounts == account
+                k = account if account is not None and account < n_contacts else int(rnd() * n_contacts)
+                row[col.wire_name] = org.ids["contact"](k)
+        elif col.type == "State":
+            row[col.name] = 0 if rnd() < 0.9 else 1
+        elif col.type in ("Picklist", "Status"):
+            codes = sorted(col.option_codes)
+            if codes:
+                row[col.name] = codes[int(rnd() * len(codes))]
+        elif col.type == "Money" or col.type in ("Decimal", "Double"):
+            row[col.name] = round(5000 + rnd() * 500_000, 2)
+        elif col.type in ("Integer", "BigInt"):
+            row[col.name] = int(rnd() * 1000)
+        elif col.type == "Boolean":
+            row[col.name] = rnd() < 0.5
+        elif col.type == "DateTime":
+            row[col.name] = org.time.fmt(org.time.start + int(rnd() * org.time.span))
+        elif col.type in ("String", "Memo"):
+            text = (f"{pools.PROJECT_WORDS[int(rnd() * len(pools.PROJECT_WORDS))]} "
+                    f"{pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]} {j}")
+            row[col.name] = text[: col.max_length or None]
+
+
+def _conform(org: _Org, name: str, rows: Iterator[Row]) -> Iterator[Row]:
+    """A standard table as a schema file declares it: without the sync-filter column, with the admin's columns."""
+    table = org.schema.tables[name]
+    extra = [c for c in table.columns if c.custom and not c.read_only]
+    packaged = next((t for t in STANDARD_TABLES if t.logical_name == name), None)
+    drop_flag = packaged is not None and packaged.column(FILTER_COLUMN) is not None and table.column(FILTER_COLUMN) is None
+    if not extra and not drop_flag:
+        yield from rows
+        return
+    n_accounts = org.scale.accounts
+    for j, row in enumerate(rows):
+        if drop_flag:
+            row.pop(FILTER_COLUMN, None)
+        if extra:
+            _fill(org, row, extra, j, int(org.rng.random() * n_accounts) if n_accounts else None)
         yield row
 
 
@@ -608,14 +634,14 @@ def generate(scale: str | Scale, seed: int = 0, now: datetime | None = None, *, 
     if now.tzinfo is None:
         raise ValueError("generator: `now` must be timezone-aware (UTC)")
     org = _Org(spec, seed, now, window_days, schema or load_schema())
-    yield from _chunks("dynamics", "systemuser", _users(org))
-    yield from _chunks("dynamics", "team", _teams(org))
-    yield from _chunks("dynamics", "teammembership", _memberships(org))
-    yield from _chunks("dynamics", "account", _accounts(org))
-    yield from _chunks("dynamics", "lead", _leads(org))
-    yield from _chunks("dynamics", "contact", _contacts(org))
+    yield from _chunks("dynamics", "systemuser", _conform(org, "systemuser", _users(org)))
+    yield from _chunks("dynamics", "team", _conform(org, "team", _teams(org)))
+    yield from _chunks("dynamics", "teammembership", _conform(org, "teammembership", _memberships(org)))
+    yield from _chunks("dynamics", "account", _conform(org, "account", _accounts(org)))
+    yield from _chunks("dynamics", "lead", _conform(org, "lead", _leads(org)))
+    yield from _chunks("dynamics", "contact", _conform(org, "contact", _contacts(org)))
     org.qualified.clear()
-    yield from _chunks("dynamics", "opportunity", _opportunities(org))
+    yield from _chunks("dynamics", "opportunity", _conform(org, "opportunity", _opportunities(org)))
     for table in org.schema.tables.values():
         if table.custom:
             yield from _chunks("dynamics", table.logical_name, _custom_rows(org, table))

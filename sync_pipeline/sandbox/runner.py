@@ -336,7 +336,7 @@ class RemoteSandbox(AdminClient):
 
 def spawn_sandbox(state_dir: str | Path, scale: str | None = None, seed: int = 0, profile: str = "off",
                   tls: bool = False, *, latency_seconds: float = 0.0, ports: dict[str, int] | None = None,
-                  timeout: float = 300.0) -> RemoteSandbox:
+                  timeout: float = 300.0, schema: str | Path | None = None) -> RemoteSandbox:
     """Start ``python -m sync_pipeline.sandbox`` in its own process and wait until it serves.
 
     The child stops when its stdin closes (our pipe: ``stop()``, or this process dying) or when its
@@ -354,6 +354,8 @@ def spawn_sandbox(state_dir: str | Path, scale: str | None = None, seed: int = 0
         cmd += ["--scale", scale]
     if tls:
         cmd.append("--tls")
+    if schema:
+        cmd += ["--schema", str(schema)]
     if ports:
         cmd += ["--ports", ",".join(f"{k}={v}" for k, v in ports.items())]
     with open(log_path, "wb") as log:

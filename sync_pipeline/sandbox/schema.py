@@ -8,7 +8,7 @@ the demo read these definitions; the sync pipeline never does: it discovers sche
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class Column:
     required: bool = False
     read_only: bool = False  # system-managed (createdon, modifiedon, versionnumber, ...)
     global_option_set: str | None = None  # name of the global option set a picklist uses (else local)
+    custom: bool = False  # added by the org's admin (a schema file's column on a standard table)
+    display_name: str | None = None  # DisplayName in the metadata (default: derived from the logical name)
 
     @property
     def is_lookup(self) -> bool:
@@ -57,6 +59,8 @@ class Table:
     custom: bool = False
     change_tracking: bool = True
     user_owned: bool = True
+    rows: int | None = None  # rows the generator creates (custom tables; None: the scale's custom_rows)
+    display_name: str | None = None
 
     def __post_init__(self) -> None:
         # Built once: hashing a frozen dataclass on every lookup made lookups the sandbox's hot spot.
@@ -379,6 +383,18 @@ class SandboxSchema:
                 return t
         return None
 
+    def set_option_label(self, table: str, column: str, code: int, text: str) -> None:
+        """An admin renames an option (a global option set changes for every column that uses it)."""
+        col = self.tables[table].column(column)
+        if col is None or code not in col.option_codes:
+            raise KeyError(f"{table}.{column} has no option {code}")
+        for name, t in list(self.tables.items()):
+            cols = tuple(replace(c, options=tuple((k, text if k == code else v) for k, v in c.options))
+                         if c is col or (col.global_option_set and c.global_option_set == col.global_option_set)
+                         else c for c in t.columns)
+            if cols != t.columns:
+                self.tables[name] = replace(t, columns=cols)
+
     @property
     def custom_objects(self) -> list[MObject]:
         return [o for o in self.objects.values() if o.custom]
@@ -388,29 +404,131 @@ class SandboxConfigError(ValueError):
     pass
 
 
-def _column_from_yaml(table: str, spec: dict[str, Any]) -> Column:
+FILTER_COLUMN = "new_synctomkto"
+_TABLE_KEYS = {"columns", "sync_filter_column", "change_tracking"}
+_CUSTOM_TABLE_KEYS = {"logical_name", "entity_set", "primary_id", "primary_name", "columns", "rows",
+                      "change_tracking", "display_name"}
+
+
+def _column_from_yaml(table: str, spec: dict[str, Any], custom: bool = False) -> Column:
+    if not isinstance(spec, dict):
+        raise SandboxConfigError(f"sandbox schema: table {table!r}: column {spec!r} is not a mapping")
     try:
         options = tuple((int(k), str(v)) for k, v in (spec.get("options") or {}).items())
-        return Column(spec["name"], spec["type"], spec.get("max_length"), tuple(spec.get("targets", ())),
-                      options, bool(spec.get("required", False)),
-                      global_option_set=spec.get("global_option_set"))
+        col = Column(spec["name"], spec["type"], spec.get("max_length"), tuple(spec.get("targets", ())),
+                     options, bool(spec.get("required", False)),
+                     global_option_set=spec.get("global_option_set"), custom=custom,
+                     display_name=spec.get("display_name"))
     except KeyError as exc:
-        raise SandboxConfigError(f"sandbox config: table {table!r}: column {spec!r} lacks {exc}") from None
+        raise SandboxConfigError(f"sandbox schema: table {table!r}: column {spec!r} lacks {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise SandboxConfigError(f"sandbox schema: table {table!r}: column {spec.get('name')!r}: {exc}") from None
+    if col.type not in _COLUMN_TYPES:
+        raise SandboxConfigError(f"sandbox schema: table {table!r}: column {col.name!r}: type {col.type!r} is not "
+                                 f"one of {', '.join(sorted(_COLUMN_TYPES))}")
+    if col.type in ("Picklist", "State", "Status") and not col.options:
+        raise SandboxConfigError(f"sandbox schema: table {table!r}: column {col.name!r}: a {col.type} column needs "
+                                 "options: {code: label}")
+    if col.is_lookup and not col.targets:
+        raise SandboxConfigError(f"sandbox schema: table {table!r}: column {col.name!r}: a lookup needs targets")
+    return col
+
+
+_COLUMN_TYPES = {"String", "Memo", "Integer", "BigInt", "Decimal", "Double", "Money", "Boolean", "DateTime",
+                 "Picklist", "State", "Status", "Lookup", "Owner", "Customer", "Uniqueidentifier"}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A user's schema file over the packaged configuration: custom tables / objects with the same name
+    replace the packaged ones, new ones are added; standard-table changes and Marketo lead fields are added."""
+    out = dict(base)
+    for system, lists in (("dynamics", ("custom_tables",)), ("marketo", ("custom_objects",))):
+        merged = dict(base.get(system) or {})
+        theirs = extra.get(system) or {}
+        for key, value in theirs.items():
+            if key in lists:
+                ident = "logical_name" if key == "custom_tables" else "api_name"
+                by_name = {item[ident]: item for item in merged.get(key) or []}
+                for item in value or []:
+                    if not isinstance(item, dict) or ident not in item:
+                        raise SandboxConfigError(f"sandbox schema: {system}.{key}: every entry needs {ident}")
+                    by_name[item[ident]] = item
+                merged[key] = list(by_name.values())
+            else:
+                merged[key] = value
+        out[system] = merged
+    for key, value in extra.items():
+        if key not in ("dynamics", "marketo"):
+            out[key] = value
+    return out
+
+
+def _standard_table(table: Table, spec: dict[str, Any]) -> Table:
+    unknown = set(spec) - _TABLE_KEYS
+    if unknown:
+        raise SandboxConfigError(f"sandbox schema: dynamics.tables.{table.logical_name}: unknown settings "
+                                 f"{sorted(unknown)} (known: {sorted(_TABLE_KEYS)})")
+    cols = list(table.columns)
+    if spec.get("sync_filter_column") is False:
+        cols = [c for c in cols if c.name != FILTER_COLUMN]
+    have = {c.name for c in cols}
+    for c in spec.get("columns") or []:
+        col = _column_from_yaml(table.logical_name, c, custom=True)
+        if col.name in have:
+            raise SandboxConfigError(f"sandbox schema: table {table.logical_name!r}: column {col.name!r} exists")
+        cols.append(col)
+    return replace(table, columns=tuple(cols), change_tracking=bool(spec.get("change_tracking", table.change_tracking)))
 
 
 def load_schema(path: str | Path | None = None) -> SandboxSchema:
-    """Standard tables/objects plus the custom ones declared in the sandbox configuration."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    raw = yaml.safe_load(path.read_text()) or {}
+    """Standard tables/objects plus the custom ones declared in the sandbox configuration.
+
+    ``path`` is the packaged ``sandbox.yaml`` by default; any other file is a user's schema (``sync-pipeline
+    sandbox --schema FILE``, example in ``docs/sandbox-schema.example.yaml``) layered over the packaged one.
+    """
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text()) or {}
+    if path is not None and Path(path).resolve() != DEFAULT_CONFIG.resolve():
+        try:
+            extra = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise SandboxConfigError(f"{path}: schema file not found") from None
+        except yaml.YAMLError as exc:
+            raise SandboxConfigError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(extra, dict):
+            raise SandboxConfigError(f"{path}: expected a mapping with dynamics: and/or marketo:")
+        raw = _merge(raw, extra)
     tables = {t.logical_name: t for t in STANDARD_TABLES}
-    for spec in raw.get("dynamics", {}).get("custom_tables", []):
+    dyn = raw.get("dynamics") or {}
+    for name, spec in (dyn.get("tables") or {}).items():
+        if name not in tables:
+            raise SandboxConfigError(f"sandbox schema: dynamics.tables.{name}: not a standard table "
+                                     f"({', '.join(tables)}); declare new tables under custom_tables")
+        tables[name] = _standard_table(tables[name], spec or {})
+    for spec in dyn.get("custom_tables", []):
         name = spec["logical_name"]
+        unknown = set(spec) - _CUSTOM_TABLE_KEYS
+        if unknown:
+            raise SandboxConfigError(f"sandbox schema: custom table {name!r}: unknown settings {sorted(unknown)} "
+                                     f"(known: {sorted(_CUSTOM_TABLE_KEYS)})")
         pk = spec.get("primary_id", f"{name}id")
         cols = _system(pk) + tuple(_column_from_yaml(name, c) for c in spec.get("columns", []))
+        rows = spec.get("rows")
+        if rows is not None and (not isinstance(rows, int) or rows < 0):
+            raise SandboxConfigError(f"sandbox schema: custom table {name!r}: rows must be a whole number >= 0")
         tables[name] = Table(name, spec.get("entity_set", f"{name}s"), pk,
-                             spec.get("primary_name", "new_name"), cols, custom=True)
+                             spec.get("primary_name", "new_name"), cols, custom=True,
+                             change_tracking=bool(spec.get("change_tracking", True)), rows=rows,
+                             display_name=spec.get("display_name"))
     objects = {o.name: o for o in STANDARD_OBJECTS}
-    for spec in raw.get("marketo", {}).get("custom_objects", []):
+    mkto = raw.get("marketo") or {}
+    lead_fields = tuple(MField(f["name"], f.get("data_type", "string"), f.get("length"),
+                               display_name=f.get("display_name", "")) for f in mkto.get("lead_fields") or [])
+    if lead_fields:
+        clash = [f.name for f in lead_fields if LEAD_OBJECT.field(f.name)]
+        if clash:
+            raise SandboxConfigError(f"sandbox schema: marketo.lead_fields: {clash} already exist on the lead")
+        objects["lead"] = replace(LEAD_OBJECT, fields=LEAD_OBJECT.fields + lead_fields)
+    for spec in mkto.get("custom_objects", []):
         api = spec["api_name"]
         fields = _sys_fields("marketoGUID", "string") + tuple(
             MField(f["name"], f.get("data_type", "string"), f.get("length"), display_name=f.get("display_name", ""))

@@ -112,9 +112,18 @@ class World:
                           "ORDER BY dynamics_id", [entity])
 
     def writes(self) -> dict[str, int]:
-        """API write calls since the last reset, by endpoint (the sandbox's call counters)."""
-        return {k: v for k, v in self.sandbox.calls().items()
-                if v and (k.endswith(".sync") or "batch" in k.lower() or k.endswith(".delete"))}
+        """API write calls since the last reset, by endpoint (the sandbox's call counters). A Dataverse ``$batch``
+        counts only when it carried a write (a run's metadata read is a ``$batch`` of GETs)."""
+        calls = self.sandbox.calls()
+        dynamics_wrote = any(v and k.startswith("dynamics.") and k.split(".", 1)[1] in _DYNAMICS_WRITES
+                             for k, v in calls.items())
+        return {k: v for k, v in calls.items()
+                if v and (k.endswith(".sync") or k.endswith(".delete")
+                          or ("batch" in k.lower() and (dynamics_wrote or not k.startswith("dynamics."))))}
+
+
+_DYNAMICS_WRITES = ("create", "update", "delete", "createmultiple", "updatemultiple", "upsertmultiple", "qualify",
+                    "merge")
 
 
 def _marketo_client(env: dict[str, str]) -> Any:

@@ -64,12 +64,14 @@ def test_lookup_target_not_declared_names_entity_field_and_target(tmp_path: Path
         load_config(_write(tmp_path, change))
 
 
-def test_picklist_without_options_names_entity_and_field(tmp_path: Path) -> None:
-    def change(raw: dict[str, Any]) -> None:
-        del _entity(raw, "project")["fields"][2]["options"]
+def test_picklist_needs_no_options_in_yaml_and_yaml_labels_override(tmp_path: Path) -> None:
+    # Issue 11: labels come from the org's option sets at run time; the YAML may still override single labels.
+    assert load_config().entity("project").all_fields[2].options is None
 
-    with pytest.raises(ConfigError, match=r"entity 'project', field 'status'.*transform picklist needs options"):
-        load_config(_write(tmp_path, change))
+    def change(raw: dict[str, Any]) -> None:
+        _entity(raw, "project")["fields"][2]["options"] = {2: "In progress"}
+
+    assert load_config(_write(tmp_path, change)).entity("project").all_fields[2].options == {2: "In progress"}
 
 
 def test_lookup_without_target_and_unknown_setting_name_the_field(tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ def _entity_props() -> dict[str, Prop]:
         "DaysSinceRecordLastModified": Prop("number", _const(0)),
         "Description": Prop("label", lambda tb: label(None)),
         "DisplayCollectionName": Prop("label", lambda tb: label(_display(tb.entity_set), tb.logical_name, "c")),
-        "DisplayName": Prop("label", lambda tb: label(_display(tb.logical_name), tb.logical_name)),
+        "DisplayName": Prop("label", lambda tb: label(tb.display_name or _display(tb.logical_name), tb.logical_name)),
         "EnforceStateTransitions": b(False), "EntityColor": t(_const(None)),
         "EntityHelpUrl": t(_const(None)), "EntityHelpUrlEnabled": b(False),
         "EntitySetName": t(lambda tb: tb.entity_set),
@@ -207,7 +207,7 @@ ATTRIBUTE_TYPES = sorted(set(_TYPE_NAMES.values()))
 
 
 def _is_custom_attr(table: Table, col: Column) -> bool:
-    return col.name.startswith("new_") or (table.custom and "_" in col.name)
+    return col.custom or col.name.startswith("new_") or (table.custom and "_" in col.name)
 
 
 def _required_level(table: Table, col: Column) -> dict[str, Any]:
@@ -230,7 +230,7 @@ def _attribute_props() -> dict[str, Prop]:
         "CreatedOn": Prop("datetime", _const(CREATED_ON)),
         "DeprecatedVersion": Prop("string", _const(None)),
         "Description": Prop("label", lambda tb, c: label(None)),
-        "DisplayName": Prop("label", lambda tb, c: label(_display(c.name), tb.logical_name, c.name)),
+        "DisplayName": Prop("label", lambda tb, c: label(c.display_name or _display(c.name), tb.logical_name, c.name)),
         "EntityLogicalName": Prop("string", lambda tb, c: tb.logical_name),
         "ExternalName": Prop("string", _const(None)),
         "InheritsFrom": Prop("string", _const(None)),

@@ -261,6 +261,7 @@ class DynamicsSandbox:
         add("GET", r"?", "dynamics.service", self._service_document)
         add("GET", r"\$metadata", "dynamics.metadata", self._metadata)
         add("GET", r"WhoAmI(?:\(\))?", "dynamics.whoami", self._whoami)
+        add("GET", r"RetrieveCurrentOrganization\(AccessType=[^)]*\)", "dynamics.organization", self._organization)
         for pattern, name, handler in metadata_api.routes(self):
             add("GET", pattern, name, handler)
         add("POST", r"\$batch", "dynamics.batch", self._batch)
@@ -293,6 +294,23 @@ class DynamicsSandbox:
     def _metadata(self, req: Request) -> Response:
         return Response.text(metadata.csdl(list(self.schema.tables.values())), content_type="application/xml",
                              headers=ODATA_HEADERS)
+
+    def _organization(self, req: Request) -> Response:
+        """``RetrieveCurrentOrganization`` (Web API function; ``Detail`` is an ``OrganizationDetail``:
+        https://learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/retrievecurrentorganization)."""
+        cfg = self.schema.raw.get("dynamics", {})
+        unique = str(cfg.get("organization_unique_name", "sandboxorg"))
+        base = self.api_url
+        return Response.json({
+            "@odata.context": f"{base}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM.RetrieveCurrentOrganizationResponse",
+            "Detail": {"OrganizationId": self.organization_id,
+                       "FriendlyName": str(cfg.get("organization_name", "Sandbox Org")),
+                       "OrganizationVersion": "9.2.24101.00000", "EnvironmentId": self.organization_id,
+                       "DatacenterId": None, "Geo": "LOCAL", "TenantId": cfg.get("tenant_id"),
+                       "UrlName": unique, "UniqueName": unique, "State": "Enabled",
+                       "Endpoints": {"Count": 2, "IsReadOnly": False, "Keys": ["WebApplication", "OrganizationService"],
+                                     "Values": [f"{base}/", f"{base}/XRMServices/2011/Organization.svc"]}}},
+            headers=ODATA_HEADERS)
 
     def _whoami(self, req: Request) -> Response:
         return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM."

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 from sync_pipeline.sandbox.clock import Clock
 from sync_pipeline.sandbox.faults import Fault
 from sync_pipeline.sandbox.http import App, Request, Response, SandboxServer
-from sync_pipeline.sandbox.marketo import api_assets, api_bulk, api_leads, api_objects
+from sync_pipeline.sandbox.marketo import api_assets, api_bulk, api_leads, api_objects, api_schema
 from sync_pipeline.sandbox.marketo.bulk import BulkService
 from sync_pipeline.sandbox.marketo.limits import LimitGate, MarketoLimits
 from sync_pipeline.sandbox.marketo.store import MarketoStore
@@ -112,6 +112,7 @@ class MarketoSandbox:
         api_assets.register(self)
         api_objects.register(self)
         api_bulk.register(self)
+        api_schema.register(self)
         for route in self.app.routes:
             route.handler = self._api_errors(route.handler)
 

@@ -9,6 +9,7 @@ sync or query costs a few dictionary look-ups per record even with a million per
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 from sync_pipeline.sandbox.clock import Clock, iso
@@ -17,7 +18,7 @@ from sync_pipeline.sandbox.marketo.activities import (CHANGE_DATA_VALUE, DELETE_
 from sync_pipeline.sandbox.marketo.assets import AssetStore
 from sync_pipeline.sandbox.marketo.objects import ObjectTable, ValueIndex, norm
 from sync_pipeline.sandbox.marketo.validation import FieldError, coerce, validate_record
-from sync_pipeline.sandbox.schema import MObject, SandboxSchema, load_schema
+from sync_pipeline.sandbox.schema import MField, MObject, SandboxSchema, load_schema
 
 LEAD_ACTIONS = ("createOnly", "updateOnly", "createOrUpdate", "createDuplicate")
 OBJECT_ALIASES = {"leads": "lead", "companies": "company", "opportunities": "opportunity",
@@ -41,7 +42,9 @@ class MarketoStore:
         self.schema = schema or load_schema()
         self.clock = clock or Clock()
         self.lock = threading.RLock()
-        self.lead_object: MObject = self.schema.objects["lead"]
+        # This instance's own lead definition: the schema API adds fields to it (never to the shared constant).
+        self.lead_object: MObject = replace(self.schema.objects["lead"])
+        self.schema.objects["lead"] = self.lead_object
         self.field_ids = {f.name: i for i, f in enumerate(self.lead_object.fields, start=1)}
         self._leads: dict[int, dict[str, Any]] = {}
         self._next_lead_id = 1
@@ -56,6 +59,14 @@ class MarketoStore:
         # Ids of the leads bulk_load created, in load order: generated activities and list memberships name
         # persons by their position among the generated ones.
         self.bulk_lead_ids: list[int] = []
+
+    def add_lead_field(self, f: MField) -> None:
+        """A custom lead field created through the schema API (in place: every route sees it at once)."""
+        with self.lock:
+            obj = self.lead_object
+            object.__setattr__(obj, "fields", obj.fields + (f,))
+            obj.field_map[f.name] = f
+            self.field_ids[f.name] = max(self.field_ids.values(), default=0) + 1
 
     # ------------------------------------------------------------------ names
     def object_def(self, name: str) -> MObject:
