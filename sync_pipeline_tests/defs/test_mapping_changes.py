@@ -86,7 +86,7 @@ class World:
         from sync_pipeline.cli import main
 
         with self.environment(config):
-            return CliRunner().invoke(main, list(args), catch_exceptions=False)
+            return CliRunner(env={"COLUMNS": "400"}).invoke(main, list(args), catch_exceptions=False)
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
         from sync_pipeline.engine import state
