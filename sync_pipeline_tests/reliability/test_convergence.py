@@ -75,9 +75,10 @@ def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int) -> Fi
         rollbacks.maybe(n, rounds)
         if n == rounds // 2:
             work.edit_frozen()
-    # API calls are HTTP requests: the pipeline writes to Dynamics only inside $batch requests, whose parts the
-    # sandbox counts under the write routes but cannot fail one by one (faults hit the $batch request).
-    batch_parts = ("dynamics.update", "dynamics.create")
+    # API calls are HTTP requests: the pipeline writes to Dynamics, and reads its run-start metadata, only inside
+    # $batch requests, whose parts the sandbox counts under their own routes but cannot fail one by one (faults
+    # hit the $batch request).
+    batch_parts = ("dynamics.update", "dynamics.create", "dynamics.attributes", "dynamics.entitydefinition")
     figures.api_calls = sum(n for route, n in sb.calls().items() if "identity" not in route and route not in batch_parts)
     figures.faults_injected = sum(sb.faults_injected().values())
     sb.clear_faults()
