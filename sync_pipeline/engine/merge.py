@@ -430,6 +430,26 @@ def _one_way_sticky(outcome: str, source: str) -> str:
                          AND NOT ({v} = 'false' AND bv = 'true') THEN NULL ELSE ({outcome}) END"""
 
 
+def policy_resolution(entity: Entity, policy: str, field_times: bool = True) -> str:
+    """SQL naming the side a conflict is written to under ``policy`` ('marketo' = Dynamics' value wins).
+
+    ``field_times``: ``latest`` compares the per-field change times (columns ``dt``/``mt``, from table
+    field_times) where known, else the records' times; without them only the records' times.
+    """
+    fallback = {"marketo_wins": "'dynamics'"}.get(entity.policy, "'marketo'")
+    d_time, m_time = ("COALESCE(dt, d_modified)", "COALESCE(mt, m_updated)") if field_times else \
+        ("d_modified", "m_updated")
+    return {
+        "dynamics_wins": "'marketo'",
+        "marketo_wins": "'dynamics'",
+        # The later edit of this field wins.
+        "latest": f"CASE WHEN TRY_CAST({d_time} AS TIMESTAMPTZ) >= TRY_CAST({m_time} AS TIMESTAMPTZ) "
+                  "THEN 'marketo' ELSE 'dynamics' END",
+        "prefer_non_blank": f"CASE WHEN dv IS NULL THEN 'dynamics' WHEN mv IS NULL THEN 'marketo' ELSE {fallback} END",
+        "hold": "'hold'",
+    }[policy]
+
+
 def _outcome_sql(entity: Entity, f: FieldMap) -> str:
     """CASE giving 'marketo' | 'dynamics' | 'base' | 'hold' | NULL for one field of a linked record."""
     direction, policy = entity.field_direction(f), entity.field_policy(f)
@@ -445,16 +465,7 @@ def _outcome_sql(entity: Entity, f: FieldMap) -> str:
         return _one_way_sticky(out, "dynamics") if policy == STICKY else out
     if policy == STICKY:
         return _STICKY_OUTCOME
-    fallback = {"marketo_wins": "'dynamics'"}.get(entity.policy, "'marketo'")
-    resolve = {
-        "dynamics_wins": "'marketo'",
-        "marketo_wins": "'dynamics'",
-        # The later edit of this field wins: per-field times where known (field_times), else the records'.
-        "latest": "CASE WHEN TRY_CAST(COALESCE(dt, d_modified) AS TIMESTAMPTZ) >= "
-                  "TRY_CAST(COALESCE(mt, m_updated) AS TIMESTAMPTZ) THEN 'marketo' ELSE 'dynamics' END",
-        "prefer_non_blank": f"CASE WHEN dv IS NULL THEN 'dynamics' WHEN mv IS NULL THEN 'marketo' ELSE {fallback} END",
-        "hold": "'hold'",
-    }[policy]
+    resolve = policy_resolution(entity, policy)
     return f"""CASE WHEN NOT dc AND NOT mc THEN NULL
                     WHEN same THEN 'base'
                     WHEN dc AND NOT mc THEN 'marketo'

@@ -227,15 +227,7 @@ def _outcome_sql(entity: Entity, f: FieldMap) -> str:
         return merge._one_way_sticky(out, "dynamics") if policy == STICKY else out
     if policy == STICKY:
         return merge._STICKY_OUTCOME
-    fallback = "'dynamics'" if entity.policy == "marketo_wins" else "'marketo'"
-    resolve = {
-        "dynamics_wins": "'marketo'",
-        "marketo_wins": "'dynamics'",
-        "latest": "CASE WHEN TRY_CAST(d_modified AS TIMESTAMPTZ) >= TRY_CAST(m_updated AS TIMESTAMPTZ) "
-                  "THEN 'marketo' ELSE 'dynamics' END",
-        "prefer_non_blank": f"CASE WHEN dv IS NULL THEN 'dynamics' WHEN mv IS NULL THEN 'marketo' ELSE {fallback} END",
-        "hold": "'hold'",
-    }[policy]
+    resolve = merge.policy_resolution(entity, policy, field_times=False)
     # With no base (a field never synced) a side holding a value "changed" and a blank one did not: the
     # value flows, a blank never overwrites it; two different values are a conflict.
     return f"""CASE {agree}

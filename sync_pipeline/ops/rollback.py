@@ -180,9 +180,7 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
             it.field = it.field or FLAG_FIELD
             if it.restore is None:  # ledgers written before flags carried their before-value
                 it.restore = "false"
-        elif it.op == RESTORE_OP:  # a rollback's own write: rolled back like any field update
-            pass
-        elif it.op != "update":
+        elif it.op not in ("update", RESTORE_OP):  # a rollback's own write is rolled back like an update
             it.action, it.reason = SKIP_OTHER, f"op {it.op} wrote nothing to revert"
             continue
         key = (it.entity, it.dynamics_id, it.target, it.field)
