@@ -87,9 +87,6 @@ def pipeline_env(remote: RemoteSandbox, state_dir: Path, marketo_calls_per_20s: 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        from sync_pipeline.clients.governor import RateGovernor
-
-        RateGovernor.forget(wanted["MARKETO_BASE_URL"], wanted["MARKETO_CLIENT_ID"])
 
 
 def _records(meta: dict[str, Any]) -> int:
