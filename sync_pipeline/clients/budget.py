@@ -78,7 +78,10 @@ def _lock_key(instance: str) -> int:
 def make_engine(url: str) -> sa.Engine:
     """An engine whose transactions take the instance lock the dialect needs (SQLite: BEGIN IMMEDIATE)."""
     if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=10)
+        parsed = sa.make_url(url)
+        if parsed.drivername in ("postgresql", "postgres"):  # SQLAlchemy 2.1 would pick psycopg 3; dagster-postgres
+            parsed = parsed.set(drivername="postgresql+psycopg2")  # installs psycopg2
+        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=10)
     engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
                               poolclass=sa.pool.NullPool)
 

@@ -149,7 +149,9 @@ def test_resource_under_a_dagster_instance_keeps_the_budget_in_its_storage(tmp_p
 # ------------------------------------------------------------------------------------------- two processes
 @pytest.fixture
 def realistic_marketo() -> Iterator[tuple[MarketoSandbox, list[float]]]:
-    sb = MarketoSandbox(limits=dict(REALISTIC)).start()
+    # A real call spends a while in flight: with 0.2 s each, the two processes' 12 threads would hold more than
+    # Marketo's 10 concurrent calls unless their leases are shared.
+    sb = MarketoSandbox(limits={**REALISTIC, "latency_seconds": 0.2}).start()
     arrivals: list[float] = []
     enter = sb.gate.enter
 
@@ -165,7 +167,7 @@ def realistic_marketo() -> Iterator[tuple[MarketoSandbox, list[float]]]:
 def _hammer(sb: MarketoSandbox, budget_url: str | None, calls_per_window: int, calls: int) -> list[dict[str, Any]]:
     cfg = dict(base_url=sb.base_url, client_id=sb.client_id, client_secret=sb.client_secret, budget_url=budget_url,
                instance="shared-instance", calls_per_window=calls_per_window, window_seconds=20.0,
-               max_concurrent=4, calls=calls, threads=4, start_at=time.time() + 4.0)
+               max_concurrent=8, calls=calls, threads=6, start_at=time.time() + 3.0)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
     workers = [subprocess.Popen([sys.executable, str(HERE / "budget_worker.py"), json.dumps(cfg)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -209,10 +211,12 @@ def test_two_processes_share_one_budget_over_postgresql(realistic_marketo, postg
 
 
 def test_without_the_shared_budget_the_same_load_exceeds_the_window(realistic_marketo) -> None:
-    """The control: each process keeps within its own 70 calls / 20 s, together they overrun the instance."""
+    """The control: each process keeps within its own 71 calls / 20 s and 8 in flight; together they overrun
+    the instance."""
     sb, arrivals = realistic_marketo
     results = _hammer(sb, None, calls_per_window=CALLS_EACH + 1, calls=CALLS_EACH)
     busiest = max_in_any_window(arrivals, REALISTIC["window_seconds"])
     print(f"per-process budgets: busiest 20 s window {busiest}, sandbox refusals {dict(sb.gate.rejected)}")
     assert busiest > REALISTIC["calls_per_window"]
     assert sb.gate.rejected["606"] > 0 and sum(r["errors"].get("606", 0) for r in results) > 0
+    assert sb.gate.rejected["615"] > 0
