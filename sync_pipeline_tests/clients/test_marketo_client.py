@@ -131,7 +131,7 @@ def test_quota_exhausted_stops_every_caller(sandbox, client):
     with pytest.raises(QuotaExhausted) as err:
         client.activity_types()
     assert err.value.code == "607" and err.value.resets_at is not None
-    other = MarketoClient(sandbox.base_url, sandbox.client_id, sandbox.client_secret)
+    other = MarketoClient(sandbox.base_url, sandbox.client_id, sandbox.client_secret, governor=client.governor)
     before = sum(sandbox.app.calls.values())
     with pytest.raises(QuotaExhausted):
         other.describe2()
