@@ -82,6 +82,9 @@ def make_engine(url: str) -> sa.Engine:
         if parsed.drivername in ("postgresql", "postgres"):  # SQLAlchemy 2.1 would pick psycopg 3; dagster-postgres
             parsed = parsed.set(drivername="postgresql+psycopg2")  # installs psycopg2
         return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=10)
+    database = sa.make_url(url).database
+    if database and database != ":memory:":  # an ephemeral instance creates its storage directory lazily
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
                               poolclass=sa.pool.NullPool)
 

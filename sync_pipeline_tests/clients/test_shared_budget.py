@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from sync_pipeline.clients.budget import CALLS, SharedBudget, sqlite_url, wait_for_room
-from sync_pipeline.resources.marketo import MarketoResource
+from sync_pipeline.resources.marketo import MarketoResource, instance_budget_url
 from sync_pipeline.sandbox.marketo import MarketoSandbox
 from sync_pipeline.sandbox.schema import load_schema
 
@@ -122,7 +122,12 @@ def test_a_halt_and_a_pause_reach_every_process(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- under Dagster
-def test_resource_under_a_dagster_instance_keeps_the_budget_in_its_storage(tmp_path: Path) -> None:
+def _pg_url(pg: dict[str, str]) -> str:
+    return (f"postgresql+psycopg2://{pg['DAGSTER_PG_USERNAME']}:{pg['DAGSTER_PG_PASSWORD']}@{pg['DAGSTER_PG_HOST']}:"
+            f"{pg['DAGSTER_PG_PORT']}/{pg['DAGSTER_PG_DB']}")
+
+
+def _budget_in_instance_storage(tmp_path: Path, overrides: dict[str, Any] | None, expected_url: str | None) -> None:
     sb = MarketoSandbox().start()
     try:
         @dg.asset
@@ -131,19 +136,31 @@ def test_resource_under_a_dagster_instance_keeps_the_budget_in_its_storage(tmp_p
             return dg.MaterializeResult(metadata={"budget": type(marketo.get_budget()).__name__})
 
         res = MarketoResource(base_url=sb.base_url, client_id=sb.client_id, client_secret=sb.client_secret)
-        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        with dg.instance_for_test(temp_dir=str(tmp_path), overrides=overrides) as instance:
+            url = instance_budget_url(instance)
+            assert url == (expected_url or sqlite_url(instance.storage_directory()))
             result = dg.materialize([probe], resources={"marketo": res}, instance=instance)
             assert result.success
             meta = result.asset_materializations_for_node("probe")[0].metadata
             assert meta["budget"].value == "SharedBudget"
-            engine = sa.create_engine(sqlite_url(instance.storage_directory()))
+            engine = SharedBudget(url, "probe").engine
             with engine.connect() as conn:
                 keys = conn.execute(sa.select(CALLS.c.instance).distinct()).scalars().all()
             engine.dispose()
-            assert keys == [res.budget_key]
+            assert keys == [res.budget_key]  # the run's calls were admitted by the instance's database
         assert type(res.get_budget()).__name__ == "RateGovernor"  # outside Dagster: this process's own
     finally:
         sb.stop()
+
+
+def test_resource_under_a_dagster_instance_keeps_the_budget_in_its_storage(tmp_path: Path) -> None:
+    _budget_in_instance_storage(tmp_path, None, None)
+
+
+@pytest.mark.postgres
+def test_resource_under_a_postgres_instance_keeps_the_budget_in_postgresql(tmp_path: Path, postgres) -> None:
+    url = _pg_url(postgres)
+    _budget_in_instance_storage(tmp_path, {"storage": {"postgres": {"postgres_url": url}}}, url)
 
 
 # ------------------------------------------------------------------------------------------- two processes
@@ -205,9 +222,7 @@ def test_two_processes_share_one_budget_over_sqlite(realistic_marketo, tmp_path:
 @pytest.mark.postgres
 def test_two_processes_share_one_budget_over_postgresql(realistic_marketo, postgres: dict[str, str]) -> None:
     sb, arrivals = realistic_marketo
-    url = (f"postgresql://{postgres['DAGSTER_PG_USERNAME']}:{postgres['DAGSTER_PG_PASSWORD']}@"
-           f"{postgres['DAGSTER_PG_HOST']}:{postgres['DAGSTER_PG_PORT']}/{postgres['DAGSTER_PG_DB']}")
-    _shared_run(sb, arrivals, url)
+    _shared_run(sb, arrivals, _pg_url(postgres).replace("+psycopg2", ""))  # dagster's plain URLs work too
 
 
 def test_without_the_shared_budget_the_same_load_exceeds_the_window(realistic_marketo) -> None:
