@@ -85,8 +85,9 @@ def make_engine(url: str) -> sa.Engine:
     database = sa.make_url(url).database
     if database and database != ":memory:":  # an ephemeral instance creates its storage directory lazily
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+    # Pooled connections: closing the last one checkpoints the WAL, which costs more than the admission.
     engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                              poolclass=sa.pool.NullPool)
+                              poolclass=sa.pool.QueuePool, pool_size=2, max_overflow=10)
 
     # pysqlite's own transaction handling would issue a deferred BEGIN; take the write lock up front instead
     # (https://docs.sqlalchemy.org/en/20/dialects/sqlite.html#serializable-isolation-savepoints-transactional-ddl).
