@@ -47,7 +47,7 @@ def test_after_sync_both_sides_agree_and_unsynced_drift_is_reported(harness, cli
     harness.run("latest")
     harness.run("latest")  # values Dynamics assigned to the lead it created (owner, status) come back
     dyn, mkto = clients
-    # The instance's own companies (keyed mkto-<n>, no Dynamics account) are not the sync's: present, edited by
+    # The instance's own companies (keyed mkto-<seed>-<n>, no Dynamics account) are not the sync's: present, edited by
     # a marketer, and still no difference.
     own = sorted(c["externalCompanyId"] for c in sb.marketo_rows("company", 100_000)
                  if c["externalCompanyId"].startswith("mkto-"))

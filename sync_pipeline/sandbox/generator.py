@@ -617,9 +617,10 @@ def _marketo_activities(org: _Org) -> list[Row]:
 # list import integration, or by a CRM sync used before this one (Adobe, "Companies" and "Opportunities",
 # https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/companies,
 # https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/opportunities). They
-# are keyed by that source's own ids (``mkto-<n>``, ``mkto-opp-<n>``), never by a Dynamics GUID, so they are
-# the customer's data, never the sync's. The persons keep their own company fields (no ``externalCompanyId``
-# link): the records above stay as they were. Roles name persons by position like the activities do.
+# are keyed by that source's own ids (``mkto-<seed>-<n>``, ``mkto-opp-<seed>-<n>``: orgs of other seeds can be
+# loaded into the same store), never by a Dynamics GUID, so they are the customer's data, never the sync's.
+# The persons keep their own company fields (no ``externalCompanyId`` link), so the records above stay as they
+# were. Roles name persons by position like the activities do.
 MARKETO_COMPANY_SHARE = 0.5  # of the distinct company names Marketo-born persons carry
 MARKETO_OPPORTUNITY_SHARE = 0.4  # of those companies; a quarter of them have a second one
 
@@ -641,7 +642,7 @@ def _marketo_accounts(org: _Org, seed: int) -> tuple[list[Row], list[Row], list[
     for name, persons in people.items():  # first-seen order: deterministic
         if rnd() >= MARKETO_COMPANY_SHARE:
             continue
-        company_id = f"mkto-{len(companies) + 1}"
+        company_id = f"mkto-{seed}-{len(companies) + 1}"
         created, updated = timeline.stamps()
         city, state, country, postal = pools.PLACES[int(rnd() * len(pools.PLACES))]
         company: Row = {
@@ -656,7 +657,7 @@ def _marketo_accounts(org: _Org, seed: int) -> tuple[list[Row], list[Row], list[
         if rnd() >= MARKETO_OPPORTUNITY_SHARE:
             continue
         for _ in range(2 if rnd() < 0.25 else 1):
-            opp_id = f"mkto-opp-{len(opportunities) + 1}"
+            opp_id = f"mkto-opp-{seed}-{len(opportunities) + 1}"
             stage, probability, closed, won = pools.OPPORTUNITY_STAGES[int(rnd() * len(pools.OPPORTUNITY_STAGES))]
             close = timeline.date(timeline.end + int((rnd() - 0.5) * 120 * DAY))[:10]
             opp: Row = {"externalOpportunityId": opp_id, "externalCompanyId": company_id,

@@ -314,7 +314,7 @@ def test_initial_copy_opportunities_with_company_via_account_or_contact(default_
 def test_initial_copy_opportunity_contact_roles(default_world: World) -> None:
     world, snap = default_world, default_world.snaps["initial"]
     sb = world.sandbox
-    # The instance's own roles (on its mkto-opp-<n> opportunities) are not the sync's.
+    # The instance's own roles (on its mkto-opp-<seed>-<n> opportunities) are not the sync's.
     roles = {(r["externalOpportunityId"], r["leadId"], r["role"]) for r in snap["objects"]["opportunityRole"]
              if not r["externalOpportunityId"].startswith("mkto-")}
     expected = set()

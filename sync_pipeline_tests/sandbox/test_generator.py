@@ -206,7 +206,7 @@ def test_marketo_born_companies_opportunities_and_roles(small: dict) -> None:
     names = {p["company"] for p in persons if p.get("company")}
     # About half of the company names the persons carry have a company record, keyed by a non-Dynamics id.
     assert 0.35 * len(names) <= len(companies) <= 0.65 * len(names)
-    assert [c["externalCompanyId"] for c in companies] == [f"mkto-{n}" for n in range(1, len(companies) + 1)]
+    assert [c["externalCompanyId"] for c in companies] == [f"mkto-0-{n}" for n in range(1, len(companies) + 1)]
     assert {c["company"] for c in companies} <= names and len({c["company"] for c in companies}) == len(companies)
     assert all(c["website"].startswith("https://www.") and c["industry"] and c["billingCity"] for c in companies)
     by_company = {c["externalCompanyId"]: c for c in companies}
@@ -214,7 +214,7 @@ def test_marketo_born_companies_opportunities_and_roles(small: dict) -> None:
     assert 0.3 * len(companies) <= len(opportunities) <= 0.7 * len(companies)
     assert len({o["externalOpportunityId"] for o in opportunities}) == len(opportunities)
     for o in opportunities:
-        assert o["externalOpportunityId"].startswith("mkto-opp-") and o["amount"] > 0
+        assert o["externalOpportunityId"].startswith("mkto-opp-0-") and o["amount"] > 0
         assert o["name"].startswith(by_company[o["externalCompanyId"]]["company"] + " - ")
         assert o["isWon"] <= o["isClosed"] and ("closeDate" in o) == o["isClosed"]
     assert {o["stage"] for o in opportunities} >= {"Closed Won", "Prospecting"}
@@ -274,7 +274,8 @@ def test_seeded_companies_answer_the_documented_queries() -> None:
         opps = list(sandbox.store.objects("opportunity"))
         assert len(opps) == counts["marketo.opportunity"] > 0
         found = get("/rest/v1/opportunities.json", filterType="externalOpportunityId",
-                    filterValues=opps[0]["externalOpportunityId"], fields="externalOpportunityId,externalCompanyId,name")
+                    filterValues=opps[0]["externalOpportunityId"],
+                    fields="externalOpportunityId,externalCompanyId,name")
         assert found[0]["externalCompanyId"] in keys and found[0]["marketoGUID"] == opps[0]["marketoGUID"]
         assert get("/rest/v1/opportunities.json", filterType="marketoGUID",
                    filterValues=opps[0]["marketoGUID"])[0]["externalOpportunityId"] == opps[0]["externalOpportunityId"]
