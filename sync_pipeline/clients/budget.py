@@ -21,10 +21,11 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -156,7 +157,7 @@ class SharedBudget:
 
     def _state(self, conn: sa.Connection, now: float) -> dict[str, Any]:
         row = conn.execute(sa.select(STATE).where(STATE.c.instance == self.instance)).mappings().first()
-        day = next_quota_reset(datetime.fromtimestamp(now, timezone.utc)).isoformat()
+        day = next_quota_reset(datetime.fromtimestamp(now, UTC)).isoformat()
         if row is None:
             state = {"instance": self.instance, "quota_day": day, "daily_calls": 0, "paused_until": 0.0,
                      "halted_until": 0.0}
@@ -178,12 +179,12 @@ class SharedBudget:
         with self._locked() as (conn, now):
             state = self._state(conn, now)
             if state["halted_until"] > now:
-                self._halted_until = datetime.fromtimestamp(state["halted_until"], timezone.utc)
+                self._halted_until = datetime.fromtimestamp(state["halted_until"], UTC)
                 return "", 0.0
             if state["daily_calls"] >= self.daily_quota:  # our share is spent: stop before Marketo says 607
                 state["halted_until"] = datetime.fromisoformat(state["quota_day"]).timestamp()
                 self._save(conn, state)
-                self._halted_until = datetime.fromtimestamp(state["halted_until"], timezone.utc)
+                self._halted_until = datetime.fromtimestamp(state["halted_until"], UTC)
                 return "", 0.0
             if state["paused_until"] > now:
                 return None, state["paused_until"] - now
@@ -228,7 +229,7 @@ class SharedBudget:
 
     def halted_until(self) -> datetime | None:
         """The quota halt last seen by this process (refreshed by every admission, so at most one call late)."""
-        if self._halted_until is not None and datetime.now(timezone.utc) >= self._halted_until:
+        if self._halted_until is not None and datetime.now(UTC) >= self._halted_until:
             self._halted_until = None
         return self._halted_until
 

@@ -15,6 +15,7 @@ concurrency and daily quota. Outside Dagster (CLI, plain Python) the budget is t
 from __future__ import annotations
 
 import threading
+from typing import Any
 from urllib.parse import urlsplit
 
 import dagster as dg
@@ -84,8 +85,8 @@ class MarketoResource(dg.ConfigurableResource):
         """The budget every call of this resource's client goes through (built once)."""
         if self._budget is None:
             url = self._budget_url or self.budget_url
-            settings = dict(calls_per_window=self.calls_per_20s, window_seconds=WINDOW_SECONDS,
-                            max_concurrent=self.max_concurrent, daily_quota=self.daily_quota)
+            settings: dict[str, Any] = {"calls_per_window": self.calls_per_20s, "window_seconds": WINDOW_SECONDS,
+                                        "max_concurrent": self.max_concurrent, "daily_quota": self.daily_quota}
             self._budget = SharedBudget(url, self.budget_key, **settings) if url else RateGovernor(**settings)
         return self._budget
 

@@ -19,8 +19,7 @@ from sync_pipeline.clients.marketo import MarketoClient, MarketoError
 
 def main(cfg: dict[str, Any]) -> dict[str, Any]:
     budget: CallBudget
-    limits = dict(calls_per_window=cfg["calls_per_window"], window_seconds=cfg["window_seconds"],
-                  max_concurrent=cfg["max_concurrent"])
+    limits = {key: cfg[key] for key in ("calls_per_window", "window_seconds", "max_concurrent")}
     if cfg.get("budget_url"):
         budget = SharedBudget(cfg["budget_url"], cfg["instance"], **limits)
     else:

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -182,9 +183,9 @@ def realistic_marketo() -> Iterator[tuple[MarketoSandbox, list[float]]]:
 
 
 def _hammer(sb: MarketoSandbox, budget_url: str | None, calls_per_window: int, calls: int) -> list[dict[str, Any]]:
-    cfg = dict(base_url=sb.base_url, client_id=sb.client_id, client_secret=sb.client_secret, budget_url=budget_url,
-               instance="shared-instance", calls_per_window=calls_per_window, window_seconds=20.0,
-               max_concurrent=8, calls=calls, threads=6, start_at=time.time() + 3.0)
+    cfg = {"base_url": sb.base_url, "client_id": sb.client_id, "client_secret": sb.client_secret,
+           "budget_url": budget_url, "instance": "shared-instance", "calls_per_window": calls_per_window,
+           "window_seconds": 20.0, "max_concurrent": 8, "calls": calls, "threads": 6, "start_at": time.time() + 3.0}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
     workers = [subprocess.Popen([sys.executable, str(HERE / "budget_worker.py"), json.dumps(cfg)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
