@@ -57,6 +57,9 @@ P = "/api/data/v9\\.2/"
 # Requests the service-protection limiter admitted (counted only while limits are on); the benchmark's
 # API-budget floor is computed from this number (sync_pipeline.bench.pipeline.budget_floor).
 COUNTED = "limits.dynamics.requests"
+# Their combined execution time in milliseconds (measured plus modelled per operation), the second measure the
+# service counts per window; the floor's execution-time rule is computed from it.
+EXECUTION_MS = "limits.dynamics.execution_ms"
 _GUID = r"[0-9a-fA-F-]{36}"
 
 
@@ -239,6 +242,7 @@ class DynamicsSandbox:
                 self._in_flight = max(0, self._in_flight - 1)
                 self._exec.append((self.clock.timestamp(), spent))
                 self._exec_total += spent
+                self.api_app.calls[EXECUTION_MS] += round(spent * 1000)
 
     def _render_fault(self, fault: Fault, req: Request) -> Response | None:
         if fault.kind == "throttle":
