@@ -58,6 +58,19 @@ def is_marketo_push(asset: str) -> bool:
     return system == "marketo" and stage == "push"
 
 
+# Counters that are not HTTP requests: the limiters' admitted counts and the parts of Dataverse $batch requests
+# (counted under their own routes too; the services count a $batch as one request).
+BATCH_PARTS = "parts.dynamics.batch"
+TOKEN_ROUTES = ("identity.token", "identity.openid", "marketo.identity")
+
+
+def http_requests(calls: dict[str, int], tokens: bool = True) -> int:
+    """HTTP requests to the services, as they count them: a $batch is one, its parts are not requests."""
+    routes = sum(n for r, n in calls.items() if not r.startswith(("limits.", "parts."))
+                 and (tokens or r not in TOKEN_ROUTES))
+    return routes - calls.get(BATCH_PARTS, 0)
+
+
 def marketo_calls(calls: dict[str, int]) -> int:
     """Marketo API calls of a run (REST and bulk; the token calls are free, as Marketo counts them)."""
     return sum(n for r, n in calls.items() if r.startswith("marketo.") and r != "marketo.identity")
@@ -188,8 +201,7 @@ def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]]
 def calls_vs_floor(calls: dict[str, int], floor: dict[str, int]) -> dict[str, Any]:
     dynamics = calls.get("dynamics.query", 0)
     marketo = sum(n for r, n in calls.items() if is_marketo_write(r))
-    total = sum(n for r, n in calls.items() if not r.startswith("limits."))  # limiter counters are not calls
-    return {"calls": dict(sorted(calls.items())), "total": total, "floor": floor,
+    return {"calls": dict(sorted(calls.items())), "total": http_requests(calls), "floor": floor,
             "dynamics_query": dynamics, "marketo_writes": marketo,
             "dynamics_writes": sum(calls.get(r, 0) for r in DYNAMICS_WRITE_ROUTES),
             "dynamics_ratio": round(dynamics / floor["dynamics.query"], 3) if floor["dynamics.query"] else None,
@@ -218,9 +230,6 @@ def run_cycle(instance: Any, remote: RemoteSandbox, config: Any, counts: dict[st
                     "marketo_calls": marketo_calls(calls)}}
 
 
-TOKEN_ROUTES = ("identity.token", "identity.openid", "marketo.identity")
-
-
 def change_sensors(defs: Any) -> list[Any]:
     """The change sensor(s) of the definitions (one per connection once there are several)."""
     return [s for s in defs.sensors if s.name.endswith("change_sensor")]
@@ -230,8 +239,8 @@ def evaluate_sensor(instance: Any, sensor: Any, defs: Any, cursor: str | None = 
     """One evaluation as the daemon makes it, through Dagster's public API (resources from the definitions)."""
     import dagster as dg
 
-    with dg.build_sensor_context(instance=instance, cursor=cursor, sensor_name=sensor.name,
-                                 definitions=defs) as context:
+    with dg.build_sensor_context(instance=instance, cursor=cursor, sensor_name=sensor.name, definitions=defs,
+                                 resources=dict(defs.resources or {})) as context:
         return sensor.evaluate_tick(context)
 
 
@@ -247,7 +256,7 @@ def sensor_tick(instance: Any, remote: RemoteSandbox) -> dict[str, Any]:
     remote.reset_calls()
     requested = [r for sensor in sensors for r in evaluate_sensor(instance, sensor, defs).run_requests or []]
     calls = dict(remote.calls())
-    http = sum(v for k, v in calls.items() if not k.startswith("limits.") and k not in TOKEN_ROUTES)
+    http = http_requests(calls, tokens=False)
     return {"sensors": [s.name for s in sensors], "run_requests": len(requested), "http_calls": http,
             "calls": calls}
 

@@ -60,6 +60,9 @@ COUNTED = "limits.dynamics.requests"
 # Their combined execution time in milliseconds (measured plus modelled per operation), the second measure the
 # service counts per window; the floor's execution-time rule is computed from it.
 EXECUTION_MS = "limits.dynamics.execution_ms"
+# Requests carried inside $batch requests: counted under their own routes as well, so that HTTP requests are the
+# route counts minus this (the services count a $batch as one request).
+BATCH_PARTS = "parts.dynamics.batch"
 _GUID = r"[0-9a-fA-F-]{36}"
 
 
@@ -346,6 +349,7 @@ class DynamicsSandbox:
         inner.params, inner.route = params, route.name
         with self._limit_lock:
             self.api_app.calls[route.name] += 1
+            self.api_app.calls[BATCH_PARTS] += 1
         if route.name in self._with_refs:
             handler = self._with_refs[route.name]
             return guarded(lambda r: handler(r, resolve))(inner)
