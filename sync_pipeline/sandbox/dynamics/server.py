@@ -55,7 +55,7 @@ from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
 P = "/api/data/v9\\.2/"
 # Requests the service-protection limiter admitted (counted only while limits are on); the benchmark's
-# API-budget floor is computed from this number (sync_pipeline.bench.pipeline.budget_floor).
+# API-budget floor is computed from this number (sync_pipeline.bench.floor.budget_floor).
 COUNTED = "limits.dynamics.requests"
 # Their combined execution time in milliseconds (measured plus modelled per operation), the second measure the
 # service counts per window; the floor's execution-time rule is computed from it.
