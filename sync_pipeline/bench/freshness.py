@@ -143,10 +143,10 @@ def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float
             stop.set()
             poller.join()
             calls = remote.calls()
-            runs = _runs(Path(tmp) / "dagster_home")
         finally:
             stop.set()
             stop_daemon(daemon)
+        runs = _runs(Path(tmp) / "dagster_home")
     latencies = [(e.arrived_at - e.made_at) if e.arrived_at is not None else math.inf for e in edits]
     counted = {s: calls.get(k, 0) for s, k in COUNTED_CALLS.items()}
 
