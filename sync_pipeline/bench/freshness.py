@@ -28,6 +28,7 @@ from sync_pipeline.sandbox.runner import RemoteSandbox
 
 POLL_SECONDS = 0.5
 TARGET_P95_SECONDS = 60.0
+SETTLE_SECONDS = 120.0  # at most this long after the last arrival for the runs in flight to finish
 
 
 @dataclass
@@ -142,11 +143,16 @@ def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float
                 time.sleep(POLL_SECONDS)
             stop.set()
             poller.join()
+            # The calls of the runs that delivered the last edits count too: let them finish (bounded).
+            settle_until = time.monotonic() + SETTLE_SECONDS
+            while _in_flight(Path(tmp) / "dagster_home") and time.monotonic() < settle_until:
+                time.sleep(1)
             calls = remote.calls()
+            in_flight = _in_flight(Path(tmp) / "dagster_home")
         finally:
             stop.set()
             stop_daemon(daemon)
-        runs = _runs(Path(tmp) / "dagster_home")
+        runs = _runs(Path(tmp) / "dagster_home", in_flight)
     latencies = [(e.arrived_at - e.made_at) if e.arrived_at is not None else math.inf for e in edits]
     counted = {s: calls.get(k, 0) for s, k in COUNTED_CALLS.items()}
 
@@ -165,17 +171,36 @@ def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float
             "runs": runs, "target_p95_seconds": TARGET_P95_SECONDS}
 
 
-def _runs(home: Path) -> dict[str, int]:
-    """Runs the daemon launched, by status."""
+def _in_flight(home: Path) -> set[str]:
+    """Runs not finished when the measurement ends: stopping the daemon interrupts them (not a failure of theirs)."""
     import dagster as dg
 
-    out: dict[str, int] = {}
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            return {r.dagster_run.run_id for r in instance.get_run_records() if not r.dagster_run.is_finished}
+    except Exception:  # noqa: BLE001 - then they are reported by their final status
+        return set()
+
+
+def _runs(home: Path, in_flight: set[str]) -> dict[str, Any]:
+    """Runs the daemon launched, by status, and why any failed; runs in flight at the end count apart."""
+    import dagster as dg
+
+    out: dict[str, Any] = {}
+    failures: list[str] = []
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
             for record in instance.get_run_records():
-                status = record.dagster_run.status.value
+                run = record.dagster_run
+                status = "IN_FLIGHT_AT_END" if run.run_id in in_flight else run.status.value
                 out[status] = out.get(status, 0) + 1
+                if status == dg.DagsterRunStatus.FAILURE.value:
+                    events = instance.all_logs(run.run_id, of_type={dg.DagsterEventType.RUN_FAILURE,
+                                                                    dg.DagsterEventType.STEP_FAILURE})
+                    message = next((e.message for e in reversed(events) if e.message), "")
+                    failures.append(f"{run.tags.get('dagster/sensor_name', '?')}: {message[:300]}")
     except Exception as exc:  # noqa: BLE001 - the count is informative; the latencies are the result
-        out["unreadable"] = 1
-        out["error"] = str(exc)[:200]  # type: ignore[assignment]
+        out["unreadable"] = str(exc)[:200]
+    if failures:
+        out["failures"] = failures
     return out

@@ -152,7 +152,7 @@ def _freshness(latest: dict[str, Any]) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for scale, sc in rows:
         lat, side, per = sc["latency_seconds"], sc["by_side"], sc["calls_per_edit"]
-        runs = ", ".join(f"{k} {v}" for k, v in sc.get("runs", {}).items())
+        runs = ", ".join(f"{k} {v}" for k, v in sc.get("runs", {}).items() if isinstance(v, int))
         lines.append(f"| {scale} | {sc['edits']} ({sc['rate_per_second']:g}/s, {sc['duration_seconds']:g} s) | "
                      f"{sc['arrived']} | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | {_fmt(lat['max'])} | "
                      f"{_fmt(side['dynamics']['p95'])} | {_fmt(side['marketo']['p95'])} | "
