@@ -130,14 +130,15 @@ def _floors(latest: dict[str, Any]) -> list[str]:
              "Dataverse 6,000 requests and 1,200 s execution time / 300 s, a $batch one request), from the "
              "sandbox's admitted-call counters.", "",
              "| scale | run s | Marketo calls | Marketo floor s | daily quota used | Dynamics requests | Dynamics "
-             "execution s | Dynamics floor s | binding | run / floor |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "execution s | Dynamics floor s | binding | run / floor | run - floor s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for scale, sc in rows:
         b = sc["budget"]
         m, d = b["marketo"], b["dynamics"]
         lines.append(f"| {scale} | {_fmt(sc['seconds'])} | {_fmt(m['calls'])} | {_fmt(m['seconds'])} | "
                      f"{m['daily_quota_share'] * 100:.2f}% | {_fmt(d['requests'])} | {_fmt(d['execution_seconds'])} | "
-                     f"{_fmt(d['seconds'])} | {b['binding']} | {_fmt(sc['vs_budget_floor'])} |")
+                     f"{_fmt(d['seconds'])} | {b['binding']} | {_fmt(sc['vs_budget_floor'])} | "
+                     f"{_fmt(sc.get('over_floor_seconds'))} |")
     return lines
 
 
