@@ -183,7 +183,7 @@ def sensor_tick(remote: RemoteSandbox, config: Any) -> dict[str, Any]:
     from sync_pipeline.clients.dynamics import DynamicsClient
     from sync_pipeline.clients.marketo import MarketoClient
     from sync_pipeline.defs.automation import pending_changes
-    from sync_pipeline.engine import state
+    from sync_pipeline.engine.store import state
 
     env = os.environ
     dyn = DynamicsClient(env["DYNAMICS_URL"], env["DYNAMICS_AUTHORITY"], env["DYNAMICS_CLIENT_ID"],

@@ -36,9 +36,14 @@ import duckdb
 import pyarrow as pa
 
 from sync_pipeline.config.model import STICKY, ConfigError, Entity, FieldMap, SyncConfig
-from sync_pipeline.engine import apply as apply_mod
-from sync_pipeline.engine import extract, mapping, merge, normalize
-from sync_pipeline.engine.state import fcol, get_cursor, qi
+from sync_pipeline.engine import mapping, normalize
+from sync_pipeline.engine.extract import dynamics as extract
+from sync_pipeline.engine.extract.marketo import text_value
+from sync_pipeline.engine.plan.fields import STICKY_OUTCOME, one_way_sticky, policy_resolution
+from sync_pipeline.engine.push.dynamics import apply_to_dynamics
+from sync_pipeline.engine.push.marketo import apply_to_marketo
+from sync_pipeline.engine.push.payloads import object_path
+from sync_pipeline.engine.store.state import fcol, get_cursor, qi
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ class ResyncStats:
 
 def needs_initial_copy(con: duckdb.DuckDBPyConnection, entity: Entity) -> bool:
     """An entity never copied (added to the mapping after the first sync): its back-fill is its initial copy."""
-    from sync_pipeline.engine.steps import delta_cursor
+    from sync_pipeline.engine.extract.dynamics import delta_cursor
 
     if entity.is_derived:
         return False
@@ -128,12 +133,12 @@ def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fi
     if mod:
         schema[mod] = pa.string()
     for f in maps:
-        schema[extract.wire_name(f)] = extract._arrow_type(f)
+        schema[extract.wire_name(f)] = extract.arrow_type(f)
         if f.transform in ("lookup", "owner", "customer_account"):
             schema[extract.wire_name(f) + extract.LOOKUP_TYPE] = pa.string()
     cols = "".join(f", {fcol(f.marketo)} VARCHAR" for f in maps)
     con.execute(f"CREATE OR REPLACE TEMP TABLE rs_d (did VARCHAR, etag VARCHAR, modified_on VARCHAR {cols})")
-    exprs = "".join(f", {extract._dynamics_value_expr(entity, f, tables)}" for f in maps)
+    exprs = "".join(f", {extract.dynamics_value_expr(entity, f, tables)}" for f in maps)
     modcol = qi(mod) if mod else "NULL"
     flt = f"{mod} ge {_iso(since)}" if since is not None else None
     rows = 0
@@ -142,7 +147,7 @@ def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fi
         if not page:
             continue
         rows += len(page)
-        rs_page = extract._coerce(page, pa.schema(list(schema.items())))  # noqa: F841 - used in the SQL
+        rs_page = extract.coerce_page(page, pa.schema(list(schema.items())))  # noqa: F841 - used in the SQL
         con.execute(f"""INSERT INTO rs_d SELECT lower({qi(pk)}), "@odata.etag", CAST({modcol} AS VARCHAR) {exprs}
                         FROM rs_page""")
     con.execute("CREATE OR REPLACE TEMP TABLE rs_d AS SELECT DISTINCT ON (did) * FROM rs_d")  # a row paged twice
@@ -160,8 +165,8 @@ def _read_marketo(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fie
     else:
         key = entity.marketo.key
         dids = [r[0] for r in con.execute("SELECT did FROM rs_scope ORDER BY 1").fetchall()]
-        rows = client.query_objects(apply_mod.object_path(entity), key, dids, [key, *names]) if dids else []
-    table = pa.table({n: pa.array([extract._text(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
+        rows = client.query_objects(object_path(entity), key, dids, [key, *names]) if dids else []
+    table = pa.table({n: pa.array([text_value(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
                       for n in [key, "updatedAt", *names]})
     exprs = "".join(f", {normalize.marketo_expr(f, qi(f.marketo))}" for f in maps)
     cols = "".join(f", {fcol(n)} VARCHAR" for n in names)
@@ -213,7 +218,7 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, 
 
 def _outcome_sql(entity: Entity, f: FieldMap) -> str:
     """'marketo' | 'dynamics' | 'base' | 'hold' | NULL for one field of a record in scope. Consent fields
-    (policy ``opt_out_sticky``) follow the same rule as the incremental plan (engine/merge.py): an opt-in
+    (policy ``opt_out_sticky``) follow the same rule as the incremental plan (engine/plan/fields.py): an opt-in
     is written only where its side itself changed from out to in since the last sync."""
     direction, policy = entity.field_direction(f), entity.field_policy(f)
     if direction == "none":
@@ -221,13 +226,13 @@ def _outcome_sql(entity: Entity, f: FieldMap) -> str:
     agree = "WHEN same AND dc THEN 'base' WHEN same THEN NULL"
     if not entity.is_person or direction == "to_marketo":
         out = f"CASE {agree} ELSE 'marketo' END"
-        return merge._one_way_sticky(out, "marketo") if policy == STICKY else out
+        return one_way_sticky(out, "marketo") if policy == STICKY else out
     if direction == "to_dynamics":
         out = f"CASE {agree} ELSE 'dynamics' END"
-        return merge._one_way_sticky(out, "dynamics") if policy == STICKY else out
+        return one_way_sticky(out, "dynamics") if policy == STICKY else out
     if policy == STICKY:
-        return merge._STICKY_OUTCOME
-    resolve = merge.policy_resolution(entity, policy, field_times=False)
+        return STICKY_OUTCOME
+    resolve = policy_resolution(entity, policy, field_times=False)
     # With no base (a field never synced) a side holding a value "changed" and a blank one did not: the
     # value flows, a blank never overwrites it; two different values are a conflict.
     return f"""CASE {agree}
@@ -332,10 +337,10 @@ def _write(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, m
     con.execute("INSERT INTO plan SELECT * FROM rs_plan")
     narrowed = mapping.restrict(entity, [f.marketo for f in maps], keep_rules=False)
     try:
-        ms = apply_mod.apply_to_marketo(con, config, narrowed, marketo, run_id, now)
+        ms = apply_to_marketo(con, config, narrowed, marketo, run_id, now)
         stats.written["marketo"], stats.failed["marketo"] = ms.ok, ms.failed
         if entity.is_person:
-            ds = apply_mod.apply_to_dynamics(con, config, narrowed, dynamics, marketo, run_id, now)
+            ds = apply_to_dynamics(con, config, narrowed, dynamics, marketo, run_id, now)
             stats.written["dynamics"], stats.failed["dynamics"] = ds.ok, ds.failed
     finally:
         con.execute("""INSERT INTO failures SELECT * FROM rs_failures f WHERE NOT EXISTS (SELECT 1 FROM failures x

@@ -23,9 +23,12 @@ import duckdb
 import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
-from sync_pipeline.engine import extract, normalize, orgmeta, state
-from sync_pipeline.engine.apply import object_path
-from sync_pipeline.engine.state import fcol, qi
+from sync_pipeline.engine import normalize, orgmeta
+from sync_pipeline.engine.extract import dynamics as dynamics_extract
+from sync_pipeline.engine.extract import marketo as marketo_extract
+from sync_pipeline.engine.store import state
+from sync_pipeline.engine.push.payloads import object_path
+from sync_pipeline.engine.store.state import fcol, qi
 
 RECORD = "(record)"  # the field of a Difference about a whole record missing on one side
 BATCH = 300  # Marketo's maximum filter values per read
@@ -54,7 +57,7 @@ def compare(config: SyncConfig, dynamics_client: Any, marketo_client: Any, state
         state.ensure_schema(con, config)
         for e in config.entities:
             if not e.is_derived:
-                _read_dynamics(con, e, dynamics_client, extract.target_tables(config))
+                _read_dynamics(con, e, dynamics_client, dynamics_extract.target_tables(config))
         _read_persons(con, config, marketo_client)
         diffs: list[Difference] = []
         for e in config.entities:
@@ -98,8 +101,8 @@ def _copy_state(con: duckdb.DuckDBPyConnection, config: SyncConfig, state_path: 
 def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any,
                    tables: dict[str, str] | None = None) -> None:
     assert entity.dynamics is not None
-    for page in client.iter_pages(entity.dynamics.entity_set, extract.dynamics_select(entity), annotations=True):
-        extract.ingest_dynamics_page(con, entity, page, "verify", tables)
+    for page in client.iter_pages(entity.dynamics.entity_set, dynamics_extract.dynamics_select(entity), annotations=True):
+        dynamics_extract.ingest_dynamics_page(con, entity, page, "verify", tables)
 
 
 def _linked_ids(con: duckdb.DuckDBPyConnection, entities: Iterable[str]) -> list[str]:
@@ -118,9 +121,9 @@ def _chunks(items: list[Any], n: int = BATCH) -> Iterator[list[Any]]:
 
 def _read_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any) -> None:
     ids = [i for i in _linked_ids(con, (e.name for e in config.persons)) if i.isdigit()]
-    fields = extract.marketo_person_fields(config)
+    fields = marketo_extract.marketo_person_fields(config)
     for chunk in _chunks(ids):
-        extract.ingest_marketo_persons(con, config, client.get_leads("id", chunk, fields))
+        marketo_extract.ingest_marketo_persons(con, config, client.get_leads("id", chunk, fields))
 
 
 def _read_objects(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any) -> None:
@@ -138,7 +141,7 @@ def _read_objects(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any) -
         rows = client.query_objects(object_path(entity), key, chunk, fields=names)
         if not rows:
             continue
-        page = pa.table({n: pa.array([extract._text(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
+        page = pa.table({n: pa.array([marketo_extract.text_value(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
                          for n in names})
         con.execute(f"INSERT OR REPLACE INTO {table} SELECT lower({qi(key)}){', ' + cols if cols else ''} FROM page")
 

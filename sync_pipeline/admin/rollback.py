@@ -19,7 +19,7 @@ What it does (``docs/operations.md`` says the same for operators):
 - The state store moves with the rollback, so the next sync neither re-pushes the run's values nor
   carries the restored values over the other system: the mirrors take the restored values, and for
   persons a restored field whose two systems now hold different values (they did before the run too)
-  gets a *split base* (``b__split``: one agreed value per system, see ``engine/merge.py``) until
+  gets a *split base* (``b__split``: one agreed value per system, see ``engine/plan/fields.py``) until
   either side changes it again. When both systems agree again the ordinary base takes the value.
 - The rollback is a run in the ledger (run id ``rollback-<uuid>``, rule ``rollback:<run>``, before =
   what it found, after = what it restored), so it can itself be rolled back; rolling the same run
@@ -39,8 +39,8 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.apply import object_path
-from sync_pipeline.engine.state import BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, utcnow
+from sync_pipeline.engine.push.payloads import object_path
+from sync_pipeline.engine.store.state import BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, utcnow
 
 LINK_FIELDS = ("dynamicsId", "dynamicsType")
 BATCH = 300  # Marketo's records per call
@@ -318,7 +318,7 @@ def _lit(s: str) -> str:
 def _canon_marketo(scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap],
                    rows: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
     """(dynamics id, field, raw Marketo value) -> canonical text, per record (the extract's SQL)."""
-    from sync_pipeline.engine.extract import _text
+    from sync_pipeline.engine.extract.marketo import text_value
 
     out: dict[str, dict[str, Any]] = defaultdict(dict)
     rows = [r for r in rows if r[1] in maps]
@@ -326,7 +326,7 @@ def _canon_marketo(scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap]
         return out
     fields = sorted({r[1] for r in rows})
     scratch.register("mk_values", pa.table({"did": [r[0] for r in rows], "field": [r[1] for r in rows],
-                                             "value": pa.array([_text(r[2]) for r in rows], type=pa.string())}))
+                                             "value": pa.array([text_value(r[2]) for r in rows], type=pa.string())}))
     try:
         whens = " ".join(f"WHEN {_lit(f)} THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
         for did, fld, value in scratch.execute(f"SELECT did, field, CASE field {whens} END FROM mk_values").fetchall():
@@ -394,7 +394,7 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
     """GET exactly these records (in ``$batch`` calls of 100): their values and the etag of this read,
     which is what the write carries as If-Match."""
     from sync_pipeline.clients.dynamics import AuthenticationError, BatchRequest, DynamicsError
-    from sync_pipeline.engine.extract import _coerce, _dynamics_value_expr, _page_schema, dynamics_select, primary_key
+    from sync_pipeline.engine.extract.dynamics import coerce_page, dynamics_value_expr, page_schema, dynamics_select, primary_key
 
     assert e.dynamics is not None
     select = ",".join(dynamics_select(e))
@@ -416,10 +416,10 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
                 rows.append(resp.body)
     if not rows:
         return out
-    scratch.register("dy_page", _coerce(rows, _page_schema(e)))
+    scratch.register("dy_page", coerce_page(rows, page_schema(e)))
     try:
         names = [f.marketo for f in e.all_fields]
-        cols = ", ".join(f"{_dynamics_value_expr(e, f)} AS {qi(f.marketo)}" for f in e.all_fields)
+        cols = ", ".join(f"{dynamics_value_expr(e, f)} AS {qi(f.marketo)}" for f in e.all_fields)
         for row in scratch.execute(f'SELECT lower({qi(primary_key(e))}), "@odata.etag", {cols} '
                                    "FROM dy_page").fetchall():
             out[row[0]] = {"__etag__": row[1], **dict(zip(names, row[2:]))}

@@ -14,7 +14,7 @@ from datetime import datetime
 import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
-from sync_pipeline.engine.state import qi, utcnow
+from sync_pipeline.engine.store.state import qi, utcnow
 
 PUSH_STAGES = ("push_marketo", "push_dynamics")
 

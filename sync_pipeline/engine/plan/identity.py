@@ -1,0 +1,252 @@
+"""Plan: who is whom. Linking Dynamics records to Marketo persons (by dynamicsId, lead qualification,
+email), following merges made in Dynamics, and quarantining records whose links are inconsistent."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import duckdb
+
+from sync_pipeline.config.model import Entity, SyncConfig
+from sync_pipeline.engine import normalize
+from sync_pipeline.engine.plan.summary import PlanSummary, lit, person_entities
+from sync_pipeline.engine.store.state import fcol, qi
+
+
+def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, now: datetime,
+                  summary: PlanSummary) -> None:
+    e, d = entity.name, qi(f"d_{entity.name}")
+    persons = person_entities(config)
+    unlinked = f"NOT EXISTS (SELECT 1 FROM identity x WHERE x.entity = {lit(e)} AND x.dynamics_id = d.id)"
+    # A person that already carries this record's id is its person (a re-baselined store, a lost identity row).
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE dl AS
+        SELECT d.id AS did, min(m.id) AS mid FROM w JOIN {d} d ON d.id = w.did
+        JOIN m_person m ON lower(m.f_dynamicsId) = d.id AND NOT m.deleted
+        WHERE {unlinked} AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN ({persons})
+                                         AND y.marketo_id = CAST(m.id AS VARCHAR) AND y.state = 'active')
+        GROUP BY d.id""")
+    n = con.execute("SELECT count(*) FROM dl").fetchone()[0]
+    if n:
+        con.execute(f"INSERT INTO identity SELECT {lit(e)}, did, CAST(mid AS VARCHAR), 'active', ?, 'dynamics_id' "
+                    "FROM dl", [now])
+        summary.linked["dynamics_id"] = int(n)
+    if entity.name == "lead" and "contact" in config.by_name:
+        # A lead first seen after it was qualified: its contact carries the person, the lead gets none.
+        n = con.execute(f"""INSERT INTO identity SELECT 'lead', d.id, NULL, 'converted', ?, 'qualified_before_sync'
+            FROM w JOIN {d} d ON d.id = w.did
+            WHERE {unlinked} AND EXISTS (SELECT 1 FROM d_contact c WHERE c.origin_lead = d.id AND NOT c.deleted
+                                         AND c.sync_flag IS DISTINCT FROM false)""", [now]).fetchone()
+        if n and n[0]:
+            summary.linked["converted_before_sync"] = int(n[0])
+    if entity.name == "contact" and "lead" in config.by_name:
+        # Lead qualification: the contact takes over the lead's Marketo person, with the lead's base.
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE q AS
+            SELECT d.id AS did, il.marketo_id, il.dynamics_id AS lead_id FROM w JOIN {d} d ON d.id = w.did
+            JOIN identity il ON il.entity = 'lead' AND il.dynamics_id = d.origin_lead AND il.state = 'active'
+            WHERE {unlinked} AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
+            QUALIFY row_number() OVER (PARTITION BY il.dynamics_id ORDER BY d.id) = 1""")
+        n = con.execute("SELECT count(*) FROM q").fetchone()[0]
+        if n:
+            con.execute("INSERT INTO identity SELECT 'contact', did, marketo_id, 'active', ?, 'qualification' FROM q",
+                        [now])
+            con.execute("UPDATE identity SET state = 'converted' WHERE entity = 'lead' "
+                        "AND dynamics_id IN (SELECT lead_id FROM q)")
+            # The contact is a new record, not an edit of the lead: a field it holds with the lead's agreed
+            # value keeps that base; any other field starts without one, so a field the contact did not
+            # receive (blank) is no "Dynamics change" that would blank the person, and a value it carries
+            # that differs meets the person's as on a first link (policy decides; consent stays opted out).
+            shared = [f for f in entity.all_fields if f.marketo in
+                      {g.marketo for g in config.entity("lead").all_fields}]
+            cols = ", ".join(fcol(f.marketo) for f in shared)
+            kept = ", ".join(
+                f"CASE WHEN {normalize.compare_expr(f, 'c.' + fcol(f.marketo))} IS NOT DISTINCT FROM "
+                f"{normalize.compare_expr(f, 'b.' + fcol(f.marketo))} THEN b.{fcol(f.marketo)} END" for f in shared)
+            con.execute(f"""INSERT OR REPLACE INTO b_contact (dynamics_id, synced_at, run_id, {cols})
+                SELECT q.did, b.synced_at, b.run_id, {kept}
+                FROM q JOIN b_lead b ON b.dynamics_id = q.lead_id JOIN {d} c ON c.id = q.did""")
+            summary.linked["qualification"] = int(n)
+    if "email" in {f.marketo for f in entity.all_fields}:
+        # First sync: an existing Marketo person with the same email is the same person, not a new one.
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE em AS
+            SELECT d.id AS did, m.id AS mid,
+                   row_number() OVER (PARTITION BY d.id ORDER BY m.id) AS rd,
+                   row_number() OVER (PARTITION BY m.id ORDER BY d.id) AS rm
+            FROM w JOIN {d} d ON d.id = w.did
+            JOIN m_person m ON lower(m.f_email) = lower(d.f_email)
+            WHERE d.f_email IS NOT NULL AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
+              AND NOT m.deleted AND m.f_dynamicsId IS NULL AND {unlinked}
+              AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN ({persons})
+                              AND y.marketo_id = CAST(m.id AS VARCHAR))""")
+        n = con.execute("SELECT count(*) FROM em WHERE rd = 1 AND rm = 1").fetchone()[0]
+        if n:
+            con.execute(f"INSERT INTO identity SELECT {lit(e)}, did, CAST(mid AS VARCHAR), 'active', ?, 'email' "
+                        "FROM em WHERE rd = 1 AND rm = 1", [now])
+            summary.linked["email"] = int(n)
+
+
+# The person check blocks the run only for damage that spans it: more quarantined records than this floor AND
+# more than this share of the linked ones (a systematic fault such as a wrong mapping, a mass import or a bug
+# in the sync; carrying on would spread it). Below that, quarantined records are held one by one and the rest
+# of the world keeps syncing.
+QUARANTINE_BLOCK_FLOOR = 25
+QUARANTINE_BLOCK_SHARE = 0.02
+
+
+def follow_dynamics_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,
+                            now: datetime, summary: PlanSummary) -> int:
+    """Follow Dataverse ``Merge``: a subordinate row (``merged``, ``masterid`` = the master) stops syncing.
+
+    Its Marketo person goes with it, never duplicated: if the master has no person yet, the subordinate's
+    person becomes the master's (the link and its base move; the master is planned in this run, so the
+    person's ``dynamicsId`` is re-pointed and the master's values flow by the field policies); if both
+    have one, the subordinate's person is merged into the master's in Marketo (a ``merge`` write, the
+    master's person wins, as the master row does in Dynamics); otherwise (no person, or a master that no
+    longer syncs) the subordinate is simply retired. The retired link keeps state ``merged``. Returns the
+    number of records added to the work set (masters).
+    """
+    from sync_pipeline.engine.extract.dynamics import MERGEABLE
+
+    con.execute("CREATE OR REPLACE TEMP TABLE hb (did VARCHAR, cls VARCHAR)")
+    if entity.dynamics is None or entity.dynamics.table not in MERGEABLE:
+        return 0
+    e, d, b = lit(entity.name), qi(f"d_{entity.name}"), qi(f"b_{entity.name}")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE dm AS
+        SELECT d.id AS sub, d.master_id AS master, i.marketo_id AS sub_mid, i.state AS sub_state,
+               im.marketo_id AS master_mid, im.state AS master_state,
+               CASE WHEN i.state = 'active' AND im.dynamics_id IS NULL AND {str(entity.is_person).lower()}
+                         THEN 'relink'
+                    WHEN i.state = 'active' AND im.state = 'active' AND {str(entity.is_person).lower()}
+                         AND i.marketo_id IS DISTINCT FROM im.marketo_id THEN 'merge'
+                    WHEN i.state = 'active' AND NOT {str(entity.is_person).lower()} THEN 'retire_after'
+                    ELSE 'retire' END AS action
+        FROM w JOIN {d} d ON d.id = w.did
+        LEFT JOIN identity i ON i.entity = {e} AND i.dynamics_id = d.id
+        LEFT JOIN identity im ON im.entity = {e} AND im.dynamics_id = d.master_id
+        WHERE d.master_id IS NOT NULL AND d.master_id <> d.id AND NOT d.deleted
+          AND i.state IS DISTINCT FROM 'merged'""")
+    n = int(con.execute("SELECT count(*) FROM dm").fetchone()[0])
+    if not n:
+        return 0
+    summary.merged += n
+    # The master's person: the subordinate's, with the subordinate's base (the last values both agreed on).
+    con.execute(f"""INSERT INTO identity SELECT {e}, master, sub_mid, 'active', ?, 'dynamics_merge'
+                    FROM dm WHERE action = 'relink'""", [now])
+    con.execute(f"""INSERT OR REPLACE INTO {b} SELECT x.* REPLACE (dm.master AS dynamics_id)
+                    FROM {b} x JOIN dm ON dm.sub = x.dynamics_id AND dm.action = 'relink'""")
+    # An opt-out the subordinate had agreed on survives the merge: where the master says opted in, its value
+    # becomes the base, so the person's opt-out is the change that flows (to the master), not the reverse.
+    from sync_pipeline.engine.extract.merges import CONSENT_FIELDS
+
+    for f in [f.marketo for f in entity.all_fields if f.marketo in CONSENT_FIELDS and f.transform == "boolean"]:
+        c = fcol(f)
+        con.execute(f"""UPDATE {b} SET {c} = d.{c} FROM dm JOIN {d} d ON d.id = dm.master
+                        WHERE dm.action = 'relink' AND {b}.dynamics_id = dm.master AND {b}.{c} = 'true'
+                          AND d.{c} IS DISTINCT FROM 'true'""")
+    # Both had a person: merge the subordinate's into the master's in Marketo (applied by the push).
+    con.execute(f"""INSERT INTO plan SELECT {lit(run_id)}, {e}, sub, master_mid, 'marketo', 'merge', 'leadIds',
+                        sub_mid, master_mid, sub_mid, 'dynamics_merge', NULL FROM dm WHERE action = 'merge'""")
+    con.execute("INSERT INTO hb SELECT sub, 'merging' FROM dm WHERE action = 'merge'")
+    # A one-way record (an account's company) receives its last state (e.g. Inactive) in this run, then retires.
+    con.execute(f"""INSERT INTO plan SELECT {lit(run_id)}, {e}, sub, sub_mid, 'state', 'merged', NULL, sub, master,
+                        NULL, 'dynamics_merge', NULL FROM dm WHERE action = 'retire_after'""")
+    # Everything else: the subordinate is retired (a link kept for the record, state merged).
+    con.execute(f"""UPDATE identity SET state = 'merged' FROM dm WHERE identity.entity = {e}
+                    AND identity.dynamics_id = dm.sub AND dm.action IN ('relink', 'retire')""")
+    con.execute(f"""INSERT INTO identity SELECT {e}, sub, master_mid, 'merged', ?, 'dynamics_merge'
+                    FROM dm WHERE sub_state IS NULL""", [now])
+    con.execute(f"""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+                                       value_before, value_after, rule)
+        SELECT {lit(run_id)}, ?, {e}, sub, COALESCE(sub_mid, master_mid), 'state',
+               CASE action WHEN 'relink' THEN 'relink' ELSE 'merged' END, 'dynamics_id', sub, master,
+               'dynamics_merge' FROM dm WHERE action IN ('relink', 'retire')""", [now])
+    # Masters whose person moved are planned now (their person's dynamicsId is re-pointed to them).
+    seq = int(con.execute("SELECT nextval('change_seq')").fetchone()[0])
+    con.execute(f"""UPDATE {d} SET pending_seq = ? WHERE id IN (SELECT master FROM dm WHERE action = 'relink')""",
+                [seq])
+    added = con.execute(f"""INSERT INTO w SELECT DISTINCT d.id, d.pending_seq FROM dm JOIN {d} d ON d.id = dm.master
+                            WHERE dm.action = 'relink' AND d.id NOT IN (SELECT did FROM w)""").fetchone()
+    return int(added[0]) if added else 0
+
+
+def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str, now: datetime,
+                summary: PlanSummary) -> int:
+    """Hold back the records of the work set whose links are inconsistent; everything else plans as usual.
+
+    Each is filed in ``failures`` (target ``quarantine``, held, code ``quarantine:<reason>``, a message naming
+    the records involved), so ``errors`` and ``status`` show it. A quarantined record is looked at again in
+    every plan, so its row clears by itself once the damage is repaired (e.g. the duplicate person merged or
+    deleted in Marketo). Reasons: ``duplicate_dynamics_id`` (two live persons carry this record's id),
+    ``person_shared`` (another live record is linked to the same person), ``vanished_person`` (the link names
+    a person id that is not a number, or one Marketo does not return: the extract reads linked persons the
+    mirror lacks again, so a mirror that merely lost a row heals without a hold).
+    """
+    e = lit(entity.name)
+    persons = person_entities(config)
+    # Damage is looked for in the whole store, not only among the records that changed (a record nobody edits
+    # must still show up in errors and status), and quarantined records are re-examined in every plan.
+    added = con.execute(f"""INSERT INTO w SELECT d.id, d.pending_seq FROM {qi('d_' + entity.name)} d WHERE d.id IN (
+            SELECT dynamics_id FROM failures WHERE entity = {e} AND target = 'quarantine'
+            UNION ALL
+            SELECT i.dynamics_id FROM identity i LEFT JOIN m_person m ON m.id = TRY_CAST(i.marketo_id AS BIGINT)
+            WHERE i.entity = {e} AND i.state = 'active' AND m.id IS NULL
+            UNION ALL
+            SELECT i.dynamics_id FROM identity i WHERE i.entity = {e} AND i.state = 'active' AND i.marketo_id IN
+                (SELECT marketo_id FROM identity WHERE state = 'active' AND entity IN ({persons})
+                 GROUP BY marketo_id HAVING count(*) > 1)
+            UNION ALL
+            SELECT lower(f_dynamicsId) FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL
+            GROUP BY lower(f_dynamicsId) HAVING count(*) > 1)
+        AND d.id NOT IN (SELECT did FROM w)""").fetchone()
+    # Set-based, anti/semi-joins only. Measured on a store of 1,000,000 linked contacts (2 cores): about 1.3 s
+    # per plan for an incremental work set (the store-wide scan above), 4.4 s when every record is in it.
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE ql AS SELECT i.dynamics_id AS did, i.marketo_id FROM w
+                    JOIN identity i ON i.entity = {e} AND i.dynamics_id = w.did AND i.state = 'active'""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE qr AS
+        SELECT l.did, 'quarantine:vanished_person' AS code,
+               {lit(entity.name)} || ' ' || l.did || ' is linked to Marketo person ' || COALESCE(l.marketo_id, '(none)')
+               || CASE WHEN TRY_CAST(l.marketo_id AS BIGINT) IS NULL THEN ', which is not a person id'
+                       ELSE ', which Marketo does not return (it is read again in every run)' END
+               || '; held until the link is repaired or the record is released' AS message
+        FROM ql l LEFT JOIN m_person m ON m.id = TRY_CAST(l.marketo_id AS BIGINT) WHERE m.id IS NULL
+        UNION ALL
+        SELECT l.did, 'quarantine:person_shared',
+               {lit(entity.name)} || ' ' || l.did || ' and ' || string_agg(o.entity || ' ' || o.dynamics_id, ', ')
+               || ' are all linked to Marketo person ' || l.marketo_id
+               || '; held until only one record owns the person'
+        FROM ql l JOIN identity o ON o.marketo_id = l.marketo_id AND o.state = 'active'
+             AND o.entity IN ({persons}) AND NOT (o.entity = {e} AND o.dynamics_id = l.did)
+        WHERE l.marketo_id IN (SELECT x.marketo_id FROM identity x WHERE x.state = 'active'
+                               AND x.entity IN ({persons}) AND x.marketo_id IN (SELECT marketo_id FROM ql)
+                               GROUP BY x.marketo_id HAVING count(*) > 1)
+        GROUP BY l.did, l.marketo_id
+        UNION ALL
+        SELECT d.did, 'quarantine:duplicate_dynamics_id',
+               {lit(entity.name)} || ' ' || d.did || ' is claimed by ' || count(*) || ' Marketo persons ('
+               || string_agg(CAST(m.id AS VARCHAR), ', ' ORDER BY m.id)
+               || ') that all carry it as dynamicsId; held until one of them is merged or deleted in Marketo'
+        FROM (SELECT lower(f_dynamicsId) AS did FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL
+              AND lower(f_dynamicsId) IN (SELECT did FROM w) GROUP BY 1 HAVING count(*) > 1) d
+        JOIN m_person m ON lower(m.f_dynamicsId) = d.did AND NOT m.deleted
+        GROUP BY d.did""")
+    con.execute("DROP TABLE ql")
+    con.execute("""CREATE OR REPLACE TEMP TABLE qr1 AS SELECT did, string_agg(code, ',' ORDER BY code) AS codes,
+                   arg_min(code, code) AS code, string_agg(message, '; ' ORDER BY code) AS message
+                   FROM qr GROUP BY did""")
+    con.execute("DROP TABLE qr")
+    # Repaired: the record plans normally again and its quarantine row goes.
+    con.execute(f"""DELETE FROM failures WHERE entity = {e} AND target = 'quarantine'
+                    AND dynamics_id IN (SELECT did FROM w) AND dynamics_id NOT IN (SELECT did FROM qr1)""")
+    con.execute(f"""INSERT INTO failures SELECT {e}, q.did, 'quarantine', 'quarantine', i.marketo_id, NULL, q.code,
+                        q.message, 1, ?, ?, NULL, true, {lit(run_id)}
+                    FROM qr1 q LEFT JOIN identity i ON i.entity = {e} AND i.dynamics_id = q.did
+                    ON CONFLICT (entity, dynamics_id, target) DO UPDATE SET code = excluded.code,
+                        message = excluded.message, marketo_id = excluded.marketo_id,
+                        last_failed_at = excluded.last_failed_at, held = true, run_id = excluded.run_id""",
+                [now, now])
+    con.execute("INSERT INTO hb SELECT did, 'quarantined' FROM qr1 WHERE did NOT IN (SELECT did FROM hb)")
+    summary.quarantined += int(con.execute("SELECT count(*) FROM qr1").fetchone()[0])
+    return int(added[0]) if added else 0
+
+
+def hold_back(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("UPDATE j SET cls = hb.cls FROM hb WHERE j.did = hb.did")
