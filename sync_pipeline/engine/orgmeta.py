@@ -126,7 +126,8 @@ def read_metadata(client: Any, tables: list[str], language: int | None = None,
                   casts: dict[str, set[str]] | None = None) -> OrgMetadata:
     """Every named table's definition, columns and options, in one ``$batch`` call. ``casts`` (table -> derived
     types) narrows the type-cast parts to what the caller needs; by default every one is read."""
-    from sync_pipeline.clients.dynamics import BatchRequest, DynamicsError
+    from sync_pipeline.clients.dynamics import DynamicsError
+    from sync_pipeline.engine.ports import BatchRequest
 
     tables = list(dict.fromkeys(tables))
     plan = [(t, kind, url) for t in tables

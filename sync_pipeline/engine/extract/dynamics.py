@@ -22,9 +22,12 @@ from typing import Any, Iterable
 import duckdb
 import pyarrow as pa
 
+from sync_pipeline.clients import errors
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.extract.common import ExtractStats, IngestStats, iso_utc
+from sync_pipeline.engine.ports import DynamicsPort
+from sync_pipeline.engine.store import ledger
 from sync_pipeline.engine.store.state import fcol, get_cursor, latest_fields, next_seq, qi, set_cursor, utcnow
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ def select_cursor(entity: Entity) -> str:
     return f"dynamics:delta-select:{entity.name}"
 
 
-def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
+def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: DynamicsPort,
                      start: datetime, end: datetime, partition_key: str, latest: bool) -> ExtractStats:
     """Mirror the Dynamics rows of one entity for a modified-time window (and its deletes when latest)."""
     assert entity.dynamics is not None
@@ -71,7 +74,7 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
         stats.mode = "delta"
         try:
             new_link = _ingest_changes(con, entity, client, select, delta, partition_key, stats, config)
-        except _delta_expired_errors() as exc:
+        except errors.DeltaExpired as exc:
             log.warning("%s: delta link no longer valid (%s); falling back to a full read", entity.name, exc)
             set_cursor(con, delta_cursor(entity), None)
             stats.mode = "full (delta expired)"
@@ -117,10 +120,11 @@ def relabel_options(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
                 col = fcol(f.marketo)
                 whens = " ".join("WHEN ? THEN ?" for _ in pairs)
                 args = [v for pair in pairs for v in pair]
-                res = con.execute(f"""UPDATE {qi('d_' + entity.name)} SET {col} = CASE {col} {whens} END,
-                                      pending_seq = ? WHERE NOT deleted AND {col} IN (SELECT unnest(?::VARCHAR[]))""",
-                                  args + [next_seq(con), [p[0] for p in pairs]]).fetchone()
-                changed += int(res[0]) if res else 0
+                ids = [r[0] for r in con.execute(
+                    f"""UPDATE {qi('d_' + entity.name)} SET {col} = CASE {col} {whens} END
+                        WHERE NOT deleted AND {col} IN (SELECT unnest(?::VARCHAR[])) RETURNING id""",
+                    args + [[p[0] for p in pairs]]).fetchall()]
+                changed += ledger.mark_pending(con, entity.name, ids)
         if stored != json.dumps(now):
             set_cursor(con, name, json.dumps(now))
     if changed:
@@ -128,13 +132,7 @@ def relabel_options(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
     return changed
 
 
-def _delta_expired_errors() -> tuple[type[BaseException], ...]:
-    from sync_pipeline.clients.dynamics import DeltaTokenExpired
-
-    return (DeltaTokenExpired,)
-
-
-def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str | None,
+def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: DynamicsPort, select: list[str], delta: str | None,
              partition_key: str, stats: ExtractStats, seen: bool = False, config: SyncConfig | None = None) -> str:
     """Follow a delta link (or start change tracking with a full read); returns the next delta link."""
     assert entity.dynamics is not None
@@ -163,12 +161,12 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select
     return link
 
 
-def _ingest_changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str], delta: str,
+def _ingest_changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: DynamicsPort, select: list[str], delta: str,
                     partition_key: str, stats: ExtractStats, config: SyncConfig | None = None) -> str:
     return _changes(con, entity, client, select, delta, partition_key, stats, config=config)
 
 
-def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, select: list[str],
+def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: DynamicsPort, select: list[str],
                partition_key: str, stats: ExtractStats, detect_deletes: bool, config: SyncConfig | None = None) -> str:
     if detect_deletes:
         con.execute("CREATE OR REPLACE TEMP TABLE seen_ids (id VARCHAR)")
@@ -351,11 +349,4 @@ def _field_times_sql(con: duckdb.DuckDBPyConnection, entity: Entity, table: str,
 def mark_dynamics_deleted(con: duckdb.DuckDBPyConnection, entity: Entity, ids: Iterable[str],
                           partition_key: str) -> int:
     ids = [i.lower() for i in ids]
-    if not ids:
-        return 0
-    seq = next_seq(con)
-    table = qi(f"d_{entity.name}")
-    res = con.execute(f"""UPDATE {table} SET deleted = true, pending_seq = ?, partition_key = ?, seen_at = ?
-                          WHERE id IN (SELECT unnest(?::VARCHAR[])) AND NOT deleted""",
-                      [seq, partition_key, utcnow(), ids]).fetchone()
-    return int(res[0]) if res else 0
+    return ledger.mark_deleted(con, entity.name, ids, partition_key, utcnow()) if ids else 0

@@ -19,6 +19,8 @@ import pyarrow as pa
 from sync_pipeline.config.model import FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.extract.common import ExtractStats, IngestStats, iso_utc
+from sync_pipeline.engine.ports import MarketoPort
+from sync_pipeline.engine.store import ledger
 from sync_pipeline.engine.extract.merges import (DELETE_LEAD_TYPE, MERGE_LEADS_TYPE, MarketoMerge,
                                                  apply_marketo_merges, parse_merge_activity)
 from sync_pipeline.engine.store.state import fcol, get_cursor, latest_fields, next_seq, qi, set_cursor, utcnow
@@ -30,7 +32,7 @@ LEADCHANGES_CURSOR = "marketo:leadchanges"
 DELETED_CURSOR = "marketo:deletedleads"  # the position of the Delete Lead and Merge Leads activities read
 
 
-def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, start: datetime,
+def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: MarketoPort, start: datetime,
                             end: datetime, latest: bool, work_dir: Path | None = None,
                             run_id: str | None = None) -> ExtractStats:
     stats = ExtractStats("person")
@@ -87,7 +89,7 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
 LOST_PERSONS_PER_RUN = 3000
 
 
-def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, fields: list[str],
+def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: MarketoPort, fields: list[str],
                          stats: ExtractStats) -> None:
     """Linked persons missing from the mirror (a damaged or partly restored store) are read again, so their
     records plan normally instead of staying quarantined; an id Marketo does not know stays quarantined."""
@@ -103,7 +105,7 @@ def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, cli
         stats.take(ingest_marketo_persons(con, config, rows))
 
 
-def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, token: str, fields: list[str],
+def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: MarketoPort, token: str, fields: list[str],
               run_id: str | None, stats: ExtractStats) -> str:
     """Persons that left Marketo since ``token``: Merge Leads and Delete Lead activities, read together in
     one ``activities.json`` call (up to 10 type ids per call; the Delete Lead activities are the ones
@@ -182,7 +184,7 @@ def _chunked(items: list[Any], n: int) -> Iterator[list[Any]]:
         yield items[i:i + n]
 
 
-def _bulk_windows(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any, start: datetime, end: datetime,
+def _bulk_windows(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: MarketoPort, start: datetime, end: datetime,
                   fields: list[str], stats: ExtractStats, work_dir: Path | None) -> None:
     work = Path(work_dir or tempfile.mkdtemp(prefix="sync-pipeline-export-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -268,18 +270,7 @@ def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: 
 
 def mark_marketo_deleted(con: duckdb.DuckDBPyConnection, ids: Iterable[int]) -> int:
     ids = [int(i) for i in ids]
-    if not ids:
-        return 0
-    seq = next_seq(con)
-    res = con.execute("""UPDATE m_person SET deleted = true, pending_seq = ?, seen_at = ?
-                         WHERE id IN (SELECT unnest(?::BIGINT[])) AND NOT deleted""", [seq, utcnow(), ids]).fetchone()
-    known = {r[0] for r in con.execute("SELECT id FROM m_person WHERE id IN (SELECT unnest(?::BIGINT[]))",
-                                       [ids]).fetchall()}
-    # A person we never mirrored may still be linked (created by us): keep a tombstone row for it.
-    for i in set(ids) - known:
-        con.execute("INSERT INTO m_person (id, deleted, seen_at, pending_seq) VALUES (?, true, ?, ?)",
-                    [i, utcnow(), seq])
-    return (int(res[0]) if res else 0) + len(set(ids) - known)
+    return ledger.mark_persons_deleted(con, ids, utcnow()) if ids else 0
 
 
 def record_marketo_field_times(con: duckdb.DuckDBPyConnection, times: list[tuple[int, str, str]]) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import duckdb
 
 from sync_pipeline.config.model import SyncConfig
-from sync_pipeline.engine.store.state import fcol, next_seq, qi, utcnow
+from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store.state import utcnow
 
 
 # "Merge Leads" (activity type 32 in ``GET /rest/v1/activities/types.json``; Adobe Marketo Engage developer
@@ -62,12 +63,10 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
         return 0
     now = utcnow()
     moved = 0
-    ledger: list[tuple] = []
+    notes: list[tuple] = []
     for m in merges:
         ids = [str(m.winner)] + [str(i) for i in m.losers]
-        con.execute("""UPDATE m_person SET deleted = true, merged_into = ?, pending_seq = NULL, seen_at = ?
-                       WHERE id IN (SELECT unnest(?::BIGINT[])) AND merged_into IS DISTINCT FROM ?""",
-                    [m.winner, now, m.losers, m.winner])
+        ledger.retire_merged_persons(con, m.winner, m.losers, now)
         links = con.execute(f"""SELECT entity, dynamics_id, marketo_id, state FROM identity
             WHERE entity IN (SELECT unnest(?::VARCHAR[])) AND marketo_id IN (SELECT unnest(?::VARCHAR[]))""",
                             [persons, ids]).fetchall()
@@ -77,31 +76,23 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
         for n, (entity, did, mid, state) in enumerate(active):
             if n == 0:
                 if mid != str(m.winner):
-                    con.execute("""UPDATE identity SET marketo_id = ?, how = 'marketo_merge', linked_at = ?
-                                   WHERE entity = ? AND dynamics_id = ?""", [str(m.winner), now, entity, did])
+                    ledger.relink(con, entity, did, str(m.winner), "marketo_merge", now)
                     _keep_opt_outs(con, config, entity, did, m.winner)
                 # relink: the record moves from a loser to the winner; merge: it kept the winner, losers folded in
-                ledger.append((entity, did, str(m.winner), "relink" if mid != str(m.winner) else "merge",
+                notes.append((entity, did, str(m.winner), "relink" if mid != str(m.winner) else "merge",
                                "marketo_id", mid if mid != str(m.winner) else losers_text, str(m.winner),
                                "marketo_merge"))
-                _mark_pending(con, entity, did)
+                ledger.mark_pending(con, entity, [did])
             else:
-                con.execute("""UPDATE identity SET marketo_id = ?, state = 'merged', linked_at = ?
-                               WHERE entity = ? AND dynamics_id = ?""", [str(m.winner), now, entity, did])
-                ledger.append((entity, did, str(m.winner), "merged", "marketo_id", mid, str(m.winner),
+                ledger.retire_link(con, entity, did, str(m.winner), now)
+                notes.append((entity, did, str(m.winner), "merged", "marketo_id", mid, str(m.winner),
                                "marketo_merge"))
             moved += 1
         # Records no longer synced (converted, tombstoned, ...) still point at a live person.
-        con.execute("""UPDATE identity SET marketo_id = ? WHERE state <> 'active'
-                       AND entity IN (SELECT unnest(?::VARCHAR[])) AND marketo_id IN (SELECT unnest(?::VARCHAR[]))""",
-                    [str(m.winner), persons, [str(i) for i in m.losers]])
+        ledger.repoint_inactive_links(con, persons, [str(i) for i in m.losers], str(m.winner))
         # The winner's values (and the Dynamics id Marketo may have copied onto it) are planned again.
-        con.execute("UPDATE m_person SET pending_seq = ? WHERE id = ?", [next_seq(con), m.winner])
-    if ledger:
-        con.executemany("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
-                                               value_before, value_after, rule)
-                           VALUES (?, ?, ?, ?, ?, 'state', ?, ?, ?, ?, ?)""",
-                        [[run_id, now, *row] for row in ledger])
+        ledger.mark_persons_pending(con, [m.winner])
+    ledger.note_state_changes(con, run_id, now, notes)
     return moved
 
 
@@ -119,13 +110,4 @@ def _keep_opt_outs(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: s
     if e is None:
         return
     fields = [f.marketo for f in e.all_fields if f.marketo in CONSENT_FIELDS and f.transform == "boolean"]
-    b = qi(f"b_{entity}")
-    for f in fields:
-        col = fcol(f)
-        con.execute(f"""UPDATE {b} SET {col} = m.{col} FROM m_person m
-                        WHERE {b}.dynamics_id = ? AND m.id = ? AND {b}.{col} = 'true'
-                          AND m.{col} IS DISTINCT FROM 'true'""", [did, winner])
-
-
-def _mark_pending(con: duckdb.DuckDBPyConnection, entity: str, dynamics_id: str) -> None:
-    con.execute(f"UPDATE {qi('d_' + entity)} SET pending_seq = ? WHERE id = ?", [next_seq(con), dynamics_id])
+    ledger.base_takes_person_opt_ins(con, entity, did, winner, fields)

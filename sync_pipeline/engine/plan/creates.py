@@ -40,7 +40,7 @@ def plan_dynamics_creates(con: duckdb.DuckDBPyConnection, config: SyncConfig, en
     same_email = "".join(
         f" AND NOT EXISTS (SELECT 1 FROM {qi('d_' + p.name)} x WHERE NOT x.deleted AND lower(x.f_email) = lower(m.f_email))"
         for p in config.persons if "email" in {f.marketo for f in p.all_fields})
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE mc AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE person_creates AS
         SELECT m.*, {guid} AS new_id, ({cond}) AS matches FROM m_person m
         WHERE m.pending_seq IS NOT NULL AND NOT m.deleted AND m.f_dynamicsId IS NULL
           AND NOT EXISTS (SELECT 1 FROM identity i WHERE i.entity IN ({persons}) AND i.marketo_id = CAST(m.id AS VARCHAR))
@@ -49,5 +49,5 @@ def plan_dynamics_creates(con: duckdb.DuckDBPyConnection, config: SyncConfig, en
         con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, new_id, CAST(id AS VARCHAR), 'dynamics', 'create', field,
                 NULL, value, NULL, 'create_in_dynamics', NULL
             FROM (SELECT new_id, id, unnest([{", ".join(lit(f.marketo) for f in to_d)}]) AS field,
-                         unnest([{", ".join(fcol(f.marketo) for f in to_d)}]) AS value FROM mc WHERE matches)""")
-    con.execute(f"INSERT INTO plan_work SELECT {rid}, {e}, NULL, NULL, CAST(id AS VARCHAR), pending_seq FROM mc")
+                         unnest([{", ".join(fcol(f.marketo) for f in to_d)}]) AS value FROM person_creates WHERE matches)""")
+    con.execute(f"INSERT INTO plan_work SELECT {rid}, {e}, NULL, NULL, CAST(id AS VARCHAR), pending_seq FROM person_creates")

@@ -1,4 +1,4 @@
-"""Plan: the field-level three-way merge (the joined view ``j``, per-field outcomes, policy SQL)."""
+"""Plan: the field-level three-way merge (the joined view ``joined_work``, per-field outcomes, policy SQL)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
             sel.append(f"CASE WHEN m.id IS NULL THEN b.{c} ELSE m.{c} END AS {qi('m_' + f.marketo)}")
             # After a rollback a field may have one agreed value per system (b__split, admin/rollback.py).
             for side in ("d", "m"):
-                sel.append(f"CASE WHEN sp.{qi('sh_' + f.marketo)} THEN sp.{qi('s' + side + '_' + f.marketo)} "
+                sel.append(f"CASE WHEN split_base.{qi('sh_' + f.marketo)} THEN split_base.{qi('s' + side + '_' + f.marketo)} "
                            f"ELSE b.{c} END AS {qi('b' + side + '_' + f.marketo)}")
     person_cols = ("m.id AS m_id, m.deleted AS m_deleted, m.updated_at AS m_updated, m.pending_seq AS m_seq, "
                    "m.f_dynamicsId AS m_dynamicsId, m.f_dynamicsType AS m_dynamicsType, "
@@ -40,29 +40,29 @@ def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
                            f"max(CASE WHEN field = {lit(f.marketo)} THEN d_value END) AS {qi('sd_' + f.marketo)}, "
                            f"max(CASE WHEN field = {lit(f.marketo)} THEN m_value END) AS {qi('sm_' + f.marketo)}"
                            for f in entity.all_fields)
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE sp AS SELECT dynamics_id, {pivots} FROM b__split
-                        WHERE entity = {lit(e)} AND dynamics_id IN (SELECT did FROM w) GROUP BY dynamics_id""")
-        person_join += " LEFT JOIN sp ON sp.dynamics_id = w.did"
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE split_base AS SELECT dynamics_id, {pivots} FROM b__split
+                        WHERE entity = {lit(e)} AND dynamics_id IN (SELECT did FROM work_set) GROUP BY dynamics_id""")
+        person_join += " LEFT JOIN split_base ON split_base.dynamics_id = work_set.did"
     for n, name in enumerate(latest_fields(entity)):  # per-field change times, for policy latest
         sel.append(f"td{n}.changed_at AS {qi('dt_' + name)}")
         sel.append(f"tm{n}.changed_at AS {qi('mt_' + name)}")
-        person_join += (f" LEFT JOIN field_times td{n} ON td{n}.side = {lit('d:' + e)} AND td{n}.id = w.did"
+        person_join += (f" LEFT JOIN field_times td{n} ON td{n}.side = {lit('d:' + e)} AND td{n}.id = work_set.did"
                         f" AND td{n}.field = {lit(name)}"
                         f" LEFT JOIN field_times tm{n} ON tm{n}.side = 'm' AND tm{n}.id = i.marketo_id"
                         f" AND tm{n}.field = {lit(name)}")
     contact_join = ("LEFT JOIN d_contact cc ON cc.id = d.customer_contact"
                     if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name
                     else "")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE j AS
-        SELECT w.did, w.d_seq, d.deleted AS d_deleted, d.sync_flag, d.etag, d.modified_on AS d_modified,
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE joined_work AS
+        SELECT work_set.did, work_set.d_seq, d.deleted AS d_deleted, d.sync_flag, d.etag, d.modified_on AS d_modified,
                i.marketo_id, i.state, b.dynamics_id IS NOT NULL AS has_base, {person_cols}, {", ".join(sel)}
-        FROM w JOIN {d} d ON d.id = w.did
-        LEFT JOIN identity i ON i.entity = {lit(e)} AND i.dynamics_id = w.did
-        LEFT JOIN {b} b ON b.dynamics_id = w.did
+        FROM work_set JOIN {d} d ON d.id = work_set.did
+        LEFT JOIN identity i ON i.entity = {lit(e)} AND i.dynamics_id = work_set.did
+        LEFT JOIN {b} b ON b.dynamics_id = work_set.did
         {person_join} {contact_join}""")
     recreate = entity.on_marketo_delete == "recreate"
-    con.execute(f"""ALTER TABLE j ADD COLUMN cls VARCHAR""")
-    con.execute(f"""UPDATE j SET cls = CASE
+    con.execute(f"""ALTER TABLE joined_work ADD COLUMN cls VARCHAR""")
+    con.execute(f"""UPDATE joined_work SET cls = CASE
         WHEN state IN ('converted', 'merged') THEN 'inactive'
         WHEN marketo_id IS NULL AND d_deleted THEN 'gone'
         WHEN marketo_id IS NULL AND sync_flag = false THEN 'excluded'
@@ -175,7 +175,7 @@ def _field_rows_sql(entity: Entity, f: FieldMap) -> str:
                             ({cmp_d}) IS DISTINCT FROM ({cmp_bd}) AS dc,
                             ({cmp_m}) IS DISTINCT FROM ({cmp_bm}) AS mc,
                             ({cmp_d}) IS NOT DISTINCT FROM ({cmp_m}) AS same
-                     FROM j WHERE cls = 'update'))"""
+                     FROM joined_work WHERE cls = 'update'))"""
 
 
 def plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, rid: str, e: str,
@@ -192,9 +192,9 @@ def plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
                 NULL, value, NULL, 'invalid value', etag
             FROM (SELECT did, marketo_id, etag, unnest([{", ".join(lit(f.marketo) for f in fields)}]) AS field,
                          unnest([{", ".join(qi('d_' + f.marketo) for f in fields)}]) AS value
-                  FROM j WHERE cls IN ('create', 'update') AND ({bad}))
+                  FROM joined_work WHERE cls IN ('create', 'update') AND ({bad}))
             WHERE starts_with(value, {lit(normalize.INVALID)})""")
-        con.execute(f"UPDATE j SET cls = 'rejected' WHERE did IN (SELECT dynamics_id FROM plan WHERE entity = {e} "
+        con.execute(f"UPDATE joined_work SET cls = 'rejected' WHERE did IN (SELECT dynamics_id FROM plan WHERE entity = {e} "
                     "AND op = 'reject')")
 
     # Creates in Marketo: every mapped value travels.
@@ -203,22 +203,22 @@ def plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
                 'create', etag
             FROM (SELECT did, etag, unnest([{", ".join(lit(f.marketo) for f in to_m)}]) AS field,
                          unnest([{", ".join(qi('d_' + f.marketo) for f in to_m)}]) AS value
-                  FROM j WHERE cls = 'create')""")
+                  FROM joined_work WHERE cls = 'create')""")
     # Deletes in Dynamics: flag, delete or ignore in Marketo.
     if entity.on_dynamics_delete != "ignore":
         op = entity.on_dynamics_delete
         con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', {lit(op)},
                 'dynamicsIsDeleted', m_dynamicsIsDeleted, 'true', NULL, {lit('dynamics_delete:' + op)}, etag
-            FROM j WHERE cls = 'delete'""")
+            FROM joined_work WHERE cls = 'delete'""")
     con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'state', 'retire', NULL, NULL, NULL, NULL,
-            'dynamics_delete:ignore', etag FROM j WHERE cls = 'delete' AND {str(entity.on_dynamics_delete == 'ignore').lower()}""")
+            'dynamics_delete:ignore', etag FROM joined_work WHERE cls = 'delete' AND {str(entity.on_dynamics_delete == 'ignore').lower()}""")
     # Persons deleted in Marketo: tombstone the link so nothing silently re-creates them.
     con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'state', 'tombstone', NULL, NULL, NULL, NULL,
-            'marketo_delete:tombstone', etag FROM j WHERE cls = 'marketo_deleted'""")
+            'marketo_delete:tombstone', etag FROM joined_work WHERE cls = 'marketo_deleted'""")
 
     # Updates: the field-level three-way merge.
     if fields:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE fx AS {' UNION ALL '.join(_field_rows_sql(entity, f) for f in fields)}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE field_outcomes AS {' UNION ALL '.join(_field_rows_sql(entity, f) for f in fields)}")
         con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id,
                 CASE outcome WHEN 'marketo' THEN 'marketo' WHEN 'dynamics' THEN 'dynamics' WHEN 'base' THEN 'base'
                              ELSE 'hold' END,
@@ -227,24 +227,24 @@ def plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
                 CASE outcome WHEN 'marketo' THEN mv WHEN 'dynamics' THEN dv WHEN 'hold' THEN mv END,  -- hold keeps both
                 CASE outcome WHEN 'dynamics' THEN mv ELSE dv END,
                 bv, rule, etag
-            FROM fx WHERE outcome IS NOT NULL""")
-        for policy, n in con.execute("""SELECT split_part(rule, ':', 2), count(*) FROM fx
+            FROM field_outcomes WHERE outcome IS NOT NULL""")
+        for policy, n in con.execute("""SELECT split_part(rule, ':', 2), count(*) FROM field_outcomes
                                         WHERE starts_with(rule, 'conflict:') AND outcome IS NOT NULL
                                         GROUP BY 1""").fetchall():
             summary.conflicts[policy] = summary.conflicts.get(policy, 0) + int(n)
-        con.execute("DROP TABLE fx")
+        con.execute("DROP TABLE field_outcomes")
     if entity.is_person:
         _plan_person_identity_fields(con, entity, rid, e)
 
-    con.execute(f"""INSERT INTO plan_work SELECT {rid}, {e}, did, d_seq, marketo_id, m_seq FROM j""")
-    for cls, n in con.execute("SELECT cls, count(*) FROM j GROUP BY cls").fetchall():
+    con.execute(f"""INSERT INTO plan_work SELECT {rid}, {e}, did, d_seq, marketo_id, m_seq FROM joined_work""")
+    for cls, n in con.execute("SELECT cls, count(*) FROM joined_work GROUP BY cls").fetchall():
         if cls in ("excluded", "filtered"):
             summary.excluded += int(n)
         elif cls == "marketo_deleted":
             summary.tombstoned += int(n)
-    summary.unchanged += int(con.execute(f"""SELECT count(*) FROM j WHERE cls = 'update' AND did NOT IN
+    summary.unchanged += int(con.execute(f"""SELECT count(*) FROM joined_work WHERE cls = 'update' AND did NOT IN
         (SELECT dynamics_id FROM plan WHERE entity = {e} AND target IN ('marketo', 'dynamics'))""").fetchone()[0])
-    con.execute("DROP TABLE j")
+    con.execute("DROP TABLE joined_work")
 
 
 def _plan_person_identity_fields(con: duckdb.DuckDBPyConnection, entity: Entity, rid: str, e: str) -> None:
@@ -253,4 +253,4 @@ def _plan_person_identity_fields(con: duckdb.DuckDBPyConnection, entity: Entity,
     for field, value in (("dynamicsId", "did"), ("dynamicsType", typ)):
         con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', 'update', {lit(field)},
                 {qi('m_' + field)}, {value}, NULL, 'identity', etag
-            FROM j WHERE cls = 'update' AND m_id IS NOT NULL AND {qi('m_' + field)} IS DISTINCT FROM {value}""")
+            FROM joined_work WHERE cls = 'update' AND m_id IS NOT NULL AND {qi('m_' + field)} IS DISTINCT FROM {value}""")

@@ -19,38 +19,38 @@ def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     persons = person_entities(config)
     unlinked = f"NOT EXISTS (SELECT 1 FROM identity x WHERE x.entity = {lit(e)} AND x.dynamics_id = d.id)"
     # A person that already carries this record's id is its person (a re-baselined store, a lost identity row).
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE dl AS
-        SELECT d.id AS did, min(m.id) AS mid FROM w JOIN {d} d ON d.id = w.did
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE id_matches AS
+        SELECT d.id AS did, min(m.id) AS mid FROM work_set JOIN {d} d ON d.id = work_set.did
         JOIN m_person m ON lower(m.f_dynamicsId) = d.id AND NOT m.deleted
         WHERE {unlinked} AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN ({persons})
                                          AND y.marketo_id = CAST(m.id AS VARCHAR) AND y.state = 'active')
         GROUP BY d.id""")
-    n = con.execute("SELECT count(*) FROM dl").fetchone()[0]
+    n = con.execute("SELECT count(*) FROM id_matches").fetchone()[0]
     if n:
         con.execute(f"INSERT INTO identity SELECT {lit(e)}, did, CAST(mid AS VARCHAR), 'active', ?, 'dynamics_id' "
-                    "FROM dl", [now])
+                    "FROM id_matches", [now])
         summary.linked["dynamics_id"] = int(n)
     if entity.name == "lead" and "contact" in config.by_name:
         # A lead first seen after it was qualified: its contact carries the person, the lead gets none.
         n = con.execute(f"""INSERT INTO identity SELECT 'lead', d.id, NULL, 'converted', ?, 'qualified_before_sync'
-            FROM w JOIN {d} d ON d.id = w.did
+            FROM work_set JOIN {d} d ON d.id = work_set.did
             WHERE {unlinked} AND EXISTS (SELECT 1 FROM d_contact c WHERE c.origin_lead = d.id AND NOT c.deleted
                                          AND c.sync_flag IS DISTINCT FROM false)""", [now]).fetchone()
         if n and n[0]:
             summary.linked["converted_before_sync"] = int(n[0])
     if entity.name == "contact" and "lead" in config.by_name:
         # Lead qualification: the contact takes over the lead's Marketo person, with the lead's base.
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE q AS
-            SELECT d.id AS did, il.marketo_id, il.dynamics_id AS lead_id FROM w JOIN {d} d ON d.id = w.did
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE qualified AS
+            SELECT d.id AS did, il.marketo_id, il.dynamics_id AS lead_id FROM work_set JOIN {d} d ON d.id = work_set.did
             JOIN identity il ON il.entity = 'lead' AND il.dynamics_id = d.origin_lead AND il.state = 'active'
             WHERE {unlinked} AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
             QUALIFY row_number() OVER (PARTITION BY il.dynamics_id ORDER BY d.id) = 1""")
-        n = con.execute("SELECT count(*) FROM q").fetchone()[0]
+        n = con.execute("SELECT count(*) FROM qualified").fetchone()[0]
         if n:
-            con.execute("INSERT INTO identity SELECT 'contact', did, marketo_id, 'active', ?, 'qualification' FROM q",
+            con.execute("INSERT INTO identity SELECT 'contact', did, marketo_id, 'active', ?, 'qualification' FROM qualified",
                         [now])
             con.execute("UPDATE identity SET state = 'converted' WHERE entity = 'lead' "
-                        "AND dynamics_id IN (SELECT lead_id FROM q)")
+                        "AND dynamics_id IN (SELECT lead_id FROM qualified)")
             # The contact is a new record, not an edit of the lead: a field it holds with the lead's agreed
             # value keeps that base; any other field starts without one, so a field the contact did not
             # receive (blank) is no "Dynamics change" that would blank the person, and a value it carries
@@ -63,24 +63,24 @@ def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
                 f"{normalize.compare_expr(f, 'b.' + fcol(f.marketo))} THEN b.{fcol(f.marketo)} END" for f in shared)
             con.execute(f"""INSERT OR REPLACE INTO b_contact (dynamics_id, synced_at, run_id, {cols})
                 SELECT q.did, b.synced_at, b.run_id, {kept}
-                FROM q JOIN b_lead b ON b.dynamics_id = q.lead_id JOIN {d} c ON c.id = q.did""")
+                FROM qualified q JOIN b_lead b ON b.dynamics_id = q.lead_id JOIN {d} c ON c.id = q.did""")
             summary.linked["qualification"] = int(n)
     if "email" in {f.marketo for f in entity.all_fields}:
         # First sync: an existing Marketo person with the same email is the same person, not a new one.
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE em AS
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE email_matches AS
             SELECT d.id AS did, m.id AS mid,
                    row_number() OVER (PARTITION BY d.id ORDER BY m.id) AS rd,
                    row_number() OVER (PARTITION BY m.id ORDER BY d.id) AS rm
-            FROM w JOIN {d} d ON d.id = w.did
+            FROM work_set JOIN {d} d ON d.id = work_set.did
             JOIN m_person m ON lower(m.f_email) = lower(d.f_email)
             WHERE d.f_email IS NOT NULL AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
               AND NOT m.deleted AND m.f_dynamicsId IS NULL AND {unlinked}
               AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN ({persons})
                               AND y.marketo_id = CAST(m.id AS VARCHAR))""")
-        n = con.execute("SELECT count(*) FROM em WHERE rd = 1 AND rm = 1").fetchone()[0]
+        n = con.execute("SELECT count(*) FROM email_matches WHERE rd = 1 AND rm = 1").fetchone()[0]
         if n:
             con.execute(f"INSERT INTO identity SELECT {lit(e)}, did, CAST(mid AS VARCHAR), 'active', ?, 'email' "
-                        "FROM em WHERE rd = 1 AND rm = 1", [now])
+                        "FROM email_matches WHERE rd = 1 AND rm = 1", [now])
             summary.linked["email"] = int(n)
 
 
@@ -106,11 +106,11 @@ def follow_dynamics_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, e
     """
     from sync_pipeline.engine.extract.dynamics import MERGEABLE
 
-    con.execute("CREATE OR REPLACE TEMP TABLE hb (did VARCHAR, cls VARCHAR)")
+    con.execute("CREATE OR REPLACE TEMP TABLE held_back (did VARCHAR, cls VARCHAR)")
     if entity.dynamics is None or entity.dynamics.table not in MERGEABLE:
         return 0
     e, d, b = lit(entity.name), qi(f"d_{entity.name}"), qi(f"b_{entity.name}")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE dm AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE dynamics_merges AS
         SELECT d.id AS sub, d.master_id AS master, i.marketo_id AS sub_mid, i.state AS sub_state,
                im.marketo_id AS master_mid, im.state AS master_state,
                CASE WHEN i.state = 'active' AND im.dynamics_id IS NULL AND {str(entity.is_person).lower()}
@@ -119,52 +119,52 @@ def follow_dynamics_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, e
                          AND i.marketo_id IS DISTINCT FROM im.marketo_id THEN 'merge'
                     WHEN i.state = 'active' AND NOT {str(entity.is_person).lower()} THEN 'retire_after'
                     ELSE 'retire' END AS action
-        FROM w JOIN {d} d ON d.id = w.did
+        FROM work_set JOIN {d} d ON d.id = work_set.did
         LEFT JOIN identity i ON i.entity = {e} AND i.dynamics_id = d.id
         LEFT JOIN identity im ON im.entity = {e} AND im.dynamics_id = d.master_id
         WHERE d.master_id IS NOT NULL AND d.master_id <> d.id AND NOT d.deleted
           AND i.state IS DISTINCT FROM 'merged'""")
-    n = int(con.execute("SELECT count(*) FROM dm").fetchone()[0])
+    n = int(con.execute("SELECT count(*) FROM dynamics_merges").fetchone()[0])
     if not n:
         return 0
     summary.merged += n
     # The master's person: the subordinate's, with the subordinate's base (the last values both agreed on).
     con.execute(f"""INSERT INTO identity SELECT {e}, master, sub_mid, 'active', ?, 'dynamics_merge'
-                    FROM dm WHERE action = 'relink'""", [now])
-    con.execute(f"""INSERT OR REPLACE INTO {b} SELECT x.* REPLACE (dm.master AS dynamics_id)
-                    FROM {b} x JOIN dm ON dm.sub = x.dynamics_id AND dm.action = 'relink'""")
+                    FROM dynamics_merges WHERE action = 'relink'""", [now])
+    con.execute(f"""INSERT OR REPLACE INTO {b} SELECT x.* REPLACE (dynamics_merges.master AS dynamics_id)
+                    FROM {b} x JOIN dynamics_merges ON dynamics_merges.sub = x.dynamics_id AND dynamics_merges.action = 'relink'""")
     # An opt-out the subordinate had agreed on survives the merge: where the master says opted in, its value
     # becomes the base, so the person's opt-out is the change that flows (to the master), not the reverse.
     from sync_pipeline.engine.extract.merges import CONSENT_FIELDS
 
     for f in [f.marketo for f in entity.all_fields if f.marketo in CONSENT_FIELDS and f.transform == "boolean"]:
         c = fcol(f)
-        con.execute(f"""UPDATE {b} SET {c} = d.{c} FROM dm JOIN {d} d ON d.id = dm.master
-                        WHERE dm.action = 'relink' AND {b}.dynamics_id = dm.master AND {b}.{c} = 'true'
+        con.execute(f"""UPDATE {b} SET {c} = d.{c} FROM dynamics_merges JOIN {d} d ON d.id = dynamics_merges.master
+                        WHERE dynamics_merges.action = 'relink' AND {b}.dynamics_id = dynamics_merges.master AND {b}.{c} = 'true'
                           AND d.{c} IS DISTINCT FROM 'true'""")
     # Both had a person: merge the subordinate's into the master's in Marketo (applied by the push).
     con.execute(f"""INSERT INTO plan SELECT {lit(run_id)}, {e}, sub, master_mid, 'marketo', 'merge', 'leadIds',
-                        sub_mid, master_mid, sub_mid, 'dynamics_merge', NULL FROM dm WHERE action = 'merge'""")
-    con.execute("INSERT INTO hb SELECT sub, 'merging' FROM dm WHERE action = 'merge'")
+                        sub_mid, master_mid, sub_mid, 'dynamics_merge', NULL FROM dynamics_merges WHERE action = 'merge'""")
+    con.execute("INSERT INTO held_back SELECT sub, 'merging' FROM dynamics_merges WHERE action = 'merge'")
     # A one-way record (an account's company) receives its last state (e.g. Inactive) in this run, then retires.
     con.execute(f"""INSERT INTO plan SELECT {lit(run_id)}, {e}, sub, sub_mid, 'state', 'merged', NULL, sub, master,
-                        NULL, 'dynamics_merge', NULL FROM dm WHERE action = 'retire_after'""")
+                        NULL, 'dynamics_merge', NULL FROM dynamics_merges WHERE action = 'retire_after'""")
     # Everything else: the subordinate is retired (a link kept for the record, state merged).
-    con.execute(f"""UPDATE identity SET state = 'merged' FROM dm WHERE identity.entity = {e}
-                    AND identity.dynamics_id = dm.sub AND dm.action IN ('relink', 'retire')""")
+    con.execute(f"""UPDATE identity SET state = 'merged' FROM dynamics_merges WHERE identity.entity = {e}
+                    AND identity.dynamics_id = dynamics_merges.sub AND dynamics_merges.action IN ('relink', 'retire')""")
     con.execute(f"""INSERT INTO identity SELECT {e}, sub, master_mid, 'merged', ?, 'dynamics_merge'
-                    FROM dm WHERE sub_state IS NULL""", [now])
+                    FROM dynamics_merges WHERE sub_state IS NULL""", [now])
     con.execute(f"""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
                                        value_before, value_after, rule)
         SELECT {lit(run_id)}, ?, {e}, sub, COALESCE(sub_mid, master_mid), 'state',
                CASE action WHEN 'relink' THEN 'relink' ELSE 'merged' END, 'dynamics_id', sub, master,
-               'dynamics_merge' FROM dm WHERE action IN ('relink', 'retire')""", [now])
+               'dynamics_merge' FROM dynamics_merges WHERE action IN ('relink', 'retire')""", [now])
     # Masters whose person moved are planned now (their person's dynamicsId is re-pointed to them).
     seq = int(con.execute("SELECT nextval('change_seq')").fetchone()[0])
-    con.execute(f"""UPDATE {d} SET pending_seq = ? WHERE id IN (SELECT master FROM dm WHERE action = 'relink')""",
+    con.execute(f"""UPDATE {d} SET pending_seq = ? WHERE id IN (SELECT master FROM dynamics_merges WHERE action = 'relink')""",
                 [seq])
-    added = con.execute(f"""INSERT INTO w SELECT DISTINCT d.id, d.pending_seq FROM dm JOIN {d} d ON d.id = dm.master
-                            WHERE dm.action = 'relink' AND d.id NOT IN (SELECT did FROM w)""").fetchone()
+    added = con.execute(f"""INSERT INTO work_set SELECT DISTINCT d.id, d.pending_seq FROM dynamics_merges JOIN {d} d ON d.id = dynamics_merges.master
+                            WHERE dynamics_merges.action = 'relink' AND d.id NOT IN (SELECT did FROM work_set)""").fetchone()
     return int(added[0]) if added else 0
 
 
@@ -184,7 +184,7 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
     persons = person_entities(config)
     # Damage is looked for in the whole store, not only among the records that changed (a record nobody edits
     # must still show up in errors and status), and quarantined records are re-examined in every plan.
-    added = con.execute(f"""INSERT INTO w SELECT d.id, d.pending_seq FROM {qi('d_' + entity.name)} d WHERE d.id IN (
+    added = con.execute(f"""INSERT INTO work_set SELECT d.id, d.pending_seq FROM {qi('d_' + entity.name)} d WHERE d.id IN (
             SELECT dynamics_id FROM failures WHERE entity = {e} AND target = 'quarantine'
             UNION ALL
             SELECT i.dynamics_id FROM identity i LEFT JOIN m_person m ON m.id = TRY_CAST(i.marketo_id AS BIGINT)
@@ -196,27 +196,27 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
             UNION ALL
             SELECT lower(f_dynamicsId) FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL
             GROUP BY lower(f_dynamicsId) HAVING count(*) > 1)
-        AND d.id NOT IN (SELECT did FROM w)""").fetchone()
+        AND d.id NOT IN (SELECT did FROM work_set)""").fetchone()
     # Set-based, anti/semi-joins only. Measured on a store of 1,000,000 linked contacts (2 cores): about 1.3 s
     # per plan for an incremental work set (the store-wide scan above), 4.4 s when every record is in it.
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE ql AS SELECT i.dynamics_id AS did, i.marketo_id FROM w
-                    JOIN identity i ON i.entity = {e} AND i.dynamics_id = w.did AND i.state = 'active'""")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE qr AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE linked_work AS SELECT i.dynamics_id AS did, i.marketo_id FROM work_set
+                    JOIN identity i ON i.entity = {e} AND i.dynamics_id = work_set.did AND i.state = 'active'""")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE quarantine_found AS
         SELECT l.did, 'quarantine:vanished_person' AS code,
                {lit(entity.name)} || ' ' || l.did || ' is linked to Marketo person ' || COALESCE(l.marketo_id, '(none)')
                || CASE WHEN TRY_CAST(l.marketo_id AS BIGINT) IS NULL THEN ', which is not a person id'
                        ELSE ', which Marketo does not return (it is read again in every run)' END
                || '; held until the link is repaired or the record is released' AS message
-        FROM ql l LEFT JOIN m_person m ON m.id = TRY_CAST(l.marketo_id AS BIGINT) WHERE m.id IS NULL
+        FROM linked_work l LEFT JOIN m_person m ON m.id = TRY_CAST(l.marketo_id AS BIGINT) WHERE m.id IS NULL
         UNION ALL
         SELECT l.did, 'quarantine:person_shared',
                {lit(entity.name)} || ' ' || l.did || ' and ' || string_agg(o.entity || ' ' || o.dynamics_id, ', ')
                || ' are all linked to Marketo person ' || l.marketo_id
                || '; held until only one record owns the person'
-        FROM ql l JOIN identity o ON o.marketo_id = l.marketo_id AND o.state = 'active'
+        FROM linked_work l JOIN identity o ON o.marketo_id = l.marketo_id AND o.state = 'active'
              AND o.entity IN ({persons}) AND NOT (o.entity = {e} AND o.dynamics_id = l.did)
         WHERE l.marketo_id IN (SELECT x.marketo_id FROM identity x WHERE x.state = 'active'
-                               AND x.entity IN ({persons}) AND x.marketo_id IN (SELECT marketo_id FROM ql)
+                               AND x.entity IN ({persons}) AND x.marketo_id IN (SELECT marketo_id FROM linked_work)
                                GROUP BY x.marketo_id HAVING count(*) > 1)
         GROUP BY l.did, l.marketo_id
         UNION ALL
@@ -225,28 +225,28 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
                || string_agg(CAST(m.id AS VARCHAR), ', ' ORDER BY m.id)
                || ') that all carry it as dynamicsId; held until one of them is merged or deleted in Marketo'
         FROM (SELECT lower(f_dynamicsId) AS did FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL
-              AND lower(f_dynamicsId) IN (SELECT did FROM w) GROUP BY 1 HAVING count(*) > 1) d
+              AND lower(f_dynamicsId) IN (SELECT did FROM work_set) GROUP BY 1 HAVING count(*) > 1) d
         JOIN m_person m ON lower(m.f_dynamicsId) = d.did AND NOT m.deleted
         GROUP BY d.did""")
-    con.execute("DROP TABLE ql")
-    con.execute("""CREATE OR REPLACE TEMP TABLE qr1 AS SELECT did, string_agg(code, ',' ORDER BY code) AS codes,
+    con.execute("DROP TABLE linked_work")
+    con.execute("""CREATE OR REPLACE TEMP TABLE quarantined AS SELECT did, string_agg(code, ',' ORDER BY code) AS codes,
                    arg_min(code, code) AS code, string_agg(message, '; ' ORDER BY code) AS message
-                   FROM qr GROUP BY did""")
-    con.execute("DROP TABLE qr")
+                   FROM quarantine_found GROUP BY did""")
+    con.execute("DROP TABLE quarantine_found")
     # Repaired: the record plans normally again and its quarantine row goes.
     con.execute(f"""DELETE FROM failures WHERE entity = {e} AND target = 'quarantine'
-                    AND dynamics_id IN (SELECT did FROM w) AND dynamics_id NOT IN (SELECT did FROM qr1)""")
+                    AND dynamics_id IN (SELECT did FROM work_set) AND dynamics_id NOT IN (SELECT did FROM quarantined)""")
     con.execute(f"""INSERT INTO failures SELECT {e}, q.did, 'quarantine', 'quarantine', i.marketo_id, NULL, q.code,
                         q.message, 1, ?, ?, NULL, true, {lit(run_id)}
-                    FROM qr1 q LEFT JOIN identity i ON i.entity = {e} AND i.dynamics_id = q.did
+                    FROM quarantined q LEFT JOIN identity i ON i.entity = {e} AND i.dynamics_id = q.did
                     ON CONFLICT (entity, dynamics_id, target) DO UPDATE SET code = excluded.code,
                         message = excluded.message, marketo_id = excluded.marketo_id,
                         last_failed_at = excluded.last_failed_at, held = true, run_id = excluded.run_id""",
                 [now, now])
-    con.execute("INSERT INTO hb SELECT did, 'quarantined' FROM qr1 WHERE did NOT IN (SELECT did FROM hb)")
-    summary.quarantined += int(con.execute("SELECT count(*) FROM qr1").fetchone()[0])
+    con.execute("INSERT INTO held_back SELECT did, 'quarantined' FROM quarantined WHERE did NOT IN (SELECT did FROM held_back)")
+    summary.quarantined += int(con.execute("SELECT count(*) FROM quarantined").fetchone()[0])
     return int(added[0]) if added else 0
 
 
 def hold_back(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("UPDATE j SET cls = hb.cls FROM hb WHERE j.did = hb.did")
+    con.execute("UPDATE joined_work SET cls = held_back.cls FROM held_back WHERE joined_work.did = held_back.did")

@@ -13,23 +13,23 @@ def plan_roles(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
     summary = PlanSummary(entity.name, run_id)
     src = qi(f"d_{entity.derived_from}")
     e, rid, b = lit(entity.name), lit(run_id), qi(f"b_{entity.name}")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE roles AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE role_wants AS
         SELECT o.id AS did, ic.marketo_id AS lead_id, o.sync_flag, o.deleted
         FROM {src} o LEFT JOIN identity ic ON ic.entity = 'contact' AND ic.dynamics_id = o.customer_contact
              AND ic.state = 'active' AND TRY_CAST(ic.marketo_id AS BIGINT) IS NOT NULL
         WHERE o.customer_contact IS NOT NULL AND NOT o.deleted AND o.sync_flag IS DISTINCT FROM false""")
 
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE rd AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE role_changes AS
         SELECT COALESCE(r.did, b.dynamics_id) AS did, r.lead_id AS want, b.f_leadId AS have, b.f_role AS have_role
-        FROM roles r FULL OUTER JOIN {b} b ON b.dynamics_id = r.did
+        FROM role_wants r FULL OUTER JOIN {b} b ON b.dynamics_id = r.did
         WHERE (r.lead_id IS DISTINCT FROM b.f_leadId OR b.f_role IS DISTINCT FROM {lit(entity.role_name)})
           -- a quarantined contact's roles stay as they are until it is repaired (neither moved nor removed)
           AND COALESCE(r.did, b.dynamics_id) NOT IN (SELECT o.id FROM {src} o JOIN failures q
               ON q.entity = 'contact' AND q.target = 'quarantine' AND q.dynamics_id = o.customer_contact)""")
-    summary.work = int(con.execute("SELECT count(*) FROM rd").fetchone()[0])
+    summary.work = int(con.execute("SELECT count(*) FROM role_changes").fetchone()[0])
     con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, have, 'marketo', 'delete', 'leadId', have, NULL, have_role,
-            'role_removed', NULL FROM rd WHERE have IS NOT NULL""")
+            'role_removed', NULL FROM role_changes WHERE have IS NOT NULL""")
     for field, value in (("leadId", "want"), ("role", lit(entity.role_name)), ("externalOpportunityId", "did")):
         con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, want, 'marketo', 'create', {lit(field)}, NULL,
-                {value}, NULL, 'role_from_customer', NULL FROM rd WHERE want IS NOT NULL""")
+                {value}, NULL, 'role_from_customer', NULL FROM role_changes WHERE want IS NOT NULL""")
     return summary

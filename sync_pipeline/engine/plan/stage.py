@@ -65,9 +65,9 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     e, rid = lit(entity.name), lit(run_id)
     # The three-way join is wide (three values per field): plan the work set a slice at a time, so memory
     # stays flat whether 1,000 or 1,000,000 records changed.
-    con.execute("CREATE OR REPLACE TEMP TABLE w_all AS SELECT did, d_seq, row_number() OVER (ORDER BY did) AS wn FROM w")
+    con.execute("CREATE OR REPLACE TEMP TABLE work_all AS SELECT did, d_seq, row_number() OVER (ORDER BY did) AS wn FROM work_set")
     for start in range(1, summary.work + 1, PLAN_SLICE):
-        con.execute("CREATE OR REPLACE TEMP TABLE w AS SELECT did, d_seq FROM w_all WHERE wn BETWEEN ? AND ?",
+        con.execute("CREATE OR REPLACE TEMP TABLE work_set AS SELECT did, d_seq FROM work_all WHERE wn BETWEEN ? AND ?",
                     [start, start + PLAN_SLICE - 1])
         plan_slice(con, config, entity, rid, e, summary)
     if entity.is_person and entity.create_in_dynamics:

@@ -10,20 +10,23 @@ from typing import Any
 
 import duckdb
 
+from sync_pipeline.clients import errors
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import mapping, normalize
+from sync_pipeline.engine.ports import BatchRequest, DynamicsPort, MarketoPort
 from sync_pipeline.engine.push.payloads import chunks, field_maps, planned_records
-from sync_pipeline.engine.push.results import ApplyStats, Result, finish, hold_fields, record_results
-from sync_pipeline.engine.store.state import qi, record_stats, utcnow
+from sync_pipeline.engine.push.results import ApplyStats, Result, record_results
+from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store.state import record_stats, utcnow
 
 log = logging.getLogger(__name__)
 
 
-def push_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, dynamics: Any, marketo: Any,
-                  run_id: str) -> ApplyStats:
+def push_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, dynamics: DynamicsPort,
+                  marketo: MarketoPort, run_id: str) -> ApplyStats:
     """The push stage for Dynamics (persons only); it finishes the record's work for this plan."""
     stats = apply_to_dynamics(con, config, entity, dynamics, marketo, run_id, utcnow())
-    finish(con, entity)
+    ledger.finish(con, entity)
     mapping.note_in_ledger(con, entity.name, run_id, utcnow())
     record_stats(con, run_id, entity.name, "push_dynamics", stats.as_metadata())
     return stats
@@ -71,7 +74,7 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
                                     "(the next sync writes the link): %s", did, mid, getattr(r, "reasons", None))
                         unlinked.append((did, mid))
     finally:
-        hold_fields(con, entity, dropped, run_id, now)
+        ledger.hold_fields(con, entity, dropped, run_id, now)
         record_results(con, config, entity, "dynamics", results, run_id, now, stats)
         if unlinked:
             # The mirror must not claim a link Marketo does not have: the next plan of the lead then writes
@@ -79,19 +82,16 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
             ids = [int(mid) for _, mid in unlinked]
             con.execute("""UPDATE m_person SET f_dynamicsId = NULL, f_dynamicsType = NULL
                            WHERE id IN (SELECT unnest(?::BIGINT[]))""", [ids])
-            con.execute(f"""UPDATE {qi('d_' + entity.name)} SET pending_seq = nextval('change_seq')
-                            WHERE id IN (SELECT unnest(?::VARCHAR[]))""", [[did for did, _ in unlinked]])
+            ledger.mark_pending(con, entity.name, [did for did, _ in unlinked])
     return stats
 
 
 DYNAMICS_BATCH = 100  # requests per $batch: one HTTP call, each PATCH keeps its own If-Match
 
 
-def _write_dynamics_batched(client: Any, entity_set: str,
+def _write_dynamics_batched(client: DynamicsPort, entity_set: str,
                             writes: list[tuple[str, str, str | None, str | None, dict[str, Any]]]) -> list[Result]:
     """PATCH updates (with the row's etag) and upserts (creates by a deterministic id) in ``$batch`` calls."""
-    from sync_pipeline.clients.dynamics import BatchRequest, DynamicsError
-
     out: list[Result] = []
     for i in range(0, len(writes), DYNAMICS_BATCH):
         part = writes[i:i + DYNAMICS_BATCH]
@@ -100,22 +100,21 @@ def _write_dynamics_batched(client: Any, entity_set: str,
                     for did, op, _mid, etag, body in part]
         try:
             responses = client.execute_batch(requests, continue_on_error=True, idempotent=True)
-        except DynamicsError as exc:  # the whole call failed after retries: every record keeps its plan
-            code = str(getattr(exc, "code", None) or getattr(exc, "status", "error"))
+        except errors.ClientError as exc:  # the whole call failed after retries: every record keeps its plan
+            code = str(exc.code or "error")
             out += [Result(did, op, False, mid, code, str(exc)) for did, op, mid, _etag, _body in part]
             continue
         for (did, op, mid, _etag, _body), resp in zip(part, responses):
-            if 200 <= resp.status < 300:
+            error = resp.error(f"{entity_set}({did})")
+            if error is None:
                 out.append(Result(did, op, True, mid))
                 continue
-            err = resp.body.get("error", {}) if isinstance(resp.body, dict) else {}
-            message = f"{entity_set}({did}): {err.get('message') or resp.status}"
-            if resp.status == 412:
+            kind, message = errors.kind_of(error), error.message
+            if kind == errors.CHANGED:
                 message = f"changed in Dynamics since it was read; re-planned ({message})"
-            elif resp.status == 404:
+            elif kind == errors.GONE:
                 message = f"deleted in Dynamics meanwhile ({message})"
-            code = str(resp.status) if resp.status in (404, 412) else str(err.get("code") or resp.status)
-            out.append(Result(did, op, False, mid, code, message))
+            out.append(Result(did, op, False, mid, error.code, message, kind))
         if len(responses) < len(part):  # a batch that stopped early: the rest were not attempted
             out += [Result(did, op, False, mid, "not_attempted", f"{entity_set}({did}): batch stopped early")
                     for did, op, mid, _etag, _body in part[len(responses):]]

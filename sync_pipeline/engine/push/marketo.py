@@ -13,29 +13,32 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from sync_pipeline.clients import errors
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import mapping, normalize
 from sync_pipeline.engine.extract.marketo import ingest_marketo_persons, marketo_person_fields
+from sync_pipeline.engine.ports import MarketoPort
 from sync_pipeline.engine.push.payloads import chunks, field_maps, object_path, planned_records
-from sync_pipeline.engine.push.results import ApplyStats, Result, apply_local, finish, outcomes, record_results
+from sync_pipeline.engine.push.results import ApplyStats, Result, outcomes, record_results
+from sync_pipeline.engine.store import ledger
 from sync_pipeline.engine.store.state import fcol, latest_fields, record_stats, utcnow
 
 log = logging.getLogger(__name__)
 
 
-def push_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
+def push_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort,
                  run_id: str) -> ApplyStats:
     """The push stage for Marketo. A person's work is done only after its Dynamics push (``push_dynamics``
     finishes it); every other entity is done here."""
     stats = apply_to_marketo(con, config, entity, client, run_id, utcnow())
     if not entity.is_person:
-        finish(con, entity)
+        ledger.finish(con, entity)
         mapping.note_in_ledger(con, entity.name, run_id, utcnow())
     record_stats(con, run_id, entity.name, "push_marketo", stats.as_metadata())
     return stats
 
 
-def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
+def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort,
                      run_id: str, now: datetime) -> ApplyStats:
     stats = ApplyStats("marketo")
     if entity.is_person:
@@ -61,14 +64,14 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
                 results = []
     finally:
         record_results(con, config, entity, "marketo", results, run_id, now, stats)
-        apply_local(con, config, entity, run_id, now)
+        ledger.apply_local(con, config, entity, run_id, now)
     return stats
 
 
 RACE_READ = 300  # persons per read (Get Leads by id: up to 300 filter values, domain.md 3.4)
 
 
-def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any,
+def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort,
                        run_id: str, now: datetime) -> None:
     """A marketer may edit a person between our plan and our push. Sync Leads has no conditional update (no
     etag, no If-Match), so before writing we re-read the persons we are about to update (one Get Leads call per
@@ -128,8 +131,8 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
                        FROM raced r JOIN m_person m ON CAST(m.id AS VARCHAR) = r.marketo_id
                        WHERE r.field IN (SELECT unnest(?::VARCHAR[])) AND m.updated_at IS NOT NULL""", [timed])
     # The mirror already holds the fresh values; make sure each raced person is planned again.
-    con.execute("""UPDATE m_person SET pending_seq = nextval('change_seq')
-                   WHERE CAST(id AS VARCHAR) IN (SELECT marketo_id FROM raced)""")
+    ledger.mark_persons_pending(con, [r[0] for r in con.execute(
+        "SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS id FROM raced WHERE id IS NOT NULL").fetchall()])
 
 
 def _race_rule(entity: Entity, f: FieldMap) -> str:
@@ -150,7 +153,7 @@ def _values(maps: dict[str, FieldMap], fields: list[str], vals: list[str | None]
     return out
 
 
-def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
+def _push_persons(client: MarketoPort, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
     creates, updates, deletes = [], [], []
     for row in rows:
         did, op, mid, _etag, _base, fields, vals = row
@@ -175,7 +178,7 @@ def _push_persons(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: 
     return out
 
 
-def _read_objects_before(con: duckdb.DuckDBPyConnection, client: Any, entity: Entity, maps: dict[str, FieldMap],
+def _read_objects_before(con: duckdb.DuckDBPyConnection, client: MarketoPort, entity: Entity, maps: dict[str, FieldMap],
                          rows: list[tuple]) -> tuple[str, str] | None:
     """The ledger's before-value of an object update is what Marketo held, not what we last wrote there:
     read exactly the records about to be updated (by their dedupe field, up to 300 per call) and put
@@ -183,8 +186,6 @@ def _read_objects_before(con: duckdb.DuckDBPyConnection, client: Any, entity: En
     Returns (code, message) when the read failed: those updates are not written this time.
     (Query by dedupe field: experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/
     companies.)"""
-    from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, MarketoTransientError, QuotaExhausted
-
     updates = [r for r in rows if r[1] == "update"]
     fields = sorted({f for r in updates for f in r[5] if f in maps and f != entity.marketo.key})
     if not updates or not fields:
@@ -194,9 +195,9 @@ def _read_objects_before(con: duckdb.DuckDBPyConnection, client: Any, entity: En
     try:
         found = {str(o.get(key) or "").lower(): o for o in
                  client.query_objects(object_path(entity), key, sorted(wanted), fields=[key, *fields])}
-    except (QuotaExhausted, MarketoAuthError, MarketoTransientError):
+    except (errors.QuotaExceeded, errors.AuthError, errors.Transient):
         raise  # like a write: the step fails and is retried (or fails fast on credentials)
-    except MarketoError as exc:
+    except errors.ClientError as exc:
         return exc.code, f"could not read the current values before writing (the ledger's before-value): {exc}"
     dids, names, values = [], [], []
     for did, _op, _mid, _etag, _base, fs, _vals in updates:
@@ -226,20 +227,18 @@ def _wire_text(v: Any) -> str | None:
     return str(v)
 
 
-def _merge_person(client: Any, row: tuple) -> Result:
+def _merge_person(client: MarketoPort, row: tuple) -> Result:
     """A Dataverse merge folded two linked records into one: merge the subordinate's person (the plan row's
     base value) into the master's (its Marketo id) with Merge Leads, so the human stays one person."""
-    from sync_pipeline.clients.marketo import MarketoError
-
     did, op, winner, _etag, loser, _fields, _vals = row
     try:
         client.merge_leads(int(winner), [int(loser)])
-    except MarketoError as exc:
+    except errors.ClientError as exc:
         return Result(did, op, False, winner, exc.code, f"merge of person {loser} into {winner}: {exc.message}")
     return Result(did, op, True, winner)
 
 
-def _push_objects(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
+def _push_objects(client: MarketoPort, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
     key, path = entity.marketo.key, object_path(entity)
     upserts, deletes = [], []
     for row in rows:
@@ -259,7 +258,7 @@ def _push_objects(client: Any, entity: Entity, maps: dict[str, FieldMap], rows: 
     return out
 
 
-def _push_roles(client: Any, entity: Entity, rows: list[tuple]) -> list[Result]:
+def _push_roles(client: MarketoPort, entity: Entity, rows: list[tuple]) -> list[Result]:
     path = object_path(entity)
     deletes = [(row, {"externalOpportunityId": row[0], "leadId": int(row[2]), "role": row[4]})
                for row in rows if row[1] == "delete"]
