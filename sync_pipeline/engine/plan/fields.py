@@ -7,7 +7,7 @@ import duckdb
 from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.plan.identity import hold_back
-from sync_pipeline.engine.plan.summary import PlanSummary, lit
+from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary, lit
 from sync_pipeline.engine.store.state import fcol, latest_fields, qi
 
 
@@ -178,48 +178,53 @@ def _field_rows_sql(entity: Entity, f: FieldMap) -> str:
                      FROM joined_work WHERE cls = 'update'))"""
 
 
-def plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, rid: str, e: str,
-                summary: PlanSummary) -> None:
+def plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,
+               summary: PlanSummary) -> None:
+    """Plan one slice of the work set (temp table ``work_set``) into table ``plan``."""
     joined(con, config, entity)
     hold_back(con)  # records being merged or quarantined plan nothing else
+    e, head = entity.name, [run_id, entity.name]
     fields = [f for f in entity.all_fields if entity.field_direction(f) != "none"]
     to_m = [f for f in fields if entity.field_direction(f) in ("to_marketo", "two_way")]
 
     # Records holding a value that cannot be represented (e.g. an unknown picklist code) are rejected.
     if fields:
-        bad = " OR ".join(f"starts_with({qi('d_' + f.marketo)}, {lit(normalize.INVALID)})" for f in fields)
-        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', 'reject', field,
+        bad = " OR ".join(f"starts_with({qi('d_' + f.marketo)}, $invalid)" for f in fields)
+        con.execute(f"""{PLAN_INSERT} SELECT $run_id, $entity, did, marketo_id, 'marketo', 'reject', field,
                 NULL, value, NULL, 'invalid value', etag
-            FROM (SELECT did, marketo_id, etag, unnest([{", ".join(lit(f.marketo) for f in fields)}]) AS field,
+            FROM (SELECT did, marketo_id, etag, unnest($fields::VARCHAR[]) AS field,
                          unnest([{", ".join(qi('d_' + f.marketo) for f in fields)}]) AS value
                   FROM joined_work WHERE cls IN ('create', 'update') AND ({bad}))
-            WHERE starts_with(value, {lit(normalize.INVALID)})""")
-        con.execute(f"UPDATE joined_work SET cls = 'rejected' WHERE did IN (SELECT dynamics_id FROM plan WHERE entity = {e} "
-                    "AND op = 'reject')")
+            WHERE starts_with(value, $invalid)""",
+                    {"run_id": run_id, "entity": e, "fields": [f.marketo for f in fields], "invalid": normalize.INVALID})
+        con.execute("""UPDATE joined_work SET cls = 'rejected' WHERE did IN (SELECT dynamics_id FROM plan
+                       WHERE entity = ? AND op = 'reject')""", [e])
 
     # Creates in Marketo: every mapped value travels.
     if to_m:
-        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, NULL, 'marketo', 'create', field, NULL, value, NULL,
+        con.execute(f"""{PLAN_INSERT} SELECT ?, ?, did, NULL, 'marketo', 'create', field, NULL, value, NULL,
                 'create', etag
-            FROM (SELECT did, etag, unnest([{", ".join(lit(f.marketo) for f in to_m)}]) AS field,
+            FROM (SELECT did, etag, unnest(?::VARCHAR[]) AS field,
                          unnest([{", ".join(qi('d_' + f.marketo) for f in to_m)}]) AS value
-                  FROM joined_work WHERE cls = 'create')""")
+                  FROM joined_work WHERE cls = 'create')""", head + [[f.marketo for f in to_m]])
     # Deletes in Dynamics: flag, delete or ignore in Marketo.
     if entity.on_dynamics_delete != "ignore":
         op = entity.on_dynamics_delete
-        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', {lit(op)},
-                'dynamicsIsDeleted', m_dynamicsIsDeleted, 'true', NULL, {lit('dynamics_delete:' + op)}, etag
-            FROM joined_work WHERE cls = 'delete'""")
-    con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'state', 'retire', NULL, NULL, NULL, NULL,
-            'dynamics_delete:ignore', etag FROM joined_work WHERE cls = 'delete' AND {str(entity.on_dynamics_delete == 'ignore').lower()}""")
+        con.execute(f"""{PLAN_INSERT} SELECT ?, ?, did, marketo_id, 'marketo', ?,
+                'dynamicsIsDeleted', m_dynamicsIsDeleted, 'true', NULL, ?, etag
+            FROM joined_work WHERE cls = 'delete'""", head + [op, "dynamics_delete:" + op])
+    else:
+        con.execute(f"""{PLAN_INSERT} SELECT ?, ?, did, marketo_id, 'state', 'retire', NULL, NULL, NULL, NULL,
+                'dynamics_delete:ignore', etag FROM joined_work WHERE cls = 'delete'""", head)
     # Persons deleted in Marketo: tombstone the link so nothing silently re-creates them.
-    con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'state', 'tombstone', NULL, NULL, NULL, NULL,
-            'marketo_delete:tombstone', etag FROM joined_work WHERE cls = 'marketo_deleted'""")
+    con.execute(f"""{PLAN_INSERT} SELECT ?, ?, did, marketo_id, 'state', 'tombstone', NULL, NULL, NULL, NULL,
+            'marketo_delete:tombstone', etag FROM joined_work WHERE cls = 'marketo_deleted'""", head)
 
     # Updates: the field-level three-way merge.
     if fields:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE field_outcomes AS {' UNION ALL '.join(_field_rows_sql(entity, f) for f in fields)}")
-        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id,
+        con.execute("CREATE OR REPLACE TEMP TABLE field_outcomes AS "
+                    + " UNION ALL ".join(_field_rows_sql(entity, f) for f in fields))
+        con.execute(f"""{PLAN_INSERT} SELECT ?, ?, did, marketo_id,
                 CASE outcome WHEN 'marketo' THEN 'marketo' WHEN 'dynamics' THEN 'dynamics' WHEN 'base' THEN 'base'
                              ELSE 'hold' END,
                 CASE outcome WHEN 'base' THEN 'agree' WHEN 'hold' THEN 'hold' ELSE 'update' END,
@@ -227,30 +232,33 @@ def plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
                 CASE outcome WHEN 'marketo' THEN mv WHEN 'dynamics' THEN dv WHEN 'hold' THEN mv END,  -- hold keeps both
                 CASE outcome WHEN 'dynamics' THEN mv ELSE dv END,
                 bv, rule, etag
-            FROM field_outcomes WHERE outcome IS NOT NULL""")
+            FROM field_outcomes WHERE outcome IS NOT NULL""", head)
         for policy, n in con.execute("""SELECT split_part(rule, ':', 2), count(*) FROM field_outcomes
                                         WHERE starts_with(rule, 'conflict:') AND outcome IS NOT NULL
                                         GROUP BY 1""").fetchall():
             summary.conflicts[policy] = summary.conflicts.get(policy, 0) + int(n)
         con.execute("DROP TABLE field_outcomes")
     if entity.is_person:
-        _plan_person_identity_fields(con, entity, rid, e)
+        _plan_person_identity_fields(con, entity, run_id)
 
-    con.execute(f"""INSERT INTO plan_work SELECT {rid}, {e}, did, d_seq, marketo_id, m_seq FROM joined_work""")
+    con.execute("""INSERT INTO plan_work (run_id, entity, dynamics_id, d_seq, marketo_id, m_seq)
+                   SELECT ?, ?, did, d_seq, marketo_id, m_seq FROM joined_work""", head)
     for cls, n in con.execute("SELECT cls, count(*) FROM joined_work GROUP BY cls").fetchall():
         if cls in ("excluded", "filtered"):
             summary.excluded += int(n)
         elif cls == "marketo_deleted":
             summary.tombstoned += int(n)
-    summary.unchanged += int(con.execute(f"""SELECT count(*) FROM joined_work WHERE cls = 'update' AND did NOT IN
-        (SELECT dynamics_id FROM plan WHERE entity = {e} AND target IN ('marketo', 'dynamics'))""").fetchone()[0])
+    summary.unchanged += int(con.execute("""SELECT count(*) FROM joined_work WHERE cls = 'update' AND did NOT IN
+        (SELECT dynamics_id FROM plan WHERE entity = ? AND target IN ('marketo', 'dynamics'))""", [e]).fetchone()[0])
     con.execute("DROP TABLE joined_work")
 
 
-def _plan_person_identity_fields(con: duckdb.DuckDBPyConnection, entity: Entity, rid: str, e: str) -> None:
+def _plan_person_identity_fields(con: duckdb.DuckDBPyConnection, entity: Entity, run_id: str) -> None:
     """A linked person must carry our id and type (after an email match, or when a lead became a contact)."""
-    typ = lit(entity.marketo.type_value or entity.name.title())
-    for field, value in (("dynamicsId", "did"), ("dynamicsType", typ)):
-        con.execute(f"""INSERT INTO plan SELECT {rid}, {e}, did, marketo_id, 'marketo', 'update', {lit(field)},
-                {qi('m_' + field)}, {value}, NULL, 'identity', etag
-            FROM joined_work WHERE cls = 'update' AND m_id IS NOT NULL AND {qi('m_' + field)} IS DISTINCT FROM {value}""")
+    typ = entity.marketo.type_value or entity.name.title()
+    for field, value, bound in (("dynamicsId", "did", []), ("dynamicsType", "?", [typ])):
+        col = qi("m_" + field)
+        con.execute(f"""{PLAN_INSERT} SELECT ?, ?, did, marketo_id, 'marketo', 'update', ?, {col}, {value}, NULL,
+                'identity', etag
+            FROM joined_work WHERE cls = 'update' AND m_id IS NOT NULL AND {col} IS DISTINCT FROM {value}""",
+                    [run_id, entity.name, field] + bound + bound)

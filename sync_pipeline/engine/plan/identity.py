@@ -9,62 +9,61 @@ import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.plan.summary import PlanSummary, lit, person_entities
+from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary, lit, person_entities
+from sync_pipeline.engine.store import ledger
 from sync_pipeline.engine.store.state import fcol, qi
 
 
 def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, now: datetime,
-                  summary: PlanSummary) -> None:
+                 summary: PlanSummary) -> None:
+    """Link the work set's unlinked records to their Marketo persons (or mark leads already converted)."""
     e, d = entity.name, qi(f"d_{entity.name}")
-    persons = person_entities(config)
-    unlinked = f"NOT EXISTS (SELECT 1 FROM identity x WHERE x.entity = {lit(e)} AND x.dynamics_id = d.id)"
+    persons = [p.name for p in config.persons]
+    unlinked = "NOT EXISTS (SELECT 1 FROM identity x WHERE x.entity = $entity AND x.dynamics_id = d.id)"
+    bound = {"entity": e, "persons": persons}
     # A person that already carries this record's id is its person (a re-baselined store, a lost identity row).
     con.execute(f"""CREATE OR REPLACE TEMP TABLE id_matches AS
         SELECT d.id AS did, min(m.id) AS mid FROM work_set JOIN {d} d ON d.id = work_set.did
         JOIN m_person m ON lower(m.f_dynamicsId) = d.id AND NOT m.deleted
-        WHERE {unlinked} AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN ({persons})
+        WHERE {unlinked} AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN (SELECT unnest($persons))
                                          AND y.marketo_id = CAST(m.id AS VARCHAR) AND y.state = 'active')
-        GROUP BY d.id""")
-    n = con.execute("SELECT count(*) FROM id_matches").fetchone()[0]
+        GROUP BY d.id""", bound)
+    n = ledger.link(con, e, "SELECT did, CAST(mid AS VARCHAR) AS mid FROM id_matches", "dynamics_id", now)
     if n:
-        con.execute(f"INSERT INTO identity SELECT {lit(e)}, did, CAST(mid AS VARCHAR), 'active', ?, 'dynamics_id' "
-                    "FROM id_matches", [now])
-        summary.linked["dynamics_id"] = int(n)
+        summary.linked["dynamics_id"] = n
     if entity.name == "lead" and "contact" in config.by_name:
         # A lead first seen after it was qualified: its contact carries the person, the lead gets none.
-        n = con.execute(f"""INSERT INTO identity SELECT 'lead', d.id, NULL, 'converted', ?, 'qualified_before_sync'
-            FROM work_set JOIN {d} d ON d.id = work_set.did
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE converted_leads AS
+            SELECT d.id AS did, CAST(NULL AS VARCHAR) AS mid FROM work_set JOIN {d} d ON d.id = work_set.did
             WHERE {unlinked} AND EXISTS (SELECT 1 FROM d_contact c WHERE c.origin_lead = d.id AND NOT c.deleted
-                                         AND c.sync_flag IS DISTINCT FROM false)""", [now]).fetchone()
-        if n and n[0]:
-            summary.linked["converted_before_sync"] = int(n[0])
+                                         AND c.sync_flag IS DISTINCT FROM false)""", {"entity": e})
+        n = ledger.link(con, "lead", "SELECT did, mid FROM converted_leads", "qualified_before_sync", now,
+                        state="converted")
+        if n:
+            summary.linked["converted_before_sync"] = n
     if entity.name == "contact" and "lead" in config.by_name:
         # Lead qualification: the contact takes over the lead's Marketo person, with the lead's base.
         con.execute(f"""CREATE OR REPLACE TEMP TABLE qualified AS
             SELECT d.id AS did, il.marketo_id, il.dynamics_id AS lead_id FROM work_set JOIN {d} d ON d.id = work_set.did
             JOIN identity il ON il.entity = 'lead' AND il.dynamics_id = d.origin_lead AND il.state = 'active'
             WHERE {unlinked} AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
-            QUALIFY row_number() OVER (PARTITION BY il.dynamics_id ORDER BY d.id) = 1""")
-        n = con.execute("SELECT count(*) FROM qualified").fetchone()[0]
+            QUALIFY row_number() OVER (PARTITION BY il.dynamics_id ORDER BY d.id) = 1""", {"entity": e})
+        n = ledger.link(con, "contact", "SELECT did, marketo_id AS mid FROM qualified", "qualification", now)
         if n:
-            con.execute("INSERT INTO identity SELECT 'contact', did, marketo_id, 'active', ?, 'qualification' FROM qualified",
-                        [now])
-            con.execute("UPDATE identity SET state = 'converted' WHERE entity = 'lead' "
-                        "AND dynamics_id IN (SELECT lead_id FROM qualified)")
+            ledger.set_link_state(con, "lead", "SELECT lead_id FROM qualified", "converted")
             # The contact is a new record, not an edit of the lead: a field it holds with the lead's agreed
             # value keeps that base; any other field starts without one, so a field the contact did not
             # receive (blank) is no "Dynamics change" that would blank the person, and a value it carries
             # that differs meets the person's as on a first link (policy decides; consent stays opted out).
             shared = [f for f in entity.all_fields if f.marketo in
                       {g.marketo for g in config.entity("lead").all_fields}]
-            cols = ", ".join(fcol(f.marketo) for f in shared)
             kept = ", ".join(
                 f"CASE WHEN {normalize.compare_expr(f, 'c.' + fcol(f.marketo))} IS NOT DISTINCT FROM "
                 f"{normalize.compare_expr(f, 'b.' + fcol(f.marketo))} THEN b.{fcol(f.marketo)} END" for f in shared)
-            con.execute(f"""INSERT OR REPLACE INTO b_contact (dynamics_id, synced_at, run_id, {cols})
-                SELECT q.did, b.synced_at, b.run_id, {kept}
-                FROM qualified q JOIN b_lead b ON b.dynamics_id = q.lead_id JOIN {d} c ON c.id = q.did""")
-            summary.linked["qualification"] = int(n)
+            ledger.write_base(con, "contact", [f.marketo for f in shared],
+                              f"""SELECT q.did, b.synced_at, b.run_id, {kept}
+                                  FROM qualified q JOIN b_lead b ON b.dynamics_id = q.lead_id JOIN {d} c ON c.id = q.did""")
+            summary.linked["qualification"] = n
     if "email" in {f.marketo for f in entity.all_fields}:
         # First sync: an existing Marketo person with the same email is the same person, not a new one.
         con.execute(f"""CREATE OR REPLACE TEMP TABLE email_matches AS
@@ -75,13 +74,12 @@ def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
             JOIN m_person m ON lower(m.f_email) = lower(d.f_email)
             WHERE d.f_email IS NOT NULL AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
               AND NOT m.deleted AND m.f_dynamicsId IS NULL AND {unlinked}
-              AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN ({persons})
-                              AND y.marketo_id = CAST(m.id AS VARCHAR))""")
-        n = con.execute("SELECT count(*) FROM email_matches WHERE rd = 1 AND rm = 1").fetchone()[0]
+              AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN (SELECT unnest($persons))
+                              AND y.marketo_id = CAST(m.id AS VARCHAR))""", bound)
+        n = ledger.link(con, e, "SELECT did, CAST(mid AS VARCHAR) AS mid FROM email_matches WHERE rd = 1 AND rm = 1",
+                        "email", now)
         if n:
-            con.execute(f"INSERT INTO identity SELECT {lit(e)}, did, CAST(mid AS VARCHAR), 'active', ?, 'email' "
-                        "FROM email_matches WHERE rd = 1 AND rm = 1", [now])
-            summary.linked["email"] = int(n)
+            summary.linked["email"] = n
 
 
 # The person check blocks the run only for damage that spans it: more quarantined records than this floor AND
@@ -109,61 +107,58 @@ def follow_dynamics_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, e
     con.execute("CREATE OR REPLACE TEMP TABLE held_back (did VARCHAR, cls VARCHAR)")
     if entity.dynamics is None or entity.dynamics.table not in MERGEABLE:
         return 0
-    e, d, b = lit(entity.name), qi(f"d_{entity.name}"), qi(f"b_{entity.name}")
+    d, person = qi(f"d_{entity.name}"), entity.is_person
     con.execute(f"""CREATE OR REPLACE TEMP TABLE dynamics_merges AS
         SELECT d.id AS sub, d.master_id AS master, i.marketo_id AS sub_mid, i.state AS sub_state,
                im.marketo_id AS master_mid, im.state AS master_state,
-               CASE WHEN i.state = 'active' AND im.dynamics_id IS NULL AND {str(entity.is_person).lower()}
+               CASE WHEN i.state = 'active' AND im.dynamics_id IS NULL AND $person
                          THEN 'relink'
-                    WHEN i.state = 'active' AND im.state = 'active' AND {str(entity.is_person).lower()}
+                    WHEN i.state = 'active' AND im.state = 'active' AND $person
                          AND i.marketo_id IS DISTINCT FROM im.marketo_id THEN 'merge'
-                    WHEN i.state = 'active' AND NOT {str(entity.is_person).lower()} THEN 'retire_after'
+                    WHEN i.state = 'active' AND NOT $person THEN 'retire_after'
                     ELSE 'retire' END AS action
         FROM work_set JOIN {d} d ON d.id = work_set.did
-        LEFT JOIN identity i ON i.entity = {e} AND i.dynamics_id = d.id
-        LEFT JOIN identity im ON im.entity = {e} AND im.dynamics_id = d.master_id
+        LEFT JOIN identity i ON i.entity = $entity AND i.dynamics_id = d.id
+        LEFT JOIN identity im ON im.entity = $entity AND im.dynamics_id = d.master_id
         WHERE d.master_id IS NOT NULL AND d.master_id <> d.id AND NOT d.deleted
-          AND i.state IS DISTINCT FROM 'merged'""")
+          AND i.state IS DISTINCT FROM 'merged'""", {"person": person, "entity": entity.name})
     n = int(con.execute("SELECT count(*) FROM dynamics_merges").fetchone()[0])
     if not n:
         return 0
     summary.merged += n
+    e = entity.name
+    relinked = "SELECT sub, master FROM dynamics_merges WHERE action = 'relink'"
     # The master's person: the subordinate's, with the subordinate's base (the last values both agreed on).
-    con.execute(f"""INSERT INTO identity SELECT {e}, master, sub_mid, 'active', ?, 'dynamics_merge'
-                    FROM dynamics_merges WHERE action = 'relink'""", [now])
-    con.execute(f"""INSERT OR REPLACE INTO {b} SELECT x.* REPLACE (dynamics_merges.master AS dynamics_id)
-                    FROM {b} x JOIN dynamics_merges ON dynamics_merges.sub = x.dynamics_id AND dynamics_merges.action = 'relink'""")
+    ledger.link(con, e, "SELECT master AS did, sub_mid AS mid FROM dynamics_merges WHERE action = 'relink'",
+                "dynamics_merge", now)
+    ledger.move_base(con, e, relinked)
     # An opt-out the subordinate had agreed on survives the merge: where the master says opted in, its value
     # becomes the base, so the person's opt-out is the change that flows (to the master), not the reverse.
     from sync_pipeline.engine.extract.merges import CONSENT_FIELDS
 
-    for f in [f.marketo for f in entity.all_fields if f.marketo in CONSENT_FIELDS and f.transform == "boolean"]:
-        c = fcol(f)
-        con.execute(f"""UPDATE {b} SET {c} = d.{c} FROM dynamics_merges JOIN {d} d ON d.id = dynamics_merges.master
-                        WHERE dynamics_merges.action = 'relink' AND {b}.dynamics_id = dynamics_merges.master AND {b}.{c} = 'true'
-                          AND d.{c} IS DISTINCT FROM 'true'""")
+    consent = [f.marketo for f in entity.all_fields if f.marketo in CONSENT_FIELDS and f.transform == "boolean"]
+    ledger.base_takes_record_opt_ins(con, e, consent, relinked)
     # Both had a person: merge the subordinate's into the master's in Marketo (applied by the push).
-    con.execute(f"""INSERT INTO plan SELECT {lit(run_id)}, {e}, sub, master_mid, 'marketo', 'merge', 'leadIds',
-                        sub_mid, master_mid, sub_mid, 'dynamics_merge', NULL FROM dynamics_merges WHERE action = 'merge'""")
-    con.execute("INSERT INTO held_back SELECT sub, 'merging' FROM dynamics_merges WHERE action = 'merge'")
+    con.execute(f"""{PLAN_INSERT} SELECT ?, ?, sub, master_mid, 'marketo', 'merge', 'leadIds',
+                        sub_mid, master_mid, sub_mid, 'dynamics_merge', NULL FROM dynamics_merges WHERE action = 'merge'""",
+                [run_id, e])
+    con.execute("INSERT INTO held_back (did, cls) SELECT sub, 'merging' FROM dynamics_merges WHERE action = 'merge'")
     # A one-way record (an account's company) receives its last state (e.g. Inactive) in this run, then retires.
-    con.execute(f"""INSERT INTO plan SELECT {lit(run_id)}, {e}, sub, sub_mid, 'state', 'merged', NULL, sub, master,
-                        NULL, 'dynamics_merge', NULL FROM dynamics_merges WHERE action = 'retire_after'""")
+    con.execute(f"""{PLAN_INSERT} SELECT ?, ?, sub, sub_mid, 'state', 'merged', NULL, sub, master,
+                        NULL, 'dynamics_merge', NULL FROM dynamics_merges WHERE action = 'retire_after'""", [run_id, e])
     # Everything else: the subordinate is retired (a link kept for the record, state merged).
-    con.execute(f"""UPDATE identity SET state = 'merged' FROM dynamics_merges WHERE identity.entity = {e}
-                    AND identity.dynamics_id = dynamics_merges.sub AND dynamics_merges.action IN ('relink', 'retire')""")
-    con.execute(f"""INSERT INTO identity SELECT {e}, sub, master_mid, 'merged', ?, 'dynamics_merge'
-                    FROM dynamics_merges WHERE sub_state IS NULL""", [now])
-    con.execute(f"""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
-                                       value_before, value_after, rule)
-        SELECT {lit(run_id)}, ?, {e}, sub, COALESCE(sub_mid, master_mid), 'state',
-               CASE action WHEN 'relink' THEN 'relink' ELSE 'merged' END, 'dynamics_id', sub, master,
-               'dynamics_merge' FROM dynamics_merges WHERE action IN ('relink', 'retire')""", [now])
+    ledger.set_link_state(con, e, "SELECT sub FROM dynamics_merges WHERE action IN ('relink', 'retire')", "merged")
+    ledger.link(con, e, "SELECT sub AS did, master_mid AS mid FROM dynamics_merges WHERE sub_state IS NULL",
+                "dynamics_merge", now, state="merged")
+    ledger.note_state_changes_from(con, run_id, now, """
+        SELECT ? AS entity, sub AS dynamics_id, COALESCE(sub_mid, master_mid) AS marketo_id,
+               CASE action WHEN 'relink' THEN 'relink' ELSE 'merged' END AS op, 'dynamics_id' AS field,
+               sub AS value_before, master AS value_after, 'dynamics_merge' AS rule
+        FROM dynamics_merges WHERE action IN ('relink', 'retire')""", [e])
     # Masters whose person moved are planned now (their person's dynamicsId is re-pointed to them).
-    seq = int(con.execute("SELECT nextval('change_seq')").fetchone()[0])
-    con.execute(f"""UPDATE {d} SET pending_seq = ? WHERE id IN (SELECT master FROM dynamics_merges WHERE action = 'relink')""",
-                [seq])
-    added = con.execute(f"""INSERT INTO work_set SELECT DISTINCT d.id, d.pending_seq FROM dynamics_merges JOIN {d} d ON d.id = dynamics_merges.master
+    ledger.mark_pending(con, e, [r[0] for r in con.execute(
+        "SELECT DISTINCT master FROM dynamics_merges WHERE action = 'relink'").fetchall()])
+    added = con.execute(f"""INSERT INTO work_set (did, d_seq) SELECT DISTINCT d.id, d.pending_seq FROM dynamics_merges JOIN {d} d ON d.id = dynamics_merges.master
                             WHERE dynamics_merges.action = 'relink' AND d.id NOT IN (SELECT did FROM work_set)""").fetchone()
     return int(added[0]) if added else 0
 
@@ -234,16 +229,8 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
                    FROM quarantine_found GROUP BY did""")
     con.execute("DROP TABLE quarantine_found")
     # Repaired: the record plans normally again and its quarantine row goes.
-    con.execute(f"""DELETE FROM failures WHERE entity = {e} AND target = 'quarantine'
-                    AND dynamics_id IN (SELECT did FROM work_set) AND dynamics_id NOT IN (SELECT did FROM quarantined)""")
-    con.execute(f"""INSERT INTO failures SELECT {e}, q.did, 'quarantine', 'quarantine', i.marketo_id, NULL, q.code,
-                        q.message, 1, ?, ?, NULL, true, {lit(run_id)}
-                    FROM quarantined q LEFT JOIN identity i ON i.entity = {e} AND i.dynamics_id = q.did
-                    ON CONFLICT (entity, dynamics_id, target) DO UPDATE SET code = excluded.code,
-                        message = excluded.message, marketo_id = excluded.marketo_id,
-                        last_failed_at = excluded.last_failed_at, held = true, run_id = excluded.run_id""",
-                [now, now])
-    con.execute("INSERT INTO held_back SELECT did, 'quarantined' FROM quarantined WHERE did NOT IN (SELECT did FROM held_back)")
+    ledger.settle_quarantine(con, entity.name, run_id, now)
+    con.execute("INSERT INTO held_back (did, cls) SELECT did, 'quarantined' FROM quarantined WHERE did NOT IN (SELECT did FROM held_back)")
     summary.quarantined += int(con.execute("SELECT count(*) FROM quarantined").fetchone()[0])
     return int(added[0]) if added else 0
 

@@ -24,7 +24,7 @@ from sync_pipeline.engine.plan.creates import plan_dynamics_creates
 from sync_pipeline.engine.plan.fields import plan_slice
 from sync_pipeline.engine.plan.identity import follow_dynamics_merges, link_persons, quarantine
 from sync_pipeline.engine.plan.roles import plan_roles
-from sync_pipeline.engine.plan.summary import PlanSummary, lit
+from sync_pipeline.engine.plan.summary import PlanSummary
 from sync_pipeline.engine.plan.workset import PLAN_SLICE, work_set
 from sync_pipeline.engine.store.state import ensure_split_base, mark_ledger_before_values, record_stats, utcnow
 
@@ -49,7 +49,7 @@ def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     else:
         summary = _plan_entity(con, config, entity, run_id, now)
     _summarise(con, summary)
-    con.execute("INSERT OR REPLACE INTO plan_meta VALUES (?, ?, ?, ?)",
+    con.execute("INSERT OR REPLACE INTO plan_meta (entity, run_id, created_at, summary) VALUES (?, ?, ?, ?)",
                 [entity.name, run_id, now, str(summary.as_metadata())])
     return summary
 
@@ -62,16 +62,15 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     if entity.is_person:
         link_persons(con, config, entity, now, summary)
         summary.work += quarantine(con, config, entity, run_id, now, summary)
-    e, rid = lit(entity.name), lit(run_id)
     # The three-way join is wide (three values per field): plan the work set a slice at a time, so memory
     # stays flat whether 1,000 or 1,000,000 records changed.
     con.execute("CREATE OR REPLACE TEMP TABLE work_all AS SELECT did, d_seq, row_number() OVER (ORDER BY did) AS wn FROM work_set")
     for start in range(1, summary.work + 1, PLAN_SLICE):
         con.execute("CREATE OR REPLACE TEMP TABLE work_set AS SELECT did, d_seq FROM work_all WHERE wn BETWEEN ? AND ?",
                     [start, start + PLAN_SLICE - 1])
-        plan_slice(con, config, entity, rid, e, summary)
+        plan_slice(con, config, entity, run_id, summary)
     if entity.is_person and entity.create_in_dynamics:
-        plan_dynamics_creates(con, config, entity, rid, e)
+        plan_dynamics_creates(con, config, entity, run_id)
     return summary
 
 

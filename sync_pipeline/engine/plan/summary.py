@@ -7,6 +7,10 @@ from typing import Any
 
 from sync_pipeline.config.model import SyncConfig
 
+# Every row of table ``plan`` is written through this column list (a plan row, in order: who, what, the values).
+PLAN_INSERT = """INSERT INTO plan (run_id, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value,
+                                  base_value, rule, etag)"""
+
 
 @dataclass
 class PlanSummary:

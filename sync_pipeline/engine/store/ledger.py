@@ -85,6 +85,46 @@ def retire_merged_persons(con: duckdb.DuckDBPyConnection, winner: int, losers: l
 # ---- identity ---------------------------------------------------------------------------------------------------
 
 
+def link(con: duckdb.DuckDBPyConnection, entity: str, source: str, how: str, now: datetime,
+         state: str = "active", params: list | None = None) -> int:
+    """New identity rows for ``entity``: ``source`` is a query returning (did, mid). Returns the rows added."""
+    res = con.execute(f"""INSERT INTO identity (entity, dynamics_id, marketo_id, state, linked_at, how)
+                          SELECT ?, s.did, s.mid, ?, ?, ? FROM ({source}) s""",
+                      [entity, state, now, how, *(params or [])]).fetchone()
+    return int(res[0]) if res else 0
+
+
+def set_link_state(con: duckdb.DuckDBPyConnection, entity: str, ids_query: str, state: str,
+                   params: list | None = None) -> None:
+    """Links of ``entity`` whose record id ``ids_query`` returns take ``state`` (converted, merged, deleted, ...)."""
+    con.execute(f"UPDATE identity SET state = ? WHERE entity = ? AND dynamics_id IN ({ids_query})",
+                [state, entity, *(params or [])])
+
+
+def write_base(con: duckdb.DuckDBPyConnection, entity: str, fields: list[str], source: str) -> None:
+    """Base rows (insert or replace) from ``source``: a query returning dynamics_id, synced_at, run_id and then
+    the ``fields`` in order."""
+    cols = "".join(f", {fcol(f)}" for f in fields)
+    con.execute(f"INSERT OR REPLACE INTO {qi('b_' + entity)} (dynamics_id, synced_at, run_id{cols}) {source}")
+
+
+def move_base(con: duckdb.DuckDBPyConnection, entity: str, pairs: str) -> None:
+    """Copy each record's base to another record: ``pairs`` is a query returning (sub, master)."""
+    b = qi(f"b_{entity}")
+    con.execute(f"""INSERT OR REPLACE INTO {b} SELECT x.* REPLACE (p.master AS dynamics_id)
+                    FROM {b} x JOIN ({pairs}) p ON p.sub = x.dynamics_id""")
+
+
+def base_takes_record_opt_ins(con: duckdb.DuckDBPyConnection, entity: str, fields: list[str], pairs: str) -> None:
+    """For each (sub, master) of ``pairs``: where the master's base says opted out (consent ``fields``) and the master
+    row says otherwise, the base takes the row's value, so the opt-out is what flows (to the master)."""
+    b, d = qi(f"b_{entity}"), qi(f"d_{entity}")
+    for f in fields:
+        c = fcol(f)
+        con.execute(f"""UPDATE {b} SET {c} = d.{c} FROM ({pairs}) p JOIN {d} d ON d.id = p.master
+                        WHERE {b}.dynamics_id = p.master AND {b}.{c} = 'true' AND d.{c} IS DISTINCT FROM 'true'""")
+
+
 def relink(con: duckdb.DuckDBPyConnection, entity: str, dynamics_id: str, marketo_id: str, how: str,
            now: datetime) -> None:
     """The record's link moves to another person (it stays active)."""
@@ -123,6 +163,35 @@ def note_state_changes(con: duckdb.DuckDBPyConnection, run_id: str | None, now: 
         con.executemany("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
                                                value_before, value_after, rule)
                            VALUES (?, ?, ?, ?, ?, 'state', ?, ?, ?, ?, ?)""", [[run_id, now, *row] for row in rows])
+
+
+def note_state_changes_from(con: duckdb.DuckDBPyConnection, run_id: str, now: datetime, source: str,
+                            params: list | None = None) -> None:
+    """Ledger rows (target ``state``) from a query returning entity, dynamics_id, marketo_id, op, field,
+    value_before, value_after, rule."""
+    con.execute(f"""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+                                        value_before, value_after, rule)
+                    SELECT ?, ?, s.entity, s.dynamics_id, s.marketo_id, 'state', s.op, s.field, s.value_before,
+                           s.value_after, s.rule FROM ({source}) s""", [run_id, now, *(params or [])])
+
+
+# ---- failures ---------------------------------------------------------------------------------------------------
+
+
+def settle_quarantine(con: duckdb.DuckDBPyConnection, entity: str, run_id: str, now: datetime) -> None:
+    """The plan looked at the records of temp table ``work_set`` and found those of ``quarantined`` (did, code,
+    message) damaged: the repaired ones lose their quarantine row, the damaged ones are filed (held)."""
+    con.execute("""DELETE FROM failures WHERE entity = ? AND target = 'quarantine'
+                   AND dynamics_id IN (SELECT did FROM work_set) AND dynamics_id NOT IN (SELECT did FROM quarantined)""",
+                [entity])
+    con.execute(f"""{FAILURES_INSERT}
+                    SELECT ?, q.did, 'quarantine', 'quarantine', i.marketo_id, NULL, q.code, q.message, 1, ?, ?, NULL,
+                           true, ?
+                    FROM quarantined q LEFT JOIN identity i ON i.entity = ? AND i.dynamics_id = q.did
+                    ON CONFLICT (entity, dynamics_id, target) DO UPDATE SET code = excluded.code,
+                        message = excluded.message, marketo_id = excluded.marketo_id,
+                        last_failed_at = excluded.last_failed_at, held = true, run_id = excluded.run_id""",
+                [entity, now, now, run_id, entity])
 
 
 # ---- push outcomes ------------------------------------------------------------------------------------------
