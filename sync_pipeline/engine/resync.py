@@ -43,7 +43,7 @@ from sync_pipeline.engine.plan.fields import STICKY_OUTCOME, one_way_sticky, pol
 from sync_pipeline.engine.push.dynamics import apply_to_dynamics
 from sync_pipeline.engine.push.marketo import apply_to_marketo
 from sync_pipeline.engine.push.payloads import object_path
-from sync_pipeline.engine.store.state import fcol, get_cursor, qi
+from sync_pipeline.engine.store.state import fcol, get_cursor, qi, sql_text
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +256,11 @@ def _plan_rows(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldM
         inner = f"""SELECT did, mid, etag, d_modified, m_updated, {d} AS dv, {m} AS mv, {b} AS bv,
                            ({cd}) IS DISTINCT FROM ({cb}) AS dc, ({cm}) IS DISTINCT FROM ({cb}) AS mc,
                            ({cd}) IS NOT DISTINCT FROM ({cm}) AS same,
-                           starts_with({d}, {normalize._lit(normalize.INVALID)}) AS invalid
+                           starts_with({d}, {sql_text(normalize.INVALID)}) AS invalid
                     FROM rs_j"""
         scored = f"""SELECT *, CASE WHEN invalid THEN 'reject' ELSE {_outcome_sql(entity, f)} END AS outcome
                      FROM ({inner})"""
-        parts.append(f"""SELECT did, mid, etag, {normalize._lit(f.marketo)} AS field, dv, mv, bv, outcome,
+        parts.append(f"""SELECT did, mid, etag, {sql_text(f.marketo)} AS field, dv, mv, bv, outcome,
                                 CASE WHEN outcome = 'reject' THEN 'invalid value' ELSE {_rule_sql(entity, f)} END
                                 AS rule
                          FROM ({scored}) WHERE outcome IS NOT NULL""")

@@ -28,7 +28,7 @@ from sync_pipeline.engine import normalize
 from sync_pipeline.engine.extract.common import ExtractStats, IngestStats, iso_utc
 from sync_pipeline.engine.ports import DynamicsPort
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, get_cursor, latest_fields, next_seq, qi, set_cursor, utcnow
+from sync_pipeline.engine.store.state import fcol, get_cursor, latest_fields, next_seq, qi, set_cursor, sql_text, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def dynamics_value_expr(entity: Entity, f: FieldMap, tables: dict[str, str] | No
         # becomes the Marketo link: a contact's id is no company (same rule as opportunities' customer).
         typ = qi(wire_name(f) + LOOKUP_TYPE)
         target = (tables or {}).get(f.target or "", f.target or "")
-        return f"CASE WHEN {typ} IS NULL OR {typ} = {_sql_text(target)} THEN lower({col}) END"
+        return f"CASE WHEN {typ} IS NULL OR {typ} = {sql_text(target)} THEN lower({col}) END"
     if f.transform == "owner":  # only users become Marketo sales persons (domain.md section 5, item 18)
         typ = qi(wire_name(f) + LOOKUP_TYPE)
         return f"CASE WHEN {typ} = 'systemuser' THEN lower({col}) END"
@@ -258,10 +258,6 @@ def dynamics_value_expr(entity: Entity, f: FieldMap, tables: dict[str, str] | No
         typ = qi(wire_name(f) + LOOKUP_TYPE)
         return f"CASE WHEN {typ} = 'account' THEN lower({col}) END"
     return normalize.dynamics_expr(f, col)
-
-
-def _sql_text(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 def target_tables(config: SyncConfig) -> dict[str, str]:
@@ -336,7 +332,7 @@ def _field_times_sql(con: duckdb.DuckDBPyConnection, entity: Entity, table: str,
         if f.marketo not in timed:
             continue
         con.execute(f"""INSERT OR REPLACE INTO field_times
-            SELECT {_sql_text('d:' + entity.name)}, n.id, {_sql_text(f.marketo)}, n.modified_on
+            SELECT {sql_text('d:' + entity.name)}, n.id, {sql_text(f.marketo)}, n.modified_on
             FROM (SELECT lower({pk}) AS id, versionnumber AS version, CAST({mod} AS VARCHAR) AS modified_on,
                          {expr} AS v FROM ft_page
                   QUALIFY row_number() OVER (PARTITION BY lower({pk}) ORDER BY versionnumber DESC) = 1) n

@@ -19,12 +19,16 @@ import pyarrow as pa
 from sync_pipeline.config.model import FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.extract.common import ExtractStats, IngestStats, iso_utc
+from sync_pipeline.engine.extract.merges import (
+    DELETE_LEAD_TYPE,
+    MERGE_LEADS_TYPE,
+    MarketoMerge,
+    apply_marketo_merges,
+    parse_merge_activity,
+)
 from sync_pipeline.engine.ports import MarketoPort
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.extract.merges import (DELETE_LEAD_TYPE, MERGE_LEADS_TYPE, MarketoMerge,
-                                                 apply_marketo_merges, parse_merge_activity)
 from sync_pipeline.engine.store.state import fcol, get_cursor, latest_fields, next_seq, qi, set_cursor, utcnow
-
 
 MAX_EXPORT_DAYS = 31
 ACTIVITY_SLICE = 20_000  # persons whose lead changes are applied together

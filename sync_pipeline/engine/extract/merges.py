@@ -11,7 +11,6 @@ from sync_pipeline.config.model import SyncConfig
 from sync_pipeline.engine.store import ledger
 from sync_pipeline.engine.store.state import utcnow
 
-
 # "Merge Leads" (activity type 32 in ``GET /rest/v1/activities/types.json``; Adobe Marketo Engage developer
 # docs, REST API > Activities): logged on the winner (``leadId``), its "Merge ids" attribute lists the losers.
 MERGE_LEADS_TYPE = 32

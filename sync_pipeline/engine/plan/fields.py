@@ -7,8 +7,8 @@ import duckdb
 from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.plan.identity import hold_back
-from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary, lit
-from sync_pipeline.engine.store.state import fcol, latest_fields, qi
+from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary
+from sync_pipeline.engine.store.state import fcol, latest_fields, qi, sql_text
 
 
 def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -> None:
@@ -36,20 +36,20 @@ def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
          "NULL AS m_dynamicsType, NULL AS m_dynamicsIsDeleted")
     person_join = "LEFT JOIN m_person m ON CAST(m.id AS VARCHAR) = i.marketo_id" if entity.is_person else ""
     if entity.is_person:
-        pivots = ", ".join(f"bool_or(field = {lit(f.marketo)}) AS {qi('sh_' + f.marketo)}, "
-                           f"max(CASE WHEN field = {lit(f.marketo)} THEN d_value END) AS {qi('sd_' + f.marketo)}, "
-                           f"max(CASE WHEN field = {lit(f.marketo)} THEN m_value END) AS {qi('sm_' + f.marketo)}"
+        pivots = ", ".join(f"bool_or(field = {sql_text(f.marketo)}) AS {qi('sh_' + f.marketo)}, "
+                           f"max(CASE WHEN field = {sql_text(f.marketo)} THEN d_value END) AS {qi('sd_' + f.marketo)}, "
+                           f"max(CASE WHEN field = {sql_text(f.marketo)} THEN m_value END) AS {qi('sm_' + f.marketo)}"
                            for f in entity.all_fields)
         con.execute(f"""CREATE OR REPLACE TEMP TABLE split_base AS SELECT dynamics_id, {pivots} FROM b__split
-                        WHERE entity = {lit(e)} AND dynamics_id IN (SELECT did FROM work_set) GROUP BY dynamics_id""")
+                        WHERE entity = {sql_text(e)} AND dynamics_id IN (SELECT did FROM work_set) GROUP BY dynamics_id""")
         person_join += " LEFT JOIN split_base ON split_base.dynamics_id = work_set.did"
     for n, name in enumerate(latest_fields(entity)):  # per-field change times, for policy latest
         sel.append(f"td{n}.changed_at AS {qi('dt_' + name)}")
         sel.append(f"tm{n}.changed_at AS {qi('mt_' + name)}")
-        person_join += (f" LEFT JOIN field_times td{n} ON td{n}.side = {lit('d:' + e)} AND td{n}.id = work_set.did"
-                        f" AND td{n}.field = {lit(name)}"
+        person_join += (f" LEFT JOIN field_times td{n} ON td{n}.side = {sql_text('d:' + e)} AND td{n}.id = work_set.did"
+                        f" AND td{n}.field = {sql_text(name)}"
                         f" LEFT JOIN field_times tm{n} ON tm{n}.side = 'm' AND tm{n}.id = i.marketo_id"
-                        f" AND tm{n}.field = {lit(name)}")
+                        f" AND tm{n}.field = {sql_text(name)}")
     contact_join = ("LEFT JOIN d_contact cc ON cc.id = d.customer_contact"
                     if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name
                     else "")
@@ -57,7 +57,7 @@ def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
         SELECT work_set.did, work_set.d_seq, d.deleted AS d_deleted, d.sync_flag, d.etag, d.modified_on AS d_modified,
                i.marketo_id, i.state, b.dynamics_id IS NOT NULL AS has_base, {person_cols}, {", ".join(sel)}
         FROM work_set JOIN {d} d ON d.id = work_set.did
-        LEFT JOIN identity i ON i.entity = {lit(e)} AND i.dynamics_id = work_set.did
+        LEFT JOIN identity i ON i.entity = {sql_text(e)} AND i.dynamics_id = work_set.did
         LEFT JOIN {b} b ON b.dynamics_id = work_set.did
         {person_join} {contact_join}""")
     recreate = entity.on_marketo_delete == "recreate"
@@ -169,7 +169,7 @@ def _field_rows_sql(entity: Entity, f: FieldMap) -> str:
     return f"""SELECT did, marketo_id, etag, d_modified, m_updated, field, dv, mv, bv, outcome,
                       {_rule_sql(entity, f)} AS rule
                FROM (SELECT *, {_outcome_sql(entity, f)} AS outcome
-                     FROM (SELECT did, marketo_id, etag, d_modified, m_updated, {lit(f.marketo)} AS field,
+                     FROM (SELECT did, marketo_id, etag, d_modified, m_updated, {sql_text(f.marketo)} AS field,
                             {qi('d_' + f.marketo)} AS dv, {mv} AS mv, {qi('b_' + f.marketo)} AS bv,
                             {dt} AS dt, {mt} AS mt,
                             ({cmp_d}) IS DISTINCT FROM ({cmp_bd}) AS dc,

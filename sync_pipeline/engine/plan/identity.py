@@ -9,9 +9,9 @@ import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary, lit, person_entities
+from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary, person_entities
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, qi
+from sync_pipeline.engine.store.state import fcol, qi, sql_text
 
 
 def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, now: datetime,
@@ -175,7 +175,7 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
     a person id that is not a number, or one Marketo does not return: the extract reads linked persons the
     mirror lacks again, so a mirror that merely lost a row heals without a hold).
     """
-    e = lit(entity.name)
+    e = sql_text(entity.name)
     persons = person_entities(config)
     # Damage is looked for in the whole store, not only among the records that changed (a record nobody edits
     # must still show up in errors and status), and quarantined records are re-examined in every plan.
@@ -198,14 +198,14 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
                     JOIN identity i ON i.entity = {e} AND i.dynamics_id = work_set.did AND i.state = 'active'""")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE quarantine_found AS
         SELECT l.did, 'quarantine:vanished_person' AS code,
-               {lit(entity.name)} || ' ' || l.did || ' is linked to Marketo person ' || COALESCE(l.marketo_id, '(none)')
+               {sql_text(entity.name)} || ' ' || l.did || ' is linked to Marketo person ' || COALESCE(l.marketo_id, '(none)')
                || CASE WHEN TRY_CAST(l.marketo_id AS BIGINT) IS NULL THEN ', which is not a person id'
                        ELSE ', which Marketo does not return (it is read again in every run)' END
                || '; held until the link is repaired or the record is released' AS message
         FROM linked_work l LEFT JOIN m_person m ON m.id = TRY_CAST(l.marketo_id AS BIGINT) WHERE m.id IS NULL
         UNION ALL
         SELECT l.did, 'quarantine:person_shared',
-               {lit(entity.name)} || ' ' || l.did || ' and ' || string_agg(o.entity || ' ' || o.dynamics_id, ', ')
+               {sql_text(entity.name)} || ' ' || l.did || ' and ' || string_agg(o.entity || ' ' || o.dynamics_id, ', ')
                || ' are all linked to Marketo person ' || l.marketo_id
                || '; held until only one record owns the person'
         FROM linked_work l JOIN identity o ON o.marketo_id = l.marketo_id AND o.state = 'active'
@@ -216,7 +216,7 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
         GROUP BY l.did, l.marketo_id
         UNION ALL
         SELECT d.did, 'quarantine:duplicate_dynamics_id',
-               {lit(entity.name)} || ' ' || d.did || ' is claimed by ' || count(*) || ' Marketo persons ('
+               {sql_text(entity.name)} || ' ' || d.did || ' is claimed by ' || count(*) || ' Marketo persons ('
                || string_agg(CAST(m.id AS VARCHAR), ', ' ORDER BY m.id)
                || ') that all carry it as dynamicsId; held until one of them is merged or deleted in Marketo'
         FROM (SELECT lower(f_dynamicsId) AS did FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL

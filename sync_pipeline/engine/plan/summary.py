@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sync_pipeline.config.model import SyncConfig
+from sync_pipeline.engine.store.state import sql_text
 
 # Every row of table ``plan`` is written through this column list (a plan row, in order: who, what, the values).
 PLAN_INSERT = """INSERT INTO plan (run_id, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value,
@@ -40,9 +41,5 @@ class PlanSummary:
         return out
 
 
-def lit(s: str | None) -> str:
-    return "NULL" if s is None else "'" + s.replace("'", "''") + "'"
-
-
 def person_entities(config: SyncConfig) -> str:
-    return ", ".join(lit(e.name) for e in config.persons)
+    return ", ".join(sql_text(e.name) for e in config.persons)

@@ -21,7 +21,7 @@ from sync_pipeline.engine.ports import MarketoPort
 from sync_pipeline.engine.push.payloads import chunks, field_maps, object_path, planned_records
 from sync_pipeline.engine.push.results import ApplyStats, Result, outcomes, record_results
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, latest_fields, record_stats, utcnow
+from sync_pipeline.engine.store.state import fcol, latest_fields, record_stats, sql_text, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
         parts.append(f"""SELECT p.dynamics_id, p.marketo_id, p.field, p.old_value, m.{fcol(name)} AS now_value,
                                 {_race_rule(entity, f)} AS rule
                          FROM plan p JOIN m_person m ON CAST(m.id AS VARCHAR) = p.marketo_id
-                         WHERE p.entity = {_sql_lit(entity.name)} AND p.target = 'marketo' AND p.op = 'update'
-                           AND p.field = {_sql_lit(name)} AND ({now_v}) IS DISTINCT FROM ({was_v})""")
+                         WHERE p.entity = {sql_text(entity.name)} AND p.target = 'marketo' AND p.op = 'update'
+                           AND p.field = {sql_text(name)} AND ({now_v}) IS DISTINCT FROM ({was_v})""")
     if not parts:
         return
     con.execute(f"CREATE OR REPLACE TEMP TABLE raced AS {' UNION ALL '.join(parts)}")
@@ -136,11 +136,7 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
 
 
 def _race_rule(entity: Entity, f: FieldMap) -> str:
-    return _sql_lit(f"conflict:{entity.field_policy(f)}")
-
-
-def _sql_lit(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
+    return sql_text(f"conflict:{entity.field_policy(f)}")
 
 
 def _values(maps: dict[str, FieldMap], fields: list[str], vals: list[str | None], drop_null: bool) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import duckdb
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 
-
 CHUNK_RECORDS = 3000  # records per round trip to DuckDB; API batches are 300 inside it
 OBJECT_PATHS = {"company": "companies", "opportunity": "opportunities", "opportunityRole": "opportunities/roles",
                 "salesPerson": "salespersons"}

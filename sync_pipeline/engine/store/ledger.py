@@ -21,7 +21,6 @@ from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.store.state import ensure_split_base, fcol, next_seq, qi
 
-
 IDENTITY_INSERT = "INSERT OR REPLACE INTO identity (entity, dynamics_id, marketo_id, state, linked_at, how)"
 FAILURES_INSERT = """INSERT INTO failures (entity, dynamics_id, target, op, marketo_id, field, code, message, attempts,
                                           first_failed_at, last_failed_at, next_attempt_at, held, run_id)"""
