@@ -27,6 +27,7 @@ import httpx
 
 from sync_pipeline.clients import errors
 from sync_pipeline.clients.governor import RateGovernor
+from sync_pipeline.clients.types import MARKETO_OBJECT_PATHS
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ MAX_MERGE = 25
 RETRYABLE_CODES = {"604", "606", "608", "611", "614", "615", "713", "500", "502"}
 THROTTLE_CODES = {"606", "615"}
 NOT_FOUND_CODES = {"1004", "1013"}
-OBJECT_PATHS = {"companies": "companies", "company": "companies", "opportunities": "opportunities",
-                "opportunity": "opportunities", "opportunities/roles": "opportunities/roles",
-                "opportunityRole": "opportunities/roles", "roles": "opportunities/roles",
-                "salespersons": "salespersons", "salesPerson": "salespersons"}
 
 
 class MarketoError(errors.ClientError):
@@ -572,8 +569,8 @@ class MarketoClient:
     def _object_path(name: str) -> str:
         if name.startswith("customobjects/"):
             return f"/rest/v1/{name}"
-        if name in OBJECT_PATHS:
-            return f"/rest/v1/{OBJECT_PATHS[name]}"
+        if name in MARKETO_OBJECT_PATHS:
+            return f"/rest/v1/{MARKETO_OBJECT_PATHS[name]}"
         raise ValueError(f"unknown Marketo object {name!r}: use companies, opportunities, opportunities/roles, "
                          "salespersons or customobjects/<apiName>")
 

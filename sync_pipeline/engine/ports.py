@@ -11,9 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
-from sync_pipeline.clients.types import BatchRequest
+from sync_pipeline.clients.types import BatchRequest, marketo_object_path
 
-__all__ = ["BatchRequest", "BatchPart", "DynamicsPort", "MarketoPort", "RecordOutcome", "ActivityPageLike"]
+__all__ = ["marketo_object_path", "BatchRequest", "BatchPart", "DynamicsPort", "MarketoPort", "RecordOutcome", "ActivityPageLike"]
 
 
 class BatchPart(Protocol):

@@ -7,15 +7,13 @@ from typing import Iterable
 import duckdb
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
+from sync_pipeline.engine.ports import marketo_object_path
 
 CHUNK_RECORDS = 3000  # records per round trip to DuckDB; API batches are 300 inside it
-OBJECT_PATHS = {"company": "companies", "opportunity": "opportunities", "opportunityRole": "opportunities/roles",
-                "salesPerson": "salespersons"}
 
 
 def object_path(entity: Entity) -> str:
-    name = entity.marketo.object
-    return OBJECT_PATHS.get(name, f"customobjects/{name}")
+    return marketo_object_path(entity.marketo.object)
 
 
 def field_maps(config: SyncConfig, entity: Entity) -> dict[str, FieldMap]:
