@@ -42,7 +42,9 @@ from sync_pipeline.engine.extract.marketo import text_value
 from sync_pipeline.engine.plan.fields import STICKY_OUTCOME, one_way_sticky, policy_resolution
 from sync_pipeline.engine.push.dynamics import apply_to_dynamics
 from sync_pipeline.engine.push.marketo import apply_to_marketo
+from sync_pipeline.engine.plan.summary import PLAN_INSERT
 from sync_pipeline.engine.push.payloads import object_path
+from sync_pipeline.engine.store import ledger
 from sync_pipeline.engine.store.state import fcol, get_cursor, qi, sql_text
 
 log = logging.getLogger(__name__)
@@ -331,10 +333,10 @@ def _write(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, m
         con.execute(f"UPDATE m_person SET {sets} FROM rs_m r WHERE CAST(m_person.id AS VARCHAR) = r.mkey")
     # The load steps apply the stored plan of the entity: this back-fill's, restricted to its fields. A
     # failure an incremental write left behind stays (its retry re-plans that record).
-    con.execute("CREATE OR REPLACE TEMP TABLE rs_failures AS SELECT * FROM failures WHERE entity = ?", [e])
+    ledger.keep_failures(con, e)
     con.execute("DELETE FROM plan WHERE entity = ?", [e])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
-    con.execute("INSERT INTO plan SELECT * FROM rs_plan")
+    con.execute(f"{PLAN_INSERT} SELECT run_id, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, base_value, rule, etag FROM rs_plan")
     narrowed = mapping.restrict(entity, [f.marketo for f in maps], keep_rules=False)
     try:
         ms = apply_to_marketo(con, config, narrowed, marketo, run_id, now)
@@ -343,7 +345,5 @@ def _write(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, m
             ds = apply_to_dynamics(con, config, narrowed, dynamics, marketo, run_id, now)
             stats.written["dynamics"], stats.failed["dynamics"] = ds.ok, ds.failed
     finally:
-        con.execute("""INSERT INTO failures SELECT * FROM rs_failures f WHERE NOT EXISTS (SELECT 1 FROM failures x
-                       WHERE x.entity = f.entity AND x.dynamics_id = f.dynamics_id AND x.target = f.target)""")
+        ledger.restore_failures(con)
         con.execute("DELETE FROM plan WHERE entity = ? AND run_id = ?", [e, run_id])
-        con.execute("DROP TABLE IF EXISTS rs_failures")

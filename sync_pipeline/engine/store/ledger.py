@@ -193,6 +193,33 @@ def settle_quarantine(con: duckdb.DuckDBPyConnection, entity: str, run_id: str, 
                 [entity, now, now, run_id, entity])
 
 
+def keep_failures(con: duckdb.DuckDBPyConnection, entity: str) -> None:
+    """Remember the entity's failures (temp table ``kept_failures``) before a push that is not the sync's own
+    (a back-fill): ``restore_failures`` puts back the ones that push cleared without settling them."""
+    con.execute("CREATE OR REPLACE TEMP TABLE kept_failures AS SELECT * FROM failures WHERE entity = ?", [entity])
+
+
+def restore_failures(con: duckdb.DuckDBPyConnection) -> None:
+    cols = ("entity, dynamics_id, target, op, marketo_id, field, code, message, attempts, first_failed_at, "
+            "last_failed_at, next_attempt_at, held, run_id")
+    con.execute(f"""INSERT INTO failures ({cols}) SELECT {cols} FROM kept_failures f WHERE NOT EXISTS
+                    (SELECT 1 FROM failures x WHERE x.entity = f.entity AND x.dynamics_id = f.dynamics_id
+                     AND x.target = f.target)""")
+    con.execute("DROP TABLE IF EXISTS kept_failures")
+
+
+def release(con: duckdb.DuckDBPyConnection, entity: str, dynamics_id: str, target: str, marketo_id: str | None,
+            now: datetime, *, mirrored: bool, person: bool) -> None:
+    """A held record gets another attempt now: unheld, due at once, and pending so the next plan covers it (the
+    attempt counter stays: failing again holds it again at once)."""
+    con.execute("""UPDATE failures SET held = false, next_attempt_at = ?
+                   WHERE entity = ? AND dynamics_id = ? AND target = ?""", [now, entity, dynamics_id, target])
+    if mirrored:
+        mark_pending(con, entity, [dynamics_id])
+    if person and marketo_id and str(marketo_id).strip().isdigit():  # e.g. a lead to create from a Marketo person
+        mark_persons_pending(con, [int(marketo_id)])
+
+
 # ---- push outcomes ------------------------------------------------------------------------------------------
 
 
