@@ -40,7 +40,9 @@ import pyarrow as pa
 from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.push.payloads import object_path
-from sync_pipeline.engine.store.state import BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, utcnow
+from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store.state import (BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, sql_text,
+                                              utcnow)
 
 LINK_FIELDS = ("dynamicsId", "dynamicsType")
 BATCH = 300  # Marketo's records per call
@@ -311,10 +313,6 @@ def _person_maps(e: Entity) -> dict[str, FieldMap]:
     return maps
 
 
-def _lit(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _canon_marketo(scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap],
                    rows: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
     """(dynamics id, field, raw Marketo value) -> canonical text, per record (the extract's SQL)."""
@@ -328,7 +326,7 @@ def _canon_marketo(scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap]
     scratch.register("mk_values", pa.table({"did": [r[0] for r in rows], "field": [r[1] for r in rows],
                                              "value": pa.array([text_value(r[2]) for r in rows], type=pa.string())}))
     try:
-        whens = " ".join(f"WHEN {_lit(f)} THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
+        whens = " ".join(f"WHEN {sql_text(f)} THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
         for did, fld, value in scratch.execute(f"SELECT did, field, CASE field {whens} END FROM mk_values").fetchall():
             out[did][fld] = value
     finally:
@@ -642,8 +640,7 @@ def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: 
                        SELECT ?, ?, ?, did, mid, target, op, field, before, after, ? FROM rb_done""",
                     [run_id, now, e.name, f"rollback:{source_run}"])
         # Persons deleted (--delete-created): tombstone the link so the next sync does not create them again.
-        con.execute("""UPDATE identity SET state = 'tombstoned' WHERE entity = ?
-                       AND dynamics_id IN (SELECT did FROM rb_done WHERE op = 'delete')""", [e.name])
+        ledger.set_link_state(con, e.name, "SELECT did FROM rb_done WHERE op = 'delete'", "tombstoned")
         con.execute("""UPDATE m_person SET deleted = true
                        WHERE id IN (SELECT TRY_CAST(mid AS BIGINT) FROM rb_done WHERE op = 'delete')""")
         for fld in sorted({it.field for it in done if it.action == RESTORE and it.field}):
@@ -658,7 +655,7 @@ def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: 
 
 def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, fld: str, run_id: str, now: datetime) -> None:
     """One field of the restored records (``rb_done``): mirrors, then base or split base."""
-    col, rows = fcol(fld), f"(SELECT * FROM rb_done WHERE op = '{RESTORE_OP}' AND field = {_lit(fld)})"
+    col, rows = fcol(fld), f"(SELECT * FROM rb_done WHERE op = '{RESTORE_OP}' AND field = {sql_text(fld)})"
     # The mirror of the written system takes the restored value: its echo is not an edit.
     if e.is_person:
         con.execute(f"""UPDATE m_person SET {col} = r.after FROM {rows} r
@@ -676,26 +673,14 @@ def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, fld: str, run_id: str
     # value; the other side holds what it held (its split value, or the base the run agreed on).
     b = qi("b_" + e.name)
     fm = next((f for f in e.all_fields if f.marketo == fld), FieldMap(marketo=fld, dynamics="x"))
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE rb_f AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE restored_field AS
         SELECT r.did, r.target, r.after AS restored,
                CASE WHEN s.dynamics_id IS NULL THEN b.{col}
                     WHEN r.target = 'dynamics' THEN s.m_value ELSE s.d_value END AS other
         FROM {rows} r
         LEFT JOIN b__split s ON s.entity = ? AND s.dynamics_id = r.did AND s.field = ?
         LEFT JOIN {b} b ON b.dynamics_id = r.did""", [e.name, fld])
-    con.execute("ALTER TABLE rb_f ADD COLUMN agreed BOOLEAN")
-    con.execute(f"""UPDATE rb_f SET agreed = ({normalize.compare_expr(fm, 'other')})
+    con.execute("ALTER TABLE restored_field ADD COLUMN agreed BOOLEAN")
+    con.execute(f"""UPDATE restored_field SET agreed = ({normalize.compare_expr(fm, 'other')})
                                              IS NOT DISTINCT FROM ({normalize.compare_expr(fm, 'restored')})""")
-    # Both systems hold the same value again: one base, no split.
-    con.execute("""DELETE FROM b__split WHERE entity = ? AND field = ?
-                   AND dynamics_id IN (SELECT did FROM rb_f WHERE agreed)""", [e.name, fld])
-    con.execute(f"""INSERT INTO {b} (dynamics_id, synced_at, run_id, {col})
-                    SELECT did, ?, ?, restored FROM rb_f WHERE agreed
-                    ON CONFLICT (dynamics_id) DO UPDATE SET {col} = excluded.{col}, synced_at = excluded.synced_at,
-                        run_id = excluded.run_id""", [now, run_id])
-    # Different values, as before the run: one agreed value per system until either side changes it.
-    con.execute("""INSERT OR REPLACE INTO b__split (entity, dynamics_id, field, d_value, m_value, run_id, split_at)
-                   SELECT ?, did, ?, CASE target WHEN 'dynamics' THEN restored ELSE other END,
-                          CASE target WHEN 'dynamics' THEN other ELSE restored END, ?, ?
-                   FROM rb_f WHERE NOT agreed""", [e.name, fld, run_id, now])
-    con.execute("DROP TABLE rb_f")
+    ledger.settle_restored_field(con, e.name, fld, run_id, now)

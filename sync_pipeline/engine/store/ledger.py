@@ -81,6 +81,24 @@ def retire_merged_persons(con: duckdb.DuckDBPyConnection, winner: int, losers: l
                 [winner, now, losers, winner])
 
 
+def settle_restored_field(con: duckdb.DuckDBPyConnection, entity: str, field: str, run_id: str, now: datetime) -> None:
+    """After a rollback restored ``field`` of the records in temp table ``restored_field`` (did, target, restored,
+    other, agreed): where both systems agree again the base takes the value and any split ends; where they
+    differ (as before the run) each system keeps its own agreed value (``b__split``) until either side changes."""
+    b, col = qi(f"b_{entity}"), fcol(field)
+    con.execute("""DELETE FROM b__split WHERE entity = ? AND field = ?
+                   AND dynamics_id IN (SELECT did FROM restored_field WHERE agreed)""", [entity, field])
+    con.execute(f"""INSERT INTO {b} (dynamics_id, synced_at, run_id, {col})
+                    SELECT did, ?, ?, restored FROM restored_field WHERE agreed
+                    ON CONFLICT (dynamics_id) DO UPDATE SET {col} = excluded.{col}, synced_at = excluded.synced_at,
+                        run_id = excluded.run_id""", [now, run_id])
+    con.execute("""INSERT OR REPLACE INTO b__split (entity, dynamics_id, field, d_value, m_value, run_id, split_at)
+                   SELECT ?, did, ?, CASE target WHEN 'dynamics' THEN restored ELSE other END,
+                          CASE target WHEN 'dynamics' THEN other ELSE restored END, ?, ?
+                   FROM restored_field WHERE NOT agreed""", [entity, field, run_id, now])
+    con.execute("DROP TABLE restored_field")
+
+
 # ---- identity ---------------------------------------------------------------------------------------------------
 
 
