@@ -117,14 +117,7 @@ def relabel_options(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
             pairs = [(old[c], now[c]) for c in old if c in now and old[c] != now[c] and unique[old[c]] == 1]
             pairs += [(normalize.INVALID + c, now[c]) for c in now if c not in old]
             if pairs:
-                col = fcol(f.marketo)
-                whens = " ".join("WHEN ? THEN ?" for _ in pairs)
-                args = [v for pair in pairs for v in pair]
-                ids = [r[0] for r in con.execute(
-                    f"""UPDATE {qi('d_' + entity.name)} SET {col} = CASE {col} {whens} END
-                        WHERE NOT deleted AND {col} IN (SELECT unnest(?::VARCHAR[])) RETURNING id""",
-                    args + [[p[0] for p in pairs]]).fetchall()]
-                changed += ledger.mark_pending(con, entity.name, ids)
+                changed += ledger.relabel(con, entity.name, f.marketo, pairs)
         if stored != json.dumps(now):
             set_cursor(con, name, json.dumps(now))
     if changed:

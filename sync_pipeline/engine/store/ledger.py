@@ -40,6 +40,17 @@ def mark_pending(con: duckdb.DuckDBPyConnection, entity: str, dynamics_ids: Iter
     return int(res[0]) if res else 0
 
 
+def relabel(con: duckdb.DuckDBPyConnection, entity: str, field: str, pairs: list[tuple[str, str]]) -> int:
+    """Mirrored rows holding an old option label (``pairs``: old -> new) take the new one and become pending, in
+    one statement (a crash cannot leave a relabelled row unplanned)."""
+    col = fcol(field)
+    whens = " ".join("WHEN ? THEN ?" for _ in pairs)
+    res = con.execute(f"""UPDATE {qi('d_' + entity)} SET {col} = CASE {col} {whens} END, pending_seq = ?
+                          WHERE NOT deleted AND {col} IN (SELECT unnest(?::VARCHAR[]))""",
+                      [v for pair in pairs for v in pair] + [next_seq(con), [p[0] for p in pairs]]).fetchone()
+    return int(res[0]) if res else 0
+
+
 def mark_persons_pending(con: duckdb.DuckDBPyConnection, marketo_ids: Iterable[int]) -> int:
     ids = [int(i) for i in marketo_ids]
     if not ids:
