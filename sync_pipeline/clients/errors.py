@@ -50,6 +50,14 @@ class PermanentError(ClientError):
     """The system refused this request as it is (bad data, a missing field): retrying it unchanged fails again."""
 
 
+class MalformedResponse(Transient):
+    """An answer that does not match the request (e.g. a ``$batch`` with fewer parts than requests)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
 # Record-level outcomes of a batch write, for callers that record per-record results.
 OK = "ok"
 CHANGED = "changed"  # PreconditionFailed: re-read before planning again
