@@ -131,8 +131,9 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
                        FROM raced r JOIN m_person m ON CAST(m.id AS VARCHAR) = r.marketo_id
                        WHERE r.field IN (SELECT unnest(?::VARCHAR[])) AND m.updated_at IS NOT NULL""", [timed])
     # The mirror already holds the fresh values; make sure each raced person is planned again.
-    ledger.mark_persons_pending(con, [r[0] for r in con.execute(
-        "SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS id FROM raced WHERE id IS NOT NULL").fetchall()])
+    raced = con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) FROM raced
+                           WHERE TRY_CAST(marketo_id AS BIGINT) IS NOT NULL""").fetchall()
+    ledger.mark_persons_pending(con, [r[0] for r in raced])
 
 
 def _race_rule(entity: Entity, f: FieldMap) -> str:
