@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
+from sync_pipeline.clients.errors import ClientError
 from sync_pipeline.clients.types import BatchRequest, marketo_object_path
 
 __all__ = ["marketo_object_path", "BatchRequest", "BatchPart", "DynamicsPort", "MarketoPort", "RecordOutcome", "ActivityPageLike"]
@@ -22,7 +23,7 @@ class BatchPart(Protocol):
     status: int
     body: Any
 
-    def error(self, what: str = "") -> Exception | None: ...
+    def error(self, what: str = "") -> ClientError | None: ...
 
 
 class RecordOutcome(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -44,7 +44,7 @@ class ApplyStats:
         return out
 
 
-def outcomes(rows: list[tuple], payload_op: str, results: list[Any], key: Callable[[Any], str | None]
+def outcomes(rows: list[tuple], payload_op: str, results: Sequence[Any], key: Callable[[Any], str | None]
              ) -> list[Result]:
     out = []
     for row, res in zip(rows, results):
