@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from sync_pipeline.engine import state
-from sync_pipeline.ops import rollback as rb
+from sync_pipeline.engine.store import state
+from sync_pipeline.admin import rollback as rb
 from sync_pipeline.sandbox.runner import Sandbox
 
 
@@ -162,7 +162,7 @@ def test_conflict_resolution_is_undone_on_both_sides(world: World) -> None:
     assert sb.dynamics_get("lead", lead)["address1_city"] == "Dynamicsville"
     assert sb.marketo_get_lead(int(person))["city"] == "Marketoburg"  # the marketer's value is kept
     # `verify` knows the difference is the rollback's, not a sync bug; a difference elsewhere would show.
-    from sync_pipeline import verify
+    from sync_pipeline.admin import verify
 
     diffs = verify.compare(world.config, world.dynamics, world.marketo, world.state_path)
     assert [d for d in diffs if d.dynamics_id == lead] == []

@@ -1,4 +1,4 @@
-"""Held errors clear once their record syncs (issue 9): the bookkeeping of ``apply.finish`` on hand-made rows."""
+"""Held errors clear once their record syncs (issue 9): the bookkeeping of ``ledger.finish`` on hand-made rows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import duckdb
 import pytest
 
 from sync_pipeline.config.model import load_config
-from sync_pipeline.engine import apply
-from sync_pipeline.engine.state import ensure_schema
+from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store.state import ensure_schema
 
 NOW = datetime(2026, 11, 20, 12, 0, 0)
 L1, L2, L3 = ("10000000-0000-4000-8000-000000000001", "10000000-0000-4000-8000-000000000002",
@@ -43,6 +43,6 @@ def test_failures_of_re_planned_records_clear_unless_the_write_is_still_needed(c
     _failure(con, L3, "marketo", True, NOW - timedelta(hours=1))
     con.execute("""INSERT INTO plan VALUES ('r1', 'lead', ?, '7', 'marketo', 'update', 'title', 'a', 'b', 'a',
                    'two_way', NULL)""", [L3])
-    apply.finish(con, load_config().entity("lead"))
+    ledger.finish(con, load_config().entity("lead"))
     left = con.execute("SELECT dynamics_id, target FROM failures ORDER BY 1, 2").fetchall()
     assert left == [(L3, "dynamics:fields"), (L3, "marketo")]

@@ -358,6 +358,7 @@ def marketo_access_checks(client: Any) -> list[Check]:
 def connection_checks(config: SyncConfig, dynamics: Any, marketo: Any,
                       ) -> tuple[list[Check], OrgMetadata | None]:
     """Everything: credentials, WhoAmI, metadata of every mapped table, Marketo objects, fields, access."""
+    from sync_pipeline.clients import errors
     from sync_pipeline.clients.dynamics import AuthenticationError, DynamicsError
     from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError
 
@@ -378,7 +379,7 @@ def connection_checks(config: SyncConfig, dynamics: Any, marketo: Any,
         out.append(Check("error", "dynamics.login", dynamics.url, str(exc),
                          "check DYNAMICS_AUTHORITY (tenant), DYNAMICS_CLIENT_ID/SECRET, and that the app registration "
                          "is an application user of the environment with a security role"))
-    except DynamicsError as exc:
+    except errors.ClientError as exc:  # only Dynamics is called above (a malformed $batch answer included)
         out.append(Check("error", "dynamics.login", dynamics.url, str(exc), "check DYNAMICS_URL"))
     try:
         access = marketo_access_checks(marketo)  # its first call gets the token

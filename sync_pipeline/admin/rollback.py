@@ -19,7 +19,7 @@ What it does (``docs/operations.md`` says the same for operators):
 - The state store moves with the rollback, so the next sync neither re-pushes the run's values nor
   carries the restored values over the other system: the mirrors take the restored values, and for
   persons a restored field whose two systems now hold different values (they did before the run too)
-  gets a *split base* (``b__split``: one agreed value per system, see ``engine/merge.py``) until
+  gets a *split base* (``b__split``: one agreed value per system, see ``engine/plan/fields.py``) until
   either side changes it again. When both systems agree again the ordinary base takes the value.
 - The rollback is a run in the ledger (run id ``rollback-<uuid>``, rule ``rollback:<run>``, before =
   what it found, after = what it restored), so it can itself be rolled back; rolling the same run
@@ -39,8 +39,10 @@ import pyarrow as pa
 
 from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.apply import object_path
-from sync_pipeline.engine.state import BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, utcnow
+from sync_pipeline.engine.push.payloads import object_path
+from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store.state import (BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, sql_text,
+                                              utcnow)
 
 LINK_FIELDS = ("dynamicsId", "dynamicsType")
 BATCH = 300  # Marketo's records per call
@@ -311,14 +313,10 @@ def _person_maps(e: Entity) -> dict[str, FieldMap]:
     return maps
 
 
-def _lit(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _canon_marketo(scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap],
                    rows: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
     """(dynamics id, field, raw Marketo value) -> canonical text, per record (the extract's SQL)."""
-    from sync_pipeline.engine.extract import _text
+    from sync_pipeline.engine.extract.marketo import text_value
 
     out: dict[str, dict[str, Any]] = defaultdict(dict)
     rows = [r for r in rows if r[1] in maps]
@@ -326,9 +324,9 @@ def _canon_marketo(scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap]
         return out
     fields = sorted({r[1] for r in rows})
     scratch.register("mk_values", pa.table({"did": [r[0] for r in rows], "field": [r[1] for r in rows],
-                                             "value": pa.array([_text(r[2]) for r in rows], type=pa.string())}))
+                                             "value": pa.array([text_value(r[2]) for r in rows], type=pa.string())}))
     try:
-        whens = " ".join(f"WHEN {_lit(f)} THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
+        whens = " ".join(f"WHEN {sql_text(f)} THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
         for did, fld, value in scratch.execute(f"SELECT did, field, CASE field {whens} END FROM mk_values").fetchall():
             out[did][fld] = value
     finally:
@@ -394,7 +392,7 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
     """GET exactly these records (in ``$batch`` calls of 100): their values and the etag of this read,
     which is what the write carries as If-Match."""
     from sync_pipeline.clients.dynamics import AuthenticationError, BatchRequest, DynamicsError
-    from sync_pipeline.engine.extract import _coerce, _dynamics_value_expr, _page_schema, dynamics_select, primary_key
+    from sync_pipeline.engine.extract.dynamics import coerce_page, dynamics_value_expr, page_schema, dynamics_select, primary_key
 
     assert e.dynamics is not None
     select = ",".join(dynamics_select(e))
@@ -416,10 +414,10 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
                 rows.append(resp.body)
     if not rows:
         return out
-    scratch.register("dy_page", _coerce(rows, _page_schema(e)))
+    scratch.register("dy_page", coerce_page(rows, page_schema(e)))
     try:
         names = [f.marketo for f in e.all_fields]
-        cols = ", ".join(f"{_dynamics_value_expr(e, f)} AS {qi(f.marketo)}" for f in e.all_fields)
+        cols = ", ".join(f"{dynamics_value_expr(e, f)} AS {qi(f.marketo)}" for f in e.all_fields)
         for row in scratch.execute(f'SELECT lower({qi(primary_key(e))}), "@odata.etag", {cols} '
                                    "FROM dy_page").fetchall():
             out[row[0]] = {"__etag__": row[1], **dict(zip(names, row[2:]))}
@@ -642,8 +640,7 @@ def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: 
                        SELECT ?, ?, ?, did, mid, target, op, field, before, after, ? FROM rb_done""",
                     [run_id, now, e.name, f"rollback:{source_run}"])
         # Persons deleted (--delete-created): tombstone the link so the next sync does not create them again.
-        con.execute("""UPDATE identity SET state = 'tombstoned' WHERE entity = ?
-                       AND dynamics_id IN (SELECT did FROM rb_done WHERE op = 'delete')""", [e.name])
+        ledger.set_link_state(con, e.name, "SELECT did FROM rb_done WHERE op = 'delete'", "tombstoned")
         con.execute("""UPDATE m_person SET deleted = true
                        WHERE id IN (SELECT TRY_CAST(mid AS BIGINT) FROM rb_done WHERE op = 'delete')""")
         for fld in sorted({it.field for it in done if it.action == RESTORE and it.field}):
@@ -658,7 +655,7 @@ def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: 
 
 def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, fld: str, run_id: str, now: datetime) -> None:
     """One field of the restored records (``rb_done``): mirrors, then base or split base."""
-    col, rows = fcol(fld), f"(SELECT * FROM rb_done WHERE op = '{RESTORE_OP}' AND field = {_lit(fld)})"
+    col, rows = fcol(fld), f"(SELECT * FROM rb_done WHERE op = '{RESTORE_OP}' AND field = {sql_text(fld)})"
     # The mirror of the written system takes the restored value: its echo is not an edit.
     if e.is_person:
         con.execute(f"""UPDATE m_person SET {col} = r.after FROM {rows} r
@@ -676,26 +673,14 @@ def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, fld: str, run_id: str
     # value; the other side holds what it held (its split value, or the base the run agreed on).
     b = qi("b_" + e.name)
     fm = next((f for f in e.all_fields if f.marketo == fld), FieldMap(marketo=fld, dynamics="x"))
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE rb_f AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE restored_field AS
         SELECT r.did, r.target, r.after AS restored,
                CASE WHEN s.dynamics_id IS NULL THEN b.{col}
                     WHEN r.target = 'dynamics' THEN s.m_value ELSE s.d_value END AS other
         FROM {rows} r
         LEFT JOIN b__split s ON s.entity = ? AND s.dynamics_id = r.did AND s.field = ?
         LEFT JOIN {b} b ON b.dynamics_id = r.did""", [e.name, fld])
-    con.execute("ALTER TABLE rb_f ADD COLUMN agreed BOOLEAN")
-    con.execute(f"""UPDATE rb_f SET agreed = ({normalize.compare_expr(fm, 'other')})
+    con.execute("ALTER TABLE restored_field ADD COLUMN agreed BOOLEAN")
+    con.execute(f"""UPDATE restored_field SET agreed = ({normalize.compare_expr(fm, 'other')})
                                              IS NOT DISTINCT FROM ({normalize.compare_expr(fm, 'restored')})""")
-    # Both systems hold the same value again: one base, no split.
-    con.execute("""DELETE FROM b__split WHERE entity = ? AND field = ?
-                   AND dynamics_id IN (SELECT did FROM rb_f WHERE agreed)""", [e.name, fld])
-    con.execute(f"""INSERT INTO {b} (dynamics_id, synced_at, run_id, {col})
-                    SELECT did, ?, ?, restored FROM rb_f WHERE agreed
-                    ON CONFLICT (dynamics_id) DO UPDATE SET {col} = excluded.{col}, synced_at = excluded.synced_at,
-                        run_id = excluded.run_id""", [now, run_id])
-    # Different values, as before the run: one agreed value per system until either side changes it.
-    con.execute("""INSERT OR REPLACE INTO b__split (entity, dynamics_id, field, d_value, m_value, run_id, split_at)
-                   SELECT ?, did, ?, CASE target WHEN 'dynamics' THEN restored ELSE other END,
-                          CASE target WHEN 'dynamics' THEN other ELSE restored END, ?, ?
-                   FROM rb_f WHERE NOT agreed""", [e.name, fld, run_id, now])
-    con.execute("DROP TABLE rb_f")
+    ledger.settle_restored_field(con, e.name, fld, run_id, now)

@@ -23,9 +23,12 @@ import duckdb
 import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
-from sync_pipeline.engine import extract, normalize, orgmeta, state
-from sync_pipeline.engine.apply import object_path
-from sync_pipeline.engine.state import fcol, qi
+from sync_pipeline.engine import normalize, orgmeta
+from sync_pipeline.engine.extract import dynamics as dynamics_extract
+from sync_pipeline.engine.extract import marketo as marketo_extract
+from sync_pipeline.engine.store import state
+from sync_pipeline.engine.push.payloads import object_path
+from sync_pipeline.engine.store.state import fcol, qi, sql_text
 
 RECORD = "(record)"  # the field of a Difference about a whole record missing on one side
 BATCH = 300  # Marketo's maximum filter values per read
@@ -54,7 +57,7 @@ def compare(config: SyncConfig, dynamics_client: Any, marketo_client: Any, state
         state.ensure_schema(con, config)
         for e in config.entities:
             if not e.is_derived:
-                _read_dynamics(con, e, dynamics_client, extract.target_tables(config))
+                _read_dynamics(con, e, dynamics_client, dynamics_extract.target_tables(config))
         _read_persons(con, config, marketo_client)
         diffs: list[Difference] = []
         for e in config.entities:
@@ -98,8 +101,8 @@ def _copy_state(con: duckdb.DuckDBPyConnection, config: SyncConfig, state_path: 
 def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any,
                    tables: dict[str, str] | None = None) -> None:
     assert entity.dynamics is not None
-    for page in client.iter_pages(entity.dynamics.entity_set, extract.dynamics_select(entity), annotations=True):
-        extract.ingest_dynamics_page(con, entity, page, "verify", tables)
+    for page in client.iter_pages(entity.dynamics.entity_set, dynamics_extract.dynamics_select(entity), annotations=True):
+        dynamics_extract.ingest_dynamics_page(con, entity, page, "verify", tables)
 
 
 def _linked_ids(con: duckdb.DuckDBPyConnection, entities: Iterable[str]) -> list[str]:
@@ -118,9 +121,9 @@ def _chunks(items: list[Any], n: int = BATCH) -> Iterator[list[Any]]:
 
 def _read_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any) -> None:
     ids = [i for i in _linked_ids(con, (e.name for e in config.persons)) if i.isdigit()]
-    fields = extract.marketo_person_fields(config)
+    fields = marketo_extract.marketo_person_fields(config)
     for chunk in _chunks(ids):
-        extract.ingest_marketo_persons(con, config, client.get_leads("id", chunk, fields))
+        marketo_extract.ingest_marketo_persons(con, config, client.get_leads("id", chunk, fields))
 
 
 def _read_objects(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any) -> None:
@@ -138,7 +141,7 @@ def _read_objects(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any) -
         rows = client.query_objects(object_path(entity), key, chunk, fields=names)
         if not rows:
             continue
-        page = pa.table({n: pa.array([extract._text(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
+        page = pa.table({n: pa.array([marketo_extract.text_value(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
                          for n in names})
         con.execute(f"INSERT OR REPLACE INTO {table} SELECT lower({qi(key)}){', ' + cols if cols else ''} FROM page")
 
@@ -190,7 +193,7 @@ def _compare_linked(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: 
                 if _compared(entity) else "NULL AS b_none"}
         FROM s_identity i LEFT JOIN {d} d ON d.id = i.dynamics_id {m_join} {contact_join}
         LEFT JOIN {b} b ON b.dynamics_id = i.dynamics_id
-        WHERE i.entity = {_lit(e)} AND i.state = 'active' AND NOT {held_record}
+        WHERE i.entity = {sql_text(e)} AND i.state = 'active' AND NOT {held_record}
           AND (d.id IS NULL OR d.sync_flag IS DISTINCT FROM false)
           {"AND (m.id IS NULL OR m.f_dynamicsIsDeleted IS DISTINCT FROM 'true')" if entity.is_person else ""}""")
     out = [Difference(e, did, mid, RECORD, None if dm else did, None if mm else mid)
@@ -199,23 +202,23 @@ def _compare_linked(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: 
     parts = []
     for f in _compared(entity):
         cond = _differs_sql(entity, f)
-        parts.append(f"""SELECT did, mid, {_lit(f.marketo)} AS field, dv, mv FROM (
+        parts.append(f"""SELECT did, mid, {sql_text(f.marketo)} AS field, dv, mv FROM (
             SELECT did, mid, {qi('dv_' + f.marketo)} AS dv, {qi('m_' + f.marketo)} AS mv, {qi('b_' + f.marketo)} AS bv
             FROM vj WHERE NOT d_missing AND NOT m_missing) WHERE {cond}""")
     if entity.is_person:
-        typ = _lit(entity.marketo.type_value or entity.name.title())
+        typ = sql_text(entity.marketo.type_value or entity.name.title())
         parts.append("SELECT did, mid, 'dynamicsId', did, m_dynamicsId FROM vj WHERE NOT d_missing AND NOT m_missing "
                      "AND m_dynamicsId IS DISTINCT FROM lower(did)")
         parts.append(f"SELECT did, mid, 'dynamicsType', {typ}, m_dynamicsType FROM vj WHERE NOT d_missing "
                      f"AND NOT m_missing AND m_dynamicsType IS DISTINCT FROM {typ}")
     if parts:
         rows = con.execute(f"""SELECT * FROM ({' UNION ALL '.join(parts)}) x
-            WHERE NOT EXISTS (SELECT 1 FROM s_conflicts c WHERE c.entity = {_lit(e)} AND c.dynamics_id = x.did
+            WHERE NOT EXISTS (SELECT 1 FROM s_conflicts c WHERE c.entity = {sql_text(e)} AND c.dynamics_id = x.did
                               AND c.field = x.field)
-              AND NOT EXISTS (SELECT 1 FROM s_split s WHERE s.entity = {_lit(e)} AND s.dynamics_id = x.did
+              AND NOT EXISTS (SELECT 1 FROM s_split s WHERE s.entity = {sql_text(e)} AND s.dynamics_id = x.did
                               AND s.field = x.field AND s.d_value IS NOT DISTINCT FROM x.dv
                               AND s.m_value IS NOT DISTINCT FROM x.mv)
-              AND NOT EXISTS (SELECT 1 FROM s_failures h WHERE h.entity = {_lit(e)} AND h.dynamics_id = x.did
+              AND NOT EXISTS (SELECT 1 FROM s_failures h WHERE h.entity = {sql_text(e)} AND h.dynamics_id = x.did
                               AND h.field IS NOT NULL AND list_contains(string_split(h.field, ','), x.field))
         """).fetchall()
         out += [Difference(e, did, mid, field, dv, mv) for did, mid, field, dv, mv in rows]
@@ -259,7 +262,3 @@ def _compare_roles(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: E
             out.append(Difference(entity.name, did, ",".join(sorted(have.get(did, set()))) or None, "leadId",
                                   want.get(did), ",".join(sorted(have.get(did, set()))) or None))
     return out
-
-
-def _lit(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"

@@ -14,7 +14,8 @@ from datetime import datetime
 import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
-from sync_pipeline.engine.state import qi, utcnow
+from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store.state import qi, utcnow
 
 PUSH_STAGES = ("push_marketo", "push_dynamics")
 
@@ -207,18 +208,10 @@ def release(con: duckdb.DuckDBPyConnection, config: SyncConfig, records: list[He
     con.execute("BEGIN TRANSACTION")
     try:
         for r in records:
-            con.execute("""UPDATE failures SET held = false, next_attempt_at = ?
-                           WHERE entity = ? AND dynamics_id = ? AND target = ?""",
-                        [now, r.entity, r.dynamics_id, r.target])
             e = config.by_name.get(r.entity)
-            if e is None:
-                continue  # an entity removed from the configuration: nothing will plan it
-            if not e.is_derived:
-                con.execute(f"UPDATE {qi('d_' + e.name)} SET pending_seq = nextval('change_seq') WHERE id = ?",
-                            [r.dynamics_id])
-            if e.is_person and r.marketo_id:  # e.g. a lead to create from a Marketo person
-                con.execute("UPDATE m_person SET pending_seq = nextval('change_seq') WHERE id = TRY_CAST(? AS BIGINT)",
-                            [r.marketo_id])
+            # An entity removed from the configuration: unheld, but nothing will plan it.
+            ledger.release(con, r.entity, r.dynamics_id, r.target, r.marketo_id, now,
+                           mirrored=e is not None and not e.is_derived, person=e is not None and e.is_person)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")

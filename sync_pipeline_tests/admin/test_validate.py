@@ -83,7 +83,7 @@ def test_a_table_without_the_filter_column_syncs_every_row_and_labels_follow_the
         persons = {p.get("dynamicsId"): p for p in sb.marketo_rows("lead", 100_000)}
         assert all(persons[i].get("leadSource") == "Website" for i in synced)
         # Exactly the renamed label was written: other codes' records were not touched.
-        from sync_pipeline.engine import state
+        from sync_pipeline.engine.store import state
 
         with state.connect(tmp_path / "state.duckdb") as con:
             written = con.execute("SELECT DISTINCT value_after FROM ledger WHERE run_id = ? AND field = 'leadSource'",

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from sync_pipeline.engine.extract import MERGE_LEADS_TYPE, MarketoMerge, parse_merge_activity
+from sync_pipeline.engine.extract.merges import MERGE_LEADS_TYPE, MarketoMerge, parse_merge_activity
 
 
 def _activity(lead: object, merge_ids: object, **extra: object) -> dict:

@@ -16,11 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import dagster as dg
 import duckdb
 
 from sync_pipeline.config.model import SyncConfig
-from sync_pipeline.defs.assets import PERSON_RAW, plan_key, raw_key
 
 PLAN_COLUMNS = ("entity", "dynamics_id", "marketo_id", "target", "op", "field", "before", "after", "rule")
 # 'agree' rows only move the base (both systems already hold the value): nothing is written.
@@ -34,7 +32,7 @@ def snapshot(state_path: str | Path, wait: float = 30.0) -> Iterator[Path]:
     The copy is taken while holding a read-only connection, so no writer can change the file (or its WAL)
     mid-copy; DuckDB replays the copied WAL when the copy is opened.
     """
-    from sync_pipeline.engine import state as state_mod
+    from sync_pipeline.engine.store import state as state_mod
 
     src = Path(state_path)
     with tempfile.TemporaryDirectory(prefix="sync-pipeline-preview-") as tmp:
@@ -46,18 +44,6 @@ def snapshot(state_path: str | Path, wait: float = 30.0) -> Iterator[Path]:
                 if wal.exists():
                     shutil.copyfile(wal, dest.with_name(dest.name + ".wal"))
         yield dest
-
-
-def preview_selection(config: SyncConfig, entity: str | None = None) -> list[dg.AssetKey]:
-    """Extract and plan assets (never a push) for one entity or all of them."""
-    entities = [config.entity(entity)] if entity else config.entities
-    keys: list[dg.AssetKey] = []
-    for e in entities:
-        keys.append(raw_key(e.derived_from or e.name))
-        if e.is_person:
-            keys.append(PERSON_RAW)
-        keys.append(plan_key(e.name))
-    return list(dict.fromkeys(keys))
 
 
 def _where(entities: list[str], run_id: str | None) -> tuple[str, list[str]]:
@@ -74,7 +60,7 @@ def object_before_values(con: duckdb.DuckDBPyConnection, config: SyncConfig, ent
     """What Marketo holds now for the plan's updates of one-way objects (companies, opportunities, sales
     persons, custom objects), read for exactly those records: (entity, dynamics id, field) -> canonical value
     (``None`` blank, ``rollback.GONE`` record gone, ``rollback.UNKNOWN`` could not be read)."""
-    from sync_pipeline.ops import rollback as rb
+    from sync_pipeline.admin import rollback as rb
 
     names = [e for e in entities if e in config.by_name and not config.by_name[e].is_person
              and not config.by_name[e].is_derived]
@@ -95,7 +81,7 @@ def object_before_values(con: duckdb.DuckDBPyConnection, config: SyncConfig, ent
 def plan_rows(con: duckdb.DuckDBPyConnection, entities: list[str], run_id: str | None = None,
               batch: int = 10_000, before: dict[tuple[str, str, str], Any] | None = None) -> Iterator[tuple]:
     """The stored plan rows in a stable order, streamed in batches (``before``: read before-values)."""
-    from sync_pipeline.ops.rollback import display
+    from sync_pipeline.admin.rollback import display
 
     where, params = _where(entities, run_id)
     # Before-values: a known empty value is "(blank)", a record the write creates has none ("(new record)").

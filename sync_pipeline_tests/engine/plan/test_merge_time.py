@@ -5,8 +5,8 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from sync_pipeline.engine.state import ensure_schema
-from sync_pipeline_tests.engine.test_merge import AGREED, C1, C2, _config, plan, synced_contact
+from sync_pipeline.engine.store.state import ensure_schema
+from sync_pipeline_tests.engine.plan.test_merge import AGREED, C1, C2, _config, plan, synced_contact
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_latest_uses_per_field_times_and_falls_back_to_record_times(con) -> None
 
 
 def test_dynamics_field_time_is_the_first_version_that_showed_the_value(con) -> None:
-    from sync_pipeline.engine import extract
+    from sync_pipeline.engine.extract import dynamics as extract
 
     cfg = _config(field_policies={"title": "latest"})
     ensure_schema(con, cfg)

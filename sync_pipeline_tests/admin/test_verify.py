@@ -10,7 +10,7 @@ import pytest
 from sync_pipeline.clients.dynamics import DynamicsClient
 from sync_pipeline.clients.marketo import MarketoClient
 from sync_pipeline.config.model import load_config
-from sync_pipeline.verify import RECORD, Difference, compare
+from sync_pipeline.admin.verify import RECORD, Difference, compare
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from sync_pipeline.config.model import DEFAULT_PATH, SyncConfig, load_config
-from sync_pipeline.engine import merge, normalize
-from sync_pipeline.engine.state import ensure_schema, qi
+from sync_pipeline.engine import normalize, plan as plan_stage
+from sync_pipeline.engine.store.state import ensure_schema, qi
 
 NOW = datetime(2026, 11, 20, 12, 0, 0)
 C1, C2, L1, A1 = ("c0000000-0000-4000-8000-000000000001", "c0000000-0000-4000-8000-000000000002",
@@ -82,9 +82,9 @@ def synced_contact(con: duckdb.DuckDBPyConnection, did: str, mid: int, agreed: d
     mkto(con, mid, **{**agreed, **(marketo or {})}, dynamicsId=did, dynamicsType=typ, dynamicsIsDeleted="false")
 
 
-def plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: str) -> tuple[merge.PlanSummary, list[tuple]]:
+def plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: str) -> tuple[plan_stage.PlanSummary, list[tuple]]:
     ensure_schema(con, config)
-    summary = merge.compute_plan(con, config, config.entity(entity), "r1", NOW)
+    summary = plan_stage.compute_plan(con, config, config.entity(entity), "r1", NOW)
     rows = con.execute("""SELECT dynamics_id, target, op, field, new_value, rule FROM plan WHERE entity = ?
                           ORDER BY dynamics_id, target, op, field""", [entity]).fetchall()
     return summary, rows

@@ -52,6 +52,12 @@ def qi(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def sql_text(value: str | None) -> str:
+    """A SQL string literal, for constants from the validated configuration (field names, option labels, entity
+    names) inside generated expressions; values that are data travel as bound parameters."""
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
 def fcol(field: str) -> str:
     return qi(f"f_{field}")
 
