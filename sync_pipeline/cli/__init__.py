@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import click
 
-from sync_pipeline.cli.bench import bench
+from sync_pipeline.cli.bench import bench, bench_sandbox
 from sync_pipeline.cli.connect import backfill, init, validate
 from sync_pipeline.cli.demo import demo
+from sync_pipeline.cli.extras import optional_command
 from sync_pipeline.cli.initial_copy import initial_copy
 from sync_pipeline.cli.ops import errors, plan, rebaseline, rollback, status
 from sync_pipeline.cli.resync import resync
-from sync_pipeline.cli.sandbox import bench_sandbox, sandbox
+
+# The sandbox's own command (it imports no production code, so it lives in the sandbox package).
+sandbox = optional_command("sync_pipeline.sandbox.command", "sandbox", extra="sandbox")
 
 
 @click.group()

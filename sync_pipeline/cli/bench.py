@@ -1,11 +1,14 @@
-"""``sync-pipeline bench``: the pipeline's speed, memory and API calls at a scale (see sync_pipeline.bench)."""
+"""``sync-pipeline bench`` (the pipeline's speed, memory and API calls at a scale) and ``bench-sandbox`` (the
+sandbox's own rates); see sync_pipeline.bench. Both need the ``sandbox`` and ``bench`` extras."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+from rich.console import Console
 
+from sync_pipeline.cli.extras import require
 from sync_pipeline.sandbox.generator import SCALES
 
 SCENARIO_CHOICES = ("initial", "incremental", "idle", "realistic", "freshness", "all")
@@ -29,6 +32,7 @@ SCENARIO_CHOICES = ("initial", "incremental", "idle", "realistic", "freshness", 
 def bench(scale: str, scenarios: tuple[str, ...], seed: int, edit_rate: float, duration: float, drain: float,
           out_dir: Path) -> None:
     """Benchmark the pipeline against a sandbox in its own process."""
+    require("bench", "sandbox", "bench")
     from sync_pipeline.bench.pipeline import DEFAULT_SCENARIOS, SCENARIOS, run_scale
     from sync_pipeline.bench.report import write_outputs
 
@@ -59,3 +63,19 @@ def bench(scale: str, scenarios: tuple[str, ...], seed: int, edit_rate: float, d
                      f"Marketo {b['marketo']['seconds']:.0f} s; binding {b['binding']}), x{sc['vs_budget_floor']}")
         click.echo(line)
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@click.command("bench-sandbox")
+@click.option("--scale", type=click.Choice(list(SCALES)), default="small", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tls/--no-tls", default=False, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("bench_out/sandbox_rates.json"), show_default=True, help="JSON results file.")
+def bench_sandbox(scale: str, seed: int, tls: bool, out: Path) -> None:
+    """Measure the generator's load rate and the sandbox's Dynamics paging rate over HTTP."""
+    require("bench-sandbox", "sandbox", "bench")
+    from sync_pipeline.bench.sandbox_rates import print_results, run_benchmark
+
+    results = run_benchmark(scale, seed=seed, tls=tls, out=out)
+    print_results(Console(), results)
+    click.echo(f"results written to {out}")

@@ -17,6 +17,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from sync_pipeline.cli.extras import require
+
 console = Console()
 
 
@@ -39,6 +41,7 @@ def _one(rows: list[tuple]) -> Any:
               help="Where the sandbox, the state store and the Dagster instance of the demo live (wiped first).")
 def demo(scale: str, seed: int, state_dir: Path) -> None:
     """Run the sync end to end against the local sandbox and show that both sides agree."""
+    require("demo", "sandbox")
     import dagster as dg
 
     from sync_pipeline import runs

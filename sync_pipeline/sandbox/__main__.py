@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sync_pipeline.cli.sandbox import sandbox
+from sync_pipeline.sandbox.command import sandbox
 
 if __name__ == "__main__":
     sandbox(prog_name="python -m sync_pipeline.sandbox")

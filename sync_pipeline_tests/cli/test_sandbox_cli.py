@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from sync_pipeline.cli import main
-from sync_pipeline.cli.sandbox import parse_ports
+from sync_pipeline.sandbox.command import parse_ports
 
 
 def test_sandbox_help_lists_its_options() -> None:

@@ -1,4 +1,7 @@
-"""``sync-pipeline sandbox`` (run both sandboxes in the foreground) and ``sync-pipeline bench-sandbox``."""
+"""``sync-pipeline sandbox`` and ``python -m sync_pipeline.sandbox``: run both sandboxes in the foreground.
+
+It lives in the sandbox package (the sandbox imports no production code; the CLI registers this command).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -143,18 +145,3 @@ def sandbox(scale: str | None, seed: int, tls: bool, profile: str, state_dir: Pa
         finally:
             if settings_file is not None:
                 settings_file.unlink(missing_ok=True)
-
-
-@click.command("bench-sandbox")
-@click.option("--scale", type=click.Choice(list(SCALES)), default="small", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tls/--no-tls", default=False, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("bench_out/sandbox_rates.json"), show_default=True, help="JSON results file.")
-def bench_sandbox(scale: str, seed: int, tls: bool, out: Path) -> None:
-    """Measure the generator's load rate and the sandbox's Dynamics paging rate over HTTP."""
-    from sync_pipeline.bench.sandbox_rates import print_results, run_benchmark
-
-    results: dict[str, Any] = run_benchmark(scale, seed=seed, tls=tls, out=out)
-    print_results(Console(), results)
-    click.echo(f"results written to {out}")
