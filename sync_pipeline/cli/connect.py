@@ -66,7 +66,7 @@ def validate(config_path: str | None, as_json: bool, errors_only: bool) -> None:
                                            "(e.g. new_); default: every custom one.")
 def init(out_path: Path, write: bool, create_marketo_fields: bool, prefix: str) -> None:
     """Write entities.yaml from the org's metadata and Marketo's describe endpoints."""
-    from sync_pipeline.config import discover
+    from sync_pipeline.admin import discover
 
     stack, dynamics, marketo = _clients()
     with stack:
