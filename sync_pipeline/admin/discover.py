@@ -330,7 +330,7 @@ def create_marketo_fields(mclient: Any, found: Discovery) -> list[tuple[str, str
         inputs.append(item)
     results = mclient.create_lead_fields(inputs)
     out = []
-    for m, r in zip(found.missing_marketo_fields, results):
+    for m, r in zip(found.missing_marketo_fields, results, strict=True):
         status = str(r.get("status"))
         if status != "created":
             reasons = "; ".join(f"{x.get('code')} {x.get('message')}" for x in r.get("reasons") or [])
@@ -381,7 +381,6 @@ def merge_with_existing(found: Discovery, existing: str) -> str:
     mine = [dict(e) for e in raw["entities"]]
     by_name = {e.get("name"): e for e in mine}
     by_table = {(e.get("dynamics") or {}).get("table"): e for e in mine if e.get("dynamics")}
-    found_tables = {(d.get("dynamics") or {}).get("table"): d for d in found.entities if d.get("dynamics")}
     comments: dict[str, list[str]] = {}
     tail: list[str] = []
     for d in found.entities:

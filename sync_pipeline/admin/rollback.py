@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -41,8 +42,15 @@ from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.push.payloads import object_path
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import (BEFORE_VALUES_FROM, ensure_split_base, fcol, qi, record_stats, sql_text,
-                                              utcnow)
+from sync_pipeline.engine.store.state import (
+    BEFORE_VALUES_FROM,
+    ensure_split_base,
+    fcol,
+    qi,
+    record_stats,
+    sql_text,
+    utcnow,
+)
 
 LINK_FIELDS = ("dynamicsId", "dynamicsType")
 BATCH = 300  # Marketo's records per call
@@ -124,7 +132,7 @@ def display(value: Any) -> str:
 def runs_since(con: duckdb.DuckDBPyConnection, since: datetime) -> list[str]:
     """Sync runs that wrote to either system at or after ``since``, newest first (rollbacks excluded)."""
     if since.tzinfo is not None:
-        since = since.astimezone(timezone.utc).replace(tzinfo=None)
+        since = since.astimezone(UTC).replace(tzinfo=None)
     rows = con.execute("""SELECT run_id FROM ledger WHERE target IN ('marketo', 'dynamics')
                           GROUP BY run_id
                           HAVING max(written_at) >= ? AND NOT bool_or(starts_with(COALESCE(rule, ''), 'rollback:'))
@@ -392,7 +400,13 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
     """GET exactly these records (in ``$batch`` calls of 100): their values and the etag of this read,
     which is what the write carries as If-Match."""
     from sync_pipeline.clients.dynamics import AuthenticationError, BatchRequest, DynamicsError
-    from sync_pipeline.engine.extract.dynamics import coerce_page, dynamics_value_expr, page_schema, dynamics_select, primary_key
+    from sync_pipeline.engine.extract.dynamics import (
+        coerce_page,
+        dynamics_select,
+        dynamics_value_expr,
+        page_schema,
+        primary_key,
+    )
 
     assert e.dynamics is not None
     select = ",".join(dynamics_select(e))
@@ -407,7 +421,7 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
             raise
         except DynamicsError:
             continue  # unreadable: every field of these records is skipped with the reason
-        for did, resp in zip(part, responses):
+        for did, resp in zip(part, responses, strict=False):  # a $batch that stopped early answers fewer
             if resp.status == 404:
                 out[did] = {"__gone__": True}
             elif 200 <= resp.status < 300 and isinstance(resp.body, dict):
@@ -420,7 +434,7 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
         cols = ", ".join(f"{dynamics_value_expr(e, f)} AS {qi(f.marketo)}" for f in e.all_fields)
         for row in scratch.execute(f'SELECT lower({qi(primary_key(e))}), "@odata.etag", {cols} '
                                    "FROM dy_page").fetchall():
-            out[row[0]] = {"__etag__": row[1], **dict(zip(names, row[2:]))}
+            out[row[0]] = {"__etag__": row[1], **dict(zip(names, row[2:], strict=True))}
     finally:
         scratch.unregister("dy_page")
     return out
@@ -516,16 +530,16 @@ def _write_marketo(config: SyncConfig, e: Entity, items: list[Item], client: Any
                   for _, its in chunk]
         try:
             if e.is_person:
-                payload = [{"id": int(its[0].marketo_id or 0), **v} for (_, its), v in zip(chunk, values)]
+                payload = [{"id": int(its[0].marketo_id or 0), **v} for (_, its), v in zip(chunk, values, strict=True)]
                 results = client.sync_leads(payload, action="updateOnly", lookup_field="id")
             else:
-                payload = [{e.marketo.key: did, **v} for (did, _), v in zip(chunk, values)]
+                payload = [{e.marketo.key: did, **v} for (did, _), v in zip(chunk, values, strict=True)]
                 results = client.upsert_objects(object_path(e), payload, action="updateOnly",
                                                 dedupe_by="dedupeFields")
         except MarketoError as exc:
             outcome.failed += [(it, f"Marketo {exc.code}: {exc.message}") for _, its in chunk for it in its]
             continue
-        for (_, its), res in zip(chunk, results):
+        for (_, its), res in zip(chunk, results, strict=True):
             if res.ok:
                 done += its
             else:
@@ -553,7 +567,7 @@ def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: An
         except MarketoError as exc:
             outcome.failed += [(it, f"Marketo {exc.code}: {exc.message}") for did in chunk for it in records[did]]
             continue
-        for did, res in zip(chunk, results):
+        for did, res in zip(chunk, results, strict=True):
             if res.ok:
                 done += records[did]
             else:
@@ -587,7 +601,7 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
         except DynamicsError as exc:
             outcome.failed += [(it, f"{type(exc).__name__}: {exc}") for _, its, _ in part for it in its]
             continue
-        for (did, its, _), resp in zip(part, responses):
+        for (did, its, _), resp in zip(part, responses, strict=False):  # fewer: stopped early
             if 200 <= resp.status < 300:
                 done += its
             elif resp.status == 412:
@@ -600,7 +614,7 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
                 err = resp.body.get("error", {}) if isinstance(resp.body, dict) else {}
                 outcome.failed += [(it, f"Dynamics {resp.status} {err.get('code', '')}: {err.get('message', '')}")
                                    for it in its]
-        for did, its, _ in part[len(responses):]:  # a batch that stopped early: not attempted
+        for _did, its, _ in part[len(responses):]:  # a batch that stopped early: not attempted
             outcome.failed += [(it, "Dynamics: not attempted (the batch stopped early)") for it in its]
     if changed:
         # 412: changed after the read, so skipped. Read again to show what is there now; a record that holds

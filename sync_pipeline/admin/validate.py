@@ -14,8 +14,9 @@ Plain Python, no Dagster.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from sync_pipeline.config.model import ConfigError, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import orgmeta

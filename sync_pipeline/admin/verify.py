@@ -15,9 +15,10 @@ fields are not mapped, so they are never compared.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -26,8 +27,8 @@ from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize, orgmeta
 from sync_pipeline.engine.extract import dynamics as dynamics_extract
 from sync_pipeline.engine.extract import marketo as marketo_extract
-from sync_pipeline.engine.store import state
 from sync_pipeline.engine.push.payloads import object_path
+from sync_pipeline.engine.store import state
 from sync_pipeline.engine.store.state import fcol, qi, sql_text
 
 RECORD = "(record)"  # the field of a Difference about a whole record missing on one side

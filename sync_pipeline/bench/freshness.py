@@ -19,9 +19,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sync_pipeline.bench.floor import COUNTED_CALLS
 from sync_pipeline.sandbox.runner import RemoteSandbox
@@ -45,6 +46,14 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def _arrived_in_marketo(remote: RemoteSandbox, person_id: int, field: str, value: str) -> Callable[[], bool]:
+    return lambda: remote.marketo_get_lead(person_id).get(field) == value
+
+
+def _arrived_in_dynamics(remote: RemoteSandbox, lead_id: str, column: str, value: str) -> Callable[[], bool]:
+    return lambda: remote.dynamics_get("lead", lead_id).get(column) == value
 
 
 def synced_lead_pairs(remote: RemoteSandbox, want: int) -> list[tuple[str, int]]:
@@ -129,13 +138,12 @@ def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float
                 if i % 2 == 0:
                     phone = f"+1 555 {stamp}"
                     remote.dynamics_update("lead", dynamics_id, {"telephone1": phone})
-                    check = (lambda pid=person_id, v=phone: remote.marketo_get_lead(pid).get("phone") == v)
-                    edit = Edit("dynamics", time.monotonic(), check)
+                    edit = Edit("dynamics", time.monotonic(), _arrived_in_marketo(remote, person_id, "phone", phone))
                 else:
                     title = f"Freshness {stamp}"
                     remote.marketo_update_lead(person_id, {"title": title})
-                    check = (lambda did=dynamics_id, v=title: remote.dynamics_get("lead", did).get("jobtitle") == v)
-                    edit = Edit("marketo", time.monotonic(), check)
+                    edit = Edit("marketo", time.monotonic(),
+                                _arrived_in_dynamics(remote, dynamics_id, "jobtitle", title))
                 with lock:
                     edits.append(edit)
             last_edit = time.monotonic()
@@ -157,7 +165,7 @@ def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float
     counted = {s: calls.get(k, 0) for s, k in COUNTED_CALLS.items()}
 
     def stat(q: float, side: str | None = None) -> float | None:
-        values = [lat for lat, e in zip(latencies, edits) if side in (None, e.side)]
+        values = [lat for lat, e in zip(latencies, edits, strict=True) if side in (None, e.side)]
         v = percentile(values, q)
         return None if v is None or math.isinf(v) else round(v, 1)
 

@@ -17,9 +17,10 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 
@@ -95,7 +96,7 @@ class CpuTimes:
         t = proc.cpu_times()
         return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
 
-    def __enter__(self) -> "CpuTimes":
+    def __enter__(self) -> CpuTimes:
         self._start = {k: self._cpu(p) for k, p in self._procs.items()}
         return self
 
@@ -121,7 +122,7 @@ class PeakRss:
             if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.peak = self._proc.memory_info().rss
         self._thread.start()
         return self

@@ -175,7 +175,7 @@ def chart(latest: dict[str, Any], path: Path) -> None:
     panels = (("seconds", "wall time (s)"), ("records_per_second", "records read / s"),
               ("peak_rss_mb", "peak RSS of the pipeline (MB)"), ("calls", "API calls"))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
-    for (metric, label), ax in zip(panels, axes.flat):
+    for (metric, label), ax in zip(panels, axes.flat, strict=True):
         for scenario, marker in CHART_SCENARIOS:
             points = [(size[s], latest["scales"][s]["scenarios"][scenario]) for s in scales
                       if scenario in latest["scales"][s]["scenarios"]]

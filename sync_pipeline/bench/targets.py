@@ -5,7 +5,8 @@ A target whose measurement is absent (a scale or scenario not run yet) is "not m
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 GIB_MB = 1024.0
 
@@ -38,33 +39,34 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 Row = tuple[str, str, Callable[[dict[str, Any]], Any], float, str, str]
 
 
+def _at(scale: str, scenario: str, *path: str) -> Callable[[dict[str, Any]], Any]:
+    """Reads one measurement (``_get``) from the record it is given."""
+    return lambda latest: _get(latest, scale, scenario, *path)
+
+
 def _rows(latest: dict[str, Any]) -> list[Row]:
     rows: list[Row] = [
-        ("initial copy, limits off, end to end", "large",
-         lambda l: _get(l, "large", "initial", "records_per_second"), 20_000, "min", "rec/s")]
+        ("initial copy, limits off, end to end", "large", _at("large", "initial", "records_per_second"), 20_000,
+         "min", "rec/s")]
     for scale in ("small", "medium", "large"):
         rows.append(("pipeline CPU per 100k records, initial copy", scale,
-                     lambda l, s=scale: _get(l, s, "initial", "cpu", "pipeline_per_100k_records"), 3.0, "max", "s"))
+                     _at(scale, "initial", "cpu", "pipeline_per_100k_records"), 3.0, "max", "s"))
     rows += [
-        ("peak RSS of the pipeline process", "large", lambda l: _peak_rss(l, "large"), GIB_MB, "max", "MB"),
-        ("peak RSS, large / medium", "large", lambda l: _ratio(_peak_rss(l, "large"), _peak_rss(l, "medium")),
-         1.2, "max", "x")]
+        ("peak RSS of the pipeline process", "large", lambda rec: _peak_rss(rec, "large"), GIB_MB, "max", "MB"),
+        ("peak RSS, large / medium", "large",
+         lambda rec: _ratio(_peak_rss(rec, "large"), _peak_rss(rec, "medium")), 1.2, "max", "x")]
     for scale in ("small", "medium", "large"):
-        rows.append(("1,000 changes, incremental", scale,
-                     lambda l, s=scale: _get(l, s, "incremental", "seconds"), 3.0, "max", "s"))
+        rows.append(("1,000 changes, incremental", scale, _at(scale, "incremental", "seconds"), 3.0, "max", "s"))
     rows += [
         ("1,000 changes, large / small", "large",
-         lambda l: _ratio(_get(l, "large", "incremental", "seconds"), _get(l, "small", "incremental", "seconds")),
+         lambda rec: _ratio(_get(rec, "large", "incremental", "seconds"), _get(rec, "small", "incremental", "seconds")),
          1.5, "max", "x"),
-        ("Marketo calls, initial copy", "large", lambda l: _get(l, "large", "initial", "api", "marketo_calls"),
-         1000, "max", "calls"),
+        ("Marketo calls, initial copy", "large", _at("large", "initial", "api", "marketo_calls"), 1000, "max", "calls"),
         ("Marketo calls to absorb the copy's echo (settle run)", "large",
-         lambda l: _get(l, "large", "settle_after_initial", "api", "marketo_calls"), 50, "max", "calls")]
+         _at("large", "settle_after_initial", "api", "marketo_calls"), 50, "max", "calls")]
     for scale in ("small", "medium", "large"):
-        rows += [("idle cycle calls", scale, lambda l, s=scale: _get(l, s, "idle", "api", "total"), 10, "max",
-                  "calls"),
-                 ("idle sensor tick calls", scale, lambda l, s=scale: _get(l, s, "idle_sensor_tick", "http_calls"),
-                  3, "max", "calls")]
+        rows += [("idle cycle calls", scale, _at(scale, "idle", "api", "total"), 10, "max", "calls"),
+                 ("idle sensor tick calls", scale, _at(scale, "idle_sensor_tick", "http_calls"), 3, "max", "calls")]
     for scale in ("small", "medium", "large"):
         rows.append(("realistic profile, time / API-budget floor", scale, _realistic_ratio(scale), 1.10, "max", "x"))
     rows.append(("edit-to-other-side p95, daemon + sensor, realistic, steady edits",

@@ -20,9 +20,10 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -172,7 +173,7 @@ class DynamicsClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "DynamicsClient":
+    def __enter__(self) -> DynamicsClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

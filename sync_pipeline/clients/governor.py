@@ -15,9 +15,10 @@ import logging
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
-from typing import Any, ContextManager, Iterator, Protocol
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Protocol
 
 try:
     from zoneinfo import ZoneInfo
@@ -37,7 +38,7 @@ class CallBudget(Protocol):
     max_concurrent: int
     daily_quota: int
 
-    def slot(self) -> ContextManager[None]: ...
+    def slot(self) -> AbstractContextManager[None]: ...
     def halted_until(self) -> datetime | None: ...
     def halt(self, until: datetime | None = None) -> datetime: ...
     def pause(self, seconds: float) -> None: ...
@@ -51,9 +52,9 @@ def window_safety(window_seconds: float) -> float:
 
 
 def next_quota_reset(now: datetime | None = None) -> datetime:
-    local = (now or datetime.now(timezone.utc)).astimezone(_CENTRAL)
+    local = (now or datetime.now(UTC)).astimezone(_CENTRAL)
     midnight = datetime(local.year, local.month, local.day, tzinfo=_CENTRAL) + timedelta(days=1)
-    return midnight.astimezone(timezone.utc)
+    return midnight.astimezone(UTC)
 
 
 class RateGovernor:
@@ -86,7 +87,7 @@ class RateGovernor:
     # ------------------------------------------------------------------ quota state
     def halted_until(self) -> datetime | None:
         with self._lock:
-            if self._halted_until is not None and datetime.now(timezone.utc) >= self._halted_until:
+            if self._halted_until is not None and datetime.now(UTC) >= self._halted_until:
                 self._halted_until = None
             return self._halted_until
 
@@ -131,7 +132,7 @@ class RateGovernor:
                 if wait <= 0:
                     break
                 self._lock.wait(timeout=wait)
-            utc = datetime.now(timezone.utc)
+            utc = datetime.now(UTC)
             if utc >= self._day_reset:
                 self._day_reset, self.daily_calls = next_quota_reset(utc), 0
             if self.daily_calls >= self.daily_quota:

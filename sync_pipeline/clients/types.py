@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # Marketo's standard objects by their API names and aliases -> REST path under /rest/v1 (anything else is a
 # custom object, ``customobjects/<apiName>``).
 MARKETO_OBJECT_PATHS = {"companies": "companies", "company": "companies", "opportunities": "opportunities",

@@ -29,7 +29,8 @@ GET    /marketo/<object>                     ``{"count", "rows"}`` (``?limit=``)
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -96,7 +97,7 @@ def _lead_id(req: Request) -> int:
         raise ValueError(f"Marketo lead id must be an integer, got {req.params['id']!r}") from None
 
 
-def unmatched_fault_patterns(sandbox: "Sandbox", rules: list[Any]) -> list[str]:
+def unmatched_fault_patterns(sandbox: Sandbox, rules: list[Any]) -> list[str]:
     """Patterns of fault rules that match none of the sandbox's API routes (bad rules raise ValueError: 400)."""
     import fnmatch
 
@@ -106,7 +107,7 @@ def unmatched_fault_patterns(sandbox: "Sandbox", rules: list[Any]) -> list[str]:
     return [r.pattern for r in parse_fault_rules(rules) if not any(fnmatch.fnmatchcase(n, r.pattern) for n in names)]
 
 
-def make_admin_app(sandbox: "Sandbox") -> App:
+def make_admin_app(sandbox: Sandbox) -> App:
     app = App("admin")
     sb = sandbox
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 
 class Clock:
@@ -13,7 +13,7 @@ class Clock:
 
     def now(self) -> datetime:
         with self._lock:
-            return datetime.now(timezone.utc) + self._offset
+            return datetime.now(UTC) + self._offset
 
     def advance(self, seconds: float) -> None:
         """Move sandbox time forward (token expiry, delta-token retention, daily quotas)."""
@@ -26,4 +26,4 @@ class Clock:
 
 def iso(dt: datetime) -> str:
     """Dataverse/Marketo style UTC timestamp with a Z suffix and whole seconds."""
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

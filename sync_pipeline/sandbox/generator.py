@@ -20,13 +20,21 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from sync_pipeline.sandbox import generator_pools as pools
 from sync_pipeline.sandbox.marketo.assets import generate_assets
-from sync_pipeline.sandbox.schema import FILTER_COLUMN, STANDARD_TABLES, Column, SandboxSchema, Table, load_schema
+from sync_pipeline.sandbox.schema import (
+    FILTER_COLUMN,
+    STANDARD_TABLES,
+    Column,
+    SandboxSchema,
+    Table,
+    load_schema,
+)
 
 Row = dict[str, Any]
 Chunk = tuple[str, str, list[Row]]  # (system "dynamics" | "marketo", table or object name, rows)
@@ -629,7 +637,7 @@ def _marketo_accounts(org: _Org, seed: int) -> tuple[list[Row], list[Row], list[
     """(companies, opportunities, roles); their own random stream, so the records above do not depend on them."""
     rng = random.Random(f"companies:{seed}")
     rnd = rng.random
-    timeline = Timeline(rng, datetime.fromtimestamp(org.time.end, timezone.utc), org.time.span / DAY)
+    timeline = Timeline(rng, datetime.fromtimestamp(org.time.end, UTC), org.time.span / DAY)
     n = len(org.marketo_history)
     people: dict[str, list[int]] = {}
     slugs: dict[str, str] = {}
@@ -679,7 +687,7 @@ def _marketo_assets(org: _Org, seed: int) -> list[Row]:
     """Programs, folders, tokens, smart campaigns, static lists (members among the generated persons),
     emails and segmentations; their own random stream, so the records above do not depend on them."""
     rng = random.Random(f"assets:{seed}")
-    timeline = Timeline(rng, datetime.fromtimestamp(org.time.end, timezone.utc), org.time.span / DAY)
+    timeline = Timeline(rng, datetime.fromtimestamp(org.time.end, UTC), org.time.span / DAY)
     n = len(org.marketo_history)
     rows = generate_assets(rng, n, timeline.stamps)
     for row in rows:
@@ -696,7 +704,7 @@ def generate(scale: str | Scale, seed: int = 0, now: datetime | None = None, *, 
              schema: SandboxSchema | None = None) -> Iterator[Chunk]:
     """Stream an org as ``(system, table_or_object, rows)`` chunks, referenced tables first."""
     spec = resolve_scale(scale)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("generator: `now` must be timezone-aware (UTC)")
     org = _Org(spec, seed, now, window_days, schema or load_schema())

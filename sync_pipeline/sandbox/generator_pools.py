@@ -6,7 +6,7 @@ addresses, so "Zoë" writes as ``zoe`` and "O'Brien" as ``obrien``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 Pool = tuple[tuple[str, str], ...]
 

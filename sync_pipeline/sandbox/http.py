@@ -7,6 +7,7 @@ replace any response with a fault before the handler runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -14,9 +15,10 @@ import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from sync_pipeline.sandbox.faults import Fault, FaultInjector
@@ -55,7 +57,7 @@ class Response:
     close: bool = False  # drop the connection without writing anything
 
     @classmethod
-    def json(cls, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> "Response":
+    def json(cls, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
         body = json.dumps(payload, separators=(",", ":"), default=str).encode("utf-8")
         h = {"Content-Type": "application/json; charset=utf-8"}
         h.update(headers or {})
@@ -63,7 +65,7 @@ class Response:
 
     @classmethod
     def text(cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8",
-             headers: dict[str, str] | None = None) -> "Response":
+             headers: dict[str, str] | None = None) -> Response:
         h = {"Content-Type": content_type}
         h.update(headers or {})
         return cls(status, text.encode("utf-8"), h)
@@ -188,10 +190,8 @@ def _make_handler(app: App) -> type[BaseHTTPRequestHandler]:
                 resp = Response.json({"error": {"code": "0x80040216", "message": f"Sandbox error: {exc!r}"}}, 500)
             if resp.close:
                 self.close_connection = True
-                try:
+                with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 return
             self.send_response(resp.status)
             for k, v in resp.headers.items():
@@ -245,7 +245,7 @@ class SandboxServer:
         host = "localhost" if self.scheme == "https" else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
-    def start(self) -> "SandboxServer":
+    def start(self) -> SandboxServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"sandbox-{self.app.service}", daemon=True)
         self._thread.start()
@@ -257,7 +257,7 @@ class SandboxServer:
         if self._thread:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -15,8 +15,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from sync_pipeline.sandbox.admin import AdminClient, make_admin_app
 from sync_pipeline.sandbox.clock import Clock
@@ -85,7 +87,7 @@ class Sandbox:
         return f"Sandbox({str(self.state_dir)!r}, profile={self.profile!r}, tls={self.tls}, {state})"
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "Sandbox":
+    def start(self) -> Sandbox:
         server_ctx = self.ca.server_context()
         self.dynamics.start(self.host, identity_ssl=server_ctx, api_ssl=server_ctx if self.tls else None,
                             api_port=self.ports["dynamics"], identity_port=self.ports["identity"])
@@ -106,7 +108,7 @@ class Sandbox:
                 self._admin.stop()
                 self._admin = None
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -216,7 +218,7 @@ class Sandbox:
 
     def dynamics_rows(self, table: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = self.dynamics.store.rows(table)
-        return [row for _, row in zip(range(limit), rows)]
+        return list(islice(rows, limit))
 
     def dynamics_get(self, table: str, record_id: str) -> dict[str, Any]:
         row = self.dynamics.store.get(table, record_id)
@@ -273,7 +275,7 @@ class Sandbox:
     def marketo_rows(self, object_name: str, limit: int = 100) -> list[dict[str, Any]]:
         source = self.marketo.store.leads() if object_name in ("lead", "leads") else \
             self.marketo.store.objects(object_name)
-        return [row for _, row in zip(range(limit), source)]
+        return list(islice(source, limit))
 
 
 def _add_latency(app: App, seconds: float) -> None:
@@ -327,7 +329,7 @@ class RemoteSandbox(AdminClient):
                 self.process.kill()
                 return self.process.wait(5)
 
-    def __enter__(self) -> "RemoteSandbox":
+    def __enter__(self) -> RemoteSandbox:
         return self
 
     def __exit__(self, *exc: Any) -> None:

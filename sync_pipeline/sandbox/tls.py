@@ -11,11 +11,11 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import ssl
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -66,7 +66,7 @@ class SandboxCA:
     ca_key_path: Path
 
     @classmethod
-    def create(cls, directory: str | Path) -> "SandboxCA":
+    def create(cls, directory: str | Path) -> SandboxCA:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         ca = cls(directory, directory / "ca.pem", directory / "ca-key.pem")
@@ -78,7 +78,7 @@ class SandboxCA:
     def _generate_ca(self) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sync-pipeline sandbox CA")])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + _VALIDITY)
@@ -105,7 +105,7 @@ class SandboxCA:
         ca_key = _load_key(self.ca_key_path)
         ca_cert = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
                 .issuer_name(ca_cert.subject).public_key(key.public_key())

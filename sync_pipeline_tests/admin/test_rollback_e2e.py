@@ -6,13 +6,14 @@ records, picked from the identity map, so the tests do not see each other's edit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from sync_pipeline.engine.store import state
 from sync_pipeline.admin import rollback as rb
+from sync_pipeline.engine.store import state
 from sync_pipeline.sandbox.runner import Sandbox
 
 
@@ -288,12 +289,12 @@ def test_every_one_way_object_records_its_true_before_value_and_is_restored(worl
         assert row.get(fld) is not None, (obj, did)  # a real value: NULL is what the ledger used to say
         picked.append((did, key, obj, fld, value, row.get(fld)))
     run = world.run()
-    for did, key, obj, fld, value, before in picked:
+    for did, _key, obj, fld, value, before in picked:
         written = [w for w in world.writes(run, did) if w[2] == fld]
         assert written == [("marketo", "update", fld, before, value)], (obj, written)
     items, outcome = world.rollback(run)
     assert not outcome.failed
-    for did, key, obj, fld, value, before in picked:
+    for did, key, obj, fld, _value, before in picked:
         assert _item(items, did, fld).action == rb.RESTORE
         row = next(r for r in sb.marketo_rows(obj, limit=1_000_000) if str(r.get(key)).lower() == did)
         assert row.get(fld) == before, obj

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
+from sync_pipeline.admin.verify import RECORD, Difference, compare
 from sync_pipeline.clients.dynamics import DynamicsClient
 from sync_pipeline.clients.marketo import MarketoClient
 from sync_pipeline.config.model import load_config
-from sync_pipeline.admin.verify import RECORD, Difference, compare
 
 
 @pytest.fixture

@@ -7,10 +7,22 @@ import json
 import math
 from pathlib import Path
 
-from sync_pipeline.bench.floor import (API_BUDGET, COUNTED_CALLS, DYNAMICS_EXECUTION_BUDGET, DYNAMICS_EXECUTION_MS,
-                                       budget_floor, execution_floor_seconds)
+from sync_pipeline.bench.floor import (
+    API_BUDGET,
+    COUNTED_CALLS,
+    DYNAMICS_EXECUTION_BUDGET,
+    DYNAMICS_EXECUTION_MS,
+    budget_floor,
+    execution_floor_seconds,
+)
 from sync_pipeline.bench.freshness import percentile
-from sync_pipeline.bench.pipeline import asset_parts, http_requests, is_extract, is_marketo_push, marketo_calls
+from sync_pipeline.bench.pipeline import (
+    asset_parts,
+    http_requests,
+    is_extract,
+    is_marketo_push,
+    marketo_calls,
+)
 from sync_pipeline.bench.report import markdown, merge_latest
 from sync_pipeline.bench.targets import evaluate
 

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import msal
 import pytest
 
-from sync_pipeline.clients.dynamics import (AuthenticationError, BatchRequest, DeltaTokenExpired, DynamicsClient,
-                                            DynamicsError, PreconditionFailed, RecordNotFound, TransientError,
-                                            filter_eq, odata_literal)
+from sync_pipeline.clients.dynamics import (
+    AuthenticationError,
+    BatchRequest,
+    DeltaTokenExpired,
+    DynamicsClient,
+    DynamicsError,
+    PreconditionFailed,
+    RecordNotFound,
+    TransientError,
+    filter_eq,
+    odata_literal,
+)
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.sandbox.clock import Clock
 from sync_pipeline.sandbox.dynamics import DynamicsSandbox
@@ -62,9 +72,9 @@ def test_unmodified_msal_gets_a_token(sb: DynamicsSandbox, ca: SandboxCA, monkey
 
 
 def test_tls_refused_without_ca_bundle_accepted_with_it(sb: DynamicsSandbox, ca: SandboxCA) -> None:
-    with DynamicsClient(sb.api_url, sb.authority, sb.client_id, sb.client_secret, max_retries=0) as untrusting:
-        with pytest.raises(AuthenticationError) as info:
-            untrusting.whoami()
+    with (DynamicsClient(sb.api_url, sb.authority, sb.client_id, sb.client_secret, max_retries=0) as untrusting,
+          pytest.raises(AuthenticationError) as info):
+        untrusting.whoami()
     assert "CERTIFICATE_VERIFY_FAILED" in str(info.value) and sb.client_secret not in str(info.value)
     with DynamicsClient(sb.api_url, sb.authority, sb.client_id, sb.client_secret, verify=str(ca.ca_path)) as trusting:
         assert trusting.whoami()["UserId"] == sb.app_user_id

@@ -10,7 +10,8 @@ an unbound action with ``Target``, ``Subordinate`` (both with ``@odata.type``), 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest

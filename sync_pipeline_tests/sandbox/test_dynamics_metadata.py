@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest

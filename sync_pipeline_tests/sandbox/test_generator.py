@@ -3,7 +3,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,7 +16,7 @@ from sync_pipeline.sandbox.marketo import MarketoSandbox
 from sync_pipeline.sandbox.marketo.store import MarketoStore
 from sync_pipeline.sandbox.schema import load_schema
 
-NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 GUID = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 TARGET = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 

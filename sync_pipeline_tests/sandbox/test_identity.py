@@ -8,7 +8,7 @@ answer ``127.0.0.1`` to a client that asked ``127.0.0.1`` and ``localhost`` to o
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import msal

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -25,8 +26,8 @@ from sync_pipeline.clients.governor import RateGovernor
 from sync_pipeline.clients.marketo import MarketoClient
 from sync_pipeline.sandbox.clock import Clock, iso
 from sync_pipeline.sandbox.dynamics import DynamicsSandbox
-from sync_pipeline.sandbox.dynamics.server import COUNTED as DYN_COUNTED
 from sync_pipeline.sandbox.dynamics.server import BATCH_PARTS, EXECUTION_MS
+from sync_pipeline.sandbox.dynamics.server import COUNTED as DYN_COUNTED
 from sync_pipeline.sandbox.marketo import MarketoSandbox
 from sync_pipeline.sandbox.marketo.server import COUNTED as MKTO_COUNTED
 from sync_pipeline.sandbox.schema import load_schema

@@ -10,8 +10,9 @@ override and the generated history, written from Adobe's Marketo Engage develope
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ from sync_pipeline.sandbox.generator import populate
 from sync_pipeline.sandbox.marketo import MarketoSandbox
 
 NO_ASSETS = "No assets found for the given search criteria."
-NOW = datetime(2026, 6, 1, 12, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ sync-filter column present or not; the generator fills exactly what the file dec
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from sync_pipeline.sandbox.runner import spawn_sandbox
 from sync_pipeline.sandbox.schema import SandboxConfigError, load_schema
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "sandbox-schema.example.yaml"
-NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def _rows(schema) -> dict[str, list[dict]]:  # noqa: ANN001

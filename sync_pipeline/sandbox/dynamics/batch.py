@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Callable
 
 from sync_pipeline.sandbox.dynamics.store import DataverseFault, DynamicsStore
 from sync_pipeline.sandbox.http import Response

@@ -29,8 +29,9 @@ companions, no alternate keys, no many-to-many relationships.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from xml.sax.saxutils import escape
 
 from sync_pipeline.sandbox.schema import Column, Table

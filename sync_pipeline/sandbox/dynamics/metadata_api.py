@@ -13,7 +13,7 @@ relationships and global option sets, with ``$select``, ``$filter`` and ``$expan
 from __future__ import annotations
 
 import re
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sync_pipeline.sandbox.dynamics import metadata as md
 from sync_pipeline.sandbox.dynamics.odata import ODataError, compile_filter
@@ -33,7 +33,7 @@ ATTRIBUTE_KEY = rf"Attributes\((?:LogicalName='(?P<attr>[^']+)'|(?P<attr_id>{_GU
 _REL_COLLECTIONS = ("ManyToOneRelationships", "OneToManyRelationships", "ManyToManyRelationships", "Keys")
 
 
-def routes(sb: "DynamicsSandbox") -> list[tuple[str, str, Any]]:
+def routes(sb: DynamicsSandbox) -> list[tuple[str, str, Any]]:
     """(pattern, route name, handler); registered before the generic entity-set routes."""
     api = MetadataApi(sb)
     return [
@@ -126,7 +126,7 @@ def apply_options(docs: list[dict[str, Any]], options: dict[str, str | None], ki
     return docs, names
 
 
-def _context(sb: "DynamicsSandbox", path: str, names: list[str] | None, entity: bool = False) -> str:
+def _context(sb: DynamicsSandbox, path: str, names: list[str] | None, entity: bool = False) -> str:
     sel = f"({','.join(names)})" if names else ""
     return f"{sb.api_url}/api/data/v9.2/$metadata#{path}{sel}{'/$entity' if entity else ''}"
 
@@ -136,7 +136,7 @@ def _json(body: dict[str, Any]) -> Response:
 
 
 class MetadataApi:
-    def __init__(self, sb: "DynamicsSandbox"):
+    def __init__(self, sb: DynamicsSandbox):
         self.sb = sb
 
     @property

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sync_pipeline.sandbox.dynamics.odata import normalize_datetime
 from sync_pipeline.sandbox.dynamics.store import LOOKUP_TARGET, DataverseFault, DynamicsStore, Row

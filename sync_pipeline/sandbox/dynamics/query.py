@@ -12,15 +12,22 @@ import base64
 import json
 import re
 from bisect import bisect_right
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
 from sync_pipeline.sandbox.clock import Clock
 from sync_pipeline.sandbox.dynamics.odata import ODataError, compile_filter, parse_orderby, parse_select
 from sync_pipeline.sandbox.dynamics.store import DataverseFault, DynamicsStore, Row
-from sync_pipeline.sandbox.dynamics.wire import (ODATA_HEADERS, RowRenderer, column_kinds, error, prefer,
-                                                 table_for_set, wants_annotations)
+from sync_pipeline.sandbox.dynamics.wire import (
+    ODATA_HEADERS,
+    RowRenderer,
+    column_kinds,
+    error,
+    prefer,
+    table_for_set,
+    wants_annotations,
+)
 from sync_pipeline.sandbox.http import Request, Response
 from sync_pipeline.sandbox.schema import Table
 
@@ -76,7 +83,7 @@ def _parse_delta_token(ctx: ApiContext, token: str, table: Table) -> int:
     try:
         version_text, stamp = token.split("!", 1)
         version = int(version_text)
-        issued = datetime.strptime(stamp, "%m/%d/%Y %H:%M:%S").replace(tzinfo=timezone.utc)
+        issued = datetime.strptime(stamp, "%m/%d/%Y %H:%M:%S").replace(tzinfo=UTC)
     except ValueError:
         raise expired from None
     age = (ctx.clock.now() - issued).total_seconds()

@@ -41,12 +41,13 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from sync_pipeline.sandbox.clock import Clock
 from sync_pipeline.sandbox.dynamics import batch, metadata, metadata_api, query, writes
-from sync_pipeline.sandbox.dynamics.store import DataverseFault, DynamicsStore
+from sync_pipeline.sandbox.dynamics.store import DynamicsStore
 from sync_pipeline.sandbox.dynamics.wire import ODATA_HEADERS, error, guarded, prefer
 from sync_pipeline.sandbox.faults import Fault
 from sync_pipeline.sandbox.http import App, Request, Response, SandboxServer
@@ -130,7 +131,7 @@ class DynamicsSandbox:
 
     def start(self, host: str = "127.0.0.1", identity_ssl: ssl.SSLContext | None = None,
               api_ssl: ssl.SSLContext | None = None, *, api_port: int = 0,
-              identity_port: int = 0) -> "DynamicsSandbox":
+              identity_port: int = 0) -> DynamicsSandbox:
         if identity_ssl is None:
             raise ValueError("DynamicsSandbox.start needs identity_ssl: MSAL only talks to HTTPS authorities")
         self._identity_server = SandboxServer(self.identity_app, host, identity_port, identity_ssl)
@@ -146,7 +147,7 @@ class DynamicsSandbox:
             if server is not None:
                 server.stop()
 
-    def __enter__(self) -> "DynamicsSandbox":
+    def __enter__(self) -> DynamicsSandbox:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -17,10 +17,11 @@ import threading
 import uuid
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cmp_to_key
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from sync_pipeline.sandbox.clock import Clock, iso
 from sync_pipeline.sandbox.schema import SandboxSchema, Table
@@ -80,7 +81,7 @@ def _make_keyer(orderby: list[tuple[str, bool]], pk: str) -> tuple[Callable, Cal
         return raw_of, raw_of, from_raw_plain
 
     def cmp(a: tuple, b: tuple) -> int:
-        for x, y, desc in zip(a, b, descending):
+        for x, y, desc in zip(a, b, descending, strict=True):
             if x != y:
                 result = -1 if x < y else 1
                 return -result if desc else result

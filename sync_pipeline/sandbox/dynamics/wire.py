@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Callable
+from typing import Any
 
 from sync_pipeline.sandbox.dynamics.odata import ODataError
 from sync_pipeline.sandbox.dynamics.store import LOOKUP_TARGET, DataverseFault, DynamicsStore, Row
 from sync_pipeline.sandbox.http import Request, Response
-from sync_pipeline.sandbox.schema import Column, Table
+from sync_pipeline.sandbox.schema import Table
 
 API_PREFIX = "/api/data/v9.2/"
 ODATA_HEADERS = {"OData-Version": "4.0"}
@@ -126,7 +127,7 @@ class RowRenderer:
             values = self._project(row)
         except KeyError:  # a row without some selected columns: they read as null
             values = self._project({**self._blank, **row})
-        out = dict(zip(self._keys, (f'W/"{row.get("versionnumber", 0)}"', *values)))
+        out = dict(zip(self._keys, (f'W/"{row.get("versionnumber", 0)}"', *values), strict=True))
         if not self._plain:
             self._annotate(row, out)
         return out

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from sync_pipeline.sandbox.dynamics.payload import is_guid, parse_body
 from sync_pipeline.sandbox.dynamics.query import ApiContext, _columns
 from sync_pipeline.sandbox.dynamics.store import DataverseFault, Row
-from sync_pipeline.sandbox.dynamics.wire import ODATA_HEADERS, RowRenderer, column_kinds, prefer, table_for_set
+from sync_pipeline.sandbox.dynamics.wire import (
+    ODATA_HEADERS,
+    RowRenderer,
+    column_kinds,
+    prefer,
+    table_for_set,
+)
 from sync_pipeline.sandbox.http import Request, Response
 from sync_pipeline.sandbox.schema import Table
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 from bisect import bisect_left
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from sync_pipeline.sandbox.clock import Clock, iso
 

@@ -13,8 +13,15 @@ from typing import TYPE_CHECKING, Any
 from sync_pipeline.sandbox.http import Request, Response
 from sync_pipeline.sandbox.marketo.assets import DEFAULT_RETURN, MAX_RETURN, NO_ASSETS
 from sync_pipeline.sandbox.marketo.validation import to_iso
-from sync_pipeline.sandbox.marketo.wire import (ApiError, batch_size, csv_list, decode_offset, encode_offset, ok,
-                                                params)
+from sync_pipeline.sandbox.marketo.wire import (
+    ApiError,
+    batch_size,
+    csv_list,
+    decode_offset,
+    encode_offset,
+    ok,
+    params,
+)
 
 if TYPE_CHECKING:
     from sync_pipeline.sandbox.marketo.server import MarketoSandbox
@@ -67,7 +74,7 @@ def _page(rows: list[dict[str, Any]], p: dict[str, str]) -> list[dict[str, Any]]
     return rows[offset:offset + size]
 
 
-def register(sb: "MarketoSandbox") -> None:
+def register(sb: MarketoSandbox) -> None:
     app, assets = sb.app, sb.store.assets
 
     def browse_for(kind: str) -> Any:

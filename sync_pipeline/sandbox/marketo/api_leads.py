@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from sync_pipeline.sandbox.http import Request, Response
-from sync_pipeline.sandbox.marketo.activities import (ACTIVITY_TYPES, CHANGE_DATA_VALUE, DELETE_LEAD, NEW_LEAD,
-                                                      InvalidToken, decode_token)
+from sync_pipeline.sandbox.marketo.activities import (
+    ACTIVITY_TYPES,
+    CHANGE_DATA_VALUE,
+    DELETE_LEAD,
+    NEW_LEAD,
+    InvalidToken,
+    decode_token,
+)
 from sync_pipeline.sandbox.marketo.store import LEAD_ACTIONS
 from sync_pipeline.sandbox.marketo.validation import to_iso
-from sync_pipeline.sandbox.marketo.wire import (MAX_BATCH, ApiError, batch_size, csv_list, decode_offset,
-                                                encode_offset, input_list, json_body, ok, params, partial_failer)
+from sync_pipeline.sandbox.marketo.wire import (
+    MAX_BATCH,
+    ApiError,
+    batch_size,
+    csv_list,
+    decode_offset,
+    encode_offset,
+    input_list,
+    json_body,
+    ok,
+    params,
+    partial_failer,
+)
 
 if TYPE_CHECKING:
     from sync_pipeline.sandbox.marketo.server import MarketoSandbox
@@ -21,7 +39,7 @@ MAX_MERGE = 25
 SCAN_WINDOW = 10_000  # activities examined per call; a page may be short with moreResult true
 
 
-def register(sb: "MarketoSandbox") -> None:
+def register(sb: MarketoSandbox) -> None:
     app, store = sb.app, sb.store
     lead = store.lead_object
 
@@ -178,8 +196,9 @@ def register(sb: "MarketoSandbox") -> None:
         results: list[dict[str, Any]] = []
         with store.lock:
             log = store.activities
-            position = min(position, len(log))
-            for position, item in log.scan(position, SCAN_WINDOW):
+            start = position = min(position, len(log))
+            for after, item in log.scan(start, SCAN_WINDOW):
+                position = after
                 if lead_ids and item["leadId"] not in lead_ids:
                     continue
                 shaped = pick(item)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from sync_pipeline.sandbox.http import Request, Response
 from sync_pipeline.sandbox.marketo.objects import ObjectTable
-from sync_pipeline.sandbox.marketo.wire import (MAX_BATCH, ApiError, batch_size, csv_list, decode_offset,
-                                                encode_offset, input_list, json_body, ok, params, partial_failer)
+from sync_pipeline.sandbox.marketo.wire import (
+    MAX_BATCH,
+    ApiError,
+    batch_size,
+    csv_list,
+    decode_offset,
+    encode_offset,
+    input_list,
+    json_body,
+    ok,
+    params,
+    partial_failer,
+)
 from sync_pipeline.sandbox.schema import MObject
 
 if TYPE_CHECKING:
@@ -79,7 +91,7 @@ def _query(table: ObjectTable, req: Request, lock: Any) -> Response:
     return ok(result, **extra)
 
 
-def register(sb: "MarketoSandbox") -> None:
+def register(sb: MarketoSandbox) -> None:
     app, store = sb.app, sb.store
 
     def writes(table_of: Callable[[Request], ObjectTable]) -> tuple[Callable, Callable, Callable, Callable]:

@@ -33,7 +33,7 @@ DATA_TYPES = {"string": 255, "text": 65535, "email": 255, "phone": 255, "url": 2
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
 
 
-def register(sb: "MarketoSandbox") -> None:
+def register(sb: MarketoSandbox) -> None:
     app, store = sb.app, sb.store
 
     @app.route("POST", r"/rest/v1/leads/schema/fields\.json", "marketo.leads.schema.create")

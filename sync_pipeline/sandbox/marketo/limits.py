@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from sync_pipeline.sandbox.clock import Clock
@@ -34,7 +34,7 @@ except Exception:  # pragma: no cover - no tz database on this host
 def next_central_midnight(now: datetime) -> datetime:
     local = now.astimezone(CENTRAL)
     midnight = datetime(local.year, local.month, local.day, tzinfo=CENTRAL) + timedelta(days=1)
-    return midnight.astimezone(timezone.utc)
+    return midnight.astimezone(UTC)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class MarketoLimits:
     bulk_processing_seconds: float = 0.0  # sandbox time a bulk job spends Processing/Importing
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> "MarketoLimits":
+    def from_dict(cls, raw: dict[str, Any] | None) -> MarketoLimits:
         raw = dict(raw or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)

@@ -8,7 +8,8 @@ input record, in order, with ``seq``, ``status`` and record-level ``reasons``.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from sync_pipeline.sandbox.clock import Clock, iso
 from sync_pipeline.sandbox.marketo.validation import validate_record
@@ -175,7 +176,7 @@ class ObjectTable:
         id_field = self.obj.id_field
         if by_id:
             if action != "updateOnly":
-                return skip({"code": "1003", "message": f"dedupeBy idField is only allowed with updateOnly"})
+                return skip({"code": "1003", "message": "dedupeBy idField is only allowed with updateOnly"})
             key = self.parse_key(record.get(id_field))
             marker: Any = ("id", key)
             matches = [key] if key in self.rows else []

@@ -38,7 +38,6 @@ from sync_pipeline.sandbox.marketo.store import MarketoStore
 from sync_pipeline.sandbox.marketo.wire import ERROR_MESSAGES, ApiError, error
 from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
-
 # Calls the rate/quota gate admitted (counted only while limits are on): every REST and bulk call, not the
 # identity endpoint, not calls refused for their token (601/602). The benchmark's API-budget floor is computed
 # from this number (sync_pipeline.bench.floor.budget_floor).
@@ -121,7 +120,7 @@ class MarketoSandbox:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, host: str = "127.0.0.1", ssl: ssl_module.SSLContext | None = None,
-              port: int = 0) -> "MarketoSandbox":
+              port: int = 0) -> MarketoSandbox:
         self._server = SandboxServer(self.app, host, port, ssl).start()
         return self
 
@@ -130,7 +129,7 @@ class MarketoSandbox:
             self._server.stop()
             self._server = None
 
-    def __enter__(self) -> "MarketoSandbox":
+    def __enter__(self) -> MarketoSandbox:
         return self.start() if self._server is None else self
 
     def __exit__(self, *exc: Any) -> None:

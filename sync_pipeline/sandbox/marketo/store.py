@@ -9,12 +9,19 @@ sync or query costs a few dictionary look-ups per record even with a million per
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from sync_pipeline.sandbox.clock import Clock, iso
-from sync_pipeline.sandbox.marketo.activities import (CHANGE_DATA_VALUE, DELETE_LEAD, MERGE_LEADS, NEW_LEAD,
-                                                      SOURCES, ActivityLog)
+from sync_pipeline.sandbox.marketo.activities import (
+    CHANGE_DATA_VALUE,
+    DELETE_LEAD,
+    MERGE_LEADS,
+    NEW_LEAD,
+    SOURCES,
+    ActivityLog,
+)
 from sync_pipeline.sandbox.marketo.assets import AssetStore
 from sync_pipeline.sandbox.marketo.objects import ObjectTable, ValueIndex, norm
 from sync_pipeline.sandbox.marketo.validation import FieldError, coerce, validate_record

@@ -7,7 +7,7 @@ or type mismatch, 1002 missing required value, 1006 unknown field) and a message
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sync_pipeline.sandbox.schema import MField, MObject
@@ -38,8 +38,8 @@ def to_iso(value: Any) -> str:
             text = text[:-1] + "+00:00"
         dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def coerce(field: MField, value: Any) -> Any:
