@@ -89,7 +89,7 @@ def _template() -> dict[str, Any]:
     return yaml.safe_load(DEFAULT_PATH.read_text(encoding="utf-8"))
 
 
-def _fmap(f: dict[str, Any]) -> str:
+def _fmap(f: dict[str, Any] | list[Any]) -> str:
     return yaml.safe_dump(f, default_flow_style=True, sort_keys=False, width=10_000).strip()
 
 
@@ -134,7 +134,7 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
     names = {e["name"] for e in native}
 
     for e in native:
-        block = {k: v for k, v in e.items() if k not in ("fields", "extra_fields")}
+        block: dict[str, Any] = {k: v for k, v in e.items() if k not in ("fields", "extra_fields")}
         comments = out.comments.setdefault(e["name"], [])
         obj = e["marketo"]["object"]
         mdoc = std.get(obj) if obj in std else custom.get(obj)
@@ -220,7 +220,7 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
             out.comments.setdefault("", []).append(f"custom object {obj} has dedupe fields {dedupe}; one field "
                                                    f"holding the {table} id is needed")
             continue
-        block: dict[str, Any] = {"name": name, "dynamics": {"table": table, "entity_set": tm.entity_set},
+        block = {"name": name, "dynamics": {"table": table, "entity_set": tm.entity_set},
                                  "marketo": {"object": obj, "key": dedupe[0]}}
         if "new_synctomkto" not in tm.attributes:
             block["sync_filter_column"] = None
@@ -230,13 +230,13 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
         for fname, mf in _fields_of(doc).items():
             if fname in _SYSTEM_FIELDS or fname == dedupe[0]:
                 continue
-            attr = _column_for(fname, mf, links.get(fname), tm, used)
-            if attr is None:
+            column = _column_for(fname, mf, links.get(fname), tm, used)
+            if column is None:
                 comments.append(f"Marketo field {fname} ({mf.get('displayName') or fname}) of {obj}: no column of "
                                 f"{table} with that display name")
                 continue
-            used.add(attr.name)
-            fmap = _field_for(attr, meta, names | {name}, {fname: mf}, force=fname)
+            used.add(column.name)
+            fmap = _field_for(column, meta, names | {name}, {fname: mf}, force=fname)
             if fmap is not None:
                 fields.append(fmap)
         for attr in tm.attributes.values():

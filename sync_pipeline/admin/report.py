@@ -15,7 +15,7 @@ import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import qi, utcnow
+from sync_pipeline.engine.store.state import one_row, qi, utcnow
 
 PUSH_STAGES = ("push_marketo", "push_dynamics")
 
@@ -52,9 +52,9 @@ def failure_counts(con: duckdb.DuckDBPyConnection, entity: str | None = None, sy
     if system is not None:
         where.append(target_filter(system))
     sql = " AND ".join(where)
-    held, quarantined, retrying = con.execute(
-        f"""SELECT count(*) FILTER (WHERE held), count(*) FILTER (WHERE held AND code LIKE 'quarantine%'),
-                   count(*) FILTER (WHERE NOT held) FROM failures WHERE {sql}""", params).fetchone()
+    held, quarantined, retrying = one_row(
+        con, f"""SELECT count(*) FILTER (WHERE held), count(*) FILTER (WHERE held AND code LIKE 'quarantine%'),
+                        count(*) FILTER (WHERE NOT held) FROM failures WHERE {sql}""", params)
     classes = dict(con.execute(f"SELECT {reason_class_sql()} AS c, count(*) FROM failures WHERE held AND {sql} "
                                "GROUP BY c ORDER BY 2 DESC, 1", params).fetchall())
     return FailureCounts(int(held), int(quarantined), int(retrying), {k: int(v) for k, v in classes.items()})
@@ -118,10 +118,10 @@ def status(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> list[EntitySta
                                 retrying.get(e.name, 0), held.get(e.name, 0), conflicts.get(e.name, 0),
                                 quarantined.get(e.name, 0), classes.get(e.name, {})))
     if config.persons and "m_person" in tables:
-        n, oldest = con.execute("SELECT count(*), min(seen_at) FROM m_person WHERE pending_seq IS NOT NULL").fetchone()
+        n, oldest = one_row(con, "SELECT count(*), min(seen_at) FROM m_person WHERE pending_seq IS NOT NULL")
         # Persons are synced by the lead and contact pushes: their latest is the person row's last sync / write.
         persons = [s for s in out if s.entity in {p.name for p in config.persons}]
-        synced = max((s for s in persons if s.last_sync), key=lambda s: s.last_sync, default=None)
+        synced = max((s for s in persons if s.last_sync), key=lambda s: s.last_sync or datetime.min, default=None)
         writes = [s.last_write for s in persons if s.last_write]
         out.append(EntityStatus("person (Marketo)", synced.last_sync if synced else None,
                                 synced.last_run if synced else None, max(writes) if writes else None, int(n), oldest,
@@ -135,8 +135,7 @@ def _backlog(con: duckdb.DuckDBPyConnection, tables: set[str], e: Entity) -> tup
         return None, None
     if e.is_derived:  # roles are recomputed from the opportunities on every plan; they have no own backlog
         return 0, None
-    n, oldest = con.execute(f"SELECT count(*), min(seen_at) FROM {qi('d_' + source)} "
-                            "WHERE pending_seq IS NOT NULL").fetchone()
+    n, oldest = one_row(con, f"SELECT count(*), min(seen_at) FROM {qi('d_' + source)} WHERE pending_seq IS NOT NULL")
     return int(n), oldest
 
 
@@ -194,7 +193,7 @@ def retrying_count(con: duckdb.DuckDBPyConnection, entity: str | None = None) ->
     if entity:
         sql += " AND entity = ?"
         params.append(entity)
-    return int(con.execute(sql, params).fetchone()[0])
+    return int(one_row(con, sql, params)[0])
 
 
 def release(con: duckdb.DuckDBPyConnection, config: SyncConfig, records: list[HeldRecord]) -> int:

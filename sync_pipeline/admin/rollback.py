@@ -46,6 +46,7 @@ from sync_pipeline.engine.store.state import (
     BEFORE_VALUES_FROM,
     ensure_split_base,
     fcol,
+    one_row,
     qi,
     record_stats,
     sql_text,
@@ -161,7 +162,8 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
                 AND l.field IS NOT DISTINCT FROM r.field AND l.seq > r.seq
            WHERE l.op NOT IN ('hold', 'reject') {skip_ignored}
            GROUP BY ALL""", [run_id, ignore] if ignore else [run_id]).fetchall()}
-    items = [Item(*r, source_run=run_id) for r in rows]
+    items = [Item(seq, entity, did, mid, target, op, fld, before, after, source_run=run_id)
+             for seq, entity, did, mid, target, op, fld, before, after in rows]
     marker = con.execute("SELECT value FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM]).fetchone() \
         if _has_table(con, "schema_meta") else None
     true_from = int(marker[0]) if marker else None
@@ -208,8 +210,7 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [name]).fetchone()[0])
+    return bool(one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])[0])
 
 
 def _same(f: FieldMap | None, a: Any, b: Any) -> bool:

@@ -304,7 +304,7 @@ def _marketo_field_checks(e: Entity, f: FieldMap, obj: str, fields: dict[str, di
         out.append(Check("error", "marketo.field", subject, f"{where} holds {mlen} characters, a Dynamics id needs "
                          f"{GUID_LENGTH}", f"lengthen {f.marketo!r} to at least {GUID_LENGTH}"))
     attr = tm.attributes.get(f.dynamics) if tm is not None else None
-    if attr is not None and attr.max_length and mlen:
+    if tm is not None and attr is not None and attr.max_length and mlen:
         if _writes_marketo(e, f) and attr.max_length > int(mlen):
             out.append(Check("warning", "length", subject, f"Dynamics {tm.logical_name}.{f.dynamics} holds "
                              f"{attr.max_length} characters, Marketo {obj}.{f.marketo} {mlen}: a longer value does not "

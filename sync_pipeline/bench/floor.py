@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 # (units per window, window seconds) each service allows; the realistic profile (sandbox.yaml) has the same figures.
-API_BUDGET = {"marketo": (100, 20), "dynamics": (6000, 300)}
+API_BUDGET: dict[str, tuple[int, float]] = {"marketo": (100, 20.0), "dynamics": (6000, 300.0)}
 DYNAMICS_EXECUTION_BUDGET = (1200.0, 300.0)  # seconds of combined execution time per window
 MARKETO_DAILY_QUOTA = 50_000
 # The sandbox's admitted-call counters (sync_pipeline.sandbox.{marketo,dynamics}.server).
@@ -42,22 +42,22 @@ def execution_floor_seconds(execution: float, per_window: float, window_seconds:
 
 def budget_floor(calls: dict[str, int], budget: dict[str, tuple[int, float]] | None = None) -> dict[str, Any]:
     """The floor of a run from the sandbox's admitted-call counters: per system, the binding one, and overall."""
-    budget = budget or API_BUDGET
+    limits: dict[str, tuple[int, float]] = budget or API_BUDGET
     marketo_calls = calls.get(COUNTED_CALLS["marketo"], 0)
     dynamics_requests = calls.get(COUNTED_CALLS["dynamics"], 0)
     execution = calls.get(DYNAMICS_EXECUTION_MS, 0) / 1000
-    marketo = {"calls": marketo_calls, "seconds": budget_floor_seconds(marketo_calls, *budget["marketo"]),
-               "rule": f"{budget['marketo'][0]} calls / {budget['marketo'][1]:g} s",
+    marketo: dict[str, Any] = {"calls": marketo_calls, "seconds": budget_floor_seconds(marketo_calls, *limits["marketo"]),
+               "rule": f"{limits['marketo'][0]} calls / {limits['marketo'][1]:g} s",
                "daily_quota_share": round(marketo_calls / MARKETO_DAILY_QUOTA, 5)}
-    by_requests = budget_floor_seconds(dynamics_requests, *budget["dynamics"])
+    by_requests = budget_floor_seconds(dynamics_requests, *limits["dynamics"])
     by_execution = execution_floor_seconds(execution, *DYNAMICS_EXECUTION_BUDGET)
-    dynamics = {"requests": dynamics_requests, "execution_seconds": round(execution, 3),
+    dynamics: dict[str, Any] = {"requests": dynamics_requests, "execution_seconds": round(execution, 3),
                 "requests_seconds": by_requests, "execution_floor_seconds": by_execution,
                 "seconds": max(by_requests, by_execution),
-                "rule": f"{budget['dynamics'][0]} requests and {DYNAMICS_EXECUTION_BUDGET[0]:g} s execution "
-                        f"/ {budget['dynamics'][1]:g} s"}
+                "rule": f"{limits['dynamics'][0]} requests and {DYNAMICS_EXECUTION_BUDGET[0]:g} s execution "
+                        f"/ {limits['dynamics'][1]:g} s"}
     systems = {"marketo": marketo, "dynamics": dynamics}
-    binding = max(systems, key=lambda s: systems[s]["seconds"])
+    binding = max(systems, key=lambda s: float(systems[s]["seconds"]))
     return {"marketo": marketo, "dynamics": dynamics, "binding": binding, "seconds": systems[binding]["seconds"],
             "counted": {"marketo": marketo_calls, "dynamics": dynamics_requests},
             "per_service": {s: v["seconds"] for s, v in systems.items()}}

@@ -62,6 +62,14 @@ def fcol(field: str) -> str:
     return qi(f"f_{field}")
 
 
+def one_row(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> tuple[Any, ...]:
+    """The row of a query that always returns exactly one (an aggregate without GROUP BY, a sequence)."""
+    row = con.execute(sql, params or []).fetchone()
+    if row is None:
+        raise LookupError(f"expected one row from: {sql[:200]}")
+    return row
+
+
 class StateLockedError(RuntimeError):
     pass
 

@@ -13,6 +13,7 @@ relationships and global option sets, with ``$select``, ``$filter`` and ``$expan
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from sync_pipeline.sandbox.dynamics import metadata as md
@@ -55,7 +56,9 @@ def routes(sb: DynamicsSandbox) -> list[tuple[str, str, Any]]:
 # ------------------------------------------------------------------------------------ query options
 def split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside parentheses and quotes."""
-    parts, depth, quoted, cur = [], 0, False, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth, quoted = 0, False
     for ch in text:
         if ch == "'":
             quoted = not quoted
@@ -107,7 +110,7 @@ def _filter_kinds(kinds: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def apply_options(docs: list[dict[str, Any]], options: dict[str, str | None], kinds: dict[str, str],
+def apply_options(docs: list[dict[str, Any]], options: Mapping[str, str | None], kinds: dict[str, str],
                   type_name: str, navigation: tuple[str, ...] = (), always: tuple[str, ...] = ("MetadataId",)
                   ) -> tuple[list[dict[str, Any]], list[str] | None]:
     """$filter then $select over metadata documents; returns (docs, selected names or None)."""
@@ -208,7 +211,7 @@ class MetadataApi:
                       "value": docs})
 
     # -------------------------------------------------------------------------- attributes
-    def _attribute_docs(self, table: Table, cast: str | None, opts: dict[str, str | None],
+    def _attribute_docs(self, table: Table, cast: str | None, opts: Mapping[str, str | None],
                         columns: list[Column] | None = None) -> tuple[list[dict[str, Any]], list[str] | None]:
         self._cast_ok(cast, md.ATTRIBUTE_TYPES)
         cols = [c for c in (columns if columns is not None else table.columns) if not cast or md.type_name(c) == cast]

@@ -276,9 +276,12 @@ class DynamicsSandbox:
         add("POST", rf"leads\((?P<key>{_GUID})\)/Microsoft\.Dynamics\.CRM\.QualifyLead", "dynamics.qualify",
             lambda req: writes.qualify_lead(self, req))
         add("POST", r"Merge", "dynamics.merge", lambda req: writes.merge(self, req))
+        def multiple(message: str) -> Callable[[Request], Response]:
+            return lambda req: writes.multiple(self, req, message)
+
         for message in ("CreateMultiple", "UpdateMultiple", "UpsertMultiple"):
             add("POST", rf"(?P<set>\w+)/Microsoft\.Dynamics\.CRM\.{message}", f"dynamics.{message.lower()}",
-                lambda req, m=message: writes.multiple(self, req, m))
+                multiple(message))
         add("GET", r"(?P<set>\w+)/\$count", "dynamics.count", lambda req: query.count_collection(self, req))
         add("GET", r"(?P<set>\w+)", "dynamics.query", lambda req: query.query_collection(self, req))
         add("POST", r"(?P<set>\w+)", "dynamics.create", lambda req: writes.create(self, req))

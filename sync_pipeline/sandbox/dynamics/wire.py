@@ -137,7 +137,7 @@ class RowRenderer:
         if key not in self._names:
             target_table = self.store.schema.tables.get(target)
             ref = self.store.get(target, record_id) if target_table else None
-            self._names[key] = None if ref is None else (True, ref.get(target_table.primary_name))
+            self._names[key] = None if ref is None or target_table is None else (True, ref.get(target_table.primary_name))
         return self._names[key]
 
     def _annotate(self, row: Row, out: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ def _int(raw: str | None, name: str, default: int) -> int:
     if raw in (None, ""):
         return default
     try:
-        return int(raw)  # type: ignore[arg-type]
+        return int(raw)
     except ValueError:
         raise ApiError("1003", f"Invalid value for {name}: '{raw}'") from None
 

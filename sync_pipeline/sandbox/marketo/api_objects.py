@@ -134,8 +134,11 @@ def register(sb: MarketoSandbox) -> None:
         app.route("POST", rf"/rest/v1/{path}\.json", f"{prefix}.sync")(upsert)
         app.route("POST", rf"/rest/v1/{path}/delete\.json", f"{prefix}.delete")(delete)
 
+    def standard_table(name: str) -> Callable[[Request], ObjectTable]:
+        return lambda req: store.tables[name]
+
     for path, (name, prefix) in STANDARD_PATHS.items():
-        register_set(path, prefix, lambda req, name=name: store.tables[name])
+        register_set(path, prefix, standard_table(name))
 
     @app.route("GET", r"/rest/v1/customobjects\.json", "marketo.customobjects.list")
     def list_custom(req: Request) -> Response:

@@ -77,9 +77,9 @@ def _invalid(item: Any, store: Any) -> dict[str, str] | None:
         return {"code": "1003", "message": f"Invalid field name '{name}'"}
     if dtype not in DATA_TYPES:
         return {"code": "1003", "message": f"Invalid dataType '{dtype}'"}
-    length = item.get("length")
+    length, max_length = item.get("length"), DATA_TYPES[dtype]
     if length is not None and (not isinstance(length, int) or length < 1 or
-                               (DATA_TYPES[dtype] and length > DATA_TYPES[dtype])):
+                               (max_length is not None and length > max_length)):
         return {"code": "1003", "message": f"Invalid length '{length}' for dataType '{dtype}'"}
     if store.lead_object.field(str(name)) is not None or any(
             f.label.lower() == str(display).lower() for f in store.lead_object.fields):

@@ -48,7 +48,7 @@ class ValueIndex:
     def remove(self, value: Any, key: Any) -> None:
         v = norm(value)
         cur = self._map.get(v) if v is not None else None
-        if cur is None:
+        if v is None or cur is None:
             return
         if isinstance(cur, set):
             cur.discard(key)

@@ -51,7 +51,8 @@ def _override(req: Request) -> str:
     method = req.arg("_method")
     if method is None and "application/x-www-form-urlencoded" in (req.header("content-type") or "").lower():
         try:
-            method = (req.form().get("_method") or [None])[-1]
+            values = req.form().get("_method")
+            method = values[-1] if values else None
         except UnicodeDecodeError:
             method = None
     return (method or "").upper()

@@ -36,7 +36,7 @@ _REASONS = {"API": "Sync Lead", "UI": "Changed by user", "import": "List Import"
 
 
 # Types whose values are stored as given (email is excluded: it always goes through validation).
-_PY_TYPES: dict[str, type] = {"string": str, "text": str, "phone": str, "url": str, "integer": int,
+_PY_TYPES: dict[str, type[Any]] = {"string": str, "text": str, "phone": str, "url": str, "integer": int,
                               "boolean": bool, "currency": float, "float": float}
 
 
@@ -302,8 +302,8 @@ class MarketoStore:
             for n, row in enumerate(rows):
                 values: dict[str, Any] = {}
                 if "leadIndex" in row and obj.name == "opportunityRole":  # a generated role names its person
-                    row = {k: v for k, v in row.items() if k != "leadIndex"} | {
-                        "leadId": self._generated_lead(row["leadIndex"], "opportunityRole", n)}
+                    row = {**{k: v for k, v in row.items() if k != "leadIndex"},
+                           "leadId": self._generated_lead(row["leadIndex"], "opportunityRole", n)}
                 for name, raw in row.items():
                     if raw is None:
                         if name not in fmap:

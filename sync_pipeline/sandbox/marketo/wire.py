@@ -72,7 +72,7 @@ def batch_size(raw: str | None, default: int = MAX_BATCH) -> int:
     if raw in (None, ""):
         return default
     try:
-        size = int(raw)  # type: ignore[arg-type]
+        size = int(raw)
     except ValueError:
         raise ApiError("1003", f"Invalid batchSize '{raw}'") from None
     if size < 1 or size > MAX_BATCH:
@@ -91,7 +91,7 @@ def input_list(body: Any, what: str = "input") -> list[Any]:
     return records
 
 
-def partial_failer(req: Request):  # type: ignore[no-untyped-def]
+def partial_failer(req: Request):
     """Record-level failures for a ``partial`` fault: every other record fails with the fault's code."""
     code = getattr(req, "partial_code", None)
     if not code:
