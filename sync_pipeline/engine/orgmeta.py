@@ -22,15 +22,12 @@ dropped from tables that do not have it (as the native sync: no column, every ro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 
 NS = "Microsoft.Dynamics.CRM"
-TEXT_TYPES = ("String", "Memo")
-OPTION_TYPES = ("Picklist", "State", "Status")
 _CASTS = {  # derived type -> the derived properties we read ($select after the cast)
     "StringAttributeMetadata": "LogicalName,MaxLength,Format",
     "MemoAttributeMetadata": "LogicalName,MaxLength",
@@ -74,11 +71,6 @@ class OrgMetadata:
 
     def table(self, name: str) -> TableMeta | None:
         return self.tables.get(name)
-
-    def fingerprint(self, table: str, column: str) -> str | None:
-        t = self.tables.get(table)
-        a = t.attributes.get(column) if t else None
-        return json.dumps(sorted(a.options.items())) if a and a.options else None
 
 
 def localized(label: Any, language: int | None = None) -> str:

@@ -69,10 +69,6 @@ class Table:
     def column(self, name: str) -> Column | None:
         return self._columns.get(name)  # type: ignore[attr-defined]
 
-    @property
-    def column_map(self) -> dict[str, Column]:
-        return self._columns  # type: ignore[attr-defined]
-
     def wire_columns(self) -> list[str]:
         return [c.wire_name for c in self.columns]
 

@@ -69,7 +69,6 @@ def _display(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- catalog
 # Property kinds, for $select/$filter: string bool number guid datetime enum label managed complex collection.
 # "managed"/"complex" filter through their "/Value" path; labels and collections cannot be filtered.
-FILTERABLE_KINDS = {"string", "bool", "number", "guid", "datetime", "enum"}
 
 
 @dataclass(frozen=True)

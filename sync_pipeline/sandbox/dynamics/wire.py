@@ -14,7 +14,6 @@ from sync_pipeline.sandbox.dynamics.store import LOOKUP_TARGET, DataverseFault, 
 from sync_pipeline.sandbox.http import Request, Response
 from sync_pipeline.sandbox.schema import Table
 
-API_PREFIX = "/api/data/v9.2/"
 ODATA_HEADERS = {"OData-Version": "4.0"}
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
 _PREFER_ITEM = re.compile(r'\s*([\w.\-]+)\s*(?:=\s*("[^"]*"|[^,]*))?\s*(?:,|$)')

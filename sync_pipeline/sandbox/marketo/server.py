@@ -146,14 +146,6 @@ class MarketoSandbox:
     def identity_url(self) -> str:
         return f"{self.base_url}/identity"
 
-    @property
-    def rest_url(self) -> str:
-        return f"{self.base_url}/rest"
-
-    @property
-    def bulk_url(self) -> str:
-        return f"{self.base_url}/bulk"
-
     def set_limits(self, limits: dict[str, Any] | None) -> None:
         self.gate.limits = MarketoLimits.from_dict(limits)
 
