@@ -131,7 +131,12 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     stats.records = total
     maps = _field_maps(config, entity)
     results: list[Result] = []
+    from sync_pipeline.engine import bulk_push  # large batches of creates: bulk import; the rest below
+
     try:
+        if bulk_push.wanted(con, config, entity):
+            bulk_push.push(con, config, entity, client, maps, lambda done: _record_results(
+                con, config, entity, "marketo", [Result(*d) for d in done], run_id, now, stats), run_id, now)
         for rows in _chunks(con, total):
             if entity.is_person:
                 results += _push_persons(client, entity, maps, rows)
