@@ -20,7 +20,8 @@ Per-record precision is kept:
 - bulk import reports no ids, so after every job of the push has finished ONE bulk lead export (fields ``id``
   and ``dynamicsId``, ``updatedAt`` over the import window) gives each imported person its Marketo id; the
   records then go through the same success bookkeeping as a REST result (ledger, base, identity, mirror).
-  Custom objects are identified by their dedupe field, as in every later write; the marketoGUID is not read.
+  Custom objects are identified by their dedupe field, as in every later write; the marketoGUID is not read
+  (identity and ledger carry the dedupe value where REST results carry the GUID).
 
 Nothing is lost, whatever fails: a file Marketo refuses, a job that fails as a whole or never finishes, and an
 imported person the export does not show (clock skew, a duplicate dynamicsId) are not recorded here; their
@@ -284,7 +285,8 @@ def _find_person_ids(con: duckdb.DuckDBPyConnection, client: Any, started: datet
 def _record(con: duckdb.DuckDBPyConnection, entity: Entity, person: bool, record: Callable[[list[Done]], None]
             ) -> int:
     if not person:
-        con.execute("UPDATE bulk_rows SET state = 'ok' WHERE state = 'sent'")
+        # Identified by the dedupe field (the Dynamics id), as identity records an object without a marketoGUID.
+        con.execute("UPDATE bulk_rows SET state = 'ok', mid = did WHERE state = 'sent'")
     total = int(con.execute("SELECT count(*) FROM bulk_rows WHERE state IN ('ok', 'failed')").fetchone()[0])
     con.execute("""CREATE OR REPLACE TEMP TABLE bulk_done AS
         SELECT row_number() OVER (ORDER BY did) AS n, did, state = 'ok' AS ok,
