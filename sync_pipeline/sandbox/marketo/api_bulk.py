@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sync_pipeline.sandbox.http import Request, Response
 from sync_pipeline.sandbox.marketo.bulk import BulkError
-from sync_pipeline.sandbox.marketo.wire import ApiError, csv_list, json_body, ok, params, partial_failer
+from sync_pipeline.sandbox.marketo.wire import ApiError, csv_list, json_body, ok, params
 
 if TYPE_CHECKING:
     from sync_pipeline.sandbox.marketo.server import MarketoSandbox
@@ -66,6 +66,15 @@ def _ranged(content: bytes, header: str | None, ctype: str) -> Response:
         return Response(416, b"", {"Content-Range": f"bytes */{size}"})
     return Response(206, content[start:end + 1],
                     {"Content-Type": ctype, "Content-Range": f"bytes {start}-{end}/{size}"})
+
+
+def row_failer(req: Request):  # type: ignore[no-untyped-def]
+    """An injected ``partial`` fault on an import upload fails every other row of the file, the first one
+    included (a file of one row fails it), listed in the failures file like a row Marketo rejected."""
+    code = getattr(req, "partial_code", None)
+    if not code:
+        return lambda i: None
+    return lambda i: {"code": code, "message": "Injected record failure"} if i % 2 == 0 else None
 
 
 def register(sb: "MarketoSandbox") -> None:
@@ -137,7 +146,7 @@ def register(sb: "MarketoSandbox") -> None:
         list_id = p.get("listId")
         if list_id is not None and not list_id.isdigit():
             raise ApiError("1003", f"Invalid listId '{list_id}'")
-        job = bulk.create_import(content, p.get("lookupField") or "email", fail_row=partial_failer(req))
+        job = bulk.create_import(content, p.get("lookupField") or "email", fail_row=row_failer(req))
         return ok([{"batchId": job.batch_id, "importId": str(job.batch_id), "status": job.status}])
 
     @app.route("GET", r"/bulk/v1/leads/batch/(?P<id>\d+)\.json", "marketo.bulk.import.status")
@@ -180,7 +189,7 @@ def register(sb: "MarketoSandbox") -> None:
         api_name = custom_object(req)
         content, form = multipart(req)
         import_format({**form, **params(req)})
-        job = bulk.create_import(content, "dedupeFields", object_name=api_name, fail_row=partial_failer(req))
+        job = bulk.create_import(content, "dedupeFields", object_name=api_name, fail_row=row_failer(req))
         return ok([job.describe()])
 
     @app.route("GET", custom + r"/(?P<id>\d+)/status\.json", "marketo.bulk.customobjects.import.status")
