@@ -380,3 +380,15 @@ def test_import_queue_reports_a_refused_file_without_raising(sandbox, client, tm
     (outcome,) = queue.submit(path, "bad")
     assert outcome.error is not None and outcome.error.code == "1003" and not outcome.completed
     assert queue.drain() == []
+
+
+def test_import_queue_reports_a_job_failed_as_a_whole(sandbox, client, tmp_path):
+    from sync_pipeline.clients.bulk_import import ImportQueue
+
+    path = tmp_path / "unknown-column.csv"
+    path.write_text("email,noSuchField\na@example.com,x\n")
+    queue = ImportQueue(client, lookup_field="email", first_poll_seconds=0.01)
+    assert queue.submit(path, "f") == []
+    (outcome,) = queue.drain()
+    assert outcome.status["status"] == "Failed" and outcome.error.code == "import_failed"
+    assert "noSuchField" in outcome.error.message and not outcome.completed

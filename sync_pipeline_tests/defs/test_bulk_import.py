@@ -134,3 +134,24 @@ def test_a_row_the_import_rejects_is_held_with_the_reason_and_the_rest_sync(harn
     before = harness.query("SELECT count(*) FROM ledger WHERE target = 'marketo' AND op = 'create'")[0][0]
     harness.run("latest")
     assert harness.query("SELECT count(*) FROM ledger WHERE target = 'marketo' AND op = 'create'")[0][0] == before
+
+
+def test_files_marketo_refuses_go_through_rest_in_the_same_run(harness, tmp_path, monkeypatch) -> None:
+    """Nothing is lost when an upload is refused (or a job fails as a whole): its records are written through
+    REST in the same run, with REST's per-record results."""
+    sb = harness.sandbox
+    monkeypatch.setenv("SYNC_CONFIG", str(write_config(tmp_path, threshold=1)))
+    sb.faults([{"pattern": "marketo.bulk.import.create", "rate": 1.0, "faults": [{"kind": "code", "code": "1003"}]}])
+    sb.reset_calls()
+    assert harness.run("latest").success
+    calls = sb.calls()
+    assert calls["marketo.bulk.import.create"] >= 2 and calls["marketo.leads.sync"] >= 2
+    assert calls.get("marketo.bulk.import.status", 0) == 0
+    assert calls["marketo.bulk.customobjects.import.create"] >= 1  # custom objects were not refused
+    assert harness.query("SELECT count(*) FROM failures")[0][0] == 0
+    for entity in ("lead", "contact"):
+        linked = harness.query("SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active' "
+                               "AND how = 'created'", [entity])
+        assert linked
+        for did, mid in linked[:20]:
+            assert sb.marketo_find_leads("dynamicsId", did) == [int(mid)]
