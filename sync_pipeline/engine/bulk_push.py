@@ -34,6 +34,7 @@ pending, and the next run writes the same records again by the same key.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import re
 import shutil
@@ -158,10 +159,10 @@ def _files(con: duckdb.DuckDBPyConnection, entity: Entity, maps: dict[str, Field
                 writer = csv.writer(out, lineterminator="\n")
                 writer.writerow(header)
                 dids = []
-            if entity.is_person:
-                cells[0], cells[1], cells[2] = did, type_value, "false"
-            else:
-                cells[0] = did
+            # As on REST, the planned values win over these defaults of a new person.
+            defaults = (did, type_value, "false") if entity.is_person else (did,)
+            for i, value in enumerate(defaults):
+                cells[i] = cells[i] or value
             writer.writerow(cells)
             dids.append(did)
             if out.tell() >= FILE_BYTES:
@@ -245,7 +246,7 @@ def _report_rows(text: str, key: str) -> list[tuple[str, str, str]]:
     """(key value, code, message) per row of a failures/warnings CSV (the row as sent plus a reason column)."""
     if not text.strip():
         return []
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text))  # a quoted cell may span lines
     header = next(reader, None)
     if not header or key not in header:
         return []

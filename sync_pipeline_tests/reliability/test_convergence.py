@@ -235,7 +235,7 @@ def test_converges_under_faults_with_bulk_import(harness: Any, tmp_path: Any, mo
                                          "  bulk_import_threshold: 1\n")
     monkeypatch.setenv("SYNC_CONFIG", str(config))
     started = time.perf_counter()
-    figures = run_workload(harness, 4, rounds=3, ops_per_round=12, fault_rules=BULK_FAULT_RULES)
+    figures = run_workload(harness, 4, rounds=2, ops_per_round=13, fault_rules=BULK_FAULT_RULES)
     _report(figures, capsys, started)
     calls = harness.sandbox.calls()
     assert calls.get("marketo.bulk.import.create", 0) >= 3, calls  # the rounds' creates went through imports
