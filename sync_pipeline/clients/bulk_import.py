@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sync_pipeline.clients.marketo import MarketoError, MarketoTransientError
+from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, MarketoTransientError, QuotaExhausted
+
+FATAL = (QuotaExhausted, MarketoAuthError)  # raised to the caller like on REST: the step fails, nothing recorded
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class ImportQueue:
                     job = self.client.import_leads(path, lookup_field=self.lookup_field)
                 else:
                     job = self.client.import_custom_objects(self.object_name, path)
-            except MarketoTransientError:
+            except (MarketoTransientError, *FATAL):
                 raise
             except MarketoError as exc:
                 if exc.code != "1016":
@@ -98,6 +100,8 @@ class ImportQueue:
         try:
             status = self.client.wait_for_import(batch_id, poll_seconds=self.max_poll, timeout_seconds=self.timeout,
                                                  object_name=self.object_name, first_poll_seconds=self.first_poll)
+        except FATAL:
+            raise
         except MarketoError as exc:
             if isinstance(exc, MarketoTransientError) and exc.code != "timeout":
                 raise
