@@ -37,7 +37,6 @@ def marketo_write_calls(calls: dict[str, int]) -> int:
 def small_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
     import dagster as dg
 
-    from sync_pipeline.clients.governor import RateGovernor
     from sync_pipeline.sandbox.runner import Sandbox
 
     with Sandbox(tmp_path / "sandbox") as sb:
@@ -47,7 +46,6 @@ def small_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
         monkeypatch.setenv("SYNC_STATE_PATH", str(tmp_path / "state.duckdb"))
         monkeypatch.setenv("SYNC_CONFIG", str(write_config(tmp_path, threshold=1000)))
         yield sb, counts, dg.DagsterInstance.ephemeral(), tmp_path / "state.duckdb"
-        RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
 
 
 def test_initial_copy_at_small_goes_bulk_under_the_call_bound_and_both_sides_agree(small_world) -> None:

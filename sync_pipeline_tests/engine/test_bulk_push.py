@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 import duckdb
 import pytest
 
-from sync_pipeline.clients.governor import RateGovernor
 from sync_pipeline.clients.marketo import MarketoClient
 from sync_pipeline.config.model import load_config
 from sync_pipeline.engine import bulk_push, state
@@ -18,10 +17,8 @@ from sync_pipeline.sandbox.marketo import MarketoSandbox
 @pytest.fixture
 def sandbox():
     sb = MarketoSandbox().start()
-    base_url = sb.base_url
     yield sb
     sb.stop()
-    RateGovernor.forget(base_url, sb.client_id)
 
 
 def planned(con: duckdb.DuckDBPyConnection, records: list[tuple[str, dict[str, str | None]]]) -> None:
