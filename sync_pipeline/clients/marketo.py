@@ -26,7 +26,9 @@ from urllib.parse import urlencode
 
 import httpx
 
+from sync_pipeline.clients import errors
 from sync_pipeline.clients.governor import CallBudget, RateGovernor
+from sync_pipeline.clients.types import MARKETO_OBJECT_PATHS
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,10 @@ MAX_IMPORT_BYTES = 10 * 1024 * 1024
 MAX_MERGE = 25
 RETRYABLE_CODES = {"604", "606", "608", "611", "614", "615", "713", "500", "502"}
 THROTTLE_CODES = {"606", "615"}
-OBJECT_PATHS = {"companies": "companies", "company": "companies", "opportunities": "opportunities",
-                "opportunity": "opportunities", "opportunities/roles": "opportunities/roles",
-                "opportunityRole": "opportunities/roles", "roles": "opportunities/roles",
-                "salespersons": "salespersons", "salesPerson": "salespersons"}
+NOT_FOUND_CODES = {"1004", "1013"}
 
 
-class MarketoError(Exception):
+class MarketoError(errors.ClientError):
     """An error answered by Marketo (``code`` is its error code) or met talking to it."""
 
     def __init__(self, code: str, message: str, endpoint: str = ""):
@@ -51,15 +50,15 @@ class MarketoError(Exception):
         super().__init__(f"Marketo {endpoint}: {code} {message}" if endpoint else f"Marketo: {code} {message}")
 
 
-class MarketoAuthError(MarketoError):
+class MarketoAuthError(MarketoError, errors.AuthError):
     """Bad client credentials, or a token rejected even after re-authenticating."""
 
 
-class MarketoTransientError(MarketoError):
+class MarketoTransientError(MarketoError, errors.Transient):
     """Retries exhausted on a transient failure (throttling, 5xx, transport, broken bodies)."""
 
 
-class QuotaExhausted(MarketoError):
+class QuotaExhausted(MarketoError, errors.QuotaExceeded):
     """Daily API quota reached (607); nobody may call this instance until ``resets_at``."""
 
     def __init__(self, endpoint: str, resets_at: datetime):
@@ -77,6 +76,15 @@ class RecordResult:
     @property
     def ok(self) -> bool:
         return self.status in ("created", "updated", "deleted")
+
+    @property
+    def kind(self) -> str:
+        """The outcome kind (``clients.errors``): a record Marketo does not have (1004 lead not found, 1013
+        object not found) is ``gone``."""
+        if self.ok:
+            return errors.OK
+        codes = {str(r.get("code")) for r in self.reasons}
+        return errors.GONE if codes & NOT_FOUND_CODES else errors.FAILED
 
 
 @dataclass(frozen=True)
@@ -584,6 +592,13 @@ class MarketoClient:
                 else f"{self._import_base(object_name)}/{int(batch_id)}/{which}.json")
         return self._call("GET", path, self._import_endpoint(object_name, which), raw=True).text
 
+    def import_queue(self, object_name: str | None = None, lookup_field: str = "email") -> Any:
+        """An :class:`~sync_pipeline.clients.bulk_import.ImportQueue` of leads (``object_name`` None) or of a
+        custom object: many files through the import queue, at most 10 queued, 1016 waited out."""
+        from sync_pipeline.clients.bulk_import import ImportQueue
+
+        return ImportQueue(self, object_name=object_name, lookup_field=lookup_field)
+
     def import_failures(self, batch_id: int, object_name: str | None = None) -> str:
         """CSV: the failed rows as sent, plus the column ``Import Failure Reason``."""
         return self._import_report(batch_id, object_name, "failures")
@@ -597,8 +612,8 @@ class MarketoClient:
     def _object_path(name: str) -> str:
         if name.startswith("customobjects/"):
             return f"/rest/v1/{name}"
-        if name in OBJECT_PATHS:
-            return f"/rest/v1/{OBJECT_PATHS[name]}"
+        if name in MARKETO_OBJECT_PATHS:
+            return f"/rest/v1/{MARKETO_OBJECT_PATHS[name]}"
         raise ValueError(f"unknown Marketo object {name!r}: use companies, opportunities, opportunities/roles, "
                          "salespersons or customobjects/<apiName>")
 

@@ -5,7 +5,7 @@ Keys are path segments whose last part names the stage (the UI titles a node by 
 ``marketo/<entity>/push`` and, for leads and contacts, ``dynamics/<entity>/push`` (load). Keys are built only
 by the helpers below (``raw_key``, ``PERSON_RAW``, ``plan_key``, ``push_key``, ``key_name``): every module and
 test uses them, so a later prefix (e.g. a connection name) changes one place. Each asset is a thin shell
-around ``sync_pipeline.engine.steps``.
+around the engine's stages (``sync_pipeline.engine.extract``, ``.plan``, ``.push``).
 Every asset opens the DuckDB state file, so all carry ``pool="duckdb"`` (limit 1 in dagster.yaml):
 steps of concurrent runs queue instead of failing on the file lock, and Marketo is never called by
 two runs at once.
@@ -23,7 +23,10 @@ import dagster as dg
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.defs.partitions import is_latest_window
 from sync_pipeline.defs.resources import SyncStateResource
-from sync_pipeline.engine import guard, mapping, steps
+from sync_pipeline.engine import guard, mapping
+from sync_pipeline.engine.extract import extract_dynamics, extract_marketo_persons
+from sync_pipeline.engine.plan import plan_entity
+from sync_pipeline.engine.push import push_dynamics, push_marketo
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
 
@@ -96,14 +99,14 @@ def permanent_errors_fail_fast() -> Iterator[None]:
 
 
 def prepare_persons(run_id: str, config: SyncConfig, client: Any) -> None:
-    from sync_pipeline.ops.validate import prepare_persons as check
+    from sync_pipeline.admin.validate import prepare_persons as check
 
     check(run_id, config, client)
 
 
 def run_config(context: Any, state: SyncStateResource, client: Any) -> SyncConfig:
-    """The run's configuration after the preflight checks (one metadata call per run, see ops/validate.py)."""
-    from sync_pipeline.ops.validate import prepare
+    """The run's configuration after the preflight checks (one metadata call per run, see admin/validate.py)."""
+    from sync_pipeline.admin.validate import prepare
 
     return prepare(context.run_id, state.config, client)
 
@@ -150,7 +153,7 @@ def _table_rows(con: Any, sql: str, params: list[Any]) -> int:
 
 def _push_state(con: Any, entity: str, system: str) -> dict[str, Any]:
     """Held/quarantined/retrying counts exactly as the state store has them, and the last real write."""
-    from sync_pipeline.ops import report
+    from sync_pipeline.admin import report
 
     counts = report.failure_counts(con, entity, system)
     last = con.execute("SELECT max(written_at), arg_max(run_id, written_at) FROM ledger WHERE entity = ? "
@@ -215,8 +218,8 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
             client = dynamics.get_client()
             before = _calls(client)
             cfg = run_config(context, state, client)
-            stats = steps.extract_dynamics(con, cfg, cfg.entity(e.name), client, window.start, window.end,
-                                           context.partition_key_range.start, is_latest_window(context, window))
+            stats = extract_dynamics(con, cfg, cfg.entity(e.name), client, window.start, window.end,
+                                     context.partition_key_range.start, is_latest_window(context, window))
             rows = _table_rows(con, f"SELECT count(*) FROM d_{e.name} WHERE NOT deleted", [])
         context.log.info(f"{e.name}: {stats.mode}: {stats.rows} rows read, {stats.changed} changed, "
                          f"{stats.deleted} deleted")
@@ -238,11 +241,11 @@ def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefi
             client = marketo.get_client()
             before = _calls(client)
             prepare_persons(context.run_id, state.config, client)
-            stats = steps.extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
-                                                  window.end.astimezone(timezone.utc),
-                                                  is_latest_window(context, window),
-                                                  work_dir=Path(state.work_dir) if state.work_dir else None,
-                                                  run_id=context.run_id)
+            stats = extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
+                                            window.end.astimezone(timezone.utc),
+                                            is_latest_window(context, window),
+                                            work_dir=Path(state.work_dir) if state.work_dir else None,
+                                            run_id=context.run_id)
             rows = _table_rows(con, "SELECT count(*) FROM m_person WHERE NOT deleted", [])
         return dg.MaterializeResult(metadata=_meta(context, stats.as_metadata(), rows,
                                                    {"marketo": _calls(client) - before}))
@@ -266,7 +269,7 @@ def _plan(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDef
                           "Marketo and the last agreed values, with the rule behind every write.", **common)
     def plan(context: dg.AssetExecutionContext, state: SyncStateResource) -> dg.MaterializeResult:
         with permanent_errors_fail_fast(), state.connect() as con:
-            summary = steps.plan(con, state.config, e, context.run_id)
+            summary = plan_entity(con, state.config, e, context.run_id)
         md = summary.as_metadata()
         writes = sum(v for k, v in summary.counts.items() if k.split(":")[0] in ("marketo", "dynamics"))
         return dg.MaterializeResult(metadata=_meta(context, md, writes, {}))
@@ -290,7 +293,7 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
             before = _calls(client)
             guard_environment(con, state, dynamics, marketo)
             cfg = run_config(context, state, dynamics.get_client())
-            stats = steps.push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id, final=not e.is_person)
+            stats = push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id)
             lasting = _push_state(con, e.name, "marketo")
             linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
         if stats.failed:
@@ -320,7 +323,7 @@ def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.
             before = (_calls(dclient), _calls(mclient))
             guard_environment(con, state, dynamics, marketo)
             cfg = run_config(context, state, dclient)
-            stats = steps.push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
+            stats = push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
             lasting = _push_state(con, e.name, "dynamics")
             linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
         if lasting["records_held"]:

@@ -21,9 +21,10 @@ import httpx
 from sync_pipeline.config.model import SyncConfig
 from sync_pipeline.defs.partitions import latest_partition_key
 from sync_pipeline.defs.resources import SyncStateResource
-from sync_pipeline.engine import state as state_mod
-from sync_pipeline.engine.extract import marketo_person_fields
-from sync_pipeline.engine.steps import DELETED_CURSOR, LEADCHANGES_CURSOR, delta_cursor
+from sync_pipeline.engine.store import state as state_mod
+from sync_pipeline.engine.extract.marketo import marketo_person_fields
+from sync_pipeline.engine.extract.dynamics import delta_cursor
+from sync_pipeline.engine.extract.marketo import DELETED_CURSOR, LEADCHANGES_CURSOR
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
 

@@ -6,7 +6,7 @@ import dagster as dg
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.defs.assets import POOL, push_key
 from sync_pipeline.defs.resources import SyncStateResource
-from sync_pipeline.engine.merge import QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE
+from sync_pipeline.engine.plan.identity import QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE
 
 MAX_REJECTED_RATE = 0.05
 
@@ -31,7 +31,7 @@ def build_checks(config: SyncConfig) -> list[dg.AssetChecksDefinition]:
 
 def _held_records(e: Entity, system: str) -> dg.AssetChecksDefinition:
     """On every push asset: not green while any record is held (a held record never syncs until released)."""
-    from sync_pipeline.ops import report
+    from sync_pipeline.admin import report
 
     @dg.asset_check(asset=push_key(e.name, system), name="no_held_records", pool=POOL,
                     description=f"No `{e.name}` record bound for {system.title()} is held (failed past the retry "

@@ -16,7 +16,7 @@ from pydantic import Field
 from sync_pipeline.defs.assets import POOL, permanent_errors_fail_fast
 from sync_pipeline.defs.resources import SyncStateResource
 from sync_pipeline.engine import resync as resync_engine
-from sync_pipeline.engine.state import utcnow
+from sync_pipeline.engine.store.state import utcnow
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
 

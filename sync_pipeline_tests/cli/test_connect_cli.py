@@ -20,7 +20,7 @@ from sync_pipeline.config.model import load_config
 from sync_pipeline.defs.assets import raw_key
 from sync_pipeline.sandbox.runner import Sandbox
 from sync_pipeline.sandbox.schema import Column, load_schema
-from sync_pipeline.verify import compare
+from sync_pipeline.admin.verify import compare
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "sandbox-schema.example.yaml"
 

@@ -1,4 +1,4 @@
-"""Persons and custom objects through Marketo bulk import (engine/bulk_push.py), end to end through Dagster runs.
+"""Persons and custom objects through Marketo bulk import (engine/push/bulk.py), end to end through Dagster runs.
 
 (a) The initial copy of the "small" org with the default threshold: persons go through bulk import files, the
     Marketo calls stay under a bound derived from the org's size, and both systems agree afterwards.
@@ -52,8 +52,8 @@ def test_initial_copy_at_small_goes_bulk_under_the_call_bound_and_both_sides_agr
     from sync_pipeline import runs
     from sync_pipeline.clients.dynamics import DynamicsClient
     from sync_pipeline.clients.marketo import MarketoClient
-    from sync_pipeline.engine import state
-    from sync_pipeline.verify import compare
+    from sync_pipeline.engine.store import state
+    from sync_pipeline.admin.verify import compare
 
     sb, _counts, instance, state_path = small_world
     sb.reset_calls()

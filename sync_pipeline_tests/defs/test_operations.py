@@ -19,7 +19,7 @@ from sync_pipeline.cli import main
 from sync_pipeline.defs.assets import PERSON_RAW, RUN_TOTALS, key_name, push_key, raw_key, stage_of
 from sync_pipeline.defs.automation import ALERT_WEBHOOK_ENV, held_records_tick
 from sync_pipeline.defs.resources import build_resources
-from sync_pipeline.engine import state as state_mod
+from sync_pipeline.engine.store import state as state_mod
 from sync_pipeline_tests.defs.test_sensors import settle, tick
 
 
