@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, MarketoTransientError, QuotaExhausted
+from sync_pipeline.clients.marketo import (
+    MarketoAuthError,
+    MarketoError,
+    MarketoTransientError,
+    QuotaExhausted,
+)
 
 FATAL = (QuotaExhausted, MarketoAuthError)  # raised to the caller like on REST: the step fails, nothing recorded
 

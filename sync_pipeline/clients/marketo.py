@@ -18,10 +18,11 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -145,7 +146,7 @@ class MarketoClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "MarketoClient":
+    def __enter__(self) -> MarketoClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -423,8 +424,8 @@ class MarketoClient:
 
     def paging_token(self, since: datetime | str) -> str:
         if isinstance(since, datetime):
-            since = (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).astimezone(
-                timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            since = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(
+                UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = self._call("GET", "/rest/v1/activities/pagingtoken.json", "activities.pagingtoken",
                           params={"sinceDatetime": since})
         return str(body["nextPageToken"])
@@ -684,5 +685,5 @@ def _import_content(data: bytes | str | Path) -> bytes:
 def _iso(value: datetime | str) -> str:
     if isinstance(value, str):
         return value
-    dt = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    dt = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

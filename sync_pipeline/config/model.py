@@ -53,7 +53,7 @@ class FieldMap(_Strict):
     date_time_behavior: DateTimeBehavior | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "FieldMap":
+    def _check(self) -> FieldMap:
         for name in (self.marketo, self.dynamics):
             if not _IDENT.match(name):
                 raise ValueError(f"field name {name!r} is not a valid identifier")
@@ -112,7 +112,7 @@ class Entity(_Strict):
     extra_fields: list[FieldMap] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _check(self) -> "Entity":
+    def _check(self) -> Entity:
         if not _IDENT.match(self.name):
             raise ValueError(f"entity name {self.name!r} is not a valid identifier")
         if self.policy == STICKY:
@@ -175,7 +175,7 @@ class SyncConfig(_Strict):
     entities: list[Entity]
 
     @model_validator(mode="after")
-    def _check(self) -> "SyncConfig":
+    def _check(self) -> SyncConfig:
         names = [e.name for e in self.entities]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:

@@ -11,8 +11,14 @@ from datetime import timedelta
 import pytest
 
 from sync_pipeline.clients.governor import RateGovernor
-from sync_pipeline.clients.marketo import (MarketoAuthError, MarketoClient, MarketoError, MarketoTransientError,
-                                           QuotaExhausted, RecordResult)
+from sync_pipeline.clients.marketo import (
+    MarketoAuthError,
+    MarketoClient,
+    MarketoError,
+    MarketoTransientError,
+    QuotaExhausted,
+    RecordResult,
+)
 from sync_pipeline.resources.marketo import MarketoResource
 from sync_pipeline.sandbox.faults import Fault
 from sync_pipeline.sandbox.marketo import MarketoSandbox
@@ -204,9 +210,9 @@ def test_get_leads_splits_queries_matching_over_1000(sandbox, client):
 def test_delete_and_merge_leads(sandbox, client):
     created = client.sync_leads([{"email": "w@example.com"}, {"email": "l@example.com", "title": "CEO"},
                                  {"email": "d@example.com"}])
-    w, l, d = (r.id for r in created)
-    client.merge_leads(w, [l])
-    assert sandbox.store.get_lead(w)["title"] == "CEO" and sandbox.store.get_lead(l) is None
+    w, loser, d = (r.id for r in created)
+    client.merge_leads(w, [loser])
+    assert sandbox.store.get_lead(w)["title"] == "CEO" and sandbox.store.get_lead(loser) is None
     deleted = client.delete_leads([d, 424242])
     assert deleted[0] == RecordResult(0, "deleted", d) and deleted[1].reasons[0]["code"] == "1004"
     with pytest.raises(MarketoError) as err:

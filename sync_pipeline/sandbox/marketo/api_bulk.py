@@ -41,12 +41,14 @@ def multipart(req: Request) -> tuple[bytes, dict[str, str]]:
         raise ApiError("613", "Invalid Multipart Request")
     content: bytes | None = None
     fields: dict[str, str] = {}
-    for part in message.iter_parts():  # type: ignore[attr-defined]
+    for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
         if name == "file":
-            content = part.get_payload(decode=True) or b""
+            content = data
         elif name:
-            fields[str(name)] = (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
+            fields[str(name)] = data.decode("utf-8", "replace")
     if content is None:
         raise ApiError("613", "Invalid Multipart Request: no 'file' part")
     return content, fields
@@ -68,7 +70,7 @@ def _ranged(content: bytes, header: str | None, ctype: str) -> Response:
                     {"Content-Type": ctype, "Content-Range": f"bytes {start}-{end}/{size}"})
 
 
-def row_failer(req: Request):  # type: ignore[no-untyped-def]
+def row_failer(req: Request):
     """An injected ``partial`` fault on an import upload fails every other row of the file, the first one
     included (a file of one row fails it), listed in the failures file like a row Marketo rejected."""
     code = getattr(req, "partial_code", None)
@@ -77,10 +79,10 @@ def row_failer(req: Request):  # type: ignore[no-untyped-def]
     return lambda i: {"code": code, "message": "Injected record failure"} if i % 2 == 0 else None
 
 
-def register(sb: "MarketoSandbox") -> None:
+def register(sb: MarketoSandbox) -> None:
     app, bulk = sb.app, sb.bulk
 
-    def guarded(fn):  # type: ignore[no-untyped-def]
+    def guarded(fn):
         def run(req: Request) -> Response:
             try:
                 return fn(req)
@@ -156,7 +158,7 @@ def register(sb: "MarketoSandbox") -> None:
             bulk.advance()
             return ok([bulk.import_job(req.params["id"]).describe()])
 
-    def report(which: str, custom: bool = False):  # type: ignore[no-untyped-def]
+    def report(which: str, custom: bool = False):
         @guarded
         def run(req: Request) -> Response:
             with bulk.lock:

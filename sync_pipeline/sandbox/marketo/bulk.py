@@ -24,9 +24,10 @@ import io
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 
 from sync_pipeline.sandbox.clock import iso
 from sync_pipeline.sandbox.marketo.limits import MarketoLimits, next_central_midnight
@@ -361,19 +362,19 @@ class BulkService:
                 warn.append(None)
                 continue
             # A blank cell leaves the field as it is: it is not sent at all.
-            records.append({h: v for h, v in zip(job.header, row) if v != "" and h not in readonly})
-            ignored = [h for h, v in zip(job.header, row) if v != "" and h in readonly]
+            records.append({h: v for h, v in zip(job.header, row, strict=True) if v != "" and h not in readonly})
+            ignored = [h for h, v in zip(job.header, row, strict=True) if v != "" and h in readonly]
             warn.append(f"Field '{ignored[0]}' is not updateable; value ignored" if ignored else None)
         sendable = [r if r is not None else [] for r in records]
         with self.store.lock:
             if job.object_name is None:
                 action = "updateOnly" if job.lookup_field == "id" else "createOrUpdate"
-                results = self.store.sync_leads(sendable, action, job.lookup_field, source="import",  # type: ignore
+                results = self.store.sync_leads(sendable, action, job.lookup_field, source="import",
                                                 fail=job.fail_row)
             else:
                 results = self.store.table(job.object_name).upsert(sendable, "createOrUpdate",  # type: ignore
                                                                    "dedupeFields", job.fail_row)
-        for row, record, result, warning in zip(job.rows, records, results, warn):
+        for row, record, result, warning in zip(job.rows, records, results, warn, strict=True):
             if record is None:
                 job.failures.append((row, f"1003 Row has {len(row)} columns, header has {len(job.header)}"))
             elif result["status"] == "skipped":
