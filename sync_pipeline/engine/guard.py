@@ -10,7 +10,7 @@ from typing import Any
 
 import duckdb
 
-from sync_pipeline.engine.store.state import utcnow
+from sync_pipeline.engine.store.state import one_row, utcnow
 
 
 class WrongEnvironmentError(RuntimeError):
@@ -45,6 +45,6 @@ def rebaseline(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     for t in tables:
         if t.startswith(("d_", "b_")) or t in ("m_person", "identity", "plan", "plan_work", "plan_meta",
                                                "cursors", "environment", "failures", "conflicts"):
-            counts[t] = int(con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0])
+            counts[t] = int(one_row(con, f'SELECT count(*) FROM "{t}"')[0])
             con.execute(f'DELETE FROM "{t}"')
     return counts

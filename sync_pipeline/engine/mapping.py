@@ -27,6 +27,7 @@ from typing import Any
 import duckdb
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
+from sync_pipeline.engine.store.state import one_row
 
 
 def entity_digest(config: SyncConfig | None, entity: Entity) -> str:
@@ -123,15 +124,15 @@ def record(con: duckdb.DuckDBPyConnection, config: SyncConfig, now: Any) -> list
             con.execute("UPDATE mapping_entities SET state = 'removed', changed_at = ? WHERE entity = ?", [now, ent])
             con.execute("UPDATE mapping_fields SET state = 'removed', changed_at = ? WHERE entity = ?", [now, ent])
             changes.append((ent, None, "entity_removed", "no longer synced; its state is kept"))
-    for ent, name, kind, detail in changes:
+    for ent, changed, kind, detail in changes:
         con.execute("INSERT INTO mapping_changes (detected_at, entity, field, change, detail) VALUES (?, ?, ?, ?, ?)",
-                    [now, ent, name, kind, detail])
-    return [(ent, name, kind) for ent, name, kind, _ in changes]
+                    [now, ent, changed, kind, detail])
+    return [(ent, changed, kind) for ent, changed, kind, _ in changes]
 
 
 def has_tables(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'mapping_fields'"
-                            ).fetchone()[0])
+    return bool(one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'mapping_fields'"
+                            )[0])
 
 
 def pending_fields(con: duckdb.DuckDBPyConnection, entity: str) -> list[str]:

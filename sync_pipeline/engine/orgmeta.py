@@ -133,7 +133,7 @@ def read_metadata(client: Any, tables: list[str], language: int | None = None,
                                                                  f"{len(responses)} responses")
     out: dict[str, TableMeta] = {}
     missing: dict[str, str] = {}
-    for (table, kind, _), resp in zip(plan, responses):
+    for (table, kind, _), resp in zip(plan, responses, strict=True):  # lengths checked above
         if table in missing:
             continue
         body = resp.body if isinstance(resp.body, dict) else {}
@@ -154,11 +154,11 @@ def read_metadata(client: Any, tables: list[str], language: int | None = None,
                     bool(a.get("IsCustomAttribute")), a.get("IsValidForUpdate") is not False)
             out[table] = tm
             continue
-        tm = out.get(table)
-        if tm is None:
+        known = out.get(table)
+        if known is None:
             continue
         for doc in body.get("value", []):
-            attr = tm.attributes.get(doc.get("LogicalName", ""))
+            attr = known.attributes.get(doc.get("LogicalName", ""))
             if attr is None:
                 continue
             if "MaxLength" in doc:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
@@ -40,12 +40,12 @@ from sync_pipeline.engine import mapping, normalize
 from sync_pipeline.engine.extract import dynamics as extract
 from sync_pipeline.engine.extract.marketo import text_value
 from sync_pipeline.engine.plan.fields import STICKY_OUTCOME, one_way_sticky, policy_resolution
+from sync_pipeline.engine.plan.summary import PLAN_INSERT
 from sync_pipeline.engine.push.dynamics import apply_to_dynamics
 from sync_pipeline.engine.push.marketo import apply_to_marketo
-from sync_pipeline.engine.plan.summary import PLAN_INSERT
 from sync_pipeline.engine.push.payloads import object_path
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, get_cursor, qi, sql_text
+from sync_pipeline.engine.store.state import fcol, get_cursor, one_row, qi, sql_text
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def needs_initial_copy(con: duckdb.DuckDBPyConnection, entity: Entity) -> bool:
 
     if entity.is_derived:
         return False
-    linked = con.execute("SELECT count(*) FROM identity WHERE entity = ?", [entity.name]).fetchone()[0]
-    based = con.execute(f"SELECT count(*) FROM {qi('b_' + entity.name)}").fetchone()[0]
+    linked = one_row(con, "SELECT count(*) FROM identity WHERE entity = ?", [entity.name])[0]
+    based = one_row(con, f"SELECT count(*) FROM {qi('b_' + entity.name)}")[0]
     return not linked and not based and get_cursor(con, delta_cursor(entity)) is None
 
 
@@ -108,7 +108,7 @@ def _calls(client: Any) -> int:
 
 
 def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_since(value: str | None) -> datetime | None:
@@ -118,7 +118,7 @@ def parse_since(value: str | None) -> datetime | None:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise ConfigError(f"--since {value!r}: expected a date or date-time (YYYY-MM-DD[THH:MM[:SS]][Z])") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 # ---- 1. re-read -----------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def _scope(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
         JOIN {d} d ON d.id = i.dynamics_id JOIN rs_d r ON r.did = d.id
         WHERE i.entity = ? AND i.state = 'active' AND i.marketo_id IS NOT NULL
           AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false""", [entity.name])
-    return int(con.execute("SELECT count(*) FROM rs_scope").fetchone()[0])
+    return int(one_row(con, "SELECT count(*) FROM rs_scope")[0])
 
 
 def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, maps: list[FieldMap]) -> None:
@@ -267,7 +267,7 @@ def _plan_rows(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldM
                                 AS rule
                          FROM ({scored}) WHERE outcome IS NOT NULL""")
     con.execute(f"CREATE OR REPLACE TEMP TABLE rs_fx AS {' UNION ALL '.join(parts)}")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE rs_plan AS SELECT ? AS run_id, ? AS entity, did AS dynamics_id,
+    con.execute("""CREATE OR REPLACE TEMP TABLE rs_plan AS SELECT ? AS run_id, ? AS entity, did AS dynamics_id,
             mid AS marketo_id,
             CASE outcome WHEN 'reject' THEN 'marketo' ELSE outcome END AS target,
             CASE outcome WHEN 'base' THEN 'agree' WHEN 'hold' THEN 'hold' WHEN 'reject' THEN 'reject'
@@ -305,8 +305,8 @@ def resync(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity_name: str,
     _plan_rows(con, entity, maps, run_id)
     for target, op, n in con.execute("SELECT target, op, count(*) FROM rs_plan GROUP BY ALL").fetchall():
         stats.planned[f"{target}:{op}"] = int(n)
-    stats.differing = int(con.execute("SELECT count(DISTINCT dynamics_id) FROM rs_plan WHERE op = 'update'"
-                                      ).fetchone()[0])
+    stats.differing = int(one_row(con, "SELECT count(DISTINCT dynamics_id) FROM rs_plan WHERE op = 'update'"
+                                      )[0])
     preview: list[tuple] = []
     if dry_run:
         preview = con.execute("""SELECT entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, rule

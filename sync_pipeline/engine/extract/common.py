@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 
 def iso_utc(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -17,7 +17,7 @@ class IngestStats:
     changed: int = 0
     deleted: int = 0
 
-    def add(self, other: "IngestStats") -> None:
+    def add(self, other: IngestStats) -> None:
         self.rows += other.rows
         self.changed += other.changed
         self.deleted += other.deleted

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -28,7 +29,16 @@ from sync_pipeline.engine import normalize
 from sync_pipeline.engine.extract.common import ExtractStats, IngestStats, iso_utc
 from sync_pipeline.engine.ports import DynamicsPort
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, get_cursor, latest_fields, next_seq, qi, set_cursor, sql_text, utcnow
+from sync_pipeline.engine.store.state import (
+    fcol,
+    get_cursor,
+    latest_fields,
+    next_seq,
+    qi,
+    set_cursor,
+    sql_text,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +294,7 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
         names = [fcol(f.marketo) for f in entity.all_fields]
         exprs = [dynamics_value_expr(entity, f, tables) for f in entity.all_fields]
         _record_field_times(con, entity, table, pk, mod, exprs, page)
-        select = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, names))
+        select = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, names, strict=True))
         sets = ", ".join(f"{n} = excluded.{n}" for n in names)
         res = con.execute(f"""
             INSERT INTO {table} (id, version, modified_on, etag, deleted, sync_flag, origin_lead, customer_contact,
@@ -321,7 +331,7 @@ def _record_field_times(con: duckdb.DuckDBPyConnection, entity: Entity, table: s
 
 def _field_times_sql(con: duckdb.DuckDBPyConnection, entity: Entity, table: str, pk: str, mod: str,
                      exprs: list[str], timed: set[str]) -> None:
-    for f, expr in zip(entity.all_fields, exprs):
+    for f, expr in zip(entity.all_fields, exprs, strict=True):
         if f.marketo not in timed:
             continue
         con.execute(f"""INSERT OR REPLACE INTO field_times

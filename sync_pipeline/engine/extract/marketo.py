@@ -9,9 +9,10 @@ changed becomes pending for the next plan.
 from __future__ import annotations
 
 import tempfile
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -44,10 +45,10 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     fields = marketo_person_fields(config)
     if token is None:
         # Take the watermark before reading, so nothing changed during the initial read is missed.
-        first = client.paging_token(utcnow().replace(tzinfo=timezone.utc) - timedelta(seconds=5))
+        first = client.paging_token(utcnow().replace(tzinfo=UTC) - timedelta(seconds=5))
         stats.mode = "bulk export"
         # The first read covers everything since the configured start, whatever window triggered it.
-        since = datetime.fromisoformat(config.sync.partitions.start_date).replace(tzinfo=timezone.utc)
+        since = datetime.fromisoformat(config.sync.partitions.start_date).replace(tzinfo=UTC)
         _bulk_windows(con, config, client, min(start, since), end, fields, stats, work_dir)
         set_cursor(con, LEADCHANGES_CURSOR, first)
         set_cursor(con, DELETED_CURSOR, first)
@@ -160,7 +161,7 @@ def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activiti
         if mirrored is None:
             fetch.add(lead_id)
             continue
-        row: dict[str, Any] = {"id": lead_id, **dict(zip(watch, mirrored[1:]))}
+        row: dict[str, Any] = {"id": lead_id, **dict(zip(watch, mirrored[1:], strict=True))}
         for a in sorted(acts, key=lambda a: (str(a.get("activityDate", "")), int(a.get("id") or 0))):
             row["updatedAt"] = a.get("activityDate")
             for change in a.get("fields") or []:

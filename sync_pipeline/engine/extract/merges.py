@@ -66,13 +66,13 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
     for m in merges:
         ids = [str(m.winner)] + [str(i) for i in m.losers]
         ledger.retire_merged_persons(con, m.winner, m.losers, now)
-        links = con.execute(f"""SELECT entity, dynamics_id, marketo_id, state FROM identity
+        links = con.execute("""SELECT entity, dynamics_id, marketo_id, state FROM identity
             WHERE entity IN (SELECT unnest(?::VARCHAR[])) AND marketo_id IN (SELECT unnest(?::VARCHAR[]))""",
                             [persons, ids]).fetchall()
         active = [r for r in links if r[3] == "active"]
         active.sort(key=lambda r: (KEEPER_RANK.get(r[0], 1), ids.index(r[2]), r[1]))
         losers_text = ",".join(str(i) for i in m.losers)
-        for n, (entity, did, mid, state) in enumerate(active):
+        for n, (entity, did, mid, _state) in enumerate(active):
             if n == 0:
                 if mid != str(m.winner):
                     ledger.relink(con, entity, did, str(m.winner), "marketo_merge", now)

@@ -6,7 +6,7 @@ import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary
-from sync_pipeline.engine.store.state import qi
+from sync_pipeline.engine.store.state import one_row, qi
 
 
 def plan_roles(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str) -> PlanSummary:
@@ -27,7 +27,7 @@ def plan_roles(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
           AND COALESCE(r.did, b.dynamics_id) NOT IN (SELECT o.id FROM {src} o JOIN failures q
               ON q.entity = 'contact' AND q.target = 'quarantine' AND q.dynamics_id = o.customer_contact)""",
                 [entity.role_name])
-    summary.work = int(con.execute("SELECT count(*) FROM role_changes").fetchone()[0])
+    summary.work = int(one_row(con, "SELECT count(*) FROM role_changes")[0])
     con.execute(f"""{PLAN_INSERT} SELECT ?, ?, did, have, 'marketo', 'delete', 'leadId', have, NULL, have_role,
             'role_removed', NULL FROM role_changes WHERE have IS NOT NULL""", head)
     for field, value, bound in (("leadId", "want", []), ("role", "?", [entity.role_name]),

@@ -39,9 +39,10 @@ import logging
 import re
 import shutil
 import tempfile
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TextIO
 
 import duckdb
 import pyarrow as pa
@@ -51,6 +52,7 @@ from sync_pipeline.engine import normalize
 from sync_pipeline.engine.ports import MarketoPort
 from sync_pipeline.engine.push.payloads import object_path
 from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store.state import one_row
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def wanted(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
     threshold = config.sync.bulk_import_threshold
     if threshold is None or not bulk_path(entity):
         return False
-    creates = con.execute("SELECT count(*) FROM planned_ids WHERE op = 'create'").fetchone()[0]
+    creates = one_row(con, "SELECT count(*) FROM planned_ids WHERE op = 'create'")[0]
     return int(creates) >= threshold
 
 
@@ -103,7 +105,7 @@ def _push(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, cl
     con.execute("CREATE OR REPLACE TEMP TABLE bulk_rows (did VARCHAR, file INTEGER, state VARCHAR, mid VARCHAR, "
                 "code VARCHAR, message VARCHAR)")
     queue = client.import_queue(object_name=api_name, lookup_field=PERSON_KEY)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     files = 0
     for path, dids in _files(con, entity, maps, key, work):
         files += 1
@@ -119,10 +121,10 @@ def _push(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, cl
     for p in work.glob("*.csv"):
         p.unlink(missing_ok=True)
     calls = queue.calls
-    if person and con.execute("SELECT count(*) FROM bulk_rows WHERE state = 'sent'").fetchone()[0]:
+    if person and one_row(con, "SELECT count(*) FROM bulk_rows WHERE state = 'sent'")[0]:
         calls += _find_person_ids(con, client, started, work)
     settled = _record(con, entity, person, record)
-    left = con.execute("SELECT count(*) FROM bulk_rows WHERE state NOT IN ('ok', 'failed')").fetchone()[0]
+    left = one_row(con, "SELECT count(*) FROM bulk_rows WHERE state NOT IN ('ok', 'failed')")[0]
     log.info("%s: %d create(s) through %d bulk import file(s), %d Marketo call(s); %d settled, %d left to REST",
              entity.name, settled + left, files, calls, settled, left)
     con.execute("""DELETE FROM planned_rows WHERE op = 'create' AND dynamics_id IN
@@ -143,10 +145,13 @@ def _files(con: duckdb.DuckDBPyConnection, entity: Entity, maps: dict[str, Field
     header = fixed + [f for f in planned if f not in fixed]
     position = {f: i for i, f in enumerate(header)}
     type_value = entity.marketo.type_value or entity.name.title()
-    bounds = con.execute("SELECT min(rn), max(rn) FROM planned_ids WHERE op = 'create'").fetchone()
+    bounds = one_row(con, "SELECT min(rn), max(rn) FROM planned_ids WHERE op = 'create'")
     if bounds[0] is None:
         return
-    n, out, writer, path, dids = 0, None, None, None, []
+    n, path = 0, work
+    dids: list[str] = []
+    out: TextIO | None = None
+    writer: Any = None
     for start in range(int(bounds[0]), int(bounds[1]) + 1, READ_RECORDS):
         rows = con.execute("""SELECT rn, dynamics_id, field, new_value FROM planned_rows WHERE op = 'create'
                               AND rn BETWEEN ? AND ? ORDER BY rn, field""",
@@ -155,7 +160,8 @@ def _files(con: duckdb.DuckDBPyConnection, entity: Entity, maps: dict[str, Field
             if out is None:
                 n += 1
                 path = work / f"{entity.name}-{n:04d}.csv"
-                out = open(path, "w", newline="", encoding="utf-8")
+                # Open across records until the file reaches FILE_BYTES (closed below, or after the loop).
+                out = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115
                 writer = csv.writer(out, lineterminator="\n")
                 writer.writerow(header)
                 dids = []
@@ -175,13 +181,15 @@ def _files(con: duckdb.DuckDBPyConnection, entity: Entity, maps: dict[str, Field
 
 
 def _records(rows: list[tuple], header: list[str], position: dict[str, int], maps: dict[str, FieldMap]):
-    current, did, cells = None, None, None
+    current, did = None, None
+    cells: list[str] | None = None
     for rn, d, field, value in rows:
         if rn != current:
             if cells is not None:
                 yield did, cells
-            current, did, cells = rn, d, [""] * len(header)
-        if field is not None and value is not None:
+            current, did = rn, d
+            cells = [""] * len(header)
+        if cells is not None and field is not None and value is not None:
             fm = maps.get(field)
             cells[position[field]] = _cell(normalize.to_marketo(fm, value) if fm else value)
     if cells is not None:
@@ -264,7 +272,7 @@ def _find_person_ids(con: duckdb.DuckDBPyConnection, client: MarketoPort, starte
     Marketo ids. Returns the export's calls (create, enqueue, status polls, file)."""
     before = sum(getattr(client, "calls", {}).values()) if hasattr(client, "calls") else 0
     path = work / "imported-ids.csv"
-    end = datetime.now(timezone.utc) + EXPORT_MARGIN
+    end = datetime.now(UTC) + EXPORT_MARGIN
     window = {"updatedAt": {"startAt": _iso(started - EXPORT_MARGIN), "endAt": _iso(end)}}
     client.export_to_file("leads", window, path, fields=["id", PERSON_KEY])
     con.execute(f"""CREATE OR REPLACE TEMP TABLE bulk_ids AS
@@ -285,7 +293,7 @@ def _record(con: duckdb.DuckDBPyConnection, entity: Entity, person: bool, record
     if not person:
         # Identified by the dedupe field (the Dynamics id), as identity records an object without a marketoGUID.
         con.execute("UPDATE bulk_rows SET state = 'ok', mid = did WHERE state = 'sent'")
-    total = int(con.execute("SELECT count(*) FROM bulk_rows WHERE state IN ('ok', 'failed')").fetchone()[0])
+    total = int(one_row(con, "SELECT count(*) FROM bulk_rows WHERE state IN ('ok', 'failed')")[0])
     con.execute("""CREATE OR REPLACE TEMP TABLE bulk_done AS
         SELECT row_number() OVER (ORDER BY did) AS n, did, state = 'ok' AS ok,
                mid, CASE WHEN state = 'failed' THEN code END AS code, message
@@ -298,4 +306,4 @@ def _record(con: duckdb.DuckDBPyConnection, entity: Entity, person: bool, record
 
 
 def _iso(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

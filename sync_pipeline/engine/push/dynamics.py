@@ -49,7 +49,7 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
         for rows in chunks(con, total):
             for did, op, mid, etag, _base, fields, vals in rows:
                 body, bad = {}, []
-                for f, v in zip(fields, vals):
+                for f, v in zip(fields, vals, strict=True):
                     if f not in maps:
                         continue
                     try:
@@ -68,7 +68,7 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
             if created:  # the new lead's id goes back to the Marketo person it came from
                 res = marketo.sync_leads([{"id": int(mid), "dynamicsId": did, "dynamicsType": "Lead"}
                                           for did, mid in created], action="updateOnly", lookup_field="id")
-                for (did, mid), r in zip(created, res):
+                for (did, mid), r in zip(created, res, strict=False):  # only logs
                     if getattr(r, "status", None) not in ("updated", "created"):
                         log.warning("lead %s created from Marketo person %s, but the person was not updated "
                                     "(the next sync writes the link): %s", did, mid, getattr(r, "reasons", None))
@@ -104,7 +104,8 @@ def _write_dynamics_batched(client: DynamicsPort, entity_set: str,
             code = str(exc.code or "error")
             out += [Result(did, op, False, mid, code, str(exc)) for did, op, mid, _etag, _body in part]
             continue
-        for (did, op, mid, _etag, _body), resp in zip(part, responses):
+        # A $batch that stopped early answers fewer parts: the rest are reported below as not attempted.
+        for (did, op, mid, _etag, _body), resp in zip(part, responses, strict=False):
             error = resp.error(f"{entity_set}({did})")
             if error is None:
                 out.append(Result(did, op, True, mid))

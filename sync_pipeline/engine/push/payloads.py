@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import duckdb
 
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine.ports import marketo_object_path
+from sync_pipeline.engine.store.state import one_row
 
 CHUNK_RECORDS = 3000  # records per round trip to DuckDB; API batches are 300 inside it
 
@@ -33,7 +34,7 @@ def planned_records(con: duckdb.DuckDBPyConnection, entity: Entity, target: str)
         SELECT r.rn, p.dynamics_id, p.op, p.marketo_id, p.etag, p.base_value, p.field, p.new_value
         FROM plan p JOIN planned_ids r ON r.dynamics_id = p.dynamics_id AND r.op = p.op
         WHERE p.entity = ? AND p.target = ? ORDER BY r.rn""", [entity.name, target])
-    return int(con.execute("SELECT count(*) FROM planned_ids").fetchone()[0])
+    return int(one_row(con, "SELECT count(*) FROM planned_ids")[0])
 
 
 def chunks(con: duckdb.DuckDBPyConnection, total: int) -> Iterable[list[tuple]]:

@@ -3,9 +3,10 @@ ledger (``store/ledger.py``), which alone writes the state they change."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -47,7 +48,8 @@ class ApplyStats:
 def outcomes(rows: list[tuple], payload_op: str, results: Sequence[Any], key: Callable[[Any], str | None]
              ) -> list[Result]:
     out = []
-    for row, res in zip(rows, results):
+    # Marketo answers one result per record, in order; records past a short answer get no outcome here.
+    for row, res in zip(rows, results, strict=False):
         status = getattr(res, "status", None)
         if status in ("created", "updated", "deleted"):
             out.append(Result(row[0], row[1], True, key(res) or row[2]))
