@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -54,7 +54,7 @@ class SyncHarness:
         self.state_path = state_path
         self.instance = dg.DagsterInstance.ephemeral()
 
-    def run(self, scope: str = "latest", raise_on_error: bool = True) -> "dg.ExecuteInProcessResult":  # noqa: F821
+    def run(self, scope: str = "latest", raise_on_error: bool = True) -> dg.ExecuteInProcessResult:  # noqa: F821
         from sync_pipeline import runs
 
         return runs.run_sync(self.instance, scope=scope, raise_on_error=raise_on_error)

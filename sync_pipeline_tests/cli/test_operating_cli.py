@@ -13,7 +13,7 @@ from sync_pipeline.cli.ops import REQUIRED_SETTINGS
 
 
 def invoke(*args: str, columns: int = 100,
-           env: dict[str, str | None] | None = None) -> "click.testing.Result":  # noqa: F821
+           env: dict[str, str | None] | None = None) -> click.testing.Result:  # noqa: F821
     return CliRunner(env={"COLUMNS": str(columns), **(env or {})}).invoke(main, list(args), catch_exceptions=False)
 
 
@@ -64,7 +64,7 @@ def test_errors_and_status_are_readable_and_complete(harness, tmp_path) -> None:
     header = [c.strip() for c in next(line for line in lines if "┃ entity" in line).split("┃")]
     rows_by_entity = {}
     for line in lines:
-        cells = dict(zip(header, (c.strip() for c in line.split("│"))))
+        cells = dict(zip(header, (c.strip() for c in line.split("│")), strict=False))
         if cells.get("entity"):
             rows_by_entity[cells["entity"]] = cells
     person = rows_by_entity["person (Marketo)"]

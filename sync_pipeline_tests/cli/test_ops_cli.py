@@ -13,7 +13,7 @@ from sync_pipeline.cli import main
 OPS_COMMANDS = ("plan", "status", "errors", "rollback", "rebaseline")
 
 
-def invoke(*args: str) -> "click.testing.Result":  # noqa: F821
+def invoke(*args: str) -> click.testing.Result:  # noqa: F821
     # Wide enough that no cell wraps, so texts can be asserted whole.
     return CliRunner(env={"COLUMNS": "400"}).invoke(main, list(args), catch_exceptions=False)
 
@@ -115,7 +115,7 @@ def test_status_errors_and_release_of_a_held_record(harness) -> None:
     lines = result.output.splitlines()
     header = [c.strip() for c in next(line for line in lines if "┃ entity" in line).split("┃")]
     account_line = next(line for line in lines if "│ account" in line)
-    cells = dict(zip(header, (c.strip() for c in account_line.split("│"))))
+    cells = dict(zip(header, (c.strip() for c in account_line.split("│")), strict=False))
     assert (cells["held"], cells["conflicts"]) == ("1", "0")
 
     result = invoke("errors", "--release", "no-such-id")

@@ -10,7 +10,7 @@ from sync_pipeline.cli import main
 from sync_pipeline.engine.store.state import utcnow
 
 
-def invoke(*args: str) -> "click.testing.Result":  # noqa: F821
+def invoke(*args: str) -> click.testing.Result:  # noqa: F821
     return CliRunner(env={"COLUMNS": "400"}).invoke(main, list(args), catch_exceptions=False)
 
 

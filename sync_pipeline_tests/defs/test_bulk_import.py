@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -50,10 +50,10 @@ def small_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
 
 def test_initial_copy_at_small_goes_bulk_under_the_call_bound_and_both_sides_agree(small_world) -> None:
     from sync_pipeline import runs
+    from sync_pipeline.admin.verify import compare
     from sync_pipeline.clients.dynamics import DynamicsClient
     from sync_pipeline.clients.marketo import MarketoClient
     from sync_pipeline.engine.store import state
-    from sync_pipeline.admin.verify import compare
 
     sb, _counts, instance, state_path = small_world
     sb.reset_calls()

@@ -7,7 +7,7 @@ cycle at the end). The fixture only acts and records; each test asserts one rule
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -15,7 +15,8 @@ one rule.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -135,7 +136,7 @@ def test_an_agreed_opt_out_survives_merges(world: World) -> None:
 
 
 def test_one_merge_never_halts_the_rest(world: World) -> None:
-    p, sb = world.p, world.sandbox
+    p = world.p
     assert world.person_of(p["cU"])["title"] == "Unrelated Edit"
     for entity in ("lead", "contact"):
         evaluation = world.check(p["run1"], entity)
@@ -202,7 +203,7 @@ def test_dynamics_merge_of_two_synced_records_merges_their_persons(world: World,
 
 
 def test_dynamics_merge_into_a_new_record_moves_the_person(world: World) -> None:
-    p, sb = world.p, world.sandbox
+    p = world.p
     person = world.person_of(p["mE"])
     assert person["id"] == p["pid"]["cE"]  # the same person, re-pointed, never a second one
     assert world.identity("contact", p["mE"])[:3] == (str(p["pid"]["cE"]), "active", "dynamics_merge")

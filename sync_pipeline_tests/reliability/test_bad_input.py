@@ -10,14 +10,20 @@ broken settings.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from sync_pipeline.clients.dynamics import (AuthenticationError, DynamicsClient, PreconditionFailed, RecordNotFound,
-                                            TransientError)
+from sync_pipeline.clients.dynamics import (
+    AuthenticationError,
+    DynamicsClient,
+    PreconditionFailed,
+    RecordNotFound,
+    TransientError,
+)
 from sync_pipeline.config.model import ConfigError, load_config
 from sync_pipeline.engine.extract import dynamics as dynamics_extract
 from sync_pipeline.engine.push import dynamics as dynamics_push
@@ -231,7 +237,7 @@ def test_expired_delta_token_falls_back_to_a_full_read_without_losing_changes(
     config = load_config()
     entity = config.entity("account")
     keep, change, drop = _seed_accounts(sandbox)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with state.connect(tmp_path / "s.duckdb") as con:
         state.ensure_schema(con, config)
         first = dynamics_extract.extract_dynamics(con, config, entity, dclient, now, now, "p", latest=True)

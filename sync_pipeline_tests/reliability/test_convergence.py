@@ -16,8 +16,13 @@ from typing import Any
 
 import pytest
 
-from sync_pipeline_tests.reliability.workload import ACCOUNT_FIELDS, FAULT_RULES, PERSON_FIELDS, Workload
-from sync_pipeline_tests.reliability.workload import RandomRollbacks
+from sync_pipeline_tests.reliability.workload import (
+    ACCOUNT_FIELDS,
+    FAULT_RULES,
+    PERSON_FIELDS,
+    RandomRollbacks,
+    Workload,
+)
 
 MAX_ATTEMPTS_PER_ROUND = 6
 

@@ -422,7 +422,7 @@ class Workload:
                     bad.append(f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, opted out expected")
                 if row is not None and (r is None or r.marketo != "frozen") and row.get(col) is not True:
                     bad.append(f"{entity} {did}.{col} is {row.get(col)!r}, opted out expected")
-            for f, col in CONSENT_EXTRAS.items():
+            for f in CONSENT_EXTRAS:
                 if person.get(f) != extras[f]:
                     bad.append(f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, "
                                f"expected {extras[f]!r} (blanked?)")
@@ -484,14 +484,14 @@ class RandomRollbacks:
     def round(self) -> None:
         import os
 
+        from sync_pipeline.admin import rollback as rb
         from sync_pipeline.cli.ops import _clients
         from sync_pipeline.clients.dynamics import DynamicsError
         from sync_pipeline.clients.marketo import MarketoError
         from sync_pipeline.config.model import load_config
         from sync_pipeline.engine.store import state
-        from sync_pipeline.admin import rollback as rb
 
-        work, sb = self.work, self.work.sb
+        work = self.work
         touched: set[str] = set()
         for _ in range(self.rng.randrange(2, 6)):
             if getattr(work, "_" + self.rng.choice(ROLLBACK_EDITS))(touched):

@@ -7,7 +7,7 @@ only with --long; the numbers are printed."""
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -40,7 +40,7 @@ def test_incremental_syncs_keep_flowing_during_a_backfill(synced_dagster_dev: st
         phone = f"+1 555 {n:04d}"
         sb.dynamics_update("contact", contact_id, {"telephone1": phone})
         edited = time.monotonic()
-        wait_for("an edit during the backfill", lambda: sb.marketo_get_lead(int(person)).get("phone") == phone,
+        wait_for("an edit during the backfill", lambda phone=phone: sb.marketo_get_lead(int(person)).get("phone") == phone,
                  1800, 1)
         latencies.append(time.monotonic() - edited)
     took = time.monotonic() - started

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 import pytest
 import yaml
 
 from sync_pipeline.config.model import DEFAULT_PATH, SyncConfig, load_config
-from sync_pipeline.engine import normalize, plan as plan_stage
+from sync_pipeline.engine import normalize
+from sync_pipeline.engine import plan as plan_stage
 from sync_pipeline.engine.store.state import ensure_schema, qi
 
 NOW = datetime(2026, 11, 20, 12, 0, 0)

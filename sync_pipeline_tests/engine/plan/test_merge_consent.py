@@ -10,7 +10,7 @@ import yaml
 
 from sync_pipeline.config.model import DEFAULT_PATH, ConfigError, SyncConfig, load_config
 from sync_pipeline.engine.store.state import ensure_schema
-from sync_pipeline_tests.engine.plan.test_merge import (AGREED, C1, C2, L1, dyn, mkto, plan, synced_contact)
+from sync_pipeline_tests.engine.plan.test_merge import AGREED, C1, C2, L1, dyn, mkto, plan, synced_contact
 
 CONSENT = ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax", "doNotSendMarketingMaterial")
 C3 = "c0000000-0000-4000-8000-000000000003"

@@ -3,7 +3,7 @@ named with their reason, every imported person given its Marketo id, settled rec
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import pytest
@@ -54,7 +54,7 @@ def test_files_queue_failures_and_ids(sandbox, tmp_path, monkeypatch) -> None:
         assert bulk_push.wanted(con, config.model_copy(update={"sync": config.sync.model_copy(
             update={"bulk_import_threshold": 60})}), entity)
         settled = bulk_push.push(con, config, entity, client, maps, got.extend, "run-1",
-                                 datetime.now(timezone.utc))
+                                 datetime.now(UTC))
     finally:
         client.close()
     assert settled == 60 and len(got) == 60 and len({r[0] for r in got}) == 60
