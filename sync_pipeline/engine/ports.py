@@ -7,9 +7,10 @@ reads per-record outcomes through ``error()`` / ``kind`` instead of HTTP statuse
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from sync_pipeline.clients.errors import ClientError
 from sync_pipeline.clients.types import BatchRequest, marketo_object_path
@@ -21,8 +22,12 @@ __all__ = ["marketo_object_path", "BatchRequest", "BatchPart", "DynamicsPort", "
 class BatchPart(Protocol):
     """One response of a ``$batch``."""
 
-    status: int
-    body: Any
+    # Read-only members (properties): the clients' results are frozen dataclasses.
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def body(self) -> Any: ...
 
     def error(self, what: str = "") -> ClientError | None: ...
 
@@ -30,9 +35,14 @@ class BatchPart(Protocol):
 class RecordOutcome(Protocol):
     """One record's result of a Marketo batch write."""
 
-    status: str
-    id: Any
-    reasons: Sequence[dict[str, str]]
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def id(self) -> Any: ...
+
+    @property
+    def reasons(self) -> Sequence[dict[str, str]]: ...
 
     @property
     def ok(self) -> bool: ...
@@ -42,18 +52,21 @@ class RecordOutcome(Protocol):
 
 
 class ActivityPageLike(Protocol):
-    results: list[dict[str, Any]]
-    next_page_token: str
+    @property
+    def results(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def next_page_token(self) -> str: ...
 
 
 class DynamicsPort(Protocol):
     def whoami(self) -> dict[str, Any]: ...
 
-    def iter_pages(self, entity_set: str, select: list[str] | str, filter: str | None = None,
+    def iter_pages(self, entity_set: str, select: list[str] | str, filter: str | None = None, *,
                    annotations: bool = False) -> Iterator[list[dict[str, Any]]]: ...
 
-    def iter_changes(self, entity_set: str, select: list[str] | str, delta_link: str | None = None,
-                     annotations: bool = False) -> Iterator[tuple[list[dict[str, Any]], list[str], str]]: ...
+    def iter_changes(self, entity_set: str, select: list[str] | str, delta_link: str | None = None, *,
+                     annotations: bool = False) -> Iterator[tuple[list[dict[str, Any]], list[str], str | None]]: ...
 
     def execute_batch(self, requests: list[BatchRequest], continue_on_error: bool = True,
                       idempotent: bool = False) -> Sequence[BatchPart]: ...
