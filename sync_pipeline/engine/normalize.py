@@ -138,9 +138,3 @@ def to_dynamics(f: FieldMap, value: str | None) -> Any:
     if t == "date":
         return f"{value}T00:00:00Z"
     return _scalar(t, value)
-
-
-def invalid_reason(value: str | None) -> str | None:
-    if value is not None and value.startswith(INVALID):
-        return f"unknown option code {value[len(INVALID):]}"
-    return None
