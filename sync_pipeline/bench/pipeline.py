@@ -106,7 +106,7 @@ def stage_stats(result: Any) -> list[dict[str, Any]]:
     for ev in result.all_events:
         if ev.event_type_value == "STEP_SUCCESS":
             durations[ev.step_key] = ev.event_specific_data.duration_ms / 1000
-    from sync_pipeline.defs.assets import RUN_TOTALS
+    from sync_pipeline.connection.assets import RUN_TOTALS
 
     stages: dict[str, dict[str, Any]] = {}
     counted: set[tuple[str, str | None]] = set()
@@ -137,9 +137,10 @@ def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]]
         if e.dynamics is not None:
             rows = counts.get(f"dynamics.{e.dynamics.table}", 0)
             dynamics += max(1, math.ceil(rows / DYNAMICS_PAGE)) if full_read else 1
-    from sync_pipeline.defs.assets import key_name, push_key
+    from sync_pipeline.connection.keys import asset_key, key_name
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
-    pushes = {key_name(push_key(e.name)) for e in config.entities}
+    pushes = {key_name(asset_key(CONN, e.name, "push")) for e in config.entities}
     written = {s["asset"]: s["records"] for s in stages if s["asset"] in pushes}
     marketo = sum(math.ceil(n / MARKETO_BATCH) for n in written.values())
     return {"dynamics.query": dynamics, "marketo.writes": marketo}
@@ -166,9 +167,11 @@ def run_cycle(instance: Any, remote: RemoteSandbox, config: Any, counts: dict[st
         result = run_sync(instance, scope=scope)
         seconds = time.perf_counter() - started
     stages = stage_stats(result)
-    from sync_pipeline.defs.assets import PERSON_RAW, key_name, raw_key
+    from sync_pipeline.connection.keys import asset_key, key_name
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
-    extracts = {key_name(raw_key(e.name)) for e in config.entities} | {key_name(PERSON_RAW)}
+    extracts = ({key_name(asset_key(CONN, e.name, "extract")) for e in config.entities}
+                | {key_name(asset_key(CONN, "person", "extract"))})
     records = sum(s["records"] for s in stages if s["asset"] in extracts)
     calls = remote.calls()
     return {"seconds": round(seconds, 3), "records_read": records,
@@ -182,7 +185,7 @@ def sensor_tick(remote: RemoteSandbox, config: Any) -> dict[str, Any]:
     the sensor, not a schedule, drives the sync): one Dataverse $batch plus two Marketo activity reads."""
     from sync_pipeline.clients.dynamics import DynamicsClient
     from sync_pipeline.clients.marketo import MarketoClient
-    from sync_pipeline.defs.automation import pending_changes
+    from sync_pipeline.connection.automation import pending_changes
     from sync_pipeline.engine import state
 
     env = os.environ

@@ -120,7 +120,7 @@ def _sensor_cursor(raw: str | None) -> dict[str, Any]:
 def build_sensors(spec: "SyncConnection", job: Any, partitions: dg.TimeWindowPartitionsDefinition) -> list[Any]:
     conn, config, settings = spec.connection, spec.config, spec.automation
     status = dg.DefaultSensorStatus.RUNNING if settings.running else dg.DefaultSensorStatus.STOPPED
-    safety_seconds = settings.safety_tick_minutes * 60
+    safety_seconds = max(60, settings.safety_tick_minutes * 60)
     webhook_env = settings.alert_webhook_env
 
     @dg.sensor(name=qualified(conn, "change_sensor"), job=job, minimum_interval_seconds=settings.check_interval_seconds,
@@ -139,7 +139,10 @@ def build_sensors(spec: "SyncConnection", job: Any, partitions: dg.TimeWindowPar
             return _skip(context, f"a sync run is in flight ({in_flight[0].dagster_run.run_id[:8]}); "
                                   "its extract will see the changes")
         remembered = _sensor_cursor(context.cursor)
-        last_request = float(remembered.get("requested_at") or 0)
+        # The safety tick's clock: the newer of this job's last run (whoever launched it) and our last request.
+        latest = context.instance.get_run_records(dg.RunsFilter(job_name=job.name), limit=1)
+        last_request = max([float(remembered.get("requested_at") or 0)]
+                           + [r.create_timestamp.timestamp() for r in latest])
         tokens = read_cursors(state.path)
         busy = tokens is None
         if busy:  # a run (e.g. a backfill's) holds the store: check against the cursors read last time

@@ -82,6 +82,10 @@ class SyncConnection(dg.Component, dg.Model, dg.Resolvable):
     def named(self, name: str) -> "SyncConnection":
         return self if self.name else self.model_copy(update={"name": name})
 
+    def build_time_env(self) -> list[str | None]:
+        """Env var names of optional non-secret settings read when the resources are built (not at run time)."""
+        return [self.ca_bundle_env, self.marketo.munchkin_id_env]
+
     def config_json(self) -> str | None:
         """The inline mapping as the state resource carries it (None: the resource loads ``entities_path``)."""
         return None if self.entities is None else json.dumps(self.entities)

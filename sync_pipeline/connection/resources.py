@@ -90,6 +90,11 @@ def bound(context: Any, connection: str) -> tuple[SyncStateResource, DynamicsRes
                  for k in RESOURCES)
 
 
+def by_kind(resources: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"state": ..., "dynamics": ..., "marketo": ...}`` from one connection's ``build_resources``."""
+    return {key.rsplit("__", 1)[-1]: value for key, value in resources.items()}
+
+
 def build_resources(spec: "SyncConnection", settings: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``settings`` given: literal values for the env var names (in-process runs); else ``dg.EnvVar``s."""
     def secret(name: str) -> Any:

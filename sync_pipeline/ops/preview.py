@@ -16,11 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import dagster as dg
 import duckdb
 
 from sync_pipeline.config.model import SyncConfig
-from sync_pipeline.defs.assets import PERSON_RAW, plan_key, raw_key
 
 PLAN_COLUMNS = ("entity", "dynamics_id", "marketo_id", "target", "op", "field", "before", "after", "rule")
 # 'agree' rows only move the base (both systems already hold the value): nothing is written.
@@ -46,18 +44,6 @@ def snapshot(state_path: str | Path, wait: float = 30.0) -> Iterator[Path]:
                 if wal.exists():
                     shutil.copyfile(wal, dest.with_name(dest.name + ".wal"))
         yield dest
-
-
-def preview_selection(config: SyncConfig, entity: str | None = None) -> list[dg.AssetKey]:
-    """Extract and plan assets (never a push) for one entity or all of them."""
-    entities = [config.entity(entity)] if entity else config.entities
-    keys: list[dg.AssetKey] = []
-    for e in entities:
-        keys.append(raw_key(e.derived_from or e.name))
-        if e.is_person:
-            keys.append(PERSON_RAW)
-        keys.append(plan_key(e.name))
-    return list(dict.fromkeys(keys))
 
 
 def _where(entities: list[str], run_id: str | None) -> tuple[str, list[str]]:

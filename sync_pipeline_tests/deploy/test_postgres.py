@@ -12,7 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from sync_pipeline.defs.assets import push_key
+from sync_pipeline.connection.keys import asset_key
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 REPO = Path(__file__).resolve().parents[2]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -99,14 +100,14 @@ def test_sync_runs_are_stored_in_postgresql(harness, postgres, tmp_path, monkeyp
     with dg.DagsterInstance.get() as other:
         record = other.get_run_record_by_id(result.run_id)
         assert record is not None and record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
-        assert other.get_latest_materialization_event(push_key("contact")) is not None
+        assert other.get_latest_materialization_event(asset_key(CONN, "contact", "push")) is not None
 
     conn = psycopg2.connect(host="127.0.0.1", port=int(postgres["DAGSTER_PG_PORT"]), user="dagster",
                             password=postgres["DAGSTER_PG_PASSWORD"], dbname="postgres")
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT status, pipeline_name FROM runs WHERE run_id = %s", (result.run_id,))
-            assert cur.fetchall() == [("SUCCESS", "sync")]
+            assert cur.fetchall() == [("SUCCESS", f"{CONN}__sync")]
             cur.execute("SELECT count(*) FROM event_logs WHERE run_id = %s AND dagster_event_type = "
                         "'ASSET_MATERIALIZATION'", (result.run_id,))
             assert cur.fetchone()[0] >= 20  # every raw, plan and push asset of every entity

@@ -32,7 +32,8 @@ from click.testing import CliRunner
 from sync_pipeline import runs
 from sync_pipeline.cli import main
 from sync_pipeline.config.model import load_config
-from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key
+from sync_pipeline.connection.keys import asset_key
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -202,8 +203,8 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
     nodes = wait_for("the code location", lambda: graphql(url, ASSETS_QUERY)["assetNodes"], 120)
     by_key = {tuple(n["assetKey"]["path"]): n for n in nodes}
     for e in config.entities:
-        expected = [plan_key(e.name), push_key(e.name)] + ([] if e.is_derived else [raw_key(e.name)])
-        expected += [push_key(e.name, "dynamics")] if e.is_person else []
+        expected = [asset_key(CONN, e.name, "plan"), asset_key(CONN, e.name, "push")] + ([] if e.is_derived else [asset_key(CONN, e.name, "extract")])
+        expected += [asset_key(CONN, e.name, "push", "dynamics")] if e.is_person else []
         for key in expected:
             assert tuple(key.path) in by_key, f"{key} missing from the asset graph"
             assert by_key[tuple(key.path)]["groupName"] == e.name
@@ -211,7 +212,7 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
             if key.path[-1] == "push":
                 checks = {c["name"] for c in by_key[tuple(key.path)]["assetChecksOrError"]["checks"]}
                 assert "no_held_records" in checks, key
-    assert by_key[tuple(PERSON_RAW.path)]["groupName"] == "person"
+    assert by_key[tuple(asset_key(CONN, "person", "extract").path)]["groupName"] == "person"
     require_browser()
     from playwright.sync_api import sync_playwright
 
@@ -294,16 +295,16 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
             account_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 "
                                        "LIMIT 1")[0][0]
             sb.dynamics_update("account", account_id, {"industrycode": 999})
-            wait_for("the account to be held", lambda: (check_status(url, push_key("account"), "no_held_records")
+            wait_for("the account to be held", lambda: (check_status(url, asset_key(CONN, "account", "push"), "no_held_records")
                                                         or {}).get("status") == "FAILED", 300, 3)
-            assert check_status(url, push_key("account"), "no_held_records")["evaluation"]["severity"] == "WARN"
+            assert check_status(url, asset_key(CONN, "account", "push"), "no_held_records")["evaluation"]["severity"] == "WARN"
             alerts = wait_for("an alert tick about held records", lambda: [
                 t for t in sensor_ticks(url, "alert_on_held_records")
                 if "newly held record(s)" in (t["skipReason"] or "")],
                 180, 5)
             assert "no webhook configured" in alerts[0]["skipReason"]
             assert "notified" not in alerts[0]["skipReason"].split(";")[0]
-            page.goto(f"{url}/assets/{'/'.join(push_key('account').path)}?view=checks",
+            page.goto(f"{url}/assets/{'/'.join(asset_key(CONN, 'account', "push").path)}?view=checks",
                       wait_until="domcontentloaded")
             page.get_by_text("no_held_records").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)
