@@ -69,7 +69,7 @@ def initial_copy(url: str, location: str, connection: str, state_path: str | Non
     from sync_pipeline import runs
 
     spec = runs.connection(connection, state_path=state_path)
-    state_path, job = spec.state_path, sync_job_name(spec.connection)
+    state_path, job = spec.store_path, sync_job_name(spec.connection)
     tokens = read_cursors(state_path)
     if tokens is not None and initial_copy_started(tokens) and not again:
         raise click.ClickException(f"{state_path} has already synced (the initial copy ran); the change sensor "

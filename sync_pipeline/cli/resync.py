@@ -65,7 +65,7 @@ def _failure(result: Any) -> str:
 
 def print_full_plan(config: Any, entity: str | None, limit: int, spec: Any) -> None:
     """``plan --all``: what a full re-evaluation of every linked record under the current rules would write."""
-    state_path = spec.state_path
+    state_path = spec.store_path
     console = _console()
     names = [entity] if entity else [e.name for e in config.entities if not e.is_derived]
     with _instance() as instance:

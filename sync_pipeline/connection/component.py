@@ -20,22 +20,32 @@ from sync_pipeline.config.model import SyncConfig, load_config
 from sync_pipeline.connection.keys import check_connection_name
 
 
+# Unset env var names default to <CONNECTION>_<NAME> (e.g. EMEA_DYNAMICS_URL), so a scaffolded connection never
+# reads another connection's credentials by accident.
+def env_name(connection: str, declared: str | None, default: str) -> str:
+    return declared or f"{connection.upper()}_{default}"
+
+
 class DynamicsCredentials(dg.Model, dg.Resolvable):
     """Names of the environment variables holding the Dynamics 365 app registration (never the values)."""
 
-    url_env: str = Field("DYNAMICS_URL", description="Org URL, e.g. https://contoso.crm.dynamics.com")
-    authority_env: str = Field("DYNAMICS_AUTHORITY", description="https://login.microsoftonline.com/<tenant>")
-    client_id_env: str = "DYNAMICS_CLIENT_ID"
-    client_secret_env: str = "DYNAMICS_CLIENT_SECRET"
+    url_env: str | None = Field(None, description="Org URL, e.g. https://contoso.crm.dynamics.com "
+                                "(default <CONNECTION>_DYNAMICS_URL)")
+    authority_env: str | None = Field(None, description="https://login.microsoftonline.com/<tenant> "
+                                      "(default <CONNECTION>_DYNAMICS_AUTHORITY)")
+    client_id_env: str | None = Field(None, description="default <CONNECTION>_DYNAMICS_CLIENT_ID")
+    client_secret_env: str | None = Field(None, description="default <CONNECTION>_DYNAMICS_CLIENT_SECRET")
 
 
 class MarketoCredentials(dg.Model, dg.Resolvable):
     """Names of the environment variables holding the Marketo LaunchPoint service, and its call budget."""
 
-    base_url_env: str = Field("MARKETO_BASE_URL", description="e.g. https://123-ABC-456.mktorest.com")
-    client_id_env: str = "MARKETO_CLIENT_ID"
-    client_secret_env: str = "MARKETO_CLIENT_SECRET"
-    munchkin_id_env: str | None = Field("MARKETO_MUNCHKIN_ID", description="Optional; default: from the host name")
+    base_url_env: str | None = Field(None, description="e.g. https://123-ABC-456.mktorest.com "
+                                     "(default <CONNECTION>_MARKETO_BASE_URL)")
+    client_id_env: str | None = Field(None, description="default <CONNECTION>_MARKETO_CLIENT_ID")
+    client_secret_env: str | None = Field(None, description="default <CONNECTION>_MARKETO_CLIENT_SECRET")
+    munchkin_id_env: str | None = Field(None, description="Optional (default <CONNECTION>_MARKETO_MUNCHKIN_ID); "
+                                        "unset: from the host name")
     calls_per_20s: int = Field(50, description="Our share of Marketo's 100 calls / 20 s")
     max_concurrent: int = Field(5, description="In-flight calls (Marketo allows 10)")
     daily_quota: int = Field(50_000, description="Calls per day this connection may spend")
@@ -58,9 +68,11 @@ class SyncConnection(dg.Component, dg.Model, dg.Resolvable):
     entities_path: str | None = Field(None, description="entities.yaml of this connection (default: packaged)")
     entities: dict[str, Any] | None = Field(None, description="The entity mapping inline (the entities.yaml "
                                             "schema); instead of entities_path")
-    state_path: str = Field(description="DuckDB state store of this connection (one writer; its own file)")
+    state_path: str | None = Field(None, description="DuckDB state store of this connection (one writer; its own "
+                                   "file); default .state/<connection>.duckdb")
     work_dir: str | None = Field(None, description="Scratch space for bulk export files")
-    ca_bundle_env: str | None = Field("SYNC_CA_BUNDLE", description="Env var naming a PEM bundle to trust")
+    ca_bundle_env: str | None = Field(None, description="Env var naming a PEM bundle to trust (optional; default "
+                                      "<CONNECTION>_CA_BUNDLE)")
     dynamics: DynamicsCredentials = DynamicsCredentials()
     marketo: MarketoCredentials = MarketoCredentials()
     automation: AutomationSettings = AutomationSettings()
@@ -82,9 +94,16 @@ class SyncConnection(dg.Component, dg.Model, dg.Resolvable):
     def named(self, name: str) -> "SyncConnection":
         return self if self.name else self.model_copy(update={"name": name})
 
-    def build_time_env(self) -> list[str | None]:
+    @property
+    def store_path(self) -> str:
+        return self.state_path or f".state/{self.connection}.duckdb"
+
+    def env(self, declared: str | None, default: str) -> str:
+        return env_name(self.connection, declared, default)
+
+    def build_time_env(self) -> list[str]:
         """Env var names of optional non-secret settings read when the resources are built (not at run time)."""
-        return [self.ca_bundle_env, self.marketo.munchkin_id_env]
+        return [self.env(self.ca_bundle_env, "CA_BUNDLE"), self.env(self.marketo.munchkin_id_env, "MARKETO_MUNCHKIN_ID")]
 
     def config_json(self) -> str | None:
         """The inline mapping as the state resource carries it (None: the resource loads ``entities_path``)."""

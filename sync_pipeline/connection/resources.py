@@ -104,25 +104,25 @@ def build_resources(spec: "SyncConnection", settings: Mapping[str, str] | None =
             raise ValueError(f"connection {spec.connection}: setting {name} is missing")
         return settings[name]
 
-    def optional(name: str | None) -> str | None:  # non-secret, optional: read when the definitions are built
-        if not name:
-            return None
+    def optional(name: str) -> str | None:  # non-secret, optional: read when the definitions are built
         return (settings if settings is not None else os.environ).get(name) or None
 
-    ca = optional(spec.ca_bundle_env)
-    m = spec.marketo
+    ca = optional(spec.env(spec.ca_bundle_env, "CA_BUNDLE"))
+    d, m = spec.dynamics, spec.marketo
     conn = spec.connection
     return {
         resource_key(conn, "state"): SyncStateResource(
-            path=spec.state_path or DEFAULT_STATE_PATH, config_path=spec.entities_path or None,
-            config_json=spec.config_json(), marketo_instance=optional(m.munchkin_id_env),
+            path=spec.store_path, config_path=spec.entities_path or None, config_json=spec.config_json(),
+            marketo_instance=optional(spec.env(m.munchkin_id_env, "MARKETO_MUNCHKIN_ID")),
             work_dir=spec.work_dir or None),
         resource_key(conn, "dynamics"): DynamicsResource(
-            url=secret(spec.dynamics.url_env), authority=secret(spec.dynamics.authority_env),
-            client_id=secret(spec.dynamics.client_id_env), client_secret=secret(spec.dynamics.client_secret_env),
-            ca_bundle=ca),
+            url=secret(spec.env(d.url_env, "DYNAMICS_URL")),
+            authority=secret(spec.env(d.authority_env, "DYNAMICS_AUTHORITY")),
+            client_id=secret(spec.env(d.client_id_env, "DYNAMICS_CLIENT_ID")),
+            client_secret=secret(spec.env(d.client_secret_env, "DYNAMICS_CLIENT_SECRET")), ca_bundle=ca),
         resource_key(conn, "marketo"): MarketoResource(
-            base_url=secret(m.base_url_env), client_id=secret(m.client_id_env),
-            client_secret=secret(m.client_secret_env), ca_bundle=ca, calls_per_20s=m.calls_per_20s,
-            max_concurrent=m.max_concurrent, daily_quota=m.daily_quota),
+            base_url=secret(spec.env(m.base_url_env, "MARKETO_BASE_URL")),
+            client_id=secret(spec.env(m.client_id_env, "MARKETO_CLIENT_ID")),
+            client_secret=secret(spec.env(m.client_secret_env, "MARKETO_CLIENT_SECRET")), ca_bundle=ca,
+            calls_per_20s=m.calls_per_20s, max_concurrent=m.max_concurrent, daily_quota=m.daily_quota),
     }
