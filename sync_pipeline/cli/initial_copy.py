@@ -61,10 +61,12 @@ def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> di
               help="The connection's state store, if not where its defs.yaml says (checked for a finished copy).")
 @click.option("--again", is_flag=True, help="Launch it even though a sync has already read the latest window.")
 def initial_copy(url: str, location: str, connection: str, state_path: str | None, again: bool) -> None:
-    """Launch the initial copy: a backfill of the connection's sync job over every partition (writes to both systems).
+    """Launch the initial copy: a backfill of the connection's sync job over every partition (writes to both
+    systems).
 
-    In the UI the same backfill is: Jobs > <connection>__sync > Partitions > Materialize..., select every partition, Launch backfill.
-    Follow it under Jobs > <connection>__sync > Backfills (or Overview > Backfills); `sync-pipeline status` shows the result.
+    In the UI the same backfill is: Jobs > <connection>__sync > Partitions > Materialize..., select every partition,
+    Launch backfill. Follow it under Jobs > <connection>__sync > Backfills (or Overview > Backfills);
+    `sync-pipeline status` shows the result.
     """
     from sync_pipeline import runs
 

@@ -37,7 +37,7 @@ def _needs_initial_copy(state_path: str, config: Any, name: str) -> bool:
 
 def run_resync(instance: Any, spec: Any, entity: str, fields: list[str], since: str | None, dry_run: bool
                ) -> tuple[Any, dict[str, Any], list[list[Any]]]:
-    """Execute the connection's ``resync`` job in this process; returns (result, stats metadata, previewed writes)."""
+    """Execute the connection's ``resync`` job in this process: (result, stats metadata, previewed writes)."""
     from sync_pipeline import runs
     from sync_pipeline.connection.resync import resync_job_name, resync_op_name
 

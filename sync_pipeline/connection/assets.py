@@ -236,7 +236,8 @@ def _plan(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> d
         deps += [asset_key(conn, d, "push") for d in push_order(config, e)]
 
     @dg.asset(key=asset_key(conn, e.name, "plan"), group_name=group_name(conn, e.name), kinds={"duckdb"},
-              deps=deps, code_version=mapping_version(config, e), required_resource_keys=required_keys(conn, "state"),
+              deps=deps, code_version=mapping_version(config, e),
+              required_resource_keys=required_keys(conn, "state"),
               description=f"What the next sync writes for `{e.name}`: a field-level three-way merge of Dynamics, "
                           "Marketo and the last agreed values, with the rule behind every write.", **common)
     def plan(context: dg.AssetExecutionContext) -> dg.MaterializeResult:

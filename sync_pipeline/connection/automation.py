@@ -64,8 +64,8 @@ def pending_changes(config: SyncConfig, tokens: dict[str, str], dynamics: Any, m
     return found
 
 
-INITIAL_COPY_HOW = ("launch it with `sync-pipeline initial-copy` (or in the UI: Jobs > <connection>__sync > Partitions > "
-                    "Materialize..., select every partition, Launch backfill)")
+INITIAL_COPY_HOW = ("launch it with `sync-pipeline initial-copy` (or in the UI: Jobs > <connection>__sync > "
+                    "Partitions > Materialize..., select every partition, Launch backfill)")
 WAITING_FOR_INITIAL_COPY = ("waiting for the initial copy: nothing is read into or written to Dynamics or Marketo "
                             "until you start it; " + INITIAL_COPY_HOW)
 # Runs the change sensor requests jump the run queue ahead of a backfill's queued runs, so an incremental sync
@@ -123,8 +123,8 @@ def build_sensors(spec: "SyncConnection", job: Any, partitions: dg.TimeWindowPar
     safety_seconds = max(60, settings.safety_tick_minutes * 60)
     webhook_env = settings.alert_webhook_env
 
-    @dg.sensor(name=qualified(conn, "change_sensor"), job=job, minimum_interval_seconds=settings.check_interval_seconds,
-               default_status=status, required_resource_keys=required_keys(conn, "state", "dynamics", "marketo"),
+    @dg.sensor(name=qualified(conn, "change_sensor"), job=job,
+               minimum_interval_seconds=settings.check_interval_seconds, default_status=status, required_resource_keys=required_keys(conn, "state", "dynamics", "marketo"),
                description=f"`{conn}`: requests a sync of the latest partition when Dynamics or Marketo report "
                            f"changes, and at least every {settings.safety_tick_minutes} min (safety tick); after "
                            "the initial copy (until then it launches nothing).")
@@ -170,7 +170,8 @@ def build_sensors(spec: "SyncConnection", job: Any, partitions: dg.TimeWindowPar
         # A safety tick adds its time slot, so it is not swallowed by the key of the last change run.
         key = hashlib.sha256(json.dumps(sorted(tokens.items())).encode()).hexdigest()[:16]
         run_key = None if busy else (f"changes-{key}" if changed else f"safety-{key}-{int(now // safety_seconds)}")
-        reason = ",".join(changed)[:200] if changed else f"safety tick (no run for {settings.safety_tick_minutes} min)"
+        reason = (",".join(changed)[:200] if changed
+                  else f"safety tick (no run for {settings.safety_tick_minutes} min)")
         return dg.SensorResult(
             run_requests=[dg.RunRequest(run_key=run_key, partition_key=latest_partition_key(partitions),
                                         tags={"sync/changed": reason, CONNECTION_TAG: conn,

@@ -103,7 +103,8 @@ class SyncConnection(dg.Component, dg.Model, dg.Resolvable):
 
     def build_time_env(self) -> list[str]:
         """Env var names of optional non-secret settings read when the resources are built (not at run time)."""
-        return [self.env(self.ca_bundle_env, "CA_BUNDLE"), self.env(self.marketo.munchkin_id_env, "MARKETO_MUNCHKIN_ID")]
+        return [self.env(self.ca_bundle_env, "CA_BUNDLE"),
+                self.env(self.marketo.munchkin_id_env, "MARKETO_MUNCHKIN_ID")]
 
     def config_json(self) -> str | None:
         """The inline mapping as the state resource carries it (None: the resource loads ``entities_path``)."""

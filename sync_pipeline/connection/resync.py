@@ -1,10 +1,10 @@
 """The ``resync`` job: back-fill mapped fields of one entity (Marketo's "Quick Sync"), in its own run.
 
-Launch it from the UI (Jobs -> <connection>__resync -> Launchpad, config ``ops: <connection>__backfill: config: {entity: contact,
-fields: [title], since: "2026-09-01"}``) or with ``sync-pipeline resync --entity E [--field F] [--since
-DATE]``. The op is in the ``duckdb`` pool like every asset, so it runs between incremental syncs, which
+Launch it from the UI (Jobs -> <connection>__resync -> Launchpad, config ``ops: <connection>__backfill: config:
+{entity: contact, fields: [title], since: "2026-09-01"}``) or with ``sync-pipeline resync --entity E [--field F]
+[--since DATE]``. The op is in the connection's pool like every asset, so it runs between incremental syncs, which
 keep flowing before and after it. An entity that was never copied gets its initial copy instead: the
-``sync`` job over every partition for that entity's assets only (``sync-pipeline resync --entity E``).
+``<connection>__sync`` job over every partition for that entity's assets only (``sync-pipeline resync --entity E``).
 """
 
 

@@ -55,7 +55,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # then the push runs.
         p["race_city_before"] = w.person_of(p["l_race"])["city"]
         sb.dynamics_update("lead", p["l_race"], {"address1_city": "Dynamicsford"})
-        w.run("latest", selection=[asset_key(CONN, "lead", "extract"), asset_key(CONN, "person", "extract"), asset_key(CONN, "lead", "plan")])
+        w.run("latest", selection=[asset_key(CONN, "lead", "extract"), asset_key(CONN, "person", "extract"),
+                                   asset_key(CONN, "lead", "plan")])
         p["race_plan"] = w.query("SELECT target, new_value FROM plan WHERE entity = 'lead' AND dynamics_id = ? "
                                  "AND field = 'city'", [p["l_race"]])
         sb.marketo_update_lead(w.person_of(p["l_race"])["id"], {"city": "Marketoville"})

@@ -27,7 +27,9 @@ def declare(name: str, state_path: Path) -> SyncConnection:
         "dynamics": {"url_env": f"{up}_DYNAMICS_URL", "authority_env": f"{up}_DYNAMICS_AUTHORITY",
                      "client_id_env": f"{up}_DYNAMICS_CLIENT_ID", "client_secret_env": f"{up}_DYNAMICS_SECRET"},
         "marketo": {"base_url_env": f"{up}_MARKETO_BASE_URL", "client_id_env": f"{up}_MARKETO_CLIENT_ID",
-                    "client_secret_env": f"{up}_MARKETO_SECRET", "munchkin_id_env": f"{up}_MUNCHKIN_ID"}})
+                    "client_secret_env": f"{up}_MARKETO_SECRET", "munchkin_id_env": f"{up}_MUNCHKIN_ID"},
+        # Tests launch the runs they measure; a running change sensor would add runs of its own.
+        "automation": {"running": False}})
 
 
 def export(monkeypatch: pytest.MonkeyPatch, name: str, sb: Sandbox) -> None:

@@ -23,7 +23,8 @@ def test_every_entity_has_extract_plan_push_with_metadata() -> None:
     graph = defs.resolve_asset_graph()
     keys = set(graph.get_all_asset_keys())
     for e in config.entities:
-        assert {asset_key(CONN, e.derived_from or e.name, "extract"), asset_key(CONN, e.name, "plan"), asset_key(CONN, e.name, "push")} <= keys, e.name
+        assert {asset_key(CONN, e.derived_from or e.name, "extract"), asset_key(CONN, e.name, "plan"),
+                asset_key(CONN, e.name, "push")} <= keys, e.name
         if e.is_person:
             assert asset_key(CONN, e.name, "push", "dynamics") in keys
     assert asset_key(CONN, "person", "extract") in keys
@@ -51,5 +52,7 @@ def test_load_order_puts_referenced_objects_first() -> None:
     up = lambda k: set(graph.get(k).parent_keys)  # noqa: E731
     assert asset_key(CONN, "systemuser", "push") in up(asset_key(CONN, "account", "push"))
     assert asset_key(CONN, "account", "push") in up(asset_key(CONN, "contact", "push"))
-    assert {asset_key(CONN, "opportunity", "push"), asset_key(CONN, "contact", "push")} <= up(asset_key(CONN, "opportunity_role", "plan"))
-    assert asset_key(CONN, "lead", "push") in up(asset_key(CONN, "contact", "plan"))  # qualification: the lead's person exists first
+    assert {asset_key(CONN, "opportunity", "push"), asset_key(CONN, "contact", "push")} <= up(
+        asset_key(CONN, "opportunity_role", "plan"))
+    # qualification: the lead's person exists first
+    assert asset_key(CONN, "lead", "push") in up(asset_key(CONN, "contact", "plan"))

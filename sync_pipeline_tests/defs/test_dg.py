@@ -29,7 +29,8 @@ def test_dg_list_defs_and_check_defs() -> None:
     listed = dg("list", "defs")
     assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
     out = listed.stdout
-    for key in (asset_key(CONN, "contact", "extract"), asset_key(CONN, "contact", "plan"), asset_key(CONN, "contact", "push"), asset_key(CONN, "contact", "push", "dynamics")):
+    for key in (asset_key(CONN, "contact", "extract"), asset_key(CONN, "contact", "plan"),
+                asset_key(CONN, "contact", "push"), asset_key(CONN, "contact", "push", "dynamics")):
         assert key_name(key) in out, key
     # One trigger path per connection (its change sensor); jobs and sensors are named per connection.
     for name in ("sync", "resync", "validate", "change_sensor", "alert_on_failure", "alert_on_held_records"):

@@ -479,10 +479,12 @@ def test_mapping_is_part_of_the_affected_assets_code_versions(world: World) -> N
 
     old, new = versions(v0), versions(v1)
     changed = {k for k in old if old[k] != new.get(k)}
-    affected = {asset_key(CONN, "contact", "plan"), asset_key(CONN, "contact", "push"), asset_key(CONN, "contact", "push", "dynamics"), asset_key(CONN, "contact", "extract"),
+    affected = {asset_key(CONN, "contact", "plan"), asset_key(CONN, "contact", "push"),
+                asset_key(CONN, "contact", "push", "dynamics"), asset_key(CONN, "contact", "extract"),
                 asset_key(CONN, "account", "plan"), asset_key(CONN, "account", "push"), asset_key(CONN, "account", "extract")}
     assert affected <= changed
-    unaffected = {asset_key(CONN, "lead", "plan"), asset_key(CONN, "lead", "push"), asset_key(CONN, "systemuser", "plan"), asset_key(CONN, "systemuser", "push"),
+    unaffected = {asset_key(CONN, "lead", "plan"), asset_key(CONN, "lead", "push"),
+                  asset_key(CONN, "systemuser", "plan"), asset_key(CONN, "systemuser", "push"),
                   asset_key(CONN, "opportunity", "plan"), asset_key(CONN, "person", "extract")}
     assert not unaffected & changed
     assert all(v and v.startswith("mapping-") for v in new.values())

@@ -150,7 +150,8 @@ def default_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
         # Re-run steps on their own: the last plans are applied again (upserts keyed by ids).
-        world.run("latest", selection=[asset_key(CONN, e, "push") for e in ("systemuser", "account", "lead", "contact", "project")])
+        world.run("latest", selection=[asset_key(CONN, e, "push")
+                                       for e in ("systemuser", "account", "lead", "contact", "project")])
         world.snapshot("push_rerun")
         yield world
 
@@ -595,7 +596,8 @@ def _if_match_race(world: World) -> None:
 
     sb, p = world.sandbox, world.picks
     sb.marketo_update_lead(p["mid"]["if_match"], {"mobilePhone": "+1 555 0401"})
-    world.run("latest", selection=[asset_key(CONN, "person", "extract"), asset_key(CONN, "contact", "extract"), asset_key(CONN, "contact", "plan")])
+    world.run("latest", selection=[asset_key(CONN, "person", "extract"), asset_key(CONN, "contact", "extract"),
+                                   asset_key(CONN, "contact", "plan")])
     world.picks["if_match_planned"] = world.query(
         "SELECT target, op, new_value, etag FROM plan WHERE entity = 'contact' AND dynamics_id = ? "
         "AND field = 'mobilePhone'", [p["if_match"]])
