@@ -47,6 +47,13 @@ def test_after_sync_both_sides_agree_and_unsynced_drift_is_reported(harness, cli
     harness.run("latest")
     harness.run("latest")  # values Dynamics assigned to the lead it created (owner, status) come back
     dyn, mkto = clients
+    # The instance's own companies (keyed mkto-<seed>-<n>, no Dynamics account) are not the sync's: present, edited by
+    # a marketer, and still no difference.
+    own = sorted(c["externalCompanyId"] for c in sb.marketo_rows("company", 100_000)
+                 if c["externalCompanyId"].startswith("mkto-"))
+    assert own
+    assert mkto.upsert_objects("companies", [{"externalCompanyId": own[0], "company": "Renamed in Marketo"}]
+                               )[0].status == "updated"
     assert compare(config, dyn, mkto, harness.state_path) == []
 
     # Drift nobody synced yet is reported field by field, with canonical values from both sides.

@@ -6,7 +6,9 @@ opportunities point at accounts or contacts, custom tables (``new_project``) lin
 upper-case and whitespace variants and a few names are non-ASCII, ``new_synctomkto`` is mostly null,
 and ``modifiedon`` spreads over a window ending "now" (the pipeline partitions by modifiedon day). The
 Marketo database holds persons of its own (about 10% of the Dynamics person count), some sharing an
-email with a Dynamics contact, exactly or in another case, and none with a ``dynamicsId``.
+email with a Dynamics contact, exactly or in another case, and none with a ``dynamicsId``; companies for
+half of the company names those persons carry, opportunities on some of them with roles for their persons
+(all keyed by non-Dynamics ids), their activity history and assets.
 
 Everything derives from one ``random.Random(seed)`` plus per-table GUID spaces, so a seed (and ``now``)
 always yields the same org. Rows are keyed by wire names (``_ownerid_value``, with the
@@ -166,6 +168,7 @@ class _Org:
         self.qualified: dict[int, tuple[str, str, str | None, str, tuple[str, str, str, str]]] = {}
         self.shared_contacts: list[tuple[str, str, str]] = []  # (first, last, email) Marketo reuses
         self.marketo_history: list[tuple[str, str, int]] = []  # (createdAt, updatedAt, leadScore) per person
+        self.marketo_companies: list[tuple[int, str, str]] = []  # (person index, company, domain slug)
 
     # -- helpers ----------------------------------------------------------------------------------
     def options(self, table: str, column: str) -> list[int]:
@@ -582,7 +585,8 @@ def _marketo_persons(org: _Org) -> Iterator[Row]:
         place = pools.PLACES[int(rnd() * len(pools.PLACES))]
         row["city"], row["state"], row["country"], row["postalCode"] = place
         if rnd() < 0.6:
-            row["company"] = pools.company(rnd)[0]
+            row["company"], slug = pools.company(rnd)
+            org.marketo_companies.append((i, row["company"], slug))
             row["title"] = pools.TITLES[int(rnd() * len(pools.TITLES))]
         if rnd() < 0.5:
             row["phone"] = org.phone()
@@ -607,6 +611,68 @@ def _marketo_activities(org: _Org) -> list[Row]:
                          "oldValue": score - delta if score >= delta else score + delta, "newValue": score})
     rows.sort(key=lambda r: r["activityDate"])  # the activity log is ordered by date across chunks
     return rows
+
+
+# Companies, opportunities and opportunity roles the instance already holds before any sync: made by a form or
+# list import integration, or by a CRM sync used before this one (Adobe, "Companies" and "Opportunities",
+# https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/companies,
+# https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/opportunities). They
+# are keyed by that source's own ids (``mkto-<seed>-<n>``, ``mkto-opp-<seed>-<n>``: orgs of other seeds can be
+# loaded into the same store), never by a Dynamics GUID, so they are the customer's data, never the sync's.
+# The persons keep their own company fields (no ``externalCompanyId`` link), so the records above stay as they
+# were. Roles name persons by position like the activities do.
+MARKETO_COMPANY_SHARE = 0.5  # of the distinct company names Marketo-born persons carry
+MARKETO_OPPORTUNITY_SHARE = 0.4  # of those companies; a quarter of them have a second one
+
+
+def _marketo_accounts(org: _Org, seed: int) -> tuple[list[Row], list[Row], list[Row]]:
+    """(companies, opportunities, roles); their own random stream, so the records above do not depend on them."""
+    rng = random.Random(f"companies:{seed}")
+    rnd = rng.random
+    timeline = Timeline(rng, datetime.fromtimestamp(org.time.end, timezone.utc), org.time.span / DAY)
+    n = len(org.marketo_history)
+    people: dict[str, list[int]] = {}
+    slugs: dict[str, str] = {}
+    for i, name, slug in org.marketo_companies:
+        people.setdefault(name, []).append(i)
+        slugs.setdefault(name, slug)
+    companies: list[Row] = []
+    opportunities: list[Row] = []
+    roles: list[Row] = []
+    for name, persons in people.items():  # first-seen order: deterministic
+        if rnd() >= MARKETO_COMPANY_SHARE:
+            continue
+        company_id = f"mkto-{seed}-{len(companies) + 1}"
+        created, updated = timeline.stamps()
+        city, state, country, postal = pools.PLACES[int(rnd() * len(pools.PLACES))]
+        company: Row = {
+            "externalCompanyId": company_id, "company": name, "website": f"https://www.{slugs[name]}.com",
+            "industry": pools.MARKETO_INDUSTRIES[int(rnd() * len(pools.MARKETO_INDUSTRIES))],
+            "numberOfEmployees": int(10 ** (1 + rnd() * 3)), "mainPhone": f"+1 555-{int(rnd() * 10000):04d}",
+            "billingCity": city, "billingCountry": country, "billingPostalCode": postal,
+            "createdAt": created, "updatedAt": updated}
+        if state:
+            company["billingState"] = state
+        companies.append(company)
+        if rnd() >= MARKETO_OPPORTUNITY_SHARE:
+            continue
+        for _ in range(2 if rnd() < 0.25 else 1):
+            opp_id = f"mkto-opp-{seed}-{len(opportunities) + 1}"
+            stage, probability, closed, won = pools.OPPORTUNITY_STAGES[int(rnd() * len(pools.OPPORTUNITY_STAGES))]
+            close = timeline.date(timeline.end + int((rnd() - 0.5) * 120 * DAY))[:10]
+            opp: Row = {"externalOpportunityId": opp_id, "externalCompanyId": company_id,
+                        "name": f"{name} - {pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]}",
+                        "amount": round(1000 + rnd() * 100_000, 2), "stage": stage, "probability": probability,
+                        "isClosed": closed, "isWon": won, "expectedCloseDate": close}
+            if closed:
+                opp["closeDate"] = close
+            opp["createdAt"], opp["updatedAt"] = timeline.stamps()
+            opportunities.append(opp)
+            for k, person in enumerate(persons[:3]):  # the company's people, each in one role
+                roles.append({"externalOpportunityId": opp_id, "leadIndex": person - n, "isPrimary": k == 0,
+                              "role": pools.OPPORTUNITY_ROLES[int(rnd() * len(pools.OPPORTUNITY_ROLES))],
+                              "createdAt": opp["createdAt"], "updatedAt": opp["createdAt"]})
+    return companies, opportunities, roles
 
 
 def _marketo_assets(org: _Org, seed: int) -> list[Row]:
@@ -646,6 +712,10 @@ def generate(scale: str | Scale, seed: int = 0, now: datetime | None = None, *, 
         if table.custom:
             yield from _chunks("dynamics", table.logical_name, _custom_rows(org, table))
     yield from _chunks("marketo", "lead", _marketo_persons(org))
+    companies, opportunities, roles = _marketo_accounts(org, seed)
+    yield from _chunks("marketo", "company", iter(companies))
+    yield from _chunks("marketo", "opportunity", iter(opportunities))
+    yield from _chunks("marketo", "opportunityRole", iter(roles))
     yield from _chunks("marketo", "activity", iter(_marketo_activities(org)))
     yield from _chunks("marketo", "asset", iter(_marketo_assets(org, seed)))
 
@@ -656,7 +726,9 @@ def populate(dynamics_store: _Store | None, marketo_store: _Store | None, scale:
     """Generate and bulk-load an org; returns row counts keyed ``"dynamics.<table>"`` / ``"marketo.<object>"``.
 
     A store passed as None is skipped (its rows are still generated, so the other side stays identical).
-    Marketo history (``activity`` and ``asset`` rows) is loaded but not counted: the counts are records to sync.
+    Marketo history (``activity`` and ``asset`` rows) is loaded but not counted: the counts are records. The
+    Marketo-born companies, opportunities and roles count under ``marketo.company`` / ``marketo.opportunity`` /
+    ``marketo.opportunityRole``.
     """
     counts: dict[str, int] = {}
     stores = {"dynamics": dynamics_store, "marketo": marketo_store}

@@ -127,3 +127,11 @@ PLACES = (  # (city, state/province, country, postal code)
 MARKETO_SOURCES = ("Web", "Seminar", "Trade Show", "Advertisement", "Partner", "Word of Mouth",
                    "Employee Referral", "Other")
 MARKETO_STATUSES = ("New", "Engaged", "Nurture", "MQL", "Recycled")
+# Marketo-born companies and opportunities (free text in Marketo, so not Dynamics option labels).
+MARKETO_INDUSTRIES = ("Software", "Manufacturing", "Healthcare", "Retail", "Financial Services", "Education",
+                      "Logistics", "Energy", "Media", "Consulting")
+OPPORTUNITY_STAGES = (  # (stage, probability, isClosed, isWon)
+    ("Prospecting", 10, False, False), ("Qualification", 20, False, False), ("Proposal", 50, False, False),
+    ("Negotiation", 75, False, False), ("Closed Won", 100, True, True), ("Closed Lost", 0, True, False))
+# Role names a marketer or another integration uses; never the sync's own "Potential Customer".
+OPPORTUNITY_ROLES = ("Decision Maker", "Influencer", "Technical Buyer", "Champion", "Economic Buyer")

@@ -6,10 +6,13 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import httpx
 import pytest
 
+from sync_pipeline.sandbox import generator
 from sync_pipeline.sandbox.dynamics.store import DynamicsStore
 from sync_pipeline.sandbox.generator import SCALES, Scale, generate, populate
+from sync_pipeline.sandbox.marketo import MarketoSandbox
 from sync_pipeline.sandbox.marketo.store import MarketoStore
 from sync_pipeline.sandbox.schema import load_schema
 
@@ -192,6 +195,96 @@ def test_marketo_persons_share_some_emails_with_contacts(small: dict) -> None:
     assert len(exact) >= 0.05 * len(persons) and len(variant) >= 0.05 * len(persons)
     own = [p for p in persons if (p.get("email") or "").casefold() not in folded]
     assert len(own) > 0.7 * len(persons)
+
+
+MARKETO_BORN = ("company", "opportunity", "opportunityRole")
+
+
+def test_marketo_born_companies_opportunities_and_roles(small: dict) -> None:
+    persons = small[("marketo", "lead")]
+    companies = small[("marketo", "company")]
+    names = {p["company"] for p in persons if p.get("company")}
+    # About half of the company names the persons carry have a company record, keyed by a non-Dynamics id.
+    assert 0.35 * len(names) <= len(companies) <= 0.65 * len(names)
+    assert [c["externalCompanyId"] for c in companies] == [f"mkto-0-{n}" for n in range(1, len(companies) + 1)]
+    assert {c["company"] for c in companies} <= names and len({c["company"] for c in companies}) == len(companies)
+    assert all(c["website"].startswith("https://www.") and c["industry"] and c["billingCity"] for c in companies)
+    by_company = {c["externalCompanyId"]: c for c in companies}
+    opportunities = small[("marketo", "opportunity")]
+    assert 0.3 * len(companies) <= len(opportunities) <= 0.7 * len(companies)
+    assert len({o["externalOpportunityId"] for o in opportunities}) == len(opportunities)
+    for o in opportunities:
+        assert o["externalOpportunityId"].startswith("mkto-opp-0-") and o["amount"] > 0
+        assert o["name"].startswith(by_company[o["externalCompanyId"]]["company"] + " - ")
+        assert o["isWon"] <= o["isClosed"] and ("closeDate" in o) == o["isClosed"]
+    assert {o["stage"] for o in opportunities} >= {"Closed Won", "Prospecting"}
+    # Roles name the opportunity's company's own people (by position from the end, like activities), never
+    # with the role the sync writes.
+    roles = small[("marketo", "opportunityRole")]
+    opps = {o["externalOpportunityId"]: o for o in opportunities}
+    assert {r["externalOpportunityId"] for r in roles} == set(opps)
+    for r in roles:
+        person = persons[r["leadIndex"]]
+        assert person["company"] == by_company[opps[r["externalOpportunityId"]]["externalCompanyId"]]["company"]
+        assert r["role"] != "Potential Customer"
+    assert sum(r["isPrimary"] for r in roles) == len(opps)
+
+
+def test_marketo_born_records_have_their_own_random_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_them = collect("tiny", seed=4)
+    assert collect("tiny", seed=4)[("marketo", "company")] == with_them[("marketo", "company")]
+    assert collect("tiny", seed=5)[("marketo", "company")] != with_them[("marketo", "company")]
+    monkeypatch.setattr(generator, "MARKETO_COMPANY_SHARE", 0.0)
+    without = collect("tiny", seed=4)
+    assert all(with_them[("marketo", name)] for name in MARKETO_BORN)
+    assert not any(("marketo", name) in without for name in MARKETO_BORN)
+    assert {k: v for k, v in with_them.items() if k[0] == "dynamics" or k[1] not in MARKETO_BORN} == without
+
+
+def test_seeded_companies_answer_the_documented_queries() -> None:
+    """GET companies / opportunities / roles by their dedupe field and by idField (Adobe, "Companies",
+    https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/lead-database/companies, and
+    "Opportunities", .../rest/lead-database/opportunities)."""
+    sandbox = MarketoSandbox().start()
+    try:
+        counts = populate(None, sandbox.store, "tiny", seed=2, now=NOW)
+        token = httpx.post(f"{sandbox.base_url}/identity/oauth/token", data={
+            "grant_type": "client_credentials", "client_id": sandbox.client_id,
+            "client_secret": sandbox.client_secret}).json()["access_token"]
+        http = httpx.Client(base_url=sandbox.base_url, headers={"Authorization": f"Bearer {token}"})
+
+        def get(path: str, **params: Any) -> list[dict[str, Any]]:
+            body = http.get(path, params=params).json()
+            assert body["success"] is True, body
+            return body["result"]
+
+        stored = sorted(sandbox.store.objects("company"), key=lambda c: c["id"])
+        assert len(stored) == counts["marketo.company"] > 0
+        keys = [c["externalCompanyId"] for c in stored]
+        found = get("/rest/v1/companies.json", filterType="externalCompanyId", filterValues=",".join(keys),
+                    fields="externalCompanyId,company,billingCity")
+        assert sorted((c["externalCompanyId"], c["company"]) for c in found) == sorted(
+            (c["externalCompanyId"], c["company"]) for c in stored)
+        by_id = get("/rest/v1/companies.json", filterType="id", filterValues=str(stored[0]["id"]),
+                    fields="externalCompanyId,company")
+        assert [(c["id"], c["externalCompanyId"]) for c in by_id] == [(stored[0]["id"], keys[0])]
+        by_name = get("/rest/v1/companies.json", filterType="company", filterValues=stored[0]["company"])
+        assert stored[0]["id"] in [c["id"] for c in by_name]
+
+        opps = list(sandbox.store.objects("opportunity"))
+        assert len(opps) == counts["marketo.opportunity"] > 0
+        found = get("/rest/v1/opportunities.json", filterType="externalOpportunityId",
+                    filterValues=opps[0]["externalOpportunityId"],
+                    fields="externalOpportunityId,externalCompanyId,name")
+        assert found[0]["externalCompanyId"] in keys and found[0]["marketoGUID"] == opps[0]["marketoGUID"]
+        assert get("/rest/v1/opportunities.json", filterType="marketoGUID",
+                   filterValues=opps[0]["marketoGUID"])[0]["externalOpportunityId"] == opps[0]["externalOpportunityId"]
+        roles = get("/rest/v1/opportunities/roles.json", filterType="externalOpportunityId",
+                    filterValues=opps[0]["externalOpportunityId"], fields="leadId,role,isPrimary")
+        assert roles and all(sandbox.store.get_lead(r["leadId"]) for r in roles)
+        http.close()
+    finally:
+        sandbox.stop()
 
 
 def test_populate_loads_both_stores() -> None:

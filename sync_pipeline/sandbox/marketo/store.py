@@ -294,6 +294,9 @@ class MarketoStore:
             table = None if obj.name == "lead" else self.tables[obj.name]
             for n, row in enumerate(rows):
                 values: dict[str, Any] = {}
+                if "leadIndex" in row and obj.name == "opportunityRole":  # a generated role names its person
+                    row = {k: v for k, v in row.items() if k != "leadIndex"} | {
+                        "leadId": self._generated_lead(row["leadIndex"], "opportunityRole", n)}
                 for name, raw in row.items():
                     if raw is None:
                         if name not in fmap:
@@ -335,16 +338,19 @@ class MarketoStore:
             if value is not None:
                 index.add(value, lead_id)
 
+    def _generated_lead(self, index: int, what: str, n: int) -> int:
+        """The id of a person bulk_load created, by its position counted from the end (negative)."""
+        if not -len(self.bulk_lead_ids) <= index < len(self.bulk_lead_ids):
+            raise StoreError(f"Marketo sandbox: bulk_load {what} row {n}: no generated person {index}")
+        return self.bulk_lead_ids[index]
+
     def _load_activities(self, rows: list[dict[str, Any]]) -> int:
         """Generated history: ``{"leadIndex", "activityTypeId", "activityDate", ...}`` rows, in date order
         before anything the API logs later (the log stays ordered by date)."""
         items = []
         with self.lock:
             for n, row in enumerate(rows):
-                index = row["leadIndex"]
-                if not -len(self.bulk_lead_ids) <= index < len(self.bulk_lead_ids):
-                    raise StoreError(f"Marketo sandbox: bulk_load activity row {n}: no generated person {index}")
-                lead_id = self.bulk_lead_ids[index]
+                lead_id = self._generated_lead(row["leadIndex"], "activity", n)
                 type_id = row["activityTypeId"]
                 field_name = row.get("field")
                 item: dict[str, Any] = {"leadId": lead_id, "activityDate": row["activityDate"],
