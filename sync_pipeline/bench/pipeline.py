@@ -1,9 +1,12 @@
-"""How fast the pipeline syncs: initial copy, 1,000-change incremental, idle cycle, realistic API limits.
+"""How fast the pipeline syncs: initial copy, 1,000-change incremental, idle cycle, realistic API limits, freshness.
 
 The sandbox runs in a process of its own (:func:`spawn_sandbox`), so its CPU time is not charged to the
 pipeline; the pipeline runs here as real in-process Dagster runs (:func:`sync_pipeline.runs.run_sync`)
 against a state store in a temporary directory. Per stage (asset) the wall time is the step's duration
-from the run's STEP_SUCCESS events and the record count comes from its materialization metadata.
+from the run's STEP_SUCCESS events and the record count comes from its materialization metadata. CPU is measured per
+process (psutil): the pipeline's and the sandbox's, apart. The benchmark uses only public entry points of the
+pipeline (:mod:`sync_pipeline.runs`, the definitions' sensors by name, asset keys as printed); nothing in the
+pipeline imports it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Iterator
 
 import psutil
 
+from sync_pipeline.bench.floor import API_BUDGET, budget_floor, budget_floor_seconds  # noqa: F401 (re-exported)
 from sync_pipeline.sandbox.runner import RemoteSandbox, spawn_sandbox
 
 DYNAMICS_PAGE = 5000
@@ -35,9 +39,70 @@ DYNAMICS_WRITE_ROUTES = ("dynamics.create", "dynamics.update", "dynamics.delete"
 def is_marketo_write(route: str) -> bool:
     """Lead and object sync calls (``marketo.leads.sync``, ``marketo.companies.sync``, custom objects)."""
     return route.startswith("marketo.") and route.endswith(".sync")
-# Realistic profile budgets (sandbox.yaml limits.realistic): (calls, per seconds) each service allows.
-API_BUDGET = {"marketo": (100, 20), "dynamics": (6000, 300)}
-SCENARIOS = ("initial", "incremental", "idle", "realistic")
+
+
+SCENARIOS = ("initial", "incremental", "idle", "realistic", "freshness")
+DEFAULT_SCENARIOS = SCENARIOS[:4]  # "all": freshness runs the daemon for minutes, so it is asked for by name
+# Materialization metadata key of a range run's totals (the same on every partition of the range).
+RUN_TOTALS = "run_totals_data"
+
+
+def asset_parts(asset: str) -> tuple[str, str, str]:
+    """(system, entity, stage) of an asset key printed as ``[<connection>/]<system>/<entity>/<stage>``; read from
+    the key's tail so the benchmark needs no import of the definitions' internals."""
+    parts = asset.split("/")
+    return (parts[-3], parts[-2], parts[-1]) if len(parts) >= 3 else ("", "", asset)
+
+
+def is_extract(asset: str) -> bool:
+    return asset_parts(asset)[2] == "extract"
+
+
+def is_marketo_push(asset: str) -> bool:
+    system, _, stage = asset_parts(asset)
+    return system == "marketo" and stage == "push"
+
+
+# Counters that are not HTTP requests: the limiters' admitted counts and the parts of Dataverse $batch requests
+# (counted under their own routes too; the services count a $batch as one request).
+BATCH_PARTS = "parts.dynamics.batch"
+TOKEN_ROUTES = ("identity.token", "identity.openid", "marketo.identity")
+
+
+def http_requests(calls: dict[str, int], tokens: bool = True) -> int:
+    """HTTP requests to the services, as they count them: a $batch is one, its parts are not requests."""
+    routes = sum(n for r, n in calls.items() if not r.startswith(("limits.", "parts."))
+                 and (tokens or r not in TOKEN_ROUTES))
+    return routes - calls.get(BATCH_PARTS, 0)
+
+
+def marketo_calls(calls: dict[str, int]) -> int:
+    """Marketo API calls of a run (REST and bulk; the token calls are free, as Marketo counts them)."""
+    return sum(n for r, n in calls.items() if r.startswith("marketo.") and r != "marketo.identity")
+
+
+class CpuTimes:
+    """User + system CPU seconds of this process (the pipeline) and of the sandbox process over a block."""
+
+    def __init__(self, sandbox_pid: int | None):
+        self._procs = {"pipeline": psutil.Process()}
+        if sandbox_pid:
+            self._procs["sandbox"] = psutil.Process(sandbox_pid)
+        self.seconds: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(proc: psutil.Process) -> float:
+        t = proc.cpu_times()
+        return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+
+    def __enter__(self) -> "CpuTimes":
+        self._start = {k: self._cpu(p) for k, p in self._procs.items()}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = {k: round(self._cpu(p) - self._start[k], 3) for k, p in self._procs.items()}
+
+
 REALISTIC_LATENCY = 0.02  # seconds added to every sandbox request: a WAN round trip
 
 
@@ -87,9 +152,12 @@ def pipeline_env(remote: RemoteSandbox, state_dir: Path, marketo_calls_per_20s: 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        from sync_pipeline.clients.governor import RateGovernor
+        # A process-wide governor remembers this sandbox's instance; forget it where the governor still has one.
+        from sync_pipeline.clients import governor
 
-        RateGovernor.forget(wanted["MARKETO_BASE_URL"], wanted["MARKETO_CLIENT_ID"])
+        forget = getattr(getattr(governor, "RateGovernor", None), "forget", None)
+        if forget is not None:
+            forget(wanted["MARKETO_BASE_URL"], wanted["MARKETO_CLIENT_ID"])
 
 
 def _records(meta: dict[str, Any]) -> int:
@@ -106,8 +174,6 @@ def stage_stats(result: Any) -> list[dict[str, Any]]:
     for ev in result.all_events:
         if ev.event_type_value == "STEP_SUCCESS":
             durations[ev.step_key] = ev.event_specific_data.duration_ms / 1000
-    from sync_pipeline.connection.assets import RUN_TOTALS
-
     stages: dict[str, dict[str, Any]] = {}
     counted: set[tuple[str, str | None]] = set()
     for ev in result.get_asset_materialization_events():
@@ -137,11 +203,7 @@ def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]]
         if e.dynamics is not None:
             rows = counts.get(f"dynamics.{e.dynamics.table}", 0)
             dynamics += max(1, math.ceil(rows / DYNAMICS_PAGE)) if full_read else 1
-    from sync_pipeline.connection.keys import asset_key, key_name
-    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
-
-    pushes = {key_name(asset_key(CONN, e.name, "push")) for e in config.entities}
-    written = {s["asset"]: s["records"] for s in stages if s["asset"] in pushes}
+    written = {s["asset"]: s["records"] for s in stages if is_marketo_push(s["asset"])}
     marketo = sum(math.ceil(n / MARKETO_BATCH) for n in written.values())
     return {"dynamics.query": dynamics, "marketo.writes": marketo}
 
@@ -149,8 +211,7 @@ def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]]
 def calls_vs_floor(calls: dict[str, int], floor: dict[str, int]) -> dict[str, Any]:
     dynamics = calls.get("dynamics.query", 0)
     marketo = sum(n for r, n in calls.items() if is_marketo_write(r))
-    total = sum(n for r, n in calls.items() if not r.startswith("limits."))  # limiter counters are not calls
-    return {"calls": dict(sorted(calls.items())), "total": total, "floor": floor,
+    return {"calls": dict(sorted(calls.items())), "total": http_requests(calls), "floor": floor,
             "dynamics_query": dynamics, "marketo_writes": marketo,
             "dynamics_writes": sum(calls.get(r, 0) for r in DYNAMICS_WRITE_ROUTES),
             "dynamics_ratio": round(dynamics / floor["dynamics.query"], 3) if floor["dynamics.query"] else None,
@@ -162,66 +223,52 @@ def run_cycle(instance: Any, remote: RemoteSandbox, config: Any, counts: dict[st
     from sync_pipeline.runs import run_sync
 
     remote.reset_calls()
-    with PeakRss() as rss:
+    with PeakRss() as rss, CpuTimes(remote.pid) as cpu:
         started = time.perf_counter()
         result = run_sync(instance, scope=scope)
         seconds = time.perf_counter() - started
     stages = stage_stats(result)
-    from sync_pipeline.connection.keys import asset_key, key_name
-    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
-
-    extracts = ({key_name(asset_key(CONN, e.name, "extract")) for e in config.entities}
-                | {key_name(asset_key(CONN, "person", "extract"))})
-    records = sum(s["records"] for s in stages if s["asset"] in extracts)
+    records = sum(s["records"] for s in stages if is_extract(s["asset"]))
     calls = remote.calls()
+    per_100k = {f"{k}_per_100k_records": round(v * 100_000 / records, 3) if records else None
+                for k, v in cpu.seconds.items()}
     return {"seconds": round(seconds, 3), "records_read": records,
             "records_per_second": round(records / seconds) if seconds else None,
             "peak_rss_mb": round(rss.peak / 2**20, 1), "stages": stages,
-            "api": calls_vs_floor(calls, call_floor(config, counts, stages, full_read))}
+            "cpu": {**{f"{k}_seconds": v for k, v in cpu.seconds.items()}, **per_100k},
+            "api": {**calls_vs_floor(calls, call_floor(config, counts, stages, full_read)),
+                    "marketo_calls": marketo_calls(calls)}}
 
 
-def sensor_tick(remote: RemoteSandbox, config: Any) -> dict[str, Any]:
-    """API calls of one change-sensor evaluation with nothing changed (what an idle cycle costs when
-    the sensor, not a schedule, drives the sync): one Dataverse $batch plus two Marketo activity reads."""
-    from sync_pipeline.clients.dynamics import DynamicsClient
-    from sync_pipeline.clients.marketo import MarketoClient
-    from sync_pipeline.connection.automation import pending_changes
-    from sync_pipeline.engine import state
+def change_sensors(defs: Any) -> list[Any]:
+    """The change sensor(s) of the definitions (one per connection once there are several)."""
+    return [s for s in defs.sensors if s.name.endswith("change_sensor")]
 
-    env = os.environ
-    dyn = DynamicsClient(env["DYNAMICS_URL"], env["DYNAMICS_AUTHORITY"], env["DYNAMICS_CLIENT_ID"],
-                         env["DYNAMICS_CLIENT_SECRET"], verify=env["SYNC_CA_BUNDLE"])
-    mkto = MarketoClient(env["MARKETO_BASE_URL"], env["MARKETO_CLIENT_ID"], env["MARKETO_CLIENT_SECRET"],
-                         verify=env["SYNC_CA_BUNDLE"])
-    with state.connect(env["SYNC_STATE_PATH"]) as con:
-        tokens = dict(con.execute("SELECT name, value FROM cursors").fetchall())
-    dyn.whoami(), mkto.describe2()  # tokens first: they are cached for an hour, not paid per tick
+
+def evaluate_sensor(instance: Any, sensor: Any, defs: Any, cursor: str | None = None) -> Any:
+    """One evaluation as the daemon makes it, through Dagster's public API (resources from the definitions)."""
+    import dagster as dg
+
+    with dg.build_sensor_context(instance=instance, cursor=cursor, sensor_name=sensor.name, definitions=defs,
+                                 resources=dict(defs.resources or {})) as context:
+        return sensor.evaluate_tick(context)
+
+
+def sensor_tick(instance: Any, remote: RemoteSandbox) -> dict[str, Any]:
+    """API calls of one change-sensor tick with nothing changed (what an idle cycle costs when the sensor, not a
+    schedule, drives the sync), token calls excluded: they are cached for an hour, not paid per tick."""
+    from sync_pipeline.runs import definitions
+
+    defs = definitions()
+    sensors = change_sensors(defs)
+    for sensor in sensors:  # the first tick may fetch tokens
+        evaluate_sensor(instance, sensor, defs)
     remote.reset_calls()
-    found = pending_changes(config, tokens, dyn, mkto)
-    calls = {k: v for k, v in remote.calls().items()}
-    http = sum(v for k, v in calls.items() if k.startswith(("marketo.", "identity.")) or k == "dynamics.batch")
-    return {"changes_found": sorted(k for k, v in found.items() if v), "http_calls": http, "calls": calls}
-
-
-def budget_floor_seconds(calls: int, per_window: int, window_seconds: float) -> float:
-    """Least wall time ``calls`` need under a sliding window: each full window of calls waits one window."""
-    return ((calls - 1) // per_window) * window_seconds if calls > 0 else 0.0
-
-
-# The sandbox counts, per service, the calls its limiter admitted, by the vendors' rules (Marketo: every REST and
-# bulk call; Dataverse: every HTTP request, a $batch or a bulk message being ONE request). A run cannot admit more
-# than ``per_window`` of them in any window, so the time between its first and last admitted call is at least
-# :func:`budget_floor_seconds` of their number: that is the floor.
-COUNTED_CALLS = {"marketo": "limits.marketo.calls", "dynamics": "limits.dynamics.requests"}
-
-
-def budget_floor(calls: dict[str, int], budget: dict[str, tuple[int, float]] | None = None) -> dict[str, Any]:
-    """The API-budget floor of a run from the sandbox's admitted-call counters: seconds per service and overall."""
-    budget = budget or API_BUDGET
-    per = {service: budget_floor_seconds(calls.get(key, 0), *budget[service])
-           for service, key in COUNTED_CALLS.items()}
-    return {"counted": {s: calls.get(k, 0) for s, k in COUNTED_CALLS.items()}, "per_service": per,
-            "seconds": max(per.values())}
+    requested = [r for sensor in sensors for r in evaluate_sensor(instance, sensor, defs).run_requests or []]
+    calls = dict(remote.calls())
+    http = http_requests(calls, tokens=False)
+    return {"sensors": [s.name for s in sensors], "run_requests": len(requested), "http_calls": http,
+            "calls": calls}
 
 
 def make_changes(remote: RemoteSandbox, n: int, seed: int = 0) -> dict[str, int]:
@@ -247,7 +294,7 @@ def make_changes(remote: RemoteSandbox, n: int, seed: int = 0) -> dict[str, int]
 
 
 def run_scale(scale: str, scenarios: tuple[str, ...], seed: int = 0, work_dir: Path | None = None,
-              log: Any = print) -> dict[str, Any]:
+              log: Any = print, freshness: dict[str, float] | None = None) -> dict[str, Any]:
     """Every asked-for scenario at one scale: one sandbox process for initial/incremental/idle, another
     (realistic profile, added latency) for the realistic one."""
     from sync_pipeline.config.model import load_config
@@ -255,11 +302,14 @@ def run_scale(scale: str, scenarios: tuple[str, ...], seed: int = 0, work_dir: P
     config = load_config(os.environ.get("SYNC_CONFIG"))
     out: dict[str, Any] = {"scale": scale, "seed": seed, "scenarios": {}}
     with tempfile.TemporaryDirectory(prefix=f"bench-{scale}-", dir=work_dir) as tmp:
-        base = [s for s in scenarios if s != "realistic"]
+        base = [s for s in scenarios if s not in ("realistic", "freshness")]
         if base:
             out["scenarios"].update(_plain_scenarios(scale, base, seed, Path(tmp) / "plain", config, log))
         if "realistic" in scenarios:
             out["scenarios"]["realistic"] = _realistic(scale, seed, Path(tmp) / "realistic", config, log)
+        if "freshness" in scenarios:
+            out["scenarios"]["freshness"] = _freshness(scale, seed, Path(tmp) / "freshness", config, log,
+                                                       **(freshness or {}))
     return out
 
 
@@ -294,7 +344,7 @@ def _plain_scenarios(scale: str, scenarios: list[str], seed: int, tmp: Path, con
                 log(f"[{scale}] idle cycle...")
                 run_cycle(instance, remote, config, counts, "latest", full_read=False)  # settle the edits' echoes
                 results["idle"] = run_cycle(instance, remote, config, counts, "latest", full_read=False)
-                results["idle_sensor_tick"] = sensor_tick(remote, config)
+                results["idle_sensor_tick"] = sensor_tick(instance, remote)
     finally:
         remote.stop()
     return results
@@ -316,7 +366,29 @@ def _realistic(scale: str, seed: int, tmp: Path, config: Any, log: Any) -> dict[
     # Counted the way the services count (and the sandbox enforces): see budget_floor. Latency is not part of
     # the floor: the sandbox adds it before its limiter, outside any concurrency slot, so it bounds nothing.
     budget = budget_floor(cycle["api"]["calls"])
-    floor = max(budget["seconds"], 1e-3)
+    floor = budget["seconds"]
+    # A floor of 0 s (fewer calls than one window holds) has no ratio: the run's own overhead is all there is.
     return {**cycle, "latency_seconds": REALISTIC_LATENCY, "budget": budget,
-            "budget_floor_seconds": round(floor, 3),
-            "vs_budget_floor": round(cycle["seconds"] / floor, 3) if floor else None}
+            "budget_floor_seconds": round(floor, 3), "over_floor_seconds": round(cycle["seconds"] - floor, 3),
+            "vs_budget_floor": round(cycle["seconds"] / floor, 3) if floor > 0 else None}
+
+
+def _freshness(scale: str, seed: int, tmp: Path, config: Any, log: Any, rate: float = 1.0,
+               duration: float = 120.0, drain: float = 180.0) -> dict[str, Any]:
+    """Edit-to-arrival latency with the daemon and change sensor running (see :mod:`sync_pipeline.bench.freshness`)."""
+    import dagster as dg
+
+    from sync_pipeline.bench import freshness
+
+    log(f"[{scale}] freshness: realistic profile, initial copy in-process, then the daemon...")
+    remote = spawn_sandbox(tmp / "sandbox", scale=scale, seed=seed, profile="realistic",
+                           latency_seconds=REALISTIC_LATENCY, timeout=1800)
+    try:
+        counts = dict((remote.populated or {}).get("counts", {}))
+        with pipeline_env(remote, tmp, marketo_calls_per_20s=100, marketo_max_concurrent=10):
+            with dg.DagsterInstance.ephemeral() as instance:
+                run_cycle(instance, remote, config, counts, "latest", full_read=True)
+                run_cycle(instance, remote, config, counts, "latest", full_read=False)  # absorb the copy's echo
+            return freshness.measure(remote, rate=rate, duration=duration, drain=drain, log=log, work_dir=tmp)
+    finally:
+        remote.stop()

@@ -118,7 +118,7 @@ class World:
         dynamics_wrote = any(v and k.startswith("dynamics.") and k.split(".", 1)[1] in _DYNAMICS_WRITES
                              for k, v in calls.items())
         return {k: v for k, v in calls.items()
-                if v and (k.endswith(".sync") or k.endswith(".delete")
+                if v and not k.startswith("parts.") and (k.endswith(".sync") or k.endswith(".delete")
                           or ("batch" in k.lower() and (dynamics_wrote or not k.startswith("dynamics."))))}
 
 

@@ -54,6 +54,7 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
     # An idle tick is cheap: one $batch holding every delta link, two Marketo activity calls (plus tokens).
     tables = len(harness.query("SELECT name FROM cursors WHERE name LIKE 'dynamics:delta:%'"))
     assert spent.pop("dynamics.batch") == 1 and spent.pop("dynamics.query") == tables
+    assert spent.pop("parts.dynamics.batch") == tables  # the delta reads are parts of the one $batch
     assert spent.pop("marketo.activities.leadchanges") == 1 and spent.pop("marketo.activities.deletedleads") == 1
     assert set(spent) <= {"identity.openid", "identity.token", "marketo.identity"}, spent
 

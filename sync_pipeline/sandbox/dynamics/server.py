@@ -55,8 +55,14 @@ from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
 P = "/api/data/v9\\.2/"
 # Requests the service-protection limiter admitted (counted only while limits are on); the benchmark's
-# API-budget floor is computed from this number (sync_pipeline.bench.pipeline.budget_floor).
+# API-budget floor is computed from this number (sync_pipeline.bench.floor.budget_floor).
 COUNTED = "limits.dynamics.requests"
+# Their combined execution time in milliseconds (measured plus modelled per operation), the second measure the
+# service counts per window; the floor's execution-time rule is computed from it.
+EXECUTION_MS = "limits.dynamics.execution_ms"
+# Requests carried inside $batch requests: counted under their own routes as well, so that HTTP requests are the
+# route counts minus this (the services count a $batch as one request).
+BATCH_PARTS = "parts.dynamics.batch"
 _GUID = r"[0-9a-fA-F-]{36}"
 
 
@@ -239,6 +245,7 @@ class DynamicsSandbox:
                 self._in_flight = max(0, self._in_flight - 1)
                 self._exec.append((self.clock.timestamp(), spent))
                 self._exec_total += spent
+                self.api_app.calls[EXECUTION_MS] += round(spent * 1000)
 
     def _render_fault(self, fault: Fault, req: Request) -> Response | None:
         if fault.kind == "throttle":
@@ -342,6 +349,7 @@ class DynamicsSandbox:
         inner.params, inner.route = params, route.name
         with self._limit_lock:
             self.api_app.calls[route.name] += 1
+            self.api_app.calls[BATCH_PARTS] += 1
         if route.name in self._with_refs:
             handler = self._with_refs[route.name]
             return guarded(lambda r: handler(r, resolve))(inner)

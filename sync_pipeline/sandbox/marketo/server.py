@@ -41,7 +41,7 @@ from sync_pipeline.sandbox.schema import SandboxSchema, load_schema
 
 # Calls the rate/quota gate admitted (counted only while limits are on): every REST and bulk call, not the
 # identity endpoint, not calls refused for their token (601/602). The benchmark's API-budget floor is computed
-# from this number (sync_pipeline.bench.pipeline.budget_floor).
+# from this number (sync_pipeline.bench.floor.budget_floor).
 COUNTED = "limits.marketo.calls"
 MAX_URI_BYTES = 8 * 1024
 MAX_BODY_BYTES = 1024 * 1024
