@@ -304,7 +304,7 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
                 180, 5)
             assert "no webhook configured" in alerts[0]["skipReason"]
             assert "notified" not in alerts[0]["skipReason"].split(";")[0]
-            page.goto(f"{url}/assets/{'/'.join(asset_key(CONN, 'account', "push").path)}?view=checks",
+            page.goto(f"{url}/assets/{'/'.join(asset_key(CONN, 'account', 'push').path)}?view=checks",
                       wait_until="domcontentloaded")
             page.get_by_text("no_held_records").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)
