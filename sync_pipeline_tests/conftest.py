@@ -73,7 +73,4 @@ def harness(populated_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.Monk
         monkeypatch.setenv(key, value)
     state_path = tmp_path / "state.duckdb"
     monkeypatch.setenv("SYNC_STATE_PATH", str(state_path))
-    from sync_pipeline.clients.governor import RateGovernor
-
     yield SyncHarness(populated_sandbox, state_path)
-    RateGovernor.forget(populated_sandbox.marketo.base_url, populated_sandbox.marketo.client_id)

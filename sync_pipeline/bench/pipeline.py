@@ -152,12 +152,6 @@ def pipeline_env(remote: RemoteSandbox, state_dir: Path, marketo_calls_per_20s: 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        # A process-wide governor remembers this sandbox's instance; forget it where the governor still has one.
-        from sync_pipeline.clients import governor
-
-        forget = getattr(getattr(governor, "RateGovernor", None), "forget", None)
-        if forget is not None:
-            forget(wanted["MARKETO_BASE_URL"], wanted["MARKETO_CLIENT_ID"])
 
 
 def _records(meta: dict[str, Any]) -> int:

@@ -1,8 +1,9 @@
-"""One rate governor per Marketo instance, shared by every client and thread in the process.
+"""The in-process rate governor of a Marketo instance, and the interface every call budget offers.
 
 Marketo's limits are per instance (100 calls / 20 s sliding window -> 606, 10 concurrent -> 615,
-a daily quota -> 607), so the governor is keyed by (base_url, client_id) in a process-wide registry.
-It enforces a sliding-window call budget (stricter than a token bucket: a bucket's burst could still
+a daily quota -> 607). Whoever builds the clients hands them their budget: a :class:`RateGovernor` shared
+by the clients and threads of one process, or a :class:`~sync_pipeline.clients.budget.SharedBudget`
+shared through a database by every process and pod calling the instance. The governor enforces a sliding-window call budget (stricter than a token bucket: a bucket's burst could still
 put more calls than allowed into the server's window), a concurrency semaphore, a daily call counter,
 a shared pause after a 606/615 (so every thread backs off, not just the one that was told), and a
 halt after 607 until the quota resets (midnight US Central).
@@ -11,13 +12,12 @@ halt after 607 until the quota resets (midnight US Central).
 from __future__ import annotations
 
 import logging
-
 import threading
 import time
 from collections import deque
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator, Protocol
 
 try:
     from zoneinfo import ZoneInfo
@@ -29,6 +29,27 @@ except Exception:  # pragma: no cover - no tz database
 
 log = logging.getLogger(__name__)
 
+
+class CallBudget(Protocol):
+    """What a Marketo client needs from its budget (:class:`RateGovernor` or ``SharedBudget``)."""
+
+    calls_per_window: int
+    max_concurrent: int
+    daily_quota: int
+
+    def slot(self) -> ContextManager[None]: ...
+    def halted_until(self) -> datetime | None: ...
+    def halt(self, until: datetime | None = None) -> datetime: ...
+    def pause(self, seconds: float) -> None: ...
+    def uncount(self) -> None: ...
+
+
+def window_safety(window_seconds: float) -> float:
+    """Calls reach the server a little after we admit them; count our window this much longer so skew
+    cannot squeeze one call too many into the server's window."""
+    return max(0.05, window_seconds * 0.03)
+
+
 def next_quota_reset(now: datetime | None = None) -> datetime:
     local = (now or datetime.now(timezone.utc)).astimezone(_CENTRAL)
     midnight = datetime(local.year, local.month, local.day, tzinfo=_CENTRAL) + timedelta(days=1)
@@ -36,8 +57,7 @@ def next_quota_reset(now: datetime | None = None) -> datetime:
 
 
 class RateGovernor:
-    _registry: dict[tuple[str, str], "RateGovernor"] = {}
-    _registry_lock = threading.Lock()
+    """The budget of one Marketo instance within one process (every client and thread given this object)."""
 
     def __init__(self, calls_per_window: int = 50, window_seconds: float = 20.0, max_concurrent: int = 5,
                  daily_quota: int = 50_000, safety_seconds: float | None = None):
@@ -51,9 +71,7 @@ class RateGovernor:
             raise ValueError(f"daily_quota must be positive, got {daily_quota}")
         self.calls_per_window = calls_per_window
         self.window_seconds = window_seconds
-        # Calls reach the server a little after we release them; keep a margin so skew cannot squeeze
-        # one call too many into the server's window.
-        self.safety_seconds = safety_seconds if safety_seconds is not None else max(0.05, window_seconds * 0.03)
+        self.safety_seconds = safety_seconds if safety_seconds is not None else window_safety(window_seconds)
         self.max_concurrent = max_concurrent
         self.daily_quota = daily_quota
         self._lock = threading.Condition()
@@ -64,21 +82,6 @@ class RateGovernor:
         self._day_reset = next_quota_reset()
         self.daily_calls = 0
         self.waited_seconds = 0.0
-
-    @classmethod
-    def for_instance(cls, base_url: str, client_id: str, **settings: Any) -> "RateGovernor":
-        """The process-wide governor of one Marketo instance; the first caller's settings win."""
-        key = (base_url.rstrip("/").lower(), client_id)
-        with cls._registry_lock:
-            governor = cls._registry.get(key)
-            if governor is None:
-                governor = cls._registry[key] = cls(**settings)
-            return governor
-
-    @classmethod
-    def forget(cls, base_url: str, client_id: str) -> None:
-        with cls._registry_lock:
-            cls._registry.pop((base_url.rstrip("/").lower(), client_id), None)
 
     # ------------------------------------------------------------------ quota state
     def halted_until(self) -> datetime | None:

@@ -1,6 +1,7 @@
 """Typed client for the Marketo REST, bulk and identity APIs.
 
-Every call goes through the instance's shared :class:`RateGovernor` (call window, concurrency, daily
+Every call goes through the budget the client was given (``governor``: a :class:`RateGovernor` for one
+process, or a ``SharedBudget`` shared by every process calling the instance; call window, concurrency, daily
 quota). Transient failures (606/615/604/608/611/713, HTTP 5xx, transport errors, HTML or malformed
 bodies) are retried with exponential backoff, a bounded number of times; 601/602 re-authenticate and
 retry once; 607 stops every caller with :class:`QuotaExhausted`. Writes are split into batches of 300
@@ -25,7 +26,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from sync_pipeline.clients.governor import RateGovernor
+from sync_pipeline.clients.governor import CallBudget, RateGovernor
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class _Outcome:
 class MarketoClient:
     def __init__(self, base_url: str, client_id: str, client_secret: str, *, verify: bool | str = True,
                  timeout_seconds: float = 60.0, calls_per_window: int = 50, window_seconds: float = 20.0,
-                 max_concurrent: int = 5, daily_quota: int = 50_000, governor: RateGovernor | None = None,
+                 max_concurrent: int = 5, daily_quota: int = 50_000, governor: CallBudget | None = None,
                  max_retries: int = 6, backoff_seconds: float = 1.0, backoff_max_seconds: float = 30.0,
                  refresh_margin_seconds: float = 60.0, poll_seconds: float = 60.0):
         if not base_url.startswith(("http://", "https://")):
@@ -116,9 +117,11 @@ class MarketoClient:
                 self.base_url = self.base_url[: -len(suffix)]
         self.client_id = client_id
         self.__secret = client_secret
-        self.governor = governor or RateGovernor.for_instance(
-            self.base_url, client_id, calls_per_window=calls_per_window, window_seconds=window_seconds,
-            max_concurrent=max_concurrent, daily_quota=daily_quota)
+        # Clients that share an instance must be handed one budget; without one, this client has its own
+        # (calls_per_window ... daily_quota configure only that one).
+        self.governor: CallBudget = governor or RateGovernor(
+            calls_per_window=calls_per_window, window_seconds=window_seconds, max_concurrent=max_concurrent,
+            daily_quota=daily_quota)
         self.max_retries, self.backoff_seconds, self.backoff_max = max_retries, backoff_seconds, backoff_max_seconds
         self.refresh_margin, self.poll_seconds = refresh_margin_seconds, poll_seconds
         self.calls: Counter[str] = Counter()

@@ -9,7 +9,6 @@ API errors are retried by the clients, crashed runs by the instance's run retrie
 
 
 import contextlib
-import time
 import warnings
 from datetime import timezone
 from pathlib import Path
@@ -146,15 +145,8 @@ def push_order(config: SyncConfig, entity: Entity) -> list[str]:
     return [d for d in dict.fromkeys(deps) if d != entity.name]
 
 
-_ORG_IDS: dict[str, tuple[float, str]] = {}  # org URL -> (when read, OrganizationId); one WhoAmI per run, not per step
-
-
 def guard_environment(con: Any, state: SyncStateResource, dynamics: DynamicsResource, marketo: MarketoResource) -> None:
-    cached = _ORG_IDS.get(dynamics.url)
-    if cached is None or time.monotonic() - cached[0] > 600:
-        cached = (time.monotonic(), str(dynamics.get_client().whoami()["OrganizationId"]))
-        _ORG_IDS[dynamics.url] = cached
-    org = cached[1]
+    org = dynamics.organization_id()
     guard.check_environment(con, dynamics_org=str(org), marketo_instance=state.instance_id(marketo.base_url))
 
 

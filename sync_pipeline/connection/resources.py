@@ -110,11 +110,11 @@ def build_resources(spec: "SyncConnection", settings: Mapping[str, str] | None =
     ca = optional(spec.env(spec.ca_bundle_env, "CA_BUNDLE"))
     d, m = spec.dynamics, spec.marketo
     conn = spec.connection
+    munchkin = optional(spec.env(m.munchkin_id_env, "MARKETO_MUNCHKIN_ID"))
     return {
         resource_key(conn, "state"): SyncStateResource(
             path=spec.store_path, config_path=spec.entities_path or None, config_json=spec.config_json(),
-            marketo_instance=optional(spec.env(m.munchkin_id_env, "MARKETO_MUNCHKIN_ID")),
-            work_dir=spec.work_dir or None),
+            marketo_instance=munchkin, work_dir=spec.work_dir or None),
         resource_key(conn, "dynamics"): DynamicsResource(
             url=secret(spec.env(d.url_env, "DYNAMICS_URL")),
             authority=secret(spec.env(d.authority_env, "DYNAMICS_AUTHORITY")),
@@ -124,5 +124,6 @@ def build_resources(spec: "SyncConnection", settings: Mapping[str, str] | None =
             base_url=secret(spec.env(m.base_url_env, "MARKETO_BASE_URL")),
             client_id=secret(spec.env(m.client_id_env, "MARKETO_CLIENT_ID")),
             client_secret=secret(spec.env(m.client_secret_env, "MARKETO_CLIENT_SECRET")), ca_bundle=ca,
-            calls_per_20s=m.calls_per_20s, max_concurrent=m.max_concurrent, daily_quota=m.daily_quota),
+            calls_per_20s=m.calls_per_20s, max_concurrent=m.max_concurrent, daily_quota=m.daily_quota,
+            munchkin_id=munchkin),  # connections of one Marketo instance share its budget
     }

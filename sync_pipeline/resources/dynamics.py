@@ -1,25 +1,28 @@
-"""Dagster resource for the Dataverse Web API client."""
+"""Dagster resource for the Dataverse Web API client.
+
+Construct one per connection, every setting a field (secrets through ``dg.EnvVar``)::
+
+    DynamicsResource(url=dg.EnvVar("ACME_DYNAMICS_URL"), authority=dg.EnvVar("ACME_DYNAMICS_AUTHORITY"),
+                     client_id=dg.EnvVar("ACME_DYNAMICS_CLIENT_ID"),
+                     client_secret=dg.EnvVar("ACME_DYNAMICS_CLIENT_SECRET"))
+"""
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from typing import Any
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from sync_pipeline.resources.common import build_client
 from sync_pipeline.clients.dynamics import DynamicsClient
-
-
-
-_CLIENTS: dict[tuple, DynamicsClient] = {}
-_LOCK = threading.Lock()
+from sync_pipeline.resources.common import build_client
 
 
 class DynamicsResource(dg.ConfigurableResource):
-    """Connection settings for Dynamics 365; ``client_secret`` comes from ``dg.EnvVar`` in the definitions."""
+    """Connection settings for Dynamics 365; ``client_secret`` comes from ``dg.EnvVar`` in the definitions.
+
+    One client per resource instance (so per run): the steps of a run share its token and connections.
+    """
 
     url: str  # the org URL, e.g. https://contoso.crm.dynamics.com
     authority: str  # https://login.microsoftonline.com/<tenant id>
@@ -32,6 +35,8 @@ class DynamicsResource(dg.ConfigurableResource):
     page_size: int = 5000
 
     _client: DynamicsClient | None = PrivateAttr(default=None)
+    _organization_id: str | None = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def _verify(self) -> bool | str:
         if not self.verify_tls:
@@ -39,16 +44,24 @@ class DynamicsResource(dg.ConfigurableResource):
         return self.ca_bundle or True
 
     def get_client(self) -> DynamicsClient:
-        """One client per process and settings: steps and runs in a process share the token and connections."""
-        if self._client is None:
-            if not 1 <= self.page_size <= 5000:
-                raise ValueError(f"DynamicsResource.page_size must be 1..5000, got {self.page_size}")
-            key = (self.url, self.authority, self.client_id, hashlib.sha256(self.client_secret.encode()).hexdigest(),
-                   str(self._verify()), self.timeout_seconds, self.max_retries, self.page_size)
-            with _LOCK:
-                if key not in _CLIENTS:
-                    _CLIENTS[key] = build_client(DynamicsClient, self.url, self.authority, self.client_id, self.client_secret,
-                                                   verify=self._verify(), timeout_seconds=self.timeout_seconds,
-                                                   max_retries=self.max_retries, page_size=self.page_size)
-                self._client = _CLIENTS[key]
-        return self._client
+        with self._lock:
+            if self._client is None:
+                if not 1 <= self.page_size <= 5000:
+                    raise ValueError(f"DynamicsResource.page_size must be 1..5000, got {self.page_size}")
+                self._client = build_client(DynamicsClient, self.url, self.authority, self.client_id,
+                                            self.client_secret, verify=self._verify(),
+                                            timeout_seconds=self.timeout_seconds, max_retries=self.max_retries,
+                                            page_size=self.page_size)
+            return self._client
+
+    def organization_id(self) -> str:
+        """The org's OrganizationId, read once per resource instance (one WhoAmI per run, not per step)."""
+        if self._organization_id is None:
+            self._organization_id = str(self.get_client().whoami()["OrganizationId"])
+        return self._organization_id
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = None

@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from sync_pipeline import runs
 from sync_pipeline.cli import main
 from sync_pipeline.clients.dynamics import DynamicsClient
-from sync_pipeline.clients.governor import RateGovernor
 from sync_pipeline.clients.marketo import MarketoClient
 from sync_pipeline.config.model import load_config
 from sync_pipeline.connection.keys import asset_key
@@ -48,7 +47,6 @@ def example_org(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[San
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("SYNC_STATE_PATH", str(tmp_path / "state.duckdb"))
         yield sb
-        RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
     runs._definitions.cache_clear()
 
 

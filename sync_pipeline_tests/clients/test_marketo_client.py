@@ -21,14 +21,11 @@ from sync_pipeline.sandbox.marketo import MarketoSandbox
 @pytest.fixture
 def sandbox():
     sb = MarketoSandbox().start()
-    base_url = sb.base_url
     yield sb
     sb.stop()
-    RateGovernor.forget(base_url, sb.client_id)
 
 
 def make_client(sb: MarketoSandbox, **kw) -> MarketoClient:
-    RateGovernor.forget(sb.base_url, sb.client_id)
     settings = {"backoff_seconds": 0.01, "backoff_max_seconds": 0.05, "poll_seconds": 0.01, **kw}
     return MarketoClient(sb.base_url, sb.client_id, sb.client_secret, **settings)
 
@@ -80,9 +77,8 @@ def test_bad_credentials_name_the_client_not_the_secret(sandbox):
 # ---------------------------------------------------------------------- governor, retries, quota
 def test_governor_keeps_four_threads_within_rate_and_concurrency_limits(sandbox):
     sandbox.set_limits({"calls_per_window": 10, "window_seconds": 2, "concurrent": 3, "latency_seconds": 0.02})
-    clients = [make_client(sandbox, calls_per_window=10, window_seconds=2, max_concurrent=3)]
-    clients += [MarketoClient(sandbox.base_url, sandbox.client_id, sandbox.client_secret) for _ in range(3)]
-    assert len({id(c.governor) for c in clients}) == 1  # one governor per instance, shared process-wide
+    governor = RateGovernor(calls_per_window=10, window_seconds=2, max_concurrent=3)
+    clients = [make_client(sandbox, governor=governor) for _ in range(4)]  # four clients, one instance's budget
     clients[0].describe2()  # fetch the token once so the burst below is API calls only
     errors: list[BaseException] = []
 
@@ -135,7 +131,7 @@ def test_quota_exhausted_stops_every_caller(sandbox, client):
     with pytest.raises(QuotaExhausted) as err:
         client.activity_types()
     assert err.value.code == "607" and err.value.resets_at is not None
-    other = MarketoClient(sandbox.base_url, sandbox.client_id, sandbox.client_secret)
+    other = MarketoClient(sandbox.base_url, sandbox.client_id, sandbox.client_secret, governor=client.governor)
     before = sum(sandbox.app.calls.values())
     with pytest.raises(QuotaExhausted):
         other.describe2()
@@ -312,7 +308,6 @@ def test_objects_describe_query_upsert_delete(sandbox, client):
 
 # ---------------------------------------------------------------------- resource
 def test_resource_builds_one_cached_client(sandbox):
-    RateGovernor.forget(sandbox.base_url, sandbox.client_id)
     res = MarketoResource(base_url=sandbox.base_url, client_id=sandbox.client_id,
                           client_secret=sandbox.client_secret, calls_per_20s=40, max_concurrent=4)
     c = res.get_client()
@@ -335,5 +330,4 @@ def test_resource_over_tls_with_a_ca_bundle(tmp_path):
         with pytest.raises(MarketoError, match="identity: tls server certificate not trusted"):
             untrusted.describe2()  # the default trust store does not know the sandbox CA: no retries
     finally:
-        RateGovernor.forget(sb.base_url, sb.client_id)
         sb.stop()

@@ -84,12 +84,7 @@ def world_of(tmp: Path) -> Iterator[World]:
     """The tiny org (seed 0) in a fresh sandbox, an empty state store; nothing synced yet."""
     import dagster as dg
 
-    from sync_pipeline.clients.governor import RateGovernor
-
     with Sandbox(tmp / "sandbox") as sb:
         sb.populate("tiny", seed=0)
         env = dict(sb.settings(), SYNC_STATE_PATH=str(tmp / "state.duckdb"), MARKETO_CALLS_PER_20S="100")
-        try:
-            yield World(sb, env, tmp / "state.duckdb", dg.DagsterInstance.ephemeral())
-        finally:
-            RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
+        yield World(sb, env, tmp / "state.duckdb", dg.DagsterInstance.ephemeral())

@@ -87,18 +87,13 @@ class World:
 def _world(tmp: Path, config_path: Path | None = None) -> Iterator[World]:
     import dagster as dg
 
-    from sync_pipeline.clients.governor import RateGovernor
-
     with Sandbox(tmp / "sandbox") as sb:
         sb.populate("tiny", seed=0)
         env = dict(sb.settings(), SYNC_STATE_PATH=str(tmp / "state.duckdb"), MARKETO_CALLS_PER_20S="100")
         if config_path is not None:
             env["SYNC_CONFIG"] = str(config_path)
         world = World(sb, env, tmp / "state.duckdb", dg.DagsterInstance.ephemeral())
-        try:
-            yield world
-        finally:
-            RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
+        yield world
 
 
 def _synced(world: World, entity: str, how: str = "created", n: int = 1, exclude: set[str] | None = None

@@ -77,8 +77,6 @@ def _item(items: list[rb.Item], did: str, fld: str) -> rb.Item:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    from sync_pipeline.clients.governor import RateGovernor
-
     base = tmp_path_factory.mktemp("rollback")
     with Sandbox(base / "sandbox") as sb, pytest.MonkeyPatch.context() as mp:
         sb.populate("tiny", seed=0)
@@ -90,7 +88,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             w.run()  # the initial copy
             w.run()  # and its echoes
             yield w
-        RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
 
 
 def test_one_way_field_is_restored_to_what_marketo_really_held(world: World) -> None:

@@ -94,9 +94,6 @@ def bad_org(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BadOrg]:
         harness.run("latest")
         harness.run("latest")
         yield BadOrg(harness)
-        from sync_pipeline.clients.governor import RateGovernor
-
-        RateGovernor.forget(sb.marketo.base_url, sb.marketo.client_id)
 
 
 # ---- record level ---------------------------------------------------------------------------------------------
