@@ -35,12 +35,14 @@ def _needs_initial_copy(state_path: str, config: Any, name: str) -> bool:
         return engine.needs_initial_copy(con, config.entity(name))
 
 
-def run_resync(instance: Any, spec: Any, entity: str, fields: list[str], since: str | None, dry_run: bool
-               ) -> tuple[Any, dict[str, Any], list[list[Any]]]:
-    """Execute the connection's ``resync`` job in this process: (result, stats metadata, previewed writes)."""
+def run_resync(instance: Any, entity: str, fields: list[str], since: str | None, dry_run: bool,
+               spec: Any = None) -> tuple[Any, dict[str, Any], list[list[Any]]]:
+    """Execute the connection's ``resync`` job in this process: (result, stats metadata, previewed writes).
+    ``spec``: the connection (default: the shipped one, as its defs.yaml resolves now)."""
     from sync_pipeline import runs
     from sync_pipeline.connection.resync import resync_job_name, resync_op_name
 
+    spec = spec or runs.connection()
     job = runs.definitions(spec).resolve_job_def(resync_job_name(spec.connection))
     op = resync_op_name(spec.connection)
     result = job.execute_in_process(
@@ -74,7 +76,7 @@ def print_full_plan(config: Any, entity: str | None, limit: int, spec: Any) -> N
                 console.print(f"{name}: not copied yet; `sync-pipeline resync --entity {name}` runs its initial copy")
                 continue
             with console.status(f"{name}: reading both sides and re-evaluating every linked record..."):
-                result, meta, rows = run_resync(instance, spec, name, [], None, dry_run=True)
+                result, meta, rows = run_resync(instance, name, [], None, dry_run=True, spec=spec)
             if not result.success:
                 raise click.ClickException(f"{name}: the preview failed: {_failure(result)}")
             table = _table(f"{name}: a full re-evaluation would write {len(rows)} field value(s) "
@@ -135,7 +137,7 @@ def resync(entity: str, fields: tuple[str, ...], since: str | None, dry_run: boo
             console.print(f"initial copy of {entity} done (run {result.run_id})")
             return
         with console.status(f"back-filling {entity}..."):
-            result, meta, rows = run_resync(instance, spec, entity, list(fields), since, dry_run)
+            result, meta, rows = run_resync(instance, entity, list(fields), since, dry_run, spec=spec)
     if not result.success:
         raise click.ClickException(f"the resync run failed: {_failure(result)}")
     summary = _table(f"resync {entity} (run {result.run_id})" + (" - dry run, nothing written" if dry_run else ""),
