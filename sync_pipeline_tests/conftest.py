@@ -60,7 +60,7 @@ class SyncHarness:
         return runs.run_sync(self.instance, scope=scope, raise_on_error=raise_on_error)
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
-        from sync_pipeline.engine import state
+        from sync_pipeline.engine.store import state
 
         with state.connect(self.state_path) as con:
             return con.execute(sql, params or []).fetchall()

@@ -31,7 +31,7 @@ _STYLE = {"ok": "green", "warning": "yellow", "error": "bold red"}
 @click.option("--errors-only", is_flag=True, help="Print warnings and errors only.")
 def validate(config_path: str | None, as_json: bool, errors_only: bool) -> None:
     """Check credentials, tables, columns, option sets, Marketo fields and permissions (read only)."""
-    from sync_pipeline.ops.validate import connection_checks
+    from sync_pipeline.admin.validate import connection_checks
 
     config = _config(config_path)
     stack, dynamics, marketo = _clients()

@@ -42,7 +42,7 @@ def demo(scale: str, seed: int, state_dir: Path) -> None:
     import dagster as dg
 
     from sync_pipeline import runs
-    from sync_pipeline.engine import state as state_mod
+    from sync_pipeline.engine.store import state as state_mod
     from sync_pipeline.sandbox.runner import Sandbox
 
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -217,7 +217,7 @@ def _compare(sb: Any, state_dir: Path) -> int:
     from sync_pipeline.clients.dynamics import DynamicsClient
     from sync_pipeline.clients.marketo import MarketoClient
     from sync_pipeline.config.model import load_config
-    from sync_pipeline.verify import compare
+    from sync_pipeline.admin.verify import compare
 
     s = sb.settings()
     dyn = DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],

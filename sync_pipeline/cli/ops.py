@@ -22,8 +22,8 @@ from rich.table import Table
 
 from sync_pipeline.config.model import ConfigError, SyncConfig, load_config
 from sync_pipeline.connection.resources import DEFAULT_STATE_PATH, build_resources, by_kind
-from sync_pipeline.engine import state as state_mod
-from sync_pipeline.engine.state import utcnow
+from sync_pipeline.engine.store import state as state_mod
+from sync_pipeline.engine.store.state import utcnow
 
 STATE_OPTION = click.option("--state", "state_path", envvar="SYNC_STATE_PATH", default=DEFAULT_STATE_PATH,
                             show_default=True, type=click.Path(dir_okay=False),
@@ -157,8 +157,8 @@ def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state
     import dagster as dg
 
     from sync_pipeline import runs
+    from sync_pipeline.admin import preview
     from sync_pipeline.connection.selection import preview_selection
-    from sync_pipeline.ops import preview
 
     config = _config(config_path)
     _entity(config, entity)
@@ -187,7 +187,7 @@ def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state
 
 def _print_plan(console: Console, config: SyncConfig, entity: str | None, store: str, run_id: str, limit: int,
                 csv_path: str | None) -> None:
-    from sync_pipeline.ops import preview
+    from sync_pipeline.admin import preview
 
     entities = [entity] if entity else [e.name for e in config.entities]
     with state_mod.connect(store, read_only=True) as con:
@@ -228,7 +228,7 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
     has waited. Errors are records failing and retried with backoff; held ones (quarantined ones included)
     need `errors --release`; "held by reason" gives the reason classes.
     """
-    from sync_pipeline.ops import report
+    from sync_pipeline.admin import report
 
     config = _config(config_path)
     with _store(state_path, read_only=True, wait=wait) as con:
@@ -282,7 +282,7 @@ def errors(entity: str | None, full: bool, csv_path: str | None, release_id: str
     due now and marks it pending, so the next sync plans and writes it again (one attempt: if it fails again
     it is held again).
     """
-    from sync_pipeline.ops import report
+    from sync_pipeline.admin import report
 
     if release_id and release_all:
         raise click.UsageError("use either --release ID or --release-all")
@@ -326,7 +326,7 @@ def errors(entity: str | None, full: bool, csv_path: str | None, release_id: str
 def _held_lines(held: list[Any], width: int) -> list[str]:
     """One line a held record, fitted to the terminal: entity, Dynamics id (whole: copy it into --release),
     target, code, and the reason shortened (first line, the record's own id left out) with an ellipsis."""
-    from sync_pipeline.ops import report
+    from sync_pipeline.admin import report
 
     def cut(text: str, n: int) -> str:
         return text if len(text) <= n else text[:max(0, n - 1)] + "…"
@@ -384,9 +384,8 @@ def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_creat
     import csv as csv_mod
 
     from sync_pipeline import runs as runs_mod
-    from sync_pipeline.connection.assets import guard_environment
-    from sync_pipeline.engine.guard import WrongEnvironmentError
-    from sync_pipeline.ops import rollback as rb
+    from sync_pipeline.admin import rollback as rb
+    from sync_pipeline.engine.guard import WrongEnvironmentError, check_systems
 
     since = _parse_since(since_text)
     if bool(run_id) == bool(since):
@@ -401,7 +400,8 @@ def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_creat
         stack, dynamics, marketo = _clients()
         with stack:
             try:
-                guard_environment(con, by_kind(build_resources(runs_mod.connection()))["state"], dynamics, marketo)
+                state = by_kind(build_resources(runs_mod.connection()))["state"]
+                check_systems(con, dynamics.get_client(), state.instance_id(marketo.base_url))
             except WrongEnvironmentError as exc:
                 raise click.ClickException(str(exc)) from None
             dclient, mclient = dynamics.get_client(), marketo.get_client()

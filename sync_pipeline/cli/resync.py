@@ -28,7 +28,7 @@ def _instance() -> Any:
 
 def _needs_initial_copy(state_path: str, config: Any, name: str) -> bool:
     from sync_pipeline.engine import resync as engine
-    from sync_pipeline.engine import state
+    from sync_pipeline.engine.store import state
 
     with state.connect(state_path) as con:
         state.ensure_schema(con, config)

@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Iterator
 from urllib.parse import quote
@@ -28,39 +28,42 @@ from urllib.parse import quote
 import httpx
 import msal
 
+from sync_pipeline.clients import errors
+from sync_pipeline.clients.types import BatchRequest
+
 log = logging.getLogger(__name__)
 DELTA_EXPIRED_CODES = frozenset({"0x80044352"})
 DUPLICATE_KEY = "0x80040237"
 
 
-class DynamicsError(Exception):
+class DynamicsError(errors.ClientError):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(f"HTTP {status} {code}: {message}" if status else f"{code}: {message}")
         self.status, self.code, self.message = status, code, message
         self.retried = False  # set when the request had been sent more than once
 
 
-class AuthenticationError(DynamicsError):
+class AuthenticationError(DynamicsError, errors.AuthError):
     pass
 
 
-class PreconditionFailed(DynamicsError):
+class PreconditionFailed(DynamicsError, errors.PreconditionFailed):
     pass
 
 
-class RecordNotFound(DynamicsError):
+class RecordNotFound(DynamicsError, errors.NotFound):
     pass
 
 
-class Throttled(DynamicsError):
+class Throttled(DynamicsError, errors.Throttled):
     pass
 
 
-class DeltaTokenExpired(DynamicsError):
+class DeltaTokenExpired(DynamicsError, errors.DeltaExpired):
     """The change-tracking token is unknown or older than the org keeps changes: do a full read."""
 
 
-class TransientError(DynamicsError):
+class TransientError(DynamicsError, errors.Transient):
     """Retries exhausted on 5xx, dropped connections or unreadable bodies."""
 
 
@@ -92,14 +95,8 @@ class ChangeBatch:
     delta_link: str
 
 
-@dataclass
-class BatchRequest:
-    method: str
-    url: str  # relative to the Web API base, e.g. "accounts(<id>)", or "$1" inside a change set
-    body: dict[str, Any] | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    content_id: str | None = None
-    changeset: str | None = None  # consecutive requests with the same id form one atomic change set
+class RequestRefused(DynamicsError, errors.PermanentError):
+    """A 4xx other than the ones above: the request as it is will not succeed."""
 
 
 @dataclass
@@ -108,6 +105,24 @@ class BatchResponse:
     headers: dict[str, str]
     body: Any
     content_id: str | None = None
+
+    def error(self, what: str = "") -> DynamicsError | None:
+        """This part's typed error (``None`` for a 2xx). ``code`` is the status for 404/412 (the row changed
+        or vanished), else Dataverse's error code; ``message`` its message, prefixed by ``what``."""
+        if 200 <= self.status < 300:
+            return None
+        err = self.body.get("error", {}) if isinstance(self.body, dict) else {}
+        message = f"{what}: {err.get('message') or self.status}" if what else str(err.get("message") or self.status)
+        code = str(self.status) if self.status in (404, 412) else str(err.get("code") or self.status)
+        return _error_class(self.status, code)(self.status, code, message)
+
+
+def _error_class(status: int, code: str) -> type[DynamicsError]:
+    if code in DELTA_EXPIRED_CODES:
+        return DeltaTokenExpired
+    return {401: AuthenticationError, 403: AuthenticationError, 404: RecordNotFound, 412: PreconditionFailed,
+            429: Throttled}.get(status, TransientError if status >= 500 else RequestRefused if status >= 400
+                                else DynamicsError)
 
 
 class _MsalHttp:
@@ -272,12 +287,7 @@ class DynamicsClient:
             code, message = str(err.get("code", status)), str(err.get("message", ""))
         except (ValueError, AttributeError):
             code, message = str(status), re.sub(r"\s+", " ", resp.text[:200])
-        text = f"{what}: {message}"
-        if code in DELTA_EXPIRED_CODES:
-            return DeltaTokenExpired(status, code, text)
-        cls = {401: AuthenticationError, 403: AuthenticationError, 404: RecordNotFound, 412: PreconditionFailed,
-               429: Throttled}.get(status, TransientError if status >= 500 else DynamicsError)
-        return cls(status, code, text)
+        return _error_class(status, code)(status, code, f"{what}: {message}")
 
     # ----------------------------------------------------------------------------------------- reads
     def whoami(self) -> dict[str, Any]:

@@ -163,6 +163,9 @@ class SyncSettings(_Strict):
     partitions: Partitions = Partitions()
     retry: RetrySettings = RetrySettings()
     marketo_person_object: str = PERSON_OBJECT
+    bulk_import_threshold: int | None = Field(
+        1000, ge=1, description="planned creates of persons or custom objects in one push from which they go "
+        "through Marketo bulk import (CSV files) instead of REST; null: always REST")
     language: int | None = Field(None, description="LCID of the option-set labels to sync (e.g. 1033); "
                                  "default: the API user's language")
 

@@ -1,7 +1,8 @@
 """One connection's assets, generated from its declared entities: extract -> plan -> push, per entity.
 
 Keys come from ``keys.asset_key`` (``<connection>/<system>/<entity>/<stage>``). Each asset is a thin shell around
-``sync_pipeline.engine.steps``. Every asset opens the connection's DuckDB state file, so all carry the
+the engine's stages (``sync_pipeline.engine.extract``, ``.plan``,
+``.push``). Every asset opens the connection's DuckDB state file, so all carry the
 connection's pool (``keys.pool``, limit 1 in dagster.yaml): steps of that connection's concurrent runs queue
 instead of failing on the file lock, while other connections run in parallel. No asset ``RetryPolicy``: transient
 API errors are retried by the clients, crashed runs by the instance's run retries (docs/operations.md).
@@ -20,7 +21,10 @@ from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.connection.keys import PERSON, asset_key, group_name, pool
 from sync_pipeline.connection.partitions import is_latest_window
 from sync_pipeline.connection.resources import SyncStateResource, bound, required_keys
-from sync_pipeline.engine import guard, mapping, steps
+from sync_pipeline.engine import guard, mapping
+from sync_pipeline.engine.extract import extract_dynamics, extract_marketo_persons
+from sync_pipeline.engine.plan import plan_entity
+from sync_pipeline.engine.push import push_dynamics, push_marketo
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
 
@@ -62,14 +66,14 @@ def permanent_errors_fail_fast() -> Iterator[None]:
 
 
 def prepare_persons(run_id: str, config: SyncConfig, client: Any) -> None:
-    from sync_pipeline.ops.validate import prepare_persons as check
+    from sync_pipeline.admin.validate import prepare_persons as check
 
     check(run_id, config, client)
 
 
 def run_config(context: Any, state: SyncStateResource, client: Any) -> SyncConfig:
-    """The run's configuration after the preflight checks (one metadata call per run, see ops/validate.py)."""
-    from sync_pipeline.ops.validate import prepare
+    """The run's configuration after the preflight checks (one metadata call per run, see admin/validate.py)."""
+    from sync_pipeline.admin.validate import prepare
 
     return prepare(context.run_id, state.config, client)
 
@@ -116,7 +120,7 @@ def _table_rows(con: Any, sql: str, params: list[Any]) -> int:
 
 def _push_state(con: Any, entity: str, system: str) -> dict[str, Any]:
     """Held/quarantined/retrying counts exactly as the state store has them, and the last real write."""
-    from sync_pipeline.ops import report
+    from sync_pipeline.admin import report
 
     counts = report.failure_counts(con, entity, system)
     last = con.execute("SELECT max(written_at), arg_max(run_id, written_at) FROM ledger WHERE entity = ? "
@@ -182,8 +186,8 @@ def _dynamics_extract(conn: str, e: Entity, common: dict[str, Any]) -> dg.Assets
             client = dynamics.get_client()
             before = _calls(client)
             cfg = run_config(context, state, client)
-            stats = steps.extract_dynamics(con, cfg, cfg.entity(e.name), client, window.start, window.end,
-                                           context.partition_key_range.start, is_latest_window(context, window))
+            stats = extract_dynamics(con, cfg, cfg.entity(e.name), client, window.start, window.end,
+                                     context.partition_key_range.start, is_latest_window(context, window))
             rows = _table_rows(con, f"SELECT count(*) FROM d_{e.name} WHERE NOT deleted", [])
         context.log.info(f"{e.name}: {stats.mode}: {stats.rows} rows read, {stats.changed} changed, "
                          f"{stats.deleted} deleted")
@@ -206,11 +210,11 @@ def _person_extract(conn: str, config: SyncConfig, common: dict[str, Any]) -> dg
             client = marketo.get_client()
             before = _calls(client)
             prepare_persons(context.run_id, state.config, client)
-            stats = steps.extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
-                                                  window.end.astimezone(timezone.utc),
-                                                  is_latest_window(context, window),
-                                                  work_dir=Path(state.work_dir) if state.work_dir else None,
-                                                  run_id=context.run_id)
+            stats = extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
+                                            window.end.astimezone(timezone.utc),
+                                            is_latest_window(context, window),
+                                            work_dir=Path(state.work_dir) if state.work_dir else None,
+                                            run_id=context.run_id)
             rows = _table_rows(con, "SELECT count(*) FROM m_person WHERE NOT deleted", [])
         return dg.MaterializeResult(metadata=_meta(context, stats.as_metadata(), rows,
                                                    {"marketo": _calls(client) - before}))
@@ -235,7 +239,7 @@ def _plan(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> d
     def plan(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         state, _, _ = bound(context, conn)
         with permanent_errors_fail_fast(), state.connect() as con:
-            summary = steps.plan(con, state.config, e, context.run_id)
+            summary = plan_entity(con, state.config, e, context.run_id)
         md = summary.as_metadata()
         writes = sum(v for k, v in summary.counts.items() if k.split(":")[0] in ("marketo", "dynamics"))
         return dg.MaterializeResult(metadata=_meta(context, md, writes, {}))
@@ -259,7 +263,7 @@ def _marketo_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, An
             before = _calls(client)
             guard_environment(con, state, dynamics, marketo)
             cfg = run_config(context, state, dynamics.get_client())
-            stats = steps.push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id, final=not e.is_person)
+            stats = push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id)
             lasting = _push_state(con, e.name, "marketo")
             linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
         if stats.failed:
@@ -289,7 +293,7 @@ def _dynamics_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, A
             before = (_calls(dclient), _calls(mclient))
             guard_environment(con, state, dynamics, marketo)
             cfg = run_config(context, state, dclient)
-            stats = steps.push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
+            stats = push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
             lasting = _push_state(con, e.name, "dynamics")
             linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
         if lasting["records_held"]:

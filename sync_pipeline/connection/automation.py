@@ -25,9 +25,9 @@ from sync_pipeline.config.model import SyncConfig
 from sync_pipeline.connection.keys import CONNECTION_TAG, qualified
 from sync_pipeline.connection.partitions import latest_partition_key
 from sync_pipeline.connection.resources import bound, required_keys
-from sync_pipeline.engine import state as state_mod
-from sync_pipeline.engine.extract import marketo_person_fields
-from sync_pipeline.engine.steps import DELETED_CURSOR, LEADCHANGES_CURSOR, delta_cursor
+from sync_pipeline.engine.extract.dynamics import delta_cursor
+from sync_pipeline.engine.extract.marketo import DELETED_CURSOR, LEADCHANGES_CURSOR, marketo_person_fields
+from sync_pipeline.engine.store import state as state_mod
 
 if TYPE_CHECKING:
     from sync_pipeline.connection.component import SyncConnection

@@ -6,7 +6,7 @@ import dagster as dg
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.connection.keys import asset_key, pool
 from sync_pipeline.connection.resources import bound, required_keys
-from sync_pipeline.engine.merge import QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE
+from sync_pipeline.engine.plan.identity import QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE
 
 MAX_REJECTED_RATE = 0.05
 
@@ -31,7 +31,7 @@ def build_checks(conn: str, config: SyncConfig) -> list[dg.AssetChecksDefinition
 
 def _held_records(conn: str, e: Entity, system: str) -> dg.AssetChecksDefinition:
     """On every push asset: not green while any record is held (a held record never syncs until released)."""
-    from sync_pipeline.ops import report
+    from sync_pipeline.admin import report
 
     @dg.asset_check(asset=asset_key(conn, e.name, "push", system), name="no_held_records", pool=pool(conn),
                     required_resource_keys=required_keys(conn, "state"),

@@ -20,7 +20,7 @@ from pydantic import Field, PrivateAttr
 
 from sync_pipeline.config.model import SyncConfig, load_config
 from sync_pipeline.connection.keys import qualified
-from sync_pipeline.engine import state
+from sync_pipeline.engine.store import state
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
 

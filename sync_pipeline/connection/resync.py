@@ -17,7 +17,7 @@ from sync_pipeline.connection.assets import guard_environment, permanent_errors_
 from sync_pipeline.connection.keys import pool, qualified
 from sync_pipeline.connection.resources import RESOURCES, bound, required_keys
 from sync_pipeline.engine import resync as resync_engine
-from sync_pipeline.engine.state import utcnow
+from sync_pipeline.engine.store.state import utcnow
 
 RESYNC = "resync"
 OP = "backfill"

@@ -2,7 +2,7 @@
 
 One op, no assets: it reads both systems and never writes. Each check is logged as a line and the whole
 list is attached as markdown metadata; the run fails (without retries: nothing a retry could fix) when
-any check is an error. The sync's own runs run the Dynamics checks at their start (ops/validate.py).
+any check is an error. The sync's own runs run the Dynamics checks at their start (admin/validate.py).
 """
 
 
@@ -23,7 +23,7 @@ def build_validate_job(conn: str, tags: dict[str, str]) -> dg.JobDefinition:
            required_resource_keys=required_keys(conn, *RESOURCES),
            description="Credentials, tables, columns, option sets, Marketo fields and permissions (read only).")
     def validate_connection(context: dg.OpExecutionContext) -> None:
-        from sync_pipeline.ops.validate import connection_checks, errors
+        from sync_pipeline.admin.validate import connection_checks, errors
 
         state, dynamics, marketo = bound(context, conn)
         checks, _ = connection_checks(state.config, dynamics.get_client(), marketo.get_client())

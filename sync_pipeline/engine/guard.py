@@ -6,9 +6,11 @@ a mistyped URL) stops every write with an explanation, until someone re-baseline
 
 from __future__ import annotations
 
+from typing import Any
+
 import duckdb
 
-from sync_pipeline.engine.state import utcnow
+from sync_pipeline.engine.store.state import utcnow
 
 
 class WrongEnvironmentError(RuntimeError):
@@ -27,6 +29,12 @@ def check_environment(con: duckdb.DuckDBPyConnection, *, dynamics_org: str, mark
     for key, value in seen.items():
         if key not in pinned:
             con.execute("INSERT INTO environment VALUES (?, ?, ?)", [key, value, utcnow()])
+
+
+def check_systems(con: duckdb.DuckDBPyConnection, dynamics_client: Any, marketo_instance: str) -> None:
+    """The guard for one caller outside a sync run (the CLI): asks Dynamics who it is (one WhoAmI call)."""
+    check_environment(con, dynamics_org=str(dynamics_client.whoami()["OrganizationId"]),
+                      marketo_instance=marketo_instance)
 
 
 def rebaseline(con: duckdb.DuckDBPyConnection) -> dict[str, int]:

@@ -199,7 +199,8 @@ def add_plan_notices(con: duckdb.DuckDBPyConnection, entity: str, run_id: str) -
     rows += [(name, f"not synced until back-filled: sync-pipeline resync --entity {entity} --field {name}",
               "mapping:pending") for name in pending_fields(con, entity) if name not in told]
     for field, detail, rule in rows:
-        con.execute("""INSERT INTO plan VALUES (?, ?, NULL, NULL, 'state', 'mapping', ?, NULL, ?, NULL, ?, NULL)""",
+        con.execute("""INSERT INTO plan (run_id, entity, target, op, field, new_value, rule)
+                       VALUES (?, ?, 'state', 'mapping', ?, ?, ?)""",
                     [run_id, entity, field, detail, rule])
     return len(rows)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sync_pipeline.config.model import FieldMap
+from sync_pipeline.engine.store.state import sql_text
 
 INVALID = "\u2400invalid:"  # prefix of a value that cannot be represented; such records are rejected
 
@@ -51,10 +52,6 @@ def _datetime_expr(f: FieldMap, x: str) -> str:
     return f"strftime({ts}, '%Y-%m-%dT%H:%M:%SZ')"
 
 
-def _lit(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _shared_expr(f: FieldMap, x: str) -> str | None:
     """Numbers, dates and ids canonicalise the same way from either system (``x`` is the value as text)."""
     t = f.transform
@@ -77,11 +74,11 @@ def dynamics_expr(f: FieldMap, col: str) -> str:
     if t == "integer":
         return f"CAST(TRY_CAST({col} AS BIGINT) AS VARCHAR)"
     if t == "picklist":
-        whens = " ".join(f"WHEN {int(code)} THEN {_lit(label)}" for code, label in (f.options or {}).items())
+        whens = " ".join(f"WHEN {int(code)} THEN {sql_text(label)}" for code, label in (f.options or {}).items())
         if not whens:  # no labels known (neither the org's metadata nor the YAML): every code is unknown
-            return f"CASE WHEN {col} IS NULL THEN NULL ELSE {_lit(INVALID)} || CAST({col} AS VARCHAR) END"
+            return f"CASE WHEN {col} IS NULL THEN NULL ELSE {sql_text(INVALID)} || CAST({col} AS VARCHAR) END"
         return (f"CASE WHEN {col} IS NULL THEN NULL ELSE CASE TRY_CAST({col} AS BIGINT) {whens} "
-                f"ELSE {_lit(INVALID)} || CAST({col} AS VARCHAR) END END")
+                f"ELSE {sql_text(INVALID)} || CAST({col} AS VARCHAR) END END")
     shared = _shared_expr(f, f"CAST({col} AS VARCHAR)")
     if shared is None:
         raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")

@@ -126,7 +126,8 @@ def read_metadata(client: Any, tables: list[str], language: int | None = None,
                   casts: dict[str, set[str]] | None = None) -> OrgMetadata:
     """Every named table's definition, columns and options, in one ``$batch`` call. ``casts`` (table -> derived
     types) narrows the type-cast parts to what the caller needs; by default every one is read."""
-    from sync_pipeline.clients.dynamics import BatchRequest, DynamicsError
+    from sync_pipeline.clients import errors
+    from sync_pipeline.engine.ports import BatchRequest
 
     tables = list(dict.fromkeys(tables))
     plan = [(t, kind, url) for t in tables
@@ -136,15 +137,15 @@ def read_metadata(client: Any, tables: list[str], language: int | None = None,
     responses = client.execute_batch([BatchRequest("GET", url) for _, _, url in plan], continue_on_error=True,
                                      idempotent=True)
     if len(responses) != len(plan):
-        raise DynamicsError(200, "invalid_batch_response", f"metadata $batch: {len(plan)} requests, "
-                                                           f"{len(responses)} responses")
+        raise errors.MalformedResponse("invalid_batch_response", f"metadata $batch: {len(plan)} requests, "
+                                                                 f"{len(responses)} responses")
     out: dict[str, TableMeta] = {}
     missing: dict[str, str] = {}
     for (table, kind, _), resp in zip(plan, responses):
         if table in missing:
             continue
         body = resp.body if isinstance(resp.body, dict) else {}
-        if resp.status >= 400:
+        if resp.error() is not None:
             if kind == "entity":
                 err = body.get("error") or {}
                 missing[table] = f"HTTP {resp.status} {err.get('code', '')}: {err.get('message', '')}".strip()

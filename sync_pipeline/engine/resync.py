@@ -36,9 +36,16 @@ import duckdb
 import pyarrow as pa
 
 from sync_pipeline.config.model import STICKY, ConfigError, Entity, FieldMap, SyncConfig
-from sync_pipeline.engine import apply as apply_mod
-from sync_pipeline.engine import extract, mapping, merge, normalize
-from sync_pipeline.engine.state import fcol, get_cursor, qi
+from sync_pipeline.engine import mapping, normalize
+from sync_pipeline.engine.extract import dynamics as extract
+from sync_pipeline.engine.extract.marketo import text_value
+from sync_pipeline.engine.plan.fields import STICKY_OUTCOME, one_way_sticky, policy_resolution
+from sync_pipeline.engine.push.dynamics import apply_to_dynamics
+from sync_pipeline.engine.push.marketo import apply_to_marketo
+from sync_pipeline.engine.plan.summary import PLAN_INSERT
+from sync_pipeline.engine.push.payloads import object_path
+from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store.state import fcol, get_cursor, qi, sql_text
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ class ResyncStats:
 
 def needs_initial_copy(con: duckdb.DuckDBPyConnection, entity: Entity) -> bool:
     """An entity never copied (added to the mapping after the first sync): its back-fill is its initial copy."""
-    from sync_pipeline.engine.steps import delta_cursor
+    from sync_pipeline.engine.extract.dynamics import delta_cursor
 
     if entity.is_derived:
         return False
@@ -128,12 +135,12 @@ def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fi
     if mod:
         schema[mod] = pa.string()
     for f in maps:
-        schema[extract.wire_name(f)] = extract._arrow_type(f)
+        schema[extract.wire_name(f)] = extract.arrow_type(f)
         if f.transform in ("lookup", "owner", "customer_account"):
             schema[extract.wire_name(f) + extract.LOOKUP_TYPE] = pa.string()
     cols = "".join(f", {fcol(f.marketo)} VARCHAR" for f in maps)
     con.execute(f"CREATE OR REPLACE TEMP TABLE rs_d (did VARCHAR, etag VARCHAR, modified_on VARCHAR {cols})")
-    exprs = "".join(f", {extract._dynamics_value_expr(entity, f, tables)}" for f in maps)
+    exprs = "".join(f", {extract.dynamics_value_expr(entity, f, tables)}" for f in maps)
     modcol = qi(mod) if mod else "NULL"
     flt = f"{mod} ge {_iso(since)}" if since is not None else None
     rows = 0
@@ -142,7 +149,7 @@ def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fi
         if not page:
             continue
         rows += len(page)
-        rs_page = extract._coerce(page, pa.schema(list(schema.items())))  # noqa: F841 - used in the SQL
+        rs_page = extract.coerce_page(page, pa.schema(list(schema.items())))  # noqa: F841 - used in the SQL
         con.execute(f"""INSERT INTO rs_d SELECT lower({qi(pk)}), "@odata.etag", CAST({modcol} AS VARCHAR) {exprs}
                         FROM rs_page""")
     con.execute("CREATE OR REPLACE TEMP TABLE rs_d AS SELECT DISTINCT ON (did) * FROM rs_d")  # a row paged twice
@@ -160,8 +167,8 @@ def _read_marketo(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fie
     else:
         key = entity.marketo.key
         dids = [r[0] for r in con.execute("SELECT did FROM rs_scope ORDER BY 1").fetchall()]
-        rows = client.query_objects(apply_mod.object_path(entity), key, dids, [key, *names]) if dids else []
-    table = pa.table({n: pa.array([extract._text(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
+        rows = client.query_objects(object_path(entity), key, dids, [key, *names]) if dids else []
+    table = pa.table({n: pa.array([text_value(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
                       for n in [key, "updatedAt", *names]})
     exprs = "".join(f", {normalize.marketo_expr(f, qi(f.marketo))}" for f in maps)
     cols = "".join(f", {fcol(n)} VARCHAR" for n in names)
@@ -213,7 +220,7 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, 
 
 def _outcome_sql(entity: Entity, f: FieldMap) -> str:
     """'marketo' | 'dynamics' | 'base' | 'hold' | NULL for one field of a record in scope. Consent fields
-    (policy ``opt_out_sticky``) follow the same rule as the incremental plan (engine/merge.py): an opt-in
+    (policy ``opt_out_sticky``) follow the same rule as the incremental plan (engine/plan/fields.py): an opt-in
     is written only where its side itself changed from out to in since the last sync."""
     direction, policy = entity.field_direction(f), entity.field_policy(f)
     if direction == "none":
@@ -221,13 +228,13 @@ def _outcome_sql(entity: Entity, f: FieldMap) -> str:
     agree = "WHEN same AND dc THEN 'base' WHEN same THEN NULL"
     if not entity.is_person or direction == "to_marketo":
         out = f"CASE {agree} ELSE 'marketo' END"
-        return merge._one_way_sticky(out, "marketo") if policy == STICKY else out
+        return one_way_sticky(out, "marketo") if policy == STICKY else out
     if direction == "to_dynamics":
         out = f"CASE {agree} ELSE 'dynamics' END"
-        return merge._one_way_sticky(out, "dynamics") if policy == STICKY else out
+        return one_way_sticky(out, "dynamics") if policy == STICKY else out
     if policy == STICKY:
-        return merge._STICKY_OUTCOME
-    resolve = merge.policy_resolution(entity, policy, field_times=False)
+        return STICKY_OUTCOME
+    resolve = policy_resolution(entity, policy, field_times=False)
     # With no base (a field never synced) a side holding a value "changed" and a blank one did not: the
     # value flows, a blank never overwrites it; two different values are a conflict.
     return f"""CASE {agree}
@@ -251,11 +258,11 @@ def _plan_rows(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldM
         inner = f"""SELECT did, mid, etag, d_modified, m_updated, {d} AS dv, {m} AS mv, {b} AS bv,
                            ({cd}) IS DISTINCT FROM ({cb}) AS dc, ({cm}) IS DISTINCT FROM ({cb}) AS mc,
                            ({cd}) IS NOT DISTINCT FROM ({cm}) AS same,
-                           starts_with({d}, {normalize._lit(normalize.INVALID)}) AS invalid
+                           starts_with({d}, {sql_text(normalize.INVALID)}) AS invalid
                     FROM rs_j"""
         scored = f"""SELECT *, CASE WHEN invalid THEN 'reject' ELSE {_outcome_sql(entity, f)} END AS outcome
                      FROM ({inner})"""
-        parts.append(f"""SELECT did, mid, etag, {normalize._lit(f.marketo)} AS field, dv, mv, bv, outcome,
+        parts.append(f"""SELECT did, mid, etag, {sql_text(f.marketo)} AS field, dv, mv, bv, outcome,
                                 CASE WHEN outcome = 'reject' THEN 'invalid value' ELSE {_rule_sql(entity, f)} END
                                 AS rule
                          FROM ({scored}) WHERE outcome IS NOT NULL""")
@@ -326,19 +333,17 @@ def _write(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, m
         con.execute(f"UPDATE m_person SET {sets} FROM rs_m r WHERE CAST(m_person.id AS VARCHAR) = r.mkey")
     # The load steps apply the stored plan of the entity: this back-fill's, restricted to its fields. A
     # failure an incremental write left behind stays (its retry re-plans that record).
-    con.execute("CREATE OR REPLACE TEMP TABLE rs_failures AS SELECT * FROM failures WHERE entity = ?", [e])
+    ledger.keep_failures(con, e)
     con.execute("DELETE FROM plan WHERE entity = ?", [e])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
-    con.execute("INSERT INTO plan SELECT * FROM rs_plan")
+    con.execute(f"{PLAN_INSERT} SELECT run_id, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, base_value, rule, etag FROM rs_plan")
     narrowed = mapping.restrict(entity, [f.marketo for f in maps], keep_rules=False)
     try:
-        ms = apply_mod.apply_to_marketo(con, config, narrowed, marketo, run_id, now)
+        ms = apply_to_marketo(con, config, narrowed, marketo, run_id, now)
         stats.written["marketo"], stats.failed["marketo"] = ms.ok, ms.failed
         if entity.is_person:
-            ds = apply_mod.apply_to_dynamics(con, config, narrowed, dynamics, marketo, run_id, now)
+            ds = apply_to_dynamics(con, config, narrowed, dynamics, marketo, run_id, now)
             stats.written["dynamics"], stats.failed["dynamics"] = ds.ok, ds.failed
     finally:
-        con.execute("""INSERT INTO failures SELECT * FROM rs_failures f WHERE NOT EXISTS (SELECT 1 FROM failures x
-                       WHERE x.entity = f.entity AND x.dynamics_id = f.dynamics_id AND x.target = f.target)""")
+        ledger.restore_failures(con)
         con.execute("DELETE FROM plan WHERE entity = ? AND run_id = ?", [e, run_id])
-        con.execute("DROP TABLE IF EXISTS rs_failures")

@@ -21,7 +21,7 @@ from sync_pipeline.connection.keys import asset_key
 from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline.sandbox.runner import Sandbox
 from sync_pipeline.sandbox.schema import Column, load_schema
-from sync_pipeline.verify import compare
+from sync_pipeline.admin.verify import compare
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "sandbox-schema.example.yaml"
 

@@ -7,7 +7,7 @@ import csv
 from click.testing import CliRunner
 
 from sync_pipeline.cli import main
-from sync_pipeline.engine.state import utcnow
+from sync_pipeline.engine.store.state import utcnow
 
 
 def invoke(*args: str) -> "click.testing.Result":  # noqa: F821

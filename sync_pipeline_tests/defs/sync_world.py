@@ -35,14 +35,14 @@ class World:
         return result
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
-        from sync_pipeline.engine import state
+        from sync_pipeline.engine.store import state
 
         with state.connect(self.state_path, read_only=True) as con:
             return con.execute(sql, params or []).fetchall()
 
     def execute(self, sql: str, params: list[Any] | None = None) -> None:
         """Write to the state store directly (tests that inject damage); no run may be active."""
-        from sync_pipeline.engine import state
+        from sync_pipeline.engine.store import state
 
         with state.connect(self.state_path) as con:
             con.execute(sql, params or [])

@@ -91,7 +91,7 @@ def test_two_connections_sync_concurrently_without_touching_each_other(tmp_path:
         assert not errors, errors
         assert all(results[n].success for n in NAMES)
 
-        from sync_pipeline.engine import state
+        from sync_pipeline.engine.store import state
 
         for name, sb in sandboxes.items():
             other = sandboxes["west" if name == "east" else "east"]

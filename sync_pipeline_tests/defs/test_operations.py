@@ -16,11 +16,11 @@ from click.testing import CliRunner
 
 from sync_pipeline import runs
 from sync_pipeline.cli import main
-from sync_pipeline.connection.keys import asset_key, key_name, stage_of
-from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline.connection.assets import RUN_TOTALS
 from sync_pipeline.connection.automation import ALERT_WEBHOOK_ENV, held_records_tick
-from sync_pipeline.engine import state as state_mod
+from sync_pipeline.connection.keys import asset_key, key_name, stage_of
+from sync_pipeline.engine.store import state as state_mod
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline_tests.defs.test_sensors import settle, tick
 
 

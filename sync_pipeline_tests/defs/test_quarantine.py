@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
-from sync_pipeline.engine.merge import QUARANTINE_BLOCK_FLOOR
+from sync_pipeline.engine.plan.identity import QUARANTINE_BLOCK_FLOOR
 from sync_pipeline_tests.defs.sync_world import World, world_of
 
 

@@ -51,7 +51,7 @@ class World:
         return result
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
-        from sync_pipeline.engine import state
+        from sync_pipeline.engine.store import state
 
         with state.connect(self.state_path, read_only=True) as con:
             return con.execute(sql, params or []).fetchall()

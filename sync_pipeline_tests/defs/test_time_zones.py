@@ -25,7 +25,7 @@ import json, os, sys, time
 from pathlib import Path
 import dagster as dg
 from sync_pipeline import runs
-from sync_pipeline.engine import state
+from sync_pipeline.engine.store import state
 from sync_pipeline.sandbox.runner import Sandbox
 
 OPP, PROJECT, ACCOUNT, tmp = sys.argv[1:5]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from sync_pipeline.config.model import DEFAULT_PATH, SyncConfig
-from sync_pipeline.engine import mapping, state
+from sync_pipeline.engine import mapping
+from sync_pipeline.engine.store import state
 
 
 def _config(edit: Any = None) -> SyncConfig:

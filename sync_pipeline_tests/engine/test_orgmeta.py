@@ -6,8 +6,9 @@ from __future__ import annotations
 import duckdb
 
 from sync_pipeline.config.model import load_config
-from sync_pipeline.engine import normalize, orgmeta, steps
-from sync_pipeline.engine.state import ensure_schema, get_cursor
+from sync_pipeline.engine import normalize, orgmeta
+from sync_pipeline.engine.extract import dynamics as dynamics_extract
+from sync_pipeline.engine.store.state import ensure_schema, get_cursor
 
 
 def _meta(labels: dict[int, str], with_filter: bool = True) -> orgmeta.OrgMetadata:
@@ -39,7 +40,7 @@ def test_labels_come_from_the_org_and_the_yaml_overrides_single_codes() -> None:
 def test_a_table_without_the_filter_column_syncs_everything() -> None:
     run = orgmeta.runtime_config(load_config(), _meta({8: "Web"}, with_filter=False))
     assert run.entity("lead").sync_filter_column is None
-    assert "new_synctomkto" not in steps.extract.dynamics_select(run.entity("lead"))
+    assert "new_synctomkto" not in dynamics_extract.dynamics_select(run.entity("lead"))
     assert run.entity("contact").sync_filter_column == "new_synctomkto"  # a table the metadata did not cover
 
 
@@ -50,13 +51,13 @@ def test_a_renamed_label_rewrites_the_mirror_and_marks_the_rows_pending() -> Non
     con.execute("""INSERT INTO d_lead (id, version, deleted, f_leadSource) VALUES
                    ('a', 1, false, 'Web'), ('b', 1, false, 'Seminar'), ('c', 1, false, ?)""", [normalize.INVALID + "11"])
     first = orgmeta.runtime_config(config, _meta({6: "Seminar", 8: "Web"})).entity("lead")
-    assert steps.relabel_options(con, first) == 0  # the first run only remembers the labels
+    assert dynamics_extract.relabel_options(con, first) == 0  # the first run only remembers the labels
     assert get_cursor(con, "optionsets:lead:leadSource")
     renamed = orgmeta.runtime_config(config, _meta({6: "Seminar", 8: "Website", 11: "Partner Portal"})).entity("lead")
-    assert steps.relabel_options(con, renamed) == 2
+    assert dynamics_extract.relabel_options(con, renamed) == 2
     rows = con.execute("SELECT id, f_leadSource, pending_seq IS NOT NULL FROM d_lead ORDER BY id").fetchall()
     assert rows == [("a", "Website", True), ("b", "Seminar", False), ("c", "Partner Portal", True)]
-    assert steps.relabel_options(con, renamed) == 0  # nothing changed since
+    assert dynamics_extract.relabel_options(con, renamed) == 0  # nothing changed since
 
 
 def test_the_configured_language_picks_the_localized_label() -> None:

@@ -19,7 +19,9 @@ import pytest
 from sync_pipeline.clients.dynamics import (AuthenticationError, DynamicsClient, PreconditionFailed, RecordNotFound,
                                             TransientError)
 from sync_pipeline.config.model import ConfigError, load_config
-from sync_pipeline.engine import apply, state, steps
+from sync_pipeline.engine.extract import dynamics as dynamics_extract
+from sync_pipeline.engine.push import dynamics as dynamics_push
+from sync_pipeline.engine.store import state
 from sync_pipeline.sandbox.runner import Sandbox
 from sync_pipeline_tests.conftest import SyncHarness
 from sync_pipeline_tests.reliability.conftest import write_config
@@ -232,12 +234,12 @@ def test_expired_delta_token_falls_back_to_a_full_read_without_losing_changes(
     now = datetime.now(timezone.utc)
     with state.connect(tmp_path / "s.duckdb") as con:
         state.ensure_schema(con, config)
-        first = steps.extract_dynamics(con, config, entity, dclient, now, now, "p", latest=True)
-        assert first.rows == 3 and state.get_cursor(con, steps.delta_cursor(entity))
+        first = dynamics_extract.extract_dynamics(con, config, entity, dclient, now, now, "p", latest=True)
+        assert first.rows == 3 and state.get_cursor(con, dynamics_extract.delta_cursor(entity))
         sandbox.dynamics_update("account", change, {"name": "Renamed"})
         sandbox.dynamics_delete("account", drop)
         sandbox.advance_clock(91 * 24 * 3600)  # past the org's change-tracking retention
-        second = steps.extract_dynamics(con, config, entity, dclient, now, now, "p", latest=True)
+        second = dynamics_extract.extract_dynamics(con, config, entity, dclient, now, now, "p", latest=True)
         assert second.mode == "full (delta expired)"
         got = dict(con.execute("SELECT id, deleted FROM d_account").fetchall())
         assert got == {keep: False, change: False, drop: True}
@@ -250,7 +252,7 @@ def test_412_on_a_changed_record_is_named_and_replanned(sandbox: Sandbox, dclien
     sandbox.dynamics_update("account", did, {"name": "Changed meanwhile"})
     with pytest.raises(PreconditionFailed):
         dclient.update("accounts", did, {"name": "Ours"}, etag=etag)
-    (result,) = apply._write_dynamics_batched(dclient, "accounts", [(did, "update", "7", etag, {"name": "Ours"})])
+    (result,) = dynamics_push._write_dynamics_batched(dclient, "accounts", [(did, "update", "7", etag, {"name": "Ours"})])
     assert (result.ok, result.code) == (False, "412") and did in result.message
     assert sandbox.dynamics_get("account", did)["name"] == "Changed meanwhile"  # not overwritten blindly
 
@@ -260,7 +262,7 @@ def test_404_on_a_record_deleted_meanwhile_is_named(sandbox: Sandbox, dclient: D
     sandbox.dynamics_delete("account", did)
     with pytest.raises(RecordNotFound):
         dclient.update("accounts", did, {"name": "Ours"})
-    (result,) = apply._write_dynamics_batched(dclient, "accounts", [(did, "update", "7", None, {"name": "Ours"})])
+    (result,) = dynamics_push._write_dynamics_batched(dclient, "accounts", [(did, "update", "7", None, {"name": "Ours"})])
     assert (result.ok, result.code) == (False, "404") and did in result.message and "deleted" in result.message
     with pytest.raises(KeyError):  # and the write did not resurrect it
         sandbox.dynamics_get("account", did)

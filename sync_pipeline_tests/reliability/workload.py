@@ -488,8 +488,8 @@ class RandomRollbacks:
         from sync_pipeline.clients.dynamics import DynamicsError
         from sync_pipeline.clients.marketo import MarketoError
         from sync_pipeline.config.model import load_config
-        from sync_pipeline.engine import state
-        from sync_pipeline.ops import rollback as rb
+        from sync_pipeline.engine.store import state
+        from sync_pipeline.admin import rollback as rb
 
         work, sb = self.work, self.work.sb
         touched: set[str] = set()

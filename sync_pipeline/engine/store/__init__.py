@@ -1,0 +1,1 @@
+"""The state store (one DuckDB file per connection): schema, connection, cursors."""

@@ -1,0 +1,231 @@
+"""The DuckDB state store: mirrors of both systems, identity map, per-field base, plans, ledger.
+
+Table layout (``<e>`` = entity name, ``f_<x>`` = canonical value of Marketo field ``x``):
+
+- ``d_<e>``      Dynamics mirror: id, version, modified_on, etag, deleted, sync_flag, aux columns (master_id:
+                 the record a Dataverse ``Merge`` folded this one into), f_*,
+                 pending_seq (set when a newer version arrives; cleared once the change is applied)
+- ``m_person``   Marketo person mirror (shared by leads and contacts): id, updated_at, deleted, f_*,
+                 pending_seq, merged_into (a person that lost a Marketo merge: retired, not deleted by a user;
+                 ``deleted`` is true for both, as the person is gone from Marketo, ``merged_into`` tells them apart)
+- ``b_<e>``      base: the last values both sides agreed on, per record and field (three-way merge)
+- ``b__split``   per-system bases of person fields a rollback left different on the two systems
+- ``identity``   Dynamics id <-> Marketo id per entity, with a state (active, converted, tombstoned, deleted,
+                 merged: the record lost a merge in either system and no longer syncs; its id points at the winner)
+- ``plan`` / ``plan_work``   the current plan per entity (field-level writes) and the records it covers
+- ``ledger``     every write: run, entity, ids, target, op, field, before, after, rule
+- ``failures``   per-record errors with the API's code and message, attempts, next retry, held flag
+- ``conflicts``  conflicts held for review (policy ``hold``)
+- ``cursors``    delta links and paging tokens; ``environment`` the org / instance this store synced
+- ``mapping_*``  the mapping the store synced with and its changes (``engine/mapping.py``)
+
+Only the ``pending_seq`` protocol makes runs safe to interleave and to kill: a record leaves the work
+set only when the plan that covered it was applied, and only if nothing newer arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from sync_pipeline.config.model import Entity, SyncConfig
+
+LOCK_WAIT_SECONDS = 120.0
+# Part of the stored schema digest: bump it when a table gains a column, so existing stores are extended.
+SCHEMA_VERSION = "merges-1"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def qi(name: str) -> str:
+    """Quote an identifier (names come from validated config, quoting keeps case intact)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sql_text(value: str | None) -> str:
+    """A SQL string literal, for constants from the validated configuration (field names, option labels, entity
+    names) inside generated expressions; values that are data travel as bound parameters."""
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
+def fcol(field: str) -> str:
+    return qi(f"f_{field}")
+
+
+class StateLockedError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def connect(path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the state file, waiting (bounded) while another process holds the single-writer lock."""
+    con = open_connection(path, read_only, wait)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def open_connection(path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS
+                    ) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + wait
+    delay = 0.05
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # DuckDB would cache up to 80% of RAM; the sync keeps a flat, modest footprint and spills the rest.
+    settings = {"memory_limit": os.environ.get("SYNC_DUCKDB_MEMORY_LIMIT", "512MB"), "threads": 2,
+                "preserve_insertion_order": False}
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=settings)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise StateLockedError(f"state store {path} is locked by another process: {exc}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def latest_fields(entity: Entity) -> list[str]:
+    """Two-way person fields resolved by policy ``latest`` (their change times are tracked per field)."""
+    return [f.marketo for f in entity.all_fields
+            if entity.is_person and entity.field_policy(f) == "latest" and entity.field_direction(f) == "two_way"]
+
+
+def entity_columns(entity: Entity) -> list[str]:
+    return [f.marketo for f in entity.all_fields]
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
+    """Create or extend the tables for this configuration; a no-op when the stored schema is current."""
+    digest = hashlib.sha256((SCHEMA_VERSION + config.model_dump_json()).encode()).hexdigest()
+    con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    row = con.execute("SELECT value FROM schema_meta WHERE key = 'config'").fetchone()
+    from sync_pipeline.engine import mapping
+
+    if row and row[0] == digest:
+        if not mapping.has_tables(con):  # a store from before mapping changes were tracked: its baseline
+            mapping.record(con, config, utcnow())
+        return
+
+    _create_tables(con, config)
+    # What changed in the mapping since the store last synced (fields added, removed, re-ruled, entities
+    # added): recorded once, when the new configuration is first seen. Added fields wait for a back-fill.
+    mapping.record(con, config, utcnow())
+    con.execute("INSERT OR REPLACE INTO schema_meta VALUES ('config', ?)", [digest])
+
+
+def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
+    con.execute("CREATE SEQUENCE IF NOT EXISTS change_seq START 1")
+    con.execute("CREATE SEQUENCE IF NOT EXISTS ledger_seq START 1")
+    for e in config.entities:
+        cols = entity_columns(e)
+        fdefs = "".join(f", {fcol(c)} VARCHAR" for c in cols)
+        if not e.is_derived:
+            con.execute(f"""CREATE TABLE IF NOT EXISTS {qi('d_' + e.name)} (
+                id VARCHAR PRIMARY KEY, version BIGINT, modified_on VARCHAR, etag VARCHAR,
+                deleted BOOLEAN DEFAULT false, sync_flag BOOLEAN, origin_lead VARCHAR, customer_contact VARCHAR,
+                partition_key VARCHAR, seen_at TIMESTAMP, pending_seq BIGINT {fdefs})""")
+            _add_missing_columns(con, f"d_{e.name}", cols)
+            con.execute(f"ALTER TABLE {qi('d_' + e.name)} ADD COLUMN IF NOT EXISTS master_id VARCHAR")
+        base_cols = cols if not e.is_derived else ["leadId", "role", "externalOpportunityId"]
+        bdefs = "".join(f", {fcol(c)} VARCHAR" for c in base_cols)
+        con.execute(f"CREATE TABLE IF NOT EXISTS {qi('b_' + e.name)} (dynamics_id VARCHAR PRIMARY KEY, "
+                    f"synced_at TIMESTAMP, run_id VARCHAR {bdefs})")
+        _add_missing_columns(con, f"b_{e.name}", base_cols)
+    person_cols = [f.marketo for f in config.person_fields()] + ["dynamicsId", "dynamicsType", "dynamicsIsDeleted"]
+    person_cols = list(dict.fromkeys(person_cols))
+    pdefs = "".join(f", {fcol(c)} VARCHAR" for c in person_cols)
+    con.execute(f"""CREATE TABLE IF NOT EXISTS m_person (id BIGINT PRIMARY KEY, updated_at VARCHAR,
+        deleted BOOLEAN DEFAULT false, seen_at TIMESTAMP, pending_seq BIGINT {pdefs})""")
+    _add_missing_columns(con, "m_person", person_cols)
+    con.execute("ALTER TABLE m_person ADD COLUMN IF NOT EXISTS merged_into BIGINT")
+    con.execute("""CREATE TABLE IF NOT EXISTS identity (entity VARCHAR, dynamics_id VARCHAR, marketo_id VARCHAR,
+        state VARCHAR, linked_at TIMESTAMP, how VARCHAR, PRIMARY KEY (entity, dynamics_id))""")
+    con.execute("""CREATE TABLE IF NOT EXISTS plan (run_id VARCHAR, entity VARCHAR, dynamics_id VARCHAR,
+        marketo_id VARCHAR, target VARCHAR, op VARCHAR, field VARCHAR, old_value VARCHAR, new_value VARCHAR,
+        base_value VARCHAR, rule VARCHAR, etag VARCHAR)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS plan_work (run_id VARCHAR, entity VARCHAR, dynamics_id VARCHAR,
+        d_seq BIGINT, marketo_id VARCHAR, m_seq BIGINT)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS plan_meta (entity VARCHAR PRIMARY KEY, run_id VARCHAR,
+        created_at TIMESTAMP, summary VARCHAR)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS ledger (seq BIGINT DEFAULT nextval('ledger_seq'), run_id VARCHAR,
+        written_at TIMESTAMP, entity VARCHAR, dynamics_id VARCHAR, marketo_id VARCHAR, target VARCHAR, op VARCHAR,
+        field VARCHAR, value_before VARCHAR, value_after VARCHAR, rule VARCHAR)""")
+    con.execute("""CREATE TABLE IF NOT EXISTS failures (entity VARCHAR, dynamics_id VARCHAR, target VARCHAR,
+        op VARCHAR, marketo_id VARCHAR, field VARCHAR, code VARCHAR, message VARCHAR, attempts INTEGER,
+        first_failed_at TIMESTAMP, last_failed_at TIMESTAMP, next_attempt_at TIMESTAMP, held BOOLEAN,
+        run_id VARCHAR, PRIMARY KEY (entity, dynamics_id, target))""")
+    con.execute("""CREATE TABLE IF NOT EXISTS conflicts (entity VARCHAR, dynamics_id VARCHAR, marketo_id VARCHAR,
+        field VARCHAR, dynamics_value VARCHAR, marketo_value VARCHAR, base_value VARCHAR, detected_at TIMESTAMP,
+        run_id VARCHAR, PRIMARY KEY (entity, dynamics_id, field))""")
+    # When a field last changed on a side ("d:<entity>" or "m"), for policy `latest`: Marketo's lead-change
+    # activities carry a time per field; on Dynamics it is the modified time of the first extracted version
+    # that showed the value. Only fields with policy `latest` are tracked.
+    con.execute("""CREATE TABLE IF NOT EXISTS field_times (side VARCHAR, id VARCHAR, field VARCHAR,
+        changed_at VARCHAR, PRIMARY KEY (side, id, field))""")
+    con.execute("""CREATE TABLE IF NOT EXISTS cursors (name VARCHAR PRIMARY KEY, value VARCHAR,
+        updated_at TIMESTAMP)""")
+    con.execute("CREATE TABLE IF NOT EXISTS environment (key VARCHAR PRIMARY KEY, value VARCHAR, pinned_at TIMESTAMP)")
+    con.execute("""CREATE TABLE IF NOT EXISTS run_stats (run_id VARCHAR, entity VARCHAR, stage VARCHAR,
+        recorded_at TIMESTAMP, stats VARCHAR)""")
+    ensure_split_base(con)
+
+
+BEFORE_VALUES_FROM = "ledger_before_values_from_seq"
+
+
+def mark_ledger_before_values(con: duckdb.DuckDBPyConnection) -> None:
+    """Remember from which ledger row on one-way object writes carry a real before-value (older versions
+    stored NULL for them): rollback treats an older NULL as unknown, never as "blank it"."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    if not con.execute("SELECT count(*) FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM]).fetchone()[0]:
+        con.execute("INSERT INTO schema_meta SELECT ?, CAST(COALESCE(max(seq), 0) + 1 AS VARCHAR) FROM ledger",
+                    [BEFORE_VALUES_FROM])
+
+
+def ensure_split_base(con: duckdb.DuckDBPyConnection) -> None:
+    """``b__split``: after a rollback, a person field whose two systems hold different values (as they
+    did before the rolled-back run) has one agreed value per system instead of one base; the merge
+    compares each side with its own. Any sync write or agreement of the field drops the row."""
+    con.execute("""CREATE TABLE IF NOT EXISTS b__split (entity VARCHAR, dynamics_id VARCHAR, field VARCHAR,
+        d_value VARCHAR, m_value VARCHAR, run_id VARCHAR, split_at TIMESTAMP,
+        PRIMARY KEY (entity, dynamics_id, field))""")
+
+
+def _add_missing_columns(con: duckdb.DuckDBPyConnection, table: str, fields: list[str]) -> None:
+    """A field added to the configuration becomes a new column; existing rows keep their state."""
+    have = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+    for f in fields:
+        if f"f_{f}" not in have:
+            con.execute(f"ALTER TABLE {qi(table)} ADD COLUMN {fcol(f)} VARCHAR")
+
+
+def next_seq(con: duckdb.DuckDBPyConnection) -> int:
+    return int(con.execute("SELECT nextval('change_seq')").fetchone()[0])
+
+
+def get_cursor(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
+    row = con.execute("SELECT value FROM cursors WHERE name = ?", [name]).fetchone()
+    return row[0] if row else None
+
+
+def set_cursor(con: duckdb.DuckDBPyConnection, name: str, value: str | None) -> None:
+    if value is None:
+        con.execute("DELETE FROM cursors WHERE name = ?", [name])
+        return
+    con.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?, ?)", [name, value, utcnow()])
+
+
+def record_stats(con: duckdb.DuckDBPyConnection, run_id: str, entity: str, stage: str, stats: dict[str, Any]) -> None:
+    con.execute("INSERT INTO run_stats VALUES (?, ?, ?, ?, ?)", [run_id, entity, stage, utcnow(),
+                                                                  json.dumps(stats, default=str)])
