@@ -14,9 +14,10 @@ links and activity tokens.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import dagster as dg
 
@@ -56,7 +57,7 @@ def definitions(spec: SyncConnection | None = None, settings: Mapping[str, str] 
 
 
 def partition_keys(spec: SyncConnection | None = None) -> list[str]:
-    return build_partitions((spec or connection()).config).get_partition_keys()
+    return list(build_partitions((spec or connection()).config).get_partition_keys())
 
 
 def run_sync(instance: dg.DagsterInstance, *, scope: str = "latest", raise_on_error: bool = True,

@@ -141,7 +141,7 @@ def backfill(config_path: str | None, scope: str) -> None:
     if not result.success:
         failures = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
         for e in failures:
-            err = e.event_specific_data.error if e.event_specific_data else None
+            err = e.step_failure_data.error if e.event_specific_data else None
             click.echo(f"failed: {e.step_key}: {err.message.strip() if err else 'see the run log'}", err=True)
         raise click.ClickException(f"run {result.run_id} failed")
     click.echo(f"run {result.run_id} succeeded")

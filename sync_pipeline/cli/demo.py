@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.console import Console
@@ -217,10 +218,10 @@ def _print_scenarios(scenarios: list[Scenario]) -> int:
 
 
 def _compare(sb: Any, state_dir: Path) -> int:
+    from sync_pipeline.admin.verify import compare
     from sync_pipeline.clients.dynamics import DynamicsClient
     from sync_pipeline.clients.marketo import MarketoClient
     from sync_pipeline.config.model import load_config
-    from sync_pipeline.admin.verify import compare
 
     s = sb.settings()
     dyn = DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],

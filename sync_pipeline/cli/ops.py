@@ -11,9 +11,10 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 import duckdb
@@ -23,7 +24,7 @@ from rich.table import Table
 from sync_pipeline.config.model import ConfigError, SyncConfig, load_config
 from sync_pipeline.connection.resources import DEFAULT_STATE_PATH, build_resources, by_kind
 from sync_pipeline.engine.store import state as state_mod
-from sync_pipeline.engine.store.state import utcnow
+from sync_pipeline.engine.store.state import one_row, utcnow
 
 STATE_OPTION = click.option("--state", "state_path", envvar="SYNC_STATE_PATH", default=DEFAULT_STATE_PATH,
                             show_default=True, type=click.Path(dir_okay=False),
@@ -172,11 +173,11 @@ def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state
                 from sync_pipeline.cli.resync import print_full_plan
 
                 return print_full_plan(config, entity, limit, spec)
-            with console.status("extracting and planning on a copy of the state store (no push)..."):
-                with dg.DagsterInstance.ephemeral() as instance:
-                    result = runs.run_sync(instance, scope="latest", raise_on_error=False, spec=spec,
-                                           selection=preview_selection(spec.connection, config, entity),
-                                           tags={"sync/preview": "true"})
+            with (console.status("extracting and planning on a copy of the state store (no push)..."),
+                  dg.DagsterInstance.ephemeral() as instance):
+                result = runs.run_sync(instance, scope="latest", raise_on_error=False, spec=spec,
+                                       selection=preview_selection(spec.connection, config, entity),
+                                       tags={"sync/preview": "true"})
             if not result.success:
                 failures = [ev.message or ev.event_type_value for ev in result.all_events if ev.is_failure]
                 raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
@@ -236,8 +237,8 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
             rows = report.status(con, config)
         except LookupError as exc:
             raise click.ClickException(f"{state_path}: {exc}") from None
-        started = bool(con.execute("SELECT count(*) FROM cursors WHERE name = 'marketo:leadchanges' "
-                                   "OR name LIKE 'dynamics:delta:%'").fetchone()[0])
+        started = bool(one_row(con, "SELECT count(*) FROM cursors WHERE name = 'marketo:leadchanges' "
+                                   "OR name LIKE 'dynamics:delta:%'")[0])
     now = utcnow()
     numeric = ("backlog", "lag", "errors", "held", "quarantined", "conflicts")
     table = _table(f"Sync status ({state_path})", ["entity", "last sync", "last run", "last write", *numeric,
@@ -496,6 +497,6 @@ def rebaseline(yes: bool, state_path: str, config_path: str | None) -> None:
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [name]).fetchone()[0])
+    return bool(one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [name])[0])
 

@@ -55,7 +55,7 @@ def run_resync(instance: Any, entity: str, fields: list[str], since: str | None,
     if result.success:
         for ev in result.all_node_events:
             if ev.event_type_value == "STEP_OUTPUT":
-                meta = {k: v.value for k, v in ev.event_specific_data.metadata.items()}
+                meta = {k: v.value for k, v in ev.step_output_data.metadata.items()}
         rows = result.output_for_node(op)
     return result, meta, rows
 

@@ -11,9 +11,10 @@ API errors are retried by the clients, crashed runs by the instance's run retrie
 
 import contextlib
 import warnings
-from datetime import timezone
+from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import dagster as dg
 
@@ -210,8 +211,8 @@ def _person_extract(conn: str, config: SyncConfig, common: dict[str, Any]) -> dg
             client = marketo.get_client()
             before = _calls(client)
             prepare_persons(context.run_id, state.config, client)
-            stats = extract_marketo_persons(con, state.config, client, window.start.astimezone(timezone.utc),
-                                            window.end.astimezone(timezone.utc),
+            stats = extract_marketo_persons(con, state.config, client, window.start.astimezone(UTC),
+                                            window.end.astimezone(UTC),
                                             is_latest_window(context, window),
                                             work_dir=Path(state.work_dir) if state.work_dir else None,
                                             run_id=context.run_id)

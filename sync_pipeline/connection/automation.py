@@ -28,6 +28,7 @@ from sync_pipeline.connection.resources import bound, required_keys
 from sync_pipeline.engine.extract.dynamics import delta_cursor
 from sync_pipeline.engine.extract.marketo import DELETED_CURSOR, LEADCHANGES_CURSOR, marketo_person_fields
 from sync_pipeline.engine.store import state as state_mod
+from sync_pipeline.engine.store.state import one_row
 
 if TYPE_CHECKING:
     from sync_pipeline.connection.component import SyncConnection
@@ -44,7 +45,8 @@ def pending_changes(config: SyncConfig, tokens: dict[str, str], dynamics: Any, m
     if links:
         requests = [BatchRequest("GET", link, headers={"Prefer": "odata.track-changes,odata.maxpagesize=1"})
                     for _, link in links]
-        for (entity, _), resp in zip(links, dynamics.execute_batch(requests, continue_on_error=True)):
+        # strict=False: a $batch that stopped early answers fewer parts.
+        for (entity, _), resp in zip(links, dynamics.execute_batch(requests, continue_on_error=True), strict=False):
             body = resp.body if isinstance(resp.body, dict) else {}
             found[f"dynamics:{entity.name}"] = resp.status != 200 or bool(body.get("value"))
     for e in config.entities:  # never read yet: needs its first run
@@ -88,8 +90,8 @@ def read_cursors(path: str) -> dict[str, str] | None:
         return {}
     try:
         with state_mod.connect(path, read_only=True, wait=2) as con:
-            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'cursors'"
-                               ).fetchone()[0]:
+            if not one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'cursors'"
+                               )[0]:
                 return {}
             return dict(con.execute("SELECT name, value FROM cursors").fetchall())
     except state_mod.StateLockedError:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
@@ -28,7 +29,7 @@ def sync_job_name(connection: str) -> str:
     return qualified(connection, SYNC_JOB)
 
 
-def build_connection(spec: "SyncConnection", settings: Mapping[str, str] | None = None) -> dg.Definitions:
+def build_connection(spec: SyncConnection, settings: Mapping[str, str] | None = None) -> dg.Definitions:
     name, config = spec.connection, spec.config
     partitions = build_partitions(config)
     loads = ({asset_key(name, e.name, "push") for e in config.entities}

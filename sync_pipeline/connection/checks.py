@@ -7,6 +7,7 @@ from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.connection.keys import asset_key, pool
 from sync_pipeline.connection.resources import bound, required_keys
 from sync_pipeline.engine.plan.identity import QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE
+from sync_pipeline.engine.store.state import one_row
 
 MAX_REJECTED_RATE = 0.05
 
@@ -63,8 +64,8 @@ def _rejected_rate(conn: str, e: Entity) -> dg.AssetChecksDefinition:
     def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         state = bound(context, conn)[0]
         with state.connect() as con:
-            held = con.execute("SELECT count(*) FROM failures WHERE entity = ? AND held", [e.name]).fetchone()[0]
-            synced = con.execute("SELECT count(*) FROM identity WHERE entity = ?", [e.name]).fetchone()[0]
+            held = one_row(con, "SELECT count(*) FROM failures WHERE entity = ? AND held", [e.name])[0]
+            synced = one_row(con, "SELECT count(*) FROM identity WHERE entity = ?", [e.name])[0]
             sample = con.execute("""SELECT dynamics_id, code, message FROM failures WHERE entity = ? AND held
                                     ORDER BY last_failed_at DESC LIMIT 10""", [e.name]).fetchall()
         rate = held / max(1, synced + held)
@@ -90,12 +91,12 @@ def _unique_person(conn: str, config: SyncConfig, e: Entity) -> dg.AssetChecksDe
     def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         state = bound(context, conn)[0]
         with state.connect() as con:
-            shared = con.execute(f"""SELECT count(*) FROM (SELECT marketo_id FROM identity
-                WHERE entity IN ({persons}) AND state = 'active' GROUP BY marketo_id HAVING count(*) > 1)""").fetchone()[0]
-            twins = con.execute("""SELECT count(*) FROM (SELECT f_dynamicsId FROM m_person
-                WHERE NOT deleted AND f_dynamicsId IS NOT NULL GROUP BY f_dynamicsId HAVING count(*) > 1)""").fetchone()[0]
-            linked = con.execute("SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'",
-                                 [e.name]).fetchone()[0]
+            shared = one_row(con, f"""SELECT count(*) FROM (SELECT marketo_id FROM identity
+                WHERE entity IN ({persons}) AND state = 'active' GROUP BY marketo_id HAVING count(*) > 1)""")[0]
+            twins = one_row(con, """SELECT count(*) FROM (SELECT f_dynamicsId FROM m_person
+                WHERE NOT deleted AND f_dynamicsId IS NOT NULL GROUP BY f_dynamicsId HAVING count(*) > 1)""")[0]
+            linked = one_row(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'",
+                                 [e.name])[0]
             by_code = dict(con.execute("""SELECT code, count(*) FROM failures WHERE entity = ?
                 AND target = 'quarantine' AND held GROUP BY code""", [e.name]).fetchall())
             sample = con.execute("""SELECT dynamics_id, code, message FROM failures WHERE entity = ?
@@ -123,9 +124,9 @@ def _references(conn: str, entity: str, field: str, target: str, what: str) -> d
     def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         state = bound(context, conn)[0]
         with state.connect() as con:
-            dangling = con.execute(f"""SELECT count(*) FROM d_{entity} x WHERE NOT x.deleted
-                AND x.f_{field} IS NOT NULL AND x.f_{field} NOT IN (SELECT id FROM d_{target} WHERE NOT deleted)""").fetchone()[0]
-            total = con.execute(f"SELECT count(*) FROM d_{entity} WHERE NOT deleted").fetchone()[0]
+            dangling = one_row(con, f"""SELECT count(*) FROM d_{entity} x WHERE NOT x.deleted
+                AND x.f_{field} IS NOT NULL AND x.f_{field} NOT IN (SELECT id FROM d_{target} WHERE NOT deleted)""")[0]
+            total = one_row(con, f"SELECT count(*) FROM d_{entity} WHERE NOT deleted")[0]
         return dg.AssetCheckResult(passed=dangling == 0, severity=dg.AssetCheckSeverity.WARN,
                                    metadata={"dangling": int(dangling), "rows": int(total)})
 

@@ -10,8 +10,9 @@ or by copying a ``defs.yaml`` (README).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -91,7 +92,7 @@ class SyncConnection(dg.Component, dg.Model, dg.Resolvable):
             raise ValueError("SyncConnection needs a name (the defs folder names it when loaded from YAML)")
         return check_connection_name(self.name)
 
-    def named(self, name: str) -> "SyncConnection":
+    def named(self, name: str) -> SyncConnection:
         return self if self.name else self.model_copy(update={"name": name})
 
     @property

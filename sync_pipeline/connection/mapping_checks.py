@@ -28,7 +28,7 @@ def build_mapping_checks(conn: str, config: SyncConfig) -> list[dg.AssetChecksDe
     @dg.multi_asset_check(name=qualified(conn, CHECK_NAME), specs=specs, can_subset=True, pool=pool(conn),
                           required_resource_keys=required_keys(conn, "state"),
                           description="Fields added to the mapping and not back-filled yet, per entity.")
-    def check(context: dg.AssetCheckExecutionContext):  # type: ignore[no-untyped-def]
+    def check(context: dg.AssetCheckExecutionContext):
         state = bound(context, conn)[0]
         with state.connect() as con:
             for key in context.selected_asset_check_keys:

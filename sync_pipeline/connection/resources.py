@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import dagster as dg
@@ -95,7 +96,7 @@ def by_kind(resources: Mapping[str, Any]) -> dict[str, Any]:
     return {key.rsplit("__", 1)[-1]: value for key, value in resources.items()}
 
 
-def build_resources(spec: "SyncConnection", settings: Mapping[str, str] | None = None) -> dict[str, Any]:
+def build_resources(spec: SyncConnection, settings: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``settings`` given: literal values for the env var names (in-process runs); else ``dg.EnvVar``s."""
     def secret(name: str) -> Any:
         if settings is None:

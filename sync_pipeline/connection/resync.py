@@ -8,7 +8,6 @@ keep flowing before and after it. An entity that was never copied gets its initi
 """
 
 
-from typing import Any
 
 import dagster as dg
 from pydantic import Field

@@ -4,8 +4,8 @@ column that does not exist fails `validate` and the run at once, option labels c
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import dagster as dg
 import pytest

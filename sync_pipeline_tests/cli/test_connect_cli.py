@@ -4,15 +4,16 @@ fields on request, and never silently drops a user's edits."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from sync_pipeline import runs
+from sync_pipeline.admin.verify import compare
 from sync_pipeline.cli import main
 from sync_pipeline.clients.dynamics import DynamicsClient
 from sync_pipeline.clients.marketo import MarketoClient
@@ -21,12 +22,11 @@ from sync_pipeline.connection.keys import asset_key
 from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline.sandbox.runner import Sandbox
 from sync_pipeline.sandbox.schema import Column, load_schema
-from sync_pipeline.admin.verify import compare
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "sandbox-schema.example.yaml"
 
 
-def invoke(*args: str) -> "click.testing.Result":  # noqa: F821
+def invoke(*args: str) -> click.testing.Result:  # noqa: F821
     return CliRunner(env={"COLUMNS": "400"}).invoke(main, list(args), catch_exceptions=False)
 
 

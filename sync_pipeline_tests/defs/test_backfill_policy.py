@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 import yaml
+from dagster._core.definitions.automation_tick_evaluation_context import (
+    build_run_requests_with_backfill_policies,
+)
 from dagster._core.definitions.events import AssetKeyPartitionKey
-from dagster._core.definitions.automation_tick_evaluation_context import build_run_requests_with_backfill_policies
 
-from sync_pipeline.config.model import DEFAULT_PATH, load_config
-from sync_pipeline.connection.build import sync_job_name
 from sync_pipeline import runs as sync_runs
+from sync_pipeline.config.model import DEFAULT_PATH
+from sync_pipeline.connection.build import sync_job_name
 from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 
 def year_config(tmp_path: Path) -> Path:
     raw = yaml.safe_load(DEFAULT_PATH.read_text())
     # end_offset=1 includes today's window: 364 days back gives 365 daily partitions.
-    raw["sync"]["partitions"]["start_date"] = (datetime.now(timezone.utc).date() - timedelta(days=364)).isoformat()
+    raw["sync"]["partitions"]["start_date"] = (datetime.now(UTC).date() - timedelta(days=364)).isoformat()
     path = tmp_path / "entities.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -48,6 +50,6 @@ def test_a_year_of_daily_partitions_is_a_handful_of_runs(tmp_path) -> None:
                     for r in requests)
     # Contiguous chunks covering the year exactly once, each run carrying every asset of the pipeline.
     assert ranges[0][0] == keys[0] and ranges[-1][1] == keys[-1]
-    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
         assert keys.index(start) == keys.index(end) + 1
     assert all(set(r.asset_selection) == set(asset_keys) for r in requests)

@@ -7,12 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-
+from sync_pipeline import runs as sync_runs
 from sync_pipeline.config.model import load_config
 from sync_pipeline.connection.keys import asset_key, stage_of
 from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
-from sync_pipeline import runs as sync_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 

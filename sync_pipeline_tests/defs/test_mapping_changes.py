@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -465,9 +466,9 @@ def test_since_restricts_the_backfill_to_records_modified_after_the_date(world: 
 
 
 def test_mapping_is_part_of_the_affected_assets_code_versions(world: World) -> None:
+    from sync_pipeline import runs as sync_runs
     from sync_pipeline.connection.keys import asset_key
     from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
-    from sync_pipeline import runs as sync_runs
 
     v0, v1, _, _, _ = world.rec["configs"]
 
@@ -542,10 +543,10 @@ def test_after_a_mapping_change_the_ui_shows_the_entity_assets_stale(world: Worl
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory
     from dagster._core.loader import LoadingContextForTest
 
-    from sync_pipeline.connection.keys import asset_key
-    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
     from sync_pipeline import runs as sync_runs
+    from sync_pipeline.connection.keys import asset_key
     from sync_pipeline.connection.partitions import build_partitions
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
     v4 = world.rec["configs"][4]  # the last runs used v3; v4 changes contact's middleName direction
     graph = sync_runs.definitions(sync_runs.connection(entities_path=str(v4))).resolve_asset_graph()

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -174,9 +175,8 @@ def test_held_record_alerts_say_what_happened_and_notify_each_hold_once(harness,
     # While a run holds the store the tick is skipped with the reason, not failed with StateLockedError.
     import multiprocessing
 
-    with state_mod.connect(path):
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            message = pool.apply(_tick_message, (path,))
+    with state_mod.connect(path), multiprocessing.get_context("spawn").Pool(1) as pool:
+        message = pool.apply(_tick_message, (path,))
     assert "state store busy" in message
 
 

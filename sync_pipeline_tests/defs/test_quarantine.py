@@ -10,7 +10,7 @@ damage releases the record by itself. Damage that spans the run (more than the t
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -221,7 +222,7 @@ def _edit_batch_two(world: World) -> None:
 
 
 def test_initial_copy_users_become_sales_persons(default_world: World) -> None:
-    sb, snap = default_world.sandbox, default_world.snaps["initial"]
+    snap = default_world.snaps["initial"]
     by_key = {o["externalSalesPersonId"]: o for o in snap["objects"]["salesPerson"]}
     users = snap["rows"]["systemuser"]
     assert len(by_key) == len(users) == snap["marketo"]["salesPerson"]
@@ -233,7 +234,7 @@ def test_initial_copy_users_become_sales_persons(default_world: World) -> None:
 
 
 def test_initial_copy_teams_and_memberships_become_custom_objects(default_world: World) -> None:
-    sb, snap = default_world.sandbox, default_world.snaps["initial"]
+    snap = default_world.snaps["initial"]
     teams = {o["teamId"]: o for o in snap["objects"]["dynamicsTeam_c"]}
     labels = {0: "Owner", 1: "Access", 2: "Security Group", 3: "Office Group"}
     for t in snap["rows"]["team"]:
@@ -249,7 +250,7 @@ def test_initial_copy_teams_and_memberships_become_custom_objects(default_world:
 
 
 def test_initial_copy_accounts_become_companies_with_owner(default_world: World) -> None:
-    sb, snap = default_world.sandbox, default_world.snaps["initial"]
+    snap = default_world.snaps["initial"]
     companies = {o["externalCompanyId"]: o for o in snap["objects"]["company"]}
     kinds: Counter[str] = Counter()
     for a in snap["rows"]["account"]:
@@ -287,8 +288,7 @@ def test_initial_copy_leads_and_contacts_become_persons_once(default_world: Worl
 
 
 def test_initial_copy_opportunities_with_company_via_account_or_contact(default_world: World) -> None:
-    world, snap = default_world, default_world.snaps["initial"]
-    sb = world.sandbox
+    snap = default_world.snaps["initial"]
     opps = {o["externalOpportunityId"]: o for o in snap["objects"]["opportunity"]}
     kinds = Counter()
     for r in snap["rows"]["opportunity"]:
@@ -309,8 +309,7 @@ def test_initial_copy_opportunities_with_company_via_account_or_contact(default_
 
 
 def test_initial_copy_opportunity_contact_roles(default_world: World) -> None:
-    world, snap = default_world, default_world.snaps["initial"]
-    sb = world.sandbox
+    snap = default_world.snaps["initial"]
     # The instance's own roles (on its mkto-opp-<seed>-<n> opportunities) are not the sync's.
     roles = {(r["externalOpportunityId"], r["leadId"], r["role"]) for r in snap["objects"]["opportunityRole"]
              if not r["externalOpportunityId"].startswith("mkto-")}
@@ -328,7 +327,7 @@ def test_initial_copy_opportunity_contact_roles(default_world: World) -> None:
 
 
 def test_initial_copy_custom_table_becomes_custom_object(default_world: World) -> None:
-    world, snap = default_world, default_world.snaps["initial"]
+    snap = default_world.snaps["initial"]
     projects = {o["projectId"]: o for o in snap["objects"]["project_c"]}
     labels = {1: "Planned", 2: "Active", 3: "Done", 4: "Cancelled"}
     rows = [r for r in snap["rows"]["new_project"] if r.get("new_synctomkto") is not False]

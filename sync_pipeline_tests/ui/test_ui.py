@@ -15,14 +15,17 @@ Screenshots of each step go to the folder in $SYNC_PIPELINE_UI_SCREENSHOTS, if s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from datetime import UTC
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -77,12 +80,12 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float, every: float =
 def short_history(tmp_path, monkeypatch) -> Path:
     """The packaged entities.yaml with five daily partitions (one backfill run), so the daemon-driven initial
     copy takes a minute, not several; the latest window's full read still copies every record."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from sync_pipeline.config.model import DEFAULT_PATH
 
     raw = yaml.safe_load(DEFAULT_PATH.read_text())
-    raw["sync"]["partitions"]["start_date"] = (datetime.now(timezone.utc).date() - timedelta(days=3)).isoformat()
+    raw["sync"]["partitions"]["start_date"] = (datetime.now(UTC).date() - timedelta(days=3)).isoformat()
     path = tmp_path / "entities.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("SYNC_CONFIG", str(path))
@@ -116,10 +119,8 @@ def start_dagster_dev(tmp_path: Path) -> Iterator[str]:
         wait_for("the webserver", up, 120, 0.5)
         yield url
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
