@@ -142,8 +142,8 @@ def _read_objects(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any) -
         rows = client.query_objects(object_path(entity), key, chunk, fields=names)
         if not rows:
             continue
-        page = pa.table({n: pa.array([marketo_extract.text_value(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
-                         for n in names})
+        columns = {n: pa.array([marketo_extract.text_value(r.get(n)) for r in rows], type=pa.string()) for n in names}
+        page = pa.table(columns)  # noqa: F841 (DuckDB reads it by name)
         con.execute(f"INSERT OR REPLACE INTO {table} SELECT lower({qi(key)}){', ' + cols if cols else ''} FROM page")
 
 

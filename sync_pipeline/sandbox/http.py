@@ -34,6 +34,9 @@ class Request:
     body: bytes
     params: dict[str, str] = field(default_factory=dict)  # regex groups of the route
     route: str = ""
+    # Set by the Dynamics service limits: when the request started, and the operations a $batch carries.
+    limit_started: float | None = None
+    operations: int = 1
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)

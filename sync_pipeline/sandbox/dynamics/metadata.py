@@ -304,9 +304,11 @@ def _options(col: Column, table: str = "") -> dict[str, Any]:
 
 
 def boolean_options(col: Column) -> dict[str, Any]:
-    opt = lambda v, t: {"Value": v, "Color": None, "IsManaged": True, "ExternalValue": "", "ParentValues": [],  # noqa: E731
-                        "Tag": None, "IsHidden": False, "MetadataId": None, "HasChanged": None,
-                        "Label": label(t, col.name, str(v)), "Description": label(None)}
+    def opt(v: int, t: str) -> dict[str, Any]:
+        return {"Value": v, "Color": None, "IsManaged": True, "ExternalValue": "", "ParentValues": [],
+                "Tag": None, "IsHidden": False, "MetadataId": None, "HasChanged": None,
+                "Label": label(t, col.name, str(v)), "Description": label(None)}
+
     return {"MetadataId": _id("optionset", col.name), "HasChanged": None, "IsCustomOptionSet": False,
             "IsGlobal": False, "IsManaged": True, "Name": col.name, "ExternalTypeName": None,
             "OptionSetType": "Boolean", "IntroducedVersion": "5.0.0.0", "ParentOptionSetName": None,

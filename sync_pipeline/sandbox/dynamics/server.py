@@ -227,18 +227,18 @@ class DynamicsSandbox:
             self._in_flight += 1
             self.api_app.calls[COUNTED] += 1
         if req is not None:
-            req.limit_started = time.perf_counter()  # type: ignore[attr-defined]
+            req.limit_started = time.perf_counter()
         return None
 
     def _operations(self, req: Request) -> int:
         if req.route == "dynamics.batch":
-            return max(1, getattr(req, "operations", 1))
+            return max(1, req.operations)
         if req.route in ("dynamics.createmultiple", "dynamics.updatemultiple", "dynamics.upsertmultiple"):
             return max(1, req.body.count(b'"@odata.type"'))
         return 1
 
     def _after(self, req: Request) -> None:
-        started = getattr(req, "limit_started", None)
+        started = req.limit_started
         if self.limits and started is not None:
             spent = time.perf_counter() - started
             spent += self._operations(req) * float(self.limits.get("execution_seconds_per_operation", 0.0))
@@ -332,8 +332,7 @@ class DynamicsSandbox:
     # ------------------------------------------------------------------------------------------- batch
     def _batch(self, req: Request) -> Response:
         items = batch.parse_batch(req.header("content-type") or "", req.body)
-        req.operations = sum(len(i.parts) if isinstance(i, batch.ChangeSet) else 1  # type: ignore[attr-defined]
-                             for i in items)
+        req.operations = sum(len(i.parts) if isinstance(i, batch.ChangeSet) else 1 for i in items)
         return batch.execute_batch(self.store, items, self._dispatch_inner,
                                    "odata.continue-on-error" in prefer(req))
 

@@ -365,14 +365,14 @@ class BulkService:
             records.append({h: v for h, v in zip(job.header, row, strict=True) if v != "" and h not in readonly})
             ignored = [h for h, v in zip(job.header, row, strict=True) if v != "" and h in readonly]
             warn.append(f"Field '{ignored[0]}' is not updateable; value ignored" if ignored else None)
-        sendable = [r if r is not None else [] for r in records]
+        sendable: list[Any] = [r if r is not None else [] for r in records]
         with self.store.lock:
             if job.object_name is None:
                 action = "updateOnly" if job.lookup_field == "id" else "createOrUpdate"
                 results = self.store.sync_leads(sendable, action, job.lookup_field, source="import",
                                                 fail=job.fail_row)
             else:
-                results = self.store.table(job.object_name).upsert(sendable, "createOrUpdate",  # type: ignore
+                results = self.store.table(job.object_name).upsert(sendable, "createOrUpdate",
                                                                    "dedupeFields", job.fail_row)
         for row, record, result, warning in zip(job.rows, records, results, warn, strict=True):
             if record is None:
