@@ -145,6 +145,11 @@ def set_link_state(con: duckdb.DuckDBPyConnection, entity: str, ids_query: str, 
                         WHERE dynamics_id IN ({", ".join("?" * len(chunk))})""", [entity, state, *chunk])
 
 
+def _empty(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> bool:
+    """No row in a small (work-sized) query: a statement driven by it that would still scan its target is skipped."""
+    return con.execute(f"SELECT count(*) FROM ({sql} LIMIT 1)", params or []).fetchone()[0] == 0
+
+
 def _chunks(keys: list[Any]) -> Iterator[list[Any]]:
     for i in range(0, len(keys), KEYED_CHUNK):
         yield keys[i:i + KEYED_CHUNK]
@@ -233,6 +238,8 @@ def settle_quarantine(con: duckdb.DuckDBPyConnection, entity: str, run_id: str, 
     con.execute("""DELETE FROM failures WHERE entity = ? AND target = 'quarantine'
                    AND dynamics_id IN (SELECT did FROM work_set) AND dynamics_id NOT IN (SELECT did FROM quarantined)""",
                 [entity])
+    if _empty(con, "SELECT 1 FROM quarantined"):
+        return
     con.execute(f"""{FAILURES_INSERT}
                     SELECT ?, q.did, 'quarantine', 'quarantine', i.marketo_id, NULL, q.code, q.message, 1, ?, ?, NULL,
                            true, ?
@@ -341,13 +348,15 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
                    max(CASE WHEN field = 'role' THEN new_value END), dynamics_id
             FROM written_plan WHERE op = 'create' GROUP BY dynamics_id""", [now, run_id])
         return
+    creates = not _empty(con, "SELECT 1 FROM push_outcomes WHERE ok AND op = 'create'")
     if target == "marketo":
-        con.execute(f"""{IDENTITY_INSERT}
+        if creates:
+            con.execute(f"""{IDENTITY_INSERT}
             SELECT ?, did, COALESCE(mid, did), 'active', ?, 'created' FROM push_outcomes WHERE ok AND op = 'create'
             {IDENTITY_UPSERT}""", [e, now])
         set_link_state(con, e, "SELECT did FROM push_outcomes WHERE ok AND op IN ('delete', 'flag')", "deleted")
         _on_merged(con, e, now)
-    else:
+    elif creates:
         con.execute(f"""{IDENTITY_INSERT}
             SELECT ?, did, mid, 'active', ?, 'created_in_dynamics' FROM push_outcomes WHERE ok AND op = 'create'
             {IDENTITY_UPSERT}""", [e, now])
@@ -435,6 +444,8 @@ def _update_person_mirror(con: duckdb.DuckDBPyConnection, config: SyncConfig, en
 def _on_failure(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str, run_id: str,
                 now: datetime) -> None:
     retry = config.sync.retry
+    if _empty(con, "SELECT 1 FROM push_outcomes WHERE NOT ok"):
+        return
     con.execute(f"""{FAILURES_INSERT}
         SELECT ?, r.did, ?, r.op, r.mid, NULL, r.code, r.message, 1, ?, ?, ? + to_seconds(?), 1 >= ?, ?
         FROM push_outcomes r WHERE NOT r.ok
@@ -467,7 +478,8 @@ def apply_local(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
                                                          marketo_value, base_value, detected_at, run_id)
             SELECT entity, dynamics_id, marketo_id, field, new_value, old_value, base_value, ?, run_id
             FROM plan WHERE entity = ? AND op = 'hold'""", [now, e])
-        con.execute(f"""{FAILURES_INSERT}
+        if not _empty(con, "SELECT 1 FROM plan WHERE entity = ? AND op = 'reject'", [e]):
+            con.execute(f"""{FAILURES_INSERT}
             SELECT entity, dynamics_id, 'marketo', 'reject', marketo_id, any_value(field), 'invalid_value',
                    'field ' || any_value(field) || ': ' || any_value(replace(new_value, ?, 'unknown option code ')),
                    ?, ?, ?, ?, true, ?
