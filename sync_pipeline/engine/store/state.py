@@ -193,6 +193,13 @@ def _create_indexes(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     con.execute("CREATE INDEX IF NOT EXISTS m_person_pending ON m_person (pending_seq)")
     con.execute("CREATE INDEX IF NOT EXISTS identity_dynamics_id ON identity (dynamics_id)")
     con.execute("CREATE INDEX IF NOT EXISTS identity_marketo_id ON identity (marketo_id)")
+    # Expression indexes serve one key per lookup (``lower(x) = ?``): see rows_equal.
+    con.execute("CREATE INDEX IF NOT EXISTS m_person_dynamics_id ON m_person (lower(f_dynamicsId))")
+    if "f_email" in {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'm_person'").fetchall()}:
+        con.execute("CREATE INDEX IF NOT EXISTS m_person_email ON m_person (lower(f_email))")
+    if "contact" in config.by_name:
+        con.execute("CREATE INDEX IF NOT EXISTS d_contact_origin_lead ON d_contact (origin_lead)")
 
 
 # DuckDB reads a table through an ART index only for a filter on the indexed column alone against constants
@@ -218,6 +225,25 @@ def keyed_rows(con: duckdb.DuckDBPyConnection, temp: str, table: str, key: str, 
         con.execute(f"""INSERT INTO {qi(temp)} SELECT {columns} FROM
                         (SELECT * FROM {table} WHERE {key} IN ({", ".join("?" * len(chunk))}) OFFSET 0) AS {qi(temp + "_src")}
                         WHERE {where}""", chunk)
+
+
+EQUAL_LOOKUPS_MAX = 500  # one statement per key: beyond this many one scan is cheaper
+
+
+def rows_equal(con: duckdb.DuckDBPyConnection, temp: str, table: str, expr: str, keys: list[Any],
+               where: str = "TRUE", columns: str = "*") -> None:
+    """Temp table ``temp``: ``columns`` of the rows of ``table`` whose ``expr`` equals one of ``keys`` (and that
+    pass ``where``); one lookup per key, which an index on ``expr`` serves (DuckDB reads an expression index for
+    ``=`` only)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {qi(temp)} AS SELECT {columns} FROM {table} WHERE false")
+    keys = list(dict.fromkeys(k for k in keys if k is not None))
+    if len(keys) > EQUAL_LOOKUPS_MAX:
+        con.execute(f"INSERT INTO {qi(temp)} SELECT {columns} FROM {table} WHERE {expr} IN (SELECT unnest(?)) AND ({where})",
+                    [keys])
+        return
+    for key in keys:
+        con.execute(f"""INSERT INTO {qi(temp)} SELECT {columns} FROM
+                        (SELECT * FROM {table} WHERE {expr} = ? OFFSET 0) AS {qi(temp + "_src")} WHERE {where}""", [key])
 
 
 def keyed_execute(con: duckdb.DuckDBPyConnection, sql: str, keys: list[Any], params: list[Any] | None = None) -> int:
