@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
 from sync_pipeline.sandbox.generator import SCALES, Scale
 from sync_pipeline.sandbox.runner import Sandbox
 
@@ -22,10 +24,22 @@ def tenth(scale: Scale) -> Scale:
                    opportunities=scale.opportunities // 10, custom_rows=scale.custom_rows // 10)
 
 
+def config_with(tmp: Path, **sync: Any) -> Path:
+    """The packaged configuration with ``sync`` settings overridden, written to ``tmp``."""
+    from sync_pipeline.config.model import DEFAULT_PATH
+
+    raw = yaml.safe_load(Path(DEFAULT_PATH).read_text(encoding="utf-8"))
+    raw["sync"].update(sync)
+    path = tmp / "entities.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
 @contextmanager
-def synced_org(tmp: Path, scale: Scale, seed: int = 0) -> Iterator[tuple[Sandbox, Any]]:
-    """A sandbox holding the org at ``scale``, the pipeline's environment pointing at it, its initial copy done
-    and settled (its echoes absorbed); yields the sandbox and the Dagster instance."""
+def synced_org(tmp: Path, scale: Scale, seed: int = 0, config: Path | None = None,
+               settle: bool = True) -> Iterator[tuple[Sandbox, Any]]:
+    """A sandbox holding the org at ``scale``, the pipeline's environment pointing at it (with ``config``), its
+    initial copy done and (``settle``) its echoes absorbed; yields the sandbox and the Dagster instance."""
     import dagster as dg
 
     from sync_pipeline import runs
@@ -33,12 +47,15 @@ def synced_org(tmp: Path, scale: Scale, seed: int = 0) -> Iterator[tuple[Sandbox
     with Sandbox(tmp / "sandbox") as sb:
         sb.populate(scale, seed=seed)
         wanted = {**sb.settings(), "SYNC_STATE_PATH": str(tmp / "state.duckdb")}
+        if config is not None:
+            wanted["SYNC_CONFIG"] = str(config)
         saved = {k: os.environ.get(k) for k in wanted}
         os.environ.update(wanted)
         try:
             with dg.DagsterInstance.ephemeral() as instance:
                 runs.run_sync(instance, scope="latest")
-                runs.run_sync(instance, scope="latest")
+                if settle:
+                    runs.run_sync(instance, scope="latest")
                 yield sb, instance
         finally:
             for key, value in saved.items():

@@ -29,6 +29,9 @@ from sync_pipeline.engine.plan.workset import PLAN_SLICE, work_set
 from sync_pipeline.engine.store.state import ensure_split_base, mark_ledger_before_values, record_stats, utcnow
 
 
+PLAN_VACUUM_ROWS = 1  # any: a checkpoint after a small plan costs little
+
+
 def plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str) -> PlanSummary:
     # Fields added to the mapping wait for their back-fill (engine/mapping.py); the plan says what changed.
     config, entity = mapping.effective(con, config, entity)
@@ -40,8 +43,12 @@ def plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
 
 def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,
                  now: datetime) -> PlanSummary:
-    con.execute("DELETE FROM plan WHERE entity = ?", [entity.name])
+    dropped = con.execute("DELETE FROM plan WHERE entity = ?", [entity.name]).fetchone()
     con.execute("DELETE FROM plan_work WHERE entity = ?", [entity.name])
+    if dropped and int(dropped[0]) >= PLAN_VACUUM_ROWS:
+        # Deleted rows stay in their row groups, and every later scan of the plan reads them, until a checkpoint
+        # vacuums them: after a large plan (an initial copy) the next small ones would otherwise read it again.
+        con.execute("CHECKPOINT")
     ensure_split_base(con)
     mark_ledger_before_values(con)
     if entity.is_derived:

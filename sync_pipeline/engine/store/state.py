@@ -190,6 +190,8 @@ def _create_indexes(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     for e in config.entities:
         if not e.is_derived:
             con.execute(f"CREATE INDEX IF NOT EXISTS {qi('d_' + e.name + '_pending')} ON {qi('d_' + e.name)} (pending_seq)")
+        if e.is_person and "email" in entity_columns(e):
+            con.execute(f"CREATE INDEX IF NOT EXISTS {qi('d_' + e.name + '_email')} ON {qi('d_' + e.name)} (lower(f_email))")
     con.execute("CREATE INDEX IF NOT EXISTS m_person_pending ON m_person (pending_seq)")
     con.execute("CREATE INDEX IF NOT EXISTS identity_dynamics_id ON identity (dynamics_id)")
     con.execute("CREATE INDEX IF NOT EXISTS identity_marketo_id ON identity (marketo_id)")
