@@ -167,6 +167,9 @@ class SyncSettings(_Strict):
     # so a plan reads what changed, not the tables (at 1 the sweep reads identity and the person mirror whole).
     damage_sweep_every: int = Field(1, ge=1)
     marketo_person_object: str = PERSON_OBJECT
+    bulk_import_threshold: int | None = Field(
+        1000, ge=1, description="planned creates of persons or custom objects in one push from which they go "
+        "through Marketo bulk import (CSV files) instead of REST; null: always REST")
     language: int | None = Field(None, description="LCID of the option-set labels to sync (e.g. 1033); "
                                  "default: the API user's language")
 

@@ -14,7 +14,8 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 from sync_pipeline.clients.errors import ClientError
 from sync_pipeline.clients.types import BatchRequest, marketo_object_path
 
-__all__ = ["marketo_object_path", "BatchRequest", "BatchPart", "DynamicsPort", "MarketoPort", "RecordOutcome", "ActivityPageLike"]
+__all__ = ["marketo_object_path", "BatchRequest", "BatchPart", "DynamicsPort", "MarketoPort", "RecordOutcome", "ActivityPageLike",
+           "ImportQueueLike"]
 
 
 class BatchPart(Protocol):
@@ -58,6 +59,18 @@ class DynamicsPort(Protocol):
                       idempotent: bool = False) -> Sequence[BatchPart]: ...
 
 
+class ImportQueueLike(Protocol):
+    """Bulk import files through Marketo's import queue (``MarketoClient.import_queue``): ``submit`` and ``drain``
+    return finished outcomes with ``tag``, ``batch_id``, ``status`` (dict), ``failures`` / ``warnings`` (CSV
+    text), ``error`` and ``completed``."""
+
+    calls: int
+
+    def submit(self, path: Path, tag: Any) -> list[Any]: ...
+
+    def drain(self) -> list[Any]: ...
+
+
 class MarketoPort(Protocol):
     def get_leads(self, filter_type: str, values: Iterable[Any],
                   fields: Sequence[str] | None = None) -> list[dict[str, Any]]: ...
@@ -86,3 +99,5 @@ class MarketoPort(Protocol):
 
     def delete_objects(self, name: str, records: Sequence[dict[str, Any]],
                        delete_by: str = "dedupeFields") -> Sequence[RecordOutcome]: ...
+
+    def import_queue(self, object_name: str | None = None, lookup_field: str = "email") -> ImportQueueLike: ...

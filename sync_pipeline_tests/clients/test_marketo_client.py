@@ -331,3 +331,58 @@ def test_resource_over_tls_with_a_ca_bundle(tmp_path):
             untrusted.describe2()  # the default trust store does not know the sandbox CA: no retries
     finally:
         sb.stop()
+
+
+def test_custom_object_import_and_backoff_polling(sandbox, client):
+    job = client.import_custom_objects("project_c", "projectId,name,startDate\nP1,One,\nP2,Two,not a date\n")
+    assert job["status"] == "Queued"
+    status = client.wait_for_import(job["batchId"], object_name="project_c", first_poll_seconds=0.01)
+    assert (status["status"], status["numOfObjectsProcessed"], status["numOfRowsFailed"]) == ("Complete", 1, 1)
+    assert sandbox.app.calls["marketo.bulk.customobjects.import.status"] == 2  # Importing, then Complete
+    assert "P2" in client.import_failures(job["batchId"], "project_c")
+    assert client.import_warnings(job["batchId"], "project_c").startswith("projectId,name,startDate,")
+
+
+def test_import_queue_keeps_ten_queued_and_waits_out_1016(sandbox, client, tmp_path):
+    from sync_pipeline.clients.bulk_import import ImportQueue
+
+    # Imports take 0.3 s each, 2 at a time; another integration already holds 9 of the 10 queue places.
+    sandbox.set_limits({"bulk_import_concurrent": 2, "bulk_import_queued": 10,
+                                "bulk_processing_seconds": 0.3})
+    for i in range(9):
+        client.import_leads(f"email\nother{i}@example.com\n")
+    queue = ImportQueue(client, lookup_field="email", first_poll_seconds=0.05, max_poll_seconds=0.2)
+    done = []
+    for i in range(4):
+        path = tmp_path / f"f{i}.csv"
+        path.write_text(f"email\nours{i}@example.com\nbad-{i}\n")
+        done += queue.submit(path, i)
+    done += queue.drain()
+    assert sorted(o.tag for o in done) == [0, 1, 2, 3]
+    assert all(o.completed and o.status["numOfLeadsProcessed"] == 1 for o in done)
+    assert all(f"bad-{o.tag}" in o.failures for o in done)  # the failures report is fetched when rows failed
+    assert sandbox.app.calls["marketo.bulk.import.create"] > 9 + 4  # 1016 was answered and waited out
+    assert all(sandbox.store.find_leads("email", f"ours{i}@example.com") for i in range(4))
+
+
+def test_import_queue_reports_a_refused_file_without_raising(sandbox, client, tmp_path):
+    from sync_pipeline.clients.bulk_import import ImportQueue
+
+    path = tmp_path / "bad.csv"
+    path.write_text("firstName\nNo lookup column\n")
+    queue = ImportQueue(client, lookup_field="email")
+    (outcome,) = queue.submit(path, "bad")
+    assert outcome.error is not None and outcome.error.code == "1003" and not outcome.completed
+    assert queue.drain() == []
+
+
+def test_import_queue_reports_a_job_failed_as_a_whole(sandbox, client, tmp_path):
+    from sync_pipeline.clients.bulk_import import ImportQueue
+
+    path = tmp_path / "unknown-column.csv"
+    path.write_text("email,noSuchField\na@example.com,x\n")
+    queue = ImportQueue(client, lookup_field="email", first_poll_seconds=0.01)
+    assert queue.submit(path, "f") == []
+    (outcome,) = queue.drain()
+    assert outcome.status["status"] == "Failed" and outcome.error.code == "import_failed"
+    assert "noSuchField" in outcome.error.message and not outcome.completed

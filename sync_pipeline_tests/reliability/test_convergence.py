@@ -55,7 +55,8 @@ def converge(harness: Any, figures: Figures) -> None:
     raise AssertionError(f"no clean run after {MAX_ATTEMPTS_PER_ROUND} attempts; failures: {failures}")
 
 
-def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int) -> Figures:
+def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int,
+                 fault_rules: list[dict[str, Any]] = FAULT_RULES) -> Figures:
     sb = harness.sandbox
     figures = Figures(seed)
     harness.run("latest")  # initial copy, fault-free: the model starts from a converged state
@@ -66,7 +67,7 @@ def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int) -> Fi
     for did in held_before:  # records the generator made invalid on purpose are the bad-input tests' business
         work.records.pop(did, None)
     sb.reset_calls()
-    sb.faults(FAULT_RULES, seed=seed)
+    sb.faults(fault_rules, seed=seed)
     rollbacks = RandomRollbacks(work, harness, lambda: converge(harness, figures), random.Random(seed + 7),
                                 figures.violations)
     for n in range(rounds):
@@ -215,4 +216,31 @@ def test_converges_under_faults_long(fast_retry_harness: Any, seed: int, capsys:
     figures = run_workload(fast_retry_harness, seed, rounds=12, ops_per_round=30)
     _report(figures, capsys, started)
     assert figures.faults_injected >= 0.10 * figures.api_calls, figures.line()
+    assert figures.violations == []
+
+
+# Bulk import under faults: every batch of creates (persons, custom objects) goes through import files; the
+# uploads fail rows (a failures file), answer 1016 (queue full) or fail like any call, besides the faults above.
+BULK_FAULT_RULES: list[dict[str, Any]] = [
+    {"pattern": "marketo.bulk.*import.create", "rate": 0.4, "faults": [
+        {"kind": "partial", "code": "1001", "weight": 3}, {"kind": "code", "code": "1016", "weight": 1},
+        {"kind": "code", "code": "606", "weight": 1}, {"kind": "drop", "weight": 1}]},
+    *FAULT_RULES]
+
+
+def test_converges_under_faults_with_bulk_import(harness: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from sync_pipeline_tests.reliability.conftest import write_config
+
+    config = write_config(tmp_path, edit="  marketo_person_object: lead\n=>  marketo_person_object: lead\n"
+                                         "  bulk_import_threshold: 1\n")
+    monkeypatch.setenv("SYNC_CONFIG", str(config))
+    started = time.perf_counter()
+    figures = run_workload(harness, 4, rounds=2, ops_per_round=13, fault_rules=BULK_FAULT_RULES)
+    _report(figures, capsys, started)
+    calls = harness.sandbox.calls()
+    assert calls.get("marketo.bulk.import.create", 0) >= 3, calls  # the rounds' creates went through imports
+    assert calls.get("marketo.bulk.import.failures", 0) >= 1, calls  # rows failed in an import file, were retried
+    assert figures.faults_injected >= 0.10 * figures.api_calls, figures.line()
+    assert figures.operations >= 25
     assert figures.violations == []

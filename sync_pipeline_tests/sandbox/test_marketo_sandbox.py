@@ -335,9 +335,11 @@ def test_bulk_import_with_failures_and_warnings(sandbox, api):
     text = ("email,firstName,leadScore,createdAt\nold@example.com,New,,\nnew@example.com,Neu,5,2020-01-01\n"
             "bad-email,B,,\nx@example.com,X,notanumber,\n")
     created = _upload(api, text)
+    assert created["result"][0]["status"] == "Queued"
     batch = created["result"][0]["batchId"]
-    status = api.get(f"/bulk/v1/leads/batch/{batch}.json")["result"][0]
-    assert status["status"] == "Complete"
+    seen = [api.get(f"/bulk/v1/leads/batch/{batch}.json")["result"][0] for _ in range(3)]
+    assert [s["status"] for s in seen] == ["Importing", "Complete", "Complete"]  # asynchronous, never skipped
+    status = seen[-1]
     assert (status["numOfLeadsProcessed"], status["numOfRowsFailed"], status["numOfRowsWithWarning"]) == (2, 2, 1)
     failures = list(csv.DictReader(io.StringIO(api.http.get(f"/bulk/v1/leads/batch/{batch}/failures.json").text)))
     assert [f["email"] for f in failures] == ["bad-email", "x@example.com"]

@@ -18,6 +18,7 @@ from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import mapping, normalize
 from sync_pipeline.engine.extract.marketo import ingest_marketo_persons, marketo_person_fields
 from sync_pipeline.engine.ports import MarketoPort
+from sync_pipeline.engine.push import bulk
 from sync_pipeline.engine.push.payloads import chunks, field_maps, object_path, planned_records
 from sync_pipeline.engine.push.results import ApplyStats, Result, outcomes, record_results
 from sync_pipeline.engine.store import ledger
@@ -48,6 +49,9 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     maps = field_maps(config, entity)
     results: list[Result] = []
     try:
+        if bulk.wanted(con, config, entity) and hasattr(client, "import_queue"):  # large batches of creates
+            bulk.push(con, config, entity, client, maps, lambda done: record_results(
+                con, config, entity, "marketo", [Result(*d) for d in done], run_id, now, stats), run_id, now)
         for rows in chunks(con, total):
             if entity.is_person:
                 results += _push_persons(client, entity, maps, rows)

@@ -229,6 +229,15 @@ def note_state_changes_from(con: duckdb.DuckDBPyConnection, run_id: str, now: da
                            s.value_after, s.rule FROM ({source}) s""", [run_id, now, *(params or [])])
 
 
+def note_import_warnings(con: duckdb.DuckDBPyConnection, entity: str, source: str, run_id: str, now: datetime) -> None:
+    """Rows a Marketo bulk import took with a warning (``source``: did, reason): ledger rows of target
+    ``marketo:bulk``, op ``warning`` (informational; rollback replays only targets marketo and dynamics)."""
+    con.execute(f"""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+                                        value_before, value_after, rule)
+                    SELECT ?, ?, ?, did, NULL, 'marketo:bulk', 'warning', NULL, NULL, reason, 'bulk_import'
+                    FROM {source}""", [run_id, now, entity])
+
+
 # ---- failures ---------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,12 @@
-"""Bulk routes (``/bulk/v1``): lead/activity export jobs and bulk lead import."""
+"""Bulk routes (``/bulk/v1``): lead/activity export jobs, bulk lead import and bulk custom object import.
+
+Import routes as Adobe documents them: ``POST /bulk/v1/leads.json`` (multipart ``file``, ``format``,
+``lookupField``, ``partitionName``, ``listId``), ``GET /bulk/v1/leads/batch/{batchId}.json`` and its
+``failures.json`` / ``warnings.json`` (https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/
+bulk-import/bulk-lead-import); ``POST /bulk/v1/customobjects/{apiName}/import.json`` with
+``.../import/{batchId}/status.json``, ``failures.json``, ``warnings.json`` (.../bulk-import/
+bulk-custom-object-import). Files over 10 MB never reach a handler: the server answers HTTP 413.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,11 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
 
 
 def multipart_file(req: Request) -> bytes:
+    return multipart(req)[0]
+
+
+def multipart(req: Request) -> tuple[bytes, dict[str, str]]:
+    """The ``file`` part and the other form fields (``format``, ``lookupField``... may come as ``-F`` fields)."""
     ctype = req.header("content-type") or ""
     if "multipart/form-data" not in ctype.lower():
         raise ApiError("612", "Invalid Content Type: expected multipart/form-data")
@@ -26,10 +39,17 @@ def multipart_file(req: Request) -> bytes:
         b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + req.body)
     if not message.is_multipart():
         raise ApiError("613", "Invalid Multipart Request")
+    content: bytes | None = None
+    fields: dict[str, str] = {}
     for part in message.iter_parts():  # type: ignore[attr-defined]
-        if part.get_param("name", header="content-disposition") == "file":
-            return part.get_payload(decode=True) or b""
-    raise ApiError("613", "Invalid Multipart Request: no 'file' part")
+        name = part.get_param("name", header="content-disposition")
+        if name == "file":
+            content = part.get_payload(decode=True) or b""
+        elif name:
+            fields[str(name)] = (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
+    if content is None:
+        raise ApiError("613", "Invalid Multipart Request: no 'file' part")
+    return content, fields
 
 
 def _ranged(content: bytes, header: str | None, ctype: str) -> Response:
@@ -46,6 +66,15 @@ def _ranged(content: bytes, header: str | None, ctype: str) -> Response:
         return Response(416, b"", {"Content-Range": f"bytes */{size}"})
     return Response(206, content[start:end + 1],
                     {"Content-Type": ctype, "Content-Range": f"bytes {start}-{end}/{size}"})
+
+
+def row_failer(req: Request):  # type: ignore[no-untyped-def]
+    """An injected ``partial`` fault on an import upload fails every other row of the file, the first one
+    included (a file of one row fails it), listed in the failures file like a row Marketo rejected."""
+    code = getattr(req, "partial_code", None)
+    if not code:
+        return lambda i: None
+    return lambda i: {"code": code, "message": "Injected record failure"} if i % 2 == 0 else None
 
 
 def register(sb: "MarketoSandbox") -> None:
@@ -98,14 +127,26 @@ def register(sb: "MarketoSandbox") -> None:
     def list_jobs(req: Request) -> Response:
         return ok(bulk.list_exports(req.params["kind"], csv_list(params(req).get("status"))))
 
+    def import_format(p: dict[str, str]) -> None:
+        fmt = (p.get("format") or "").lower()
+        if not fmt:
+            raise ApiError("1003", "Required parameter 'format' is missing (csv, tsv or ssv)")
+        if fmt != "csv":
+            raise ApiError("1003", f"Unsupported import format '{fmt}' (this sandbox reads csv)")
+
     @app.route("POST", r"/bulk/v1/leads\.json", "marketo.bulk.import.create")
     @guarded
     def import_create(req: Request) -> Response:
-        p = params(req)
-        fmt = (p.get("format") or "csv").lower()
-        if fmt != "csv":
-            raise ApiError("1003", f"Unsupported import format '{fmt}' (this sandbox reads csv)")
-        job = bulk.create_import(multipart_file(req), p.get("lookupField") or "email")
+        content, form = multipart(req)
+        p = {**form, **params(req)}
+        import_format(p)
+        partition = p.get("partitionName")
+        if partition is not None and partition != "Default":  # the sandbox has one lead partition
+            raise ApiError("1003", f"Partition '{partition}' not found")
+        list_id = p.get("listId")
+        if list_id is not None and not list_id.isdigit():
+            raise ApiError("1003", f"Invalid listId '{list_id}'")
+        job = bulk.create_import(content, p.get("lookupField") or "email", fail_row=row_failer(req))
         return ok([{"batchId": job.batch_id, "importId": str(job.batch_id), "status": job.status}])
 
     @app.route("GET", r"/bulk/v1/leads/batch/(?P<id>\d+)\.json", "marketo.bulk.import.status")
@@ -115,12 +156,14 @@ def register(sb: "MarketoSandbox") -> None:
             bulk.advance()
             return ok([bulk.import_job(req.params["id"]).describe()])
 
-    def report(which: str):  # type: ignore[no-untyped-def]
+    def report(which: str, custom: bool = False):  # type: ignore[no-untyped-def]
         @guarded
         def run(req: Request) -> Response:
             with bulk.lock:
                 bulk.advance()
                 job = bulk.import_job(req.params["id"])
+                if custom and job.object_name != req.params["api"]:
+                    raise ApiError("1003", f"Import batch {job.batch_id} not found for {req.params['api']}")
                 if job.status not in ("Complete", "Failed"):
                     return Response.text(f"Import batch {job.batch_id} is still {job.status}", 404)
                 return Response(200, job.report(which), {"Content-Type": "text/csv; charset=utf-8"})
@@ -130,3 +173,37 @@ def register(sb: "MarketoSandbox") -> None:
         report("failures"))
     app.route("GET", r"/bulk/v1/leads/batch/(?P<id>\d+)/warnings\.json", "marketo.bulk.import.warnings")(
         report("warnings"))
+
+    custom = r"/bulk/v1/customobjects/(?P<api>[A-Za-z0-9_]+)/import"
+
+    def custom_object(req: Request) -> str:
+        api_name = req.params["api"]
+        obj = sb.store.schema.objects.get(api_name)
+        if obj is None or not obj.custom:
+            raise ApiError("1003", f"Custom object type '{api_name}' not found")
+        return api_name
+
+    @app.route("POST", custom + r"\.json", "marketo.bulk.customobjects.import.create")
+    @guarded
+    def custom_create(req: Request) -> Response:
+        api_name = custom_object(req)
+        content, form = multipart(req)
+        import_format({**form, **params(req)})
+        job = bulk.create_import(content, "dedupeFields", object_name=api_name, fail_row=row_failer(req))
+        return ok([job.describe()])
+
+    @app.route("GET", custom + r"/(?P<id>\d+)/status\.json", "marketo.bulk.customobjects.import.status")
+    @guarded
+    def custom_status(req: Request) -> Response:
+        api_name = custom_object(req)
+        with bulk.lock:
+            bulk.advance()
+            job = bulk.import_job(req.params["id"])
+            if job.object_name != api_name:
+                raise ApiError("1003", f"Import batch {job.batch_id} not found for {api_name}")
+            return ok([job.describe()])
+
+    app.route("GET", custom + r"/(?P<id>\d+)/failures\.json", "marketo.bulk.customobjects.import.failures")(
+        report("failures", custom=True))
+    app.route("GET", custom + r"/(?P<id>\d+)/warnings\.json", "marketo.bulk.customobjects.import.warnings")(
+        report("warnings", custom=True))

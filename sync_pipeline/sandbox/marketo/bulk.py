@@ -1,10 +1,19 @@
-"""Bulk extract (leads, activities) and bulk lead import jobs.
+"""Bulk extract (leads, activities) and bulk import jobs (leads, custom objects).
 
 Jobs move through their states lazily whenever the bulk API is called: an export goes
 Created -> Queued (enqueue) -> Processing (when fewer than ``bulk_concurrent_jobs`` run) -> Completed
 after ``bulk_processing_seconds`` of sandbox time (default 0, so it completes on the next status
-poll). Imports go Queued -> Importing -> Complete the same way. Queue limits and the daily export
-quota answer 1029 (exports) and 1016 (imports) when configured.
+poll). Queue limits and the daily export quota answer 1029 (exports) and 1016 (imports) when configured.
+
+Imports are asynchronous as Adobe documents them ("Bulk Lead Import",
+https://experienceleague.adobe.com/en/docs/marketo-developer/marketo/rest/bulk-import/bulk-lead-import, and
+"Bulk Custom Object Import", .../rest/bulk-import/bulk-custom-object-import): a FIFO queue of at most 10 jobs
+(including the 2 processed at a time; the 11th answers 1016 "Too many imports"), each job Queued -> Importing
+-> Complete (or Failed), rows inserted or updated by the lookup field (leads) or the dedupe fields (custom
+objects); rows that fail are listed in ``failures.json`` and rows imported with a problem in
+``warnings.json``, each the original row plus a reason column. A job never moves more than one state per bulk
+request and never in the request that created it, so a client always sees Queued or Importing before
+Complete, however fast the sandbox is. A blank cell leaves the field as it is (it is not a null).
 """
 
 from __future__ import annotations
@@ -74,14 +83,22 @@ class ImportJob:
     header: list[str]
     rows: list[list[str]]
     lookup_field: str
+    object_name: str | None = None  # None: leads; else the custom object's API name
     status: str = "Queued"
     started_ts: float = 0.0
     processed: int = 0
     failures: list[tuple[list[str], str]] = field(default_factory=list)
     warnings: list[tuple[list[str], str]] = field(default_factory=list)
     message: str = "Queued for processing"
+    moved_at_tick: int = 0  # the bulk request in which the job last changed state
+    fail_row: Callable[[int], dict[str, str] | None] = lambda i: None  # injected row failures (faults)
 
     def describe(self) -> dict[str, Any]:
+        if self.object_name is not None:  # the custom object status shape (numOfObjectsProcessed)
+            return {"batchId": self.batch_id, "operation": "import", "objectApiName": self.object_name,
+                    "status": self.status, "numOfObjectsProcessed": self.processed,
+                    "numOfRowsFailed": len(self.failures), "numOfRowsWithWarning": len(self.warnings),
+                    "message": self.message}
         return {"batchId": self.batch_id, "importId": str(self.batch_id), "status": self.status,
                 "numOfLeadsProcessed": self.processed, "numOfRowsFailed": len(self.failures),
                 "numOfRowsWithWarning": len(self.warnings), "message": self.message}
@@ -132,6 +149,7 @@ class BulkService:
         self.exports: dict[str, dict[str, ExportJob]] = {"leads": {}, "activities": {}}
         self.imports: dict[int, ImportJob] = {}
         self._next_batch = 1001
+        self._tick = 0  # bulk requests seen (import jobs move at most one state per request)
         self._export_day_end = next_central_midnight(self.clock.now())
         self.exported_bytes_today = 0
 
@@ -205,6 +223,7 @@ class BulkService:
     def advance(self) -> None:
         """Move queued/processing jobs along; called on every bulk request."""
         with self.lock:
+            self._tick += 1
             now_dt = self.clock.now()
             if now_dt >= self._export_day_end:
                 self._export_day_end, self.exported_bytes_today = next_central_midnight(now_dt), 0
@@ -267,7 +286,10 @@ class BulkService:
             return [j.describe() for j in self.exports[kind].values() if not statuses or j.status in statuses]
 
     # ------------------------------------------------------------------ imports
-    def create_import(self, data: bytes, lookup_field: str) -> ImportJob:
+    def create_import(self, data: bytes, lookup_field: str, object_name: str | None = None,
+                      fail_row: Callable[[int], dict[str, str] | None] | None = None) -> ImportJob:
+        """Queue an import of a CSV file: leads by ``lookup_field``, or records of custom object ``object_name``
+        by its dedupe fields."""
         if len(data) > MAX_IMPORT_BYTES:
             raise BulkError("1003", f"File size {len(data)} bytes exceeds the 10 MB limit")
         text = data.decode("utf-8-sig", errors="strict") if data else ""
@@ -275,20 +297,26 @@ class BulkService:
         if not rows or not rows[0]:
             raise BulkError("1003", "Import file is empty or has no header row")
         header = [h.strip() for h in rows[0]]
-        if lookup_field not in header:
-            raise BulkError("1003", f"Lookup field '{lookup_field}' is not a column of the file")
-        if lookup_field not in self.store.searchable:
-            raise BulkError("1011", f"Field '{lookup_field}' not supported as lookupField")
+        if object_name is None:
+            if lookup_field not in header:
+                raise BulkError("1003", f"Lookup field '{lookup_field}' is not a column of the file")
+            if lookup_field not in self.store.searchable:
+                raise BulkError("1011", f"Field '{lookup_field}' not supported as lookupField")
+        else:
+            obj = self.store.table(object_name).obj
+            missing = [f for f in obj.dedupe_fields if f not in header]
+            if missing:
+                raise BulkError("1003", f"Dedupe field '{missing[0]}' is not a column of the file")
         with self.lock:
             self.advance()
             lim = self.limits()
             active = [j for j in self.imports.values() if j.status in ("Queued", "Importing")]
             if lim.bulk_import_queued is not None and len(active) >= lim.bulk_import_queued:
                 raise BulkError("1016", f"Too many imports ({lim.bulk_import_queued}) queued")
-            job = ImportJob(self._next_batch, header, rows[1:], lookup_field)
+            job = ImportJob(self._next_batch, header, rows[1:], lookup_field, object_name,
+                            moved_at_tick=self._tick, fail_row=fail_row or (lambda i: None))
             self._next_batch += 1
             self.imports[job.batch_id] = job
-            self.advance()
             return job
 
     def import_job(self, batch_id: str) -> ImportJob:
@@ -302,39 +330,49 @@ class BulkService:
 
     def _advance_imports(self, now: float, lim: MarketoLimits) -> None:
         wait = lim.bulk_processing_seconds
+        tick = self._tick
         for job in self.imports.values():
-            if job.status == "Importing" and now - job.started_ts >= wait:
+            if job.status == "Importing" and job.moved_at_tick < tick and now - job.started_ts >= wait:
                 self._run_import(job)
+                job.moved_at_tick = tick
         running = sum(1 for j in self.imports.values() if j.status == "Importing")
         for job in sorted((j for j in self.imports.values() if j.status == "Queued"), key=lambda j: j.batch_id):
             if lim.bulk_import_concurrent is not None and running >= lim.bulk_import_concurrent:
                 break
-            job.status, job.started_ts, job.message = "Importing", now, "Importing"
+            if job.moved_at_tick >= tick:
+                continue  # queued by this very request
+            job.status, job.started_ts, job.message, job.moved_at_tick = "Importing", now, "Importing", tick
             running += 1
-            if wait <= 0:
-                self._run_import(job)
-                running -= 1
 
     def _run_import(self, job: ImportJob) -> None:
-        lead = self.store.lead_object
-        unknown = [h for h in job.header if lead.field(h) is None]
+        obj = self.store.lead_object if job.object_name is None else self.store.table(job.object_name).obj
+        unknown = [h for h in job.header if obj.field(h) is None]
         if unknown:
             job.status, job.message = "Failed", f"Field '{unknown[0]}' not found in the header row"
+            job.rows = []
             return
-        readonly = {h for h in job.header if not lead.field(h).updateable and h != job.lookup_field}  # type: ignore
-        action = "updateOnly" if job.lookup_field == "id" else "createOrUpdate"
-        records, warn = [], []
+        key_fields = {job.lookup_field} if job.object_name is None else set(obj.dedupe_fields)
+        readonly = {h for h in job.header if not obj.field(h).updateable and h not in key_fields}  # type: ignore
+        records: list[dict[str, str] | None] = []
+        warn: list[str | None] = []
         for row in job.rows:
             if len(row) != len(job.header):
                 records.append(None)
                 warn.append(None)
                 continue
-            record = {h: v for h, v in zip(job.header, row) if v != "" and h not in readonly}
+            # A blank cell leaves the field as it is: it is not sent at all.
+            records.append({h: v for h, v in zip(job.header, row) if v != "" and h not in readonly})
             ignored = [h for h, v in zip(job.header, row) if v != "" and h in readonly]
-            records.append(record)
             warn.append(f"Field '{ignored[0]}' is not updateable; value ignored" if ignored else None)
-        results = self.store.sync_leads([r if r is not None else [] for r in records], action,
-                                        job.lookup_field, source="import")
+        sendable = [r if r is not None else [] for r in records]
+        with self.store.lock:
+            if job.object_name is None:
+                action = "updateOnly" if job.lookup_field == "id" else "createOrUpdate"
+                results = self.store.sync_leads(sendable, action, job.lookup_field, source="import",  # type: ignore
+                                                fail=job.fail_row)
+            else:
+                results = self.store.table(job.object_name).upsert(sendable, "createOrUpdate",  # type: ignore
+                                                                   "dedupeFields", job.fail_row)
         for row, record, result, warning in zip(job.rows, records, results, warn):
             if record is None:
                 job.failures.append((row, f"1003 Row has {len(row)} columns, header has {len(job.header)}"))
@@ -347,8 +385,9 @@ class BulkService:
                     job.warnings.append((row, warning))
         job.rows = []
         job.status = "Complete"
+        what = "records" if job.object_name is None else "objects"
         if job.failures:
-            job.message = (f"Import completed with errors, {job.processed} records imported ({job.processed} "
-                           f"members), {len(job.failures)} failed records ({len(job.failures)} members)")
+            job.message = (f"Import completed with errors, {job.processed} {what} imported, "
+                           f"{len(job.failures)} failed")
         else:
-            job.message = f"Import succeeded, {job.processed} records imported ({job.processed} members)"
+            job.message = f"Import succeeded, {job.processed} {what} imported"
