@@ -75,6 +75,7 @@ class CountingConnection:
         fd, self._profile = tempfile.mkstemp(prefix="rows-read-", suffix=".json")
         os.close(fd)
         self._con = con
+        self._last: str | None = None
         con.execute("PRAGMA enable_profiling = 'json'")
         con.execute(f"PRAGMA profiling_output = '{self._profile}'")
         con.execute(f"SET custom_profiling_settings = '{_PROFILE_SETTINGS}'")
@@ -103,19 +104,30 @@ class CountingConnection:
                  if isinstance(v, (pa.Table, pa.RecordBatch)) and n in str(sql)]
         for name, value in named:
             self._con.register(name, value)
+        self._harvest()
         try:
             self._con.execute(sql, *args, **kwargs)
         finally:
             for name, _ in named:
                 self._con.unregister(name)
-        self._tally(sql)
+        # A query's profile is written once its result has been fetched: read it before the next statement
+        # (or at close), not now. (A result never fetched leaves no profile: it is not counted.)
+        self._last = sql
         return self
 
+    def _harvest(self) -> None:
+        if self._last is not None:
+            sql, self._last = self._last, None
+            self._tally(sql)
+
     def executemany(self, sql: str, *args: Any, **kwargs: Any) -> "CountingConnection":
+        self._harvest()
         self._con.executemany(sql, *args, **kwargs)
         return self
 
     def close(self) -> None:
+        with contextlib.suppress(duckdb.Error):
+            self._harvest()
         self._con.close()
         with contextlib.suppress(OSError):
             os.unlink(self._profile)
