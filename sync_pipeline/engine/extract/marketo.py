@@ -38,6 +38,7 @@ from sync_pipeline.engine.store.state import (
     next_seq,
     qi,
     set_cursor,
+    sweep_due,
     utcnow,
 )
 
@@ -108,6 +109,8 @@ def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, cli
                          stats: ExtractStats) -> None:
     """Linked persons missing from the mirror (a damaged or partly restored store) are read again, so their
     records plan normally instead of staying quarantined; an id Marketo does not know stays quarantined."""
+    if not sweep_due(con, config, "lost_persons"):
+        return
     persons = [e.name for e in config.persons]
     ids = [int(r[0]) for r in con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS mid FROM identity
         WHERE state = 'active' AND entity IN (SELECT unnest(?::VARCHAR[])) AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL
@@ -161,9 +164,8 @@ def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activiti
     latest), each change to a new value appends (person, field, activity time) to ``times``: Marketo's
     lead-change activities carry the time per field (domain.md 3.5)."""
     cols = ", ".join(f'f_{f} AS "{f}"' for f in watch)
-    ids = list(activities)
-    known = {r[0]: r for r in con.execute(
-        f"SELECT id, {cols} FROM m_person WHERE NOT deleted AND id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall()}
+    keyed_rows(con, "activity_persons", "m_person", "id", list(activities), "NOT deleted", f"id, {cols}")
+    known = {r[0]: r for r in con.execute("SELECT * FROM activity_persons").fetchall()}
     rows: list[dict[str, Any]] = []
     fetch: set[int] = set()
     for lead_id, acts in activities.items():

@@ -8,7 +8,14 @@ import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine.plan.summary import PLAN_INSERT
-from sync_pipeline.engine.store.state import column, fcol, keyed_rows, qi, rows_equal, sql_text
+from sync_pipeline.engine.store.state import (
+    column,
+    fcol,
+    keyed_rows,
+    qi,
+    rows_equal,
+    sql_text,
+)
 
 
 def _rule_condition(cond: Any) -> tuple[str, list[Any]]:

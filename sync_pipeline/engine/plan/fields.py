@@ -8,7 +8,14 @@ from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.plan.identity import hold_back
 from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary
-from sync_pipeline.engine.store.state import column, fcol, keyed_rows, latest_fields, qi, sql_text
+from sync_pipeline.engine.store.state import (
+    column,
+    fcol,
+    keyed_rows,
+    latest_fields,
+    qi,
+    sql_text,
+)
 
 
 def _work_rows(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -> None:

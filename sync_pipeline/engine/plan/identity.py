@@ -10,15 +10,13 @@ import duckdb
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary, person_entities
-from sync_pipeline.engine.store import ledger
+from sync_pipeline.engine.store import ledger, state
 from sync_pipeline.engine.store.state import (
     column,
     fcol,
-    get_cursor,
     keyed_rows,
     qi,
     rows_equal,
-    set_cursor,
     sql_text,
 )
 
@@ -216,7 +214,7 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
     e = sql_text(entity.name)
     persons = person_entities(config)
     added = None
-    if _sweep_due(con, config, entity):
+    if state.sweep_due(con, config, entity.name):
         # Damage is looked for in the whole store, not only among the records that changed (a record nobody edits
         # must still show up in errors and status), and quarantined records are re-examined in every sweep.
         added = con.execute(f"""INSERT INTO work_set SELECT d.id, d.pending_seq FROM {qi('d_' + entity.name)} d WHERE d.id IN (
@@ -277,20 +275,6 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
     con.execute("INSERT INTO held_back (did, cls) SELECT did, 'quarantined' FROM quarantined WHERE did NOT IN (SELECT did FROM held_back)")
     summary.quarantined += int(con.execute("SELECT count(*) FROM quarantined").fetchone()[0])
     return int(added[0]) if added else 0
-
-
-SWEEP_CURSOR = "quarantine:plans_since_sweep:"
-
-
-def _sweep_due(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -> bool:
-    """Whether this plan searches the whole store for damage (every ``sync.damage_sweep_every`` plans)."""
-    every = config.sync.damage_sweep_every
-    if every <= 1:
-        return True
-    since = int(get_cursor(con, SWEEP_CURSOR + entity.name) or every)
-    due = since >= every
-    set_cursor(con, SWEEP_CURSOR + entity.name, str(1 if due else since + 1))
-    return due
 
 
 def hold_back(con: duckdb.DuckDBPyConnection) -> None:

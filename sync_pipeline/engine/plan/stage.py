@@ -22,12 +22,20 @@ from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import mapping
 from sync_pipeline.engine.plan.creates import plan_dynamics_creates
 from sync_pipeline.engine.plan.fields import plan_slice
-from sync_pipeline.engine.plan.identity import follow_dynamics_merges, link_persons, quarantine
+from sync_pipeline.engine.plan.identity import (
+    follow_dynamics_merges,
+    link_persons,
+    quarantine,
+)
 from sync_pipeline.engine.plan.roles import plan_roles
 from sync_pipeline.engine.plan.summary import PlanSummary
 from sync_pipeline.engine.plan.workset import PLAN_SLICE, work_set
-from sync_pipeline.engine.store.state import ensure_split_base, mark_ledger_before_values, record_stats, utcnow
-
+from sync_pipeline.engine.store.state import (
+    ensure_split_base,
+    mark_ledger_before_values,
+    record_stats,
+    utcnow,
+)
 
 PLAN_VACUUM_ROWS = 1  # any: a checkpoint after a small plan costs little
 

@@ -16,13 +16,33 @@ import pyarrow as pa
 from sync_pipeline.clients import errors
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import mapping, normalize
-from sync_pipeline.engine.extract.marketo import ingest_marketo_persons, marketo_person_fields
+from sync_pipeline.engine.extract.marketo import (
+    ingest_marketo_persons,
+    marketo_person_fields,
+)
 from sync_pipeline.engine.ports import MarketoPort
 from sync_pipeline.engine.push import bulk
-from sync_pipeline.engine.push.payloads import chunks, field_maps, object_path, planned_records
-from sync_pipeline.engine.push.results import ApplyStats, Result, outcomes, record_results
+from sync_pipeline.engine.push.payloads import (
+    chunks,
+    field_maps,
+    object_path,
+    planned_records,
+)
+from sync_pipeline.engine.push.results import (
+    ApplyStats,
+    Result,
+    outcomes,
+    record_results,
+)
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, keyed_rows, latest_fields, record_stats, sql_text, utcnow
+from sync_pipeline.engine.store.state import (
+    fcol,
+    keyed_rows,
+    latest_fields,
+    record_stats,
+    sql_text,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 

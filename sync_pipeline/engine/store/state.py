@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -317,3 +317,18 @@ def set_cursor(con: duckdb.DuckDBPyConnection, name: str, value: str | None) -> 
 def record_stats(con: duckdb.DuckDBPyConnection, run_id: str, entity: str, stage: str, stats: dict[str, Any]) -> None:
     con.execute("INSERT INTO run_stats VALUES (?, ?, ?, ?, ?)", [run_id, entity, stage, utcnow(),
                                                                   json.dumps(stats, default=str)])
+
+
+SWEEP_CURSOR = "damage:runs_since_sweep:"
+
+
+def sweep_due(con: duckdb.DuckDBPyConnection, config: SyncConfig, what: str) -> bool:
+    """Whether this run searches the whole store for damage of kind ``what`` (an entity's links, persons lost from
+    the mirror): every ``sync.damage_sweep_every`` runs."""
+    every = config.sync.damage_sweep_every
+    if every <= 1:
+        return True
+    since = int(get_cursor(con, SWEEP_CURSOR + what) or every)
+    due = since >= every
+    set_cursor(con, SWEEP_CURSOR + what, str(1 if due else since + 1))
+    return due
