@@ -85,6 +85,8 @@ def open_connection(path: str | Path, read_only: bool = False, wait: float = LOC
     # DuckDB would cache up to 80% of RAM; the sync keeps a flat, modest footprint and spills the rest.
     settings = {"memory_limit": os.environ.get("SYNC_DUCKDB_MEMORY_LIMIT", "512MB"), "threads": 2,
                 "preserve_insertion_order": False}
+    if os.environ.get("SYNC_DUCKDB_TEMP_DIR"):  # where DuckDB spills beyond its memory limit (default: <state>.tmp)
+        settings["temp_directory"] = os.environ["SYNC_DUCKDB_TEMP_DIR"]
     while True:
         try:
             con = duckdb.connect(str(path), read_only=read_only, config=settings)
@@ -254,6 +256,10 @@ def keyed_execute(con: duckdb.DuckDBPyConnection, sql: str, keys: list[Any], par
     ``<table>.<key> IN {keys}`` as that table's only filter: DuckDB then reads it through the key's index) is
     skipped when there are none. Returns the rows changed."""
     keys = list(dict.fromkeys(k for k in keys if k is not None))
+    if len(keys) > KEYED_MAX:  # a large batch (an initial copy): one statement, one scan
+        res = con.execute(sql.replace("{keys}", "(SELECT unnest(?))"), [*(params or []), keys])
+        row = res.fetchone() if res is not None else None
+        return int(row[0]) if row and isinstance(row[0], int) else 0
     changed = 0
     for i in range(0, len(keys), KEYED_CHUNK):
         chunk = keys[i:i + KEYED_CHUNK]
