@@ -14,6 +14,7 @@ derived opportunity roles (``roles.py``).
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 
 import duckdb
@@ -56,7 +57,8 @@ def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     if dropped and int(dropped[0]) >= PLAN_VACUUM_ROWS:
         # Deleted rows stay in their row groups, and every later scan of the plan reads them, until a checkpoint
         # vacuums them: after a large plan (an initial copy) the next small ones would otherwise read it again.
-        con.execute("CHECKPOINT")
+        with contextlib.suppress(duckdb.Error):  # another transaction open on the store: the vacuum waits
+            con.execute("CHECKPOINT")
     ensure_split_base(con)
     mark_ledger_before_values(con)
     if entity.is_derived:
