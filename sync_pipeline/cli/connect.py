@@ -127,11 +127,10 @@ def backfill(config_path: str | None, scope: str) -> None:
     from sync_pipeline import runs
 
     _config(config_path)  # a broken file fails here, naming the entity and field
-    if config_path:
-        os.environ["SYNC_CONFIG"] = config_path
+    spec = runs.connection(entities_path=config_path)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    result = runs.run_sync(instance, scope=scope, raise_on_error=False)
-    from sync_pipeline.defs.assets import RUN_TOTALS
+    result = runs.run_sync(instance, scope=scope, raise_on_error=False, spec=spec)
+    from sync_pipeline.connection.assets import RUN_TOTALS
 
     for key, md in sorted(runs.materialized_metadata(result).items()):
         totals = md.get(RUN_TOTALS) or md  # a run over many partitions reports its totals once

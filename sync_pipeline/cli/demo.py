@@ -53,8 +53,9 @@ def demo(scale: str, seed: int, state_dir: Path) -> None:
         counts = sb.populate(scale, seed=seed)
     console.print(f"[bold]Sandbox[/] Dynamics {sb.dynamics.api_url}  Marketo {sb.marketo.base_url}  "
                   f"generated {sum(counts.values()):,} records ({scale})")
-    os.environ.update(sb.settings())
-    os.environ["SYNC_STATE_PATH"] = str(state_dir / "sync.duckdb")
+    # The sandbox's settings go to the run as resource values (never into os.environ), its store next to it.
+    settings = sb.settings()
+    spec = runs.connection(state_path=str(state_dir / "sync.duckdb"))
     # In-memory instance: the demo is about the sync; `dagster dev` keeps history for real deployments.
     instance = dg.DagsterInstance.ephemeral()
 
@@ -65,7 +66,7 @@ def demo(scale: str, seed: int, state_dir: Path) -> None:
     def run(label: str, scope: str) -> None:
         t = time.perf_counter()
         with console.status(f"{label} ..."):
-            result = runs.run_sync(instance, scope=scope, raise_on_error=False)
+            result = runs.run_sync(instance, scope=scope, raise_on_error=False, spec=spec, settings=settings)
         status = "[green]ok[/]" if result.success else "[red]FAILED[/]"
         writes = query("SELECT count(*) FROM ledger WHERE run_id = ?", [result.run_id])[0][0]
         console.print(f"{label}: {status} in {time.perf_counter() - t:.1f}s, {writes:,} field writes "
@@ -74,7 +75,7 @@ def demo(scale: str, seed: int, state_dir: Path) -> None:
             raise click.ClickException(f"{label} failed; see run {result.run_id} in the Dagster UI")
 
     try:
-        keys = runs.partition_keys()
+        keys = runs.partition_keys(spec)
         run(f"Initial copy: backfill of {len(keys)} daily partitions ({keys[0]} .. {keys[-1]}) in one run", "all")
         _print_counts(sb)
         scenarios = _make_edits(sb, query)

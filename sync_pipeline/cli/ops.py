@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sync_pipeline.config.model import ConfigError, SyncConfig, load_config
-from sync_pipeline.defs.resources import DEFAULT_STATE_PATH, build_resources
+from sync_pipeline.connection.resources import DEFAULT_STATE_PATH, build_resources, by_kind
 from sync_pipeline.engine.store import state as state_mod
 from sync_pipeline.engine.store.state import utcnow
 
@@ -98,7 +98,9 @@ def _clients() -> tuple[contextlib.ExitStack, Any, Any]:
     """The Dynamics and Marketo clients configured exactly like the definitions' resources."""
     from dagster import DagsterInvalidConfigError
 
-    resources = build_resources()
+    from sync_pipeline import runs
+
+    resources = by_kind(build_resources(runs.connection()))
     stack = contextlib.ExitStack()
     try:
         dynamics = stack.enter_context(resources["dynamics"].process_config_and_initialize_cm())
@@ -156,25 +158,24 @@ def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state
 
     from sync_pipeline import runs
     from sync_pipeline.admin import preview
+    from sync_pipeline.connection.selection import preview_selection
 
     config = _config(config_path)
     _entity(config, entity)
     require_settings()
     console = _console()
-    saved = {k: os.environ.get(k) for k in ("SYNC_STATE_PATH", "SYNC_CONFIG")}
     try:
         with preview.snapshot(state_path, wait=wait) as copy:
-            os.environ["SYNC_STATE_PATH"] = str(copy)  # the preview run's resources read it
-            if config_path:
-                os.environ["SYNC_CONFIG"] = config_path
+            # The preview run's state resource points at the private copy (run overrides, not os.environ).
+            spec = runs.connection(state_path=str(copy), entities_path=config_path)
             if full:  # a full re-evaluation (after a mapping change), on the same private copy
                 from sync_pipeline.cli.resync import print_full_plan
 
-                return print_full_plan(config, entity, limit, str(copy))
+                return print_full_plan(config, entity, limit, spec)
             with console.status("extracting and planning on a copy of the state store (no push)..."):
                 with dg.DagsterInstance.ephemeral() as instance:
-                    result = runs.run_sync(instance, scope="latest", raise_on_error=False,
-                                           selection=_preview_selection(config, entity),
+                    result = runs.run_sync(instance, scope="latest", raise_on_error=False, spec=spec,
+                                           selection=preview_selection(spec.connection, config, entity),
                                            tags={"sync/preview": "true"})
             if not result.success:
                 failures = [ev.message or ev.event_type_value for ev in result.all_events if ev.is_failure]
@@ -182,26 +183,6 @@ def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state
             _print_plan(console, config, entity, str(copy), result.run_id, limit, csv_path)
     except state_mod.StateLockedError as exc:
         raise click.ClickException(f"{exc} (a sync run is writing; try again, or raise --wait)") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _preview_selection(config: SyncConfig, entity: str | None = None) -> list[Any]:
-    """Extract and plan assets (never a push) for one entity or all of them."""
-    from sync_pipeline.defs.assets import PERSON_RAW, plan_key, raw_key
-
-    entities = [config.entity(entity)] if entity else config.entities
-    keys: list[Any] = []
-    for e in entities:
-        keys.append(raw_key(e.derived_from or e.name))
-        if e.is_person:
-            keys.append(PERSON_RAW)
-        keys.append(plan_key(e.name))
-    return list(dict.fromkeys(keys))
 
 
 def _print_plan(console: Console, config: SyncConfig, entity: str | None, store: str, run_id: str, limit: int,
@@ -268,7 +249,7 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
     console = _console()
     console.print(table)
     if not started:
-        from sync_pipeline.defs.automation import INITIAL_COPY_HOW
+        from sync_pipeline.connection.automation import INITIAL_COPY_HOW
 
         console.print("Initial copy not started: nothing has been written to either system and the sensors "
                       f"launch nothing until it runs; {INITIAL_COPY_HOW}.")
@@ -402,8 +383,9 @@ def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_creat
     """
     import csv as csv_mod
 
-    from sync_pipeline.engine.guard import WrongEnvironmentError, check_systems
+    from sync_pipeline import runs as runs_mod
     from sync_pipeline.admin import rollback as rb
+    from sync_pipeline.engine.guard import WrongEnvironmentError, check_systems
 
     since = _parse_since(since_text)
     if bool(run_id) == bool(since):
@@ -418,7 +400,8 @@ def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_creat
         stack, dynamics, marketo = _clients()
         with stack:
             try:
-                check_systems(con, dynamics.get_client(), build_resources()["state"].instance_id(marketo.base_url))
+                state = by_kind(build_resources(runs_mod.connection()))["state"]
+                check_systems(con, dynamics.get_client(), state.instance_id(marketo.base_url))
             except WrongEnvironmentError as exc:
                 raise click.ClickException(str(exc)) from None
             dclient, mclient = dynamics.get_client(), marketo.get_client()

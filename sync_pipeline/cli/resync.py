@@ -26,17 +26,6 @@ def _instance() -> Any:
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 
-def entity_selection(config: Any, name: str) -> list[Any]:
-    """The assets of one entity (its extract, plan and pushes): its own initial copy."""
-    from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key
-
-    e = config.entity(name)
-    keys = [raw_key(e.derived_from or e.name), plan_key(e.name), push_key(e.name)]
-    if e.is_person:
-        keys += [PERSON_RAW, push_key(e.name, "dynamics")]
-    return keys
-
-
 def _needs_initial_copy(state_path: str, config: Any, name: str) -> bool:
     from sync_pipeline.engine import resync as engine
     from sync_pipeline.engine.store import state
@@ -46,16 +35,19 @@ def _needs_initial_copy(state_path: str, config: Any, name: str) -> bool:
         return engine.needs_initial_copy(con, config.entity(name))
 
 
-def run_resync(instance: Any, entity: str, fields: list[str], since: str | None, dry_run: bool
-               ) -> tuple[Any, dict[str, Any], list[list[Any]]]:
-    """Execute the ``resync`` job in this process; returns (result, stats metadata, previewed writes)."""
+def run_resync(instance: Any, entity: str, fields: list[str], since: str | None, dry_run: bool,
+               spec: Any = None) -> tuple[Any, dict[str, Any], list[list[Any]]]:
+    """Execute the connection's ``resync`` job in this process: (result, stats metadata, previewed writes).
+    ``spec``: the connection (default: the shipped one, as its defs.yaml resolves now)."""
     from sync_pipeline import runs
-    from sync_pipeline.defs.resync import JOB_NAME
+    from sync_pipeline.connection.resync import resync_job_name, resync_op_name
 
-    job = runs.definitions().resolve_job_def(JOB_NAME)
+    spec = spec or runs.connection()
+    job = runs.definitions(spec).resolve_job_def(resync_job_name(spec.connection))
+    op = resync_op_name(spec.connection)
     result = job.execute_in_process(
         instance=instance, raise_on_error=False,
-        run_config={"ops": {"backfill": {"config": {"entity": entity, "fields": list(fields), "since": since,
+        run_config={"ops": {op: {"config": {"entity": entity, "fields": list(fields), "since": since,
                                                   "dry_run": dry_run}}},
                     "loggers": {"console": {"config": {"log_level": "WARNING"}}}})
     meta: dict[str, Any] = {}
@@ -64,7 +56,7 @@ def run_resync(instance: Any, entity: str, fields: list[str], since: str | None,
         for ev in result.all_node_events:
             if ev.event_type_value == "STEP_OUTPUT":
                 meta = {k: v.value for k, v in ev.event_specific_data.metadata.items()}
-        rows = result.output_for_node("backfill")
+        rows = result.output_for_node(op)
     return result, meta, rows
 
 
@@ -73,9 +65,9 @@ def _failure(result: Any) -> str:
     return "; ".join(failures[:3]) or "the run failed"
 
 
-def print_full_plan(config: Any, entity: str | None, limit: int, state_path: str) -> None:
+def print_full_plan(config: Any, entity: str | None, limit: int, spec: Any) -> None:
     """``plan --all``: what a full re-evaluation of every linked record under the current rules would write."""
-    os.environ["SYNC_STATE_PATH"] = state_path
+    state_path = spec.store_path
     console = _console()
     names = [entity] if entity else [e.name for e in config.entities if not e.is_derived]
     with _instance() as instance:
@@ -84,7 +76,7 @@ def print_full_plan(config: Any, entity: str | None, limit: int, state_path: str
                 console.print(f"{name}: not copied yet; `sync-pipeline resync --entity {name}` runs its initial copy")
                 continue
             with console.status(f"{name}: reading both sides and re-evaluating every linked record..."):
-                result, meta, rows = run_resync(instance, name, [], None, dry_run=True)
+                result, meta, rows = run_resync(instance, name, [], None, dry_run=True, spec=spec)
             if not result.success:
                 raise click.ClickException(f"{name}: the preview failed: {_failure(result)}")
             table = _table(f"{name}: a full re-evaluation would write {len(rows)} field value(s) "
@@ -125,27 +117,27 @@ def resync(entity: str, fields: tuple[str, ...], since: str | None, dry_run: boo
         engine.parse_since(since)
     except Exception as exc:  # ConfigError: a usage problem, named
         raise click.BadParameter(str(exc)) from None
-    os.environ["SYNC_STATE_PATH"] = state_path  # the run's resources read it
-    if config_path:
-        os.environ["SYNC_CONFIG"] = config_path
+    from sync_pipeline import runs
+
+    spec = runs.connection(state_path=state_path, entities_path=config_path)  # the run's resources use them
     console = _console()
     with _instance() as instance:
         if _needs_initial_copy(state_path, config, entity):
             if fields or since or dry_run:
                 raise click.UsageError(f"{entity} has not been copied yet: run `sync-pipeline resync --entity "
                                        f"{entity}` (no --field/--since/--dry-run) for its initial copy")
-            from sync_pipeline import runs
+            from sync_pipeline.connection.selection import entity_selection
 
             with console.status(f"initial copy of {entity} (every partition, its assets only)..."):
-                result = runs.run_sync(instance, scope="all", raise_on_error=False,
-                                       selection=entity_selection(config, entity),
+                result = runs.run_sync(instance, scope="all", raise_on_error=False, spec=spec,
+                                       selection=entity_selection(spec.connection, config, entity),
                                        tags={"sync/kind": f"initial-copy:{entity}"})
             if not result.success:
                 raise click.ClickException(f"the initial copy of {entity} failed: {_failure(result)}")
             console.print(f"initial copy of {entity} done (run {result.run_id})")
             return
         with console.status(f"back-filling {entity}..."):
-            result, meta, rows = run_resync(instance, entity, list(fields), since, dry_run)
+            result, meta, rows = run_resync(instance, entity, list(fields), since, dry_run, spec=spec)
     if not result.success:
         raise click.ClickException(f"the resync run failed: {_failure(result)}")
     summary = _table(f"resync {entity} (run {result.run_id})" + (" - dry run, nothing written" if dry_run else ""),

@@ -146,9 +146,9 @@ def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(tmp_path
         assert sb.settings()["DYNAMICS_CLIENT_SECRET"] not in out.output
 
         # The same checks as a Dagster job users can run from the UI.
-        from sync_pipeline.defs.validate import VALIDATE_JOB
+        from sync_pipeline.connection.validate import validate_job_name
 
-        result = runs.definitions().resolve_job_def(VALIDATE_JOB).execute_in_process(
+        result = runs.definitions().resolve_job_def(validate_job_name(runs.DEFAULT_CONNECTION)).execute_in_process(
             instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from sync_pipeline.bench.pipeline import budget_floor_seconds, call_floor, http_requests, is_marketo_write
 from sync_pipeline.cli import main
 from sync_pipeline.config.model import load_config
-from sync_pipeline.defs.assets import key_name, push_key, raw_key
+from sync_pipeline.connection.keys import asset_key, key_name
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 
 def test_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
@@ -30,8 +31,8 @@ def test_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     assert cycle["seconds"] > 0 and cycle["peak_rss_mb"] > 50
     # The delta reads saw the Dynamics edits: at least the contacts and accounts edited.
     raw = {s["asset"]: s["records"] for s in cycle["stages"]}
-    assert raw[key_name(raw_key("contact"))] >= cycle["changes"]["dynamics.contact"]
-    assert raw[key_name(raw_key("account"))] >= cycle["changes"]["dynamics.account"]
+    assert raw[key_name(asset_key(CONN, "contact", "extract"))] >= cycle["changes"]["dynamics.contact"]
+    assert raw[key_name(asset_key(CONN, "account", "extract"))] >= cycle["changes"]["dynamics.account"]
     api = cycle["api"]
     assert api["total"] == http_requests(api["calls"]) <= sum(api["calls"].values())
     extracted = [e for e in load_config(None).entities if e.dynamics is not None]
@@ -65,9 +66,9 @@ def test_floors() -> None:
     class Config:
         entities = [Entity("contact"), Entity("account"), Entity(None)]
 
-    stages = [{"asset": key_name(push_key("contact")), "records": 601},
-              {"asset": key_name(push_key("account")), "records": 0},
-              {"asset": key_name(raw_key("contact")), "records": 12_000}]
+    stages = [{"asset": key_name(asset_key(CONN, "contact", "push")), "records": 601},
+              {"asset": key_name(asset_key(CONN, "account", "push")), "records": 0},
+              {"asset": key_name(asset_key(CONN, "contact", "extract")), "records": 12_000}]
     counts = {"dynamics.contact": 12_000, "dynamics.account": 5000}
     assert call_floor(Config(), counts, stages, full_read=True) == {"dynamics.query": 3 + 1, "marketo.writes": 3}
     assert call_floor(Config(), counts, stages, full_read=False) == {"dynamics.query": 2, "marketo.writes": 3}

@@ -17,7 +17,8 @@ from sync_pipeline.cli import main
 from sync_pipeline.clients.dynamics import DynamicsClient
 from sync_pipeline.clients.marketo import MarketoClient
 from sync_pipeline.config.model import load_config
-from sync_pipeline.defs.assets import raw_key
+from sync_pipeline.connection.keys import asset_key
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline.sandbox.runner import Sandbox
 from sync_pipeline.sandbox.schema import Column, load_schema
 from sync_pipeline.admin.verify import compare
@@ -108,7 +109,7 @@ def test_init_maps_custom_tables_and_columns_and_creates_only_the_missing_fields
     assert validated.exit_code == 0, validated.output
     first = invoke("backfill")  # the README walkthrough's first backfill
     assert first.exit_code == 0 and "succeeded" in first.output, first.output
-    assert f"{'/'.join(raw_key('event').path)}: 12 rows read" in first.output
+    assert f"{'/'.join(asset_key(CONN, 'event', 'extract').path)}: 12 rows read" in first.output
     assert invoke("backfill", "--scope", "latest").exit_code == 0  # values Dynamics gave the leads it created
     assert sb.marketo_count("event_c") == 12 == sb.dynamics_count("new_event")
     colors = {p.get("favoriteColor") for p in sb.marketo_rows("lead", 100_000) if p.get("dynamicsId")}

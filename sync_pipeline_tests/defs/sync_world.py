@@ -71,10 +71,11 @@ class World:
                           "WHERE dynamics_id = ? ORDER BY seq", [dynamics_id])
 
     def check(self, result: Any, entity: str, name: str = "one_person_per_record") -> Any:
-        from sync_pipeline.defs.assets import push_key
+        from sync_pipeline.connection.keys import asset_key
+        from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
         evaluations = [e for e in result.get_asset_check_evaluations()
-                       if e.asset_check_key.name == name and e.asset_key == push_key(entity)]
+                       if e.asset_check_key.name == name and e.asset_key == asset_key(CONN, entity, "push")]
         assert evaluations, f"check {name} of {entity} did not run"
         return evaluations[-1]
 

@@ -12,8 +12,9 @@ from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.definitions.automation_tick_evaluation_context import build_run_requests_with_backfill_policies
 
 from sync_pipeline.config.model import DEFAULT_PATH, load_config
-from sync_pipeline.defs.automation import JOB_NAME
-from sync_pipeline.definitions import build_definitions
+from sync_pipeline.connection.build import sync_job_name
+from sync_pipeline import runs as sync_runs
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 
 def year_config(tmp_path: Path) -> Path:
@@ -26,8 +27,8 @@ def year_config(tmp_path: Path) -> Path:
 
 
 def test_a_year_of_daily_partitions_is_a_handful_of_runs(tmp_path) -> None:
-    defs = build_definitions(load_config(year_config(tmp_path)))
-    job = defs.resolve_job_def(JOB_NAME)
+    defs = sync_runs.definitions(sync_runs.connection(entities_path=str(year_config(tmp_path))))
+    job = defs.resolve_job_def(sync_job_name(CONN))
     partitions = job.partitions_def
     assert isinstance(partitions, dg.TimeWindowPartitionsDefinition)
     keys = partitions.get_partition_keys()

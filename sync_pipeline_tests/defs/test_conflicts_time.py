@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from sync_pipeline.config.model import DEFAULT_PATH
-from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key
+from sync_pipeline.connection.keys import asset_key
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline_tests.defs.test_sync_rules import World, _synced, _world
 
 
@@ -45,7 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # latest per field. The extract that sees the Dynamics title edit runs before the marketer's edit
         # (e.g. a sensor-triggered read whose plan had not run yet); the phone edit comes after both.
         sb.dynamics_update("lead", p["l_latest"], {"jobtitle": "Title from Dynamics"})
-        w.run("latest", selection=[raw_key("lead")])
+        w.run("latest", selection=[asset_key(CONN, "lead", "extract")])
         sb.advance_clock(120)
         sb.marketo_update_lead(w.person_of(p["l_latest"])["id"], {"title": "Title from Marketo"})
         sb.advance_clock(120)
@@ -54,11 +55,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # then the push runs.
         p["race_city_before"] = w.person_of(p["l_race"])["city"]
         sb.dynamics_update("lead", p["l_race"], {"address1_city": "Dynamicsford"})
-        w.run("latest", selection=[raw_key("lead"), PERSON_RAW, plan_key("lead")])
+        w.run("latest", selection=[asset_key(CONN, "lead", "extract"), asset_key(CONN, "person", "extract"),
+                                   asset_key(CONN, "lead", "plan")])
         p["race_plan"] = w.query("SELECT target, new_value FROM plan WHERE entity = 'lead' AND dynamics_id = ? "
                                  "AND field = 'city'", [p["l_race"]])
         sb.marketo_update_lead(w.person_of(p["l_race"])["id"], {"city": "Marketoville"})
-        w.run("latest", selection=[push_key("lead"), push_key("lead", "dynamics")])
+        w.run("latest", selection=[asset_key(CONN, "lead", "push"), asset_key(CONN, "lead", "push", "dynamics")])
         p["race_after_push"] = w.person_of(p["l_race"])["city"]
         w.run("latest")
         w.run("latest")  # echoes

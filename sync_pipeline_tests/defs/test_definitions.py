@@ -10,22 +10,24 @@ from pathlib import Path
 
 
 from sync_pipeline.config.model import load_config
-from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key, stage_of
-from sync_pipeline.definitions import build_definitions
+from sync_pipeline.connection.keys import asset_key, stage_of
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
+from sync_pipeline import runs as sync_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_entity_has_extract_plan_push_with_metadata() -> None:
     config = load_config()
-    defs = build_definitions(config)
+    defs = sync_runs.definitions()
     graph = defs.resolve_asset_graph()
     keys = set(graph.get_all_asset_keys())
     for e in config.entities:
-        assert {raw_key(e.derived_from or e.name), plan_key(e.name), push_key(e.name)} <= keys, e.name
+        assert {asset_key(CONN, e.derived_from or e.name, "extract"), asset_key(CONN, e.name, "plan"),
+                asset_key(CONN, e.name, "push")} <= keys, e.name
         if e.is_person:
-            assert push_key(e.name, "dynamics") in keys
-    assert PERSON_RAW in keys
+            assert asset_key(CONN, e.name, "push", "dynamics") in keys
+    assert asset_key(CONN, "person", "extract") in keys
     # The last key part (what the UI titles a node by) names the stage.
     assert {stage_of(k) for k in keys} == {"extract", "plan", "push"}
     for key in graph.get_all_asset_keys():
@@ -45,10 +47,12 @@ def test_dagster_definitions_validate_passes_on_workspace() -> None:
 
 
 def test_load_order_puts_referenced_objects_first() -> None:
-    defs = build_definitions()
+    defs = sync_runs.definitions()
     graph = defs.resolve_asset_graph()
     up = lambda k: set(graph.get(k).parent_keys)  # noqa: E731
-    assert push_key("systemuser") in up(push_key("account"))
-    assert push_key("account") in up(push_key("contact"))
-    assert {push_key("opportunity"), push_key("contact")} <= up(plan_key("opportunity_role"))
-    assert push_key("lead") in up(plan_key("contact"))  # qualification: the lead's person exists first
+    assert asset_key(CONN, "systemuser", "push") in up(asset_key(CONN, "account", "push"))
+    assert asset_key(CONN, "account", "push") in up(asset_key(CONN, "contact", "push"))
+    assert {asset_key(CONN, "opportunity", "push"), asset_key(CONN, "contact", "push")} <= up(
+        asset_key(CONN, "opportunity_role", "plan"))
+    # qualification: the lead's person exists first
+    assert asset_key(CONN, "lead", "push") in up(asset_key(CONN, "contact", "plan"))

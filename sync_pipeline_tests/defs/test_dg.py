@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from sync_pipeline.defs.assets import key_name, plan_key, push_key, raw_key
+from sync_pipeline.connection.keys import asset_key, key_name
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 ROOT = Path(__file__).resolve().parents[2]
 DG = Path(sys.executable).with_name("dg")
@@ -28,9 +29,13 @@ def test_dg_list_defs_and_check_defs() -> None:
     listed = dg("list", "defs")
     assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
     out = listed.stdout
-    for key in (raw_key("contact"), plan_key("contact"), push_key("contact"), push_key("contact", "dynamics")):
+    for key in (asset_key(CONN, "contact", "extract"), asset_key(CONN, "contact", "plan"),
+                asset_key(CONN, "contact", "push"), asset_key(CONN, "contact", "push", "dynamics")):
         assert key_name(key) in out, key
-    assert "change_sensor" in out and "safety_net" in out and "sync" in out
+    # One trigger path per connection (its change sensor); jobs and sensors are named per connection.
+    for name in ("sync", "resync", "validate", "change_sensor", "alert_on_failure", "alert_on_held_records"):
+        assert f"{CONN}__{name}" in out, name
+    assert "safety_net" not in out and "sync_automation" not in out
     checked = dg("check", "defs")
     assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]
     assert "All definitions loaded successfully" in checked.stdout + checked.stderr

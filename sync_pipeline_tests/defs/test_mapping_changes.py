@@ -304,10 +304,11 @@ def _checks(result: Any) -> dict[tuple[str, str], tuple[bool, dict[str, Any]]]:
 def _code_versions_in_instance(instance: Any) -> dict[Any, str | None]:
     import dagster as dg
 
-    from sync_pipeline.defs.assets import plan_key
+    from sync_pipeline.connection.keys import asset_key
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
     out = {}
-    for record in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=plan_key("contact")),
+    for record in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset_key(CONN, "contact", "plan")),
                                                   limit=1).records:
         out[record.asset_key] = record.asset_materialization.tags.get("dagster/code_version")
     return out
@@ -464,27 +465,30 @@ def test_since_restricts_the_backfill_to_records_modified_after_the_date(world: 
 
 
 def test_mapping_is_part_of_the_affected_assets_code_versions(world: World) -> None:
-    from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key
-    from sync_pipeline.definitions import build_definitions
+    from sync_pipeline.connection.keys import asset_key
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
+    from sync_pipeline import runs as sync_runs
 
     v0, v1, _, _, _ = world.rec["configs"]
 
     def versions(path: Path) -> dict[Any, str | None]:
-        graph = build_definitions(load_config(path)).resolve_asset_graph()
+        graph = sync_runs.definitions(sync_runs.connection(entities_path=str(path))).resolve_asset_graph()
         return {k: graph.get(k).code_version for k in graph.get_all_asset_keys()}
 
     old, new = versions(v0), versions(v1)
     changed = {k for k in old if old[k] != new.get(k)}
-    affected = {plan_key("contact"), push_key("contact"), push_key("contact", "dynamics"), raw_key("contact"),
-                plan_key("account"), push_key("account"), raw_key("account")}
+    affected = {asset_key(CONN, "contact", "plan"), asset_key(CONN, "contact", "push"),
+                asset_key(CONN, "contact", "push", "dynamics"), asset_key(CONN, "contact", "extract"),
+                asset_key(CONN, "account", "plan"), asset_key(CONN, "account", "push"), asset_key(CONN, "account", "extract")}
     assert affected <= changed
-    unaffected = {plan_key("lead"), push_key("lead"), plan_key("systemuser"), push_key("systemuser"),
-                  plan_key("opportunity"), PERSON_RAW}
+    unaffected = {asset_key(CONN, "lead", "plan"), asset_key(CONN, "lead", "push"),
+                  asset_key(CONN, "systemuser", "plan"), asset_key(CONN, "systemuser", "push"),
+                  asset_key(CONN, "opportunity", "plan"), asset_key(CONN, "person", "extract")}
     assert not unaffected & changed
     assert all(v and v.startswith("mapping-") for v in new.values())
     # The initial copy recorded the old mapping's version on its materializations: the UI compares them.
-    recorded = world.rec["v0_materializations"]["/".join(plan_key("contact").path)]
-    assert recorded == old[plan_key("contact")] != new[plan_key("contact")]
+    recorded = world.rec["v0_materializations"]["/".join(asset_key(CONN, "contact", "plan").path)]
+    assert recorded == old[asset_key(CONN, "contact", "plan")] != new[asset_key(CONN, "contact", "plan")]
 
 
 # ---- direction and policy changes ---------------------------------------------------------------------------
@@ -538,21 +542,22 @@ def test_after_a_mapping_change_the_ui_shows_the_entity_assets_stale(world: Worl
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory
     from dagster._core.loader import LoadingContextForTest
 
-    from sync_pipeline.defs.assets import plan_key, push_key
-    from sync_pipeline.definitions import build_definitions
-    from sync_pipeline.defs.partitions import build_partitions
+    from sync_pipeline.connection.keys import asset_key
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
+    from sync_pipeline import runs as sync_runs
+    from sync_pipeline.connection.partitions import build_partitions
 
     v4 = world.rec["configs"][4]  # the last runs used v3; v4 changes contact's middleName direction
-    graph = build_definitions(load_config(v4)).resolve_asset_graph()
+    graph = sync_runs.definitions(sync_runs.connection(entities_path=str(v4))).resolve_asset_graph()
     latest = build_partitions(load_config(v4)).get_last_partition_key()
     resolver = CachingStaleStatusResolver(world.instance, graph, LoadingContextForTest(world.instance))
 
     def code_causes(key: Any) -> list[str]:
         return [c.reason for c in resolver.get_stale_causes(key, latest) if c.category == StaleCauseCategory.CODE]
 
-    assert code_causes(plan_key("contact")) == ["has a new code version"]
-    assert code_causes(push_key("contact")) == ["has a new code version"]
-    assert code_causes(plan_key("lead")) == [] and code_causes(push_key("account")) == []
+    assert code_causes(asset_key(CONN, "contact", "plan")) == ["has a new code version"]
+    assert code_causes(asset_key(CONN, "contact", "push")) == ["has a new code version"]
+    assert code_causes(asset_key(CONN, "lead", "plan")) == [] and code_causes(asset_key(CONN, "account", "push")) == []
 
 
 def test_plan_all_reads_every_entity_and_changes_nothing(world: World) -> None:
@@ -571,9 +576,10 @@ def test_plan_all_reads_every_entity_and_changes_nothing(world: World) -> None:
 
 
 def test_the_plan_asset_check_says_which_fields_wait_for_their_backfill(world: World) -> None:
-    from sync_pipeline.defs.assets import plan_key
+    from sync_pipeline.connection.keys import asset_key
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
-    contact, account, lead = ("/".join(plan_key(e).path) for e in ("contact", "account", "lead"))
+    contact, account, lead = ("/".join(asset_key(CONN, e, "plan").path) for e in ("contact", "account", "lead"))
     v1, v2 = world.rec["v1_checks"], world.rec["v2_checks"]
     passed, md = v1[(contact, "mapping_backfilled")]
     assert not passed and md["pending_fields"] == "doNotEmail, title"

@@ -16,19 +16,25 @@ from click.testing import CliRunner
 
 from sync_pipeline import runs
 from sync_pipeline.cli import main
-from sync_pipeline.defs.assets import PERSON_RAW, RUN_TOTALS, key_name, push_key, raw_key, stage_of
-from sync_pipeline.defs.automation import ALERT_WEBHOOK_ENV, held_records_tick
-from sync_pipeline.defs.resources import build_resources
+from sync_pipeline.connection.assets import RUN_TOTALS
+from sync_pipeline.connection.automation import ALERT_WEBHOOK_ENV, held_records_tick
+from sync_pipeline.connection.keys import asset_key, key_name, stage_of
 from sync_pipeline.engine.store import state as state_mod
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline_tests.defs.test_sensors import settle, tick
 
 
-def evaluate_schedule(harness) -> Any:
-    defs = runs.definitions()
-    schedule = defs.get_schedule_def("safety_net")
-    with dg.build_schedule_context(instance=harness.instance, resources=build_resources(),
-                                   repository_def=defs.get_repository_def()) as context:
-        return schedule.evaluate_tick(context)
+def safety_tick(harness, monkeypatch, hours_later: float) -> Any:
+    """A change-sensor tick ``hours_later`` than now (no change in either system): its safety tick is due after
+    ``safety_tick_minutes`` without a run."""
+    from sync_pipeline.connection import automation
+
+    now = time.time()
+    monkeypatch.setattr(automation.time, "time", lambda: now + hours_later * 3600)
+    try:
+        return tick(harness, None)
+    finally:
+        monkeypatch.setattr(automation.time, "time", time.time)
 
 
 class _Context:
@@ -55,18 +61,21 @@ def hold_an_account(harness, code: int = 999) -> str:
     return account_id
 
 
-def test_nothing_is_read_or_written_before_the_initial_copy(harness) -> None:
+def test_nothing_is_read_or_written_before_the_initial_copy(harness, monkeypatch) -> None:
     sb = harness.sandbox
     before = sb.calls()
     data = tick(harness, None)
     assert not data.run_requests and "waiting for the initial copy" in data.skip_message
     assert "sync-pipeline initial-copy" in data.skip_message
-    schedule = evaluate_schedule(harness)
-    assert not schedule.run_requests and "waiting for the initial copy" in schedule.skip_message
+    late = safety_tick(harness, monkeypatch, hours_later=2)
+    assert not late.run_requests and "waiting for the initial copy" in late.skip_message
     assert sb.calls() == before and not harness.state_path.exists()
-    # Once the initial copy has run (launched deliberately), the schedule requests its hourly safety-net run.
+    # Once the initial copy has run (launched deliberately), the sensor's safety tick requests a run when none
+    # ran for an hour, though neither system reports a change; not before.
     assert harness.run("latest").success
-    assert len(evaluate_schedule(harness).run_requests) == 1
+    assert settle(harness, None).skip_message == "no changes"
+    late = safety_tick(harness, monkeypatch, hours_later=2)
+    assert len(late.run_requests) == 1 and late.run_requests[0].tags["sync/changed"].startswith("safety tick")
 
 
 def test_plan_between_an_edit_and_the_sensor_does_not_swallow_the_change(harness) -> None:
@@ -97,7 +106,7 @@ def test_held_records_show_in_push_metadata_and_checks(harness) -> None:
     md = runs.materialized_metadata(result)
     held = harness.query("SELECT count(*) FROM failures WHERE entity = 'account' AND held")[0][0]
     assert held >= 1
-    push = md[key_name(push_key("account"))]
+    push = md[key_name(asset_key(CONN, "account", "push"))]
     assert push["records_held"] == held and push["records_quarantined"] == 0
     assert sum(v for k, v in push.items() if k.startswith("held/")) == held
     linked = harness.query("SELECT count(*) FROM identity WHERE entity = 'account' AND state = 'active'")[0][0]
@@ -105,11 +114,11 @@ def test_held_records_show_in_push_metadata_and_checks(harness) -> None:
     # Every push asset has a held-records check; the account one is not green.
     checks = {(key_name(e.asset_key), e.check_name): e for e in result.get_asset_check_evaluations()}
     defs = runs.definitions()
-    evaluation = checks[(key_name(push_key("account")), "no_held_records")]
+    evaluation = checks[(key_name(asset_key(CONN, "account", "push")), "no_held_records")]
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
     assert evaluation.metadata["held"].value == held and account_id in evaluation.metadata["sample"].value
-    assert checks[(key_name(push_key("contact")), "no_held_records")].passed
-    assert checks[(key_name(push_key("lead", "dynamics")), "no_held_records")].passed
+    assert checks[(key_name(asset_key(CONN, "contact", "push")), "no_held_records")].passed
+    assert checks[(key_name(asset_key(CONN, "lead", "push", "dynamics")), "no_held_records")].passed
     graph = defs.resolve_asset_graph()
     with_check = {k.asset_key for k in graph.asset_check_keys if k.name == "no_held_records"}
     pushes = {k for k in graph.get_all_asset_keys() if stage_of(k) == "push"}
@@ -199,7 +208,7 @@ def test_a_range_run_reports_totals_for_the_range_not_per_partition(harness) -> 
     result = harness.run(f"{keys[0]}...{keys[-1]}")
     assert result.success
     events = [ev.materialization for ev in result.get_asset_materialization_events()
-              if ev.materialization.asset_key == raw_key("contact")]
+              if ev.materialization.asset_key == asset_key(CONN, "contact", "extract")]
     assert len(events) == 3
     for m in events:
         assert "rows_read" not in m.metadata and "dagster/row_count" not in m.metadata
@@ -207,6 +216,6 @@ def test_a_range_run_reports_totals_for_the_range_not_per_partition(harness) -> 
     assert events[0].metadata[RUN_TOTALS].value["rows_read"] > 0
     # A single-partition run reports its own numbers and the mirror's size.
     md = runs.materialized_metadata(harness.run("latest"))
-    extract = md[key_name(PERSON_RAW)]
+    extract = md[key_name(asset_key(CONN, "person", "extract"))]
     assert extract["dagster/row_count"] == harness.query("SELECT count(*) FROM m_person WHERE NOT deleted")[0][0]
     assert "rows_read" in extract

@@ -150,12 +150,13 @@ def test_repaired_damage_releases_the_record(world: World) -> None:
 
 
 def test_damage_spanning_the_run_still_blocks(world: World) -> None:
-    from sync_pipeline.defs.assets import push_key
+    from sync_pipeline.connection.keys import asset_key
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
     p = world.p
     evaluation = world.check(p["run3"], "contact")
     assert not evaluation.passed and evaluation.severity.value == "ERROR"
     assert not p["run3"].success
     materialized = {e.asset_key for e in p["run3"].get_asset_materialization_events()}
-    assert push_key("contact", "dynamics") not in materialized  # downstream of the blocking check
-    assert push_key("contact") in materialized  # the check runs on what was pushed
+    assert asset_key(CONN, "contact", "push", "dynamics") not in materialized  # downstream of the blocking check
+    assert asset_key(CONN, "contact", "push") in materialized  # the check runs on what was pushed

@@ -7,15 +7,19 @@ from typing import Any
 import dagster as dg
 
 from sync_pipeline import runs
-from sync_pipeline.defs.resources import build_resources
+from sync_pipeline.connection.build import sync_job_name
+from sync_pipeline.connection.keys import qualified
+from sync_pipeline.connection.resources import build_resources
+
+SENSOR = qualified(runs.DEFAULT_CONNECTION, "change_sensor")
 
 
 def tick(harness, cursor: str | None) -> Any:
     """One evaluation with a fresh context (what a restarted daemon does), carrying only the stored cursor."""
     defs = runs.definitions()
-    sensor = defs.get_sensor_def("change_sensor")
-    with dg.build_sensor_context(instance=harness.instance, resources=build_resources(), cursor=cursor,
-                                 sensor_name="change_sensor", definitions=defs) as context:
+    sensor = defs.get_sensor_def(SENSOR)
+    with dg.build_sensor_context(instance=harness.instance, resources=build_resources(runs.connection()),
+                                 cursor=cursor, sensor_name=SENSOR, definitions=defs) as context:
         return sensor.evaluate_tick(context)
 
 
@@ -80,7 +84,7 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
 
 def test_change_sensor_skips_while_a_sync_run_is_in_flight(harness) -> None:
     assert harness.run("latest").success  # a synced store (the initial copy done)
-    job = runs.definitions().resolve_job_def("sync")
+    job = runs.definitions().resolve_job_def(sync_job_name(runs.DEFAULT_CONNECTION))
     run = harness.instance.create_run_for_job(job, run_config={},
                                               tags={"dagster/partition": runs.partition_keys()[-1]})
     data = tick(harness, None)

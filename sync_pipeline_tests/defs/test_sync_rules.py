@@ -141,10 +141,12 @@ def default_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         world.snapshot("cycle3")
         world.run("latest")  # a cycle after writes: our own echoes come back and bounce nowhere
         world.snapshot("cycle4")
-        from sync_pipeline.defs.assets import push_key
+        from sync_pipeline.connection.keys import asset_key
+        from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
         # Re-run steps on their own: the last plans are applied again (upserts keyed by ids).
-        world.run("latest", selection=[push_key(e) for e in ("systemuser", "account", "lead", "contact", "project")])
+        world.run("latest", selection=[asset_key(CONN, e, "push")
+                                       for e in ("systemuser", "account", "lead", "contact", "project")])
         world.snapshot("push_rerun")
         yield world
 
@@ -586,16 +588,18 @@ def custom_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def _if_match_race(world: World) -> None:
     """A Marketo change planned for Dynamics, then the record changes in Dynamics before the push."""
-    from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key
+    from sync_pipeline.connection.keys import asset_key
+    from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
     sb, p = world.sandbox, world.picks
     sb.marketo_update_lead(p["mid"]["if_match"], {"mobilePhone": "+1 555 0401"})
-    world.run("latest", selection=[PERSON_RAW, raw_key("contact"), plan_key("contact")])
+    world.run("latest", selection=[asset_key(CONN, "person", "extract"), asset_key(CONN, "contact", "extract"),
+                                   asset_key(CONN, "contact", "plan")])
     world.picks["if_match_planned"] = world.query(
         "SELECT target, op, new_value, etag FROM plan WHERE entity = 'contact' AND dynamics_id = ? "
         "AND field = 'mobilePhone'", [p["if_match"]])
     sb.dynamics_update("contact", p["if_match"], {"mobilephone": "+1 555 0402"})
-    world.run("latest", selection=[push_key("contact"), push_key("contact", "dynamics")])
+    world.run("latest", selection=[asset_key(CONN, "contact", "push"), asset_key(CONN, "contact", "push", "dynamics")])
     world.picks["if_match_failure"] = world.query(
         "SELECT target, code FROM failures WHERE entity = 'contact' AND dynamics_id = ?", [p["if_match"]])
     world.picks["if_match_after_push"] = sb.dynamics_get("contact", p["if_match"]).get("mobilephone")

@@ -17,13 +17,14 @@ import pytest
 from click.testing import CliRunner
 
 from sync_pipeline import runs
-from sync_pipeline.defs.assets import push_key
+from sync_pipeline.connection.keys import asset_key
 from sync_pipeline.engine import guard
 from sync_pipeline.engine.store import state
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline.sandbox.runner import Sandbox
 
 # One push asset is enough to exercise the guard (every push asset calls it before writing).
-PUSH_USERS = [push_key("systemuser")]
+PUSH_USERS = [asset_key(CONN, "systemuser", "push")]
 
 
 def _push_users(harness: Any) -> dg.ExecuteInProcessResult:

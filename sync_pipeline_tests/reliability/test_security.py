@@ -143,6 +143,8 @@ def test_wrong_credentials_fail_without_echoing_the_secret(sandbox: Sandbox) -> 
 
 
 def _resources() -> Any:
-    from sync_pipeline.defs.resources import build_resources
+    from sync_pipeline.connection.resources import build_resources
 
-    return build_resources()
+    from sync_pipeline import runs
+
+    return build_resources(runs.connection())

@@ -32,7 +32,8 @@ from click.testing import CliRunner
 from sync_pipeline import runs
 from sync_pipeline.cli import main
 from sync_pipeline.config.model import load_config
-from sync_pipeline.defs.assets import PERSON_RAW, plan_key, push_key, raw_key
+from sync_pipeline.connection.keys import asset_key, group_name
+from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -202,22 +203,22 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
     nodes = wait_for("the code location", lambda: graphql(url, ASSETS_QUERY)["assetNodes"], 120)
     by_key = {tuple(n["assetKey"]["path"]): n for n in nodes}
     for e in config.entities:
-        expected = [plan_key(e.name), push_key(e.name)] + ([] if e.is_derived else [raw_key(e.name)])
-        expected += [push_key(e.name, "dynamics")] if e.is_person else []
+        expected = [asset_key(CONN, e.name, "plan"), asset_key(CONN, e.name, "push")] + ([] if e.is_derived else [asset_key(CONN, e.name, "extract")])
+        expected += [asset_key(CONN, e.name, "push", "dynamics")] if e.is_person else []
         for key in expected:
             assert tuple(key.path) in by_key, f"{key} missing from the asset graph"
-            assert by_key[tuple(key.path)]["groupName"] == e.name
+            assert by_key[tuple(key.path)]["groupName"] == group_name(CONN, e.name)
             assert by_key[tuple(key.path)]["partitionDefinition"]["type"] == "TIME_WINDOW"
             if key.path[-1] == "push":
                 checks = {c["name"] for c in by_key[tuple(key.path)]["assetChecksOrError"]["checks"]}
                 assert "no_held_records" in checks, key
-    assert by_key[tuple(PERSON_RAW.path)]["groupName"] == "person"
+    assert by_key[tuple(asset_key(CONN, "person", "extract").path)]["groupName"] == group_name(CONN, "person")
     require_browser()
     from playwright.sync_api import sync_playwright
 
     # 1. Nothing is written before the initial copy: the sensor's tick says why it waits.
     writes_before = {k: v for k, v in sb.calls().items() if k.endswith((".sync", ".create", ".update", ".delete"))}
-    waiting = wait_for("a change-sensor tick", lambda: [t for t in sensor_ticks(url, "change_sensor")
+    waiting = wait_for("a change-sensor tick", lambda: [t for t in sensor_ticks(url, f"{CONN}__change_sensor")
                                                         if t["status"] == "SKIPPED"], 120)
     assert "waiting for the initial copy" in waiting[0]["skipReason"]
     time.sleep(5)  # the automation sensor and the schedule had their chance too
@@ -229,7 +230,7 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
         page = browser.new_page()
         shots = Shots(page)
         try:
-            page.goto(f"{url}/locations/{LOCATION}/sensors/change_sensor", wait_until="domcontentloaded",
+            page.goto(f"{url}/locations/{LOCATION}/sensors/{CONN}__change_sensor", wait_until="domcontentloaded",
                       timeout=60_000)
             dismiss_dialogs(page)
             # The tick's reason is in its logs (the sensor logs every skip reason): View logs of the latest tick.
@@ -247,7 +248,7 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
             query = f"""{{ partitionBackfillOrError(backfillId: "{backfill_id}") {{ ... on PartitionBackfill {{
                 status numPartitions partitionSetName isAssetBackfill }} }} }}"""
             info = graphql(url, query)["partitionBackfillOrError"]
-            assert info["partitionSetName"] == "sync_partition_set" and not info["isAssetBackfill"]
+            assert info["partitionSetName"] == f"{CONN}__sync_partition_set" and not info["isAssetBackfill"]
             assert info["numPartitions"] == len(runs.partition_keys())
             started = time.monotonic()
             done = wait_for("the initial copy", lambda: graphql(url, query)["partitionBackfillOrError"]["status"]
@@ -256,7 +257,7 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
                 "COMPLETED", "COMPLETED_SUCCESS"), graphql(url, query)
             print(f"initial copy (tiny) through the daemon: {time.monotonic() - started:.0f} s")
             assert sb.marketo_count("company") > 0
-            page.goto(f"{url}/locations/{LOCATION}/jobs/sync/partitions", wait_until="domcontentloaded")
+            page.goto(f"{url}/locations/{LOCATION}/jobs/{CONN}__sync/partitions", wait_until="domcontentloaded")
             page.get_by_text(backfill_id).first.wait_for(timeout=60_000)  # the backfill, under the job
             shots.take("initial-copy-under-the-sync-job")
 
@@ -294,16 +295,16 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
             account_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 "
                                        "LIMIT 1")[0][0]
             sb.dynamics_update("account", account_id, {"industrycode": 999})
-            wait_for("the account to be held", lambda: (check_status(url, push_key("account"), "no_held_records")
+            wait_for("the account to be held", lambda: (check_status(url, asset_key(CONN, "account", "push"), "no_held_records")
                                                         or {}).get("status") == "FAILED", 300, 3)
-            assert check_status(url, push_key("account"), "no_held_records")["evaluation"]["severity"] == "WARN"
+            assert check_status(url, asset_key(CONN, "account", "push"), "no_held_records")["evaluation"]["severity"] == "WARN"
             alerts = wait_for("an alert tick about held records", lambda: [
-                t for t in sensor_ticks(url, "alert_on_held_records")
+                t for t in sensor_ticks(url, f"{CONN}__alert_on_held_records")
                 if "newly held record(s)" in (t["skipReason"] or "")],
                 180, 5)
             assert "no webhook configured" in alerts[0]["skipReason"]
             assert "notified" not in alerts[0]["skipReason"].split(";")[0]
-            page.goto(f"{url}/assets/{'/'.join(push_key('account').path)}?view=checks",
+            page.goto(f"{url}/assets/{'/'.join(asset_key(CONN, 'account', 'push').path)}?view=checks",
                       wait_until="domcontentloaded")
             page.get_by_text("no_held_records").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)

@@ -304,7 +304,8 @@ def record_marketo_field_times(con: duckdb.DuckDBPyConnection, times: list[tuple
     """(person id, field, activity time) of lead changes to fields with policy ``latest``."""
     if not times:
         return
+    # Not "at": DuckDB 1.4 parses AT as a keyword, and `max(at)` was a syntax error (hidden by a step retry).
     tbl = pa.table({"id": [str(t[0]) for t in times], "field": [t[1] for t in times],  # noqa: F841
-                    "at": [t[2] for t in times]})
-    con.execute("""INSERT OR REPLACE INTO field_times SELECT 'm', id, field, max(at) FROM tbl
-                   GROUP BY id, field""")
+                    "changed_at": [t[2] for t in times]})
+    con.execute("""INSERT OR REPLACE INTO field_times (side, id, field, changed_at)
+                   SELECT 'm', id, field, max(changed_at) FROM tbl GROUP BY id, field""")

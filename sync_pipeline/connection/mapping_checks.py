@@ -10,24 +10,26 @@ entities, so a sync run pays for it once.
 import dagster as dg
 
 from sync_pipeline.config.model import SyncConfig
-from sync_pipeline.defs.assets import POOL, plan_key
-from sync_pipeline.defs.resources import SyncStateResource
+from sync_pipeline.connection.keys import asset_key, pool, qualified
+from sync_pipeline.connection.resources import bound, required_keys
 from sync_pipeline.engine import mapping
 
 CHECK_NAME = "mapping_backfilled"
 
 
-def build_mapping_checks(config: SyncConfig) -> list[dg.AssetChecksDefinition]:
-    entities = {plan_key(e.name): e.name for e in config.entities if not e.is_derived}
+def build_mapping_checks(conn: str, config: SyncConfig) -> list[dg.AssetChecksDefinition]:
+    entities = {asset_key(conn, e.name, "plan"): e.name for e in config.entities if not e.is_derived}
     if not entities:
         return []
     specs = [dg.AssetCheckSpec(CHECK_NAME, asset=key, description=f"Every field mapped for `{name}` is synced: "
                                "none waits for its back-fill (sync-pipeline resync).")
              for key, name in entities.items()]
 
-    @dg.multi_asset_check(name=CHECK_NAME, specs=specs, can_subset=True, pool=POOL,
+    @dg.multi_asset_check(name=qualified(conn, CHECK_NAME), specs=specs, can_subset=True, pool=pool(conn),
+                          required_resource_keys=required_keys(conn, "state"),
                           description="Fields added to the mapping and not back-filled yet, per entity.")
-    def check(context: dg.AssetCheckExecutionContext, state: SyncStateResource):  # type: ignore[no-untyped-def]
+    def check(context: dg.AssetCheckExecutionContext):  # type: ignore[no-untyped-def]
+        state = bound(context, conn)[0]
         with state.connect() as con:
             for key in context.selected_asset_check_keys:
                 name = entities[key.asset_key]

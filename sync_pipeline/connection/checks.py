@@ -4,39 +4,41 @@
 import dagster as dg
 
 from sync_pipeline.config.model import Entity, SyncConfig
-from sync_pipeline.defs.assets import POOL, push_key
-from sync_pipeline.defs.resources import SyncStateResource
+from sync_pipeline.connection.keys import asset_key, pool
+from sync_pipeline.connection.resources import bound, required_keys
 from sync_pipeline.engine.plan.identity import QUARANTINE_BLOCK_FLOOR, QUARANTINE_BLOCK_SHARE
 
 MAX_REJECTED_RATE = 0.05
 
 
-def build_checks(config: SyncConfig) -> list[dg.AssetChecksDefinition]:
+def build_checks(conn: str, config: SyncConfig) -> list[dg.AssetChecksDefinition]:
     checks = []
     for e in config.entities:
-        checks.append(_held_records(e, "marketo"))
+        checks.append(_held_records(conn, e, "marketo"))
         if e.is_person:
-            checks.append(_held_records(e, "dynamics"))
-        checks.append(_rejected_rate(e))
+            checks.append(_held_records(conn, e, "dynamics"))
+        checks.append(_rejected_rate(conn, e))
         if e.is_person:
-            checks.append(_unique_person(config, e))
+            checks.append(_unique_person(conn, config, e))
     if "contact" in config.by_name and "account" in config.by_name:
-        checks.append(_references("contact", "externalCompanyId", "account",
+        checks.append(_references(conn, "contact", "externalCompanyId", "account",
                                   "contacts whose parent account is not in Dynamics"))
     if "opportunity" in config.by_name and "account" in config.by_name:
-        checks.append(_references("opportunity", "externalCompanyId", "account",
+        checks.append(_references(conn, "opportunity", "externalCompanyId", "account",
                                   "opportunities whose customer account is not in Dynamics"))
     return checks
 
 
-def _held_records(e: Entity, system: str) -> dg.AssetChecksDefinition:
+def _held_records(conn: str, e: Entity, system: str) -> dg.AssetChecksDefinition:
     """On every push asset: not green while any record is held (a held record never syncs until released)."""
     from sync_pipeline.admin import report
 
-    @dg.asset_check(asset=push_key(e.name, system), name="no_held_records", pool=POOL,
+    @dg.asset_check(asset=asset_key(conn, e.name, "push", system), name="no_held_records", pool=pool(conn),
+                    required_resource_keys=required_keys(conn, "state"),
                     description=f"No `{e.name}` record bound for {system.title()} is held (failed past the retry "
                                 "limit, rejected or quarantined); `sync-pipeline errors` lists them with the reason.")
-    def check(state: SyncStateResource) -> dg.AssetCheckResult:
+    def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        state = bound(context, conn)[0]
         with state.connect() as con:
             counts = report.failure_counts(con, e.name, system)
             sample = con.execute(f"""SELECT dynamics_id, code, message FROM failures WHERE entity = ? AND held
@@ -54,10 +56,12 @@ def _held_records(e: Entity, system: str) -> dg.AssetChecksDefinition:
     return check
 
 
-def _rejected_rate(e: Entity) -> dg.AssetChecksDefinition:
-    @dg.asset_check(asset=push_key(e.name), name="rejected_rate", pool=POOL,
+def _rejected_rate(conn: str, e: Entity) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset_key(conn, e.name, "push"), name="rejected_rate", pool=pool(conn),
+                    required_resource_keys=required_keys(conn, "state"),
                     description=f"Held records of `{e.name}` stay under {MAX_REJECTED_RATE:.0%} of the synced ones.")
-    def check(state: SyncStateResource) -> dg.AssetCheckResult:
+    def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        state = bound(context, conn)[0]
         with state.connect() as con:
             held = con.execute("SELECT count(*) FROM failures WHERE entity = ? AND held", [e.name]).fetchone()[0]
             synced = con.execute("SELECT count(*) FROM identity WHERE entity = ?", [e.name]).fetchone()[0]
@@ -72,17 +76,19 @@ def _rejected_rate(e: Entity) -> dg.AssetChecksDefinition:
     return check
 
 
-def _unique_person(config: SyncConfig, e: Entity) -> dg.AssetChecksDefinition:
+def _unique_person(conn: str, config: SyncConfig, e: Entity) -> dg.AssetChecksDefinition:
     persons = ", ".join(f"'{p.name}'" for p in config.persons)
 
-    @dg.asset_check(asset=push_key(e.name), name="one_person_per_record", pool=POOL, blocking=True,
+    @dg.asset_check(asset=asset_key(conn, e.name, "push"), name="one_person_per_record", pool=pool(conn),
+                    required_resource_keys=required_keys(conn, "state"), blocking=True,
                     description="No Marketo person is linked to two live Dynamics records, and no Dynamics record "
                                 "owns two Marketo persons. A record with such damage is quarantined (held with "
                                 "the reason; the rest keeps syncing): the check warns with the count. It fails "
                                 f"with ERROR, blocking what runs downstream, only when the damage spans the run: "
                                 f"more than {QUARANTINE_BLOCK_FLOOR} quarantined records and more than "
                                 f"{QUARANTINE_BLOCK_SHARE:.0%} of the linked ones.")
-    def check(state: SyncStateResource) -> dg.AssetCheckResult:
+    def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        state = bound(context, conn)[0]
         with state.connect() as con:
             shared = con.execute(f"""SELECT count(*) FROM (SELECT marketo_id FROM identity
                 WHERE entity IN ({persons}) AND state = 'active' GROUP BY marketo_id HAVING count(*) > 1)""").fetchone()[0]
@@ -110,10 +116,12 @@ def _unique_person(config: SyncConfig, e: Entity) -> dg.AssetChecksDefinition:
     return check
 
 
-def _references(entity: str, field: str, target: str, what: str) -> dg.AssetChecksDefinition:
-    @dg.asset_check(asset=push_key(entity), name=f"{field}_references_{target}", pool=POOL,
+def _references(conn: str, entity: str, field: str, target: str, what: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset_key(conn, entity, "push"), name=f"{field}_references_{target}", pool=pool(conn),
+                    required_resource_keys=required_keys(conn, "state"),
                     description=f"Referential integrity: {what}.")
-    def check(state: SyncStateResource) -> dg.AssetCheckResult:
+    def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        state = bound(context, conn)[0]
         with state.connect() as con:
             dangling = con.execute(f"""SELECT count(*) FROM d_{entity} x WHERE NOT x.deleted
                 AND x.f_{field} IS NOT NULL AND x.f_{field} NOT IN (SELECT id FROM d_{target} WHERE NOT deleted)""").fetchone()[0]

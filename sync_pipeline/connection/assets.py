@@ -1,14 +1,11 @@
-"""Assets, generated from the declared entities: extract -> plan -> push, per entity.
+"""One connection's assets, generated from its declared entities: extract -> plan -> push, per entity.
 
-Keys are path segments whose last part names the stage (the UI titles a node by that part):
-``dynamics/<entity>/extract`` and ``marketo/person/extract``, ``sync/<entity>/plan`` (three-way merge),
-``marketo/<entity>/push`` and, for leads and contacts, ``dynamics/<entity>/push`` (load). Keys are built only
-by the helpers below (``raw_key``, ``PERSON_RAW``, ``plan_key``, ``push_key``, ``key_name``): every module and
-test uses them, so a later prefix (e.g. a connection name) changes one place. Each asset is a thin shell
-around the engine's stages (``sync_pipeline.engine.extract``, ``.plan``, ``.push``).
-Every asset opens the DuckDB state file, so all carry ``pool="duckdb"`` (limit 1 in dagster.yaml):
-steps of concurrent runs queue instead of failing on the file lock, and Marketo is never called by
-two runs at once.
+Keys come from ``keys.asset_key`` (``<connection>/<system>/<entity>/<stage>``). Each asset is a thin shell around
+the engine's stages (``sync_pipeline.engine.extract``, ``.plan``,
+``.push``). Every asset opens the connection's DuckDB state file, so all carry the
+connection's pool (``keys.pool``, limit 1 in dagster.yaml): steps of that connection's concurrent runs queue
+instead of failing on the file lock, while other connections run in parallel. No asset ``RetryPolicy``: transient
+API errors are retried by the clients, crashed runs by the instance's run retries (docs/operations.md).
 """
 
 
@@ -21,8 +18,9 @@ from typing import Any, Iterator
 import dagster as dg
 
 from sync_pipeline.config.model import Entity, SyncConfig
-from sync_pipeline.defs.partitions import is_latest_window
-from sync_pipeline.defs.resources import SyncStateResource
+from sync_pipeline.connection.keys import PERSON, asset_key, group_name, pool
+from sync_pipeline.connection.partitions import is_latest_window
+from sync_pipeline.connection.resources import SyncStateResource, bound, required_keys
 from sync_pipeline.engine import guard, mapping
 from sync_pipeline.engine.extract import extract_dynamics, extract_marketo_persons
 from sync_pipeline.engine.plan import plan_entity
@@ -33,38 +31,7 @@ from sync_pipeline.resources.marketo import MarketoResource
 # backfill_policy is marked beta in Dagster 1.13; we rely on it knowingly (multi-run backfills).
 warnings.filterwarnings("ignore", message=r".*backfill_policy.*", category=Warning)
 
-POOL = "duckdb"
 OWNERS = ["team:data-platform"]
-RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
-
-
-STAGES = ("extract", "plan", "push")
-
-
-def raw_key(entity: str) -> dg.AssetKey:
-    """The Dynamics extract (mirror) of an entity: ``dynamics/<entity>/extract``."""
-    return dg.AssetKey(["dynamics", entity, "extract"])
-
-
-PERSON_RAW = dg.AssetKey(["marketo", "person", "extract"])
-
-
-def plan_key(entity: str) -> dg.AssetKey:
-    return dg.AssetKey(["sync", entity, "plan"])
-
-
-def push_key(entity: str, system: str = "marketo") -> dg.AssetKey:
-    return dg.AssetKey([system, entity, "push"])
-
-
-def key_name(key: dg.AssetKey) -> str:
-    """The key as the UI and metadata print it, e.g. ``marketo/contact/push``."""
-    return key.to_user_string()
-
-
-def stage_of(key: dg.AssetKey) -> str:
-    """``extract``, ``plan`` or ``push``: the last part of every key this module builds."""
-    return key.path[-1]
 
 
 def mapping_version(config: SyncConfig | None, entity: Entity | None = None) -> str:
@@ -187,32 +154,33 @@ def guard_environment(con: Any, state: SyncStateResource, dynamics: DynamicsReso
     guard.check_environment(con, dynamics_org=str(org), marketo_instance=state.instance_id(marketo.base_url))
 
 
-def build_assets(config: SyncConfig, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
-    common: dict[str, Any] = dict(partitions_def=partitions, owners=OWNERS, pool=POOL,
+def build_assets(conn: str, config: SyncConfig, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    common: dict[str, Any] = dict(partitions_def=partitions, owners=OWNERS, pool=pool(conn),
                                   backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100))
     assets: list[dg.AssetsDefinition] = []
     if config.persons:
-        assets.append(_person_extract(config, common))
+        assets.append(_person_extract(conn, config, common))
     for e in config.entities:
         if not e.is_derived:
-            assets.append(_dynamics_extract(e, common))
-        assets.append(_plan(config, e, common))
-        assets.append(_marketo_push(config, e, common))
+            assets.append(_dynamics_extract(conn, e, common))
+        assets.append(_plan(conn, config, e, common))
+        assets.append(_marketo_push(conn, config, e, common))
         if e.is_person:
-            assets.append(_dynamics_push(config, e, common))
+            assets.append(_dynamics_push(conn, config, e, common))
     return assets
 
 
-def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
+def _dynamics_extract(conn: str, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     assert e.dynamics is not None
 
-    @dg.asset(key=raw_key(e.name), group_name=e.name, kinds={"dynamics", "duckdb"}, retry_policy=RETRY,
-              code_version=mapping_version(None, e),
+    @dg.asset(key=asset_key(conn, e.name, "extract"), group_name=group_name(conn, e.name),
+              kinds={"dynamics", "duckdb"}, code_version=mapping_version(None, e),
+              required_resource_keys=required_keys(conn, "state", "dynamics"),
               description=f"Mirror of Dynamics `{e.dynamics.entity_set}` rows modified in the partition window "
                           "(the latest window follows the change-tracking delta link, which also reports deletes).",
               **common)
-    def extract(context: dg.AssetExecutionContext, state: SyncStateResource,
-                dynamics: DynamicsResource) -> dg.MaterializeResult:
+    def extract(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        state, dynamics, _ = bound(context, conn)
         window = context.partition_time_window
         with permanent_errors_fail_fast(), state.connect() as con:
             client = dynamics.get_client()
@@ -229,13 +197,14 @@ def _dynamics_extract(e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     return extract
 
 
-def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefinition:
-    @dg.asset(key=PERSON_RAW, group_name="person", kinds={"marketo", "duckdb"}, retry_policy=RETRY,
-              code_version=mapping_version(config),
+def _person_extract(conn: str, config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefinition:
+    @dg.asset(key=asset_key(conn, PERSON, "extract"), group_name=group_name(conn, PERSON),
+              kinds={"marketo", "duckdb"}, code_version=mapping_version(config),
+              required_resource_keys=required_keys(conn, "state", "marketo"),
               description="Mirror of Marketo persons: bulk extract by updatedAt for the initial copy, then "
                           "lead-change, merge and deleted-lead activities since the stored paging token.", **common)
-    def extract(context: dg.AssetExecutionContext, state: SyncStateResource,
-                marketo: MarketoResource) -> dg.MaterializeResult:
+    def extract(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        state, _, marketo = bound(context, conn)
         window = context.partition_time_window
         with permanent_errors_fail_fast(), state.connect() as con:
             client = marketo.get_client()
@@ -253,21 +222,22 @@ def _person_extract(config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefi
     return extract
 
 
-def _plan(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
-    deps = [raw_key(e.derived_from or e.name)]
+def _plan(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
+    deps = [asset_key(conn, e.derived_from or e.name, "extract")]
     if e.is_person:
-        deps.append(PERSON_RAW)
+        deps.append(asset_key(conn, PERSON, "extract"))
     if e.name == "contact" and "lead" in config.by_name:  # qualification needs the lead's person first
-        deps += [push_key("lead"), push_key("lead", "dynamics")]
+        deps += [asset_key(conn, "lead", "push"), asset_key(conn, "lead", "push", "dynamics")]
     if e.is_derived:
-        deps += [push_key(d) for d in push_order(config, e)]
+        deps += [asset_key(conn, d, "push") for d in push_order(config, e)]
 
-    @dg.asset(key=plan_key(e.name), group_name=e.name, kinds={"duckdb"}, deps=deps,
-              code_version=mapping_version(config, e),
-              automation_condition=dg.AutomationCondition.eager(),
+    @dg.asset(key=asset_key(conn, e.name, "plan"), group_name=group_name(conn, e.name), kinds={"duckdb"},
+              deps=deps, code_version=mapping_version(config, e),
+              required_resource_keys=required_keys(conn, "state"),
               description=f"What the next sync writes for `{e.name}`: a field-level three-way merge of Dynamics, "
                           "Marketo and the last agreed values, with the rule behind every write.", **common)
-    def plan(context: dg.AssetExecutionContext, state: SyncStateResource) -> dg.MaterializeResult:
+    def plan(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        state, _, _ = bound(context, conn)
         with permanent_errors_fail_fast(), state.connect() as con:
             summary = plan_entity(con, state.config, e, context.run_id)
         md = summary.as_metadata()
@@ -277,17 +247,17 @@ def _plan(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDef
     return plan
 
 
-def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
-    deps = [plan_key(e.name)] + [push_key(d) for d in push_order(config, e)]
+def _marketo_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
+    deps = [asset_key(conn, e.name, "plan")] + [asset_key(conn, d, "push") for d in push_order(config, e)]
 
-    @dg.asset(key=push_key(e.name), group_name=e.name, kinds={"marketo"}, deps=deps, retry_policy=RETRY,
-              code_version=mapping_version(config, e),
-              automation_condition=dg.AutomationCondition.eager(),
+    @dg.asset(key=asset_key(conn, e.name, "push"), group_name=group_name(conn, e.name), kinds={"marketo"},
+              deps=deps, code_version=mapping_version(config, e),
+              required_resource_keys=required_keys(conn, "state", "dynamics", "marketo"),
               description=f"Writes the plan of `{e.name}` to Marketo `{e.marketo.object}` in batches of up to 300, "
                           "upserting by external ids so re-runs never duplicate; failures are kept and retried.",
               **common)
-    def push(context: dg.AssetExecutionContext, state: SyncStateResource, dynamics: DynamicsResource,
-             marketo: MarketoResource) -> dg.MaterializeResult:
+    def push(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        state, dynamics, marketo = bound(context, conn)
         with permanent_errors_fail_fast(), state.connect() as con:
             client = marketo.get_client()
             before = _calls(client)
@@ -309,15 +279,15 @@ def _marketo_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.A
     return push
 
 
-def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
-    @dg.asset(key=push_key(e.name, "dynamics"), group_name=e.name, kinds={"dynamics"}, retry_policy=RETRY,
-              code_version=mapping_version(config, e),
-              deps=[push_key(e.name)], automation_condition=dg.AutomationCondition.eager(),
+def _dynamics_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
+    @dg.asset(key=asset_key(conn, e.name, "push", "dynamics"), group_name=group_name(conn, e.name),
+              kinds={"dynamics"}, code_version=mapping_version(config, e), deps=[asset_key(conn, e.name, "push")],
+              required_resource_keys=required_keys(conn, "state", "dynamics", "marketo"),
               description=f"Writes Marketo-side changes of `{e.name}` persons back to Dynamics with `If-Match` etags "
                           "(a record changed meanwhile is re-read and re-planned, never overwritten blindly).",
               **common)
-    def push(context: dg.AssetExecutionContext, state: SyncStateResource, dynamics: DynamicsResource,
-             marketo: MarketoResource) -> dg.MaterializeResult:
+    def push(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        state, dynamics, marketo = bound(context, conn)
         with permanent_errors_fail_fast(), state.connect() as con:
             dclient, mclient = dynamics.get_client(), marketo.get_client()
             before = (_calls(dclient), _calls(mclient))
@@ -336,4 +306,3 @@ def _dynamics_push(config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.
                                                     "marketo": _calls(mclient) - before[1]}, lasting))
 
     return push
-
