@@ -149,8 +149,8 @@ def effective(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity
     if has_tables(con):
         rows = con.execute("SELECT entity, field FROM mapping_fields WHERE state = 'pending'").fetchall()
         # Whether the entity has a linked record: one row is enough (an EXISTS per row joined all of identity).
-        copied = {ent: bool(con.execute("SELECT count(*) FROM (SELECT 1 FROM identity WHERE entity = ? LIMIT 1)",
-                                        [ent]).fetchone()[0]) for ent in {r[0] for r in rows}}
+        copied = {ent: bool(one_row(con, "SELECT count(*) FROM (SELECT 1 FROM identity WHERE entity = ? LIMIT 1)",
+                                        [ent])[0]) for ent in {r[0] for r in rows}}
         rows = [(ent, name, copied[ent]) for ent, name in rows]
         # An entity with no linked record yet (never copied, or re-baselined) gets every field with its copy.
         fresh = sorted({ent for ent, _name, copied in rows if not copied})

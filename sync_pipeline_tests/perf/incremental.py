@@ -4,10 +4,11 @@ reads are counted (:mod:`sync_pipeline.engine.store.rows_read`)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 

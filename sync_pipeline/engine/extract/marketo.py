@@ -276,7 +276,7 @@ def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: 
             # The ledger's mark travels with each row, so a row and its mark are written in one statement.
             con.execute(f"""CREATE OR REPLACE TEMP TABLE persons_in AS
                 SELECT CAST(id AS BIGINT) AS id, "updatedAt" AS updated_at, CAST(? AS BIGINT) AS pending_seq,
-                       {", ".join(f"{e} AS {n}" for e, n in zip(exprs, names))} FROM {name}
+                       {", ".join(f"{e} AS {n}" for e, n in zip(exprs, names, strict=True))} FROM {name}
                 WHERE TRY_CAST(id AS BIGINT) IS NOT NULL
                 QUALIFY row_number() OVER (PARTITION BY CAST(id AS BIGINT) ORDER BY "updatedAt" DESC) = 1""",
                         [next_seq(con)])

@@ -13,6 +13,7 @@ from sync_pipeline.engine.store.state import (
     fcol,
     keyed_rows,
     latest_fields,
+    one_row,
     qi,
     sql_text,
 )
@@ -84,7 +85,7 @@ def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
         LEFT JOIN {b} b ON b.dynamics_id = work_set.did
         {person_join} {contact_join}""")
     recreate = entity.on_marketo_delete == "recreate"
-    con.execute(f"""ALTER TABLE joined_work ADD COLUMN cls VARCHAR""")
+    con.execute("""ALTER TABLE joined_work ADD COLUMN cls VARCHAR""")
     con.execute(f"""UPDATE joined_work SET cls = CASE
         WHEN state IN ('converted', 'merged') THEN 'inactive'
         WHEN marketo_id IS NULL AND d_deleted THEN 'gone'
@@ -271,8 +272,8 @@ def plan_slice(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
             summary.excluded += int(n)
         elif cls == "marketo_deleted":
             summary.tombstoned += int(n)
-    summary.unchanged += int(con.execute("""SELECT count(*) FROM joined_work WHERE cls = 'update' AND did NOT IN
-        (SELECT dynamics_id FROM plan WHERE entity = ? AND target IN ('marketo', 'dynamics'))""", [e]).fetchone()[0])
+    summary.unchanged += int(one_row(con, """SELECT count(*) FROM joined_work WHERE cls = 'update' AND did NOT IN
+        (SELECT dynamics_id FROM plan WHERE entity = ? AND target IN ('marketo', 'dynamics'))""", [e])[0])
     con.execute("DROP TABLE joined_work")
 
 

@@ -15,6 +15,7 @@ from sync_pipeline.engine.store.state import (
     column,
     fcol,
     keyed_rows,
+    one_row,
     qi,
     rows_equal,
     sql_text,
@@ -31,7 +32,7 @@ def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
                f"entity = {sql_text(e)}", "dynamics_id")
     keyed_rows(con, "unlinked_d", d, "id",
                column(con, "SELECT did FROM work_set WHERE did NOT IN (SELECT dynamics_id FROM work_links)"))
-    if not con.execute("SELECT count(*) FROM unlinked_d").fetchone()[0]:
+    if not one_row(con, "SELECT count(*) FROM unlinked_d")[0]:
         return
     persons = [p.name for p in config.persons]
     in_persons = "entity IN (" + ", ".join(sql_text(p) for p in persons) + ")"
@@ -142,7 +143,7 @@ def follow_dynamics_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, e
     d, person = qi(f"d_{entity.name}"), entity.is_person
     keyed_rows(con, "work_subordinates", d, "id", column(con, "SELECT did FROM work_set"),
                "master_id IS NOT NULL AND master_id <> id AND NOT deleted", "id")
-    if not con.execute("SELECT count(*) FROM work_subordinates").fetchone()[0]:
+    if not one_row(con, "SELECT count(*) FROM work_subordinates")[0]:
         return 0
     con.execute(f"""CREATE OR REPLACE TEMP TABLE dynamics_merges AS
         SELECT d.id AS sub, d.master_id AS master, i.marketo_id AS sub_mid, i.state AS sub_state,
@@ -158,7 +159,7 @@ def follow_dynamics_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, e
         LEFT JOIN identity im ON im.entity = $entity AND im.dynamics_id = d.master_id
         WHERE d.master_id IS NOT NULL AND d.master_id <> d.id AND NOT d.deleted
           AND i.state IS DISTINCT FROM 'merged'""", {"person": person, "entity": entity.name})
-    n = int(con.execute("SELECT count(*) FROM dynamics_merges").fetchone()[0])
+    n = int(one_row(con, "SELECT count(*) FROM dynamics_merges")[0])
     if not n:
         return 0
     summary.merged += n
@@ -273,7 +274,7 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
     # Repaired: the record plans normally again and its quarantine row goes.
     ledger.settle_quarantine(con, entity.name, run_id, now)
     con.execute("INSERT INTO held_back (did, cls) SELECT did, 'quarantined' FROM quarantined WHERE did NOT IN (SELECT did FROM held_back)")
-    summary.quarantined += int(con.execute("SELECT count(*) FROM quarantined").fetchone()[0])
+    summary.quarantined += int(one_row(con, "SELECT count(*) FROM quarantined")[0])
     return int(added[0]) if added else 0
 
 

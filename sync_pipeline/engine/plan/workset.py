@@ -7,7 +7,7 @@ from datetime import datetime
 import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
-from sync_pipeline.engine.store.state import column, keyed_rows, qi, sql_text
+from sync_pipeline.engine.store.state import column, keyed_rows, one_row, qi, sql_text
 
 PLAN_SLICE = 50_000  # records per three-way join
 
@@ -24,4 +24,4 @@ def work_set(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity,
     ids += column(con, f"SELECT dynamics_id FROM failures WHERE entity = {sql_text(e)} AND NOT held AND next_attempt_at <= ?",
                   [now])
     keyed_rows(con, "work_set", d, "id", ids, columns="id AS did, pending_seq AS d_seq")
-    return int(con.execute("SELECT count(*) FROM work_set").fetchone()[0])
+    return int(one_row(con, "SELECT count(*) FROM work_set")[0])

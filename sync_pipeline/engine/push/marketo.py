@@ -39,6 +39,7 @@ from sync_pipeline.engine.store.state import (
     fcol,
     keyed_rows,
     latest_fields,
+    one_row,
     record_stats,
     sql_text,
     utcnow,
@@ -138,7 +139,7 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
     if not parts:
         return
     con.execute(f"CREATE OR REPLACE TEMP TABLE raced AS {' UNION ALL '.join(parts)}")
-    n = con.execute("SELECT count(*) FROM raced").fetchone()[0]
+    n = one_row(con, "SELECT count(*) FROM raced")[0]
     if not n:
         return
     log.warning("%s: %d planned field write(s) to Marketo raced with an edit there; re-planned by policy",
@@ -168,7 +169,7 @@ def _race_rule(entity: Entity, f: FieldMap) -> str:
 
 def _values(maps: dict[str, FieldMap], fields: list[str], vals: list[str | None], drop_null: bool) -> dict[str, Any]:
     out = {}
-    for f, v in zip(fields, vals):
+    for f, v in zip(fields, vals, strict=True):
         if f is None or (drop_null and v is None):
             continue
         fm = maps.get(f)
@@ -288,7 +289,7 @@ def _push_roles(client: MarketoPort, entity: Entity, rows: list[tuple]) -> list[
     creates = []
     for row in rows:
         if row[1] == "create":
-            v = dict(zip(row[5], row[6]))
+            v = dict(zip(row[5], row[6], strict=True))
             creates.append((row, {"externalOpportunityId": v["externalOpportunityId"], "leadId": int(v["leadId"]),
                                   "role": v["role"], "isPrimary": True}))
     out: list[Result] = []

@@ -10,8 +10,9 @@ limit); ``finish`` takes the applied records out of the work set.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -27,6 +28,7 @@ from sync_pipeline.engine.store.state import (
     keyed_execute,
     keyed_rows,
     next_seq,
+    one_row,
     qi,
     sql_text,
 )
@@ -147,7 +149,7 @@ def set_link_state(con: duckdb.DuckDBPyConnection, entity: str, ids_query: str, 
 
 def _empty(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> bool:
     """No row in a small (work-sized) query: a statement driven by it that would still scan its target is skipped."""
-    return con.execute(f"SELECT count(*) FROM ({sql} LIMIT 1)", params or []).fetchone()[0] == 0
+    return one_row(con, f"SELECT count(*) FROM ({sql} LIMIT 1)", params or [])[0] == 0
 
 
 def _chunks(keys: list[Any]) -> Iterator[list[Any]]:
@@ -307,8 +309,8 @@ def record_outcomes(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: 
 
 
 def held_count(con: duckdb.DuckDBPyConnection, entity: str, target: str) -> int:
-    return int(con.execute("SELECT count(*) FROM failures WHERE entity = ? AND target = ? AND held",
-                           [entity, target]).fetchone()[0])
+    return int(one_row(con, "SELECT count(*) FROM failures WHERE entity = ? AND target = ? AND held",
+                           [entity, target])[0])
 
 
 def hold_fields(con: duckdb.DuckDBPyConnection, entity: Entity, dropped: list[tuple[str, list[tuple[str, str]]]],
@@ -381,7 +383,7 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
 def _on_merged(con: duckdb.DuckDBPyConnection, e: str, now: datetime) -> None:
     """A merged subordinate's person is gone into the master's: its link retires, the loser is retired in the
     mirror (``merged_into``; the Merge Leads activity read later finds nothing left to do)."""
-    if not con.execute("SELECT count(*) FROM written_plan WHERE op = 'merge'").fetchone()[0]:
+    if not one_row(con, "SELECT count(*) FROM written_plan WHERE op = 'merge'")[0]:
         return
     con.execute("""UPDATE identity SET state = 'merged', marketo_id = written_plan.new_value FROM written_plan
                    WHERE written_plan.op = 'merge' AND identity.entity = ? AND identity.dynamics_id = written_plan.dynamics_id""", [e])

@@ -16,8 +16,9 @@ import sys
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -97,7 +98,7 @@ class CountingConnection:
                 tally.by_table[table] += rows
                 tally.by_statement[key] += rows
 
-    def execute(self, sql: str, *args: Any, **kwargs: Any) -> "CountingConnection":
+    def execute(self, sql: str, *args: Any, **kwargs: Any) -> CountingConnection:
         # DuckDB finds Arrow tables named in the SQL among its caller's local variables; the caller is one
         # frame further out here, so they are registered for the statement.
         named = [(n, v) for n, v in sys._getframe(1).f_locals.items()
@@ -120,7 +121,7 @@ class CountingConnection:
             sql, self._last = self._last, None
             self._tally(sql)
 
-    def executemany(self, sql: str, *args: Any, **kwargs: Any) -> "CountingConnection":
+    def executemany(self, sql: str, *args: Any, **kwargs: Any) -> CountingConnection:
         self._harvest()
         self._con.executemany(sql, *args, **kwargs)
         return self

@@ -30,9 +30,10 @@ import hashlib
 import json
 import os
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 
@@ -45,7 +46,7 @@ SCHEMA_VERSION = "keyed-1"
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def qi(name: str) -> str:
@@ -91,7 +92,7 @@ def open_connection(path: str | Path, read_only: bool = False, wait: float = LOC
     delay = 0.05
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # DuckDB would cache up to 80% of RAM; the sync keeps a flat, modest footprint and spills the rest.
-    settings = {"memory_limit": os.environ.get("SYNC_DUCKDB_MEMORY_LIMIT", "512MB"), "threads": 2,
+    settings: dict[str, str | bool | int | float | list[str]] = {"memory_limit": os.environ.get("SYNC_DUCKDB_MEMORY_LIMIT", "512MB"), "threads": 2,
                 "preserve_insertion_order": False}
     if os.environ.get("SYNC_DUCKDB_TEMP_DIR"):  # where DuckDB spills beyond its memory limit (default: <state>.tmp)
         settings["temp_directory"] = os.environ["SYNC_DUCKDB_TEMP_DIR"]
@@ -289,7 +290,7 @@ def mark_ledger_before_values(con: duckdb.DuckDBPyConnection) -> None:
     """Remember from which ledger row on one-way object writes carry a real before-value (older versions
     stored NULL for them): rollback treats an older NULL as unknown, never as "blank it"."""
     con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
-    if not con.execute("SELECT count(*) FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM]).fetchone()[0]:
+    if not one_row(con, "SELECT count(*) FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM])[0]:
         con.execute("INSERT INTO schema_meta SELECT ?, CAST(COALESCE(max(seq), 0) + 1 AS VARCHAR) FROM ledger",
                     [BEFORE_VALUES_FROM])
 
@@ -313,7 +314,7 @@ def _add_missing_columns(con: duckdb.DuckDBPyConnection, table: str, fields: lis
 
 
 def next_seq(con: duckdb.DuckDBPyConnection) -> int:
-    return int(con.execute("SELECT nextval('change_seq')").fetchone()[0])
+    return int(one_row(con, "SELECT nextval('change_seq')")[0])
 
 
 def get_cursor(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
