@@ -40,30 +40,43 @@ def connection(name: str = DEFAULT_CONNECTION, **overrides: Any) -> SyncConnecti
 
 
 @lru_cache(maxsize=8)
-def _definitions(spec_json: str, settings: tuple[tuple[str, str], ...] | None,
-                 build_env: tuple[str | None, ...]) -> dg.Definitions:
+def _definitions(
+    spec_json: str, settings: tuple[tuple[str, str], ...] | None, build_env: tuple[str | None, ...]
+) -> dg.Definitions:
     spec = SyncConnection.model_validate_json(spec_json)
-    return dg.Definitions.merge(spec.definitions(dict(settings) if settings is not None else None),
-                                dg.Definitions(executor=dg.in_process_executor))
+    return dg.Definitions.merge(
+        spec.definitions(dict(settings) if settings is not None else None),
+        dg.Definitions(executor=dg.in_process_executor),
+    )
 
 
-def definitions(spec: SyncConnection | None = None, settings: Mapping[str, str] | None = None) -> dg.Definitions:
+def definitions(
+    spec: SyncConnection | None = None, settings: Mapping[str, str] | None = None
+) -> dg.Definitions:
     """The definitions of one connection (cached per resolved declaration and settings)."""
     spec = spec or connection()
     # Optional non-secret settings (CA bundle, Munchkin id) are read when the resources are built: part of the key.
     build_env = () if settings is not None else tuple(os.environ.get(n or "") for n in spec.build_time_env())
-    return _definitions(spec.model_dump_json(), tuple(sorted(settings.items())) if settings is not None else None,
-                        build_env)
+    return _definitions(
+        spec.model_dump_json(), tuple(sorted(settings.items())) if settings is not None else None, build_env
+    )
 
 
 def partition_keys(spec: SyncConnection | None = None) -> list[str]:
     return list(build_partitions((spec or connection()).config).get_partition_keys())
 
 
-def run_sync(instance: dg.DagsterInstance, *, scope: str = "latest", raise_on_error: bool = True,
-             tags: dict[str, str] | None = None, selection: list[dg.AssetKey] | None = None,
-             log_level: str = "WARNING", spec: SyncConnection | None = None,
-             settings: Mapping[str, str] | None = None) -> dg.ExecuteInProcessResult:
+def run_sync(
+    instance: dg.DagsterInstance,
+    *,
+    scope: str = "latest",
+    raise_on_error: bool = True,
+    tags: dict[str, str] | None = None,
+    selection: list[dg.AssetKey] | None = None,
+    log_level: str = "WARNING",
+    spec: SyncConnection | None = None,
+    settings: Mapping[str, str] | None = None,
+) -> dg.ExecuteInProcessResult:
     """``scope``: "all" (initial copy, every partition), "latest", or "<start>...<end>" partition keys."""
     spec = spec or connection()
     keys = partition_keys(spec)
@@ -77,9 +90,13 @@ def run_sync(instance: dg.DagsterInstance, *, scope: str = "latest", raise_on_er
     run_tags.update(tags or {})
     job = definitions(spec, settings).resolve_job_def(sync_job_name(spec.connection))
     # The console logger at WARNING: step events stay in the instance's event log (and the UI), not on stdout.
-    return job.execute_in_process(instance=instance, tags=run_tags, raise_on_error=raise_on_error,
-                                  asset_selection=selection,
-                                  run_config={"loggers": {"console": {"config": {"log_level": log_level}}}})
+    return job.execute_in_process(
+        instance=instance,
+        tags=run_tags,
+        raise_on_error=raise_on_error,
+        asset_selection=selection,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
 
 
 def materialized_metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]:

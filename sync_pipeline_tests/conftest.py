@@ -11,8 +11,12 @@ from sync_pipeline.sandbox.runner import Sandbox
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--long", action="store_true", default=False,
-                     help="also run tests marked 'slow' (large scales, soaks)")
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="also run tests marked 'slow' (large scales, soaks)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -67,7 +71,9 @@ class SyncHarness:
 
 
 @pytest.fixture
-def harness(populated_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncHarness]:
+def harness(
+    populated_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[SyncHarness]:
     """The tiny org in the sandbox, the pipeline's environment pointing at it, an empty state store."""
     for key, value in populated_sandbox.settings().items():
         monkeypatch.setenv(key, value)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LINT = ("import sys; from importlinter.cli import lint_imports; "
-        "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))")
+LINT = (
+    "import sys; from importlinter.cli import lint_imports; "
+    "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))"
+)
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
@@ -29,14 +31,21 @@ def test_the_import_contracts_are_kept() -> None:
 
 def test_a_leak_breaks_its_contract(tmp_path) -> None:  # the contracts can fail
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    shutil.copytree(ROOT / "sync_pipeline", tmp_path / "sync_pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "sync_pipeline", tmp_path / "sync_pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (tmp_path / "sync_pipeline" / "engine" / "leak.py").write_text(
-        "import dagster\nfrom sync_pipeline.clients import marketo\n")
-    (tmp_path / "sync_pipeline" / "sandbox" / "leak.py").write_text("from sync_pipeline.config import model\n")
+        "import dagster\nfrom sync_pipeline.clients import marketo\n"
+    )
+    (tmp_path / "sync_pipeline" / "sandbox" / "leak.py").write_text(
+        "from sync_pipeline.config import model\n"
+    )
     result = _lint(tmp_path)
     assert result.returncode != 0
-    for line in ("sync_pipeline.engine.leak -> dagster", "sync_pipeline.engine.leak -> sync_pipeline.clients.marketo",
-                 "sync_pipeline.sandbox.leak -> sync_pipeline.config.model"):
+    for line in (
+        "sync_pipeline.engine.leak -> dagster",
+        "sync_pipeline.engine.leak -> sync_pipeline.clients.marketo",
+        "sync_pipeline.sandbox.leak -> sync_pipeline.config.model",
+    ):
         assert line in result.stdout, result.stdout[-5000:]
     assert "3 broken" in result.stdout, result.stdout[-3000:]

@@ -30,18 +30,53 @@ from sync_pipeline.config.model import DEFAULT_PATH
 from sync_pipeline.engine import orgmeta
 
 # Dataverse AttributeType -> our transform (AttributeTypeCode page; DateOnly behaviour -> date).
-_TRANSFORMS = {"String": "text", "Memo": "text", "Integer": "integer", "BigInt": "integer", "Decimal": "number",
-               "Double": "number", "Money": "number", "Boolean": "boolean", "DateTime": "datetime",
-               "Picklist": "picklist", "State": "picklist", "Status": "picklist", "Lookup": "lookup",
-               "Owner": "owner", "Customer": "customer_account", "Uniqueidentifier": "text"}
+_TRANSFORMS = {
+    "String": "text",
+    "Memo": "text",
+    "Integer": "integer",
+    "BigInt": "integer",
+    "Decimal": "number",
+    "Double": "number",
+    "Money": "number",
+    "Boolean": "boolean",
+    "DateTime": "datetime",
+    "Picklist": "picklist",
+    "State": "picklist",
+    "Status": "picklist",
+    "Lookup": "lookup",
+    "Owner": "owner",
+    "Customer": "customer_account",
+    "Uniqueidentifier": "text",
+}
 # ... and the Marketo dataType a created lead field gets (Field Management page's data types).
-_MARKETO_TYPES = {"text": "string", "integer": "integer", "number": "float", "boolean": "boolean",
-                  "datetime": "datetime", "date": "date", "picklist": "string", "lookup": "string",
-                  "owner": "string", "customer_account": "string"}
+_MARKETO_TYPES = {
+    "text": "string",
+    "integer": "integer",
+    "number": "float",
+    "boolean": "boolean",
+    "datetime": "datetime",
+    "date": "date",
+    "picklist": "string",
+    "lookup": "string",
+    "owner": "string",
+    "customer_account": "string",
+}
 _SYSTEM_FIELDS = {"marketoGUID", "createdAt", "updatedAt", "dynamicsIsDeleted", "id"}
-_SYSTEM_COLUMNS = {"createdon", "modifiedon", "versionnumber", "createdby", "modifiedby", "statuscode",
-                   "importsequencenumber", "overriddencreatedon", "timezoneruleversionnumber",
-                   "utcconversiontimezonecode", "owningbusinessunit", "owninguser", "owningteam"}
+_SYSTEM_COLUMNS = {
+    "createdon",
+    "modifiedon",
+    "versionnumber",
+    "createdby",
+    "modifiedby",
+    "statuscode",
+    "importsequencenumber",
+    "overriddencreatedon",
+    "timezoneruleversionnumber",
+    "utcconversiontimezonecode",
+    "owningbusinessunit",
+    "owninguser",
+    "owningteam",
+}
 TEMPLATE_EXAMPLES = {"project"}  # the packaged file's custom-entity example: not a native default
 _RELATED = {"lead": ("contact", "lead"), "company": ("account",), "opportunity": ("opportunity",)}
 HEADER = """\
@@ -104,11 +139,17 @@ def _marketo_objects(mclient: Any) -> tuple[dict[str, dict[str, Any]], dict[str,
     from sync_pipeline.clients.marketo import MarketoError
 
     std: dict[str, dict[str, Any]] = {"lead": mclient.describe2()}
-    for name, path in (("company", "companies"), ("opportunity", "opportunities"),
-                       ("opportunityRole", "opportunities/roles"), ("salesPerson", "salespersons")):
+    for name, path in (
+        ("company", "companies"),
+        ("opportunity", "opportunities"),
+        ("opportunityRole", "opportunities/roles"),
+        ("salesPerson", "salespersons"),
+    ):
         try:
             std[name] = mclient.describe_object(path)
-        except MarketoError as exc:  # e.g. disabled while Marketo's native CRM sync is on (Lead Database page)
+        except (
+            MarketoError
+        ) as exc:  # e.g. disabled while Marketo's native CRM sync is on (Lead Database page)
             std[name] = {"error": str(exc)}
     custom: dict[str, dict[str, Any]] = {}
     for c in mclient.list_custom_objects():
@@ -123,10 +164,14 @@ def _fields_of(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
     template = _template()
     tables = dclient.entity_definitions(select="LogicalName,EntitySetName,IsCustomEntity")
-    custom_tables = sorted(t["LogicalName"] for t in tables if t.get("IsCustomEntity")
-                           and t["LogicalName"].startswith(prefix))
-    native = [e for e in template["entities"] if e["name"] not in TEMPLATE_EXAMPLES
-              and (e.get("dynamics") or {}).get("table") not in custom_tables]
+    custom_tables = sorted(
+        t["LogicalName"] for t in tables if t.get("IsCustomEntity") and t["LogicalName"].startswith(prefix)
+    )
+    native = [
+        e
+        for e in template["entities"]
+        if e["name"] not in TEMPLATE_EXAMPLES and (e.get("dynamics") or {}).get("table") not in custom_tables
+    ]
     std_tables = [e["dynamics"]["table"] for e in native if e.get("dynamics")]
     meta = orgmeta.read_metadata(dclient, std_tables + custom_tables)
     std, custom = _marketo_objects(mclient)
@@ -141,7 +186,9 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
         if e.get("dynamics"):
             tm = meta.table(e["dynamics"]["table"])
             if tm is None:
-                out.notes.append(f"table {e['dynamics']['table']!r} is not in the org: entity {e['name']!r} left out")
+                out.notes.append(
+                    f"table {e['dynamics']['table']!r} is not in the org: entity {e['name']!r} left out"
+                )
                 names.discard(e["name"])
                 continue
             flt = e.get("sync_filter_column", "new_synctomkto")
@@ -190,13 +237,17 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
                     spec = _missing_field(attr, table)
                     if spec.name not in {m.name for m in out.missing_marketo_fields}:
                         out.missing_marketo_fields.append(spec)
-                    comments.append(f"custom column {attr.name} ({attr.display or attr.name}): no Marketo lead "
-                                    f"field named {attr.display or attr.name!r}; --create-marketo-fields creates "
-                                    f"{spec.name} ({spec.data_type})")
+                    comments.append(
+                        f"custom column {attr.name} ({attr.display or attr.name}): no Marketo lead "
+                        f"field named {attr.display or attr.name!r}; --create-marketo-fields creates "
+                        f"{spec.name} ({spec.data_type})"
+                    )
                 else:
-                    comments.append(f"custom column {attr.name} ({attr.display or attr.name}): no {obj} field "
-                                    "with that display name (Marketo's standard objects take no custom fields "
-                                    "through the API)")
+                    comments.append(
+                        f"custom column {attr.name} ({attr.display or attr.name}): no {obj} field "
+                        "with that display name (Marketo's standard objects take no custom fields "
+                        "through the API)"
+                    )
                 continue
             e.setdefault("extra_fields", []).append(fmap)
             used_m.add(fmap["marketo"])
@@ -206,22 +257,34 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
         tm = meta.table(table)
         if tm is None:
             continue
-        obj = next((c for c, d in custom.items() if norm(d.get("displayName", "")) == norm(tm.display)
-                    or norm(c.removesuffix("_c")) == norm(_bare(table))), None)
+        obj = next(
+            (
+                c
+                for c, d in custom.items()
+                if norm(d.get("displayName", "")) == norm(tm.display)
+                or norm(c.removesuffix("_c")) == norm(_bare(table))
+            ),
+            None,
+        )
         name = _bare(table)
         if obj is None:
             out.comments.setdefault("", []).append(
                 f"custom table {table} ({tm.display}) has no Marketo custom object with that display name: create "
-                f"one (a dedupe field for {tm.primary_id}, one field per column) and run init again")
+                f"one (a dedupe field for {tm.primary_id}, one field per column) and run init again"
+            )
             continue
         doc = custom[obj]
         dedupe = list(doc.get("dedupeFields") or [])
         if len(dedupe) != 1:
-            out.comments.setdefault("", []).append(f"custom object {obj} has dedupe fields {dedupe}; one field "
-                                                   f"holding the {table} id is needed")
+            out.comments.setdefault("", []).append(
+                f"custom object {obj} has dedupe fields {dedupe}; one field holding the {table} id is needed"
+            )
             continue
-        block = {"name": name, "dynamics": {"table": table, "entity_set": tm.entity_set},
-                                 "marketo": {"object": obj, "key": dedupe[0]}}
+        block = {
+            "name": name,
+            "dynamics": {"table": table, "entity_set": tm.entity_set},
+            "marketo": {"object": obj, "key": dedupe[0]},
+        }
         if "new_synctomkto" not in tm.attributes:
             block["sync_filter_column"] = None
         comments = out.comments.setdefault(name, [])
@@ -232,8 +295,10 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
                 continue
             column = _column_for(fname, mf, links.get(fname), tm, used)
             if column is None:
-                comments.append(f"Marketo field {fname} ({mf.get('displayName') or fname}) of {obj}: no column of "
-                                f"{table} with that display name")
+                comments.append(
+                    f"Marketo field {fname} ({mf.get('displayName') or fname}) of {obj}: no column of "
+                    f"{table} with that display name"
+                )
                 continue
             used.add(column.name)
             fmap = _field_for(column, meta, names | {name}, {fname: mf}, force=fname)
@@ -241,19 +306,32 @@ def discover(dclient: Any, mclient: Any, prefix: str = "") -> Discovery:
                 fields.append(fmap)
         for attr in tm.attributes.values():
             if attr.name not in used and attr.custom and attr.name != tm.primary_id:
-                comments.append(f"column {attr.name} ({attr.display}): no field of {obj} with that display name")
+                comments.append(
+                    f"column {attr.name} ({attr.display}): no field of {obj} with that display name"
+                )
         block["fields"] = fields
         out.entities.append(block)
         names.add(name)
     return out
 
 
-def _field_for(attr: orgmeta.Attribute, meta: orgmeta.OrgMetadata, entities: set[str],
-               mfields: dict[str, dict[str, Any]], force: str | None = None) -> dict[str, Any] | None:
+def _field_for(
+    attr: orgmeta.Attribute,
+    meta: orgmeta.OrgMetadata,
+    entities: set[str],
+    mfields: dict[str, dict[str, Any]],
+    force: str | None = None,
+) -> dict[str, Any] | None:
     """The field map of a column, if a Marketo field matches it (or ``force`` names the field)."""
-    target_name = force or next((n for n, mf in mfields.items()
-                                 if norm(str(mf.get("displayName") or n)) in (norm(attr.display), norm(_bare(attr.name)))
-                                 or norm(n) == norm(attr.display)), None)
+    target_name = force or next(
+        (
+            n
+            for n, mf in mfields.items()
+            if norm(str(mf.get("displayName") or n)) in (norm(attr.display), norm(_bare(attr.name)))
+            or norm(n) == norm(attr.display)
+        ),
+        None,
+    )
     if target_name is None:
         return None
     transform = _TRANSFORMS.get(attr.type)
@@ -281,8 +359,9 @@ def _entity_of(table: str, meta: orgmeta.OrgMetadata) -> str:
     return _bare(table) if tm is not None and tm.custom else table
 
 
-def _column_for(fname: str, mf: dict[str, Any], link: dict[str, Any] | None, tm: orgmeta.TableMeta,
-                used: set[str]) -> orgmeta.Attribute | None:
+def _column_for(
+    fname: str, mf: dict[str, Any], link: dict[str, Any] | None, tm: orgmeta.TableMeta, used: set[str]
+) -> orgmeta.Attribute | None:
     """The column of a custom table that fills a custom object field: a link field by its relationship's
     target, anything else by display name (or its logical name without the publisher prefix)."""
     free = [a for a in tm.attributes.values() if a.name not in used and a.name not in _SYSTEM_COLUMNS]
@@ -322,9 +401,15 @@ def create_marketo_fields(mclient: Any, found: Discovery) -> list[tuple[str, str
         return []
     inputs = []
     for m in found.missing_marketo_fields:
-        item: dict[str, Any] = {"name": m.name, "displayName": m.display_name, "dataType": m.data_type,
-                                "description": f"Dynamics {m.table}.{m.column} (created by sync-pipeline init)",
-                                "isHidden": False, "isHtmlEncodingInEmail": True, "isSensitive": False}
+        item: dict[str, Any] = {
+            "name": m.name,
+            "displayName": m.display_name,
+            "dataType": m.data_type,
+            "description": f"Dynamics {m.table}.{m.column} (created by sync-pipeline init)",
+            "isHidden": False,
+            "isHtmlEncodingInEmail": True,
+            "isSensitive": False,
+        }
         if m.length:
             item["length"] = m.length
         inputs.append(item)
@@ -348,7 +433,9 @@ def render_data(sync: dict[str, Any], entities: list[dict[str, Any]], comments: 
     lines += ["", "entities:"]
     for e in entities:
         lines.append(f"  - name: {e['name']}")
-        lines += [f"    {k}: {_value(v)}" for k, v in e.items() if k not in ("name", "fields", "extra_fields")]
+        lines += [
+            f"    {k}: {_value(v)}" for k, v in e.items() if k not in ("name", "fields", "extra_fields")
+        ]
         for part in ("fields", "extra_fields"):
             if part not in e:
                 continue
@@ -386,7 +473,9 @@ def merge_with_existing(found: Discovery, existing: str) -> str:
     for d in found.entities:
         e = by_name.get(d["name"]) or by_table.get((d.get("dynamics") or {}).get("table"))
         if e is None:
-            block = render_data({}, [d], {d["name"]: found.comments.get(d["name"], [])}).split("entities:\n", 1)[1]
+            block = render_data({}, [d], {d["name"]: found.comments.get(d["name"], [])}).split(
+                "entities:\n", 1
+            )[1]
             tail.append(f"found in the org, not mapped here (uncomment to sync): entity {d['name']}")
             tail += [ln[2:] if ln.startswith("  ") else ln for ln in block.rstrip().splitlines()]
             continue
@@ -397,7 +486,11 @@ def merge_with_existing(found: Discovery, existing: str) -> str:
             for f in d.get(part) or []:
                 if f["marketo"] not in have and f["dynamics"] not in have_cols:
                     notes.append(f"available in the org, not mapped here: - {_fmap(f)}")
-        notes += [c for c in found.comments.get(d["name"], []) if not c.startswith(("not in this org", "no Marketo"))]
+        notes += [
+            c
+            for c in found.comments.get(d["name"], [])
+            if not c.startswith(("not in this org", "no Marketo"))
+        ]
     for e in mine:
         table = (e.get("dynamics") or {}).get("table")
         tm = found.meta.table(table) if table and found.meta is not None else None
@@ -406,6 +499,7 @@ def merge_with_existing(found: Discovery, existing: str) -> str:
         for f in (f for p in ("fields", "extra_fields") for f in e.get(p) or []):
             if f.get("dynamics") not in tm.attributes:
                 comments.setdefault(str(e.get("name")), []).append(
-                    f"no longer in the org: column {f.get('dynamics')} (validate fails until it is fixed or removed)")
+                    f"no longer in the org: column {f.get('dynamics')} (validate fails until it is fixed or removed)"
+                )
     comments[""] = list(found.comments.get("", [])) + tail
     return render_data(raw.get("sync") or found.sync, mine, comments)

@@ -56,20 +56,29 @@ def _where(entities: list[str], run_id: str | None) -> tuple[str, list[str]]:
     return sql, params
 
 
-def object_before_values(con: duckdb.DuckDBPyConnection, config: SyncConfig, entities: list[str], run_id: str,
-                         marketo: Any) -> dict[tuple[str, str, str], Any]:
+def object_before_values(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, entities: list[str], run_id: str, marketo: Any
+) -> dict[tuple[str, str, str], Any]:
     """What Marketo holds now for the plan's updates of one-way objects (companies, opportunities, sales
     persons, custom objects), read for exactly those records: (entity, dynamics id, field) -> canonical value
     (``None`` blank, ``rollback.GONE`` record gone, ``rollback.UNKNOWN`` could not be read)."""
     from sync_pipeline.admin import rollback as rb
 
-    names = [e for e in entities if e in config.by_name and not config.by_name[e].is_person
-             and not config.by_name[e].is_derived]
+    names = [
+        e
+        for e in entities
+        if e in config.by_name and not config.by_name[e].is_person and not config.by_name[e].is_derived
+    ]
     if not names:
         return {}
-    items = [rb.Item(0, e, did, mid, "marketo", "update", f, None, None) for e, did, mid, f in con.execute(
-        f"""SELECT entity, dynamics_id, marketo_id, field FROM plan WHERE run_id = ? AND target = 'marketo'
-            AND op = 'update' AND entity IN ({', '.join('?' for _ in names)})""", [run_id, *names]).fetchall()]
+    items = [
+        rb.Item(0, e, did, mid, "marketo", "update", f, None, None)
+        for e, did, mid, f in con.execute(
+            f"""SELECT entity, dynamics_id, marketo_id, field FROM plan WHERE run_id = ? AND target = 'marketo'
+            AND op = 'update' AND entity IN ({", ".join("?" for _ in names)})""",
+            [run_id, *names],
+        ).fetchall()
+    ]
     current = rb.read_current(config, items, None, marketo)
     out: dict[tuple[str, str, str], Any] = {}
     for it in items:
@@ -79,8 +88,13 @@ def object_before_values(con: duckdb.DuckDBPyConnection, config: SyncConfig, ent
     return out
 
 
-def plan_rows(con: duckdb.DuckDBPyConnection, entities: list[str], run_id: str | None = None,
-              batch: int = 10_000, before: dict[tuple[str, str, str], Any] | None = None) -> Iterator[tuple]:
+def plan_rows(
+    con: duckdb.DuckDBPyConnection,
+    entities: list[str],
+    run_id: str | None = None,
+    batch: int = 10_000,
+    before: dict[tuple[str, str, str], Any] | None = None,
+) -> Iterator[tuple]:
     """The stored plan rows in a stable order, streamed in batches (``before``: read before-values)."""
     from sync_pipeline.admin.rollback import display
 
@@ -88,25 +102,34 @@ def plan_rows(con: duckdb.DuckDBPyConnection, entities: list[str], run_id: str |
     # Before-values: a known empty value is "(blank)", a record the write creates has none ("(new record)").
     # One-way objects have no Marketo mirror: the stored plan has the value we last wrote there; ``before``
     # (object_before_values) has what Marketo holds now, and the push reads it again before writing.
-    cur = con.execute(f"""SELECT entity, dynamics_id, marketo_id, target, op, field,
+    cur = con.execute(
+        f"""SELECT entity, dynamics_id, marketo_id, target, op, field,
                                  CASE WHEN old_value IS NOT NULL OR field IS NULL THEN old_value
                                       WHEN op = 'create' THEN '(new record)'
                                       WHEN op IN ('update', 'flag', 'delete', 'hold') THEN '(blank)' END,
                                  new_value, rule
-                          FROM plan WHERE {where} ORDER BY entity, target, op, dynamics_id, field""", params)
+                          FROM plan WHERE {where} ORDER BY entity, target, op, dynamics_id, field""",
+        params,
+    )
     while rows := cur.fetchmany(batch):
         if before:
-            rows = [r[:6] + (display(before[(r[0], r[1], r[5])]),) + r[7:] if (r[0], r[1], r[5]) in before else r
-                    for r in rows]
+            rows = [
+                r[:6] + (display(before[(r[0], r[1], r[5])]),) + r[7:] if (r[0], r[1], r[5]) in before else r
+                for r in rows
+            ]
         yield from rows
 
 
-def plan_counts(con: duckdb.DuckDBPyConnection, entities: list[str], run_id: str | None = None
-                ) -> list[tuple[str, str, str, int, int]]:
+def plan_counts(
+    con: duckdb.DuckDBPyConnection, entities: list[str], run_id: str | None = None
+) -> list[tuple[str, str, str, int, int]]:
     """(entity, target, op, records, fields) per kind of write."""
     where, params = _where(entities, run_id)
-    return con.execute(f"""SELECT entity, target, op, count(DISTINCT dynamics_id), count(*) FROM plan
-                           WHERE {where} GROUP BY ALL ORDER BY ALL""", params).fetchall()
+    return con.execute(
+        f"""SELECT entity, target, op, count(DISTINCT dynamics_id), count(*) FROM plan
+                           WHERE {where} GROUP BY ALL ORDER BY ALL""",
+        params,
+    ).fetchall()
 
 
 def write_csv(rows: Iterator[tuple], path: Path) -> int:

@@ -42,8 +42,9 @@ class FailureCounts:
     classes: dict[str, int]  # held records per reason class
 
 
-def failure_counts(con: duckdb.DuckDBPyConnection, entity: str | None = None, system: str | None = None
-                   ) -> FailureCounts:
+def failure_counts(
+    con: duckdb.DuckDBPyConnection, entity: str | None = None, system: str | None = None
+) -> FailureCounts:
     """Held / quarantined / retrying records of an entity (all entities: None), as the ``failures`` table has them."""
     where, params = ["true"], []
     if entity is not None:
@@ -53,10 +54,18 @@ def failure_counts(con: duckdb.DuckDBPyConnection, entity: str | None = None, sy
         where.append(target_filter(system))
     sql = " AND ".join(where)
     held, quarantined, retrying = one_row(
-        con, f"""SELECT count(*) FILTER (WHERE held), count(*) FILTER (WHERE held AND code LIKE 'quarantine%'),
-                        count(*) FILTER (WHERE NOT held) FROM failures WHERE {sql}""", params)
-    classes = dict(con.execute(f"SELECT {reason_class_sql()} AS c, count(*) FROM failures WHERE held AND {sql} "
-                               "GROUP BY c ORDER BY 2 DESC, 1", params).fetchall())
+        con,
+        f"""SELECT count(*) FILTER (WHERE held), count(*) FILTER (WHERE held AND code LIKE 'quarantine%'),
+                        count(*) FILTER (WHERE NOT held) FROM failures WHERE {sql}""",
+        params,
+    )
+    classes = dict(
+        con.execute(
+            f"SELECT {reason_class_sql()} AS c, count(*) FROM failures WHERE held AND {sql} "
+            "GROUP BY c ORDER BY 2 DESC, 1",
+            params,
+        ).fetchall()
+    )
     return FailureCounts(int(held), int(quarantined), int(retrying), {k: int(v) for k, v in classes.items()})
 
 
@@ -84,8 +93,12 @@ class EntityStatus:
 
 
 def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
-    return {r[0] for r in con.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
+    return {
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+        ).fetchall()
+    }
 
 
 def _counts_by_entity(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
@@ -96,16 +109,23 @@ def status(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> list[EntitySta
     tables = _tables(con)
     missing = {"run_stats", "ledger", "failures", "conflicts"} - tables
     if missing:
-        raise LookupError(f"the state store has no {', '.join(sorted(missing))} table: no sync has run against it")
-    last_sync = {e: (t, r) for e, t, r in con.execute(
-        f"""SELECT entity, max(recorded_at), arg_max(run_id, recorded_at) FROM run_stats
-            WHERE stage IN {PUSH_STAGES} GROUP BY entity""").fetchall()}
+        raise LookupError(
+            f"the state store has no {', '.join(sorted(missing))} table: no sync has run against it"
+        )
+    last_sync = {
+        e: (t, r)
+        for e, t, r in con.execute(
+            f"""SELECT entity, max(recorded_at), arg_max(run_id, recorded_at) FROM run_stats
+            WHERE stage IN {PUSH_STAGES} GROUP BY entity"""
+        ).fetchall()
+    }
     last_write = dict(con.execute("SELECT entity, max(written_at) FROM ledger GROUP BY entity").fetchall())
     retrying = _counts_by_entity(con, "SELECT entity, count(*) FROM failures WHERE NOT held GROUP BY entity")
     held = _counts_by_entity(con, "SELECT entity, count(*) FROM failures WHERE held GROUP BY entity")
     conflicts = _counts_by_entity(con, "SELECT entity, count(*) FROM conflicts GROUP BY entity")
-    quarantined = _counts_by_entity(con, "SELECT entity, count(*) FROM failures WHERE held AND code LIKE "
-                                         "'quarantine%' GROUP BY entity")
+    quarantined = _counts_by_entity(
+        con, "SELECT entity, count(*) FROM failures WHERE held AND code LIKE 'quarantine%' GROUP BY entity"
+    )
     classes: dict[str, dict[str, int]] = {}
     for e, c, n in con.execute(f"""SELECT entity, {reason_class_sql()} AS c, count(*) FROM failures WHERE held
                                    GROUP BY ALL ORDER BY 1, 3 DESC, 2""").fetchall():
@@ -114,28 +134,56 @@ def status(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> list[EntitySta
     for e in config.entities:
         backlog, oldest = _backlog(con, tables, e)
         t, run = last_sync.get(e.name, (None, None))
-        out.append(EntityStatus(e.name, t, run, last_write.get(e.name), backlog, oldest,
-                                retrying.get(e.name, 0), held.get(e.name, 0), conflicts.get(e.name, 0),
-                                quarantined.get(e.name, 0), classes.get(e.name, {})))
+        out.append(
+            EntityStatus(
+                e.name,
+                t,
+                run,
+                last_write.get(e.name),
+                backlog,
+                oldest,
+                retrying.get(e.name, 0),
+                held.get(e.name, 0),
+                conflicts.get(e.name, 0),
+                quarantined.get(e.name, 0),
+                classes.get(e.name, {}),
+            )
+        )
     if config.persons and "m_person" in tables:
         n, oldest = one_row(con, "SELECT count(*), min(seen_at) FROM m_person WHERE pending_seq IS NOT NULL")
         # Persons are synced by the lead and contact pushes: their latest is the person row's last sync / write.
         persons = [s for s in out if s.entity in {p.name for p in config.persons}]
-        synced = max((s for s in persons if s.last_sync), key=lambda s: s.last_sync or datetime.min, default=None)
+        synced = max(
+            (s for s in persons if s.last_sync), key=lambda s: s.last_sync or datetime.min, default=None
+        )
         writes = [s.last_write for s in persons if s.last_write]
-        out.append(EntityStatus("person (Marketo)", synced.last_sync if synced else None,
-                                synced.last_run if synced else None, max(writes) if writes else None, int(n), oldest,
-                                None, None, None))
+        out.append(
+            EntityStatus(
+                "person (Marketo)",
+                synced.last_sync if synced else None,
+                synced.last_run if synced else None,
+                max(writes) if writes else None,
+                int(n),
+                oldest,
+                None,
+                None,
+                None,
+            )
+        )
     return out
 
 
-def _backlog(con: duckdb.DuckDBPyConnection, tables: set[str], e: Entity) -> tuple[int | None, datetime | None]:
+def _backlog(
+    con: duckdb.DuckDBPyConnection, tables: set[str], e: Entity
+) -> tuple[int | None, datetime | None]:
     source = e.derived_from or e.name
     if f"d_{source}" not in tables:
         return None, None
     if e.is_derived:  # roles are recomputed from the opportunities on every plan; they have no own backlog
         return 0, None
-    n, oldest = one_row(con, f"SELECT count(*), min(seen_at) FROM {qi('d_' + source)} WHERE pending_seq IS NOT NULL")
+    n, oldest = one_row(
+        con, f"SELECT count(*), min(seen_at) FROM {qi('d_' + source)} WHERE pending_seq IS NOT NULL"
+    )
     return int(n), oldest
 
 
@@ -156,8 +204,9 @@ class HeldRecord:
 HELD_COLUMNS = "entity, dynamics_id, target, op, marketo_id, code, message, attempts, last_failed_at, run_id"
 
 
-def held_records(con: duckdb.DuckDBPyConnection, entity: str | None = None,
-                 record_id: str | None = None) -> list[HeldRecord]:
+def held_records(
+    con: duckdb.DuckDBPyConnection, entity: str | None = None, record_id: str | None = None
+) -> list[HeldRecord]:
     where, params = ["held"], []
     if entity:
         where.append("entity = ?")
@@ -165,8 +214,11 @@ def held_records(con: duckdb.DuckDBPyConnection, entity: str | None = None,
     if record_id:
         where.append("(lower(dynamics_id) = lower(?) OR marketo_id = ?)")
         params += [record_id, record_id]
-    rows = con.execute(f"SELECT {HELD_COLUMNS} FROM failures WHERE {' AND '.join(where)} "
-                       "ORDER BY entity, last_failed_at, dynamics_id", params).fetchall()
+    rows = con.execute(
+        f"SELECT {HELD_COLUMNS} FROM failures WHERE {' AND '.join(where)} "
+        "ORDER BY entity, last_failed_at, dynamics_id",
+        params,
+    ).fetchall()
     return [HeldRecord(*r) for r in rows]
 
 
@@ -175,7 +227,7 @@ def short_reason(message: str | None, limit: int = 120) -> str:
     if not message:
         return "-"
     line = " ".join(message.strip().splitlines()[0].split()) if message.strip() else "-"
-    return line if len(line) <= limit else line[:limit - 1] + "…"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def write_held_csv(records: list[HeldRecord], path: Path) -> None:
@@ -184,8 +236,20 @@ def write_held_csv(records: list[HeldRecord], path: Path) -> None:
         out = csv.writer(fh)
         out.writerow([c.strip() for c in HELD_COLUMNS.split(",")])
         for r in records:
-            out.writerow([r.entity, r.dynamics_id, r.target, r.op, r.marketo_id or "", r.code or "", r.message or "",
-                          r.attempts, r.last_failed_at or "", r.run_id or ""])
+            out.writerow(
+                [
+                    r.entity,
+                    r.dynamics_id,
+                    r.target,
+                    r.op,
+                    r.marketo_id or "",
+                    r.code or "",
+                    r.message or "",
+                    r.attempts,
+                    r.last_failed_at or "",
+                    r.run_id or "",
+                ]
+            )
 
 
 def retrying_count(con: duckdb.DuckDBPyConnection, entity: str | None = None) -> int:
@@ -209,8 +273,16 @@ def release(con: duckdb.DuckDBPyConnection, config: SyncConfig, records: list[He
         for r in records:
             e = config.by_name.get(r.entity)
             # An entity removed from the configuration: unheld, but nothing will plan it.
-            ledger.release(con, r.entity, r.dynamics_id, r.target, r.marketo_id, now,
-                           mirrored=e is not None and not e.is_derived, person=e is not None and e.is_person)
+            ledger.release(
+                con,
+                r.entity,
+                r.dynamics_id,
+                r.target,
+                r.marketo_id,
+                now,
+                mirrored=e is not None and not e.is_derived,
+                person=e is not None and e.is_person,
+            )
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")

@@ -110,7 +110,9 @@ class Outcome:
     run_id: str
     restored: int = 0
     deleted: int = 0
-    skipped: list[Item] = field(default_factory=list)  # skipped at write time (changed between read and write)
+    skipped: list[Item] = field(
+        default_factory=list
+    )  # skipped at write time (changed between read and write)
     failed: list[tuple[Item, str]] = field(default_factory=list)
 
 
@@ -134,46 +136,75 @@ def runs_since(con: duckdb.DuckDBPyConnection, since: datetime) -> list[str]:
     """Sync runs that wrote to either system at or after ``since``, newest first (rollbacks excluded)."""
     if since.tzinfo is not None:
         since = since.astimezone(UTC).replace(tzinfo=None)
-    rows = con.execute("""SELECT run_id FROM ledger WHERE target IN ('marketo', 'dynamics')
+    rows = con.execute(
+        """SELECT run_id FROM ledger WHERE target IN ('marketo', 'dynamics')
                           GROUP BY run_id
                           HAVING max(written_at) >= ? AND NOT bool_or(starts_with(COALESCE(rule, ''), 'rollback:'))
-                          ORDER BY max(seq) DESC""", [since]).fetchall()
+                          ORDER BY max(seq) DESC""",
+        [since],
+    ).fetchall()
     return [r[0] for r in rows]
 
 
 # ---- deciding -------------------------------------------------------------------------------------------
 
 
-def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, *, delete_created: bool = False,
-               ignore_runs: Iterable[str] = ()) -> list[Item]:
+def load_items(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    run_id: str,
+    *,
+    delete_created: bool = False,
+    ignore_runs: Iterable[str] = (),
+) -> list[Item]:
     """The run's ledger rows with every decision that needs no read (creates, deletes, later writes)."""
-    rows = con.execute("""SELECT seq, entity, dynamics_id, marketo_id, target, op, field, value_before, value_after
+    rows = con.execute(
+        """SELECT seq, entity, dynamics_id, marketo_id, target, op, field, value_before, value_after
                           FROM ledger WHERE run_id = ? AND target IN ('marketo', 'dynamics')
-                          ORDER BY entity, target, dynamics_id, field""", [run_id]).fetchall()
+                          ORDER BY entity, target, dynamics_id, field""",
+        [run_id],
+    ).fetchall()
     if not rows:
-        raise RollbackError(f"run {run_id!r} wrote nothing to Marketo or Dynamics according to the ledger "
-                            "(unknown run id, or a run without writes)")
+        raise RollbackError(
+            f"run {run_id!r} wrote nothing to Marketo or Dynamics according to the ledger "
+            "(unknown run id, or a run without writes)"
+        )
     ignore = sorted(set(ignore_runs) - {run_id})
     skip_ignored = "AND l.run_id NOT IN (SELECT unnest(?::VARCHAR[]))" if ignore else ""
-    later = {(r[0], r[1], r[2], r[3]): r[4] for r in con.execute(
-        f"""SELECT l.entity, l.dynamics_id, l.target, l.field, arg_max(l.run_id, l.seq) FROM ledger l
+    later = {
+        (r[0], r[1], r[2], r[3]): r[4]
+        for r in con.execute(
+            f"""SELECT l.entity, l.dynamics_id, l.target, l.field, arg_max(l.run_id, l.seq) FROM ledger l
            JOIN (SELECT entity, dynamics_id, target, field, seq FROM ledger WHERE run_id = ?) r
              ON l.entity = r.entity AND l.dynamics_id = r.dynamics_id AND l.target = r.target
                 AND l.field IS NOT DISTINCT FROM r.field AND l.seq > r.seq
            WHERE l.op NOT IN ('hold', 'reject') {skip_ignored}
-           GROUP BY ALL""", [run_id, ignore] if ignore else [run_id]).fetchall()}
-    items = [Item(seq, entity, did, mid, target, op, fld, before, after, source_run=run_id)
-             for seq, entity, did, mid, target, op, fld, before, after in rows]
-    marker = con.execute("SELECT value FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM]).fetchone() \
-        if _has_table(con, "schema_meta") else None
+           GROUP BY ALL""",
+            [run_id, ignore] if ignore else [run_id],
+        ).fetchall()
+    }
+    items = [
+        Item(seq, entity, did, mid, target, op, fld, before, after, source_run=run_id)
+        for seq, entity, did, mid, target, op, fld, before, after in rows
+    ]
+    marker = (
+        con.execute("SELECT value FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM]).fetchone()
+        if _has_table(con, "schema_meta")
+        else None
+    )
     true_from = int(marker[0]) if marker else None
     for it in items:
         e = config.by_name.get(it.entity)
         if e is None:
             it.action, it.reason = SKIP_OTHER, "entity no longer configured"
             continue
-        if (it.op in ("update", RESTORE_OP) and it.target == "marketo" and not e.is_person and it.restore is None
-                and (true_from is None or it.seq < true_from)):
+        if (
+            it.op in ("update", RESTORE_OP)
+            and it.target == "marketo"
+            and not e.is_person
+            and it.restore is None
+            and (true_from is None or it.seq < true_from)
+        ):
             # Written by a version that did not record before-values of one-way objects: unknown, not blank.
             it.restore = UNKNOWN
             it.action, it.reason = SKIP_OTHER, "before-value not recorded (ledger row from an older version)"
@@ -182,8 +213,9 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
             can_delete = e.is_person and it.target == "marketo"
             it.action = DELETE if delete_created and can_delete else SKIP_CREATED
             if it.action == SKIP_CREATED:
-                it.reason = "created by the run" + ("; --delete-created removes it if unchanged"
-                                                    if can_delete else "")
+                it.reason = "created by the run" + (
+                    "; --delete-created removes it if unchanged" if can_delete else ""
+                )
             continue
         if it.op == "delete":
             it.action, it.reason = SKIP_DELETED, "a deleted record cannot be brought back"
@@ -199,7 +231,10 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
         fm = next((f for f in e.all_fields if f.marketo == it.field), None)
         if fm is not None and e.field_policy(fm) == STICKY and it.replaced == "true" and it.restore != "true":
             # Consent: the run wrote an opt-out; putting the opt-in (or blank) back would reverse it.
-            it.action, it.reason = SKIP_OTHER, "an opt-out is never turned back into an opt-in (opt_out_sticky)"
+            it.action, it.reason = (
+                SKIP_OTHER,
+                "an opt-out is never turned back into an opt-in (opt_out_sticky)",
+            )
         elif it.field in LINK_FIELDS:
             it.action, it.reason = SKIP_OTHER, "link field (keeps the person linked)"
         elif key in later:
@@ -210,7 +245,9 @@ def load_items(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, 
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])[0])
+    return bool(
+        one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])[0]
+    )
 
 
 def _same(f: FieldMap | None, a: Any, b: Any) -> bool:
@@ -228,7 +265,9 @@ def _field_map(config: SyncConfig, it: Item) -> FieldMap | None:
     return next((f for f in e.all_fields if f.marketo == it.field), None)
 
 
-def decide(config: SyncConfig, items: list[Item], current: dict[tuple[str, str, str], dict[str, Any]]) -> None:
+def decide(
+    config: SyncConfig, items: list[Item], current: dict[tuple[str, str, str], dict[str, Any]]
+) -> None:
     """Compare each field's fresh value with what the run wrote: equal -> restore, else skip."""
     for it in items:
         if it.action not in (RESTORE, DELETE):
@@ -259,16 +298,29 @@ def org_config(config: SyncConfig, dynamics: Any) -> SyncConfig:
     """Picklist labels from the org's option sets (reading and writing Dynamics values), as the sync's runs."""
     from sync_pipeline.engine import orgmeta
 
-    if dynamics is None or not any(f.transform == "picklist" and not f.options
-                                   for e in config.entities for f in e.all_fields):
+    if dynamics is None or not any(
+        f.transform == "picklist" and not f.options for e in config.entities for f in e.all_fields
+    ):
         return config
-    return orgmeta.runtime_config(config, orgmeta.read_metadata(dynamics, orgmeta.mapped_tables(config),
-                                                                config.sync.language, casts=orgmeta.run_casts(config)))
+    return orgmeta.runtime_config(
+        config,
+        orgmeta.read_metadata(
+            dynamics, orgmeta.mapped_tables(config), config.sync.language, casts=orgmeta.run_casts(config)
+        ),
+    )
 
 
-def plan_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: str, dynamics: Any, marketo: Any,
-                  *, delete_created: bool = False, ignore_runs: Iterable[str] = (),
-                  overlay: dict[tuple[str, str, str, str], Any] | None = None) -> list[Item]:
+def plan_rollback(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    run_id: str,
+    dynamics: Any,
+    marketo: Any,
+    *,
+    delete_created: bool = False,
+    ignore_runs: Iterable[str] = (),
+    overlay: dict[tuple[str, str, str, str], Any] | None = None,
+) -> list[Item]:
     """Every ledger row of the run with what rollback will do with it, from a fresh read of both systems.
 
     ``overlay`` (dry runs over several runs) replaces read values by what newer rollbacks would restore.
@@ -287,8 +339,9 @@ def plan_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, run_id: st
 # ---- reading the systems ------------------------------------------------------------------------------
 
 
-def read_current(config: SyncConfig, items: list[Item], dynamics: Any, marketo: Any
-                 ) -> dict[tuple[str, str, str], dict[str, Any]]:
+def read_current(
+    config: SyncConfig, items: list[Item], dynamics: Any, marketo: Any
+) -> dict[tuple[str, str, str], dict[str, Any]]:
     """Canonical current values of exactly the records ``items`` touch, per (entity, target, dynamics id).
 
     A record that no longer exists maps to ``{"__gone__": True}``; one that could not be read is absent.
@@ -317,13 +370,16 @@ def read_current(config: SyncConfig, items: list[Item], dynamics: Any, marketo: 
 def _person_maps(e: Entity) -> dict[str, FieldMap]:
     maps = {f.marketo: f for f in e.all_fields}
     maps.setdefault(FLAG_FIELD, FieldMap(marketo=FLAG_FIELD, dynamics="x", transform="boolean"))
-    maps.setdefault("dynamicsId", FieldMap(marketo="dynamicsId", dynamics="x", transform="lookup", target=e.name))
+    maps.setdefault(
+        "dynamicsId", FieldMap(marketo="dynamicsId", dynamics="x", transform="lookup", target=e.name)
+    )
     maps.setdefault("dynamicsType", FieldMap(marketo="dynamicsType", dynamics="x"))
     return maps
 
 
-def _canon_marketo(scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap],
-                   rows: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+def _canon_marketo(
+    scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap], rows: list[tuple[str, str, Any]]
+) -> dict[str, dict[str, Any]]:
     """(dynamics id, field, raw Marketo value) -> canonical text, per record (the extract's SQL)."""
     from sync_pipeline.engine.extract.marketo import text_value
 
@@ -332,19 +388,36 @@ def _canon_marketo(scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap]
     if not rows:
         return out
     fields = sorted({r[1] for r in rows})
-    scratch.register("mk_values", pa.table({"did": [r[0] for r in rows], "field": [r[1] for r in rows],
-                                             "value": pa.array([text_value(r[2]) for r in rows], type=pa.string())}))
+    scratch.register(
+        "mk_values",
+        pa.table(
+            {
+                "did": [r[0] for r in rows],
+                "field": [r[1] for r in rows],
+                "value": pa.array([text_value(r[2]) for r in rows], type=pa.string()),
+            }
+        ),
+    )
     try:
-        whens = " ".join(f"WHEN {sql_text(f)} THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
-        for did, fld, value in scratch.execute(f"SELECT did, field, CASE field {whens} END FROM mk_values").fetchall():
+        whens = " ".join(
+            f"WHEN {sql_text(f)} THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields
+        )
+        for did, fld, value in scratch.execute(
+            f"SELECT did, field, CASE field {whens} END FROM mk_values"
+        ).fetchall():
             out[did][fld] = value
     finally:
         scratch.unregister("mk_values")
     return out
 
 
-def _collect(records: dict[str, Any], found: dict[str, dict[str, Any]], fields: list[str],
-             scratch: duckdb.DuckDBPyConnection, maps: dict[str, FieldMap]) -> dict[str, dict[str, Any]]:
+def _collect(
+    records: dict[str, Any],
+    found: dict[str, dict[str, Any]],
+    fields: list[str],
+    scratch: duckdb.DuckDBPyConnection,
+    maps: dict[str, FieldMap],
+) -> dict[str, dict[str, Any]]:
     rows = [(did, f, raw.get(f)) for did, raw in found.items() for f in fields]
     out: dict[str, dict[str, Any]] = {did: {"__gone__": True} for did in records if did not in found}
     canon = _canon_marketo(scratch, maps, rows)
@@ -353,8 +426,12 @@ def _collect(records: dict[str, Any], found: dict[str, dict[str, Any]], fields: 
     return out
 
 
-def _read_persons(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[str, tuple[str | None, set[str]]],
-                  client: Any) -> dict[str, dict[str, Any]]:
+def _read_persons(
+    scratch: duckdb.DuckDBPyConnection,
+    e: Entity,
+    records: dict[str, tuple[str | None, set[str]]],
+    client: Any,
+) -> dict[str, dict[str, Any]]:
     from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, QuotaExhausted
 
     maps = _person_maps(e)
@@ -370,8 +447,12 @@ def _read_persons(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[s
     return _collect(records, found, fields, scratch, maps)
 
 
-def _read_objects(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[str, tuple[str | None, set[str]]],
-                  client: Any) -> dict[str, dict[str, Any]]:
+def _read_objects(
+    scratch: duckdb.DuckDBPyConnection,
+    e: Entity,
+    records: dict[str, tuple[str | None, set[str]]],
+    client: Any,
+) -> dict[str, dict[str, Any]]:
     from sync_pipeline.clients.marketo import MarketoAuthError, MarketoError, QuotaExhausted
 
     if e.is_derived:  # roles are only created and deleted, never updated: nothing to compare
@@ -396,8 +477,9 @@ def _read_objects(scratch: duckdb.DuckDBPyConnection, e: Entity, records: dict[s
 DYNAMICS_BATCH = 100  # requests per $batch call (one HTTP call; each part keeps its own status and headers)
 
 
-def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str], client: Any
-                   ) -> dict[str, dict[str, Any]]:
+def _read_dynamics(
+    scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str], client: Any
+) -> dict[str, dict[str, Any]]:
     """GET exactly these records (in ``$batch`` calls of 100): their values and the etag of this read,
     which is what the write carries as If-Match."""
     from sync_pipeline.clients.dynamics import AuthenticationError, BatchRequest, DynamicsError
@@ -414,10 +496,13 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
     out: dict[str, dict[str, Any]] = {}
     rows = []
     for start in range(0, len(ids), DYNAMICS_BATCH):
-        part = ids[start:start + DYNAMICS_BATCH]
+        part = ids[start : start + DYNAMICS_BATCH]
         try:
-            responses = client.execute_batch([BatchRequest("GET", f"{e.dynamics.entity_set}({did})?$select={select}")
-                                              for did in part], continue_on_error=True, idempotent=True)
+            responses = client.execute_batch(
+                [BatchRequest("GET", f"{e.dynamics.entity_set}({did})?$select={select}") for did in part],
+                continue_on_error=True,
+                idempotent=True,
+            )
         except AuthenticationError:
             raise
         except DynamicsError:
@@ -433,8 +518,9 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
     try:
         names = [f.marketo for f in e.all_fields]
         cols = ", ".join(f"{dynamics_value_expr(e, f)} AS {qi(f.marketo)}" for f in e.all_fields)
-        for row in scratch.execute(f'SELECT lower({qi(primary_key(e))}), "@odata.etag", {cols} '
-                                   "FROM dy_page").fetchall():
+        for row in scratch.execute(
+            f'SELECT lower({qi(primary_key(e))}), "@odata.etag", {cols} FROM dy_page'
+        ).fetchall():
             out[row[0]] = {"__etag__": row[1], **dict(zip(names, row[2:], strict=True))}
     finally:
         scratch.unregister("dy_page")
@@ -444,9 +530,16 @@ def _read_dynamics(scratch: duckdb.DuckDBPyConnection, e: Entity, ids: list[str]
 # ---- writing ------------------------------------------------------------------------------------------
 
 
-def execute_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, items: list[Item], dynamics: Any,
-                     marketo: Any, source_run: str, run_id: str | None = None,
-                     before_write: BeforeWrite | None = None) -> Outcome:
+def execute_rollback(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    items: list[Item],
+    dynamics: Any,
+    marketo: Any,
+    source_run: str,
+    run_id: str | None = None,
+    before_write: BeforeWrite | None = None,
+) -> Outcome:
     """Write the ``restore`` (and ``delete``) items, record the done ones, move the base and mirrors."""
     ensure_split_base(con)
     outcome = Outcome(run_id or new_run_id())
@@ -468,17 +561,29 @@ def execute_rollback(con: duckdb.DuckDBPyConnection, config: SyncConfig, items: 
                 _write_dynamics(config, e, restores, dynamics, outcome, done)
             else:
                 _write_marketo(config, e, restores, marketo, outcome, done)
-                _delete_persons(config, e, [it for it in group if it.action == DELETE], marketo, outcome, done)
+                _delete_persons(
+                    config, e, [it for it in group if it.action == DELETE], marketo, outcome, done
+                )
         finally:
             _record(con, e, outcome.run_id, source_run, done)
         restored = sum(it.action == RESTORE for it in done)
         deleted = len({it.dynamics_id for it in done if it.action == DELETE})
         outcome.restored += restored
         outcome.deleted += deleted
-        record_stats(con, outcome.run_id, entity_name, "rollback",
-                     {"source_run": source_run, "target": target, "restored": restored, "deleted": deleted,
-                      "skipped_at_write": len(outcome.skipped) - skipped_before,
-                      "failed": len(outcome.failed) - failed_before})
+        record_stats(
+            con,
+            outcome.run_id,
+            entity_name,
+            "rollback",
+            {
+                "source_run": source_run,
+                "target": target,
+                "restored": restored,
+                "deleted": deleted,
+                "skipped_at_write": len(outcome.skipped) - skipped_before,
+                "failed": len(outcome.failed) - failed_before,
+            },
+        )
     return outcome
 
 
@@ -516,8 +621,9 @@ def _marketo_reason(res: Any) -> str:
     return f"Marketo {reason.get('code')}: {reason.get('message')}"
 
 
-def _write_marketo(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome,
-                   done: list[Item]) -> None:
+def _write_marketo(
+    config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome, done: list[Item]
+) -> None:
     from sync_pipeline.clients.marketo import MarketoError
 
     if not items:
@@ -526,17 +632,23 @@ def _write_marketo(config: SyncConfig, e: Entity, items: list[Item], client: Any
     maps = _person_maps(e) if e.is_person else {f.marketo: f for f in e.all_fields}
     records = list(_by_record(items).items())
     for start in range(0, len(records), BATCH):
-        chunk = records[start:start + BATCH]
-        values = [{it.field: normalize.to_marketo(maps[it.field], it.restore) for it in its if it.field}
-                  for _, its in chunk]
+        chunk = records[start : start + BATCH]
+        values = [
+            {it.field: normalize.to_marketo(maps[it.field], it.restore) for it in its if it.field}
+            for _, its in chunk
+        ]
         try:
             if e.is_person:
-                payload = [{"id": int(its[0].marketo_id or 0), **v} for (_, its), v in zip(chunk, values, strict=True)]
+                payload = [
+                    {"id": int(its[0].marketo_id or 0), **v}
+                    for (_, its), v in zip(chunk, values, strict=True)
+                ]
                 results = client.sync_leads(payload, action="updateOnly", lookup_field="id")
             else:
                 payload = [{e.marketo.key: did, **v} for (did, _), v in zip(chunk, values, strict=True)]
-                results = client.upsert_objects(object_path(e), payload, action="updateOnly",
-                                                dedupe_by="dedupeFields")
+                results = client.upsert_objects(
+                    object_path(e), payload, action="updateOnly", dedupe_by="dedupeFields"
+                )
         except MarketoError as exc:
             outcome.failed += [(it, f"Marketo {exc.code}: {exc.message}") for _, its in chunk for it in its]
             continue
@@ -547,8 +659,9 @@ def _write_marketo(config: SyncConfig, e: Entity, items: list[Item], client: Any
                 outcome.failed += [(it, _marketo_reason(res)) for it in its]
 
 
-def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome,
-                    done: list[Item]) -> None:
+def _delete_persons(
+    config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome, done: list[Item]
+) -> None:
     from sync_pipeline.clients.marketo import MarketoError
 
     if not items:
@@ -562,11 +675,13 @@ def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: An
     records = _by_record([it for it in kept if it.dynamics_id not in changed])
     ids = list(records)
     for start in range(0, len(ids), BATCH):
-        chunk = ids[start:start + BATCH]
+        chunk = ids[start : start + BATCH]
         try:
             results = client.delete_leads([int(records[did][0].marketo_id or 0) for did in chunk])
         except MarketoError as exc:
-            outcome.failed += [(it, f"Marketo {exc.code}: {exc.message}") for did in chunk for it in records[did]]
+            outcome.failed += [
+                (it, f"Marketo {exc.code}: {exc.message}") for did in chunk for it in records[did]
+            ]
             continue
         for did, res in zip(chunk, results, strict=True):
             if res.ok:
@@ -575,8 +690,9 @@ def _delete_persons(config: SyncConfig, e: Entity, items: list[Item], client: An
                 outcome.failed += [(it, _marketo_reason(res)) for it in records[did]]
 
 
-def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome,
-                    done: list[Item]) -> None:
+def _write_dynamics(
+    config: SyncConfig, e: Entity, items: list[Item], client: Any, outcome: Outcome, done: list[Item]
+) -> None:
     from sync_pipeline.clients.dynamics import BatchRequest, DynamicsError
 
     assert e.dynamics is not None
@@ -584,19 +700,35 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
     writes: list[tuple[str, list[Item], dict[str, Any]]] = []
     for did, its in _by_record(items).items():
         try:
-            writes.append((did, its, {maps[it.field].dynamics: normalize.to_dynamics(maps[it.field], it.restore)
-                                      for it in its if it.field}))
+            writes.append(
+                (
+                    did,
+                    its,
+                    {
+                        maps[it.field].dynamics: normalize.to_dynamics(maps[it.field], it.restore)
+                        for it in its
+                        if it.field
+                    },
+                )
+            )
         except ValueError as exc:
             outcome.failed += [(it, f"ValueError: {exc}") for it in its]
     changed: list[tuple[str, list[Item]]] = []
     for start in range(0, len(writes), DYNAMICS_BATCH):
-        part = writes[start:start + DYNAMICS_BATCH]
+        part = writes[start : start + DYNAMICS_BATCH]
         # If-Match carries the etag of the decision read: a record changed since answers 412
         # Precondition Failed instead of being overwritten ("Apply optimistic concurrency",
         # learn.microsoft.com/en-us/power-apps/developer/data-platform/webapi/
         # perform-conditional-operations-using-web-api). Never "*": that would overwrite anything.
-        requests = [BatchRequest("PATCH", f"{e.dynamics.entity_set}({did})", body,
-                                 headers={"If-Match": its[0].etag or "W/\"unknown\""}) for did, its, body in part]
+        requests = [
+            BatchRequest(
+                "PATCH",
+                f"{e.dynamics.entity_set}({did})",
+                body,
+                headers={"If-Match": its[0].etag or 'W/"unknown"'},
+            )
+            for did, its, body in part
+        ]
         try:
             responses = client.execute_batch(requests, continue_on_error=True, idempotent=True)
         except DynamicsError as exc:
@@ -613,9 +745,11 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
                     outcome.skipped.append(it)
             else:
                 err = resp.body.get("error", {}) if isinstance(resp.body, dict) else {}
-                outcome.failed += [(it, f"Dynamics {resp.status} {err.get('code', '')}: {err.get('message', '')}")
-                                   for it in its]
-        for _did, its, _ in part[len(responses):]:  # a batch that stopped early: not attempted
+                outcome.failed += [
+                    (it, f"Dynamics {resp.status} {err.get('code', '')}: {err.get('message', '')}")
+                    for it in its
+                ]
+        for _did, its, _ in part[len(responses) :]:  # a batch that stopped early: not attempted
             outcome.failed += [(it, "Dynamics: not attempted (the batch stopped early)") for it in its]
     if changed:
         # 412: changed after the read, so skipped. Read again to show what is there now; a record that holds
@@ -624,7 +758,8 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
         for did, its in changed:
             rec = fresh.get((e.name, "dynamics", did)) or {}
             if not rec.get("__gone__") and all(
-                    _same(maps.get(it.field or ""), rec.get(it.field or "", UNKNOWN), it.restore) for it in its):
+                _same(maps.get(it.field or ""), rec.get(it.field or "", UNKNOWN), it.restore) for it in its
+            ):
                 done += its
                 continue
             for it in its:
@@ -636,24 +771,35 @@ def _write_dynamics(config: SyncConfig, e: Entity, items: list[Item], client: An
 # ---- bookkeeping --------------------------------------------------------------------------------------
 
 
-def _record(con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: str, done: list[Item]) -> None:
+def _record(
+    con: duckdb.DuckDBPyConnection, e: Entity, run_id: str, source_run: str, done: list[Item]
+) -> None:
     """Ledger rows, mirrors, base and split base for the writes that succeeded: set-based, one transaction."""
     if not done:
         return
     now = utcnow()
-    table = pa.table({
-        "did": [it.dynamics_id for it in done], "mid": [it.marketo_id for it in done],
-        "target": [it.target for it in done], "op": ["delete" if it.action == DELETE else RESTORE_OP for it in done],
-        "field": [it.field for it in done],
-        "before": pa.array([it.replaced if isinstance(it.now, _Marker) else it.now for it in done], type=pa.string()),
-        "after": pa.array([None if it.action == DELETE else it.restore for it in done], type=pa.string())})
+    table = pa.table(
+        {
+            "did": [it.dynamics_id for it in done],
+            "mid": [it.marketo_id for it in done],
+            "target": [it.target for it in done],
+            "op": ["delete" if it.action == DELETE else RESTORE_OP for it in done],
+            "field": [it.field for it in done],
+            "before": pa.array(
+                [it.replaced if isinstance(it.now, _Marker) else it.now for it in done], type=pa.string()
+            ),
+            "after": pa.array([None if it.action == DELETE else it.restore for it in done], type=pa.string()),
+        }
+    )
     con.register("rb_done", table)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+        con.execute(
+            """INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
                                            value_before, value_after, rule)
                        SELECT ?, ?, ?, did, mid, target, op, field, before, after, ? FROM rb_done""",
-                    [run_id, now, e.name, f"rollback:{source_run}"])
+            [run_id, now, e.name, f"rollback:{source_run}"],
+        )
         # Persons deleted (--delete-created): tombstone the link so the next sync does not create them again.
         ledger.set_link_state(con, e.name, "SELECT did FROM rb_done WHERE op = 'delete'", "tombstoned")
         con.execute("""UPDATE m_person SET deleted = true
@@ -679,7 +825,9 @@ def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, fld: str, run_id: str
         return
     if e.dynamics is not None and not e.is_derived:
         d = qi("d_" + e.name)
-        con.execute(f"UPDATE {d} SET {col} = r.after FROM {rows} r WHERE r.target = 'dynamics' AND {d}.id = r.did")
+        con.execute(
+            f"UPDATE {d} SET {col} = r.after FROM {rows} r WHERE r.target = 'dynamics' AND {d}.id = r.did"
+        )
     if not e.is_person:
         # One-way objects: the base is the last Dynamics value pushed, and Dynamics was not touched, so it
         # stays; the next sync pushes this field again only when it changes in Dynamics.
@@ -688,14 +836,17 @@ def _move_state(con: duckdb.DuckDBPyConnection, e: Entity, fld: str, run_id: str
     # value; the other side holds what it held (its split value, or the base the run agreed on).
     b = qi("b_" + e.name)
     fm = next((f for f in e.all_fields if f.marketo == fld), FieldMap(marketo=fld, dynamics="x"))
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE restored_field AS
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE restored_field AS
         SELECT r.did, r.target, r.after AS restored,
                CASE WHEN s.dynamics_id IS NULL THEN b.{col}
                     WHEN r.target = 'dynamics' THEN s.m_value ELSE s.d_value END AS other
         FROM {rows} r
         LEFT JOIN b__split s ON s.entity = ? AND s.dynamics_id = r.did AND s.field = ?
-        LEFT JOIN {b} b ON b.dynamics_id = r.did""", [e.name, fld])
+        LEFT JOIN {b} b ON b.dynamics_id = r.did""",
+        [e.name, fld],
+    )
     con.execute("ALTER TABLE restored_field ADD COLUMN agreed BOOLEAN")
-    con.execute(f"""UPDATE restored_field SET agreed = ({normalize.compare_expr(fm, 'other')})
-                                             IS NOT DISTINCT FROM ({normalize.compare_expr(fm, 'restored')})""")
+    con.execute(f"""UPDATE restored_field SET agreed = ({normalize.compare_expr(fm, "other")})
+                                             IS NOT DISTINCT FROM ({normalize.compare_expr(fm, "restored")})""")
     ledger.settle_restored_field(con, e.name, fld, run_id, now)

@@ -47,14 +47,17 @@ class Difference:
     marketo_value: str | None
 
 
-def compare(config: SyncConfig, dynamics_client: Any, marketo_client: Any, state_path: str | Path
-            ) -> list[Difference]:
+def compare(
+    config: SyncConfig, dynamics_client: Any, marketo_client: Any, state_path: str | Path
+) -> list[Difference]:
     con = duckdb.connect()  # scratch: both systems' current values, canonical
     try:
         _copy_state(con, config, state_path)
         # Option labels from the org, filter column only where the table has it: what the sync's runs use.
-        config = orgmeta.runtime_config(config, orgmeta.read_metadata(dynamics_client, orgmeta.mapped_tables(config),
-                                                                       config.sync.language))
+        config = orgmeta.runtime_config(
+            config,
+            orgmeta.read_metadata(dynamics_client, orgmeta.mapped_tables(config), config.sync.language),
+        )
         state.ensure_schema(con, config)
         for e in config.entities:
             if not e.is_derived:
@@ -86,23 +89,36 @@ def _copy_state(con: duckdb.DuckDBPyConnection, config: SyncConfig, state_path: 
         wanted = [*_STATE_TABLES, *(f"b_{e.name}" for e in config.entities)]
         missing = [t for t in wanted if t not in have]
         if missing:
-            raise ValueError(f"state store {state_path} has no table(s) {', '.join(missing)}: "
-                             "was it synced with this configuration?")
+            raise ValueError(
+                f"state store {state_path} has no table(s) {', '.join(missing)}: "
+                "was it synced with this configuration?"
+            )
         for t in wanted:
             data = st.execute(f"SELECT * FROM {qi(t)}").fetch_arrow_table()  # noqa: F841 - read by name below
             con.execute(f"CREATE TABLE {qi('s_' + t)} AS SELECT * FROM data")
         # Split bases (a rollback left a person field different on the two systems, on purpose).
-        split = st.execute("SELECT entity, dynamics_id, field, d_value, m_value FROM b__split").fetch_arrow_table() \
-            if "b__split" in have else None  # noqa: F841 - read by name below
-        con.execute("CREATE TABLE s_split AS SELECT * FROM split" if split is not None else
-                    "CREATE TABLE s_split (entity VARCHAR, dynamics_id VARCHAR, field VARCHAR, d_value VARCHAR, "
-                    "m_value VARCHAR)")
+        split = (
+            st.execute(
+                "SELECT entity, dynamics_id, field, d_value, m_value FROM b__split"
+            ).fetch_arrow_table()
+            if "b__split" in have
+            else None
+        )
+        con.execute(
+            "CREATE TABLE s_split AS SELECT * FROM split"
+            if split is not None
+            else "CREATE TABLE s_split (entity VARCHAR, dynamics_id VARCHAR, field VARCHAR, d_value VARCHAR, "
+            "m_value VARCHAR)"
+        )
 
 
-def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any,
-                   tables: dict[str, str] | None = None) -> None:
+def _read_dynamics(
+    con: duckdb.DuckDBPyConnection, entity: Entity, client: Any, tables: dict[str, str] | None = None
+) -> None:
     assert entity.dynamics is not None
-    for page in client.iter_pages(entity.dynamics.entity_set, dynamics_extract.dynamics_select(entity), annotations=True):
+    for page in client.iter_pages(
+        entity.dynamics.entity_set, dynamics_extract.dynamics_select(entity), annotations=True
+    ):
         dynamics_extract.ingest_dynamics_page(con, entity, page, "verify", tables)
 
 
@@ -110,14 +126,19 @@ def _linked_ids(con: duckdb.DuckDBPyConnection, entities: Iterable[str]) -> list
     names = list(entities)
     if not names:
         return []
-    return [r[0] for r in con.execute(
-        "SELECT DISTINCT marketo_id FROM s_identity WHERE state = 'active' AND entity IN (SELECT unnest(?)) "
-        "AND marketo_id IS NOT NULL ORDER BY 1", [names]).fetchall()]
+    return [
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT marketo_id FROM s_identity WHERE state = 'active' AND entity IN (SELECT unnest(?)) "
+            "AND marketo_id IS NOT NULL ORDER BY 1",
+            [names],
+        ).fetchall()
+    ]
 
 
 def _chunks(items: list[Any], n: int = BATCH) -> Iterator[list[Any]]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 def _read_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Any) -> None:
@@ -134,17 +155,29 @@ def _read_objects(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any) -
     names = [key, *(f.marketo for f in maps)]
     cols = ", ".join(f"{normalize.marketo_expr(f, qi(f.marketo))} AS {fcol(f.marketo)}" for f in maps)
     table = qi(f"o_{entity.name}")
-    con.execute(f"CREATE OR REPLACE TABLE {table} (id VARCHAR PRIMARY KEY"
-                + "".join(f", {fcol(f.marketo)} VARCHAR" for f in maps) + ")")
-    dids = [r[0] for r in con.execute("SELECT DISTINCT dynamics_id FROM s_identity WHERE entity = ? "
-                                      "AND state = 'active' ORDER BY 1", [entity.name]).fetchall()]
+    con.execute(
+        f"CREATE OR REPLACE TABLE {table} (id VARCHAR PRIMARY KEY"
+        + "".join(f", {fcol(f.marketo)} VARCHAR" for f in maps)
+        + ")"
+    )
+    dids = [
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT dynamics_id FROM s_identity WHERE entity = ? AND state = 'active' ORDER BY 1",
+            [entity.name],
+        ).fetchall()
+    ]
     for chunk in _chunks(dids):
         rows = client.query_objects(object_path(entity), key, chunk, fields=names)
         if not rows:
             continue
-        columns = {n: pa.array([marketo_extract.text_value(r.get(n)) for r in rows], type=pa.string()) for n in names}
+        columns = {
+            n: pa.array([marketo_extract.text_value(r.get(n)) for r in rows], type=pa.string()) for n in names
+        }
         page = pa.table(columns)  # noqa: F841 (DuckDB reads it by name)
-        con.execute(f"INSERT OR REPLACE INTO {table} SELECT lower({qi(key)}){', ' + cols if cols else ''} FROM page")
+        con.execute(
+            f"INSERT OR REPLACE INTO {table} SELECT lower({qi(key)}){', ' + cols if cols else ''} FROM page"
+        )
 
 
 # ---- comparing --------------------------------------------------------------------------------------------
@@ -152,8 +185,11 @@ def _read_objects(con: duckdb.DuckDBPyConnection, entity: Entity, client: Any) -
 
 def _dynamics_value(config: SyncConfig, f: FieldMap) -> str:
     if f.transform == "customer_account" and "contact" in config.by_name:
-        return f"COALESCE(d.{fcol(f.marketo)}, cc.{fcol('externalCompanyId')})" if "externalCompanyId" in {
-            g.marketo for g in config.entity("contact").all_fields} else f"d.{fcol(f.marketo)}"
+        return (
+            f"COALESCE(d.{fcol(f.marketo)}, cc.{fcol('externalCompanyId')})"
+            if "externalCompanyId" in {g.marketo for g in config.entity("contact").all_fields}
+            else f"d.{fcol(f.marketo)}"
+        )
     return f"d.{fcol(f.marketo)}"
 
 
@@ -162,7 +198,9 @@ def _differs_sql(entity: Entity, f: FieldMap) -> str:
     dv, mv, bv = (normalize.compare_expr(f, x) for x in ("dv", "mv", "bv"))
     differ = f"({dv}) IS DISTINCT FROM ({mv})"
     direction = entity.field_direction(f)
-    if direction == "to_marketo":  # Marketo changed it itself while Dynamics kept the base: does not flow back
+    if (
+        direction == "to_marketo"
+    ):  # Marketo changed it itself while Dynamics kept the base: does not flow back
         return f"{differ} AND NOT (({mv}) IS DISTINCT FROM ({bv}) AND ({dv}) IS NOT DISTINCT FROM ({bv}))"
     if direction == "to_dynamics":
         return f"{differ} AND NOT (({dv}) IS DISTINCT FROM ({bv}) AND ({mv}) IS NOT DISTINCT FROM ({bv}))"
@@ -177,43 +215,67 @@ def _compare_linked(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: 
     else:
         m_join = f"LEFT JOIN {qi('o_' + e)} m ON m.id = i.dynamics_id"
         m_missing, m_id = "m.id IS NULL", "i.marketo_id"
-    contact_join = ("LEFT JOIN d_contact cc ON cc.id = d.customer_contact"
-                    if any(f.transform == "customer_account" for f in entity.all_fields)
-                    and "contact" in config.by_name else "")
-    held_record = ("EXISTS (SELECT 1 FROM s_failures x WHERE x.entity = i.entity AND x.dynamics_id = i.dynamics_id "
-                   "AND x.held AND x.field IS NULL)")
+    contact_join = (
+        "LEFT JOIN d_contact cc ON cc.id = d.customer_contact"
+        if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name
+        else ""
+    )
+    held_record = (
+        "EXISTS (SELECT 1 FROM s_failures x WHERE x.entity = i.entity AND x.dynamics_id = i.dynamics_id "
+        "AND x.held AND x.field IS NULL)"
+    )
     # The linked records in scope: active link, present in Dynamics and Marketo, not filtered, flagged or held.
     con.execute(f"""CREATE OR REPLACE TEMP TABLE vj AS
         SELECT i.dynamics_id AS did, {m_id} AS mid, d.id IS NULL AS d_missing, {m_missing} AS m_missing,
-               {'m.f_dynamicsId AS m_dynamicsId, m.f_dynamicsType AS m_dynamicsType, ' if entity.is_person else ''}
-               {", ".join(f"m.{fcol(f.marketo)} AS {qi('m_' + f.marketo)}" for f in _compared(entity))
-                if _compared(entity) else "NULL AS m_none"},
-               {", ".join(f"{_dynamics_value(config, f)} AS {qi('dv_' + f.marketo)}" for f in _compared(entity))
-                if _compared(entity) else "NULL AS dv_none"},
-               {", ".join(f"b.{fcol(f.marketo)} AS {qi('b_' + f.marketo)}" for f in _compared(entity))
-                if _compared(entity) else "NULL AS b_none"}
+               {
+        "m.f_dynamicsId AS m_dynamicsId, m.f_dynamicsType AS m_dynamicsType, " if entity.is_person else ""
+    }
+               {
+        ", ".join(f"m.{fcol(f.marketo)} AS {qi('m_' + f.marketo)}" for f in _compared(entity))
+        if _compared(entity)
+        else "NULL AS m_none"
+    },
+               {
+        ", ".join(f"{_dynamics_value(config, f)} AS {qi('dv_' + f.marketo)}" for f in _compared(entity))
+        if _compared(entity)
+        else "NULL AS dv_none"
+    },
+               {
+        ", ".join(f"b.{fcol(f.marketo)} AS {qi('b_' + f.marketo)}" for f in _compared(entity))
+        if _compared(entity)
+        else "NULL AS b_none"
+    }
         FROM s_identity i LEFT JOIN {d} d ON d.id = i.dynamics_id {m_join} {contact_join}
         LEFT JOIN {b} b ON b.dynamics_id = i.dynamics_id
         WHERE i.entity = {sql_text(e)} AND i.state = 'active' AND NOT {held_record}
           AND (d.id IS NULL OR d.sync_flag IS DISTINCT FROM false)
-          {"AND (m.id IS NULL OR m.f_dynamicsIsDeleted IS DISTINCT FROM 'true')" if entity.is_person else ""}""")
-    out = [Difference(e, did, mid, RECORD, None if dm else did, None if mm else mid)
-           for did, mid, dm, mm in con.execute(
-               "SELECT did, mid, d_missing, m_missing FROM vj WHERE d_missing OR m_missing").fetchall()]
+          {
+        "AND (m.id IS NULL OR m.f_dynamicsIsDeleted IS DISTINCT FROM 'true')" if entity.is_person else ""
+    }""")
+    out = [
+        Difference(e, did, mid, RECORD, None if dm else did, None if mm else mid)
+        for did, mid, dm, mm in con.execute(
+            "SELECT did, mid, d_missing, m_missing FROM vj WHERE d_missing OR m_missing"
+        ).fetchall()
+    ]
     parts = []
     for f in _compared(entity):
         cond = _differs_sql(entity, f)
         parts.append(f"""SELECT did, mid, {sql_text(f.marketo)} AS field, dv, mv FROM (
-            SELECT did, mid, {qi('dv_' + f.marketo)} AS dv, {qi('m_' + f.marketo)} AS mv, {qi('b_' + f.marketo)} AS bv
+            SELECT did, mid, {qi("dv_" + f.marketo)} AS dv, {qi("m_" + f.marketo)} AS mv, {qi("b_" + f.marketo)} AS bv
             FROM vj WHERE NOT d_missing AND NOT m_missing) WHERE {cond}""")
     if entity.is_person:
         typ = sql_text(entity.marketo.type_value or entity.name.title())
-        parts.append("SELECT did, mid, 'dynamicsId', did, m_dynamicsId FROM vj WHERE NOT d_missing AND NOT m_missing "
-                     "AND m_dynamicsId IS DISTINCT FROM lower(did)")
-        parts.append(f"SELECT did, mid, 'dynamicsType', {typ}, m_dynamicsType FROM vj WHERE NOT d_missing "
-                     f"AND NOT m_missing AND m_dynamicsType IS DISTINCT FROM {typ}")
+        parts.append(
+            "SELECT did, mid, 'dynamicsId', did, m_dynamicsId FROM vj WHERE NOT d_missing AND NOT m_missing "
+            "AND m_dynamicsId IS DISTINCT FROM lower(did)"
+        )
+        parts.append(
+            f"SELECT did, mid, 'dynamicsType', {typ}, m_dynamicsType FROM vj WHERE NOT d_missing "
+            f"AND NOT m_missing AND m_dynamicsType IS DISTINCT FROM {typ}"
+        )
     if parts:
-        rows = con.execute(f"""SELECT * FROM ({' UNION ALL '.join(parts)}) x
+        rows = con.execute(f"""SELECT * FROM ({" UNION ALL ".join(parts)}) x
             WHERE NOT EXISTS (SELECT 1 FROM s_conflicts c WHERE c.entity = {sql_text(e)} AND c.dynamics_id = x.did
                               AND c.field = x.field)
               AND NOT EXISTS (SELECT 1 FROM s_split s WHERE s.entity = {sql_text(e)} AND s.dynamics_id = x.did
@@ -233,33 +295,52 @@ def _compared(entity: Entity) -> list[FieldMap]:
 
 def _missing_in_marketo(con: duckdb.DuckDBPyConnection, entity: Entity) -> list[Difference]:
     """Dynamics records in scope of the sync that have no link at all (never created in Marketo)."""
-    rows = con.execute(f"""SELECT d.id FROM {qi('d_' + entity.name)} d
+    rows = con.execute(
+        f"""SELECT d.id FROM {qi("d_" + entity.name)} d
         WHERE d.sync_flag IS DISTINCT FROM false
           AND NOT EXISTS (SELECT 1 FROM s_identity i WHERE i.entity = ? AND i.dynamics_id = d.id)
           AND NOT EXISTS (SELECT 1 FROM s_failures x WHERE x.entity = ? AND x.dynamics_id = d.id AND x.held)
-        ORDER BY 1""", [entity.name, entity.name]).fetchall()
+        ORDER BY 1""",
+        [entity.name, entity.name],
+    ).fetchall()
     return [Difference(entity.name, r[0], None, RECORD, r[0], None) for r in rows]
 
 
-def _compare_roles(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any
-                   ) -> list[Difference]:
+def _compare_roles(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: Any
+) -> list[Difference]:
     """Derived contact roles: every opportunity with a linked contact customer has exactly that role."""
     assert entity.derived_from is not None
     src = qi(f"d_{entity.derived_from}")
-    want = {did: mid for did, mid in con.execute(f"""SELECT o.id, ic.marketo_id FROM {src} o
+    want = {
+        did: mid
+        for did, mid in con.execute(f"""SELECT o.id, ic.marketo_id FROM {src} o
         JOIN s_identity ic ON ic.entity = 'contact' AND ic.dynamics_id = o.customer_contact AND ic.state = 'active'
-        WHERE o.sync_flag IS DISTINCT FROM false""").fetchall()}
+        WHERE o.sync_flag IS DISTINCT FROM false""").fetchall()
+    }
     known = [r[0] for r in con.execute(f"SELECT dynamics_id FROM {qi('s_b_' + entity.name)}").fetchall()]
     have: dict[str, set[str]] = {}
     for chunk in _chunks(sorted(set(want) | set(known))):
-        for r in client.query_objects(object_path(entity), "externalOpportunityId", chunk,
-                                      fields=["externalOpportunityId", "leadId", "role"]):
+        for r in client.query_objects(
+            object_path(entity),
+            "externalOpportunityId",
+            chunk,
+            fields=["externalOpportunityId", "leadId", "role"],
+        ):
             if r.get("role") == entity.role_name:
                 have.setdefault(str(r["externalOpportunityId"]).lower(), set()).add(str(r.get("leadId")))
     out = []
     for did in sorted(set(want) | set(have)):
         expected = {want[did]} if did in want else set()
         if have.get(did, set()) != expected:
-            out.append(Difference(entity.name, did, ",".join(sorted(have.get(did, set()))) or None, "leadId",
-                                  want.get(did), ",".join(sorted(have.get(did, set()))) or None))
+            out.append(
+                Difference(
+                    entity.name,
+                    did,
+                    ",".join(sorted(have.get(did, set()))) or None,
+                    "leadId",
+                    want.get(did),
+                    ",".join(sorted(have.get(did, set()))) or None,
+                )
+            )
     return out

@@ -46,18 +46,30 @@ def budget_floor(calls: dict[str, int], budget: dict[str, tuple[int, float]] | N
     marketo_calls = calls.get(COUNTED_CALLS["marketo"], 0)
     dynamics_requests = calls.get(COUNTED_CALLS["dynamics"], 0)
     execution = calls.get(DYNAMICS_EXECUTION_MS, 0) / 1000
-    marketo: dict[str, Any] = {"calls": marketo_calls, "seconds": budget_floor_seconds(marketo_calls, *limits["marketo"]),
-               "rule": f"{limits['marketo'][0]} calls / {limits['marketo'][1]:g} s",
-               "daily_quota_share": round(marketo_calls / MARKETO_DAILY_QUOTA, 5)}
+    marketo: dict[str, Any] = {
+        "calls": marketo_calls,
+        "seconds": budget_floor_seconds(marketo_calls, *limits["marketo"]),
+        "rule": f"{limits['marketo'][0]} calls / {limits['marketo'][1]:g} s",
+        "daily_quota_share": round(marketo_calls / MARKETO_DAILY_QUOTA, 5),
+    }
     by_requests = budget_floor_seconds(dynamics_requests, *limits["dynamics"])
     by_execution = execution_floor_seconds(execution, *DYNAMICS_EXECUTION_BUDGET)
-    dynamics: dict[str, Any] = {"requests": dynamics_requests, "execution_seconds": round(execution, 3),
-                "requests_seconds": by_requests, "execution_floor_seconds": by_execution,
-                "seconds": max(by_requests, by_execution),
-                "rule": f"{limits['dynamics'][0]} requests and {DYNAMICS_EXECUTION_BUDGET[0]:g} s execution "
-                        f"/ {limits['dynamics'][1]:g} s"}
+    dynamics: dict[str, Any] = {
+        "requests": dynamics_requests,
+        "execution_seconds": round(execution, 3),
+        "requests_seconds": by_requests,
+        "execution_floor_seconds": by_execution,
+        "seconds": max(by_requests, by_execution),
+        "rule": f"{limits['dynamics'][0]} requests and {DYNAMICS_EXECUTION_BUDGET[0]:g} s execution "
+        f"/ {limits['dynamics'][1]:g} s",
+    }
     systems = {"marketo": marketo, "dynamics": dynamics}
     binding = max(systems, key=lambda s: float(systems[s]["seconds"]))
-    return {"marketo": marketo, "dynamics": dynamics, "binding": binding, "seconds": systems[binding]["seconds"],
-            "counted": {"marketo": marketo_calls, "dynamics": dynamics_requests},
-            "per_service": {s: v["seconds"] for s, v in systems.items()}}
+    return {
+        "marketo": marketo,
+        "dynamics": dynamics,
+        "binding": binding,
+        "seconds": systems[binding]["seconds"],
+        "counted": {"marketo": marketo_calls, "dynamics": dynamics_requests},
+        "per_service": {s: v["seconds"] for s, v in systems.items()},
+    }

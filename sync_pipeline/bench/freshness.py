@@ -79,11 +79,21 @@ def start_daemon(home: Path, log_path: Path) -> subprocess.Popen[bytes]:
     root = repo_root()
     if (root / "dagster.yaml").exists():
         shutil.copy(root / "dagster.yaml", home / "dagster.yaml")
-    target = ["-w", "workspace.yaml"] if (root / "workspace.yaml").exists() else ["-m", "sync_pipeline.definitions"]
+    target = (
+        ["-w", "workspace.yaml"]
+        if (root / "workspace.yaml").exists()
+        else ["-m", "sync_pipeline.definitions"]
+    )
     env = dict(os.environ, DAGSTER_HOME=str(home))
     with open(log_path, "wb") as log:
-        return subprocess.Popen([str(Path(sys.executable).with_name("dagster-daemon")), "run", *target], cwd=root,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [str(Path(sys.executable).with_name("dagster-daemon")), "run", *target],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
@@ -110,8 +120,15 @@ def _poll(edits: list[Edit], lock: threading.Lock, stop: threading.Event) -> Non
         stop.wait(POLL_SECONDS)
 
 
-def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float, log: Any = print,
-            work_dir: Path | None = None) -> dict[str, Any]:
+def measure(
+    remote: RemoteSandbox,
+    *,
+    rate: float,
+    duration: float,
+    drain: float,
+    log: Any = print,
+    work_dir: Path | None = None,
+) -> dict[str, Any]:
     """Run the daemon and make ``rate`` edits a second for ``duration`` seconds; wait up to ``drain`` seconds after
     the last edit for arrivals. The pipeline environment (state store with a finished initial copy) is set."""
     n = max(1, round(rate * duration))
@@ -120,7 +137,9 @@ def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float
         raise RuntimeError("no synced lead to edit: did the initial copy link any lead?")
     edits: list[Edit] = []
     lock, stop = threading.Lock(), threading.Event()
-    poller = threading.Thread(target=_poll, args=(edits, lock, stop), name="bench-freshness-poll", daemon=True)
+    poller = threading.Thread(
+        target=_poll, args=(edits, lock, stop), name="bench-freshness-poll", daemon=True
+    )
     with tempfile.TemporaryDirectory(prefix="bench-freshness-", dir=work_dir) as tmp:
         daemon = start_daemon(Path(tmp) / "dagster_home", Path(tmp) / "daemon.log")
         try:
@@ -138,12 +157,17 @@ def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float
                 if i % 2 == 0:
                     phone = f"+1 555 {stamp}"
                     remote.dynamics_update("lead", dynamics_id, {"telephone1": phone})
-                    edit = Edit("dynamics", time.monotonic(), _arrived_in_marketo(remote, person_id, "phone", phone))
+                    edit = Edit(
+                        "dynamics", time.monotonic(), _arrived_in_marketo(remote, person_id, "phone", phone)
+                    )
                 else:
                     title = f"Freshness {stamp}"
                     remote.marketo_update_lead(person_id, {"title": title})
-                    edit = Edit("marketo", time.monotonic(),
-                                _arrived_in_dynamics(remote, dynamics_id, "jobtitle", title))
+                    edit = Edit(
+                        "marketo",
+                        time.monotonic(),
+                        _arrived_in_dynamics(remote, dynamics_id, "jobtitle", title),
+                    )
                 with lock:
                     edits.append(edit)
             last_edit = time.monotonic()
@@ -169,14 +193,27 @@ def measure(remote: RemoteSandbox, *, rate: float, duration: float, drain: float
         v = percentile(values, q)
         return None if v is None or math.isinf(v) else round(v, 1)
 
-    return {"edits": len(edits), "rate_per_second": rate, "duration_seconds": duration,
-            "arrived": sum(e.arrived_at is not None for e in edits), "drain_seconds": drain,
-            "latency_seconds": {"p50": stat(50), "p95": stat(95), "max": stat(100),
-                                "poll_resolution": POLL_SECONDS},
-            "by_side": {side: {"p50": stat(50, side), "p95": stat(95, side), "max": stat(100, side)}
-                        for side in ("dynamics", "marketo")},
-            "calls": counted, "calls_per_edit": {s: round(v / len(edits), 2) for s, v in counted.items()},
-            "runs": runs, "target_p95_seconds": TARGET_P95_SECONDS}
+    return {
+        "edits": len(edits),
+        "rate_per_second": rate,
+        "duration_seconds": duration,
+        "arrived": sum(e.arrived_at is not None for e in edits),
+        "drain_seconds": drain,
+        "latency_seconds": {
+            "p50": stat(50),
+            "p95": stat(95),
+            "max": stat(100),
+            "poll_resolution": POLL_SECONDS,
+        },
+        "by_side": {
+            side: {"p50": stat(50, side), "p95": stat(95, side), "max": stat(100, side)}
+            for side in ("dynamics", "marketo")
+        },
+        "calls": counted,
+        "calls_per_edit": {s: round(v / len(edits), 2) for s, v in counted.items()},
+        "runs": runs,
+        "target_p95_seconds": TARGET_P95_SECONDS,
+    }
 
 
 def _in_flight(home: Path) -> set[str]:
@@ -203,8 +240,10 @@ def _runs(home: Path, in_flight: set[str]) -> dict[str, Any]:
                 status = "IN_FLIGHT_AT_END" if run.run_id in in_flight else run.status.value
                 out[status] = out.get(status, 0) + 1
                 if status == dg.DagsterRunStatus.FAILURE.value:
-                    events = instance.all_logs(run.run_id, of_type={dg.DagsterEventType.RUN_FAILURE,
-                                                                    dg.DagsterEventType.STEP_FAILURE})
+                    events = instance.all_logs(
+                        run.run_id,
+                        of_type={dg.DagsterEventType.RUN_FAILURE, dg.DagsterEventType.STEP_FAILURE},
+                    )
                     message = next((e.message for e in reversed(events) if e.message), "")
                     failures.append(f"{run.tags.get('dagster/sensor_name', '?')}: {message[:300]}")
     except Exception as exc:  # noqa: BLE001 - the count is informative; the latencies are the result

@@ -31,10 +31,22 @@ DYNAMICS_PAGE = 5000
 MARKETO_BATCH = 300
 INCREMENTAL_CHANGES = 1000
 # Share of the incremental edits per (system, table): both systems, persons and one-way entities.
-CHANGE_MIX = (("dynamics", "contact", 0.35), ("dynamics", "lead", 0.15), ("dynamics", "account", 0.15),
-              ("dynamics", "opportunity", 0.05), ("marketo", "lead", 0.30))
-DYNAMICS_WRITE_ROUTES = ("dynamics.create", "dynamics.update", "dynamics.delete", "dynamics.batch",
-                         "dynamics.createmultiple", "dynamics.updatemultiple", "dynamics.upsertmultiple")
+CHANGE_MIX = (
+    ("dynamics", "contact", 0.35),
+    ("dynamics", "lead", 0.15),
+    ("dynamics", "account", 0.15),
+    ("dynamics", "opportunity", 0.05),
+    ("marketo", "lead", 0.30),
+)
+DYNAMICS_WRITE_ROUTES = (
+    "dynamics.create",
+    "dynamics.update",
+    "dynamics.delete",
+    "dynamics.batch",
+    "dynamics.createmultiple",
+    "dynamics.updatemultiple",
+    "dynamics.upsertmultiple",
+)
 
 
 def is_marketo_write(route: str) -> bool:
@@ -72,8 +84,11 @@ TOKEN_ROUTES = ("identity.token", "identity.openid", "marketo.identity")
 
 def http_requests(calls: dict[str, int], tokens: bool = True) -> int:
     """HTTP requests to the services, as they count them: a $batch is one, its parts are not requests."""
-    routes = sum(n for r, n in calls.items() if not r.startswith(("limits.", "parts."))
-                 and (tokens or r not in TOKEN_ROUTES))
+    routes = sum(
+        n
+        for r, n in calls.items()
+        if not r.startswith(("limits.", "parts.")) and (tokens or r not in TOKEN_ROUTES)
+    )
     return routes - calls.get(BATCH_PARTS, 0)
 
 
@@ -134,15 +149,23 @@ class PeakRss:
 
 
 @contextmanager
-def pipeline_env(remote: RemoteSandbox, state_dir: Path, marketo_calls_per_20s: int = 1_000_000,
-                 marketo_max_concurrent: int = 10) -> Iterator[None]:
+def pipeline_env(
+    remote: RemoteSandbox,
+    state_dir: Path,
+    marketo_calls_per_20s: int = 1_000_000,
+    marketo_max_concurrent: int = 10,
+) -> Iterator[None]:
     """Point this process's pipeline at ``remote`` with a fresh state store; restore the env afterwards.
 
     With the sandbox's limits off our own rate governor is opened up too (we measure the pipeline, not the
     budget); the realistic scenario passes Marketo's real limits instead.
     """
-    wanted = {**remote.settings(), "SYNC_STATE_PATH": str(state_dir / "state.duckdb"),
-              "MARKETO_CALLS_PER_20S": str(marketo_calls_per_20s), "MARKETO_MAX_CONCURRENT": str(marketo_max_concurrent)}
+    wanted = {
+        **remote.settings(),
+        "SYNC_STATE_PATH": str(state_dir / "state.duckdb"),
+        "MARKETO_CALLS_PER_20S": str(marketo_calls_per_20s),
+        "MARKETO_MAX_CONCURRENT": str(marketo_max_concurrent),
+    }
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     try:
@@ -174,8 +197,15 @@ def stage_stats(result: Any) -> list[dict[str, Any]]:
     for ev in result.get_asset_materialization_events():
         m = ev.materialization
         name = "/".join(m.asset_key.path)
-        stage = stages.setdefault(name, {"asset": name, "seconds": round(durations.get(ev.step_key, 0.0), 3),
-                                         "records": 0, "partitions": 0})
+        stage = stages.setdefault(
+            name,
+            {
+                "asset": name,
+                "seconds": round(durations.get(ev.step_key, 0.0), 3),
+                "records": 0,
+                "partitions": 0,
+            },
+        )
         meta = {k: v.value for k, v in m.metadata.items()}
         if RUN_TOTALS in meta:  # a range run: the same totals on every partition of the range, counted once
             if (name, ev.step_key) not in counted:
@@ -185,12 +215,15 @@ def stage_stats(result: Any) -> list[dict[str, Any]]:
             stage["records"] += _records(meta)
         stage["partitions"] += 1
     for stage in stages.values():
-        stage["records_per_second"] = round(stage["records"] / stage["seconds"]) if stage["seconds"] > 0 else None
+        stage["records_per_second"] = (
+            round(stage["records"] / stage["seconds"]) if stage["seconds"] > 0 else None
+        )
     return sorted(stages.values(), key=lambda s: -s["seconds"])
 
 
-def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]], full_read: bool
-               ) -> dict[str, int]:
+def call_floor(
+    config: Any, counts: dict[str, int], stages: list[dict[str, Any]], full_read: bool
+) -> dict[str, int]:
     """The fewest calls the work needs: ceil(rows/5000) Dynamics pages a table (1 per delta read), and
     ceil(written/300) Marketo writes per object."""
     dynamics = 0
@@ -206,15 +239,21 @@ def call_floor(config: Any, counts: dict[str, int], stages: list[dict[str, Any]]
 def calls_vs_floor(calls: dict[str, int], floor: dict[str, int]) -> dict[str, Any]:
     dynamics = calls.get("dynamics.query", 0)
     marketo = sum(n for r, n in calls.items() if is_marketo_write(r))
-    return {"calls": dict(sorted(calls.items())), "total": http_requests(calls), "floor": floor,
-            "dynamics_query": dynamics, "marketo_writes": marketo,
-            "dynamics_writes": sum(calls.get(r, 0) for r in DYNAMICS_WRITE_ROUTES),
-            "dynamics_ratio": round(dynamics / floor["dynamics.query"], 3) if floor["dynamics.query"] else None,
-            "marketo_ratio": round(marketo / floor["marketo.writes"], 3) if floor["marketo.writes"] else None}
+    return {
+        "calls": dict(sorted(calls.items())),
+        "total": http_requests(calls),
+        "floor": floor,
+        "dynamics_query": dynamics,
+        "marketo_writes": marketo,
+        "dynamics_writes": sum(calls.get(r, 0) for r in DYNAMICS_WRITE_ROUTES),
+        "dynamics_ratio": round(dynamics / floor["dynamics.query"], 3) if floor["dynamics.query"] else None,
+        "marketo_ratio": round(marketo / floor["marketo.writes"], 3) if floor["marketo.writes"] else None,
+    }
 
 
-def run_cycle(instance: Any, remote: RemoteSandbox, config: Any, counts: dict[str, int], scope: str,
-              full_read: bool) -> dict[str, Any]:
+def run_cycle(
+    instance: Any, remote: RemoteSandbox, config: Any, counts: dict[str, int], scope: str, full_read: bool
+) -> dict[str, Any]:
     from sync_pipeline.runs import run_sync
 
     remote.reset_calls()
@@ -225,14 +264,22 @@ def run_cycle(instance: Any, remote: RemoteSandbox, config: Any, counts: dict[st
     stages = stage_stats(result)
     records = sum(s["records"] for s in stages if is_extract(s["asset"]))
     calls = remote.calls()
-    per_100k = {f"{k}_per_100k_records": round(v * 100_000 / records, 3) if records else None
-                for k, v in cpu.seconds.items()}
-    return {"seconds": round(seconds, 3), "records_read": records,
-            "records_per_second": round(records / seconds) if seconds else None,
-            "peak_rss_mb": round(rss.peak / 2**20, 1), "stages": stages,
-            "cpu": {**{f"{k}_seconds": v for k, v in cpu.seconds.items()}, **per_100k},
-            "api": {**calls_vs_floor(calls, call_floor(config, counts, stages, full_read)),
-                    "marketo_calls": marketo_calls(calls)}}
+    per_100k = {
+        f"{k}_per_100k_records": round(v * 100_000 / records, 3) if records else None
+        for k, v in cpu.seconds.items()
+    }
+    return {
+        "seconds": round(seconds, 3),
+        "records_read": records,
+        "records_per_second": round(records / seconds) if seconds else None,
+        "peak_rss_mb": round(rss.peak / 2**20, 1),
+        "stages": stages,
+        "cpu": {**{f"{k}_seconds": v for k, v in cpu.seconds.items()}, **per_100k},
+        "api": {
+            **calls_vs_floor(calls, call_floor(config, counts, stages, full_read)),
+            "marketo_calls": marketo_calls(calls),
+        },
+    }
 
 
 def change_sensors(defs: Any) -> list[Any]:
@@ -244,8 +291,13 @@ def evaluate_sensor(instance: Any, sensor: Any, defs: Any, cursor: str | None = 
     """One evaluation as the daemon makes it, through Dagster's public API (resources from the definitions)."""
     import dagster as dg
 
-    with dg.build_sensor_context(instance=instance, cursor=cursor, sensor_name=sensor.name, definitions=defs,
-                                 resources=dict(defs.resources or {})) as context:
+    with dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        sensor_name=sensor.name,
+        definitions=defs,
+        resources=dict(defs.resources or {}),
+    ) as context:
         return sensor.evaluate_tick(context)
 
 
@@ -262,8 +314,12 @@ def sensor_tick(instance: Any, remote: RemoteSandbox) -> dict[str, Any]:
     requested = [r for sensor in sensors for r in evaluate_sensor(instance, sensor, defs).run_requests or []]
     calls = dict(remote.calls())
     http = http_requests(calls, tokens=False)
-    return {"sensors": [s.name for s in sensors], "run_requests": len(requested), "http_calls": http,
-            "calls": calls}
+    return {
+        "sensors": [s.name for s in sensors],
+        "run_requests": len(requested),
+        "http_calls": http,
+        "calls": calls,
+    }
 
 
 def make_changes(remote: RemoteSandbox, n: int, seed: int = 0) -> dict[str, int]:
@@ -288,8 +344,14 @@ def make_changes(remote: RemoteSandbox, n: int, seed: int = 0) -> dict[str, int]
     return done
 
 
-def run_scale(scale: str, scenarios: tuple[str, ...], seed: int = 0, work_dir: Path | None = None,
-              log: Any = print, freshness: dict[str, float] | None = None) -> dict[str, Any]:
+def run_scale(
+    scale: str,
+    scenarios: tuple[str, ...],
+    seed: int = 0,
+    work_dir: Path | None = None,
+    log: Any = print,
+    freshness: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Every asked-for scenario at one scale: one sandbox process for initial/incremental/idle, another
     (realistic profile, added latency) for the realistic one."""
     from sync_pipeline.config.model import load_config
@@ -303,13 +365,15 @@ def run_scale(scale: str, scenarios: tuple[str, ...], seed: int = 0, work_dir: P
         if "realistic" in scenarios:
             out["scenarios"]["realistic"] = _realistic(scale, seed, Path(tmp) / "realistic", config, log)
         if "freshness" in scenarios:
-            out["scenarios"]["freshness"] = _freshness(scale, seed, Path(tmp) / "freshness", config, log,
-                                                       **(freshness or {}))
+            out["scenarios"]["freshness"] = _freshness(
+                scale, seed, Path(tmp) / "freshness", config, log, **(freshness or {})
+            )
     return out
 
 
-def _plain_scenarios(scale: str, scenarios: list[str], seed: int, tmp: Path, config: Any, log: Any
-                     ) -> dict[str, Any]:
+def _plain_scenarios(
+    scale: str, scenarios: list[str], seed: int, tmp: Path, config: Any, log: Any
+) -> dict[str, Any]:
     import dagster as dg
 
     results: dict[str, Any] = {}
@@ -317,8 +381,11 @@ def _plain_scenarios(scale: str, scenarios: list[str], seed: int, tmp: Path, con
     remote = spawn_sandbox(tmp / "sandbox", scale=scale, seed=seed, timeout=1800)
     try:
         counts = dict((remote.populated or {}).get("counts", {}))
-        results["population"] = {"records": sum(counts.values()), "counts": counts,
-                                 "seconds": (remote.populated or {}).get("seconds")}
+        results["population"] = {
+            "records": sum(counts.values()),
+            "counts": counts,
+            "seconds": (remote.populated or {}).get("seconds"),
+        }
         with pipeline_env(remote, tmp), dg.DagsterInstance.ephemeral() as instance:
             log(f"[{scale}] initial copy of {sum(counts.values()):,} records...")
             # The first run on an empty store copies everything (full read + first delta link, bulk extract of
@@ -329,7 +396,9 @@ def _plain_scenarios(scale: str, scenarios: list[str], seed: int, tmp: Path, con
                 results["initial"] = initial
             # The cycle after an initial copy reads back its echoes (every person it created); settle first so
             # the incremental scenario measures 1,000 changes, not the echo of the whole copy.
-            results["settle_after_initial"] = run_cycle(instance, remote, config, counts, "latest", full_read=False)
+            results["settle_after_initial"] = run_cycle(
+                instance, remote, config, counts, "latest", full_read=False
+            )
             if "incremental" in scenarios:
                 log(f"[{scale}] incremental: {INCREMENTAL_CHANGES:,} changes...")
                 edits = make_changes(remote, INCREMENTAL_CHANGES, seed)
@@ -337,7 +406,9 @@ def _plain_scenarios(scale: str, scenarios: list[str], seed: int, tmp: Path, con
                 results["incremental"] = {**cycle, "changes": edits}
             if "idle" in scenarios:
                 log(f"[{scale}] idle cycle...")
-                run_cycle(instance, remote, config, counts, "latest", full_read=False)  # settle the edits' echoes
+                run_cycle(
+                    instance, remote, config, counts, "latest", full_read=False
+                )  # settle the edits' echoes
                 results["idle"] = run_cycle(instance, remote, config, counts, "latest", full_read=False)
                 results["idle_sensor_tick"] = sensor_tick(instance, remote)
     finally:
@@ -349,12 +420,20 @@ def _realistic(scale: str, seed: int, tmp: Path, config: Any, log: Any) -> dict[
     import dagster as dg
 
     log(f"[{scale}] realistic profile ({REALISTIC_LATENCY * 1000:.0f} ms latency a call): initial copy...")
-    remote = spawn_sandbox(tmp / "sandbox", scale=scale, seed=seed, profile="realistic",
-                           latency_seconds=REALISTIC_LATENCY, timeout=1800)
+    remote = spawn_sandbox(
+        tmp / "sandbox",
+        scale=scale,
+        seed=seed,
+        profile="realistic",
+        latency_seconds=REALISTIC_LATENCY,
+        timeout=1800,
+    )
     try:
         counts = dict((remote.populated or {}).get("counts", {}))
-        with pipeline_env(remote, tmp, marketo_calls_per_20s=100, marketo_max_concurrent=10), \
-                dg.DagsterInstance.ephemeral() as instance:
+        with (
+            pipeline_env(remote, tmp, marketo_calls_per_20s=100, marketo_max_concurrent=10),
+            dg.DagsterInstance.ephemeral() as instance,
+        ):
             cycle = run_cycle(instance, remote, config, counts, "latest", full_read=True)
     finally:
         remote.stop()
@@ -363,27 +442,48 @@ def _realistic(scale: str, seed: int, tmp: Path, config: Any, log: Any) -> dict[
     budget = budget_floor(cycle["api"]["calls"])
     floor = budget["seconds"]
     # A floor of 0 s (fewer calls than one window holds) has no ratio: the run's own overhead is all there is.
-    return {**cycle, "latency_seconds": REALISTIC_LATENCY, "budget": budget,
-            "budget_floor_seconds": round(floor, 3), "over_floor_seconds": round(cycle["seconds"] - floor, 3),
-            "vs_budget_floor": round(cycle["seconds"] / floor, 3) if floor > 0 else None}
+    return {
+        **cycle,
+        "latency_seconds": REALISTIC_LATENCY,
+        "budget": budget,
+        "budget_floor_seconds": round(floor, 3),
+        "over_floor_seconds": round(cycle["seconds"] - floor, 3),
+        "vs_budget_floor": round(cycle["seconds"] / floor, 3) if floor > 0 else None,
+    }
 
 
-def _freshness(scale: str, seed: int, tmp: Path, config: Any, log: Any, rate: float = 1.0,
-               duration: float = 120.0, drain: float = 180.0) -> dict[str, Any]:
+def _freshness(
+    scale: str,
+    seed: int,
+    tmp: Path,
+    config: Any,
+    log: Any,
+    rate: float = 1.0,
+    duration: float = 120.0,
+    drain: float = 180.0,
+) -> dict[str, Any]:
     """Edit-to-arrival latency with the daemon and change sensor running (see :mod:`sync_pipeline.bench.freshness`)."""
     import dagster as dg
 
     from sync_pipeline.bench import freshness
 
     log(f"[{scale}] freshness: realistic profile, initial copy in-process, then the daemon...")
-    remote = spawn_sandbox(tmp / "sandbox", scale=scale, seed=seed, profile="realistic",
-                           latency_seconds=REALISTIC_LATENCY, timeout=1800)
+    remote = spawn_sandbox(
+        tmp / "sandbox",
+        scale=scale,
+        seed=seed,
+        profile="realistic",
+        latency_seconds=REALISTIC_LATENCY,
+        timeout=1800,
+    )
     try:
         counts = dict((remote.populated or {}).get("counts", {}))
         with pipeline_env(remote, tmp, marketo_calls_per_20s=100, marketo_max_concurrent=10):
             with dg.DagsterInstance.ephemeral() as instance:
                 run_cycle(instance, remote, config, counts, "latest", full_read=True)
-                run_cycle(instance, remote, config, counts, "latest", full_read=False)  # absorb the copy's echo
+                run_cycle(
+                    instance, remote, config, counts, "latest", full_read=False
+                )  # absorb the copy's echo
             return freshness.measure(remote, rate=rate, duration=duration, drain=drain, log=log, work_dir=tmp)
     finally:
         remote.stop()

@@ -15,8 +15,13 @@ from typing import Any
 from sync_pipeline.bench.targets import GIB_MB, evaluate
 from sync_pipeline.sandbox.generator import SCALES
 
-CHART_SCENARIOS = (("initial", "o"), ("settle_after_initial", "v"), ("incremental", "s"), ("idle", "^"),
-                   ("realistic", "D"))
+CHART_SCENARIOS = (
+    ("initial", "o"),
+    ("settle_after_initial", "v"),
+    ("incremental", "s"),
+    ("idle", "^"),
+    ("realistic", "D"),
+)
 
 
 def _scale_order(scale: str) -> int:
@@ -33,8 +38,11 @@ def merge_latest(path: Path, run: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{path}: not valid JSON ({exc}); move it away to start a new record") from None
     previous = latest.setdefault("scales", {}).get(run["scale"], {})
     # A run of some scenarios replaces those and keeps the others (e.g. freshness measured on its own).
-    latest["scales"][run["scale"]] = {**previous, **run,
-                                      "scenarios": {**previous.get("scenarios", {}), **run["scenarios"]}}
+    latest["scales"][run["scale"]] = {
+        **previous,
+        **run,
+        "scenarios": {**previous.get("scenarios", {}), **run["scenarios"]},
+    }
     latest["scales"] = dict(sorted(latest["scales"].items(), key=lambda kv: _scale_order(kv[0])))
     latest.pop("targets", None)  # superseded by the evaluated table in results.md
     return latest
@@ -64,30 +72,47 @@ def targets_table(latest: dict[str, Any]) -> list[str]:
     for row in evaluate(latest):
         bound = _fmt(row["bound"]) + ("x" if row["unit"] == "x" else f" {row['unit']}")
         mark = {"met": "met", "missed": "**missed**", "not measured": "not measured"}[row["status"]]
-        lines.append(f"| {row['measure']} | {row['scale']} | {_value(row)} | {row['sense']} {bound} | {mark} |")
+        lines.append(
+            f"| {row['measure']} | {row['scale']} | {_value(row)} | {row['sense']} {bound} | {mark} |"
+        )
     return lines
 
 
 def markdown(latest: dict[str, Any]) -> str:
-    lines = ["# Pipeline benchmarks", "",
-             "Written by `sync-pipeline bench` (one run per scale; `--scenario freshness` separately). The targets "
-             "are issue 13's; met/missed is computed from the numbers below.", "", "## Targets", ""]
+    lines = [
+        "# Pipeline benchmarks",
+        "",
+        "Written by `sync-pipeline bench` (one run per scale; `--scenario freshness` separately). The targets "
+        "are issue 13's; met/missed is computed from the numbers below.",
+        "",
+        "## Targets",
+        "",
+    ]
     lines += targets_table(latest)
-    lines += ["", "## Runs", "",
-              "CPU: user + system seconds of the pipeline process and, separately, of the sandbox process. Calls: "
-              "every API call (Marketo: REST and bulk, token calls excluded).", "",
-              "| scale | scenario | records | seconds | records/s | peak RSS MB | pipeline CPU s (/100k) "
-              "| sandbox CPU s | calls | Marketo calls | note |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "CPU: user + system seconds of the pipeline process and, separately, of the sandbox process. Calls: "
+        "every API call (Marketo: REST and bulk, token calls excluded).",
+        "",
+        "| scale | scenario | records | seconds | records/s | peak RSS MB | pipeline CPU s (/100k) "
+        "| sandbox CPU s | calls | Marketo calls | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for scale, run in latest["scales"].items():
         for name, sc in run["scenarios"].items():
             if name == "population":
-                lines.append(f"| {scale} | population | {_fmt(sc['records'])} | {_fmt(sc['seconds'])} | | | | | | | "
-                             f"sandbox generate + load |")
+                lines.append(
+                    f"| {scale} | population | {_fmt(sc['records'])} | {_fmt(sc['seconds'])} | | | | | | | "
+                    f"sandbox generate + load |"
+                )
                 continue
             if name == "idle_sensor_tick":
-                lines.append(f"| {scale} | idle (sensor tick) | | | | | | | {sc['http_calls']} | | "
-                             f"calls of one change-sensor tick, tokens cached |")
+                lines.append(
+                    f"| {scale} | idle (sensor tick) | | | | | | | {sc['http_calls']} | | "
+                    f"calls of one change-sensor tick, tokens cached |"
+                )
                 continue
             if name == "freshness":
                 continue
@@ -96,68 +121,96 @@ def markdown(latest: dict[str, Any]) -> str:
             if name == "incremental":
                 note = f"{sum(sc['changes'].values()):,} edits"
             elif name == "realistic":
-                note = (f"floor {sc['budget_floor_seconds']:.1f} s ({sc.get('budget', {}).get('binding', '?')}), "
-                        f"x{_fmt(sc['vs_budget_floor'])}")
+                note = (
+                    f"floor {sc['budget_floor_seconds']:.1f} s ({sc.get('budget', {}).get('binding', '?')}), "
+                    f"x{_fmt(sc['vs_budget_floor'])}"
+                )
             lines.append(
                 f"| {scale} | {name} | {_fmt(sc['records_read'])} | {_fmt(sc['seconds'])} | "
                 f"{_fmt(sc['records_per_second'])} | {_fmt(sc['peak_rss_mb'])} | "
                 f"{_fmt(cpu.get('pipeline_seconds'))} ({_fmt(cpu.get('pipeline_per_100k_records'))}) | "
                 f"{_fmt(cpu.get('sandbox_seconds'))} | {_fmt(api['total'])} | {_fmt(api.get('marketo_calls'))} | "
-                f"{note} |")
+                f"{note} |"
+            )
     lines += _floors(latest) + _freshness(latest)
     lines += ["", "## Slowest stages per scale and scenario", ""]
     for scale, run in latest["scales"].items():
         for name, sc in run["scenarios"].items():
             if name in ("population", "idle_sensor_tick", "freshness"):
                 continue
-            top = ", ".join(f"{s['asset']} {s['seconds']:.2f} s ({_fmt(s['records_per_second'])}/s)"
-                            for s in sc["stages"][:4])
+            top = ", ".join(
+                f"{s['asset']} {s['seconds']:.2f} s ({_fmt(s['records_per_second'])}/s)"
+                for s in sc["stages"][:4]
+            )
             lines.append(f"- **{scale} / {name}**: {top}")
     host = latest.get("host", {})
-    lines += ["", f"Host: {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')}; "
-                  f"written {latest.get('written', '?')}.", ""]
+    lines += [
+        "",
+        f"Host: {host.get('cpus', '?')} CPUs, Python {host.get('python', '?')}; "
+        f"written {latest.get('written', '?')}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _floors(latest: dict[str, Any]) -> list[str]:
     """The realistic run's API-budget floor per system (sync_pipeline.bench.floor), the binding one first."""
-    rows = [(scale, run["scenarios"]["realistic"]) for scale, run in latest["scales"].items()
-            if "realistic" in run["scenarios"] and "marketo" in run["scenarios"]["realistic"].get("budget", {})]
+    rows = [
+        (scale, run["scenarios"]["realistic"])
+        for scale, run in latest["scales"].items()
+        if "realistic" in run["scenarios"] and "marketo" in run["scenarios"]["realistic"].get("budget", {})
+    ]
     if not rows:
         return []
-    lines = ["", "## Realistic profile: API-budget floor per system", "",
-             "The least time the calls the run made need under the services' own rules (Marketo 100 calls / 20 s; "
-             "Dataverse 6,000 requests and 1,200 s execution time / 300 s, a $batch one request), from the "
-             "sandbox's admitted-call counters.", "",
-             "| scale | run s | Marketo calls | Marketo floor s | daily quota used | Dynamics requests | Dynamics "
-             "execution s | Dynamics floor s | binding | run / floor | run - floor s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        "",
+        "## Realistic profile: API-budget floor per system",
+        "",
+        "The least time the calls the run made need under the services' own rules (Marketo 100 calls / 20 s; "
+        "Dataverse 6,000 requests and 1,200 s execution time / 300 s, a $batch one request), from the "
+        "sandbox's admitted-call counters.",
+        "",
+        "| scale | run s | Marketo calls | Marketo floor s | daily quota used | Dynamics requests | Dynamics "
+        "execution s | Dynamics floor s | binding | run / floor | run - floor s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for scale, sc in rows:
         b = sc["budget"]
         m, d = b["marketo"], b["dynamics"]
-        lines.append(f"| {scale} | {_fmt(sc['seconds'])} | {_fmt(m['calls'])} | {_fmt(m['seconds'])} | "
-                     f"{m['daily_quota_share'] * 100:.2f}% | {_fmt(d['requests'])} | {_fmt(d['execution_seconds'])} | "
-                     f"{_fmt(d['seconds'])} | {b['binding']} | {_fmt(sc['vs_budget_floor'])} | "
-                     f"{_fmt(sc.get('over_floor_seconds'))} |")
+        lines.append(
+            f"| {scale} | {_fmt(sc['seconds'])} | {_fmt(m['calls'])} | {_fmt(m['seconds'])} | "
+            f"{m['daily_quota_share'] * 100:.2f}% | {_fmt(d['requests'])} | {_fmt(d['execution_seconds'])} | "
+            f"{_fmt(d['seconds'])} | {b['binding']} | {_fmt(sc['vs_budget_floor'])} | "
+            f"{_fmt(sc.get('over_floor_seconds'))} |"
+        )
     return lines
 
 
 def _freshness(latest: dict[str, Any]) -> list[str]:
-    rows = [(scale, run["scenarios"]["freshness"]) for scale, run in latest["scales"].items()
-            if "freshness" in run["scenarios"]]
+    rows = [
+        (scale, run["scenarios"]["freshness"])
+        for scale, run in latest["scales"].items()
+        if "freshness" in run["scenarios"]
+    ]
     if not rows:
         return []
-    lines = ["", "## Freshness: edit to other side, daemon + change sensor, realistic profile", "",
-             "| scale | edits (rate, duration) | arrived | p50 s | p95 s | max s | Dynamics->Marketo p95 | "
-             "Marketo->Dynamics p95 | calls per edit (Marketo / Dynamics) | runs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "",
+        "## Freshness: edit to other side, daemon + change sensor, realistic profile",
+        "",
+        "| scale | edits (rate, duration) | arrived | p50 s | p95 s | max s | Dynamics->Marketo p95 | "
+        "Marketo->Dynamics p95 | calls per edit (Marketo / Dynamics) | runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for scale, sc in rows:
         lat, side, per = sc["latency_seconds"], sc["by_side"], sc["calls_per_edit"]
         runs = ", ".join(f"{k} {v}" for k, v in sc.get("runs", {}).items() if isinstance(v, int))
-        lines.append(f"| {scale} | {sc['edits']} ({sc['rate_per_second']:g}/s, {sc['duration_seconds']:g} s) | "
-                     f"{sc['arrived']} | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | {_fmt(lat['max'])} | "
-                     f"{_fmt(side['dynamics']['p95'])} | {_fmt(side['marketo']['p95'])} | "
-                     f"{_fmt(per.get('marketo'))} / {_fmt(per.get('dynamics'))} | {runs} |")
+        lines.append(
+            f"| {scale} | {sc['edits']} ({sc['rate_per_second']:g}/s, {sc['duration_seconds']:g} s) | "
+            f"{sc['arrived']} | {_fmt(lat['p50'])} | {_fmt(lat['p95'])} | {_fmt(lat['max'])} | "
+            f"{_fmt(side['dynamics']['p95'])} | {_fmt(side['marketo']['p95'])} | "
+            f"{_fmt(per.get('marketo'))} / {_fmt(per.get('dynamics'))} | {runs} |"
+        )
     return lines
 
 
@@ -168,17 +221,30 @@ def chart(latest: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scales = [s for s, run in latest["scales"].items() if "population" in run["scenarios"]
-              or "initial" in run["scenarios"]]
-    size = {s: (latest["scales"][s]["scenarios"].get("population") or {}).get("records")
-            or latest["scales"][s]["scenarios"]["initial"]["records_read"] for s in scales}
-    panels = (("seconds", "wall time (s)"), ("records_per_second", "records read / s"),
-              ("peak_rss_mb", "peak RSS of the pipeline (MB)"), ("calls", "API calls"))
+    scales = [
+        s
+        for s, run in latest["scales"].items()
+        if "population" in run["scenarios"] or "initial" in run["scenarios"]
+    ]
+    size = {
+        s: (latest["scales"][s]["scenarios"].get("population") or {}).get("records")
+        or latest["scales"][s]["scenarios"]["initial"]["records_read"]
+        for s in scales
+    }
+    panels = (
+        ("seconds", "wall time (s)"),
+        ("records_per_second", "records read / s"),
+        ("peak_rss_mb", "peak RSS of the pipeline (MB)"),
+        ("calls", "API calls"),
+    )
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
     for (metric, label), ax in zip(panels, axes.flat, strict=True):
         for scenario, marker in CHART_SCENARIOS:
-            points = [(size[s], latest["scales"][s]["scenarios"][scenario]) for s in scales
-                      if scenario in latest["scales"][s]["scenarios"]]
+            points = [
+                (size[s], latest["scales"][s]["scenarios"][scenario])
+                for s in scales
+                if scenario in latest["scales"][s]["scenarios"]
+            ]
             if metric == "calls":
                 values = [(x, p["api"]["total"]) for x, p in points]
             else:
@@ -194,8 +260,14 @@ def chart(latest: dict[str, Any], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         for s in scales:
             ax.axvline(size[s], color="grey", linewidth=0.4)
-            ax.annotate(s, (size[s], 1), xycoords=("data", "axes fraction"), textcoords="offset points",
-                        xytext=(2, -10), fontsize=8)
+            ax.annotate(
+                s,
+                (size[s], 1),
+                xycoords=("data", "axes fraction"),
+                textcoords="offset points",
+                xytext=(2, -10),
+                fontsize=8,
+            )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     axes[1][0].axhline(GIB_MB, color="red", linestyle="--", linewidth=0.8)
@@ -211,8 +283,12 @@ def write_outputs(run: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     run = {**run, "written": stamp}
-    paths = {"run": out_dir / f"run-{run['scale']}.json", "latest": out_dir / "latest.json",
-             "markdown": out_dir / "results.md", "chart": out_dir / "chart.png"}
+    paths = {
+        "run": out_dir / f"run-{run['scale']}.json",
+        "latest": out_dir / "latest.json",
+        "markdown": out_dir / "results.md",
+        "chart": out_dir / "chart.png",
+    }
     paths["run"].write_text(json.dumps(run, indent=2))
     latest = merge_latest(paths["latest"], run)
     latest["written"] = stamp

@@ -26,8 +26,11 @@ def _get(latest: dict[str, Any], scale: str, scenario: str, *path: str) -> Any:
 
 def _peak_rss(latest: dict[str, Any], scale: str) -> float | None:
     """The pipeline process's peak RSS over every scenario measured at ``scale``."""
-    peaks = [sc["peak_rss_mb"] for sc in latest.get("scales", {}).get(scale, {}).get("scenarios", {}).values()
-             if isinstance(sc, dict) and isinstance(sc.get("peak_rss_mb"), (int, float))]
+    peaks = [
+        sc["peak_rss_mb"]
+        for sc in latest.get("scales", {}).get(scale, {}).get("scenarios", {}).values()
+        if isinstance(sc, dict) and isinstance(sc.get("peak_rss_mb"), (int, float))
+    ]
     return max(peaks) if peaks else None
 
 
@@ -46,31 +49,102 @@ def _at(scale: str, scenario: str, *path: str) -> Callable[[dict[str, Any]], Any
 
 def _rows(latest: dict[str, Any]) -> list[Row]:
     rows: list[Row] = [
-        ("initial copy, limits off, end to end", "large", _at("large", "initial", "records_per_second"), 20_000,
-         "min", "rec/s")]
+        (
+            "initial copy, limits off, end to end",
+            "large",
+            _at("large", "initial", "records_per_second"),
+            20_000,
+            "min",
+            "rec/s",
+        )
+    ]
     for scale in ("small", "medium", "large"):
-        rows.append(("pipeline CPU per 100k records, initial copy", scale,
-                     _at(scale, "initial", "cpu", "pipeline_per_100k_records"), 3.0, "max", "s"))
+        rows.append(
+            (
+                "pipeline CPU per 100k records, initial copy",
+                scale,
+                _at(scale, "initial", "cpu", "pipeline_per_100k_records"),
+                3.0,
+                "max",
+                "s",
+            )
+        )
     rows += [
-        ("peak RSS of the pipeline process", "large", lambda rec: _peak_rss(rec, "large"), GIB_MB, "max", "MB"),
-        ("peak RSS, large / medium", "large",
-         lambda rec: _ratio(_peak_rss(rec, "large"), _peak_rss(rec, "medium")), 1.2, "max", "x")]
+        (
+            "peak RSS of the pipeline process",
+            "large",
+            lambda rec: _peak_rss(rec, "large"),
+            GIB_MB,
+            "max",
+            "MB",
+        ),
+        (
+            "peak RSS, large / medium",
+            "large",
+            lambda rec: _ratio(_peak_rss(rec, "large"), _peak_rss(rec, "medium")),
+            1.2,
+            "max",
+            "x",
+        ),
+    ]
     for scale in ("small", "medium", "large"):
-        rows.append(("1,000 changes, incremental", scale, _at(scale, "incremental", "seconds"), 3.0, "max", "s"))
+        rows.append(
+            ("1,000 changes, incremental", scale, _at(scale, "incremental", "seconds"), 3.0, "max", "s")
+        )
     rows += [
-        ("1,000 changes, large / small", "large",
-         lambda rec: _ratio(_get(rec, "large", "incremental", "seconds"), _get(rec, "small", "incremental", "seconds")),
-         1.5, "max", "x"),
-        ("Marketo calls, initial copy", "large", _at("large", "initial", "api", "marketo_calls"), 1000, "max", "calls"),
-        ("Marketo calls to absorb the copy's echo (settle run)", "large",
-         _at("large", "settle_after_initial", "api", "marketo_calls"), 50, "max", "calls")]
+        (
+            "1,000 changes, large / small",
+            "large",
+            lambda rec: _ratio(
+                _get(rec, "large", "incremental", "seconds"), _get(rec, "small", "incremental", "seconds")
+            ),
+            1.5,
+            "max",
+            "x",
+        ),
+        (
+            "Marketo calls, initial copy",
+            "large",
+            _at("large", "initial", "api", "marketo_calls"),
+            1000,
+            "max",
+            "calls",
+        ),
+        (
+            "Marketo calls to absorb the copy's echo (settle run)",
+            "large",
+            _at("large", "settle_after_initial", "api", "marketo_calls"),
+            50,
+            "max",
+            "calls",
+        ),
+    ]
     for scale in ("small", "medium", "large"):
-        rows += [("idle cycle calls", scale, _at(scale, "idle", "api", "total"), 10, "max", "calls"),
-                 ("idle sensor tick calls", scale, _at(scale, "idle_sensor_tick", "http_calls"), 3, "max", "calls")]
+        rows += [
+            ("idle cycle calls", scale, _at(scale, "idle", "api", "total"), 10, "max", "calls"),
+            (
+                "idle sensor tick calls",
+                scale,
+                _at(scale, "idle_sensor_tick", "http_calls"),
+                3,
+                "max",
+                "calls",
+            ),
+        ]
     for scale in ("small", "medium", "large"):
-        rows.append(("realistic profile, time / API-budget floor", scale, _realistic_ratio(scale), 1.10, "max", "x"))
-    rows.append(("edit-to-other-side p95, daemon + sensor, realistic, steady edits",
-                 _freshness_scale(latest) or "any", _freshness_p95, 60.0, "max", "s"))
+        rows.append(
+            ("realistic profile, time / API-budget floor", scale, _realistic_ratio(scale), 1.10, "max", "x")
+        )
+    rows.append(
+        (
+            "edit-to-other-side p95, daemon + sensor, realistic, steady edits",
+            _freshness_scale(latest) or "any",
+            _freshness_p95,
+            60.0,
+            "max",
+            "s",
+        )
+    )
     return rows
 
 
@@ -82,6 +156,7 @@ def _realistic_ratio(scale: str) -> Callable[[dict[str, Any]], Any]:
         if sc.get("vs_budget_floor") is None:  # a 0 s floor: any run time is above 1.10x of it
             return float("inf")
         return sc["vs_budget_floor"]
+
     return read
 
 
@@ -108,6 +183,15 @@ def evaluate(latest: dict[str, Any]) -> list[dict[str, Any]]:
             status = "not measured"
         else:
             status = "met" if (value <= bound if sense == "max" else value >= bound) else "missed"
-        out.append({"measure": measure, "scale": scale, "value": value, "bound": bound,
-                    "sense": "<=" if sense == "max" else ">=", "unit": unit, "status": status})
+        out.append(
+            {
+                "measure": measure,
+                "scale": scale,
+                "value": value,
+                "bound": bound,
+                "sense": "<=" if sense == "max" else ">=",
+                "unit": unit,
+                "status": status,
+            }
+        )
     return out

@@ -35,11 +35,21 @@ def _one(rows: list[tuple]) -> Any:
 
 
 @click.command()
-@click.option("--scale", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
-              help="Size of the generated org.")
+@click.option(
+    "--scale",
+    type=click.Choice(["tiny", "small"]),
+    default="tiny",
+    show_default=True,
+    help="Size of the generated org.",
+)
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed of the generated org.")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=Path(".state/demo"), show_default=True,
-              help="Where the sandbox, the state store and the Dagster instance of the demo live (wiped first).")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=Path(".state/demo"),
+    show_default=True,
+    help="Where the sandbox, the state store and the Dagster instance of the demo live (wiped first).",
+)
 def demo(scale: str, seed: int, state_dir: Path) -> None:
     """Run the sync end to end against the local sandbox and show that both sides agree."""
     require("demo", "sandbox")
@@ -55,8 +65,10 @@ def demo(scale: str, seed: int, state_dir: Path) -> None:
     with console.status("Starting the sandbox (Dataverse + Entra ID over HTTPS, Marketo REST) ..."):
         sb = Sandbox(state_dir / "sandbox", seed=seed).start()
         counts = sb.populate(scale, seed=seed)
-    console.print(f"[bold]Sandbox[/] Dynamics {sb.dynamics.api_url}  Marketo {sb.marketo.base_url}  "
-                  f"generated {sum(counts.values()):,} records ({scale})")
+    console.print(
+        f"[bold]Sandbox[/] Dynamics {sb.dynamics.api_url}  Marketo {sb.marketo.base_url}  "
+        f"generated {sum(counts.values()):,} records ({scale})"
+    )
     # The sandbox's settings go to the run as resource values (never into os.environ), its store next to it.
     settings = sb.settings()
     spec = runs.connection(state_path=str(state_dir / "sync.duckdb"))
@@ -73,14 +85,19 @@ def demo(scale: str, seed: int, state_dir: Path) -> None:
             result = runs.run_sync(instance, scope=scope, raise_on_error=False, spec=spec, settings=settings)
         status = "[green]ok[/]" if result.success else "[red]FAILED[/]"
         writes = query("SELECT count(*) FROM ledger WHERE run_id = ?", [result.run_id])[0][0]
-        console.print(f"{label}: {status} in {time.perf_counter() - t:.1f}s, {writes:,} field writes "
-                      f"(run {result.run_id[:8]})")
+        console.print(
+            f"{label}: {status} in {time.perf_counter() - t:.1f}s, {writes:,} field writes "
+            f"(run {result.run_id[:8]})"
+        )
         if not result.success:
             raise click.ClickException(f"{label} failed; see run {result.run_id} in the Dagster UI")
 
     try:
         keys = runs.partition_keys(spec)
-        run(f"Initial copy: backfill of {len(keys)} daily partitions ({keys[0]} .. {keys[-1]}) in one run", "all")
+        run(
+            f"Initial copy: backfill of {len(keys)} daily partitions ({keys[0]} .. {keys[-1]}) in one run",
+            "all",
+        )
         _print_counts(sb)
         scenarios = _make_edits(sb, query)
         run("Incremental sync 1", "latest")
@@ -90,8 +107,10 @@ def demo(scale: str, seed: int, state_dir: Path) -> None:
         differences = _compare(sb, state_dir)
     finally:
         sb.stop()
-    console.print(f"Done in {time.perf_counter() - started:.0f}s. State: {state_dir} (open it with "
-                  "`sync-pipeline status --state ...`).")
+    console.print(
+        f"Done in {time.perf_counter() - started:.0f}s. State: {state_dir} (open it with "
+        "`sync-pipeline status --state ...`)."
+    )
     if failed or differences:
         raise SystemExit(1)
 
@@ -102,19 +121,34 @@ def _print_counts(sb: Any) -> None:
     t.add_column("rows", justify="right")
     t.add_column("Marketo object")
     t.add_column("records", justify="right")
-    for dyn, mkto in (("systemuser", "salesPerson"), ("account", "company"), ("lead", "lead"), ("contact", None),
-                      ("opportunity", "opportunity"), (None, "opportunityRole"), ("team", "dynamicsTeam_c"),
-                      ("teammembership", "dynamicsTeamMember_c"), ("new_project", "project_c")):
-        t.add_row(dyn or "", f"{sb.dynamics_count(dyn):,}" if dyn else "", mkto or "",
-                  f"{sb.marketo_count(mkto):,}" if mkto else "")
+    for dyn, mkto in (
+        ("systemuser", "salesPerson"),
+        ("account", "company"),
+        ("lead", "lead"),
+        ("contact", None),
+        ("opportunity", "opportunity"),
+        (None, "opportunityRole"),
+        ("team", "dynamicsTeam_c"),
+        ("teammembership", "dynamicsTeamMember_c"),
+        ("new_project", "project_c"),
+    ):
+        t.add_row(
+            dyn or "",
+            f"{sb.dynamics_count(dyn):,}" if dyn else "",
+            mkto or "",
+            f"{sb.marketo_count(mkto):,}" if mkto else "",
+        )
     console.print(t)
 
 
 def _linked(query: Callable, entity: str, n: int, exclude: set[str]) -> list[tuple[str, int]]:
-    rows = query(f"""SELECT i.dynamics_id, CAST(i.marketo_id AS BIGINT) FROM identity i
+    rows = query(
+        f"""SELECT i.dynamics_id, CAST(i.marketo_id AS BIGINT) FROM identity i
                      JOIN d_{entity} d ON d.id = i.dynamics_id
                      WHERE i.entity = ? AND i.state = 'active' AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
-                     ORDER BY i.dynamics_id""", [entity])
+                     ORDER BY i.dynamics_id""",
+        [entity],
+    )
     out = [r for r in rows if r[0] not in exclude][:n]
     exclude.update(r[0] for r in out)
     return out
@@ -142,12 +176,15 @@ def _make_edits(sb: Any, query: Callable) -> list[Scenario]:
     sb.dynamics_update("contact", c5, {"new_synctomkto": False, "telephone1": "+1 555 0505"})
     created = sb.qualify_lead(l4, create_account=False, create_contact=True, create_opportunity=False)
     new_contact = next(v for k, v in created.items() if "contact" in k)
-    newcomer = sb.marketo_create_lead({"email": "new.person@example.org", "firstName": "Nora", "lastName": "Newcomer",
-                                       "leadScore": 80})
+    newcomer = sb.marketo_create_lead(
+        {"email": "new.person@example.org", "firstName": "Nora", "lastName": "Newcomer", "leadScore": 80}
+    )
     newcomer_id = int(newcomer["id"])
-    console.print("Edits: 2 one-sided updates, 2 conflicting updates, 1 person edited on both sides in different "
-                  "fields, 1 Dynamics delete, 1 Marketo delete, 1 sync-filter flip, 1 lead qualification, "
-                  "1 new Marketo person")
+    console.print(
+        "Edits: 2 one-sided updates, 2 conflicting updates, 1 person edited on both sides in different "
+        "fields, 1 Dynamics delete, 1 Marketo delete, 1 sync-filter flip, 1 lead qualification, "
+        "1 new Marketo person"
+    )
 
     def mk(pid: int, field: str) -> Any:
         try:
@@ -162,33 +199,81 @@ def _make_edits(sb: Any, query: Callable) -> list[Scenario]:
             return None
 
     return [
-        Scenario("Dynamics -> Marketo update", lambda: mk(p1, "phone") == "+1 555 0101", "Marketo phone = +1 555 0101"),
-        Scenario("Marketo -> Dynamics update", lambda: dyn("lead", l1, "jobtitle") == "VP Marketing (set in Marketo)",
-                 "Dynamics lead jobtitle from Marketo"),
-        Scenario("Conflict on a contact: Dynamics wins",
-                 lambda: mk(p2, "title") == "CTO (Dynamics)" and dyn("contact", c2, "jobtitle") == "CTO (Dynamics)",
-                 "both sides 'CTO (Dynamics)'"),
-        Scenario("Conflict on a lead: Marketo wins",
-                 lambda: mk(q2, "title") == "Buyer (Marketo)" and dyn("lead", l2, "jobtitle") == "Buyer (Marketo)",
-                 "both sides 'Buyer (Marketo)'"),
-        Scenario("Different fields on both sides: both kept (field-level merge)",
-                 lambda: mk(p3, "mobilePhone") == "+1 555 0303" and dyn("contact", c3, "address1_city") == "Lisbon",
-                 "Marketo mobile + Dynamics city"),
-        Scenario("Dynamics delete flags the person", lambda: mk(p4, "dynamicsIsDeleted") is True,
-                 "dynamicsIsDeleted = true, person kept"),
-        Scenario("Marketo delete is tombstoned, not re-created",
-                 lambda: _one(query("SELECT state FROM identity WHERE entity='lead' AND dynamics_id=?", [l3])) ==
-                 "tombstoned" and not sb.marketo_find_leads("dynamicsId", l3), "no person for the lead"),
-        Scenario("Sync filter No stops updates", lambda: mk(p5, "phone") != "+1 555 0505", "Marketo phone unchanged"),
-        Scenario("Qualification keeps one person", lambda: _one(query(
-            "SELECT marketo_id FROM identity WHERE entity='contact' AND dynamics_id=?", [str(new_contact).lower()]))
-            == str(q4) and mk(q4, "dynamicsType") == "Contact", "contact linked to the lead's person"),
-        Scenario("No duplicate persons", lambda: sb.marketo_count("lead") == count_persons,
-                 f"{count_persons} persons before (1 created in Marketo, 1 deleted there)"),
-        Scenario("New Marketo person becomes a Dynamics lead",
-                 lambda: bool(mk(newcomer_id, "dynamicsId")) and dyn("lead", mk(newcomer_id, "dynamicsId"),
-                                                                     "lastname") == "Newcomer",
-                 "lead created, dynamicsId written back"),
+        Scenario(
+            "Dynamics -> Marketo update",
+            lambda: mk(p1, "phone") == "+1 555 0101",
+            "Marketo phone = +1 555 0101",
+        ),
+        Scenario(
+            "Marketo -> Dynamics update",
+            lambda: dyn("lead", l1, "jobtitle") == "VP Marketing (set in Marketo)",
+            "Dynamics lead jobtitle from Marketo",
+        ),
+        Scenario(
+            "Conflict on a contact: Dynamics wins",
+            lambda: (
+                mk(p2, "title") == "CTO (Dynamics)" and dyn("contact", c2, "jobtitle") == "CTO (Dynamics)"
+            ),
+            "both sides 'CTO (Dynamics)'",
+        ),
+        Scenario(
+            "Conflict on a lead: Marketo wins",
+            lambda: mk(q2, "title") == "Buyer (Marketo)" and dyn("lead", l2, "jobtitle") == "Buyer (Marketo)",
+            "both sides 'Buyer (Marketo)'",
+        ),
+        Scenario(
+            "Different fields on both sides: both kept (field-level merge)",
+            lambda: (
+                mk(p3, "mobilePhone") == "+1 555 0303" and dyn("contact", c3, "address1_city") == "Lisbon"
+            ),
+            "Marketo mobile + Dynamics city",
+        ),
+        Scenario(
+            "Dynamics delete flags the person",
+            lambda: mk(p4, "dynamicsIsDeleted") is True,
+            "dynamicsIsDeleted = true, person kept",
+        ),
+        Scenario(
+            "Marketo delete is tombstoned, not re-created",
+            lambda: (
+                _one(query("SELECT state FROM identity WHERE entity='lead' AND dynamics_id=?", [l3]))
+                == "tombstoned"
+                and not sb.marketo_find_leads("dynamicsId", l3)
+            ),
+            "no person for the lead",
+        ),
+        Scenario(
+            "Sync filter No stops updates",
+            lambda: mk(p5, "phone") != "+1 555 0505",
+            "Marketo phone unchanged",
+        ),
+        Scenario(
+            "Qualification keeps one person",
+            lambda: (
+                _one(
+                    query(
+                        "SELECT marketo_id FROM identity WHERE entity='contact' AND dynamics_id=?",
+                        [str(new_contact).lower()],
+                    )
+                )
+                == str(q4)
+                and mk(q4, "dynamicsType") == "Contact"
+            ),
+            "contact linked to the lead's person",
+        ),
+        Scenario(
+            "No duplicate persons",
+            lambda: sb.marketo_count("lead") == count_persons,
+            f"{count_persons} persons before (1 created in Marketo, 1 deleted there)",
+        ),
+        Scenario(
+            "New Marketo person becomes a Dynamics lead",
+            lambda: (
+                bool(mk(newcomer_id, "dynamicsId"))
+                and dyn("lead", mk(newcomer_id, "dynamicsId"), "lastname") == "Newcomer"
+            ),
+            "lead created, dynamicsId written back",
+        ),
     ]
 
 
@@ -196,7 +281,9 @@ def _print_moves(query: Callable) -> None:
     t = Table(title="What moved (ledger, all runs)")
     for col in ("entity", "to", "operation", "rule", "records", "fields"):
         t.add_column(col, justify="right" if col in ("records", "fields") else "left")
-    for row in query("""SELECT entity, target, op, split_part(rule, ':', 1) || CASE WHEN rule LIKE 'conflict:%'
+    for (
+        row
+    ) in query("""SELECT entity, target, op, split_part(rule, ':', 1) || CASE WHEN rule LIKE 'conflict:%'
                                THEN ':' || split_part(rule, ':', 2) ELSE '' END, count(DISTINCT dynamics_id), count(*)
                         FROM ledger GROUP BY ALL ORDER BY 1, 2, 3, 4"""):
         t.add_row(*[str(v) for v in row[:4]], f"{row[4]:,}", f"{row[5]:,}")
@@ -224,10 +311,16 @@ def _compare(sb: Any, state_dir: Path) -> int:
     from sync_pipeline.config.model import load_config
 
     s = sb.settings()
-    dyn = DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],
-                         s["DYNAMICS_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"])
-    mkto = MarketoClient(s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"],
-                         verify=s["SYNC_CA_BUNDLE"])
+    dyn = DynamicsClient(
+        s["DYNAMICS_URL"],
+        s["DYNAMICS_AUTHORITY"],
+        s["DYNAMICS_CLIENT_ID"],
+        s["DYNAMICS_CLIENT_SECRET"],
+        verify=s["SYNC_CA_BUNDLE"],
+    )
+    mkto = MarketoClient(
+        s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"]
+    )
     with console.status("Comparing both systems field by field under the mapping ..."):
         diffs = compare(load_config(os.environ.get("SYNC_CONFIG")), dyn, mkto, state_dir / "sync.duckdb")
     if not diffs:
@@ -237,7 +330,11 @@ def _compare(sb: Any, state_dir: Path) -> int:
     for col in ("entity", "dynamics id", "marketo id", "field", "dynamics", "marketo"):
         t.add_column(col)
     for d in diffs[:30]:
-        t.add_row(*[str(getattr(d, a)) for a in ("entity", "dynamics_id", "marketo_id", "field", "dynamics_value",
-                                                 "marketo_value")])
+        t.add_row(
+            *[
+                str(getattr(d, a))
+                for a in ("entity", "dynamics_id", "marketo_id", "field", "dynamics_value", "marketo_value")
+            ]
+        )
     console.print(t)
     return len(diffs)

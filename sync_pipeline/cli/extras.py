@@ -21,8 +21,10 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 
 
 def _message(command: str, extra: str, missing: list[str]) -> str:
-    return (f"`sync-pipeline {command}` needs the optional '{extra}' dependencies ({', '.join(missing)} not "
-            f"installed): pip install 'sync-pipeline[{extra}]'")
+    return (
+        f"`sync-pipeline {command}` needs the optional '{extra}' dependencies ({', '.join(missing)} not "
+        f"installed): pip install 'sync-pipeline[{extra}]'"
+    )
 
 
 def missing_modules(extra: str) -> list[str]:
@@ -51,5 +53,9 @@ def optional_command(module: str, attr: str, extra: str) -> click.Command:
     def unavailable(**_: Any) -> None:
         raise click.ClickException(message)
 
-    return click.Command(attr.replace("_", "-"), callback=unavailable, help=f"(needs the '{extra}' extra)",
-                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    return click.Command(
+        attr.replace("_", "-"),
+        callback=unavailable,
+        help=f"(needs the '{extra}' extra)",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )

@@ -39,12 +39,18 @@ mutation Launch($params: LaunchBackfillParams!) {
 
 def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
     try:
-        resp = httpx.post(f"{url.rstrip('/')}/graphql", json={"query": query, "variables": variables or {}},
-                          timeout=60, trust_env=False)
+        resp = httpx.post(
+            f"{url.rstrip('/')}/graphql",
+            json={"query": query, "variables": variables or {}},
+            timeout=60,
+            trust_env=False,
+        )
         resp.raise_for_status()
     except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot reach the Dagster webserver at {url} ({exc}); start it with "
-                                   "`dagster dev -w workspace.yaml` (or `dg dev`), or pass --url") from None
+        raise click.ClickException(
+            f"cannot reach the Dagster webserver at {url} ({exc}); start it with "
+            "`dagster dev -w workspace.yaml` (or `dg dev`), or pass --url"
+        ) from None
     body = resp.json()
     if body.get("errors"):
         raise click.ClickException(f"the Dagster webserver refused: {body['errors'][0].get('message')}")
@@ -52,14 +58,32 @@ def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> di
 
 
 @click.command("initial-copy")
-@click.option("--url", envvar="DAGSTER_WEBSERVER_URL", default="http://127.0.0.1:3000", show_default=True,
-              help="The Dagster webserver (env DAGSTER_WEBSERVER_URL).")
+@click.option(
+    "--url",
+    envvar="DAGSTER_WEBSERVER_URL",
+    default="http://127.0.0.1:3000",
+    show_default=True,
+    help="The Dagster webserver (env DAGSTER_WEBSERVER_URL).",
+)
 @click.option("--location", default=LOCATION, show_default=True, help="Code location name.")
-@click.option("--connection", "connection", envvar="SYNC_CONNECTION", default="sandbox", show_default=True,
-              help="The connection (a folder under sync_pipeline/defs/; env SYNC_CONNECTION).")
-@click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False),
-              help="The connection's state store, if not where its defs.yaml says (checked for a finished copy).")
-@click.option("--again", is_flag=True, help="Launch it even though a sync has already read the latest window.")
+@click.option(
+    "--connection",
+    "connection",
+    envvar="SYNC_CONNECTION",
+    default="sandbox",
+    show_default=True,
+    help="The connection (a folder under sync_pipeline/defs/; env SYNC_CONNECTION).",
+)
+@click.option(
+    "--state",
+    "state_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The connection's state store, if not where its defs.yaml says (checked for a finished copy).",
+)
+@click.option(
+    "--again", is_flag=True, help="Launch it even though a sync has already read the latest window."
+)
 def initial_copy(url: str, location: str, connection: str, state_path: str | None, again: bool) -> None:
     """Launch the initial copy: a backfill of the connection's sync job over every partition (writes to both
     systems).
@@ -74,16 +98,25 @@ def initial_copy(url: str, location: str, connection: str, state_path: str | Non
     state_path, job = spec.store_path, sync_job_name(spec.connection)
     tokens = read_cursors(state_path)
     if tokens is not None and initial_copy_started(tokens) and not again:
-        raise click.ClickException(f"{state_path} has already synced (the initial copy ran); the change sensor "
-                                   "keeps it current. Use --again to copy everything once more.")
-    params = {"selector": {"partitionSetName": f"{job}_partition_set",
-                           "repositorySelector": {"repositoryName": REPOSITORY, "repositoryLocationName": location}},
-              "allPartitions": True, "title": "initial copy",
-              "description": f"Every partition of {job}, launched by `sync-pipeline initial-copy`.",
-              "tags": [{"key": "sync/initial-copy", "value": "true"}]}
+        raise click.ClickException(
+            f"{state_path} has already synced (the initial copy ran); the change sensor "
+            "keeps it current. Use --again to copy everything once more."
+        )
+    params = {
+        "selector": {
+            "partitionSetName": f"{job}_partition_set",
+            "repositorySelector": {"repositoryName": REPOSITORY, "repositoryLocationName": location},
+        },
+        "allPartitions": True,
+        "title": "initial copy",
+        "description": f"Every partition of {job}, launched by `sync-pipeline initial-copy`.",
+        "tags": [{"key": "sync/initial-copy", "value": "true"}],
+    }
     result = graphql(url, LAUNCH, {"params": params})["launchPartitionBackfill"]
     if result["__typename"] != "LaunchBackfillSuccess":
-        detail = result.get("message") or result.get("invalidStepKey") or result.get("invalidOutputName") or ""
+        detail = (
+            result.get("message") or result.get("invalidStepKey") or result.get("invalidOutputName") or ""
+        )
         raise click.ClickException(f"the backfill was not launched: {result['__typename']} {detail}".strip())
     backfill = result["backfillId"]
     click.echo(f"initial copy launched: backfill {backfill} of job {job}, every partition")

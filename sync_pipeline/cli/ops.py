@@ -26,14 +26,30 @@ from sync_pipeline.connection.resources import DEFAULT_STATE_PATH, build_resourc
 from sync_pipeline.engine.store import state as state_mod
 from sync_pipeline.engine.store.state import one_row, utcnow
 
-STATE_OPTION = click.option("--state", "state_path", envvar="SYNC_STATE_PATH", default=DEFAULT_STATE_PATH,
-                            show_default=True, type=click.Path(dir_okay=False),
-                            help="DuckDB state store (env SYNC_STATE_PATH).")
-CONFIG_OPTION = click.option("--config", "config_path", envvar="SYNC_CONFIG", default=None,
-                             type=click.Path(dir_okay=False, exists=True),
-                             help="entities.yaml (env SYNC_CONFIG; default: the packaged one).")
-WAIT_OPTION = click.option("--wait", default=30.0, show_default=True, type=click.FloatRange(min=0),
-                           help="Seconds to wait while a sync run holds the state store.")
+STATE_OPTION = click.option(
+    "--state",
+    "state_path",
+    envvar="SYNC_STATE_PATH",
+    default=DEFAULT_STATE_PATH,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="DuckDB state store (env SYNC_STATE_PATH).",
+)
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    envvar="SYNC_CONFIG",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="entities.yaml (env SYNC_CONFIG; default: the packaged one).",
+)
+WAIT_OPTION = click.option(
+    "--wait",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait while a sync run holds the state store.",
+)
 
 
 def _console() -> Console:
@@ -63,16 +79,20 @@ def _config(config_path: str | None) -> SyncConfig:
 
 def _entity(config: SyncConfig, name: str | None) -> str | None:
     if name is not None and name not in config.by_name:
-        raise click.BadParameter(f"{name!r} is not a configured entity ({', '.join(config.by_name)})",
-                                 param_hint="--entity")
+        raise click.BadParameter(
+            f"{name!r} is not a configured entity ({', '.join(config.by_name)})", param_hint="--entity"
+        )
     return name
 
 
 @contextlib.contextmanager
-def _store(path: str, read_only: bool, wait: float = state_mod.LOCK_WAIT_SECONDS
-           ) -> Iterator[duckdb.DuckDBPyConnection]:
+def _store(
+    path: str, read_only: bool, wait: float = state_mod.LOCK_WAIT_SECONDS
+) -> Iterator[duckdb.DuckDBPyConnection]:
     if not Path(path).exists():
-        raise click.ClickException(f"no state store at {path} (set --state or SYNC_STATE_PATH; a sync creates it)")
+        raise click.ClickException(
+            f"no state store at {path} (set --state or SYNC_STATE_PATH; a sync creates it)"
+        )
     try:
         with state_mod.connect(path, read_only=read_only, wait=wait) as con:
             yield con
@@ -81,8 +101,15 @@ def _store(path: str, read_only: bool, wait: float = state_mod.LOCK_WAIT_SECONDS
 
 
 # What build_resources() reads through dg.EnvVar: required to talk to either system.
-REQUIRED_SETTINGS = ("DYNAMICS_URL", "DYNAMICS_AUTHORITY", "DYNAMICS_CLIENT_ID", "DYNAMICS_CLIENT_SECRET",
-                     "MARKETO_BASE_URL", "MARKETO_CLIENT_ID", "MARKETO_CLIENT_SECRET")
+REQUIRED_SETTINGS = (
+    "DYNAMICS_URL",
+    "DYNAMICS_AUTHORITY",
+    "DYNAMICS_CLIENT_ID",
+    "DYNAMICS_CLIENT_SECRET",
+    "MARKETO_BASE_URL",
+    "MARKETO_CLIENT_ID",
+    "MARKETO_CLIENT_SECRET",
+)
 
 
 def require_settings() -> None:
@@ -92,7 +119,8 @@ def require_settings() -> None:
         raise click.ClickException(
             f"missing setting: environment variable {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not set (export them, e.g. the lines `sync-pipeline sandbox` "
-            "prints)")
+            "prints)"
+        )
 
 
 def _clients() -> tuple[contextlib.ExitStack, Any, Any]:
@@ -109,7 +137,9 @@ def _clients() -> tuple[contextlib.ExitStack, Any, Any]:
     except DagsterInvalidConfigError as exc:
         stack.close()
         missing = sorted(set(re.findall(r'environment variable "(\w+)"', str(exc))))
-        what = f"environment variable {', '.join(missing)} is not set" if missing else "invalid client settings"
+        what = (
+            f"environment variable {', '.join(missing)} is not set" if missing else "invalid client settings"
+        )
         raise click.ClickException(f"cannot configure the API clients: {what}") from None
     return stack, dynamics, marketo
 
@@ -138,16 +168,35 @@ def _duration(seconds: float | None) -> str:
 
 @click.command()
 @click.option("--entity", default=None, help="Only this entity (default: all).")
-@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write every row here.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
-              help="Rows shown per entity in the terminal (the CSV holds all).")
-@click.option("--all", "full", is_flag=True, help="A full re-evaluation of every linked record under the current "
-              "mapping (after a direction or policy change); run it with `resync --entity E`.")
+@click.option(
+    "--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write every row here."
+)
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rows shown per entity in the terminal (the CSV holds all).",
+)
+@click.option(
+    "--all",
+    "full",
+    is_flag=True,
+    help="A full re-evaluation of every linked record under the current "
+    "mapping (after a direction or policy change); run it with `resync --entity E`.",
+)
 @STATE_OPTION
 @CONFIG_OPTION
 @WAIT_OPTION
-def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state_path: str, config_path: str | None,
-         wait: float) -> None:
+def plan(
+    entity: str | None,
+    csv_path: str | None,
+    limit: int,
+    full: bool,
+    state_path: str,
+    config_path: str | None,
+    wait: float,
+) -> None:
     """Show what the next sync would write, per field, both directions, without writing to either system.
 
     Runs the extracts and the plans of the latest partition (no push) on a private copy of the state
@@ -173,11 +222,18 @@ def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state
                 from sync_pipeline.cli.resync import print_full_plan
 
                 return print_full_plan(config, entity, limit, spec)
-            with (console.status("extracting and planning on a copy of the state store (no push)..."),
-                  dg.DagsterInstance.ephemeral() as instance):
-                result = runs.run_sync(instance, scope="latest", raise_on_error=False, spec=spec,
-                                       selection=preview_selection(spec.connection, config, entity),
-                                       tags={"sync/preview": "true"})
+            with (
+                console.status("extracting and planning on a copy of the state store (no push)..."),
+                dg.DagsterInstance.ephemeral() as instance,
+            ):
+                result = runs.run_sync(
+                    instance,
+                    scope="latest",
+                    raise_on_error=False,
+                    spec=spec,
+                    selection=preview_selection(spec.connection, config, entity),
+                    tags={"sync/preview": "true"},
+                )
             if not result.success:
                 failures = [ev.message or ev.event_type_value for ev in result.all_events if ev.is_failure]
                 raise click.ClickException("the preview run failed: " + "; ".join(failures[:3]))
@@ -186,24 +242,37 @@ def plan(entity: str | None, csv_path: str | None, limit: int, full: bool, state
         raise click.ClickException(f"{exc} (a sync run is writing; try again, or raise --wait)") from None
 
 
-def _print_plan(console: Console, config: SyncConfig, entity: str | None, store: str, run_id: str, limit: int,
-                csv_path: str | None) -> None:
+def _print_plan(
+    console: Console,
+    config: SyncConfig,
+    entity: str | None,
+    store: str,
+    run_id: str,
+    limit: int,
+    csv_path: str | None,
+) -> None:
     from sync_pipeline.admin import preview
 
     entities = [entity] if entity else [e.name for e in config.entities]
     with state_mod.connect(store, read_only=True) as con:
         stack, _dynamics, marketo = _clients()
-        with stack:  # one-way objects have no mirror: read the records the plan updates for their before-values
+        with (
+            stack
+        ):  # one-way objects have no mirror: read the records the plan updates for their before-values
             before = preview.object_before_values(con, config, entities, run_id, marketo.get_client())
         counts = preview.plan_counts(con, entities, run_id)
-        summary = _table(f"Plan of run {run_id}", ["entity", "target", "op", "records", "fields"],
-                         numeric=("records", "fields"))
+        summary = _table(
+            f"Plan of run {run_id}",
+            ["entity", "target", "op", "records", "fields"],
+            numeric=("records", "fields"),
+        )
         for row in counts:
             summary.add_row(*(str(v) for v in row))
         console.print(summary if counts else "Nothing to write: both systems agree.")
         shown: dict[str, int] = {}
-        detail = _table("Field writes" + (f" (first {limit} per entity)" if limit else ""),
-                        list(preview.PLAN_COLUMNS))
+        detail = _table(
+            "Field writes" + (f" (first {limit} per entity)" if limit else ""), list(preview.PLAN_COLUMNS)
+        )
         for row in preview.plan_rows(con, entities, run_id, before=before):
             if shown.get(row[0], 0) < limit:
                 shown[row[0]] = shown.get(row[0], 0) + 1
@@ -237,26 +306,48 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
             rows = report.status(con, config)
         except LookupError as exc:
             raise click.ClickException(f"{state_path}: {exc}") from None
-        started = bool(one_row(con, "SELECT count(*) FROM cursors WHERE name = 'marketo:leadchanges' "
-                                   "OR name LIKE 'dynamics:delta:%'")[0])
+        started = bool(
+            one_row(
+                con,
+                "SELECT count(*) FROM cursors WHERE name = 'marketo:leadchanges' "
+                "OR name LIKE 'dynamics:delta:%'",
+            )[0]
+        )
     now = utcnow()
     numeric = ("backlog", "lag", "errors", "held", "quarantined", "conflicts")
-    table = _table(f"Sync status ({state_path})", ["entity", "last sync", "last run", "last write", *numeric,
-                                                   "held by reason"], numeric=numeric)
+    table = _table(
+        f"Sync status ({state_path})",
+        ["entity", "last sync", "last run", "last write", *numeric, "held by reason"],
+        numeric=numeric,
+    )
     for r in rows:
-        table.add_row(r.entity, _fmt(r.last_sync), _fmt(r.last_run), _fmt(r.last_write), _fmt(r.backlog),
-                      _duration(r.lag_seconds(now)), _fmt(r.retrying), _fmt(r.held), _fmt(r.quarantined),
-                      _fmt(r.conflicts), ", ".join(f"{k} {v}" for k, v in r.held_classes.items()) or "-")
+        table.add_row(
+            r.entity,
+            _fmt(r.last_sync),
+            _fmt(r.last_run),
+            _fmt(r.last_write),
+            _fmt(r.backlog),
+            _duration(r.lag_seconds(now)),
+            _fmt(r.retrying),
+            _fmt(r.held),
+            _fmt(r.quarantined),
+            _fmt(r.conflicts),
+            ", ".join(f"{k} {v}" for k, v in r.held_classes.items()) or "-",
+        )
     console = _console()
     console.print(table)
     if not started:
         from sync_pipeline.connection.automation import INITIAL_COPY_HOW
 
-        console.print("Initial copy not started: nothing has been written to either system and the sensors "
-                      f"launch nothing until it runs; {INITIAL_COPY_HOW}.")
+        console.print(
+            "Initial copy not started: nothing has been written to either system and the sensors "
+            f"launch nothing until it runs; {INITIAL_COPY_HOW}."
+        )
     if any(r.entity.startswith("person") for r in rows):
-        console.print("person (Marketo): changes read from Marketo; their errors and held records count under "
-                      "lead and contact.")
+        console.print(
+            "person (Marketo): changes read from Marketo; their errors and held records count under "
+            "lead and contact."
+        )
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------
@@ -264,17 +355,37 @@ def status(state_path: str, config_path: str | None, wait: float) -> None:
 
 @click.command()
 @click.option("--entity", default=None, help="Only this entity.")
-@click.option("--full", is_flag=True, help="Every column and the whole reason (wraps); default: one line a record.")
-@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
-              help="Also write every held record, all columns and whole reasons, to this CSV file.")
-@click.option("--release", "release_id", default=None, metavar="ID",
-              help="Retry this held record (Dynamics id, or Marketo id) at the next sync.")
+@click.option(
+    "--full", is_flag=True, help="Every column and the whole reason (wraps); default: one line a record."
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write every held record, all columns and whole reasons, to this CSV file.",
+)
+@click.option(
+    "--release",
+    "release_id",
+    default=None,
+    metavar="ID",
+    help="Retry this held record (Dynamics id, or Marketo id) at the next sync.",
+)
 @click.option("--release-all", is_flag=True, help="Retry every held record (of --entity, if given).")
 @STATE_OPTION
 @CONFIG_OPTION
 @WAIT_OPTION
-def errors(entity: str | None, full: bool, csv_path: str | None, release_id: str | None, release_all: bool,
-           state_path: str, config_path: str | None, wait: float) -> None:
+def errors(
+    entity: str | None,
+    full: bool,
+    csv_path: str | None,
+    release_id: str | None,
+    release_all: bool,
+    state_path: str,
+    config_path: str | None,
+    wait: float,
+) -> None:
     """List held records with the reason the API gave, or release them for another attempt.
 
     A record is held after the configured number of failed attempts (or at once when no retry can help, e.g.
@@ -295,8 +406,9 @@ def errors(entity: str | None, full: bool, csv_path: str | None, release_id: str
         held = report.held_records(con, entity, release_id)
         if releasing:
             if release_id and not held:
-                raise click.ClickException(f"no held record with id {release_id}"
-                                           + (f" in entity {entity}" if entity else ""))
+                raise click.ClickException(
+                    f"no held record with id {release_id}" + (f" in entity {entity}" if entity else "")
+                )
             n = report.release(con, config, held)
             console.print(f"released {n} held record(s); the next sync retries them")
             return
@@ -306,16 +418,41 @@ def errors(entity: str | None, full: bool, csv_path: str | None, release_id: str
     if not held:
         console.print("No held records.")
     elif full:
-        table = _table(f"Held records ({len(held)})", ["entity", "dynamics id", "target", "op", "marketo id", "code",
-                                                       "reason", "attempts", "last failed", "run"],
-                       numeric=("attempts",))
+        table = _table(
+            f"Held records ({len(held)})",
+            [
+                "entity",
+                "dynamics id",
+                "target",
+                "op",
+                "marketo id",
+                "code",
+                "reason",
+                "attempts",
+                "last failed",
+                "run",
+            ],
+            numeric=("attempts",),
+        )
         for r in held:
-            table.add_row(r.entity, r.dynamics_id, r.target, r.op, _fmt(r.marketo_id), _fmt(r.code), _fmt(r.message),
-                          str(r.attempts), _fmt(r.last_failed_at), _fmt(r.run_id))
+            table.add_row(
+                r.entity,
+                r.dynamics_id,
+                r.target,
+                r.op,
+                _fmt(r.marketo_id),
+                _fmt(r.code),
+                _fmt(r.message),
+                str(r.attempts),
+                _fmt(r.last_failed_at),
+                _fmt(r.run_id),
+            )
         console.print(table)
     else:
-        console.print(f"Held records ({len(held)}; --full for every column and whole reasons, --csv FILE for all)",
-                      highlight=False)
+        console.print(
+            f"Held records ({len(held)}; --full for every column and whole reasons, --csv FILE for all)",
+            highlight=False,
+        )
         for line in _held_lines(held, console.width):
             console.print(line, highlight=False, markup=False, soft_wrap=True)
     if csv_path:
@@ -330,14 +467,16 @@ def _held_lines(held: list[Any], width: int) -> list[str]:
     from sync_pipeline.admin import report
 
     def cut(text: str, n: int) -> str:
-        return text if len(text) <= n else text[:max(0, n - 1)] + "…"
+        return text if len(text) <= n else text[: max(0, n - 1)] + "…"
 
     ew = max(6, *(len(r.entity) for r in held))
     cw = min(16, max(4, *(len(r.code or "-") for r in held)))
     head = f"{'entity':<{ew}}  {'dynamics id':<36}  {'target':<8}  {'code':<{cw}}  reason"
     lines = [cut(head, width)]
     for r in held:
-        reason = report.short_reason((r.message or "").replace(f"{r.entity} {r.dynamics_id}: ", ""), limit=1000)
+        reason = report.short_reason(
+            (r.message or "").replace(f"{r.entity} {r.dynamics_id}: ", ""), limit=1000
+        )
         start = f"{r.entity:<{ew}}  {r.dynamics_id:<36}  {r.target:<8}  {cut(r.code or '-', cw):<{cw}}  "
         lines.append(start + cut(reason, max(10, width - len(start))))
     return lines
@@ -345,8 +484,18 @@ def _held_lines(held: list[Any], width: int) -> list[str]:
 
 # ---- rollback ---------------------------------------------------------------------------------------------------
 
-ROLLBACK_COLUMNS = ("run", "entity", "dynamics id", "marketo id", "target", "field", "before the run", "the run wrote",
-                    "now", "will do")
+ROLLBACK_COLUMNS = (
+    "run",
+    "entity",
+    "dynamics id",
+    "marketo id",
+    "target",
+    "field",
+    "before the run",
+    "the run wrote",
+    "now",
+    "will do",
+)
 
 
 def _parse_since(value: str | None) -> datetime | None:
@@ -355,24 +504,44 @@ def _parse_since(value: str | None) -> datetime | None:
     try:
         since = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO time (e.g. 2026-08-01T14:00:00Z; no zone = UTC)",
-                                 param_hint="--since") from None
+        raise click.BadParameter(
+            f"{value!r} is not an ISO time (e.g. 2026-08-01T14:00:00Z; no zone = UTC)", param_hint="--since"
+        ) from None
     return since
 
 
 @click.command()
 @click.argument("run_id", required=False)
-@click.option("--since", "since_text", default=None, metavar="TIME",
-              help="Roll back every sync run that wrote at or after TIME (ISO, UTC unless a zone is given), "
-                   "newest first.")
-@click.option("--yes", is_flag=True, help="Write the old values back (without it: show what would be written).")
-@click.option("--delete-created", is_flag=True,
-              help="Also delete Marketo persons the run created, if nothing about them changed since.")
-@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write every row here.")
+@click.option(
+    "--since",
+    "since_text",
+    default=None,
+    metavar="TIME",
+    help="Roll back every sync run that wrote at or after TIME (ISO, UTC unless a zone is given), "
+    "newest first.",
+)
+@click.option(
+    "--yes", is_flag=True, help="Write the old values back (without it: show what would be written)."
+)
+@click.option(
+    "--delete-created",
+    is_flag=True,
+    help="Also delete Marketo persons the run created, if nothing about them changed since.",
+)
+@click.option(
+    "--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write every row here."
+)
 @STATE_OPTION
 @CONFIG_OPTION
-def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_created: bool, csv_path: str | None,
-             state_path: str, config_path: str | None) -> None:
+def rollback(
+    run_id: str | None,
+    since_text: str | None,
+    yes: bool,
+    delete_created: bool,
+    csv_path: str | None,
+    state_path: str,
+    config_path: str | None,
+) -> None:
     """Put back the values RUN_ID replaced, field by field, where nobody has changed them since.
 
     Reads the current value of every field the run wrote from the system it wrote (a fresh read) and
@@ -414,9 +583,16 @@ def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_creat
             for source in runs:
                 try:
                     with console.status(f"reading the records run {source} wrote..."):
-                        items = rb.plan_rollback(con, config, source, dclient, mclient,
-                                                 delete_created=delete_created,
-                                                 ignore_runs=[*runs, *done_ids], overlay=overlay)
+                        items = rb.plan_rollback(
+                            con,
+                            config,
+                            source,
+                            dclient,
+                            mclient,
+                            delete_created=delete_created,
+                            ignore_runs=[*runs, *done_ids],
+                            overlay=overlay,
+                        )
                 except rb.RollbackError as exc:
                     raise click.ClickException(str(exc)) from None
                 if yes:
@@ -427,16 +603,33 @@ def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_creat
                     restored, deleted = restored + outcome.restored, deleted + outcome.deleted
                     failed += outcome.failed
                 else:  # what the older runs' rollbacks will find once the newer ones are done
-                    overlay.update({(it.entity, it.target, it.dynamics_id, it.field or ""): it.restore
-                                    for it in items if it.action == rb.RESTORE})
+                    overlay.update(
+                        {
+                            (it.entity, it.target, it.dynamics_id, it.field or ""): it.restore
+                            for it in items
+                            if it.action == rb.RESTORE
+                        }
+                    )
                 plans.append((source, items))
-    title = "Rollback of " + (f"run {run_id}" if run_id else f"{len(runs)} run(s) since {since_text}, newest first")
+    title = "Rollback of " + (
+        f"run {run_id}" if run_id else f"{len(runs)} run(s) since {since_text}, newest first"
+    )
     table = _table(title + ("" if yes else " (dry run: add --yes to write)"), list(ROLLBACK_COLUMNS))
     totals: dict[str, int] = {}
     for source, items in plans:
         for it in items:
-            table.add_row(source, it.entity, it.dynamics_id, _fmt(it.marketo_id), it.target, _fmt(it.field),
-                          rb.display(it.restore), rb.display(it.replaced), rb.display(it.now), it.will_do)
+            table.add_row(
+                source,
+                it.entity,
+                it.dynamics_id,
+                _fmt(it.marketo_id),
+                it.target,
+                _fmt(it.field),
+                rb.display(it.restore),
+                rb.display(it.replaced),
+                rb.display(it.now),
+                it.will_do,
+            )
             totals[it.action] = totals.get(it.action, 0) + 1
     console.print(table)
     order = [rb.RESTORE, rb.DELETE, rb.SKIP_CHANGED, rb.SKIP_CREATED, rb.SKIP_DELETED, rb.SKIP_OTHER]
@@ -451,13 +644,28 @@ def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_creat
             out.writerow([c.replace(" ", "_") for c in ROLLBACK_COLUMNS])
             for source, items in plans:
                 for it in items:
-                    out.writerow([source, it.entity, it.dynamics_id, it.marketo_id or "", it.target, it.field or "",
-                                  rb.display(it.restore), rb.display(it.replaced), rb.display(it.now), it.will_do])
+                    out.writerow(
+                        [
+                            source,
+                            it.entity,
+                            it.dynamics_id,
+                            it.marketo_id or "",
+                            it.target,
+                            it.field or "",
+                            rb.display(it.restore),
+                            rb.display(it.replaced),
+                            rb.display(it.now),
+                            it.will_do,
+                        ]
+                    )
         console.print(f"{sum(len(i) for _, i in plans)} rollback rows written to {csv_path}")
     if not yes:
         return
-    console.print(f"restored {restored} field value(s)" + (f", deleted {deleted} person(s)" if deleted else "")
-                  + ("; ledger run id " + ", ".join(done_ids) if done_ids else ""))
+    console.print(
+        f"restored {restored} field value(s)"
+        + (f", deleted {deleted} person(s)" if deleted else "")
+        + ("; ledger run id " + ", ".join(done_ids) if done_ids else "")
+    )
     if failed:
         for it, reason in failed[:20]:
             console.print(f"[red]failed[/red] {it.entity} {it.dynamics_id} {it.field}: {reason}", markup=True)
@@ -468,7 +676,9 @@ def rollback(run_id: str | None, since_text: str | None, yes: bool, delete_creat
 
 
 @click.command()
-@click.option("--yes", is_flag=True, help="Confirm: forget the pinned environment and every per-record state.")
+@click.option(
+    "--yes", is_flag=True, help="Confirm: forget the pinned environment and every per-record state."
+)
 @STATE_OPTION
 @CONFIG_OPTION
 def rebaseline(yes: bool, state_path: str, config_path: str | None) -> None:
@@ -484,8 +694,11 @@ def rebaseline(yes: bool, state_path: str, config_path: str | None) -> None:
         raise click.UsageError("rebaseline forgets all sync state of this store; add --yes to confirm")
     _config(config_path)
     with _store(state_path, read_only=False) as con:
-        pinned = dict(con.execute("SELECT key, value FROM environment").fetchall()) if _has_table(
-            con, "environment") else {}
+        pinned = (
+            dict(con.execute("SELECT key, value FROM environment").fetchall())
+            if _has_table(con, "environment")
+            else {}
+        )
         counts = guard.rebaseline(con)
     table = _table("Rebaselined: rows forgotten", ["table", "rows"], numeric=("rows",))
     for name, n in sorted(counts.items()):
@@ -497,6 +710,6 @@ def rebaseline(yes: bool, state_path: str, config_path: str | None) -> None:
 
 
 def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [name])[0])
-
+    return bool(
+        one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])[0]
+    )

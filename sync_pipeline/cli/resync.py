@@ -35,8 +35,9 @@ def _needs_initial_copy(state_path: str, config: Any, name: str) -> bool:
         return engine.needs_initial_copy(con, config.entity(name))
 
 
-def run_resync(instance: Any, entity: str, fields: list[str], since: str | None, dry_run: bool,
-               spec: Any = None) -> tuple[Any, dict[str, Any], list[list[Any]]]:
+def run_resync(
+    instance: Any, entity: str, fields: list[str], since: str | None, dry_run: bool, spec: Any = None
+) -> tuple[Any, dict[str, Any], list[list[Any]]]:
     """Execute the connection's ``resync`` job in this process: (result, stats metadata, previewed writes).
     ``spec``: the connection (default: the shipped one, as its defs.yaml resolves now)."""
     from sync_pipeline import runs
@@ -46,10 +47,15 @@ def run_resync(instance: Any, entity: str, fields: list[str], since: str | None,
     job = runs.definitions(spec).resolve_job_def(resync_job_name(spec.connection))
     op = resync_op_name(spec.connection)
     result = job.execute_in_process(
-        instance=instance, raise_on_error=False,
-        run_config={"ops": {op: {"config": {"entity": entity, "fields": list(fields), "since": since,
-                                                  "dry_run": dry_run}}},
-                    "loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+        instance=instance,
+        raise_on_error=False,
+        run_config={
+            "ops": {
+                op: {"config": {"entity": entity, "fields": list(fields), "since": since, "dry_run": dry_run}}
+            },
+            "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+        },
+    )
     meta: dict[str, Any] = {}
     rows: list[list[Any]] = []
     if result.success:
@@ -73,35 +79,58 @@ def print_full_plan(config: Any, entity: str | None, limit: int, spec: Any) -> N
     with _instance() as instance:
         for name in names:
             if _needs_initial_copy(state_path, config, name):
-                console.print(f"{name}: not copied yet; `sync-pipeline resync --entity {name}` runs its initial copy")
+                console.print(
+                    f"{name}: not copied yet; `sync-pipeline resync --entity {name}` runs its initial copy"
+                )
                 continue
             with console.status(f"{name}: reading both sides and re-evaluating every linked record..."):
                 result, meta, rows = run_resync(instance, name, [], None, dry_run=True, spec=spec)
             if not result.success:
                 raise click.ClickException(f"{name}: the preview failed: {_failure(result)}")
-            table = _table(f"{name}: a full re-evaluation would write {len(rows)} field value(s) "
-                           f"to {meta.get('records_differing', 0)} of {meta.get('records_in_scope', 0)} linked "
-                           f"record(s)" + (f" (first {limit})" if limit and len(rows) > limit else ""),
-                           list(PREVIEW_COLUMNS))
+            table = _table(
+                f"{name}: a full re-evaluation would write {len(rows)} field value(s) "
+                f"to {meta.get('records_differing', 0)} of {meta.get('records_in_scope', 0)} linked "
+                f"record(s)" + (f" (first {limit})" if limit and len(rows) > limit else ""),
+                list(PREVIEW_COLUMNS),
+            )
             for row in rows[:limit] if limit else rows:
                 table.add_row(*(_fmt(v) for v in row))
-            console.print(table if rows else f"{name}: nothing to write; both systems agree under the current rules.")
+            console.print(
+                table if rows else f"{name}: nothing to write; both systems agree under the current rules."
+            )
     console.print("Run it with `sync-pipeline resync --entity E` (one entity at a time).")
 
 
 @click.command()
 @click.option("--entity", required=True, help="The entity to back-fill (a name from entities.yaml).")
-@click.option("--field", "fields", multiple=True, metavar="FIELD",
-              help="A Marketo field name of the entity (repeatable); default: every synced field.")
-@click.option("--since", default=None, metavar="DATE",
-              help="Only records created or modified in Dynamics at or after DATE (ISO 8601; Advanced Sync).")
+@click.option(
+    "--field",
+    "fields",
+    multiple=True,
+    metavar="FIELD",
+    help="A Marketo field name of the entity (repeatable); default: every synced field.",
+)
+@click.option(
+    "--since",
+    default=None,
+    metavar="DATE",
+    help="Only records created or modified in Dynamics at or after DATE (ISO 8601; Advanced Sync).",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
-              help="Rows shown with --dry-run.")
+@click.option(
+    "--limit", default=50, show_default=True, type=click.IntRange(min=0), help="Rows shown with --dry-run."
+)
 @STATE_OPTION
 @CONFIG_OPTION
-def resync(entity: str, fields: tuple[str, ...], since: str | None, dry_run: bool, limit: int, state_path: str,
-           config_path: str | None) -> None:
+def resync(
+    entity: str,
+    fields: tuple[str, ...],
+    since: str | None,
+    dry_run: bool,
+    limit: int,
+    state_path: str,
+    config_path: str | None,
+) -> None:
     """Back-fill mapped fields of ENTITY for every linked record, through Dagster (the `resync` job).
 
     Reads the fields again on both sides, then writes only the values that differ, per each field's
@@ -124,14 +153,21 @@ def resync(entity: str, fields: tuple[str, ...], since: str | None, dry_run: boo
     with _instance() as instance:
         if _needs_initial_copy(state_path, config, entity):
             if fields or since or dry_run:
-                raise click.UsageError(f"{entity} has not been copied yet: run `sync-pipeline resync --entity "
-                                       f"{entity}` (no --field/--since/--dry-run) for its initial copy")
+                raise click.UsageError(
+                    f"{entity} has not been copied yet: run `sync-pipeline resync --entity "
+                    f"{entity}` (no --field/--since/--dry-run) for its initial copy"
+                )
             from sync_pipeline.connection.selection import entity_selection
 
             with console.status(f"initial copy of {entity} (every partition, its assets only)..."):
-                result = runs.run_sync(instance, scope="all", raise_on_error=False, spec=spec,
-                                       selection=entity_selection(spec.connection, config, entity),
-                                       tags={"sync/kind": f"initial-copy:{entity}"})
+                result = runs.run_sync(
+                    instance,
+                    scope="all",
+                    raise_on_error=False,
+                    spec=spec,
+                    selection=entity_selection(spec.connection, config, entity),
+                    tags={"sync/kind": f"initial-copy:{entity}"},
+                )
             if not result.success:
                 raise click.ClickException(f"the initial copy of {entity} failed: {_failure(result)}")
             console.print(f"initial copy of {entity} done (run {result.run_id})")
@@ -140,8 +176,10 @@ def resync(entity: str, fields: tuple[str, ...], since: str | None, dry_run: boo
             result, meta, rows = run_resync(instance, entity, list(fields), since, dry_run, spec=spec)
     if not result.success:
         raise click.ClickException(f"the resync run failed: {_failure(result)}")
-    summary = _table(f"resync {entity} (run {result.run_id})" + (" - dry run, nothing written" if dry_run else ""),
-                     ["measure", "value"])
+    summary = _table(
+        f"resync {entity} (run {result.run_id})" + (" - dry run, nothing written" if dry_run else ""),
+        ["measure", "value"],
+    )
     for k, v in meta.items():
         summary.add_row(k, _fmt(v))
     console.print(summary)

@@ -35,22 +35,27 @@ log = logging.getLogger(__name__)
 
 _META = sa.MetaData()
 CALLS = sa.Table(
-    "sync_marketo_budget_calls", _META,
+    "sync_marketo_budget_calls",
+    _META,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("instance", sa.String(255), nullable=False),
     sa.Column("started_at", sa.Float, nullable=False),  # epoch seconds
     sa.Index("ix_sync_marketo_budget_calls", "instance", "started_at"),
 )
 LEASES = sa.Table(
-    "sync_marketo_budget_leases", _META,
+    "sync_marketo_budget_leases",
+    _META,
     sa.Column("lease_id", sa.String(36), primary_key=True),
     sa.Column("instance", sa.String(255), nullable=False, index=True),
     sa.Column("expires_at", sa.Float, nullable=False),
 )
 STATE = sa.Table(
-    "sync_marketo_budget_state", _META,
+    "sync_marketo_budget_state",
+    _META,
     sa.Column("instance", sa.String(255), primary_key=True),
-    sa.Column("quota_day", sa.String(32), nullable=False),  # the quota's next reset (midnight US Central), ISO
+    sa.Column(
+        "quota_day", sa.String(32), nullable=False
+    ),  # the quota's next reset (midnight US Central), ISO
     sa.Column("daily_calls", sa.Integer, nullable=False, default=0),
     sa.Column("paused_until", sa.Float, nullable=False, default=0.0),
     sa.Column("halted_until", sa.Float, nullable=False, default=0.0),
@@ -72,23 +77,32 @@ def sqlite_url(directory: str | Path) -> str:
 
 def _lock_key(instance: str) -> int:
     """A stable signed 64-bit key for ``pg_advisory_xact_lock`` (Python's hash() differs per process)."""
-    return int.from_bytes(hashlib.blake2b(f"marketo-budget:{instance}".encode(), digest_size=8).digest(),
-                          "big", signed=True)
+    return int.from_bytes(
+        hashlib.blake2b(f"marketo-budget:{instance}".encode(), digest_size=8).digest(), "big", signed=True
+    )
 
 
 def make_engine(url: str) -> sa.Engine:
     """An engine whose transactions take the instance lock the dialect needs (SQLite: BEGIN IMMEDIATE)."""
     if not url.startswith("sqlite"):
         parsed = sa.make_url(url)
-        if parsed.drivername in ("postgresql", "postgres"):  # SQLAlchemy 2.1 would pick psycopg 3; dagster-postgres
+        if parsed.drivername in (
+            "postgresql",
+            "postgres",
+        ):  # SQLAlchemy 2.1 would pick psycopg 3; dagster-postgres
             parsed = parsed.set(drivername="postgresql+psycopg2")  # installs psycopg2
         return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=10)
     database = sa.make_url(url).database
     if database and database != ":memory:":  # an ephemeral instance creates its storage directory lazily
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     # Pooled connections: closing the last one checkpoints the WAL, which costs more than the admission.
-    engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                              poolclass=sa.pool.QueuePool, pool_size=2, max_overflow=10)
+    engine = sa.create_engine(
+        url,
+        connect_args={"timeout": 30, "check_same_thread": False},
+        poolclass=sa.pool.QueuePool,
+        pool_size=2,
+        max_overflow=10,
+    )
 
     # pysqlite's own transaction handling would issue a deferred BEGIN; take the write lock up front instead
     # (https://docs.sqlalchemy.org/en/20/dialects/sqlite.html#serializable-isolation-savepoints-transactional-ddl).
@@ -112,12 +126,24 @@ class SharedBudget:
     name over the same database shares one window, one set of leases and one daily counter.
     """
 
-    def __init__(self, url_or_engine: str | sa.Engine, instance: str, *, calls_per_window: int = 50,
-                 window_seconds: float = 20.0, max_concurrent: int = 5, daily_quota: int = 50_000,
-                 safety_seconds: float | None = None, lease_seconds: float = 300.0, poll_seconds: float = 0.05):
+    def __init__(
+        self,
+        url_or_engine: str | sa.Engine,
+        instance: str,
+        *,
+        calls_per_window: int = 50,
+        window_seconds: float = 20.0,
+        max_concurrent: int = 5,
+        daily_quota: int = 50_000,
+        safety_seconds: float | None = None,
+        lease_seconds: float = 300.0,
+        poll_seconds: float = 0.05,
+    ):
         if calls_per_window < 1 or max_concurrent < 1 or daily_quota < 1:
-            raise ValueError("calls_per_window, max_concurrent and daily_quota must be >= 1, got "
-                             f"{calls_per_window}, {max_concurrent}, {daily_quota}")
+            raise ValueError(
+                "calls_per_window, max_concurrent and daily_quota must be >= 1, got "
+                f"{calls_per_window}, {max_concurrent}, {daily_quota}"
+            )
         self.engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         self.instance = instance.rstrip("/").lower()
         self.calls_per_window, self.window_seconds = calls_per_window, window_seconds
@@ -131,8 +157,10 @@ class SharedBudget:
         self._ensure_tables()
 
     def __repr__(self) -> str:
-        return (f"SharedBudget({self.engine.dialect.name}, instance={self.instance!r}, "
-                f"{self.calls_per_window}/{self.window_seconds:g}s, {self.max_concurrent} in flight)")
+        return (
+            f"SharedBudget({self.engine.dialect.name}, instance={self.instance!r}, "
+            f"{self.calls_per_window}/{self.window_seconds:g}s, {self.max_concurrent} in flight)"
+        )
 
     def _ensure_tables(self) -> None:
         for attempt in range(5):
@@ -150,7 +178,9 @@ class SharedBudget:
         with self.engine.begin() as conn:
             if self._postgres:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(self.instance)})
-                now = float(conn.execute(sa.text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
+                now = float(
+                    conn.execute(sa.text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one()
+                )
             else:
                 now = time.time()
             yield conn, now
@@ -159,8 +189,13 @@ class SharedBudget:
         row = conn.execute(sa.select(STATE).where(STATE.c.instance == self.instance)).mappings().first()
         day = next_quota_reset(datetime.fromtimestamp(now, UTC)).isoformat()
         if row is None:
-            state = {"instance": self.instance, "quota_day": day, "daily_calls": 0, "paused_until": 0.0,
-                     "halted_until": 0.0}
+            state = {
+                "instance": self.instance,
+                "quota_day": day,
+                "daily_calls": 0,
+                "paused_until": 0.0,
+                "halted_until": 0.0,
+            }
             conn.execute(sa.insert(STATE).values(**state))
             return state
         state = dict(row)
@@ -170,8 +205,11 @@ class SharedBudget:
         return state
 
     def _save(self, conn: sa.Connection, state: dict[str, Any]) -> None:
-        conn.execute(sa.update(STATE).where(STATE.c.instance == self.instance)
-                     .values(**{k: v for k, v in state.items() if k != "instance"}))
+        conn.execute(
+            sa.update(STATE)
+            .where(STATE.c.instance == self.instance)
+            .values(**{k: v for k, v in state.items() if k != "instance"})
+        )
 
     def _try_admit(self) -> tuple[str | None, float]:
         """(lease id, 0) when admitted; (None, seconds to wait) when not; ("", 0) when halted."""
@@ -194,15 +232,21 @@ class SharedBudget:
             if in_window >= self.calls_per_window:
                 starts = [float(s) for s in conn.execute(sa.select(CALLS.c.started_at).where(mine)).scalars()]
                 return None, max(wait_for_room(starts, now, span, self.calls_per_window), 0.001)
-            conn.execute(sa.delete(LEASES).where(LEASES.c.instance == self.instance, LEASES.c.expires_at <= now))
-            in_flight = conn.execute(sa.select(sa.func.count()).select_from(LEASES)
-                                     .where(LEASES.c.instance == self.instance)).scalar_one()
+            conn.execute(
+                sa.delete(LEASES).where(LEASES.c.instance == self.instance, LEASES.c.expires_at <= now)
+            )
+            in_flight = conn.execute(
+                sa.select(sa.func.count()).select_from(LEASES).where(LEASES.c.instance == self.instance)
+            ).scalar_one()
             if in_flight >= self.max_concurrent:
                 return None, self.poll_seconds * (0.5 + random.random())
             lease = str(uuid.uuid4())
             conn.execute(sa.insert(CALLS).values(instance=self.instance, started_at=now))
-            conn.execute(sa.insert(LEASES).values(lease_id=lease, instance=self.instance,
-                                                  expires_at=now + self.lease_seconds))
+            conn.execute(
+                sa.insert(LEASES).values(
+                    lease_id=lease, instance=self.instance, expires_at=now + self.lease_seconds
+                )
+            )
             state["daily_calls"] += 1
             self._save(conn, state)
             self._halted_until = None

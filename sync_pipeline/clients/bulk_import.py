@@ -24,7 +24,10 @@ from sync_pipeline.clients.marketo import (
     QuotaExhausted,
 )
 
-FATAL = (QuotaExhausted, MarketoAuthError)  # raised to the caller like on REST: the step fails, nothing recorded
+FATAL = (
+    QuotaExhausted,
+    MarketoAuthError,
+)  # raised to the caller like on REST: the step fails, nothing recorded
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,16 @@ class ImportOutcome:
 
 
 class ImportQueue:
-    def __init__(self, client: Any, object_name: str | None = None, lookup_field: str = "email",
-                 max_queued: int = MAX_QUEUED, first_poll_seconds: float = 0.25, max_poll_seconds: float | None = None,
-                 timeout_seconds: float = 6 * 3600):
+    def __init__(
+        self,
+        client: Any,
+        object_name: str | None = None,
+        lookup_field: str = "email",
+        max_queued: int = MAX_QUEUED,
+        first_poll_seconds: float = 0.25,
+        max_poll_seconds: float | None = None,
+        timeout_seconds: float = 6 * 3600,
+    ):
         self.client, self.object_name, self.lookup_field = client, object_name, lookup_field
         self.max_queued = max(1, min(max_queued, MAX_QUEUED))
         self.first_poll = first_poll_seconds
@@ -103,8 +113,13 @@ class ImportQueue:
         batch_id, tag = self.active.pop(0)
         before = _status_calls(self.client)
         try:
-            status = self.client.wait_for_import(batch_id, poll_seconds=self.max_poll, timeout_seconds=self.timeout,
-                                                 object_name=self.object_name, first_poll_seconds=self.first_poll)
+            status = self.client.wait_for_import(
+                batch_id,
+                poll_seconds=self.max_poll,
+                timeout_seconds=self.timeout,
+                object_name=self.object_name,
+                first_poll_seconds=self.first_poll,
+            )
         except FATAL:
             raise
         except MarketoError as exc:
@@ -115,8 +130,9 @@ class ImportQueue:
             self.calls += _status_calls(self.client) - before
         out = ImportOutcome(tag, batch_id, status)
         if status.get("status") == "Failed":
-            out.error = MarketoError("import_failed", f"import batch {batch_id} failed: {status.get('message', '')}",
-                                     "bulk.import")
+            out.error = MarketoError(
+                "import_failed", f"import batch {batch_id} failed: {status.get('message', '')}", "bulk.import"
+            )
             return out
         if int(status.get("numOfRowsFailed") or 0):
             self.calls += 1

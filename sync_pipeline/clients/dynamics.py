@@ -113,7 +113,9 @@ class BatchResponse:
         if 200 <= self.status < 300:
             return None
         err = self.body.get("error", {}) if isinstance(self.body, dict) else {}
-        message = f"{what}: {err.get('message') or self.status}" if what else str(err.get("message") or self.status)
+        message = (
+            f"{what}: {err.get('message') or self.status}" if what else str(err.get("message") or self.status)
+        )
         code = str(self.status) if self.status in (404, 412) else str(err.get("code") or self.status)
         return _error_class(self.status, code)(self.status, code, message)
 
@@ -121,9 +123,13 @@ class BatchResponse:
 def _error_class(status: int, code: str) -> type[DynamicsError]:
     if code in DELTA_EXPIRED_CODES:
         return DeltaTokenExpired
-    return {401: AuthenticationError, 403: AuthenticationError, 404: RecordNotFound, 412: PreconditionFailed,
-            429: Throttled}.get(status, TransientError if status >= 500 else RequestRefused if status >= 400
-                                else DynamicsError)
+    return {
+        401: AuthenticationError,
+        403: AuthenticationError,
+        404: RecordNotFound,
+        412: PreconditionFailed,
+        429: Throttled,
+    }.get(status, TransientError if status >= 500 else RequestRefused if status >= 400 else DynamicsError)
 
 
 class _MsalHttp:
@@ -135,7 +141,9 @@ class _MsalHttp:
     def get(self, url: str, params: Any = None, headers: Any = None, **_: Any) -> httpx.Response:
         return self._client.get(url, params=params, headers=headers)
 
-    def post(self, url: str, params: Any = None, data: Any = None, headers: Any = None, **_: Any) -> httpx.Response:
+    def post(
+        self, url: str, params: Any = None, data: Any = None, headers: Any = None, **_: Any
+    ) -> httpx.Response:
         if isinstance(data, (str, bytes)):
             return self._client.post(url, params=params, content=data, headers=headers)
         return self._client.post(url, params=params, data=data, headers=headers)
@@ -145,10 +153,22 @@ class _MsalHttp:
 
 
 class DynamicsClient:
-    def __init__(self, url: str, authority: str, client_id: str, client_secret: str, *,
-                 verify: bool | str = True, timeout_seconds: float = 60.0, max_retries: int = 5,
-                 page_size: int = 5000, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 max_retry_after: float = 300.0, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        url: str,
+        authority: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        verify: bool | str = True,
+        timeout_seconds: float = 60.0,
+        max_retries: int = 5,
+        page_size: int = 5000,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        max_retry_after: float = 300.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         if not url.startswith(("https://", "http://")):
             raise ValueError(f"Dynamics url must start with https:// (got {url!r})")
         self.url = url.rstrip("/")
@@ -159,9 +179,11 @@ class DynamicsClient:
         self.backoff_base, self.backoff_max, self.max_retry_after = backoff_base, backoff_max, max_retry_after
         self._sleep = sleep
         self.calls: Counter[str] = Counter()
-        self._http = httpx.Client(verify=verify, timeout=httpx.Timeout(timeout_seconds, connect=min(10.0,
-                                  timeout_seconds)), headers={"Accept": "application/json", "OData-MaxVersion": "4.0",
-                                  "OData-Version": "4.0"})
+        self._http = httpx.Client(
+            verify=verify,
+            timeout=httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
+            headers={"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0"},
+        )
         self._msal: msal.ConfidentialClientApplication | None = None
         self._token: str | None = None
         self._token_renew_at = 0.0
@@ -187,16 +209,26 @@ class DynamicsClient:
         try:
             if self._msal is None:
                 self._msal = msal.ConfidentialClientApplication(
-                    self.client_id, authority=self.authority, client_credential=self._secret,
-                    http_client=_MsalHttp(self._http), instance_discovery=False)
+                    self.client_id,
+                    authority=self.authority,
+                    client_credential=self._secret,
+                    http_client=_MsalHttp(self._http),
+                    instance_discovery=False,
+                )
             result = self._msal.acquire_token_for_client(scopes=[f"{self.url}/.default"])
         except (httpx.HTTPError, ValueError) as exc:
-            raise AuthenticationError(0, "token_request_failed", f"token request to {self.authority} failed: "
-                                                                 f"{type(exc).__name__}: {exc}") from None
+            raise AuthenticationError(
+                0,
+                "token_request_failed",
+                f"token request to {self.authority} failed: {type(exc).__name__}: {exc}",
+            ) from None
         if "access_token" not in result:
-            raise AuthenticationError(401, str(result.get("error", "no_token")),
-                                      f"token request to {self.authority} for client {self.client_id} was refused: "
-                                      f"{result.get('error_description', result.get('error'))}")
+            raise AuthenticationError(
+                401,
+                str(result.get("error", "no_token")),
+                f"token request to {self.authority} for client {self.client_id} was refused: "
+                f"{result.get('error_description', result.get('error'))}",
+            )
         lifetime = float(result.get("expires_in", 3599))
         self._token = result["access_token"]
         self._token_renew_at = time.monotonic() + max(lifetime - 300, lifetime / 2)
@@ -211,7 +243,7 @@ class DynamicsClient:
 
     # ------------------------------------------------------------------------------------- transport
     def _backoff(self, attempt: int) -> float:
-        return min(self.backoff_max, self.backoff_base * 2 ** attempt) * (0.5 + random.random() / 2)
+        return min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + random.random() / 2)
 
     def _retry_after(self, resp: httpx.Response, attempt: int) -> float:
         raw = resp.headers.get("Retry-After")
@@ -220,15 +252,28 @@ class DynamicsClient:
                 return min(self.max_retry_after, max(0.0, float(raw)))
             except ValueError:
                 try:
-                    return min(self.max_retry_after, max(0.0, parsedate_to_datetime(raw).timestamp() - time.time()))
+                    return min(
+                        self.max_retry_after, max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+                    )
                 except (TypeError, ValueError):
                     pass
         return self._backoff(attempt)
 
-    def _send(self, kind: str, method: str, url: str, what: str, *, params: dict[str, str] | None = None,
-              json_body: Any = None, content: bytes | None = None, headers: dict[str, str] | None = None,
-              idempotent: bool = True, parse: bool = True,
-              ok_statuses: tuple[int, ...] = ()) -> tuple[httpx.Response, Any]:
+    def _send(
+        self,
+        kind: str,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        params: dict[str, str] | None = None,
+        json_body: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        idempotent: bool = True,
+        parse: bool = True,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> tuple[httpx.Response, Any]:
         """One logical call with auth, retries and error mapping; returns (response, parsed JSON or None)."""
         full = url if url.startswith("http") else self.base + url
         attempt, reauthed = 0, False
@@ -236,7 +281,9 @@ class DynamicsClient:
             self.calls[kind] += 1
             hdrs = {"Authorization": f"Bearer {self._access_token()}", **(headers or {})}
             try:
-                resp = self._http.request(method, full, params=params, json=json_body, content=content, headers=hdrs)
+                resp = self._http.request(
+                    method, full, params=params, json=json_body, content=content, headers=hdrs
+                )
             except httpx.TransportError as exc:
                 retry_ok = idempotent or isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
                 if retry_ok and attempt < self.max_retries:
@@ -277,8 +324,11 @@ class DynamicsClient:
                     self._sleep(self._backoff(attempt))
                     attempt += 1
                     continue
-                raise TransientError(status, "invalid_body", f"{what}: the response body is not valid JSON "
-                                                             f"({resp.text[:120]!r})") from None
+                raise TransientError(
+                    status,
+                    "invalid_body",
+                    f"{what}: the response body is not valid JSON ({resp.text[:120]!r})",
+                ) from None
 
     @staticmethod
     def _error(resp: httpx.Response, what: str) -> DynamicsError:
@@ -296,31 +346,46 @@ class DynamicsClient:
 
     def current_organization(self) -> dict[str, Any]:
         """``RetrieveCurrentOrganization``: the org's ``OrganizationDetail`` (FriendlyName, UniqueName, version)."""
-        body = self._send("organization", "GET", "RetrieveCurrentOrganization(AccessType=@p1)",
-                          "GET RetrieveCurrentOrganization",
-                          params={"@p1": "Microsoft.Dynamics.CRM.EndpointAccessType'Default'"})[1]
+        body = self._send(
+            "organization",
+            "GET",
+            "RetrieveCurrentOrganization(AccessType=@p1)",
+            "GET RetrieveCurrentOrganization",
+            params={"@p1": "Microsoft.Dynamics.CRM.EndpointAccessType'Default'"},
+        )[1]
         return body.get("Detail") or {}
 
-    def entity_definitions(self, select: str = "LogicalName,EntitySetName,PrimaryIdAttribute,PrimaryNameAttribute,"
-                                              "ChangeTrackingEnabled,IsCustomEntity",
-                           filter: str | None = None) -> list[dict[str, Any]]:
+    def entity_definitions(
+        self,
+        select: str = "LogicalName,EntitySetName,PrimaryIdAttribute,PrimaryNameAttribute,"
+        "ChangeTrackingEnabled,IsCustomEntity",
+        filter: str | None = None,
+    ) -> list[dict[str, Any]]:
         params = {"$select": select, **({"$filter": filter} if filter else {})}
-        return self._send("metadata", "GET", "EntityDefinitions", "GET EntityDefinitions", params=params)[1]["value"]
+        return self._send("metadata", "GET", "EntityDefinitions", "GET EntityDefinitions", params=params)[1][
+            "value"
+        ]
 
     def attributes(self, logical_name: str, select: str | None = None) -> list[dict[str, Any]]:
         path = f"EntityDefinitions(LogicalName='{quote(logical_name)}')/Attributes"
         params = {"$select": select} if select else None
-        return self._send("metadata", "GET", path, f"GET attributes of {logical_name}", params=params)[1]["value"]
+        return self._send("metadata", "GET", path, f"GET attributes of {logical_name}", params=params)[1][
+            "value"
+        ]
 
     def _table_of(self, entity_set: str) -> tuple[str, str]:
         if entity_set not in self._pk_cache:
             for d in self.entity_definitions():
                 self._pk_cache[d["EntitySetName"]] = (d["LogicalName"], d["PrimaryIdAttribute"])
         if entity_set not in self._pk_cache:
-            raise DynamicsError(404, "unknown_entity_set", f"entity set '{entity_set}' is not in EntityDefinitions")
+            raise DynamicsError(
+                404, "unknown_entity_set", f"entity set '{entity_set}' is not in EntityDefinitions"
+            )
         return self._pk_cache[entity_set]
 
-    def _prefer(self, page_size: int | None, track: bool = False, annotations: bool = False) -> dict[str, str]:
+    def _prefer(
+        self, page_size: int | None, track: bool = False, annotations: bool = False
+    ) -> dict[str, str]:
         parts = [f"odata.maxpagesize={page_size or self.page_size}"]
         if track:
             parts.append("odata.track-changes")
@@ -328,9 +393,15 @@ class DynamicsClient:
             parts.append('odata.include-annotations="*"')
         return {"Prefer": ",".join(parts)}
 
-    def iter_pages(self, entity_set: str, select: list[str] | str, filter: str | None = None,
-                   orderby: str | None = None, page_size: int | None = None,
-                   annotations: bool = False) -> Iterator[list[dict[str, Any]]]:
+    def iter_pages(
+        self,
+        entity_set: str,
+        select: list[str] | str,
+        filter: str | None = None,
+        orderby: str | None = None,
+        page_size: int | None = None,
+        annotations: bool = False,
+    ) -> Iterator[list[dict[str, Any]]]:
         """Stream a query page by page, following ``@odata.nextLink`` unchanged."""
         params = {"$select": select if isinstance(select, str) else ",".join(select)}
         if filter:
@@ -341,22 +412,30 @@ class DynamicsClient:
         url: str | None = entity_set
         first = True
         while url:
-            body = self._send("query", "GET", url, f"GET {entity_set}", params=params if first else None,
-                              headers=headers)[1]
+            body = self._send(
+                "query", "GET", url, f"GET {entity_set}", params=params if first else None, headers=headers
+            )[1]
             first = False
             yield body.get("value", [])
             url = body.get("@odata.nextLink")
 
-    def iter_changes(self, entity_set: str, select: list[str] | str, delta_link: str | None = None,
-                     page_size: int | None = None, annotations: bool = False
-                     ) -> Iterator[tuple[list[dict[str, Any]], list[str], str | None]]:
+    def iter_changes(
+        self,
+        entity_set: str,
+        select: list[str] | str,
+        delta_link: str | None = None,
+        page_size: int | None = None,
+        annotations: bool = False,
+    ) -> Iterator[tuple[list[dict[str, Any]], list[str], str | None]]:
         """Pages of (new/updated rows, deleted ids, delta link on the last page else None)."""
         headers = self._prefer(page_size, track=True, annotations=annotations)
         sel = select if isinstance(select, str) else ",".join(select)
         url: str | None = delta_link or entity_set
         params = None if delta_link else {"$select": sel}
         while url:
-            body = self._send("delta", "GET", url, f"GET {entity_set} changes", params=params, headers=headers)[1]
+            body = self._send(
+                "delta", "GET", url, f"GET {entity_set} changes", params=params, headers=headers
+            )[1]
             params = None
             rows, deleted = [], []
             for item in body.get("value", []):
@@ -367,11 +446,17 @@ class DynamicsClient:
             url = body.get("@odata.nextLink")
             new_link = body.get("@odata.deltaLink")
             if url is None and new_link is None:
-                raise DynamicsError(200, "no_delta_link", f"GET {entity_set} changes: the last page has no "
-                                                          f"@odata.deltaLink; is change tracking enabled?")
+                raise DynamicsError(
+                    200,
+                    "no_delta_link",
+                    f"GET {entity_set} changes: the last page has no "
+                    f"@odata.deltaLink; is change tracking enabled?",
+                )
             yield rows, deleted, new_link
 
-    def read_changes(self, entity_set: str, select: list[str] | str, delta_link: str | None = None) -> ChangeBatch:
+    def read_changes(
+        self, entity_set: str, select: list[str] | str, delta_link: str | None = None
+    ) -> ChangeBatch:
         rows, deleted, link = [], [], ""
         for page_rows, page_deleted, page_link in self.iter_changes(entity_set, select, delta_link):
             rows += page_rows
@@ -381,13 +466,16 @@ class DynamicsClient:
 
     def get(self, entity_set: str, record_id: str, select: list[str] | str | None = None) -> dict[str, Any]:
         params = {"$select": select if isinstance(select, str) else ",".join(select)} if select else None
-        return self._send("get", "GET", f"{entity_set}({record_id})", f"GET {entity_set}({record_id})",
-                          params=params)[1]
+        return self._send(
+            "get", "GET", f"{entity_set}({record_id})", f"GET {entity_set}({record_id})", params=params
+        )[1]
 
     def count(self, entity_set: str, filter: str | None = None) -> int:
         params = {"$count": "true", "$top": "1", **({"$filter": filter} if filter else {})}
         _, pk = self._table_of(entity_set)
-        body = self._send("count", "GET", entity_set, f"COUNT {entity_set}", params={**params, "$select": pk})[1]
+        body = self._send(
+            "count", "GET", entity_set, f"COUNT {entity_set}", params={**params, "$select": pk}
+        )[1]
         if not body.get("@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"):
             return int(body["@odata.count"])
         return sum(len(page) for page in self.iter_pages(entity_set, pk, filter=filter))
@@ -406,24 +494,61 @@ class DynamicsClient:
                 raise
         return record_id
 
-    def update(self, entity_set: str, record_id: str, changes: dict[str, Any], etag: str | None = None) -> None:
-        self._send("update", "PATCH", f"{entity_set}({record_id})", f"PATCH {entity_set}({record_id})",
-                   json_body=changes, headers={"If-Match": etag or "*"}, parse=False)
+    def update(
+        self, entity_set: str, record_id: str, changes: dict[str, Any], etag: str | None = None
+    ) -> None:
+        self._send(
+            "update",
+            "PATCH",
+            f"{entity_set}({record_id})",
+            f"PATCH {entity_set}({record_id})",
+            json_body=changes,
+            headers={"If-Match": etag or "*"},
+            parse=False,
+        )
 
     def upsert(self, entity_set: str, record_id: str, data: dict[str, Any]) -> None:
-        self._send("upsert", "PATCH", f"{entity_set}({record_id})", f"UPSERT {entity_set}({record_id})",
-                   json_body=data, parse=False)
+        self._send(
+            "upsert",
+            "PATCH",
+            f"{entity_set}({record_id})",
+            f"UPSERT {entity_set}({record_id})",
+            json_body=data,
+            parse=False,
+        )
 
     def delete(self, entity_set: str, record_id: str, etag: str | None = None) -> None:
-        self._send("delete", "DELETE", f"{entity_set}({record_id})", f"DELETE {entity_set}({record_id})",
-                   headers={"If-Match": etag} if etag else None, parse=False)
+        self._send(
+            "delete",
+            "DELETE",
+            f"{entity_set}({record_id})",
+            f"DELETE {entity_set}({record_id})",
+            headers={"If-Match": etag} if etag else None,
+            parse=False,
+        )
 
-    def qualify_lead(self, lead_id: str, create_account: bool = True, create_contact: bool = True,
-                     create_opportunity: bool = False, status: int = 3) -> dict[str, str]:
-        body = {"CreateAccount": create_account, "CreateContact": create_contact,
-                "CreateOpportunity": create_opportunity, "Status": status}
-        result = self._send("qualify", "POST", f"leads({lead_id})/Microsoft.Dynamics.CRM.QualifyLead",
-                            f"QualifyLead leads({lead_id})", json_body=body, idempotent=False)[1]
+    def qualify_lead(
+        self,
+        lead_id: str,
+        create_account: bool = True,
+        create_contact: bool = True,
+        create_opportunity: bool = False,
+        status: int = 3,
+    ) -> dict[str, str]:
+        body = {
+            "CreateAccount": create_account,
+            "CreateContact": create_contact,
+            "CreateOpportunity": create_opportunity,
+            "Status": status,
+        }
+        result = self._send(
+            "qualify",
+            "POST",
+            f"leads({lead_id})/Microsoft.Dynamics.CRM.QualifyLead",
+            f"QualifyLead leads({lead_id})",
+            json_body=body,
+            idempotent=False,
+        )[1]
         created = {}
         for item in result.get("value", []):
             logical = str(item.get("@odata.type", "")).rsplit(".", 1)[-1]
@@ -433,19 +558,35 @@ class DynamicsClient:
     def upsert_multiple(self, entity_set: str, logical_name: str, rows: list[dict[str, Any]]) -> None:
         """All-or-nothing UpsertMultiple; every row must carry its primary key."""
         targets = [{**row, "@odata.type": f"Microsoft.Dynamics.CRM.{logical_name}"} for row in rows]
-        self._send("upsertmultiple", "POST", f"{entity_set}/Microsoft.Dynamics.CRM.UpsertMultiple",
-                   f"UpsertMultiple {entity_set} ({len(rows)} rows)", json_body={"Targets": targets}, parse=False)
+        self._send(
+            "upsertmultiple",
+            "POST",
+            f"{entity_set}/Microsoft.Dynamics.CRM.UpsertMultiple",
+            f"UpsertMultiple {entity_set} ({len(rows)} rows)",
+            json_body={"Targets": targets},
+            parse=False,
+        )
 
-    def execute_batch(self, requests: list[BatchRequest], continue_on_error: bool = True,
-                      idempotent: bool = False) -> list[BatchResponse]:
+    def execute_batch(
+        self, requests: list[BatchRequest], continue_on_error: bool = True, idempotent: bool = False
+    ) -> list[BatchResponse]:
         boundary = f"batch_{uuid.uuid4()}"
         body = _encode_batch(self.base, requests, boundary)
         headers = {"Content-Type": f"multipart/mixed; boundary={boundary}"}
         if continue_on_error:
             headers["Prefer"] = "odata.continue-on-error"
         what = f"POST $batch ({len(requests)} requests)"
-        resp, _ = self._send("batch", "POST", "$batch", what, content=body, headers=headers,
-                             idempotent=idempotent, parse=False, ok_statuses=(400,))
+        resp, _ = self._send(
+            "batch",
+            "POST",
+            "$batch",
+            what,
+            content=body,
+            headers=headers,
+            idempotent=idempotent,
+            parse=False,
+            ok_statuses=(400,),
+        )
         if resp.status_code == 400 and not resp.headers.get("Content-Type", "").startswith("multipart/"):
             raise self._error(resp, what)
         return _decode_batch(resp)
@@ -479,7 +620,9 @@ def _encode_batch(base: str, requests: list[BatchRequest], boundary: str) -> byt
         while i < len(requests) and requests[i].changeset == req.changeset:
             members.append(f"--{cs}\r\n{part(requests[i])}\r\n")
             i += 1
-        out.append(f"--{boundary}\r\nContent-Type: multipart/mixed; boundary={cs}\r\n\r\n{''.join(members)}--{cs}--\r\n")
+        out.append(
+            f"--{boundary}\r\nContent-Type: multipart/mixed; boundary={cs}\r\n\r\n{''.join(members)}--{cs}--\r\n"
+        )
     out.append(f"--{boundary}--\r\n")
     return "".join(out).encode("utf-8")
 
@@ -487,7 +630,9 @@ def _encode_batch(base: str, requests: list[BatchRequest], boundary: str) -> byt
 def _decode_batch(resp: httpx.Response) -> list[BatchResponse]:
     m = re.search(r'boundary="?([^";]+)"?', resp.headers.get("Content-Type", ""))
     if m is None:
-        raise DynamicsError(resp.status_code, "invalid_batch_response", "POST $batch: response is not multipart")
+        raise DynamicsError(
+            resp.status_code, "invalid_batch_response", "POST $batch: response is not multipart"
+        )
     return _parts(resp.text.replace("\r\n", "\n"), m.group(1))
 
 
@@ -496,14 +641,19 @@ def _parts(text: str, boundary: str) -> list[BatchResponse]:
     end = text.find(f"--{boundary}--")
     for chunk in text[:end].split(f"--{boundary}")[1:]:
         head, _, rest = chunk.strip("\n").partition("\n\n")
-        mime = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in head.split("\n") if ":" in ln)}
+        mime = {
+            k.strip().lower(): v.strip()
+            for k, v in (ln.split(":", 1) for ln in head.split("\n") if ":" in ln)
+        }
         inner = re.search(r'boundary="?([^";]+)"?', mime.get("content-type", ""))
         if mime.get("content-type", "").startswith("multipart/mixed") and inner:
             out += _parts(rest, inner.group(1))
             continue
         status_line, _, rest = rest.partition("\n")
         head2, _, body = rest.partition("\n\n")
-        headers = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in head2.split("\n") if ":" in ln)}
+        headers = {
+            k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in head2.split("\n") if ":" in ln)
+        }
         body = body.strip()
         try:
             parsed: Any = json.loads(body) if body else None

@@ -60,14 +60,25 @@ def next_quota_reset(now: datetime | None = None) -> datetime:
 class RateGovernor:
     """The budget of one Marketo instance within one process (every client and thread given this object)."""
 
-    def __init__(self, calls_per_window: int = 50, window_seconds: float = 20.0, max_concurrent: int = 5,
-                 daily_quota: int = 50_000, safety_seconds: float | None = None):
+    def __init__(
+        self,
+        calls_per_window: int = 50,
+        window_seconds: float = 20.0,
+        max_concurrent: int = 5,
+        daily_quota: int = 50_000,
+        safety_seconds: float | None = None,
+    ):
         if calls_per_window < 1 or max_concurrent < 1:
-            raise ValueError(f"calls_per_window and max_concurrent must be >= 1, got {calls_per_window}, {max_concurrent}")
+            raise ValueError(
+                f"calls_per_window and max_concurrent must be >= 1, got {calls_per_window}, {max_concurrent}"
+            )
         if calls_per_window > 100 or max_concurrent > 10:
             # Only sensible against a sandbox with its limits off (benchmarks of our own code).
-            log.warning("Marketo governor above the real limits (100 calls / 20 s, 10 in flight): %d calls, %d in flight",
-                        calls_per_window, max_concurrent)
+            log.warning(
+                "Marketo governor above the real limits (100 calls / 20 s, 10 in flight): %d calls, %d in flight",
+                calls_per_window,
+                max_concurrent,
+            )
         if daily_quota < 1:
             raise ValueError(f"daily_quota must be positive, got {daily_quota}")
         self.calls_per_window = calls_per_window

@@ -48,7 +48,9 @@ class MarketoError(errors.ClientError):
 
     def __init__(self, code: str, message: str, endpoint: str = ""):
         self.code, self.message, self.endpoint = str(code), message, endpoint
-        super().__init__(f"Marketo {endpoint}: {code} {message}" if endpoint else f"Marketo: {code} {message}")
+        super().__init__(
+            f"Marketo {endpoint}: {code} {message}" if endpoint else f"Marketo: {code} {message}"
+        )
 
 
 class MarketoAuthError(MarketoError, errors.AuthError):
@@ -111,11 +113,25 @@ class _Outcome:
 
 
 class MarketoClient:
-    def __init__(self, base_url: str, client_id: str, client_secret: str, *, verify: bool | str = True,
-                 timeout_seconds: float = 60.0, calls_per_window: int = 50, window_seconds: float = 20.0,
-                 max_concurrent: int = 5, daily_quota: int = 50_000, governor: CallBudget | None = None,
-                 max_retries: int = 6, backoff_seconds: float = 1.0, backoff_max_seconds: float = 30.0,
-                 refresh_margin_seconds: float = 60.0, poll_seconds: float = 60.0):
+    def __init__(
+        self,
+        base_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        verify: bool | str = True,
+        timeout_seconds: float = 60.0,
+        calls_per_window: int = 50,
+        window_seconds: float = 20.0,
+        max_concurrent: int = 5,
+        daily_quota: int = 50_000,
+        governor: CallBudget | None = None,
+        max_retries: int = 6,
+        backoff_seconds: float = 1.0,
+        backoff_max_seconds: float = 30.0,
+        refresh_margin_seconds: float = 60.0,
+        poll_seconds: float = 60.0,
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"Marketo base_url must start with http:// or https://, got {base_url!r}")
         if not client_id or not client_secret:
@@ -129,16 +145,26 @@ class MarketoClient:
         # Clients that share an instance must be handed one budget; without one, this client has its own
         # (calls_per_window ... daily_quota configure only that one).
         self.governor: CallBudget = governor or RateGovernor(
-            calls_per_window=calls_per_window, window_seconds=window_seconds, max_concurrent=max_concurrent,
-            daily_quota=daily_quota)
-        self.max_retries, self.backoff_seconds, self.backoff_max = max_retries, backoff_seconds, backoff_max_seconds
+            calls_per_window=calls_per_window,
+            window_seconds=window_seconds,
+            max_concurrent=max_concurrent,
+            daily_quota=daily_quota,
+        )
+        self.max_retries, self.backoff_seconds, self.backoff_max = (
+            max_retries,
+            backoff_seconds,
+            backoff_max_seconds,
+        )
         self.refresh_margin, self.poll_seconds = refresh_margin_seconds, poll_seconds
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
         self._token = _Token()
         self._token_lock = threading.Lock()
-        self._http = httpx.Client(verify=verify, timeout=timeout_seconds,
-                                  limits=httpx.Limits(max_connections=self.governor.max_concurrent + 2))
+        self._http = httpx.Client(
+            verify=verify,
+            timeout=timeout_seconds,
+            limits=httpx.Limits(max_connections=self.governor.max_concurrent + 2),
+        )
 
     def __repr__(self) -> str:
         return f"MarketoClient(base_url={self.base_url!r}, client_id={self.client_id!r})"
@@ -156,7 +182,11 @@ class MarketoClient:
     def _access_token(self) -> str:
         with self._token_lock:
             tok, now = self._token, time.monotonic()
-            if tok.value and (tok.final or tok.valid_until - now > self.refresh_margin) and tok.valid_until > now:
+            if (
+                tok.value
+                and (tok.final or tok.valid_until - now > self.refresh_margin)
+                and tok.valid_until > now
+            ):
                 return tok.value
             value, expires_in = self._fetch_token()
             final = value == tok.value and expires_in <= self.refresh_margin
@@ -170,7 +200,11 @@ class MarketoClient:
 
     def _fetch_token(self) -> tuple[str, float]:
         url = f"{self.base_url}/identity/oauth/token"
-        form = {"grant_type": "client_credentials", "client_id": self.client_id, "client_secret": self.__secret}
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self.client_id,
+            "client_secret": self.__secret,
+        }
         for attempt in range(self.max_retries + 1):
             self._count("identity")
             try:
@@ -180,8 +214,11 @@ class MarketoClient:
                 problem = f"transport error {type(exc).__name__}"
             else:
                 if resp.status_code == 401:
-                    raise MarketoAuthError("401", f"identity rejected client_id {self.client_id!r}: bad client "
-                                                  "credentials", "identity")
+                    raise MarketoAuthError(
+                        "401",
+                        f"identity rejected client_id {self.client_id!r}: bad client credentials",
+                        "identity",
+                    )
                 try:
                     body = resp.json()
                     return str(body["access_token"]), float(body["expires_in"])
@@ -190,8 +227,9 @@ class MarketoClient:
             if attempt < self.max_retries:
                 log.warning("Marketo identity: %s (attempt %d), retrying", problem, attempt + 1)
                 time.sleep(self._backoff(attempt))
-        raise MarketoTransientError("identity", f"no token after {self.max_retries + 1} attempts: {problem}",
-                                    "identity")
+        raise MarketoTransientError(
+            "identity", f"no token after {self.max_retries + 1} attempts: {problem}", "identity"
+        )
 
     # ------------------------------------------------------------------ the call loop
     def _count(self, endpoint: str) -> None:
@@ -199,16 +237,26 @@ class MarketoClient:
             self.calls[endpoint] += 1
 
     def _backoff(self, attempt: int) -> float:
-        return min(self.backoff_max, self.backoff_seconds * 2 ** attempt) * (0.5 + random.random() / 2)
+        return min(self.backoff_max, self.backoff_seconds * 2**attempt) * (0.5 + random.random() / 2)
 
     def _raise_if_halted(self, endpoint: str) -> None:
         until = self.governor.halted_until()
         if until is not None:
             raise QuotaExhausted(endpoint, until)
 
-    def _call(self, method: str, path: str, endpoint: str, *, params: dict[str, Any] | None = None,
-              json_body: Any = None, form: dict[str, Any] | None = None, files: Any = None,
-              raw: bool = False, sink: Path | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        form: dict[str, Any] | None = None,
+        files: Any = None,
+        raw: bool = False,
+        sink: Path | None = None,
+    ) -> Any:
         """JSON body of a successful call (or the raw response when ``raw``); retries as documented."""
         url = f"{self.base_url}{path}"
         reauthenticated = False
@@ -224,8 +272,9 @@ class MarketoClient:
                 self.governor.uncount()
                 self._invalidate(token)
                 if reauthenticated:
-                    raise MarketoAuthError(outcome.code, "access token rejected again after re-authenticating",
-                                           endpoint)
+                    raise MarketoAuthError(
+                        outcome.code, "access token rejected again after re-authenticating", endpoint
+                    )
                 reauthenticated = True
                 continue
             if outcome.code == "607":
@@ -235,20 +284,46 @@ class MarketoClient:
             if outcome.code and outcome.code not in RETRYABLE_CODES:
                 raise MarketoError(outcome.code, outcome.failure, endpoint)
             if attempt >= self.max_retries:
-                raise MarketoTransientError(outcome.code or "transport",
-                                            f"gave up after {attempt + 1} attempts: {outcome.failure}", endpoint)
+                raise MarketoTransientError(
+                    outcome.code or "transport",
+                    f"gave up after {attempt + 1} attempts: {outcome.failure}",
+                    endpoint,
+                )
             delay = self._backoff(attempt)
             if outcome.code in THROTTLE_CODES:
                 self.governor.pause(delay)
-            log.warning("Marketo %s: %s (attempt %d), retrying in %.2fs", endpoint, outcome.failure, attempt + 1, delay)
+            log.warning(
+                "Marketo %s: %s (attempt %d), retrying in %.2fs",
+                endpoint,
+                outcome.failure,
+                attempt + 1,
+                delay,
+            )
             time.sleep(delay)
             attempt += 1
 
-    def _send(self, method: str, url: str, token: str, params: Any, json_body: Any, form: Any, files: Any,
-              raw: bool, sink: Path | None) -> _Outcome:
+    def _send(
+        self,
+        method: str,
+        url: str,
+        token: str,
+        params: Any,
+        json_body: Any,
+        form: Any,
+        files: Any,
+        raw: bool,
+        sink: Path | None,
+    ) -> _Outcome:
         try:
-            request = self._http.build_request(method, url, params=params, json=json_body, data=form, files=files,
-                                               headers={"Authorization": f"Bearer {token}"})
+            request = self._http.build_request(
+                method,
+                url,
+                params=params,
+                json=json_body,
+                data=form,
+                files=files,
+                headers={"Authorization": f"Bearer {token}"},
+            )
             resp = self._http.send(request, stream=True)
             try:
                 ctype = resp.headers.get("content-type", "")
@@ -264,7 +339,9 @@ class MarketoClient:
             _raise_if_tls_rejected(exc, url.removeprefix(self.base_url))
             return _Outcome(failure=f"transport error {type(exc).__name__}")
         if resp.status_code in (413, 414):
-            return _Outcome(failure=f"HTTP {resp.status_code} (request too large)", code=str(resp.status_code))
+            return _Outcome(
+                failure=f"HTTP {resp.status_code} (request too large)", code=str(resp.status_code)
+            )
         if resp.status_code >= 500:
             return _Outcome(failure=f"HTTP {resp.status_code}", raw=resp)
         if raw and resp.status_code in (200, 206) and "json" not in ctype:
@@ -313,16 +390,30 @@ class MarketoClient:
             batches.append(batch)
         return batches, too_big
 
-    def _write(self, path: str, endpoint: str, records: Sequence[Any], envelope: dict[str, Any],
-               id_keys: tuple[str, ...]) -> list[RecordResult]:
+    def _write(
+        self,
+        path: str,
+        endpoint: str,
+        records: Sequence[Any],
+        envelope: dict[str, Any],
+        id_keys: tuple[str, ...],
+    ) -> list[RecordResult]:
         """One result per input record, in input order: failures of a whole call are per-record too."""
         batches, too_big = self._batches(records)
-        results: dict[int, RecordResult] = {i: RecordResult(i, "failed", None, (
-            {"code": "413", "message": f"{endpoint}: record {i} exceeds the 1 MB request body limit"},))
-            for i in too_big}
+        results: dict[int, RecordResult] = {
+            i: RecordResult(
+                i,
+                "failed",
+                None,
+                ({"code": "413", "message": f"{endpoint}: record {i} exceeds the 1 MB request body limit"},),
+            )
+            for i in too_big
+        }
         for batch in batches:
             try:
-                body = self._call("POST", path, endpoint, json_body={**envelope, "input": [r for _, r in batch]})
+                body = self._call(
+                    "POST", path, endpoint, json_body={**envelope, "input": [r for _, r in batch]}
+                )
             except (QuotaExhausted, MarketoAuthError, MarketoTransientError):
                 raise
             except MarketoError as exc:  # the call was refused as a whole (e.g. 1003): every record failed
@@ -332,13 +423,25 @@ class MarketoClient:
             answers = body.get("result") or []
             for pos, (index, _) in enumerate(batch):
                 if pos >= len(answers):
-                    results[index] = RecordResult(index, "failed", None, (
-                        {"code": "0", "message": f"{endpoint}: Marketo returned no result for record {index}"},))
+                    results[index] = RecordResult(
+                        index,
+                        "failed",
+                        None,
+                        (
+                            {
+                                "code": "0",
+                                "message": f"{endpoint}: Marketo returned no result for record {index}",
+                            },
+                        ),
+                    )
                     continue
                 a = answers[pos]
-                results[index] = RecordResult(index, str(a.get("status", "failed")),
-                                              next((a[k] for k in id_keys if a.get(k) is not None), None),
-                                              tuple(a.get("reasons") or ()))
+                results[index] = RecordResult(
+                    index,
+                    str(a.get("status", "failed")),
+                    next((a[k] for k in id_keys if a.get(k) is not None), None),
+                    tuple(a.get("reasons") or ()),
+                )
         return [results[i] for i in range(len(records))]
 
     # ------------------------------------------------------------------ leads
@@ -355,8 +458,12 @@ class MarketoClient:
         Marketo fields cannot be deleted through the API: callers create only on the user's request."""
         out: list[dict[str, Any]] = []
         for i in range(0, len(fields), 100):  # at most 100 fields per call
-            body = self._call("POST", "/rest/v1/leads/schema/fields.json", "leads.schema.create",
-                              json_body={"input": list(fields[i:i + 100])})
+            body = self._call(
+                "POST",
+                "/rest/v1/leads/schema/fields.json",
+                "leads.schema.create",
+                json_body={"input": list(fields[i : i + 100])},
+            )
             out += body.get("result") or []
         return out
 
@@ -366,21 +473,32 @@ class MarketoClient:
 
     def get_lead(self, lead_id: int, fields: Sequence[str] | None = None) -> dict[str, Any] | None:
         params = {"fields": ",".join(fields)} if fields else {}
-        result = self._call("GET", f"/rest/v1/lead/{int(lead_id)}.json", "leads.byid", params=params).get("result")
+        result = self._call("GET", f"/rest/v1/lead/{int(lead_id)}.json", "leads.byid", params=params).get(
+            "result"
+        )
         return result[0] if result else None
 
-    def get_leads(self, filter_type: str, values: Iterable[Any], fields: Sequence[str] | None = None,
-                  batch_size: int = MAX_BATCH) -> list[dict[str, Any]]:
+    def get_leads(
+        self,
+        filter_type: str,
+        values: Iterable[Any],
+        fields: Sequence[str] | None = None,
+        batch_size: int = MAX_BATCH,
+    ) -> list[dict[str, Any]]:
         unique = list(dict.fromkeys(str(v) for v in values if v is not None and v != ""))
         out: list[dict[str, Any]] = []
         for i in range(0, len(unique), MAX_BATCH):
-            out.extend(self._get_leads_chunk(filter_type, unique[i:i + MAX_BATCH], fields, batch_size))
+            out.extend(self._get_leads_chunk(filter_type, unique[i : i + MAX_BATCH], fields, batch_size))
         return out
 
-    def _get_leads_chunk(self, filter_type: str, values: list[str], fields: Sequence[str] | None,
-                         batch_size: int) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"filterType": filter_type, "filterValues": ",".join(values),
-                                  "batchSize": batch_size}
+    def _get_leads_chunk(
+        self, filter_type: str, values: list[str], fields: Sequence[str] | None, batch_size: int
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {
+            "filterType": filter_type,
+            "filterValues": ",".join(values),
+            "batchSize": batch_size,
+        }
         if fields:
             params["fields"] = ",".join(fields)
         rows: list[dict[str, Any]] = []
@@ -394,19 +512,27 @@ class MarketoClient:
         except MarketoError as exc:
             if exc.code == "1003" and "Too many results" in exc.message and len(values) > 1:
                 half = len(values) // 2  # more than 1,000 matches: ask for fewer values at a time
-                return (self._get_leads_chunk(filter_type, values[:half], fields, batch_size)
-                        + self._get_leads_chunk(filter_type, values[half:], fields, batch_size))
+                return self._get_leads_chunk(
+                    filter_type, values[:half], fields, batch_size
+                ) + self._get_leads_chunk(filter_type, values[half:], fields, batch_size)
             raise
 
-    def sync_leads(self, records: Sequence[dict[str, Any]], action: str = "createOrUpdate",
-                   lookup_field: str = "email", partition_name: str | None = None) -> list[RecordResult]:
+    def sync_leads(
+        self,
+        records: Sequence[dict[str, Any]],
+        action: str = "createOrUpdate",
+        lookup_field: str = "email",
+        partition_name: str | None = None,
+    ) -> list[RecordResult]:
         envelope: dict[str, Any] = {"action": action, "lookupField": lookup_field}
         if partition_name:
             envelope["partitionName"] = partition_name
         return self._write("/rest/v1/leads.json", "leads.sync", records, envelope, ("id",))
 
     def delete_leads(self, ids: Sequence[int]) -> list[RecordResult]:
-        return self._write("/rest/v1/leads/delete.json", "leads.delete", [{"id": int(i)} for i in ids], {}, ("id",))
+        return self._write(
+            "/rest/v1/leads/delete.json", "leads.delete", [{"id": int(i)} for i in ids], {}, ("id",)
+        )
 
     def merge_leads(self, winner: int, losers: Sequence[int]) -> None:
         """Merge ``losers`` into ``winner`` (25 per call, the API maximum)."""
@@ -414,9 +540,13 @@ class MarketoClient:
         if not losers:
             raise ValueError("merge_leads: no losing lead ids given")
         for i in range(0, len(losers), MAX_MERGE):
-            chunk = losers[i:i + MAX_MERGE]
-            self._call("POST", f"/rest/v1/leads/{int(winner)}/merge.json", "leads.merge",
-                       params={"leadIds": ",".join(map(str, chunk))})
+            chunk = losers[i : i + MAX_MERGE]
+            self._call(
+                "POST",
+                f"/rest/v1/leads/{int(winner)}/merge.json",
+                "leads.merge",
+                params={"leadIds": ",".join(map(str, chunk))},
+            )
 
     # ------------------------------------------------------------------ activities
     def activity_types(self) -> list[dict[str, Any]]:
@@ -424,10 +554,17 @@ class MarketoClient:
 
     def paging_token(self, since: datetime | str) -> str:
         if isinstance(since, datetime):
-            since = (since if since.tzinfo else since.replace(tzinfo=UTC)).astimezone(
-                UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = self._call("GET", "/rest/v1/activities/pagingtoken.json", "activities.pagingtoken",
-                          params={"sinceDatetime": since})
+            since = (
+                (since if since.tzinfo else since.replace(tzinfo=UTC))
+                .astimezone(UTC)
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+            )
+        body = self._call(
+            "GET",
+            "/rest/v1/activities/pagingtoken.json",
+            "activities.pagingtoken",
+            params={"sinceDatetime": since},
+        )
         return str(body["nextPageToken"])
 
     def _pages(self, path: str, endpoint: str, token: str, params: dict[str, Any]) -> Iterator[ActivityPage]:
@@ -439,8 +576,13 @@ class MarketoClient:
             if not more:
                 return
 
-    def lead_changes(self, token: str, fields: Sequence[str], batch_size: int = MAX_BATCH,
-                     lead_ids: Sequence[int] | None = None) -> Iterator[ActivityPage]:
+    def lead_changes(
+        self,
+        token: str,
+        fields: Sequence[str],
+        batch_size: int = MAX_BATCH,
+        lead_ids: Sequence[int] | None = None,
+    ) -> Iterator[ActivityPage]:
         """Pages of New Lead / Change Data Value activities; the last page's token is the new watermark."""
         if not fields:
             raise ValueError("lead_changes: fields is required")
@@ -450,11 +592,20 @@ class MarketoClient:
         return self._pages("/rest/v1/activities/leadchanges.json", "activities.leadchanges", token, params)
 
     def deleted_leads(self, token: str, batch_size: int = MAX_BATCH) -> Iterator[ActivityPage]:
-        return self._pages("/rest/v1/activities/deletedleads.json", "activities.deletedleads", token,
-                           {"batchSize": batch_size})
+        return self._pages(
+            "/rest/v1/activities/deletedleads.json",
+            "activities.deletedleads",
+            token,
+            {"batchSize": batch_size},
+        )
 
-    def activities(self, token: str, type_ids: Sequence[int], batch_size: int = MAX_BATCH,
-                   lead_ids: Sequence[int] | None = None) -> Iterator[ActivityPage]:
+    def activities(
+        self,
+        token: str,
+        type_ids: Sequence[int],
+        batch_size: int = MAX_BATCH,
+        lead_ids: Sequence[int] | None = None,
+    ) -> Iterator[ActivityPage]:
         if not 1 <= len(type_ids) <= 10:
             raise ValueError(f"activities: 1 to 10 activity type ids allowed, got {len(type_ids)}")
         params: dict[str, Any] = {"activityTypeIds": ",".join(map(str, type_ids)), "batchSize": batch_size}
@@ -463,71 +614,105 @@ class MarketoClient:
         return self._pages("/rest/v1/activities.json", "activities", token, params)
 
     # ------------------------------------------------------------------ bulk export
-    def create_export(self, kind: str, filter: dict[str, Any], fields: Sequence[str] | None = None,
-                      format: str = "CSV", column_header_names: dict[str, str] | None = None) -> dict[str, Any]:
+    def create_export(
+        self,
+        kind: str,
+        filter: dict[str, Any],
+        fields: Sequence[str] | None = None,
+        format: str = "CSV",
+        column_header_names: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Create a ``leads`` or ``activities`` export job; returns its status (with ``exportId``)."""
         body: dict[str, Any] = {"format": format, "filter": filter}
         if fields:
             body["fields"] = list(fields)
         if column_header_names:
             body["columnHeaderNames"] = column_header_names
-        return self._call("POST", f"/bulk/v1/{kind}/export/create.json", "bulk.export.create",
-                          json_body=body)["result"][0]
+        return self._call(
+            "POST", f"/bulk/v1/{kind}/export/create.json", "bulk.export.create", json_body=body
+        )["result"][0]
 
-    def create_activity_export(self, start: datetime | str, end: datetime | str,
-                               type_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    def create_activity_export(
+        self, start: datetime | str, end: datetime | str, type_ids: Sequence[int] | None = None
+    ) -> dict[str, Any]:
         flt: dict[str, Any] = {"createdAt": {"startAt": _iso(start), "endAt": _iso(end)}}
         if type_ids:
             flt["activityTypeIds"] = list(type_ids)
         return self.create_export("activities", flt)
 
     def enqueue_export(self, kind: str, export_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/bulk/v1/{kind}/export/{export_id}/enqueue.json",
-                          "bulk.export.enqueue")["result"][0]
+        return self._call("POST", f"/bulk/v1/{kind}/export/{export_id}/enqueue.json", "bulk.export.enqueue")[
+            "result"
+        ][0]
 
     def export_status(self, kind: str, export_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/bulk/v1/{kind}/export/{export_id}/status.json", "bulk.export.status")["result"][0]
+        return self._call("GET", f"/bulk/v1/{kind}/export/{export_id}/status.json", "bulk.export.status")[
+            "result"
+        ][0]
 
     def cancel_export(self, kind: str, export_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/bulk/v1/{kind}/export/{export_id}/cancel.json", "bulk.export.cancel")["result"][0]
+        return self._call("POST", f"/bulk/v1/{kind}/export/{export_id}/cancel.json", "bulk.export.cancel")[
+            "result"
+        ][0]
 
     def list_exports(self, kind: str, statuses: Sequence[str] = ()) -> list[dict[str, Any]]:
         params = {"status": ",".join(statuses)} if statuses else None
-        return self._call("GET", f"/bulk/v1/{kind}/export.json", "bulk.export.list", params=params).get("result", [])
+        return self._call("GET", f"/bulk/v1/{kind}/export.json", "bulk.export.list", params=params).get(
+            "result", []
+        )
 
-    def wait_for_export(self, kind: str, export_id: str, poll_seconds: float | None = None,
-                        timeout_seconds: float = 6 * 3600) -> dict[str, Any]:
+    def wait_for_export(
+        self, kind: str, export_id: str, poll_seconds: float | None = None, timeout_seconds: float = 6 * 3600
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_seconds
         while True:
             status = self.export_status(kind, export_id)
             if status["status"] == "Completed":
                 return status
             if status["status"] in ("Failed", "Cancelled"):
-                raise MarketoError("1029" if status["status"] == "Failed" else "0",
-                                   f"export {export_id} ended {status['status']}: {status.get('errorMsg', '')}",
-                                   "bulk.export.status")
+                raise MarketoError(
+                    "1029" if status["status"] == "Failed" else "0",
+                    f"export {export_id} ended {status['status']}: {status.get('errorMsg', '')}",
+                    "bulk.export.status",
+                )
             if time.monotonic() >= deadline:
-                raise MarketoTransientError("timeout", f"export {export_id} still {status['status']} after "
-                                                       f"{timeout_seconds:g}s", "bulk.export.status")
+                raise MarketoTransientError(
+                    "timeout",
+                    f"export {export_id} still {status['status']} after {timeout_seconds:g}s",
+                    "bulk.export.status",
+                )
             time.sleep(self.poll_seconds if poll_seconds is None else poll_seconds)
 
-    def download_export(self, kind: str, export_id: str, path: str | Path,
-                        expected_sha256: str | None = None) -> Path:
+    def download_export(
+        self, kind: str, export_id: str, path: str | Path, expected_sha256: str | None = None
+    ) -> Path:
         """Stream the finished file to ``path`` and verify its SHA-256 checksum when given."""
         path = Path(path)
-        self._call("GET", f"/bulk/v1/{kind}/export/{export_id}/file.json", "bulk.export.file", raw=True, sink=path)
+        self._call(
+            "GET", f"/bulk/v1/{kind}/export/{export_id}/file.json", "bulk.export.file", raw=True, sink=path
+        )
         if expected_sha256:
             digest = hashlib.sha256()
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
             if digest.hexdigest() != expected_sha256:
-                raise MarketoError("checksum", f"export {export_id}: file checksum mismatch (expected "
-                                               f"{expected_sha256}, got {digest.hexdigest()})", "bulk.export.file")
+                raise MarketoError(
+                    "checksum",
+                    f"export {export_id}: file checksum mismatch (expected "
+                    f"{expected_sha256}, got {digest.hexdigest()})",
+                    "bulk.export.file",
+                )
         return path
 
-    def export_to_file(self, kind: str, filter: dict[str, Any], path: str | Path,
-                       fields: Sequence[str] | None = None, poll_seconds: float | None = None) -> dict[str, Any]:
+    def export_to_file(
+        self,
+        kind: str,
+        filter: dict[str, Any],
+        path: str | Path,
+        fields: Sequence[str] | None = None,
+        poll_seconds: float | None = None,
+    ) -> dict[str, Any]:
         """Create, enqueue, wait for and download one export; returns the final job status."""
         export_id = self.create_export(kind, filter, fields)["exportId"]
         self.enqueue_export(kind, export_id)
@@ -548,32 +733,54 @@ class MarketoClient:
     def _import_endpoint(object_name: str | None, what: str) -> str:
         return f"bulk.import.{what}" if object_name is None else f"bulk.customobjects.import.{what}"
 
-    def import_leads(self, data: bytes | str | Path, lookup_field: str = "email", partition_name: str | None = None,
-                     list_id: int | None = None) -> dict[str, Any]:
+    def import_leads(
+        self,
+        data: bytes | str | Path,
+        lookup_field: str = "email",
+        partition_name: str | None = None,
+        list_id: int | None = None,
+    ) -> dict[str, Any]:
         """Upload a CSV (header row = REST field names); returns ``batchId`` and status."""
         params: dict[str, Any] = {"format": "csv", "lookupField": lookup_field}
         if partition_name:
             params["partitionName"] = partition_name
         if list_id is not None:
             params["listId"] = int(list_id)
-        return self._call("POST", "/bulk/v1/leads.json", "bulk.import.create", params=params,
-                          files={"file": ("leads.csv", _import_content(data), "text/csv")})["result"][0]
+        return self._call(
+            "POST",
+            "/bulk/v1/leads.json",
+            "bulk.import.create",
+            params=params,
+            files={"file": ("leads.csv", _import_content(data), "text/csv")},
+        )["result"][0]
 
     def import_custom_objects(self, object_name: str, data: bytes | str | Path) -> dict[str, Any]:
         """Upload a CSV of custom object records (header = the object's API field names, its dedupe fields
         included); records are inserted or updated by the dedupe fields. Returns ``batchId`` and status."""
-        return self._call("POST", f"{self._import_base(object_name)}.json",
-                          self._import_endpoint(object_name, "create"), params={"format": "csv"},
-                          files={"file": (f"{object_name}.csv", _import_content(data), "text/csv")})["result"][0]
+        return self._call(
+            "POST",
+            f"{self._import_base(object_name)}.json",
+            self._import_endpoint(object_name, "create"),
+            params={"format": "csv"},
+            files={"file": (f"{object_name}.csv", _import_content(data), "text/csv")},
+        )["result"][0]
 
     def import_status(self, batch_id: int, object_name: str | None = None) -> dict[str, Any]:
-        path = (f"/bulk/v1/leads/batch/{int(batch_id)}.json" if object_name is None
-                else f"{self._import_base(object_name)}/{int(batch_id)}/status.json")
+        path = (
+            f"/bulk/v1/leads/batch/{int(batch_id)}.json"
+            if object_name is None
+            else f"{self._import_base(object_name)}/{int(batch_id)}/status.json"
+        )
         return self._call("GET", path, self._import_endpoint(object_name, "status"))["result"][0]
 
-    def wait_for_import(self, batch_id: int, poll_seconds: float | None = None,
-                        timeout_seconds: float = 6 * 3600, object_name: str | None = None,
-                        first_poll_seconds: float = 0.25) -> dict[str, Any]:
+    def wait_for_import(
+        self,
+        batch_id: int,
+        poll_seconds: float | None = None,
+        timeout_seconds: float = 6 * 3600,
+        object_name: str | None = None,
+        first_poll_seconds: float = 0.25,
+    ) -> dict[str, Any]:
         """Poll until Complete or Failed, backing off from ``first_poll_seconds`` to ``poll_seconds``."""
         deadline = time.monotonic() + timeout_seconds
         delay = first_poll_seconds
@@ -583,14 +790,20 @@ class MarketoClient:
             if status["status"] in ("Complete", "Failed"):
                 return status
             if time.monotonic() >= deadline:
-                raise MarketoTransientError("timeout", f"import {batch_id} still {status['status']}",
-                                            self._import_endpoint(object_name, "status"))
+                raise MarketoTransientError(
+                    "timeout",
+                    f"import {batch_id} still {status['status']}",
+                    self._import_endpoint(object_name, "status"),
+                )
             time.sleep(min(delay, cap))
             delay = min(delay * 2, cap)
 
     def _import_report(self, batch_id: int, object_name: str | None, which: str) -> str:
-        path = (f"/bulk/v1/leads/batch/{int(batch_id)}/{which}.json" if object_name is None
-                else f"{self._import_base(object_name)}/{int(batch_id)}/{which}.json")
+        path = (
+            f"/bulk/v1/leads/batch/{int(batch_id)}/{which}.json"
+            if object_name is None
+            else f"{self._import_base(object_name)}/{int(batch_id)}/{which}.json"
+        )
         return self._call("GET", path, self._import_endpoint(object_name, which), raw=True).text
 
     def import_queue(self, object_name: str | None = None, lookup_field: str = "email") -> Any:
@@ -615,8 +828,10 @@ class MarketoClient:
             return f"/rest/v1/{name}"
         if name in MARKETO_OBJECT_PATHS:
             return f"/rest/v1/{MARKETO_OBJECT_PATHS[name]}"
-        raise ValueError(f"unknown Marketo object {name!r}: use companies, opportunities, opportunities/roles, "
-                         "salespersons or customobjects/<apiName>")
+        raise ValueError(
+            f"unknown Marketo object {name!r}: use companies, opportunities, opportunities/roles, "
+            "salespersons or customobjects/<apiName>"
+        )
 
     def list_custom_objects(self) -> list[dict[str, Any]]:
         return self._call("GET", "/rest/v1/customobjects.json", "customobjects.list").get("result", [])
@@ -626,14 +841,15 @@ class MarketoClient:
         result = self._call("GET", f"{path}/describe.json", f"{name}.describe").get("result") or []
         return result[0] if result else {}
 
-    def query_objects(self, name: str, filter_type: str, values: Iterable[Any],
-                      fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    def query_objects(
+        self, name: str, filter_type: str, values: Iterable[Any], fields: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Values are scalars, or dicts for compound keys (sent as ``POST ?_method=GET`` JSON)."""
         path, endpoint = self._object_path(name), f"{name}.get"
         items = list(values)
         out: list[dict[str, Any]] = []
         for i in range(0, len(items), MAX_BATCH):
-            chunk = items[i:i + MAX_BATCH]
+            chunk = items[i : i + MAX_BATCH]
             compound = any(isinstance(v, dict) for v in chunk)
             token: str | None = None
             while True:
@@ -643,9 +859,14 @@ class MarketoClient:
                         body["fields"] = list(fields)
                     if token:
                         body["nextPageToken"] = token
-                    answer = self._call("POST", f"{path}.json", endpoint, params={"_method": "GET"}, json_body=body)
+                    answer = self._call(
+                        "POST", f"{path}.json", endpoint, params={"_method": "GET"}, json_body=body
+                    )
                 else:
-                    params: dict[str, Any] = {"filterType": filter_type, "filterValues": ",".join(map(str, chunk))}
+                    params: dict[str, Any] = {
+                        "filterType": filter_type,
+                        "filterValues": ",".join(map(str, chunk)),
+                    }
                     if fields:
                         params["fields"] = ",".join(fields)
                     if token:
@@ -657,28 +878,49 @@ class MarketoClient:
                     break
         return out
 
-    def upsert_objects(self, name: str, records: Sequence[dict[str, Any]], action: str = "createOrUpdate",
-                       dedupe_by: str = "dedupeFields") -> list[RecordResult]:
-        return self._write(f"{self._object_path(name)}.json", f"{name}.sync", records,
-                           {"action": action, "dedupeBy": dedupe_by}, ("marketoGUID", "id"))
+    def upsert_objects(
+        self,
+        name: str,
+        records: Sequence[dict[str, Any]],
+        action: str = "createOrUpdate",
+        dedupe_by: str = "dedupeFields",
+    ) -> list[RecordResult]:
+        return self._write(
+            f"{self._object_path(name)}.json",
+            f"{name}.sync",
+            records,
+            {"action": action, "dedupeBy": dedupe_by},
+            ("marketoGUID", "id"),
+        )
 
-    def delete_objects(self, name: str, records: Sequence[dict[str, Any]],
-                       delete_by: str = "dedupeFields") -> list[RecordResult]:
-        return self._write(f"{self._object_path(name)}/delete.json", f"{name}.delete", records,
-                           {"deleteBy": delete_by}, ("marketoGUID", "id"))
+    def delete_objects(
+        self, name: str, records: Sequence[dict[str, Any]], delete_by: str = "dedupeFields"
+    ) -> list[RecordResult]:
+        return self._write(
+            f"{self._object_path(name)}/delete.json",
+            f"{name}.delete",
+            records,
+            {"deleteBy": delete_by},
+            ("marketoGUID", "id"),
+        )
 
 
 def _raise_if_tls_rejected(exc: httpx.TransportError, endpoint: str) -> None:
     """A certificate Marketo's side cannot prove is a configuration error: retrying will not help."""
     if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-        raise MarketoError("tls", "server certificate not trusted (set ca_bundle to the issuing CA's PEM)",
-                           endpoint) from None
+        raise MarketoError(
+            "tls", "server certificate not trusted (set ca_bundle to the issuing CA's PEM)", endpoint
+        ) from None
 
 
 def _import_content(data: bytes | str | Path) -> bytes:
-    content = data.read_bytes() if isinstance(data, Path) else data.encode() if isinstance(data, str) else data
+    content = (
+        data.read_bytes() if isinstance(data, Path) else data.encode() if isinstance(data, str) else data
+    )
     if len(content) > MAX_IMPORT_BYTES:
-        raise ValueError(f"bulk import: file is {len(content)} bytes; Marketo accepts at most 10 MB per import")
+        raise ValueError(
+            f"bulk import: file is {len(content)} bytes; Marketo accepts at most 10 MB per import"
+        )
     return content
 
 

@@ -7,10 +7,17 @@ from typing import Any
 
 # Marketo's standard objects by their API names and aliases -> REST path under /rest/v1 (anything else is a
 # custom object, ``customobjects/<apiName>``).
-MARKETO_OBJECT_PATHS = {"companies": "companies", "company": "companies", "opportunities": "opportunities",
-                        "opportunity": "opportunities", "opportunities/roles": "opportunities/roles",
-                        "opportunityRole": "opportunities/roles", "roles": "opportunities/roles",
-                        "salespersons": "salespersons", "salesPerson": "salespersons"}
+MARKETO_OBJECT_PATHS = {
+    "companies": "companies",
+    "company": "companies",
+    "opportunities": "opportunities",
+    "opportunity": "opportunities",
+    "opportunities/roles": "opportunities/roles",
+    "opportunityRole": "opportunities/roles",
+    "roles": "opportunities/roles",
+    "salespersons": "salespersons",
+    "salesPerson": "salespersons",
+}
 
 
 def marketo_object_path(name: str) -> str:

@@ -26,8 +26,19 @@ DateTimeBehavior = Literal["user_local", "time_zone_independent", "date_only"]
 # Consent: opted out is "true". Such a field never becomes false through the sync unless the side it comes
 # from changed from true to false since the last sync (README, rules).
 STICKY = "opt_out_sticky"
-Transform = Literal["text", "email", "boolean", "integer", "number", "datetime", "date", "picklist", "lookup",
-                    "owner", "customer_account"]
+Transform = Literal[
+    "text",
+    "email",
+    "boolean",
+    "integer",
+    "number",
+    "datetime",
+    "date",
+    "picklist",
+    "lookup",
+    "owner",
+    "customer_account",
+]
 DeleteMode = Literal["flag", "delete", "ignore"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -62,10 +73,14 @@ class FieldMap(_Strict):
         if self.transform == "lookup" and not self.target:
             raise ValueError(f"field {self.marketo!r}: transform lookup needs a target entity")
         if self.policy == STICKY and self.transform != "boolean":
-            raise ValueError(f"field {self.marketo!r}: policy {STICKY} applies to boolean (opt-out) fields only, "
-                             f"not transform {self.transform}")
+            raise ValueError(
+                f"field {self.marketo!r}: policy {STICKY} applies to boolean (opt-out) fields only, "
+                f"not transform {self.transform}"
+            )
         if self.date_time_behavior and self.transform not in ("date", "datetime"):
-            raise ValueError(f"field {self.marketo!r}: date_time_behavior applies to date and datetime fields only")
+            raise ValueError(
+                f"field {self.marketo!r}: date_time_behavior applies to date and datetime fields only"
+            )
         return self
 
     @property
@@ -168,10 +183,15 @@ class SyncSettings(_Strict):
     damage_sweep_every: int = Field(1, ge=1)
     marketo_person_object: str = PERSON_OBJECT
     bulk_import_threshold: int | None = Field(
-        1000, ge=1, description="planned creates of persons or custom objects in one push from which they go "
-        "through Marketo bulk import (CSV files) instead of REST; null: always REST")
-    language: int | None = Field(None, description="LCID of the option-set labels to sync (e.g. 1033); "
-                                 "default: the API user's language")
+        1000,
+        ge=1,
+        description="planned creates of persons or custom objects in one push from which they go "
+        "through Marketo bulk import (CSV files) instead of REST; null: always REST",
+    )
+    language: int | None = Field(
+        None,
+        description="LCID of the option-set labels to sync (e.g. 1033); default: the API user's language",
+    )
 
 
 class SyncConfig(_Strict):
@@ -188,14 +208,18 @@ class SyncConfig(_Strict):
         for e in self.entities:
             for cond in e.create_in_dynamics.all if e.create_in_dynamics else []:
                 if cond.field not in person_fields:
-                    raise ValueError(f"entity {e.name!r}: create_in_dynamics: field {cond.field!r} is not a "
-                                     "mapped person field")
+                    raise ValueError(
+                        f"entity {e.name!r}: create_in_dynamics: field {cond.field!r} is not a "
+                        "mapped person field"
+                    )
             if e.derived_from and e.derived_from not in names:
                 raise ValueError(f"entity {e.name!r}: derived_from {e.derived_from!r} is not declared")
             for f in e.all_fields:
                 if f.transform == "lookup" and f.target not in names:
-                    raise ValueError(f"entity {e.name!r}: field {f.marketo!r}: lookup target {f.target!r} "
-                                     "is not a declared entity")
+                    raise ValueError(
+                        f"entity {e.name!r}: field {f.marketo!r}: lookup target {f.target!r} "
+                        "is not a declared entity"
+                    )
         return self
 
     @cached_property
@@ -228,14 +252,20 @@ def _describe(err: ValidationError, raw: dict[str, Any]) -> str:
         where = []
         if len(loc) >= 2 and loc[0] == "entities" and isinstance(loc[1], int):
             ents = raw.get("entities") or []
-            name = ents[loc[1]].get("name", f"#{loc[1]}") if loc[1] < len(ents) and isinstance(ents[loc[1]], dict) \
+            name = (
+                ents[loc[1]].get("name", f"#{loc[1]}")
+                if loc[1] < len(ents) and isinstance(ents[loc[1]], dict)
                 else f"#{loc[1]}"
+            )
             where.append(f"entity {name!r}")
             rest = loc[2:]
             if len(rest) >= 2 and rest[0] in ("fields", "extra_fields") and isinstance(rest[1], int):
                 fields = ents[loc[1]].get(rest[0]) or []
-                fname = fields[rest[1]].get("marketo", f"#{rest[1]}") if rest[1] < len(fields) and \
-                    isinstance(fields[rest[1]], dict) else f"#{rest[1]}"
+                fname = (
+                    fields[rest[1]].get("marketo", f"#{rest[1]}")
+                    if rest[1] < len(fields) and isinstance(fields[rest[1]], dict)
+                    else f"#{rest[1]}"
+                )
                 where.append(f"field {fname!r}")
                 rest = rest[2:]
             if rest:

@@ -8,7 +8,6 @@ instead of failing on the file lock, while other connections run in parallel. No
 API errors are retried by the clients, crashed runs by the instance's run retries (docs/operations.md).
 """
 
-
 import contextlib
 import warnings
 from collections.abc import Iterator
@@ -57,11 +56,17 @@ def permanent_errors_fail_fast() -> Iterator[None]:
     try:
         yield
     except MarketoError as exc:  # "Marketo <call>: <code> <message>"
-        raise dg.Failure(description=str(exc), allow_retries=False,
-                         metadata={"system": "marketo", "call": exc.endpoint, "code": exc.code}) from exc
+        raise dg.Failure(
+            description=str(exc),
+            allow_retries=False,
+            metadata={"system": "marketo", "call": exc.endpoint, "code": exc.code},
+        ) from exc
     except DynamicsError as exc:  # "HTTP <status> <code>: <message>", the call is in the message
-        raise dg.Failure(description=f"Dynamics: {exc}", allow_retries=False,
-                         metadata={"system": "dynamics", "status": exc.status, "code": exc.code}) from exc
+        raise dg.Failure(
+            description=f"Dynamics: {exc}",
+            allow_retries=False,
+            metadata={"system": "dynamics", "status": exc.status, "code": exc.code},
+        ) from exc
     except (ConfigError, guard.WrongEnvironmentError) as exc:
         raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
 
@@ -87,8 +92,13 @@ def _calls(client: Any) -> int:
 RUN_TOTALS = "run_totals_data"
 
 
-def _meta(context: dg.AssetExecutionContext, stats: dict[str, Any], table_rows: int | None,
-          calls: dict[str, int], lasting: dict[str, Any] | None = None) -> dict[str, Any]:
+def _meta(
+    context: dg.AssetExecutionContext,
+    stats: dict[str, Any],
+    table_rows: int | None,
+    calls: dict[str, int],
+    lasting: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """True metadata for the partition(s) the run materialises.
 
     ``dagster/row_count`` is the asset's table size (mirror rows, planned writes, linked records), so a run with
@@ -104,7 +114,8 @@ def _meta(context: dg.AssetExecutionContext, stats: dict[str, Any], table_rows: 
         n = len(context.partition_keys)
         md["run_totals"] = dg.MetadataValue.md(
             f"Totals of run `{context.run_id}` for the {n} partitions {keys.start}...{keys.end} together "
-            "(not per partition):\n\n" + "\n".join(f"- {k}: {v}" for k, v in per_run.items()))
+            "(not per partition):\n\n" + "\n".join(f"- {k}: {v}" for k, v in per_run.items())
+        )
         md["partition_range"] = f"{keys.start}...{keys.end}"
         md[RUN_TOTALS] = dg.MetadataValue.json(per_run)  # machine-readable, never plotted per partition
         return md
@@ -124,10 +135,15 @@ def _push_state(con: Any, entity: str, system: str) -> dict[str, Any]:
     from sync_pipeline.admin import report
 
     counts = report.failure_counts(con, entity, system)
-    last = con.execute("SELECT max(written_at), arg_max(run_id, written_at) FROM ledger WHERE entity = ? "
-                       "AND target = ?", [entity, system]).fetchone()
-    md: dict[str, Any] = {"records_held": counts.held, "records_quarantined": counts.quarantined,
-                          "records_retrying": counts.retrying}
+    last = con.execute(
+        "SELECT max(written_at), arg_max(run_id, written_at) FROM ledger WHERE entity = ? AND target = ?",
+        [entity, system],
+    ).fetchone()
+    md: dict[str, Any] = {
+        "records_held": counts.held,
+        "records_quarantined": counts.quarantined,
+        "records_retrying": counts.retrying,
+    }
     md.update({f"held/{k}": v for k, v in counts.classes.items()})
     if last and last[0] is not None:
         md["last_write_at"] = str(last[0])
@@ -150,14 +166,22 @@ def push_order(config: SyncConfig, entity: Entity) -> list[str]:
     return [d for d in dict.fromkeys(deps) if d != entity.name]
 
 
-def guard_environment(con: Any, state: SyncStateResource, dynamics: DynamicsResource, marketo: MarketoResource) -> None:
+def guard_environment(
+    con: Any, state: SyncStateResource, dynamics: DynamicsResource, marketo: MarketoResource
+) -> None:
     org = dynamics.organization_id()
     guard.check_environment(con, dynamics_org=str(org), marketo_instance=state.instance_id(marketo.base_url))
 
 
-def build_assets(conn: str, config: SyncConfig, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
-    common: dict[str, Any] = dict(partitions_def=partitions, owners=OWNERS, pool=pool(conn),
-                                  backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100))
+def build_assets(
+    conn: str, config: SyncConfig, partitions: dg.PartitionsDefinition
+) -> list[dg.AssetsDefinition]:
+    common: dict[str, Any] = dict(
+        partitions_def=partitions,
+        owners=OWNERS,
+        pool=pool(conn),
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100),
+    )
     assets: list[dg.AssetsDefinition] = []
     if config.persons:
         assets.append(_person_extract(conn, config, common))
@@ -174,12 +198,16 @@ def build_assets(conn: str, config: SyncConfig, partitions: dg.PartitionsDefinit
 def _dynamics_extract(conn: str, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     assert e.dynamics is not None
 
-    @dg.asset(key=asset_key(conn, e.name, "extract"), group_name=group_name(conn, e.name),
-              kinds={"dynamics", "duckdb"}, code_version=mapping_version(None, e),
-              required_resource_keys=required_keys(conn, "state", "dynamics"),
-              description=f"Mirror of Dynamics `{e.dynamics.entity_set}` rows modified in the partition window "
-                          "(the latest window follows the change-tracking delta link, which also reports deletes).",
-              **common)
+    @dg.asset(
+        key=asset_key(conn, e.name, "extract"),
+        group_name=group_name(conn, e.name),
+        kinds={"dynamics", "duckdb"},
+        code_version=mapping_version(None, e),
+        required_resource_keys=required_keys(conn, "state", "dynamics"),
+        description=f"Mirror of Dynamics `{e.dynamics.entity_set}` rows modified in the partition window "
+        "(the latest window follows the change-tracking delta link, which also reports deletes).",
+        **common,
+    )
     def extract(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         state, dynamics, _ = bound(context, conn)
         window = context.partition_time_window
@@ -187,23 +215,39 @@ def _dynamics_extract(conn: str, e: Entity, common: dict[str, Any]) -> dg.Assets
             client = dynamics.get_client()
             before = _calls(client)
             cfg = run_config(context, state, client)
-            stats = extract_dynamics(con, cfg, cfg.entity(e.name), client, window.start, window.end,
-                                     context.partition_key_range.start, is_latest_window(context, window))
+            stats = extract_dynamics(
+                con,
+                cfg,
+                cfg.entity(e.name),
+                client,
+                window.start,
+                window.end,
+                context.partition_key_range.start,
+                is_latest_window(context, window),
+            )
             rows = _table_rows(con, f"SELECT count(*) FROM d_{e.name} WHERE NOT deleted", [])
-        context.log.info(f"{e.name}: {stats.mode}: {stats.rows} rows read, {stats.changed} changed, "
-                         f"{stats.deleted} deleted")
-        return dg.MaterializeResult(metadata=_meta(context, stats.as_metadata(), rows,
-                                                   {"dynamics": _calls(client) - before}))
+        context.log.info(
+            f"{e.name}: {stats.mode}: {stats.rows} rows read, {stats.changed} changed, "
+            f"{stats.deleted} deleted"
+        )
+        return dg.MaterializeResult(
+            metadata=_meta(context, stats.as_metadata(), rows, {"dynamics": _calls(client) - before})
+        )
 
     return extract
 
 
 def _person_extract(conn: str, config: SyncConfig, common: dict[str, Any]) -> dg.AssetsDefinition:
-    @dg.asset(key=asset_key(conn, PERSON, "extract"), group_name=group_name(conn, PERSON),
-              kinds={"marketo", "duckdb"}, code_version=mapping_version(config),
-              required_resource_keys=required_keys(conn, "state", "marketo"),
-              description="Mirror of Marketo persons: bulk extract by updatedAt for the initial copy, then "
-                          "lead-change, merge and deleted-lead activities since the stored paging token.", **common)
+    @dg.asset(
+        key=asset_key(conn, PERSON, "extract"),
+        group_name=group_name(conn, PERSON),
+        kinds={"marketo", "duckdb"},
+        code_version=mapping_version(config),
+        required_resource_keys=required_keys(conn, "state", "marketo"),
+        description="Mirror of Marketo persons: bulk extract by updatedAt for the initial copy, then "
+        "lead-change, merge and deleted-lead activities since the stored paging token.",
+        **common,
+    )
     def extract(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         state, _, marketo = bound(context, conn)
         window = context.partition_time_window
@@ -211,14 +255,20 @@ def _person_extract(conn: str, config: SyncConfig, common: dict[str, Any]) -> dg
             client = marketo.get_client()
             before = _calls(client)
             prepare_persons(context.run_id, state.config, client)
-            stats = extract_marketo_persons(con, state.config, client, window.start.astimezone(UTC),
-                                            window.end.astimezone(UTC),
-                                            is_latest_window(context, window),
-                                            work_dir=Path(state.work_dir) if state.work_dir else None,
-                                            run_id=context.run_id)
+            stats = extract_marketo_persons(
+                con,
+                state.config,
+                client,
+                window.start.astimezone(UTC),
+                window.end.astimezone(UTC),
+                is_latest_window(context, window),
+                work_dir=Path(state.work_dir) if state.work_dir else None,
+                run_id=context.run_id,
+            )
             rows = _table_rows(con, "SELECT count(*) FROM m_person WHERE NOT deleted", [])
-        return dg.MaterializeResult(metadata=_meta(context, stats.as_metadata(), rows,
-                                                   {"marketo": _calls(client) - before}))
+        return dg.MaterializeResult(
+            metadata=_meta(context, stats.as_metadata(), rows, {"marketo": _calls(client) - before})
+        )
 
     return extract
 
@@ -232,11 +282,17 @@ def _plan(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> d
     if e.is_derived:
         deps += [asset_key(conn, d, "push") for d in push_order(config, e)]
 
-    @dg.asset(key=asset_key(conn, e.name, "plan"), group_name=group_name(conn, e.name), kinds={"duckdb"},
-              deps=deps, code_version=mapping_version(config, e),
-              required_resource_keys=required_keys(conn, "state"),
-              description=f"What the next sync writes for `{e.name}`: a field-level three-way merge of Dynamics, "
-                          "Marketo and the last agreed values, with the rule behind every write.", **common)
+    @dg.asset(
+        key=asset_key(conn, e.name, "plan"),
+        group_name=group_name(conn, e.name),
+        kinds={"duckdb"},
+        deps=deps,
+        code_version=mapping_version(config, e),
+        required_resource_keys=required_keys(conn, "state"),
+        description=f"What the next sync writes for `{e.name}`: a field-level three-way merge of Dynamics, "
+        "Marketo and the last agreed values, with the rule behind every write.",
+        **common,
+    )
     def plan(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         state, _, _ = bound(context, conn)
         with permanent_errors_fail_fast(), state.connect() as con:
@@ -251,12 +307,17 @@ def _plan(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> d
 def _marketo_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     deps = [asset_key(conn, e.name, "plan")] + [asset_key(conn, d, "push") for d in push_order(config, e)]
 
-    @dg.asset(key=asset_key(conn, e.name, "push"), group_name=group_name(conn, e.name), kinds={"marketo"},
-              deps=deps, code_version=mapping_version(config, e),
-              required_resource_keys=required_keys(conn, "state", "dynamics", "marketo"),
-              description=f"Writes the plan of `{e.name}` to Marketo `{e.marketo.object}` in batches of up to 300, "
-                          "upserting by external ids so re-runs never duplicate; failures are kept and retried.",
-              **common)
+    @dg.asset(
+        key=asset_key(conn, e.name, "push"),
+        group_name=group_name(conn, e.name),
+        kinds={"marketo"},
+        deps=deps,
+        code_version=mapping_version(config, e),
+        required_resource_keys=required_keys(conn, "state", "dynamics", "marketo"),
+        description=f"Writes the plan of `{e.name}` to Marketo `{e.marketo.object}` in batches of up to 300, "
+        "upserting by external ids so re-runs never duplicate; failures are kept and retried.",
+        **common,
+    )
     def push(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         state, dynamics, marketo = bound(context, conn)
         with permanent_errors_fail_fast(), state.connect() as con:
@@ -266,27 +327,37 @@ def _marketo_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, An
             cfg = run_config(context, state, dynamics.get_client())
             stats = push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id)
             lasting = _push_state(con, e.name, "marketo")
-            linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
+            linked = _table_rows(
+                con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name]
+            )
         if stats.failed:
             context.log.warning(f"{e.name}: {stats.failed} records failed in Marketo: {stats.errors}")
         if lasting["records_held"]:
-            context.log.warning(f"{e.name}: {lasting['records_held']} records held for Marketo "
-                                "(`sync-pipeline errors` lists them)")
+            context.log.warning(
+                f"{e.name}: {lasting['records_held']} records held for Marketo "
+                "(`sync-pipeline errors` lists them)"
+            )
         md = stats.as_metadata()
         md.pop("records_held", None)  # from the store below, for every reason a record is held
-        return dg.MaterializeResult(metadata=_meta(context, md, linked, {"marketo": _calls(client) - before},
-                                                   lasting))
+        return dg.MaterializeResult(
+            metadata=_meta(context, md, linked, {"marketo": _calls(client) - before}, lasting)
+        )
 
     return push
 
 
 def _dynamics_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
-    @dg.asset(key=asset_key(conn, e.name, "push", "dynamics"), group_name=group_name(conn, e.name),
-              kinds={"dynamics"}, code_version=mapping_version(config, e), deps=[asset_key(conn, e.name, "push")],
-              required_resource_keys=required_keys(conn, "state", "dynamics", "marketo"),
-              description=f"Writes Marketo-side changes of `{e.name}` persons back to Dynamics with `If-Match` etags "
-                          "(a record changed meanwhile is re-read and re-planned, never overwritten blindly).",
-              **common)
+    @dg.asset(
+        key=asset_key(conn, e.name, "push", "dynamics"),
+        group_name=group_name(conn, e.name),
+        kinds={"dynamics"},
+        code_version=mapping_version(config, e),
+        deps=[asset_key(conn, e.name, "push")],
+        required_resource_keys=required_keys(conn, "state", "dynamics", "marketo"),
+        description=f"Writes Marketo-side changes of `{e.name}` persons back to Dynamics with `If-Match` etags "
+        "(a record changed meanwhile is re-read and re-planned, never overwritten blindly).",
+        **common,
+    )
     def push(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         state, dynamics, marketo = bound(context, conn)
         with permanent_errors_fail_fast(), state.connect() as con:
@@ -296,14 +367,24 @@ def _dynamics_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, A
             cfg = run_config(context, state, dclient)
             stats = push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
             lasting = _push_state(con, e.name, "dynamics")
-            linked = _table_rows(con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name])
+            linked = _table_rows(
+                con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name]
+            )
         if lasting["records_held"]:
-            context.log.warning(f"{e.name}: {lasting['records_held']} records held for Dynamics "
-                                "(`sync-pipeline errors` lists them)")
+            context.log.warning(
+                f"{e.name}: {lasting['records_held']} records held for Dynamics "
+                "(`sync-pipeline errors` lists them)"
+            )
         md = stats.as_metadata()
         md.pop("records_held", None)
-        return dg.MaterializeResult(metadata=_meta(context, md, linked,
-                                                   {"dynamics": _calls(dclient) - before[0],
-                                                    "marketo": _calls(mclient) - before[1]}, lasting))
+        return dg.MaterializeResult(
+            metadata=_meta(
+                context,
+                md,
+                linked,
+                {"dynamics": _calls(dclient) - before[0], "marketo": _calls(mclient) - before[1]},
+                lasting,
+            )
+        )
 
     return push

@@ -32,8 +32,9 @@ def sync_job_name(connection: str) -> str:
 def build_connection(spec: SyncConnection, settings: Mapping[str, str] | None = None) -> dg.Definitions:
     name, config = spec.connection, spec.config
     partitions = build_partitions(config)
-    loads = ({asset_key(name, e.name, "push") for e in config.entities}
-             | {asset_key(name, e.name, "push", "dynamics") for e in config.persons})
+    loads = {asset_key(name, e.name, "push") for e in config.entities} | {
+        asset_key(name, e.name, "push", "dynamics") for e in config.persons
+    }
     assets = [
         a.map_asset_specs(lambda s: s.replace_attributes(freshness_policy=FRESHNESS) if s.key in loads else s)
         for a in build_assets(name, config, partitions)
@@ -41,9 +42,13 @@ def build_connection(spec: SyncConnection, settings: Mapping[str, str] | None = 
     # Every run of this connection carries its name: the run queue serialises a connection's runs on this tag
     # (dagster.yaml tag_concurrency_limits), while runs of different connections go in parallel.
     tags = {CONNECTION_TAG: name}
-    job = dg.define_asset_job(sync_job_name(name), selection=dg.AssetSelection.assets(*assets), tags=tags,
-                              description=f"`{name}`: extract, plan and push every entity (extracts read the "
-                                          "selected modified-time partitions; plans and pushes what is pending).")
+    job = dg.define_asset_job(
+        sync_job_name(name),
+        selection=dg.AssetSelection.assets(*assets),
+        tags=tags,
+        description=f"`{name}`: extract, plan and push every entity (extracts read the "
+        "selected modified-time partitions; plans and pushes what is pending).",
+    )
     return dg.Definitions(
         assets=assets,
         asset_checks=build_checks(name, config) + build_mapping_checks(name, config),

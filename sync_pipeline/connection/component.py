@@ -30,10 +30,13 @@ def env_name(connection: str, declared: str | None, default: str) -> str:
 class DynamicsCredentials(dg.Model, dg.Resolvable):
     """Names of the environment variables holding the Dynamics 365 app registration (never the values)."""
 
-    url_env: str | None = Field(None, description="Org URL, e.g. https://contoso.crm.dynamics.com "
-                                "(default <CONNECTION>_DYNAMICS_URL)")
-    authority_env: str | None = Field(None, description="https://login.microsoftonline.com/<tenant> "
-                                      "(default <CONNECTION>_DYNAMICS_AUTHORITY)")
+    url_env: str | None = Field(
+        None, description="Org URL, e.g. https://contoso.crm.dynamics.com (default <CONNECTION>_DYNAMICS_URL)"
+    )
+    authority_env: str | None = Field(
+        None,
+        description="https://login.microsoftonline.com/<tenant> (default <CONNECTION>_DYNAMICS_AUTHORITY)",
+    )
     client_id_env: str | None = Field(None, description="default <CONNECTION>_DYNAMICS_CLIENT_ID")
     client_secret_env: str | None = Field(None, description="default <CONNECTION>_DYNAMICS_CLIENT_SECRET")
 
@@ -41,12 +44,14 @@ class DynamicsCredentials(dg.Model, dg.Resolvable):
 class MarketoCredentials(dg.Model, dg.Resolvable):
     """Names of the environment variables holding the Marketo LaunchPoint service, and its call budget."""
 
-    base_url_env: str | None = Field(None, description="e.g. https://123-ABC-456.mktorest.com "
-                                     "(default <CONNECTION>_MARKETO_BASE_URL)")
+    base_url_env: str | None = Field(
+        None, description="e.g. https://123-ABC-456.mktorest.com (default <CONNECTION>_MARKETO_BASE_URL)"
+    )
     client_id_env: str | None = Field(None, description="default <CONNECTION>_MARKETO_CLIENT_ID")
     client_secret_env: str | None = Field(None, description="default <CONNECTION>_MARKETO_CLIENT_SECRET")
-    munchkin_id_env: str | None = Field(None, description="Optional (default <CONNECTION>_MARKETO_MUNCHKIN_ID); "
-                                        "unset: from the host name")
+    munchkin_id_env: str | None = Field(
+        None, description="Optional (default <CONNECTION>_MARKETO_MUNCHKIN_ID); unset: from the host name"
+    )
     calls_per_20s: int = Field(50, description="Our share of Marketo's 100 calls / 20 s")
     max_concurrent: int = Field(5, description="In-flight calls (Marketo allows 10)")
     daily_quota: int = Field(50_000, description="Calls per day this connection may spend")
@@ -57,8 +62,11 @@ class AutomationSettings(dg.Model, dg.Resolvable):
 
     running: bool = Field(True, description="Sensors start running when the code location loads")
     check_interval_seconds: int = Field(30, description="How often the change sensor asks both systems")
-    safety_tick_minutes: int = Field(60, description="Sync the latest window at least this often, even "
-                                     "when no change was reported (covers a missed change or a sensor outage)")
+    safety_tick_minutes: int = Field(
+        60,
+        description="Sync the latest window at least this often, even "
+        "when no change was reported (covers a missed change or a sensor outage)",
+    )
     alert_webhook_env: str = Field("SYNC_ALERT_WEBHOOK_URL", description="Env var with the alert webhook URL")
 
 
@@ -66,14 +74,21 @@ class SyncConnection(dg.Component, dg.Model, dg.Resolvable):
     """A Dynamics 365 <-> Marketo connection: extract, plan and push per declared entity, with its own state."""
 
     name: str | None = Field(None, description="Key prefix and job/sensor prefix; default: the folder's name")
-    entities_path: str | None = Field(None, description="entities.yaml of this connection (default: packaged)")
-    entities: dict[str, Any] | None = Field(None, description="The entity mapping inline (the entities.yaml "
-                                            "schema); instead of entities_path")
-    state_path: str | None = Field(None, description="DuckDB state store of this connection (one writer; its own "
-                                   "file); default .state/<connection>.duckdb")
+    entities_path: str | None = Field(
+        None, description="entities.yaml of this connection (default: packaged)"
+    )
+    entities: dict[str, Any] | None = Field(
+        None, description="The entity mapping inline (the entities.yaml schema); instead of entities_path"
+    )
+    state_path: str | None = Field(
+        None,
+        description="DuckDB state store of this connection (one writer; its own "
+        "file); default .state/<connection>.duckdb",
+    )
     work_dir: str | None = Field(None, description="Scratch space for bulk export files")
-    ca_bundle_env: str | None = Field(None, description="Env var naming a PEM bundle to trust (optional; default "
-                                      "<CONNECTION>_CA_BUNDLE)")
+    ca_bundle_env: str | None = Field(
+        None, description="Env var naming a PEM bundle to trust (optional; default <CONNECTION>_CA_BUNDLE)"
+    )
     dynamics: DynamicsCredentials = DynamicsCredentials()
     marketo: MarketoCredentials = MarketoCredentials()
     automation: AutomationSettings = AutomationSettings()
@@ -104,8 +119,10 @@ class SyncConnection(dg.Component, dg.Model, dg.Resolvable):
 
     def build_time_env(self) -> list[str]:
         """Env var names of optional non-secret settings read when the resources are built (not at run time)."""
-        return [self.env(self.ca_bundle_env, "CA_BUNDLE"),
-                self.env(self.marketo.munchkin_id_env, "MARKETO_MUNCHKIN_ID")]
+        return [
+            self.env(self.ca_bundle_env, "CA_BUNDLE"),
+            self.env(self.marketo.munchkin_id_env, "MARKETO_MUNCHKIN_ID"),
+        ]
 
     def config_json(self) -> str | None:
         """The inline mapping as the state resource carries it (None: the resource loads ``entities_path``)."""

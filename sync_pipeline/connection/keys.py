@@ -29,7 +29,11 @@ def asset_key(connection: str, entity: str, stage: str, system: str | None = Non
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     if system is None:
-        system = {"extract": "marketo" if entity == PERSON else "dynamics", "plan": "sync", "push": "marketo"}[stage]
+        system = {
+            "extract": "marketo" if entity == PERSON else "dynamics",
+            "plan": "sync",
+            "push": "marketo",
+        }[stage]
     return dg.AssetKey([connection, system, entity, stage])
 
 

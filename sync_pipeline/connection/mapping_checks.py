@@ -6,7 +6,6 @@ the command to run, so the UI shows why a newly mapped field does not move yet. 
 entities, so a sync run pays for it once.
 """
 
-
 import dagster as dg
 
 from sync_pipeline.config.model import SyncConfig
@@ -21,13 +20,24 @@ def build_mapping_checks(conn: str, config: SyncConfig) -> list[dg.AssetChecksDe
     entities = {asset_key(conn, e.name, "plan"): e.name for e in config.entities if not e.is_derived}
     if not entities:
         return []
-    specs = [dg.AssetCheckSpec(CHECK_NAME, asset=key, description=f"Every field mapped for `{name}` is synced: "
-                               "none waits for its back-fill (sync-pipeline resync).")
-             for key, name in entities.items()]
+    specs = [
+        dg.AssetCheckSpec(
+            CHECK_NAME,
+            asset=key,
+            description=f"Every field mapped for `{name}` is synced: "
+            "none waits for its back-fill (sync-pipeline resync).",
+        )
+        for key, name in entities.items()
+    ]
 
-    @dg.multi_asset_check(name=qualified(conn, CHECK_NAME), specs=specs, can_subset=True, pool=pool(conn),
-                          required_resource_keys=required_keys(conn, "state"),
-                          description="Fields added to the mapping and not back-filled yet, per entity.")
+    @dg.multi_asset_check(
+        name=qualified(conn, CHECK_NAME),
+        specs=specs,
+        can_subset=True,
+        pool=pool(conn),
+        required_resource_keys=required_keys(conn, "state"),
+        description="Fields added to the mapping and not back-filled yet, per entity.",
+    )
     def check(context: dg.AssetCheckExecutionContext):
         state = bound(context, conn)[0]
         with state.connect() as con:
@@ -36,9 +46,14 @@ def build_mapping_checks(conn: str, config: SyncConfig) -> list[dg.AssetChecksDe
                 pending = mapping.pending_fields(con, name)
                 command = f"sync-pipeline resync --entity {name}" + "".join(f" --field {f}" for f in pending)
                 yield dg.AssetCheckResult(
-                    asset_key=key.asset_key, check_name=CHECK_NAME, passed=not pending,
+                    asset_key=key.asset_key,
+                    check_name=CHECK_NAME,
+                    passed=not pending,
                     severity=dg.AssetCheckSeverity.WARN,
-                    metadata={"pending_fields": ", ".join(pending) or "none",
-                              "launch": command if pending else "-"})
+                    metadata={
+                        "pending_fields": ", ".join(pending) or "none",
+                        "launch": command if pending else "-",
+                    },
+                )
 
     return [check]

@@ -34,11 +34,18 @@ DEFAULT_STATE_PATH = ".state/sync.duckdb"
 class SyncStateResource(dg.ConfigurableResource):
     """The DuckDB state store (one writer at a time: every asset that opens it is in the ``duckdb`` pool)."""
 
-    path: str = Field(default=DEFAULT_STATE_PATH, description="DuckDB file holding mirrors, identities, ledger")
+    path: str = Field(
+        default=DEFAULT_STATE_PATH, description="DuckDB file holding mirrors, identities, ledger"
+    )
     config_path: str | None = Field(default=None, description="entities.yaml (default: the packaged one)")
-    config_json: str | None = Field(default=None, description="The mapping inline (JSON), instead of config_path")
-    marketo_instance: str | None = Field(default=None, description="Munchkin id of the Marketo instance; "
-                                         "defaults to the first label of the Marketo host name")
+    config_json: str | None = Field(
+        default=None, description="The mapping inline (JSON), instead of config_path"
+    )
+    marketo_instance: str | None = Field(
+        default=None,
+        description="Munchkin id of the Marketo instance; "
+        "defaults to the first label of the Marketo host name",
+    )
     work_dir: str | None = Field(default=None, description="Scratch space for bulk export files")
 
     @cached_property
@@ -70,7 +77,11 @@ class SyncStateResource(dg.ConfigurableResource):
         if self.marketo_instance:
             return self.marketo_instance
         host = urlsplit(marketo_base_url).hostname or marketo_base_url
-        return host.split(".")[0] if host.endswith("mktorest.com") else f"{host}:{urlsplit(marketo_base_url).port}"
+        return (
+            host.split(".")[0]
+            if host.endswith("mktorest.com")
+            else f"{host}:{urlsplit(marketo_base_url).port}"
+        )
 
 
 RESOURCES = ("state", "dynamics", "marketo")
@@ -87,8 +98,10 @@ def required_keys(connection: str, *kinds: str) -> set[str]:
 def bound(context: Any, connection: str) -> tuple[SyncStateResource, DynamicsResource, MarketoResource]:
     """The connection's state, Dynamics and Marketo resources from a step's or sensor's context (None if the
     definition did not require one)."""
-    return tuple(getattr(context.resources, resource_key(connection, k), None)  # type: ignore[return-value]
-                 for k in RESOURCES)
+    return tuple(
+        getattr(context.resources, resource_key(connection, k), None)  # type: ignore[return-value]
+        for k in RESOURCES
+    )
 
 
 def by_kind(resources: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,6 +111,7 @@ def by_kind(resources: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_resources(spec: SyncConnection, settings: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``settings`` given: literal values for the env var names (in-process runs); else ``dg.EnvVar``s."""
+
     def secret(name: str) -> Any:
         if settings is None:
             return dg.EnvVar(name)
@@ -114,17 +128,27 @@ def build_resources(spec: SyncConnection, settings: Mapping[str, str] | None = N
     munchkin = optional(spec.env(m.munchkin_id_env, "MARKETO_MUNCHKIN_ID"))
     return {
         resource_key(conn, "state"): SyncStateResource(
-            path=spec.store_path, config_path=spec.entities_path or None, config_json=spec.config_json(),
-            marketo_instance=munchkin, work_dir=spec.work_dir or None),
+            path=spec.store_path,
+            config_path=spec.entities_path or None,
+            config_json=spec.config_json(),
+            marketo_instance=munchkin,
+            work_dir=spec.work_dir or None,
+        ),
         resource_key(conn, "dynamics"): DynamicsResource(
             url=secret(spec.env(d.url_env, "DYNAMICS_URL")),
             authority=secret(spec.env(d.authority_env, "DYNAMICS_AUTHORITY")),
             client_id=secret(spec.env(d.client_id_env, "DYNAMICS_CLIENT_ID")),
-            client_secret=secret(spec.env(d.client_secret_env, "DYNAMICS_CLIENT_SECRET")), ca_bundle=ca),
+            client_secret=secret(spec.env(d.client_secret_env, "DYNAMICS_CLIENT_SECRET")),
+            ca_bundle=ca,
+        ),
         resource_key(conn, "marketo"): MarketoResource(
             base_url=secret(spec.env(m.base_url_env, "MARKETO_BASE_URL")),
             client_id=secret(spec.env(m.client_id_env, "MARKETO_CLIENT_ID")),
-            client_secret=secret(spec.env(m.client_secret_env, "MARKETO_CLIENT_SECRET")), ca_bundle=ca,
-            calls_per_20s=m.calls_per_20s, max_concurrent=m.max_concurrent, daily_quota=m.daily_quota,
-            munchkin_id=munchkin),  # connections of one Marketo instance share its budget
+            client_secret=secret(spec.env(m.client_secret_env, "MARKETO_CLIENT_SECRET")),
+            ca_bundle=ca,
+            calls_per_20s=m.calls_per_20s,
+            max_concurrent=m.max_concurrent,
+            daily_quota=m.daily_quota,
+            munchkin_id=munchkin,
+        ),  # connections of one Marketo instance share its budget
     }

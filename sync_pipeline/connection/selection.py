@@ -11,8 +11,11 @@ from sync_pipeline.connection.keys import PERSON, asset_key
 def entity_selection(conn: str, config: SyncConfig, name: str) -> list[dg.AssetKey]:
     """The assets of one entity (its extract, plan and pushes): its own initial copy."""
     e = config.entity(name)
-    keys = [asset_key(conn, e.derived_from or e.name, "extract"), asset_key(conn, e.name, "plan"),
-            asset_key(conn, e.name, "push")]
+    keys = [
+        asset_key(conn, e.derived_from or e.name, "extract"),
+        asset_key(conn, e.name, "plan"),
+        asset_key(conn, e.name, "push"),
+    ]
     if e.is_person:
         keys += [asset_key(conn, PERSON, "extract"), asset_key(conn, e.name, "push", "dynamics")]
     return keys

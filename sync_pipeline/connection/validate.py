@@ -5,7 +5,6 @@ list is attached as markdown metadata; the run fails (without retries: nothing a
 any check is an error. The sync's own runs run the Dynamics checks at their start (admin/validate.py).
 """
 
-
 import dagster as dg
 
 from sync_pipeline.connection.keys import qualified
@@ -19,32 +18,50 @@ def validate_job_name(connection: str) -> str:
 
 
 def build_validate_job(conn: str, tags: dict[str, str]) -> dg.JobDefinition:
-    @dg.op(name=qualified(conn, "validate_connection"), out=dg.Out(dg.Nothing),
-           required_resource_keys=required_keys(conn, *RESOURCES),
-           description="Credentials, tables, columns, option sets, Marketo fields and permissions (read only).")
+    @dg.op(
+        name=qualified(conn, "validate_connection"),
+        out=dg.Out(dg.Nothing),
+        required_resource_keys=required_keys(conn, *RESOURCES),
+        description="Credentials, tables, columns, option sets, Marketo fields and permissions (read only).",
+    )
     def validate_connection(context: dg.OpExecutionContext) -> None:
         from sync_pipeline.admin.validate import connection_checks, errors
 
         state, dynamics, marketo = bound(context, conn)
         checks, _ = connection_checks(state.config, dynamics.get_client(), marketo.get_client())
         for c in checks:
-            (context.log.error if c.status == "error" else context.log.warning if c.status == "warning"
-             else context.log.info)(c.line())
-        table = "\n".join(f"| {c.status} | {c.check} | `{c.subject}` | {c.message} | {c.fix} |" for c in checks)
+            (
+                context.log.error
+                if c.status == "error"
+                else context.log.warning
+                if c.status == "warning"
+                else context.log.info
+            )(c.line())
+        table = "\n".join(
+            f"| {c.status} | {c.check} | `{c.subject}` | {c.message} | {c.fix} |" for c in checks
+        )
         counts = {s: sum(1 for c in checks if c.status == s) for s in ("ok", "warning", "error")}
-        context.add_output_metadata({
-            **{f"checks_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
-            "checks": dg.MetadataValue.md("| status | check | subject | message | fix |\n|---|---|---|---|---|\n"
-                                          + table),
-        })
+        context.add_output_metadata(
+            {
+                **{f"checks_{k}": dg.MetadataValue.int(v) for k, v in counts.items()},
+                "checks": dg.MetadataValue.md(
+                    "| status | check | subject | message | fix |\n|---|---|---|---|---|\n" + table
+                ),
+            }
+        )
         bad = errors(checks)
         if bad:
-            raise dg.Failure(description=f"{len(bad)} checks failed: " + "; ".join(c.line() for c in bad),
-                             allow_retries=False)
+            raise dg.Failure(
+                description=f"{len(bad)} checks failed: " + "; ".join(c.line() for c in bad),
+                allow_retries=False,
+            )
 
-    @dg.job(name=validate_job_name(conn), tags=tags,
-            description="Check the connection to both systems against its entity mapping (read only): the same "
-                        "checks as `sync-pipeline validate`.")
+    @dg.job(
+        name=validate_job_name(conn),
+        tags=tags,
+        description="Check the connection to both systems against its entity mapping (read only): the same "
+        "checks as `sync-pipeline validate`.",
+    )
     def validate_job() -> None:
         validate_connection()
 

@@ -29,8 +29,10 @@ _DATE = "'^[0-9]{4}-[0-9]{2}-[0-9]{2}'"
 
 def _utc_ts(x: str) -> str:
     """A TIMESTAMP (no zone) holding the UTC wall-clock time of ``x``; bare values are taken as UTC."""
-    return (f"CASE WHEN regexp_matches({x}, {_OFFSET}) THEN TRY_CAST({x} AS TIMESTAMPTZ) AT TIME ZONE 'UTC' "
-            f"ELSE TRY_CAST({x} AS TIMESTAMP) END")
+    return (
+        f"CASE WHEN regexp_matches({x}, {_OFFSET}) THEN TRY_CAST({x} AS TIMESTAMPTZ) AT TIME ZONE 'UTC' "
+        f"ELSE TRY_CAST({x} AS TIMESTAMP) END"
+    )
 
 
 def _wall_ts(x: str) -> str:
@@ -46,8 +48,10 @@ def _datetime_expr(f: FieldMap, x: str) -> str:
         # DateOnly (and a zone-independent date): the calendar date as written.
         return f"CASE WHEN regexp_matches({x}, {_DATE}) THEN strftime(TRY_CAST(substr({x}, 1, 10) AS DATE), '%Y-%m-%d') END"
     if behavior == "date_only":
-        return (f"CASE WHEN regexp_matches({x}, {_DATE}) THEN "
-                f"strftime(TRY_CAST(substr({x}, 1, 10) AS DATE), '%Y-%m-%dT00:00:00Z') END")
+        return (
+            f"CASE WHEN regexp_matches({x}, {_DATE}) THEN "
+            f"strftime(TRY_CAST(substr({x}, 1, 10) AS DATE), '%Y-%m-%dT00:00:00Z') END"
+        )
     ts = _wall_ts(x) if behavior == "time_zone_independent" else _utc_ts(x)
     return f"strftime({ts}, '%Y-%m-%dT%H:%M:%SZ')"
 
@@ -74,11 +78,15 @@ def dynamics_expr(f: FieldMap, col: str) -> str:
     if t == "integer":
         return f"CAST(TRY_CAST({col} AS BIGINT) AS VARCHAR)"
     if t == "picklist":
-        whens = " ".join(f"WHEN {int(code)} THEN {sql_text(label)}" for code, label in (f.options or {}).items())
+        whens = " ".join(
+            f"WHEN {int(code)} THEN {sql_text(label)}" for code, label in (f.options or {}).items()
+        )
         if not whens:  # no labels known (neither the org's metadata nor the YAML): every code is unknown
             return f"CASE WHEN {col} IS NULL THEN NULL ELSE {sql_text(INVALID)} || CAST({col} AS VARCHAR) END"
-        return (f"CASE WHEN {col} IS NULL THEN NULL ELSE CASE TRY_CAST({col} AS BIGINT) {whens} "
-                f"ELSE {sql_text(INVALID)} || CAST({col} AS VARCHAR) END END")
+        return (
+            f"CASE WHEN {col} IS NULL THEN NULL ELSE CASE TRY_CAST({col} AS BIGINT) {whens} "
+            f"ELSE {sql_text(INVALID)} || CAST({col} AS VARCHAR) END END"
+        )
     shared = _shared_expr(f, f"CAST({col} AS VARCHAR)")
     if shared is None:
         raise ValueError(f"field {f.marketo!r}: unknown transform {t!r}")
@@ -133,8 +141,10 @@ def to_dynamics(f: FieldMap, value: str | None) -> Any:
         for code, label in (f.options or {}).items():
             if label.lower() == value.lower():
                 return int(code)
-        raise ValueError(f"value {value!r} is not one of the options of {f.dynamics} "
-                         f"({', '.join((f.options or {}).values())})")
+        raise ValueError(
+            f"value {value!r} is not one of the options of {f.dynamics} "
+            f"({', '.join((f.options or {}).values())})"
+        )
     if t == "date":
         return f"{value}T00:00:00Z"
     return _scalar(t, value)

@@ -100,37 +100,53 @@ def _options_of(doc: dict[str, Any], language: int | None) -> tuple[dict[int, st
 def _requests(table: str, casts: set[str] | None = None) -> list[tuple[str, str]]:
     """The batch parts for one table: its definition and columns, then the type casts (all, or ``casts``)."""
     base = f"EntityDefinitions(LogicalName='{table}')"
-    out = [("entity", f"{base}?$select=LogicalName,EntitySetName,DisplayName,IsCustomEntity,ChangeTrackingEnabled,"
-                      "PrimaryIdAttribute,PrimaryNameAttribute&$expand=Attributes($select=LogicalName,AttributeType,"
-                      "DisplayName,IsCustomAttribute,IsValidForUpdate,AttributeOf)")]
+    out = [
+        (
+            "entity",
+            f"{base}?$select=LogicalName,EntitySetName,DisplayName,IsCustomEntity,ChangeTrackingEnabled,"
+            "PrimaryIdAttribute,PrimaryNameAttribute&$expand=Attributes($select=LogicalName,AttributeType,"
+            "DisplayName,IsCustomAttribute,IsValidForUpdate,AttributeOf)",
+        )
+    ]
     for cast, select in _CASTS.items():
         if casts is None or cast in casts:
             out.append((cast, f"{base}/Attributes/{NS}.{cast}?$select={select}"))
     for cast in _OPTION_CASTS:
         if casts is not None and cast not in casts:
             continue
-        out.append((cast, f"{base}/Attributes/{NS}.{cast}?$select=LogicalName"
-                          "&$expand=OptionSet($select=Name,IsGlobal,Options),GlobalOptionSet($select=Name,IsGlobal,Options)"))
+        out.append(
+            (
+                cast,
+                f"{base}/Attributes/{NS}.{cast}?$select=LogicalName"
+                "&$expand=OptionSet($select=Name,IsGlobal,Options),GlobalOptionSet($select=Name,IsGlobal,Options)",
+            )
+        )
     return out
 
 
-def read_metadata(client: Any, tables: list[str], language: int | None = None,
-                  casts: dict[str, set[str]] | None = None) -> OrgMetadata:
+def read_metadata(
+    client: Any, tables: list[str], language: int | None = None, casts: dict[str, set[str]] | None = None
+) -> OrgMetadata:
     """Every named table's definition, columns and options, in one ``$batch`` call. ``casts`` (table -> derived
     types) narrows the type-cast parts to what the caller needs; by default every one is read."""
     from sync_pipeline.clients import errors
     from sync_pipeline.engine.ports import BatchRequest
 
     tables = list(dict.fromkeys(tables))
-    plan = [(t, kind, url) for t in tables
-            for kind, url in _requests(t, None if casts is None else casts.get(t, set()))]
+    plan = [
+        (t, kind, url)
+        for t in tables
+        for kind, url in _requests(t, None if casts is None else casts.get(t, set()))
+    ]
     if not plan:
         return OrgMetadata({}, {})
-    responses = client.execute_batch([BatchRequest("GET", url) for _, _, url in plan], continue_on_error=True,
-                                     idempotent=True)
+    responses = client.execute_batch(
+        [BatchRequest("GET", url) for _, _, url in plan], continue_on_error=True, idempotent=True
+    )
     if len(responses) != len(plan):
-        raise errors.MalformedResponse("invalid_batch_response", f"metadata $batch: {len(plan)} requests, "
-                                                                 f"{len(responses)} responses")
+        raise errors.MalformedResponse(
+            "invalid_batch_response", f"metadata $batch: {len(plan)} requests, {len(responses)} responses"
+        )
     out: dict[str, TableMeta] = {}
     missing: dict[str, str] = {}
     for (table, kind, _), resp in zip(plan, responses, strict=True):  # lengths checked above
@@ -143,15 +159,25 @@ def read_metadata(client: Any, tables: list[str], language: int | None = None,
                 missing[table] = f"HTTP {resp.status} {err.get('code', '')}: {err.get('message', '')}".strip()
             continue
         if kind == "entity":
-            tm = TableMeta(table, body.get("EntitySetName", ""), localized(body.get("DisplayName"), language),
-                           bool(body.get("IsCustomEntity")), bool(body.get("ChangeTrackingEnabled")),
-                           body.get("PrimaryIdAttribute", ""), body.get("PrimaryNameAttribute", "") or "")
+            tm = TableMeta(
+                table,
+                body.get("EntitySetName", ""),
+                localized(body.get("DisplayName"), language),
+                bool(body.get("IsCustomEntity")),
+                bool(body.get("ChangeTrackingEnabled")),
+                body.get("PrimaryIdAttribute", ""),
+                body.get("PrimaryNameAttribute", "") or "",
+            )
             for a in body.get("Attributes") or []:
                 if a.get("AttributeOf"):  # companions (…name, …yominame) are not columns of their own
                     continue
                 tm.attributes[a["LogicalName"]] = Attribute(
-                    a["LogicalName"], str(a.get("AttributeType", "")), localized(a.get("DisplayName"), language),
-                    bool(a.get("IsCustomAttribute")), a.get("IsValidForUpdate") is not False)
+                    a["LogicalName"],
+                    str(a.get("AttributeType", "")),
+                    localized(a.get("DisplayName"), language),
+                    bool(a.get("IsCustomAttribute")),
+                    a.get("IsValidForUpdate") is not False,
+                )
             out[table] = tm
             continue
         known = out.get(table)
@@ -219,6 +245,9 @@ def run_casts(config: SyncConfig) -> dict[str, set[str]]:
         need = out.setdefault(e.dynamics.table, set())
         for f in e.all_fields:
             if f.transform == "picklist":
-                need.add({"statecode": "StateAttributeMetadata",
-                          "statuscode": "StatusAttributeMetadata"}.get(f.dynamics, "PicklistAttributeMetadata"))
+                need.add(
+                    {"statecode": "StateAttributeMetadata", "statuscode": "StatusAttributeMetadata"}.get(
+                        f.dynamics, "PicklistAttributeMetadata"
+                    )
+                )
     return out

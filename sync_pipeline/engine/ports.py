@@ -15,8 +15,16 @@ from typing import Any, Protocol
 from sync_pipeline.clients.errors import ClientError
 from sync_pipeline.clients.types import BatchRequest, marketo_object_path
 
-__all__ = ["marketo_object_path", "BatchRequest", "BatchPart", "DynamicsPort", "MarketoPort", "RecordOutcome", "ActivityPageLike",
-           "ImportQueueLike"]
+__all__ = [
+    "marketo_object_path",
+    "BatchRequest",
+    "BatchPart",
+    "DynamicsPort",
+    "MarketoPort",
+    "RecordOutcome",
+    "ActivityPageLike",
+    "ImportQueueLike",
+]
 
 
 class BatchPart(Protocol):
@@ -62,14 +70,27 @@ class ActivityPageLike(Protocol):
 class DynamicsPort(Protocol):
     def whoami(self) -> dict[str, Any]: ...
 
-    def iter_pages(self, entity_set: str, select: list[str] | str, filter: str | None = None, *,
-                   annotations: bool = False) -> Iterator[list[dict[str, Any]]]: ...
+    def iter_pages(
+        self,
+        entity_set: str,
+        select: list[str] | str,
+        filter: str | None = None,
+        *,
+        annotations: bool = False,
+    ) -> Iterator[list[dict[str, Any]]]: ...
 
-    def iter_changes(self, entity_set: str, select: list[str] | str, delta_link: str | None = None, *,
-                     annotations: bool = False) -> Iterator[tuple[list[dict[str, Any]], list[str], str | None]]: ...
+    def iter_changes(
+        self,
+        entity_set: str,
+        select: list[str] | str,
+        delta_link: str | None = None,
+        *,
+        annotations: bool = False,
+    ) -> Iterator[tuple[list[dict[str, Any]], list[str], str | None]]: ...
 
-    def execute_batch(self, requests: list[BatchRequest], continue_on_error: bool = True,
-                      idempotent: bool = False) -> Sequence[BatchPart]: ...
+    def execute_batch(
+        self, requests: list[BatchRequest], continue_on_error: bool = True, idempotent: bool = False
+    ) -> Sequence[BatchPart]: ...
 
 
 class ImportQueueLike(Protocol):
@@ -85,8 +106,9 @@ class ImportQueueLike(Protocol):
 
 
 class MarketoPort(Protocol):
-    def get_leads(self, filter_type: str, values: Iterable[Any],
-                  fields: Sequence[str] | None = None) -> list[dict[str, Any]]: ...
+    def get_leads(
+        self, filter_type: str, values: Iterable[Any], fields: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]: ...
 
     def paging_token(self, since: datetime | str) -> str: ...
 
@@ -94,23 +116,34 @@ class MarketoPort(Protocol):
 
     def activities(self, token: str, type_ids: Sequence[int]) -> Iterator[ActivityPageLike]: ...
 
-    def export_to_file(self, kind: str, filter: dict[str, Any], path: str | Path,
-                       fields: Sequence[str] | None = None) -> Any: ...
+    def export_to_file(
+        self, kind: str, filter: dict[str, Any], path: str | Path, fields: Sequence[str] | None = None
+    ) -> Any: ...
 
-    def sync_leads(self, records: Sequence[dict[str, Any]], action: str = "createOrUpdate",
-                   lookup_field: str = "email") -> Sequence[RecordOutcome]: ...
+    def sync_leads(
+        self, records: Sequence[dict[str, Any]], action: str = "createOrUpdate", lookup_field: str = "email"
+    ) -> Sequence[RecordOutcome]: ...
 
     def delete_leads(self, ids: Sequence[int]) -> Sequence[RecordOutcome]: ...
 
     def merge_leads(self, winner: int, losers: Sequence[int]) -> None: ...
 
-    def query_objects(self, name: str, filter_type: str, values: Iterable[Any],
-                      fields: Sequence[str] | None = None) -> list[dict[str, Any]]: ...
+    def query_objects(
+        self, name: str, filter_type: str, values: Iterable[Any], fields: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]: ...
 
-    def upsert_objects(self, name: str, records: Sequence[dict[str, Any]], action: str = "createOrUpdate",
-                       dedupe_by: str = "dedupeFields") -> Sequence[RecordOutcome]: ...
+    def upsert_objects(
+        self,
+        name: str,
+        records: Sequence[dict[str, Any]],
+        action: str = "createOrUpdate",
+        dedupe_by: str = "dedupeFields",
+    ) -> Sequence[RecordOutcome]: ...
 
-    def delete_objects(self, name: str, records: Sequence[dict[str, Any]],
-                       delete_by: str = "dedupeFields") -> Sequence[RecordOutcome]: ...
+    def delete_objects(
+        self, name: str, records: Sequence[dict[str, Any]], delete_by: str = "dedupeFields"
+    ) -> Sequence[RecordOutcome]: ...
 
-    def import_queue(self, object_name: str | None = None, lookup_field: str = "email") -> ImportQueueLike: ...
+    def import_queue(
+        self, object_name: str | None = None, lookup_field: str = "email"
+    ) -> ImportQueueLike: ...

@@ -50,7 +50,6 @@ from sync_pipeline.engine.store.state import fcol, get_cursor, one_row, qi, sql_
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ResyncStats:
     entity: str
@@ -66,9 +65,15 @@ class ResyncStats:
     calls: dict[str, int] = field(default_factory=dict)  # system -> API calls made by the back-fill
 
     def as_metadata(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"entity": self.entity, "fields": ", ".join(self.fields), "since": self.since or "-",
-                               "dry_run": self.dry_run, "rows_read": self.read_rows, "records_in_scope": self.in_scope,
-                               "records_differing": self.differing}
+        out: dict[str, Any] = {
+            "entity": self.entity,
+            "fields": ", ".join(self.fields),
+            "since": self.since or "-",
+            "dry_run": self.dry_run,
+            "rows_read": self.read_rows,
+            "records_in_scope": self.in_scope,
+            "records_differing": self.differing,
+        }
         out.update({f"planned/{k}": v for k, v in sorted(self.planned.items())})
         out.update({f"written/{k}": v for k, v in sorted(self.written.items())})
         out.update({f"failed/{k}": v for k, v in sorted(self.failed.items())})
@@ -90,15 +95,19 @@ def needs_initial_copy(con: duckdb.DuckDBPyConnection, entity: Entity) -> bool:
 def resolve_fields(entity: Entity, fields: list[str] | None) -> list[str]:
     """The fields to back-fill: the given ones (each must be mapped), or every synced field."""
     if entity.is_derived:
-        raise ConfigError(f"entity {entity.name!r} is derived from {entity.derived_from!r} and has no fields of "
-                          f"its own: resync {entity.derived_from!r}")
+        raise ConfigError(
+            f"entity {entity.name!r} is derived from {entity.derived_from!r} and has no fields of "
+            f"its own: resync {entity.derived_from!r}"
+        )
     mapped = {f.marketo: f for f in entity.all_fields}
     if not fields:
         return [f.marketo for f in entity.all_fields if entity.field_direction(f) != "none"]
     unknown = [f for f in fields if f not in mapped]
     if unknown:
-        raise ConfigError(f"entity {entity.name!r}: field(s) {', '.join(map(repr, unknown))} not mapped "
-                          f"(mapped: {', '.join(mapped)})")
+        raise ConfigError(
+            f"entity {entity.name!r}: field(s) {', '.join(map(repr, unknown))} not mapped "
+            f"(mapped: {', '.join(mapped)})"
+        )
     return list(dict.fromkeys(fields))
 
 
@@ -117,21 +126,33 @@ def parse_since(value: str | None) -> datetime | None:
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(f"--since {value!r}: expected a date or date-time (YYYY-MM-DD[THH:MM[:SS]][Z])") from None
+        raise ConfigError(
+            f"--since {value!r}: expected a date or date-time (YYYY-MM-DD[THH:MM[:SS]][Z])"
+        ) from None
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 # ---- 1. re-read -----------------------------------------------------------------------------------------
 
 
-def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldMap], client: Any,
-                   since: datetime | None, tables: dict[str, str]) -> int:
+def _read_dynamics(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    maps: list[FieldMap],
+    client: Any,
+    since: datetime | None,
+    tables: dict[str, str],
+) -> int:
     assert entity.dynamics is not None
     pk, mod = extract.primary_key(entity), entity.dynamics.modified_column
     if since is not None and not mod:
         raise ConfigError(f"entity {entity.name!r} has no modified-time column: --since cannot restrict it")
     select = [pk, "versionnumber"] + ([mod] if mod else []) + [extract.wire_name(f) for f in maps]
-    schema: dict[str, pa.DataType] = {pk: pa.string(), "versionnumber": pa.int64(), "@odata.etag": pa.string()}
+    schema: dict[str, pa.DataType] = {
+        pk: pa.string(),
+        "versionnumber": pa.int64(),
+        "@odata.etag": pa.string(),
+    }
     if mod:
         schema[mod] = pa.string()
     for f in maps:
@@ -144,15 +165,18 @@ def _read_dynamics(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fi
     modcol = qi(mod) if mod else "NULL"
     flt = f"{mod} ge {_iso(since)}" if since is not None else None
     rows = 0
-    for page in client.iter_pages(entity.dynamics.entity_set, list(dict.fromkeys(select)), filter=flt,
-                                  annotations=True):
+    for page in client.iter_pages(
+        entity.dynamics.entity_set, list(dict.fromkeys(select)), filter=flt, annotations=True
+    ):
         if not page:
             continue
         rows += len(page)
         rs_page = extract.coerce_page(page, pa.schema(list(schema.items())))  # noqa: F841 - used in the SQL
         con.execute(f"""INSERT INTO rs_d SELECT lower({qi(pk)}), "@odata.etag", CAST({modcol} AS VARCHAR) {exprs}
                         FROM rs_page""")
-    con.execute("CREATE OR REPLACE TEMP TABLE rs_d AS SELECT DISTINCT ON (did) * FROM rs_d")  # a row paged twice
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE rs_d AS SELECT DISTINCT ON (did) * FROM rs_d"
+    )  # a row paged twice
     return rows
 
 
@@ -160,16 +184,24 @@ def _read_marketo(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fie
     """The other side's current values of the records in scope (``rs_m``: did, updated_at, f_*)."""
     names = [f.marketo for f in maps]
     if entity.is_person:
-        ids = [int(r[0]) for r in con.execute("SELECT DISTINCT mid FROM rs_scope WHERE TRY_CAST(mid AS BIGINT) "
-                                              "IS NOT NULL ORDER BY 1").fetchall()]
+        ids = [
+            int(r[0])
+            for r in con.execute(
+                "SELECT DISTINCT mid FROM rs_scope WHERE TRY_CAST(mid AS BIGINT) IS NOT NULL ORDER BY 1"
+            ).fetchall()
+        ]
         rows = client.get_leads("id", ids, ["id", "updatedAt", *names]) if ids else []
         key = "id"
     else:
         key = entity.marketo.key
         dids = [r[0] for r in con.execute("SELECT did FROM rs_scope ORDER BY 1").fetchall()]
         rows = client.query_objects(object_path(entity), key, dids, [key, *names]) if dids else []
-    table = pa.table({n: pa.array([text_value(r.get(n)) for r in rows], type=pa.string())  # noqa: F841
-                      for n in [key, "updatedAt", *names]})
+    table = pa.table(
+        {
+            n: pa.array([text_value(r.get(n)) for r in rows], type=pa.string())
+            for n in [key, "updatedAt", *names]
+        }
+    )
     exprs = "".join(f", {normalize.marketo_expr(f, qi(f.marketo))}" for f in maps)
     cols = "".join(f", {fcol(n)} VARCHAR" for n in names)
     con.execute(f"CREATE OR REPLACE TEMP TABLE rs_m (mkey VARCHAR, updated_at VARCHAR {cols})")
@@ -189,11 +221,14 @@ def _read_marketo(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[Fie
 def _scope(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
     """Linked, live, not filtered-out records that the re-read returned (``since`` already applied)."""
     d = qi(f"d_{entity.name}")
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE rs_scope AS
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE rs_scope AS
         SELECT d.id AS did, i.marketo_id AS mid, d.customer_contact FROM identity i
         JOIN {d} d ON d.id = i.dynamics_id JOIN rs_d r ON r.did = d.id
         WHERE i.entity = ? AND i.state = 'active' AND i.marketo_id IS NOT NULL
-          AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false""", [entity.name])
+          AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false""",
+        [entity.name],
+    )
     return int(one_row(con, "SELECT count(*) FROM rs_scope")[0])
 
 
@@ -204,12 +239,17 @@ def _joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, 
     for f in maps:
         c = fcol(f.marketo)
         dval = f"r.{c}"
-        if f.transform == "customer_account" and "contact" in config.by_name and "externalCompanyId" in {
-                g.marketo for g in config.entity("contact").all_fields}:
+        if (
+            f.transform == "customer_account"
+            and "contact" in config.by_name
+            and "externalCompanyId" in {g.marketo for g in config.entity("contact").all_fields}
+        ):
             dval = f"COALESCE(r.{c}, cc.f_externalCompanyId)"  # a contact customer: its account (as the plan does)
             contact_join = "LEFT JOIN d_contact cc ON cc.id = s.customer_contact"
-        sel.append(f"{dval} AS {qi('d_' + f.marketo)}, m.{c} AS {qi('m_' + f.marketo)}, "
-                   f"b.{c} AS {qi('b_' + f.marketo)}")
+        sel.append(
+            f"{dval} AS {qi('d_' + f.marketo)}, m.{c} AS {qi('m_' + f.marketo)}, "
+            f"b.{c} AS {qi('b_' + f.marketo)}"
+        )
     mjoin = "CAST(s.mid AS VARCHAR) = m.mkey" if entity.is_person else "s.did = m.mkey"
     # Records the other side no longer has are left to the incremental sync (tombstones, deletes).
     con.execute(f"""CREATE OR REPLACE TEMP TABLE rs_j AS
@@ -247,7 +287,9 @@ def _rule_sql(entity: Entity, f: FieldMap) -> str:
     direction, policy = entity.field_direction(f), entity.field_policy(f)
     if not entity.is_person or direction != "two_way":
         return f"'resync:{direction}'"
-    return f"CASE WHEN dc AND mc AND outcome <> 'base' THEN 'resync:conflict:{policy}' ELSE 'resync:two_way' END"
+    return (
+        f"CASE WHEN dc AND mc AND outcome <> 'base' THEN 'resync:conflict:{policy}' ELSE 'resync:two_way' END"
+    )
 
 
 def _plan_rows(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldMap], run_id: str) -> None:
@@ -267,7 +309,8 @@ def _plan_rows(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldM
                                 AS rule
                          FROM ({scored}) WHERE outcome IS NOT NULL""")
     con.execute(f"CREATE OR REPLACE TEMP TABLE rs_fx AS {' UNION ALL '.join(parts)}")
-    con.execute("""CREATE OR REPLACE TEMP TABLE rs_plan AS SELECT ? AS run_id, ? AS entity, did AS dynamics_id,
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE rs_plan AS SELECT ? AS run_id, ? AS entity, did AS dynamics_id,
             mid AS marketo_id,
             CASE outcome WHEN 'reject' THEN 'marketo' ELSE outcome END AS target,
             CASE outcome WHEN 'base' THEN 'agree' WHEN 'hold' THEN 'hold' WHEN 'reject' THEN 'reject'
@@ -276,7 +319,9 @@ def _plan_rows(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldM
             CASE outcome WHEN 'marketo' THEN mv WHEN 'dynamics' THEN dv WHEN 'hold' THEN mv END AS old_value,
             CASE outcome WHEN 'dynamics' THEN mv ELSE dv END AS new_value,
             bv AS base_value, rule, etag
-        FROM rs_fx""", [run_id, entity.name])
+        FROM rs_fx""",
+        [run_id, entity.name],
+    )
 
 
 # ---- 3. run -----------------------------------------------------------------------------------------------
@@ -285,16 +330,27 @@ def _plan_rows(con: duckdb.DuckDBPyConnection, entity: Entity, maps: list[FieldM
 PLAN_COLUMNS = ("entity", "dynamics_id", "marketo_id", "target", "op", "field", "before", "after", "rule")
 
 
-def resync(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity_name: str, fields: list[str] | None,
-           since: datetime | None, dynamics: Any, marketo: Any, run_id: str, now: datetime,
-           dry_run: bool = False) -> tuple[ResyncStats, list[tuple]]:
+def resync(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity_name: str,
+    fields: list[str] | None,
+    since: datetime | None,
+    dynamics: Any,
+    marketo: Any,
+    run_id: str,
+    now: datetime,
+    dry_run: bool = False,
+) -> tuple[ResyncStats, list[tuple]]:
     """Back-fill ``fields`` (default: every synced field) of ``entity_name``; returns the stats and, for a
     dry run, the field writes it would make (nothing is written and nothing in the store changes)."""
     entity = config.entity(entity_name)
     names = resolve_fields(entity, fields)
     if needs_initial_copy(con, entity):
-        raise ConfigError(f"entity {entity.name!r} has not been copied yet: its back-fill is its initial copy "
-                          f"(sync-pipeline resync --entity {entity.name} launches it)")
+        raise ConfigError(
+            f"entity {entity.name!r} has not been copied yet: its back-fill is its initial copy "
+            f"(sync-pipeline resync --entity {entity.name} launches it)"
+        )
     maps = [f for f in entity.all_fields if f.marketo in names]
     stats = ResyncStats(entity.name, names, _iso(since) if since else None, dry_run)
     d0, m0 = _calls(dynamics), _calls(marketo)
@@ -305,8 +361,9 @@ def resync(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity_name: str,
     _plan_rows(con, entity, maps, run_id)
     for target, op, n in con.execute("SELECT target, op, count(*) FROM rs_plan GROUP BY ALL").fetchall():
         stats.planned[f"{target}:{op}"] = int(n)
-    stats.differing = int(one_row(con, "SELECT count(DISTINCT dynamics_id) FROM rs_plan WHERE op = 'update'"
-                                      )[0])
+    stats.differing = int(
+        one_row(con, "SELECT count(DISTINCT dynamics_id) FROM rs_plan WHERE op = 'update'")[0]
+    )
     preview: list[tuple] = []
     if dry_run:
         preview = con.execute("""SELECT entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, rule
@@ -321,13 +378,24 @@ def resync(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity_name: str,
     return stats, preview
 
 
-def _write(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, maps: list[FieldMap], dynamics: Any,
-           marketo: Any, run_id: str, now: datetime, stats: ResyncStats) -> None:
+def _write(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    maps: list[FieldMap],
+    dynamics: Any,
+    marketo: Any,
+    run_id: str,
+    now: datetime,
+    stats: ResyncStats,
+) -> None:
     e, d = entity.name, qi(f"d_{entity.name}")
     # The mirrors now hold what was read (fresher than before; no record becomes pending). Written values
     # replace them again when the writes succeed.
     sets = ", ".join(f"{fcol(f.marketo)} = r.{fcol(f.marketo)}" for f in maps)
-    con.execute(f"UPDATE {d} SET {sets} FROM rs_d r WHERE {d}.id = r.did AND r.did IN (SELECT did FROM rs_scope)")
+    con.execute(
+        f"UPDATE {d} SET {sets} FROM rs_d r WHERE {d}.id = r.did AND r.did IN (SELECT did FROM rs_scope)"
+    )
     if entity.is_person:
         sets = ", ".join(f"{fcol(f.marketo)} = r.{fcol(f.marketo)}" for f in maps)
         con.execute(f"UPDATE m_person SET {sets} FROM rs_m r WHERE CAST(m_person.id AS VARCHAR) = r.mkey")
@@ -336,7 +404,9 @@ def _write(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, m
     ledger.keep_failures(con, e)
     con.execute("DELETE FROM plan WHERE entity = ?", [e])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
-    con.execute(f"{PLAN_INSERT} SELECT run_id, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, base_value, rule, etag FROM rs_plan")
+    con.execute(
+        f"{PLAN_INSERT} SELECT run_id, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, base_value, rule, etag FROM rs_plan"
+    )
     narrowed = mapping.restrict(entity, [f.marketo for f in maps], keep_rules=False)
     try:
         ms = apply_to_marketo(con, config, narrowed, marketo, run_id, now)

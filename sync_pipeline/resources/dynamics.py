@@ -48,10 +48,17 @@ class DynamicsResource(dg.ConfigurableResource):
             if self._client is None:
                 if not 1 <= self.page_size <= 5000:
                     raise ValueError(f"DynamicsResource.page_size must be 1..5000, got {self.page_size}")
-                self._client = build_client(DynamicsClient, self.url, self.authority, self.client_id,
-                                            self.client_secret, verify=self._verify(),
-                                            timeout_seconds=self.timeout_seconds, max_retries=self.max_retries,
-                                            page_size=self.page_size)
+                self._client = build_client(
+                    DynamicsClient,
+                    self.url,
+                    self.authority,
+                    self.client_id,
+                    self.client_secret,
+                    verify=self._verify(),
+                    timeout_seconds=self.timeout_seconds,
+                    max_retries=self.max_retries,
+                    page_size=self.page_size,
+                )
             return self._client
 
     def organization_id(self) -> str:

@@ -44,20 +44,36 @@ class MarketoResource(dg.ConfigurableResource):
 
     base_url: str = Field(description="Instance URL, e.g. https://123-ABC-456.mktorest.com")
     client_id: str = Field(description="LaunchPoint custom service client id")
-    client_secret: str = Field(repr=False, description="LaunchPoint custom service client secret (use dg.EnvVar)")
+    client_secret: str = Field(
+        repr=False, description="LaunchPoint custom service client secret (use dg.EnvVar)"
+    )
     ca_bundle: str | None = Field(default=None, description="PEM bundle to verify the server with")
     verify_tls: bool = True
     timeout_seconds: float = 60.0
-    calls_per_20s: int = Field(default=50, ge=1, description="Our share of Marketo's 100 calls/20 s (higher only for "
-                               "a sandbox with its limits off, e.g. benchmarks)")
+    calls_per_20s: int = Field(
+        default=50,
+        ge=1,
+        description="Our share of Marketo's 100 calls/20 s (higher only for "
+        "a sandbox with its limits off, e.g. benchmarks)",
+    )
     max_concurrent: int = Field(default=5, ge=1, description="In-flight calls (Marketo allows 10)")
     daily_quota: int = Field(default=50_000, ge=1, description="Calls per day this pipeline may spend")
-    munchkin_id: str | None = Field(default=None, description="The Marketo instance; resources with the same id "
-                                    "share one budget (default: the base URL's host)")
-    shared_budget: bool = Field(default=True, description="Under Dagster, keep the budget in the Dagster "
-                                "instance's database, shared by every process; off: this process's own")
-    budget_url: str | None = Field(default=None, repr=False, description="SQLAlchemy URL of the database holding "
-                                   "the shared budget (default under Dagster: the Dagster instance's)")
+    munchkin_id: str | None = Field(
+        default=None,
+        description="The Marketo instance; resources with the same id "
+        "share one budget (default: the base URL's host)",
+    )
+    shared_budget: bool = Field(
+        default=True,
+        description="Under Dagster, keep the budget in the Dagster "
+        "instance's database, shared by every process; off: this process's own",
+    )
+    budget_url: str | None = Field(
+        default=None,
+        repr=False,
+        description="SQLAlchemy URL of the database holding "
+        "the shared budget (default under Dagster: the Dagster instance's)",
+    )
 
     _budget_url: str | None = PrivateAttr(default=None)
     _budget: CallBudget | None = PrivateAttr(default=None)
@@ -85,8 +101,12 @@ class MarketoResource(dg.ConfigurableResource):
         """The budget every call of this resource's client goes through (built once)."""
         if self._budget is None:
             url = self._budget_url or self.budget_url
-            settings: dict[str, Any] = {"calls_per_window": self.calls_per_20s, "window_seconds": WINDOW_SECONDS,
-                                        "max_concurrent": self.max_concurrent, "daily_quota": self.daily_quota}
+            settings: dict[str, Any] = {
+                "calls_per_window": self.calls_per_20s,
+                "window_seconds": WINDOW_SECONDS,
+                "max_concurrent": self.max_concurrent,
+                "daily_quota": self.daily_quota,
+            }
             self._budget = SharedBudget(url, self.budget_key, **settings) if url else RateGovernor(**settings)
         return self._budget
 
@@ -94,8 +114,16 @@ class MarketoResource(dg.ConfigurableResource):
         """One client per resource instance: the steps of a run share its token, connections and budget."""
         with self._lock:
             if self._client is None:
-                verify: bool | str = self.ca_bundle if (self.ca_bundle and self.verify_tls) else self.verify_tls
-                self._client = build_client(MarketoClient, self.base_url, self.client_id, self.client_secret,
-                                            verify=verify, timeout_seconds=self.timeout_seconds,
-                                            governor=self.get_budget())
+                verify: bool | str = (
+                    self.ca_bundle if (self.ca_bundle and self.verify_tls) else self.verify_tls
+                )
+                self._client = build_client(
+                    MarketoClient,
+                    self.base_url,
+                    self.client_id,
+                    self.client_secret,
+                    verify=verify,
+                    timeout_seconds=self.timeout_seconds,
+                    governor=self.get_budget(),
+                )
             return self._client

@@ -104,7 +104,11 @@ def unmatched_fault_patterns(sandbox: Sandbox, rules: list[Any]) -> list[str]:
     from sync_pipeline.sandbox.runner import parse_fault_rules
 
     names = [r.name for a in sandbox.apps() for r in a.routes if not r.name.startswith("admin.")]
-    return [r.pattern for r in parse_fault_rules(rules) if not any(fnmatch.fnmatchcase(n, r.pattern) for n in names)]
+    return [
+        r.pattern
+        for r in parse_fault_rules(rules)
+        if not any(fnmatch.fnmatchcase(n, r.pattern) for n in names)
+    ]
 
 
 def make_admin_app(sandbox: Sandbox) -> App:
@@ -115,6 +119,7 @@ def make_admin_app(sandbox: Sandbox) -> App:
         def register(fn: Callable[[Request], Any]) -> Any:
             app.route(method, PREFIX + pattern, f"admin.{name}")(_guard(fn))
             return fn
+
         return register
 
     @route("GET", "/settings", "settings")
@@ -141,8 +146,11 @@ def make_admin_app(sandbox: Sandbox) -> App:
         unmatched = unmatched_fault_patterns(sb, rules)
         if unmatched:  # a rule that matches no route would inject nothing, silently
             names = sorted({r.name for a in sb.apps() for r in a.routes if not r.name.startswith("admin.")})
-            return _error(400, f"fault rule pattern(s) {', '.join(repr(p) for p in unmatched)} match no route; "
-                               f"routes: {', '.join(names)}")
+            return _error(
+                400,
+                f"fault rule pattern(s) {', '.join(repr(p) for p in unmatched)} match no route; "
+                f"routes: {', '.join(names)}",
+            )
         sb.faults(rules, seed=int(body.get("seed", 0)))
         return {}
 
@@ -195,9 +203,12 @@ def make_admin_app(sandbox: Sandbox) -> App:
     @route("POST", f"/dynamics/lead/{_ID}/qualify", "dynamics.qualify")
     def qualify(req: Request) -> Any:
         body = _body(req)
-        return sb.qualify_lead(req.params["id"], create_account=bool(body.get("create_account", True)),
-                               create_contact=bool(body.get("create_contact", True)),
-                               create_opportunity=bool(body.get("create_opportunity", False)))
+        return sb.qualify_lead(
+            req.params["id"],
+            create_account=bool(body.get("create_account", True)),
+            create_contact=bool(body.get("create_contact", True)),
+            create_opportunity=bool(body.get("create_opportunity", False)),
+        )
 
     @route("GET", "/marketo/leads", "marketo.find")
     def find(req: Request) -> Any:
@@ -253,7 +264,9 @@ class AdminClient:
         try:
             payload = resp.json()
         except ValueError:
-            raise SandboxAdminError(resp.status_code, f"{method} {path}: not JSON: {resp.text[:200]!r}") from None
+            raise SandboxAdminError(
+                resp.status_code, f"{method} {path}: not JSON: {resp.text[:200]!r}"
+            ) from None
         if resp.status_code >= 400:
             raise SandboxAdminError(resp.status_code, payload.get("error", resp.text[:200]))
         return payload
@@ -305,11 +318,22 @@ class AdminClient:
     def dynamics_delete(self, table: str, record_id: str) -> None:
         self._call("DELETE", f"/dynamics/{table}/{record_id}")
 
-    def qualify_lead(self, lead_id: str, create_account: bool = True, create_contact: bool = True,
-                     create_opportunity: bool = False) -> dict[str, str]:
-        return self._call("POST", f"/dynamics/lead/{lead_id}/qualify", {
-            "create_account": create_account, "create_contact": create_contact,
-            "create_opportunity": create_opportunity})
+    def qualify_lead(
+        self,
+        lead_id: str,
+        create_account: bool = True,
+        create_contact: bool = True,
+        create_opportunity: bool = False,
+    ) -> dict[str, str]:
+        return self._call(
+            "POST",
+            f"/dynamics/lead/{lead_id}/qualify",
+            {
+                "create_account": create_account,
+                "create_contact": create_contact,
+                "create_opportunity": create_opportunity,
+            },
+        )
 
     # -- Marketo
     def marketo_find_leads(self, field: str, value: Any) -> list[int]:

@@ -53,8 +53,9 @@ class FaultInjector:
             self._rng = random.Random(seed)
             self.injected.clear()
 
-    def add(self, pattern: str, rate: float, *faults: Fault | tuple[Fault, float],
-            count: int | None = None) -> FaultRule:
+    def add(
+        self, pattern: str, rate: float, *faults: Fault | tuple[Fault, float], count: int | None = None
+    ) -> FaultRule:
         weighted = [(f, 1.0) if isinstance(f, Fault) else f for f in faults]
         rule = FaultRule(pattern, rate, weighted, count)
         with self._lock:

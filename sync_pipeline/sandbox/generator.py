@@ -72,14 +72,39 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    "tiny": Scale("tiny", users=10, teams=3, accounts=30, contacts=120, leads=120, opportunities=30,
-                  custom_rows=30),
-    "small": Scale("small", users=50, teams=10, accounts=900, contacts=3600, leads=3600, opportunities=900,
-                   custom_rows=900),
-    "medium": Scale("medium", users=1250, teams=50, accounts=25_000, contacts=100_000, leads=100_000,
-                    opportunities=25_000, custom_rows=25_000),
-    "large": Scale("large", users=5000, teams=200, accounts=100_000, contacts=400_000, leads=400_000,
-                   opportunities=100_000, custom_rows=100_000),
+    "tiny": Scale(
+        "tiny", users=10, teams=3, accounts=30, contacts=120, leads=120, opportunities=30, custom_rows=30
+    ),
+    "small": Scale(
+        "small",
+        users=50,
+        teams=10,
+        accounts=900,
+        contacts=3600,
+        leads=3600,
+        opportunities=900,
+        custom_rows=900,
+    ),
+    "medium": Scale(
+        "medium",
+        users=1250,
+        teams=50,
+        accounts=25_000,
+        contacts=100_000,
+        leads=100_000,
+        opportunities=25_000,
+        custom_rows=25_000,
+    ),
+    "large": Scale(
+        "large",
+        users=5000,
+        teams=200,
+        accounts=100_000,
+        contacts=400_000,
+        leads=400_000,
+        opportunities=100_000,
+        custom_rows=100_000,
+    ),
 }
 
 
@@ -128,8 +153,10 @@ class Timeline:
         self.span = max(1, int(window_days * DAY))
         self.start = self.end - self.span
         self.first_day = (self.start - HISTORY_SECONDS) // DAY
-        self._days = [time.strftime("%Y-%m-%dT", time.gmtime(d * DAY))
-                      for d in range(self.first_day, self.end // DAY + 1)]
+        self._days = [
+            time.strftime("%Y-%m-%dT", time.gmtime(d * DAY))
+            for d in range(self.first_day, self.end // DAY + 1)
+        ]
         self._clock = [f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}Z" for s in range(DAY)]
 
     def fmt(self, t: int) -> str:
@@ -138,8 +165,11 @@ class Timeline:
     def date(self, t: int) -> str:
         """Midnight UTC of the day holding ``t``; days outside the precomputed range use strftime."""
         day = t // DAY - self.first_day
-        return self._days[day] + "00:00:00Z" if 0 <= day < len(self._days) else \
-            time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(t))
+        return (
+            self._days[day] + "00:00:00Z"
+            if 0 <= day < len(self._days)
+            else time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(t))
+        )
 
     def stamps(self) -> tuple[str, str]:
         """(createdon, modifiedon); a third of the rows were never edited after creation."""
@@ -239,7 +269,8 @@ class _Org:
     def phone(self) -> str:
         rng = self.rng
         return pools.PHONE_FORMATS[int(rng.random() * len(pools.PHONE_FORMATS))].format(
-            a=pools.AREA_CODES[int(rng.random() * len(pools.AREA_CODES))], n=int(rng.random() * 10000))
+            a=pools.AREA_CODES[int(rng.random() * len(pools.AREA_CODES))], n=int(rng.random() * 10000)
+        )
 
     def address(self, row: Row) -> tuple[str, str, str, str]:
         rnd = self.rng.random
@@ -277,14 +308,24 @@ def _users(org: _Org) -> Iterator[Row]:
         access = 1 if i == 0 else 4 if i in (1, 2) else 0
         disabled = access == 0 and rnd() < 0.03
         row: Row = {
-            "systemuserid": uid, "firstname": first, "lastname": last, "fullname": f"{first} {last}",
+            "systemuserid": uid,
+            "firstname": first,
+            "lastname": last,
+            "fullname": f"{first} {last}",
             "internalemailaddress": f"{ft}.{lt}{i}@{pools.ORG_DOMAIN}",
-            "title": pools.TITLES[int(rnd() * len(pools.TITLES))], "isdisabled": disabled, "accessmode": access,
+            "title": pools.TITLES[int(rnd() * len(pools.TITLES))],
+            "isdisabled": disabled,
+            "accessmode": access,
             "address1_telephone1": org.phone(),
         }
         if access == 4:
-            row.update(firstname="# Integration", lastname=f"App {i}", fullname=f"# Integration App {i}",
-                       applicationid=app_user_ids(i), internalemailaddress=f"app{i}@{pools.ORG_DOMAIN}")
+            row.update(
+                firstname="# Integration",
+                lastname=f"App {i}",
+                fullname=f"# Integration App {i}",
+                applicationid=app_user_ids(i),
+                internalemailaddress=f"app{i}@{pools.ORG_DOMAIN}",
+            )
         if access == 0 and not disabled:
             org.active_users.append(uid)
         row["createdon"], row["modifiedon"] = org.time.stamps()
@@ -299,13 +340,23 @@ def _teams(org: _Org) -> Iterator[Row]:
         tid = ids(i)
         default = i == 0
         team_type = 0 if default or rnd() < 0.8 else 1
-        name = pools.ORG_NAME if default else (
-            f"{pools.REGIONS[i % len(pools.REGIONS)]} {pools.FUNCTIONS[i // len(pools.REGIONS) % len(pools.FUNCTIONS)]}"
-            + (f" {i}" if i >= len(pools.REGIONS) * len(pools.FUNCTIONS) else ""))
+        name = (
+            pools.ORG_NAME
+            if default
+            else (
+                f"{pools.REGIONS[i % len(pools.REGIONS)]} {pools.FUNCTIONS[i // len(pools.REGIONS) % len(pools.FUNCTIONS)]}"
+                + (f" {i}" if i >= len(pools.REGIONS) * len(pools.FUNCTIONS) else "")
+            )
+        )
         if team_type == 0:
             org.owner_teams.append(tid)
-        row: Row = {"teamid": tid, "name": name, "teamtype": team_type, "isdefault": default,
-                    "_administratorid_value": org.editor()}
+        row: Row = {
+            "teamid": tid,
+            "name": name,
+            "teamtype": team_type,
+            "isdefault": default,
+            "_administratorid_value": org.editor(),
+        }
         if rnd() < 0.5:
             row["description"] = f"{name} ({'owner' if team_type == 0 else 'access'} team)"
         org.system_columns(row, owned=False)
@@ -339,11 +390,17 @@ def _accounts(org: _Org) -> Iterator[Row]:
         org.account_domains.append(domain)
         active = rnd() < 0.95
         row: Row = {
-            "accountid": ids(i), "name": name, "accountnumber": f"AC-{i:07d}", "telephone1": org.phone(),
-            "website": f"https://www.{domain}", "industrycode": industries[int(rnd() * len(industries))],
+            "accountid": ids(i),
+            "name": name,
+            "accountnumber": f"AC-{i:07d}",
+            "telephone1": org.phone(),
+            "website": f"https://www.{domain}",
+            "industrycode": industries[int(rnd() * len(industries))],
             "businesstypecode": business[int(rnd() * len(business))],
-            "numberofemployees": int(10 ** (1 + rnd() * 4)), "revenue": round(10 ** (5 + rnd() * 4), 2),
-            "statecode": 0 if active else 1, "statuscode": 1 if active else 2,
+            "numberofemployees": int(10 ** (1 + rnd() * 4)),
+            "revenue": round(10 ** (5 + rnd() * 4), 2),
+            "statecode": 0 if active else 1,
+            "statuscode": 1 if active else 2,
         }
         org.address(row)
         if rnd() < 0.3:
@@ -405,10 +462,16 @@ def _leads(org: _Org) -> Iterator[Row]:
         else:
             state, status = 0, 1 + int(rnd() * 2)
         row: Row = {
-            "leadid": ids(i), "firstname": first, "lastname": last, "fullname": f"{first} {last}",
-            "companyname": company, "subject": f"{pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]} - {company}",
-            "leadsourcecode": sources[int(rnd() * len(sources))], "leadqualitycode": quality[int(rnd() * len(quality))],
-            "statecode": state, "statuscode": status,
+            "leadid": ids(i),
+            "firstname": first,
+            "lastname": last,
+            "fullname": f"{first} {last}",
+            "companyname": company,
+            "subject": f"{pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]} - {company}",
+            "leadsourcecode": sources[int(rnd() * len(sources))],
+            "leadqualitycode": quality[int(rnd() * len(quality))],
+            "statecode": state,
+            "statuscode": status,
         }
         email = None
         if rnd() < 0.97:
@@ -433,7 +496,9 @@ def _contacts(org: _Org) -> Iterator[Row]:
         row: Row = {"contactid": ids(k), "statecode": 0, "statuscode": 1}
         lead = _origin_lead(k, n_leads)
         parent = _contact_parent(k, n_accounts)
-        domain = org.account_domains[parent] if parent is not None else pools.FREEMAIL[k % len(pools.FREEMAIL)]
+        domain = (
+            org.account_domains[parent] if parent is not None else pools.FREEMAIL[k % len(pools.FREEMAIL)]
+        )
         if lead is not None:
             first, last, email, _company, place = org.qualified[lead]
             row["_originatingleadid_value"] = lead_ids(lead)
@@ -457,14 +522,22 @@ def _contacts(org: _Org) -> Iterator[Row]:
         _person_details(org, row)
         org.system_columns(row)
         email = row.get("emailaddress1")
-        if stride and k % stride == 0 and len(org.shared_contacts) < n_shared and email and email == email.strip():
+        if (
+            stride
+            and k % stride == 0
+            and len(org.shared_contacts) < n_shared
+            and email
+            and email == email.strip()
+        ):
             org.shared_contacts.append((first.strip(), last.strip(), email))
         yield row
 
 
 def _opportunities(org: _Org) -> Iterator[Row]:
     rnd = org.rng.random
-    ids, account_ids, contact_ids, lead_ids = (org.ids[t] for t in ("opportunity", "account", "contact", "lead"))
+    ids, account_ids, contact_ids, lead_ids = (
+        org.ids[t] for t in ("opportunity", "account", "contact", "lead")
+    )
     n_accounts, n_contacts, n_leads = org.scale.accounts, org.scale.contacts, org.scale.leads
     span = org.time
     for m in range(org.scale.opportunities):
@@ -490,10 +563,16 @@ def _opportunities(org: _Org) -> Iterator[Row]:
         else:
             company = "Prospect"
         r = rnd()
-        state, status = (0, 1 + int(rnd() * 2)) if r < 0.6 else (1, 3) if r < 0.85 else (2, 4 + int(rnd() * 2))
-        row.update(name=f"{company} - {pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]}",
-                   estimatedvalue=round(1000 + rnd() * 250_000, 2), statecode=state, statuscode=status,
-                   closeprobability=(10 + int(rnd() * 80)) if state == 0 else (100 if state == 1 else 0))
+        state, status = (
+            (0, 1 + int(rnd() * 2)) if r < 0.6 else (1, 3) if r < 0.85 else (2, 4 + int(rnd() * 2))
+        )
+        row.update(
+            name=f"{company} - {pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]}",
+            estimatedvalue=round(1000 + rnd() * 250_000, 2),
+            statecode=state,
+            statuscode=status,
+            closeprobability=(10 + int(rnd() * 80)) if state == 0 else (100 if state == 1 else 0),
+        )
         org.system_columns(row)
         row["estimatedclosedate"] = span.date(span.end + int((rnd() - 0.3) * 180 * DAY))
         if state:
@@ -548,8 +627,10 @@ def _fill(org: _Org, row: Row, writable: list[Column], j: int, account: int | No
         elif col.type == "DateTime":
             row[col.name] = org.time.fmt(org.time.start + int(rnd() * org.time.span))
         elif col.type in ("String", "Memo"):
-            text = (f"{pools.PROJECT_WORDS[int(rnd() * len(pools.PROJECT_WORDS))]} "
-                    f"{pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]} {j}")
+            text = (
+                f"{pools.PROJECT_WORDS[int(rnd() * len(pools.PROJECT_WORDS))]} "
+                f"{pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]} {j}"
+            )
             row[col.name] = text[: col.max_length or None]
 
 
@@ -558,7 +639,11 @@ def _conform(org: _Org, name: str, rows: Iterator[Row]) -> Iterator[Row]:
     table = org.schema.tables[name]
     extra = [c for c in table.columns if c.custom and not c.read_only]
     packaged = next((t for t in STANDARD_TABLES if t.logical_name == name), None)
-    drop_flag = packaged is not None and packaged.column(FILTER_COLUMN) is not None and table.column(FILTER_COLUMN) is None
+    drop_flag = (
+        packaged is not None
+        and packaged.column(FILTER_COLUMN) is not None
+        and table.column(FILTER_COLUMN) is None
+    )
     if not extra and not drop_flag:
         yield from rows
         return
@@ -577,10 +662,14 @@ def _marketo_persons(org: _Org) -> Iterator[Row]:
     shared = org.shared_contacts
     for i in range(org.scale.marketo_persons):
         created, updated = org.time.stamps()
-        row: Row = {"createdAt": created, "updatedAt": updated,
-                    "leadSource": pools.MARKETO_SOURCES[int(rnd() * len(pools.MARKETO_SOURCES))],
-                    "leadStatus": pools.MARKETO_STATUSES[int(rnd() * len(pools.MARKETO_STATUSES))],
-                    "leadScore": int(rnd() * 120), "unsubscribed": rnd() < 0.04}
+        row: Row = {
+            "createdAt": created,
+            "updatedAt": updated,
+            "leadSource": pools.MARKETO_SOURCES[int(rnd() * len(pools.MARKETO_SOURCES))],
+            "leadStatus": pools.MARKETO_STATUSES[int(rnd() * len(pools.MARKETO_STATUSES))],
+            "leadScore": int(rnd() * 120),
+            "unsubscribed": rnd() < 0.04,
+        }
         if i < len(shared):
             first, last, email = shared[i]
             # half exact, half in another case: Marketo matches emails case-insensitively, Dynamics too
@@ -588,7 +677,9 @@ def _marketo_persons(org: _Org) -> Iterator[Row]:
         else:
             first, last, ft, lt = org.person()
             if rnd() < 0.95:
-                row["email"] = org.email(f"{ft}{lt}{i}", pools.FREEMAIL[i % len(pools.FREEMAIL)], padded=False)
+                row["email"] = org.email(
+                    f"{ft}{lt}{i}", pools.FREEMAIL[i % len(pools.FREEMAIL)], padded=False
+                )
         row["firstName"], row["lastName"] = first, last
         place = pools.PLACES[int(rnd() * len(pools.PLACES))]
         row["city"], row["state"], row["country"], row["postalCode"] = place
@@ -611,12 +702,26 @@ def _marketo_activities(org: _Org) -> list[Row]:
     n = len(org.marketo_history)
     rows: list[Row] = []
     for i, (created, updated, score) in enumerate(org.marketo_history):
-        rows.append({"leadIndex": i - n, "activityTypeId": 12, "activityDate": created,
-                     "source": "import" if i % 3 == 0 else "web"})
+        rows.append(
+            {
+                "leadIndex": i - n,
+                "activityTypeId": 12,
+                "activityDate": created,
+                "source": "import" if i % 3 == 0 else "web",
+            }
+        )
         if updated != created:
             delta = 5 + i % 20
-            rows.append({"leadIndex": i - n, "activityTypeId": 13, "activityDate": updated, "field": "leadScore",
-                         "oldValue": score - delta if score >= delta else score + delta, "newValue": score})
+            rows.append(
+                {
+                    "leadIndex": i - n,
+                    "activityTypeId": 13,
+                    "activityDate": updated,
+                    "field": "leadScore",
+                    "oldValue": score - delta if score >= delta else score + delta,
+                    "newValue": score,
+                }
+            )
     rows.sort(key=lambda r: r["activityDate"])  # the activity log is ordered by date across chunks
     return rows
 
@@ -654,11 +759,18 @@ def _marketo_accounts(org: _Org, seed: int) -> tuple[list[Row], list[Row], list[
         created, updated = timeline.stamps()
         city, state, country, postal = pools.PLACES[int(rnd() * len(pools.PLACES))]
         company: Row = {
-            "externalCompanyId": company_id, "company": name, "website": f"https://www.{slugs[name]}.com",
+            "externalCompanyId": company_id,
+            "company": name,
+            "website": f"https://www.{slugs[name]}.com",
             "industry": pools.MARKETO_INDUSTRIES[int(rnd() * len(pools.MARKETO_INDUSTRIES))],
-            "numberOfEmployees": int(10 ** (1 + rnd() * 3)), "mainPhone": f"+1 555-{int(rnd() * 10000):04d}",
-            "billingCity": city, "billingCountry": country, "billingPostalCode": postal,
-            "createdAt": created, "updatedAt": updated}
+            "numberOfEmployees": int(10 ** (1 + rnd() * 3)),
+            "mainPhone": f"+1 555-{int(rnd() * 10000):04d}",
+            "billingCity": city,
+            "billingCountry": country,
+            "billingPostalCode": postal,
+            "createdAt": created,
+            "updatedAt": updated,
+        }
         if state:
             company["billingState"] = state
         companies.append(company)
@@ -666,20 +778,36 @@ def _marketo_accounts(org: _Org, seed: int) -> tuple[list[Row], list[Row], list[
             continue
         for _ in range(2 if rnd() < 0.25 else 1):
             opp_id = f"mkto-opp-{seed}-{len(opportunities) + 1}"
-            stage, probability, closed, won = pools.OPPORTUNITY_STAGES[int(rnd() * len(pools.OPPORTUNITY_STAGES))]
+            stage, probability, closed, won = pools.OPPORTUNITY_STAGES[
+                int(rnd() * len(pools.OPPORTUNITY_STAGES))
+            ]
             close = timeline.date(timeline.end + int((rnd() - 0.5) * 120 * DAY))[:10]
-            opp: Row = {"externalOpportunityId": opp_id, "externalCompanyId": company_id,
-                        "name": f"{name} - {pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]}",
-                        "amount": round(1000 + rnd() * 100_000, 2), "stage": stage, "probability": probability,
-                        "isClosed": closed, "isWon": won, "expectedCloseDate": close}
+            opp: Row = {
+                "externalOpportunityId": opp_id,
+                "externalCompanyId": company_id,
+                "name": f"{name} - {pools.INTERESTS[int(rnd() * len(pools.INTERESTS))]}",
+                "amount": round(1000 + rnd() * 100_000, 2),
+                "stage": stage,
+                "probability": probability,
+                "isClosed": closed,
+                "isWon": won,
+                "expectedCloseDate": close,
+            }
             if closed:
                 opp["closeDate"] = close
             opp["createdAt"], opp["updatedAt"] = timeline.stamps()
             opportunities.append(opp)
             for k, person in enumerate(persons[:3]):  # the company's people, each in one role
-                roles.append({"externalOpportunityId": opp_id, "leadIndex": person - n, "isPrimary": k == 0,
-                              "role": pools.OPPORTUNITY_ROLES[int(rnd() * len(pools.OPPORTUNITY_ROLES))],
-                              "createdAt": opp["createdAt"], "updatedAt": opp["createdAt"]})
+                roles.append(
+                    {
+                        "externalOpportunityId": opp_id,
+                        "leadIndex": person - n,
+                        "isPrimary": k == 0,
+                        "role": pools.OPPORTUNITY_ROLES[int(rnd() * len(pools.OPPORTUNITY_ROLES))],
+                        "createdAt": opp["createdAt"],
+                        "updatedAt": opp["createdAt"],
+                    }
+                )
     return companies, opportunities, roles
 
 
@@ -700,8 +828,14 @@ def _marketo_assets(org: _Org, seed: int) -> list[Row]:
 # Public API
 
 
-def generate(scale: str | Scale, seed: int = 0, now: datetime | None = None, *, window_days: float = 90,
-             schema: SandboxSchema | None = None) -> Iterator[Chunk]:
+def generate(
+    scale: str | Scale,
+    seed: int = 0,
+    now: datetime | None = None,
+    *,
+    window_days: float = 90,
+    schema: SandboxSchema | None = None,
+) -> Iterator[Chunk]:
     """Stream an org as ``(system, table_or_object, rows)`` chunks, referenced tables first."""
     spec = resolve_scale(scale)
     now = now or datetime.now(UTC)
@@ -728,9 +862,16 @@ def generate(scale: str | Scale, seed: int = 0, now: datetime | None = None, *, 
     yield from _chunks("marketo", "asset", iter(_marketo_assets(org, seed)))
 
 
-def populate(dynamics_store: _Store | None, marketo_store: _Store | None, scale: str | Scale, seed: int = 0,
-             now: datetime | None = None, *, window_days: float = 90,
-             schema: SandboxSchema | None = None) -> dict[str, int]:
+def populate(
+    dynamics_store: _Store | None,
+    marketo_store: _Store | None,
+    scale: str | Scale,
+    seed: int = 0,
+    now: datetime | None = None,
+    *,
+    window_days: float = 90,
+    schema: SandboxSchema | None = None,
+) -> dict[str, int]:
     """Generate and bulk-load an org; returns row counts keyed ``"dynamics.<table>"`` / ``"marketo.<object>"``.
 
     A store passed as None is skipped (its rows are still generated, so the other side stays identical).
@@ -748,8 +889,10 @@ def populate(dynamics_store: _Store | None, marketo_store: _Store | None, scale:
             try:
                 store.bulk_load(name, rows)
             except Exception as exc:
-                raise RuntimeError(f"populate: the {system} store refused generated {name} rows "
-                                   f"{loaded}-{loaded + len(rows) - 1}: {exc}") from exc
+                raise RuntimeError(
+                    f"populate: the {system} store refused generated {name} rows "
+                    f"{loaded}-{loaded + len(rows) - 1}: {exc}"
+                ) from exc
         if name not in HISTORY_CHUNKS:
             counts[key] = loaded + len(rows)
     return counts

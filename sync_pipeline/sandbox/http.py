@@ -67,8 +67,13 @@ class Response:
         return cls(status, body, h)
 
     @classmethod
-    def text(cls, text: str, status: int = 200, content_type: str = "text/plain; charset=utf-8",
-             headers: dict[str, str] | None = None) -> Response:
+    def text(
+        cls,
+        text: str,
+        status: int = 200,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         h = {"Content-Type": content_type}
         h.update(headers or {})
         return cls(status, text.encode("utf-8"), h)
@@ -147,8 +152,10 @@ class App:
         if fault.kind == "drop":
             return Response(close=True)
         if fault.kind == "html":
-            page = (f"<html><head><title>{fault.status} Bad Gateway</title></head><body>"
-                    f"<h1>{fault.status} Bad Gateway</h1><p>upstream error</p></body></html>")
+            page = (
+                f"<html><head><title>{fault.status} Bad Gateway</title></head><body>"
+                f"<h1>{fault.status} Bad Gateway</h1><p>upstream error</p></body></html>"
+            )
             return Response.text(page, fault.status, "text/html; charset=utf-8")
         if fault.kind == "truncated":
             return Response(200, b'{"value":[{"id":', {"Content-Type": "application/json"})
@@ -158,12 +165,16 @@ class App:
         if rendered is not None:
             return rendered
         if fault.kind == "status":
-            return Response.json({"error": {"code": str(fault.status), "message": "Injected fault"}}, fault.status)
+            return Response.json(
+                {"error": {"code": str(fault.status), "message": "Injected fault"}}, fault.status
+            )
         raise ValueError(f"{self.service}: fault kind {fault.kind!r} has no rendering")
 
     def not_found(self, req: Request, path_matched: bool) -> Response:
         if path_matched:
-            return Response.json({"error": {"code": "405", "message": f"Method {req.method} not allowed"}}, 405)
+            return Response.json(
+                {"error": {"code": "405", "message": f"Method {req.method} not allowed"}}, 405
+            )
         return Response.json({"error": {"code": "404", "message": f"Resource not found: {req.path}"}}, 404)
 
 
@@ -190,7 +201,9 @@ def _make_handler(app: App) -> type[BaseHTTPRequestHandler]:
             try:
                 resp = app.dispatch(req)
             except Exception as exc:  # a sandbox bug must show up as a 500, not a hung client
-                resp = Response.json({"error": {"code": "0x80040216", "message": f"Sandbox error: {exc!r}"}}, 500)
+                resp = Response.json(
+                    {"error": {"code": "0x80040216", "message": f"Sandbox error: {exc!r}"}}, 500
+                )
             if resp.close:
                 self.close_connection = True
                 with contextlib.suppress(OSError):
@@ -233,8 +246,9 @@ class _Server(ThreadingHTTPServer):
 class SandboxServer:
     """Runs an :class:`App` on loopback in a background thread, optionally over TLS."""
 
-    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 0,
-                 ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self, app: App, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ):
         self.app = app
         self.httpd = _Server((host, port), _make_handler(app))
         self.httpd.ssl_context = ssl_context
@@ -249,8 +263,12 @@ class SandboxServer:
         return f"{self.scheme}://{host}:{self.port}"
 
     def start(self) -> SandboxServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"sandbox-{self.app.service}", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"sandbox-{self.app.service}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 

@@ -78,18 +78,35 @@ def _loopback_alias(url: str) -> str:
 def _aad_error(status: int, error: str, code: int, description: str) -> Response:
     trace, correlation = str(uuid.uuid4()), str(uuid.uuid4())
     timestamp = Clock().now().strftime("%Y-%m-%d %H:%M:%SZ")
-    text = (f"AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {correlation} "
-            f"Timestamp: {timestamp}")
-    return Response.json({"error": error, "error_description": text, "error_codes": [code],
-                          "timestamp": timestamp, "trace_id": trace, "correlation_id": correlation,
-                          "error_uri": f"https://login.microsoftonline.com/error?code={code}"}, status)
+    text = (
+        f"AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {correlation} Timestamp: {timestamp}"
+    )
+    return Response.json(
+        {
+            "error": error,
+            "error_description": text,
+            "error_codes": [code],
+            "timestamp": timestamp,
+            "trace_id": trace,
+            "correlation_id": correlation,
+            "error_uri": f"https://login.microsoftonline.com/error?code={code}",
+        },
+        status,
+    )
 
 
 class IdentityService:
     """The identity App plus its registered client (one app registration, as in a real tenant)."""
 
-    def __init__(self, *, tenant_id: str, client_id: str, client_secret: str, tokens: TokenTable,
-                 token_lifetime: int = 3599):
+    def __init__(
+        self,
+        *,
+        tenant_id: str,
+        client_id: str,
+        client_secret: str,
+        tokens: TokenTable,
+        token_lifetime: int = 3599,
+    ):
         self.tenant_id = tenant_id
         self.client_id = client_id
         self._client_secret = client_secret
@@ -105,16 +122,21 @@ class IdentityService:
 
     def _register(self) -> None:
         app = self.app
-        app.route("GET", r"/(?P<tenant>[^/]+)(?:/v2\.0)?/\.well-known/openid-configuration", "identity.openid")(
-            self.openid_configuration)
+        app.route(
+            "GET", r"/(?P<tenant>[^/]+)(?:/v2\.0)?/\.well-known/openid-configuration", "identity.openid"
+        )(self.openid_configuration)
         app.route("GET", r"/common/discovery/instance", "identity.instance")(self.instance_discovery)
         app.route("POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token", "identity.token")(self.token)
         app.render_fault = self._render_fault
 
     def _render_fault(self, fault, req: Request) -> Response | None:  # noqa: ANN001 - Fault
         if fault.kind == "status":
-            return _aad_error(fault.status, "temporarily_unavailable", 50196 if fault.status == 429 else 90033,
-                              "The service is temporarily unavailable.")
+            return _aad_error(
+                fault.status,
+                "temporarily_unavailable",
+                50196 if fault.status == 429 else 90033,
+                "The service is temporarily unavailable.",
+            )
         if fault.kind == "unauthorized":
             return _aad_error(401, "invalid_client", 7000215, "Invalid client secret provided.")
         if fault.kind == "throttle":
@@ -142,41 +164,53 @@ class IdentityService:
     def openid_configuration(self, req: Request) -> Response:
         tenant = req.params["tenant"]
         if not self._tenant_ok(tenant):
-            return _aad_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found. Check to make sure "
-                              "you have the correct tenant ID and are signing into the correct cloud.")
+            return _aad_error(
+                400,
+                "invalid_tenant",
+                90002,
+                f"Tenant '{tenant}' not found. Check to make sure "
+                "you have the correct tenant ID and are signing into the correct cloud.",
+            )
         origin = self._origin(req)
         base = f"{origin}/{self.tenant_id}"
-        return Response.json({
-            "token_endpoint": f"{base}/oauth2/v2.0/token",
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
-                                                      "client_secret_basic"],
-            "jwks_uri": f"{base}/discovery/v2.0/keys",
-            "response_modes_supported": ["query", "fragment", "form_post"],
-            "subject_types_supported": ["pairwise"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
-            "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "issuer": f"{base}/v2.0",
-            "request_uri_parameter_supported": False,
-            "userinfo_endpoint": f"{origin}/oidc/userinfo",
-            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-            "http_logout_supported": True,
-            "frontchannel_logout_supported": True,
-            "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
-            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "tid", "oid"],
-            "tenant_region_scope": "EU",
-            "cloud_instance_name": "microsoftonline.com",
-        })
+        return Response.json(
+            {
+                "token_endpoint": f"{base}/oauth2/v2.0/token",
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "private_key_jwt",
+                    "client_secret_basic",
+                ],
+                "jwks_uri": f"{base}/discovery/v2.0/keys",
+                "response_modes_supported": ["query", "fragment", "form_post"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+                "scopes_supported": ["openid", "profile", "email", "offline_access"],
+                "issuer": f"{base}/v2.0",
+                "request_uri_parameter_supported": False,
+                "userinfo_endpoint": f"{origin}/oidc/userinfo",
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                "http_logout_supported": True,
+                "frontchannel_logout_supported": True,
+                "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
+                "claims_supported": ["sub", "iss", "aud", "exp", "iat", "tid", "oid"],
+                "tenant_region_scope": "EU",
+                "cloud_instance_name": "microsoftonline.com",
+            }
+        )
 
     def instance_discovery(self, req: Request) -> Response:
         origin = self._origin(req)
         host = origin.split("://", 1)[-1]
-        return Response.json({
-            "tenant_discovery_endpoint": f"{origin}/{self.tenant_id}/v2.0/.well-known/openid-configuration",
-            "api-version": "1.1",
-            "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
-        })
+        return Response.json(
+            {
+                "tenant_discovery_endpoint": f"{origin}/{self.tenant_id}/v2.0/.well-known/openid-configuration",
+                "api-version": "1.1",
+                "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
+            }
+        )
 
     def token(self, req: Request) -> Response:
         if not self._tenant_ok(req.params["tenant"]):
@@ -184,25 +218,51 @@ class IdentityService:
         form = {k: v[-1] for k, v in req.form().items()}
         grant = form.get("grant_type", "")
         if grant != "client_credentials":
-            return _aad_error(400, "unsupported_grant_type", 70003,
-                              f"The app requested an unsupported grant type '{grant}'.")
+            return _aad_error(
+                400,
+                "unsupported_grant_type",
+                70003,
+                f"The app requested an unsupported grant type '{grant}'.",
+            )
         client_id = form.get("client_id", "")
         if client_id.lower() != self.client_id.lower():
-            return _aad_error(400, "unauthorized_client", 700016,
-                              f"Application with identifier '{client_id}' was not found in the directory "
-                              f"'{self.tenant_id}'.")
+            return _aad_error(
+                400,
+                "unauthorized_client",
+                700016,
+                f"Application with identifier '{client_id}' was not found in the directory "
+                f"'{self.tenant_id}'.",
+            )
         if not secrets.compare_digest(form.get("client_secret", ""), self._client_secret):
-            return _aad_error(401, "invalid_client", 7000215, "Invalid client secret provided. Ensure the "
-                              "secret being sent in the request is the client secret value, not the client "
-                              f"secret ID, for a secret added to app '{self.client_id}'.")
+            return _aad_error(
+                401,
+                "invalid_client",
+                7000215,
+                "Invalid client secret provided. Ensure the "
+                "secret being sent in the request is the client secret value, not the client "
+                f"secret ID, for a secret added to app '{self.client_id}'.",
+            )
         scopes = form.get("scope", "").split()
         wanted = f"{self.audience.rstrip('/')}/.default"
         resource_scopes = [s for s in scopes if s not in ("openid", "profile", "offline_access")]
-        if len(resource_scopes) != 1 or _loopback_alias(resource_scopes[0].lower()) != _loopback_alias(wanted.lower()):
-            return _aad_error(400, "invalid_scope", 70011, f"The provided request must include a 'scope' input "
-                              f"parameter. The provided value for the input parameter 'scope' is not valid. "
-                              f"The scope {' '.join(scopes) or '(none)'} is not valid; expected {wanted}.")
+        if len(resource_scopes) != 1 or _loopback_alias(resource_scopes[0].lower()) != _loopback_alias(
+            wanted.lower()
+        ):
+            return _aad_error(
+                400,
+                "invalid_scope",
+                70011,
+                f"The provided request must include a 'scope' input "
+                f"parameter. The provided value for the input parameter 'scope' is not valid. "
+                f"The scope {' '.join(scopes) or '(none)'} is not valid; expected {wanted}.",
+            )
         token = self.tokens.issue(self.client_id, self.audience, self.token_lifetime)
-        return Response.json({"token_type": "Bearer", "expires_in": self.token_lifetime,
-                              "ext_expires_in": self.token_lifetime, "access_token": token},
-                             headers={"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"})
+        return Response.json(
+            {
+                "token_type": "Bearer",
+                "expires_in": self.token_lifetime,
+                "ext_expires_in": self.token_lifetime,
+                "access_token": token,
+            },
+            headers={"Cache-Control": "no-store, no-cache", "Pragma": "no-cache"},
+        )

@@ -43,12 +43,24 @@ def parse_fault_rules(rules: Iterable[dict[str, Any] | FaultRule]) -> list[Fault
             parsed.append(spec)
             continue
         try:
-            faults = [(Fault(f["kind"], int(f.get("status", 500)), str(f.get("code", "")),
-                             float(f.get("seconds", 0.0))), float(f.get("weight", 1.0))) for f in spec["faults"]]
+            faults = [
+                (
+                    Fault(
+                        f["kind"],
+                        int(f.get("status", 500)),
+                        str(f.get("code", "")),
+                        float(f.get("seconds", 0.0)),
+                    ),
+                    float(f.get("weight", 1.0)),
+                )
+                for f in spec["faults"]
+            ]
             rate = float(spec["rate"])
             pattern = str(spec["pattern"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"fault rule {n} ({spec!r}): needs pattern, rate and faults[].kind ({exc})") from None
+            raise ValueError(
+                f"fault rule {n} ({spec!r}): needs pattern, rate and faults[].kind ({exc})"
+            ) from None
         if not 0.0 <= rate <= 1.0 or not faults:
             raise ValueError(f"fault rule {n} ({pattern}): rate must be in [0, 1] and faults non-empty")
         count = spec.get("count")
@@ -57,9 +69,21 @@ def parse_fault_rules(rules: Iterable[dict[str, Any] | FaultRule]) -> list[Fault
 
 
 class Sandbox:
-    def __init__(self, state_dir: str | Path, *, profile: str = "off", tls: bool = False, seed: int = 0,
-                 host: str = LOOPBACK, dynamics_port: int = 0, identity_port: int = 0, marketo_port: int = 0,
-                 admin_port: int = 0, latency_seconds: float = 0.0, schema: SandboxSchema | None = None):
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        profile: str = "off",
+        tls: bool = False,
+        seed: int = 0,
+        host: str = LOOPBACK,
+        dynamics_port: int = 0,
+        identity_port: int = 0,
+        marketo_port: int = 0,
+        admin_port: int = 0,
+        latency_seconds: float = 0.0,
+        schema: SandboxSchema | None = None,
+    ):
         if profile not in PROFILES:
             raise ValueError(f"sandbox profile {profile!r}: choose one of {', '.join(PROFILES)}")
         if latency_seconds < 0:
@@ -67,8 +91,12 @@ class Sandbox:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.tls, self.seed, self.host, self.profile = tls, seed, host, profile
-        self.ports = {"dynamics": dynamics_port, "identity": identity_port, "marketo": marketo_port,
-                      "admin": admin_port}
+        self.ports = {
+            "dynamics": dynamics_port,
+            "identity": identity_port,
+            "marketo": marketo_port,
+            "admin": admin_port,
+        }
         self.schema = schema or load_schema()
         self.clock = Clock()
         self.ca = SandboxCA.create(self.state_dir / "tls")
@@ -89,8 +117,13 @@ class Sandbox:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Sandbox:
         server_ctx = self.ca.server_context()
-        self.dynamics.start(self.host, identity_ssl=server_ctx, api_ssl=server_ctx if self.tls else None,
-                            api_port=self.ports["dynamics"], identity_port=self.ports["identity"])
+        self.dynamics.start(
+            self.host,
+            identity_ssl=server_ctx,
+            api_ssl=server_ctx if self.tls else None,
+            api_port=self.ports["dynamics"],
+            identity_port=self.ports["identity"],
+        )
         try:
             self.marketo.start(self.host, ssl=server_ctx if self.tls else None, port=self.ports["marketo"])
             self._admin = SandboxServer(self.admin_app, LOOPBACK, self.ports["admin"]).start()
@@ -145,10 +178,20 @@ class Sandbox:
         """Add a synthetic org (see :mod:`.generator`); the same seed again rewrites the same Dynamics rows."""
         seed = self.seed if seed is None else int(seed)
         started = time.perf_counter()
-        counts = generate_into(self.dynamics.store, self.marketo.store, scale, seed=seed, now=self.clock.now(),
-                               schema=self.schema)
-        self.populated = {"scale": scale, "seed": seed, "counts": counts,
-                          "seconds": round(time.perf_counter() - started, 3)}
+        counts = generate_into(
+            self.dynamics.store,
+            self.marketo.store,
+            scale,
+            seed=seed,
+            now=self.clock.now(),
+            schema=self.schema,
+        )
+        self.populated = {
+            "scale": scale,
+            "seed": seed,
+            "counts": counts,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
         self._ui_user = None
         return counts
 
@@ -168,8 +211,11 @@ class Sandbox:
         parsed = parse_fault_rules(rules)
         for app in self.apps():
             names = [r.name for r in app.routes]
-            mine = [FaultRule(r.pattern, r.rate, list(r.faults), r.remaining) for r in parsed
-                    if any(fnmatch.fnmatchcase(n, r.pattern) for n in names)]
+            mine = [
+                FaultRule(r.pattern, r.rate, list(r.faults), r.remaining)
+                for r in parsed
+                if any(fnmatch.fnmatchcase(n, r.pattern) for n in names)
+            ]
             app.faults.configure(seed, mine)
 
     def clear_faults(self) -> None:
@@ -208,7 +254,11 @@ class Sandbox:
         """An enabled, interactive user (not the admin, not an application user) who makes "UI" edits."""
         if self._ui_user is None:
             for user in self.dynamics.store.rows("systemuser"):
-                if user.get("accessmode", 0) == 0 and not user.get("isdisabled") and not user.get("applicationid"):
+                if (
+                    user.get("accessmode", 0) == 0
+                    and not user.get("isdisabled")
+                    and not user.get("applicationid")
+                ):
                     self._ui_user = user["systemuserid"]
                     break
         return self._ui_user
@@ -235,15 +285,24 @@ class Sandbox:
     def dynamics_delete(self, table: str, record_id: str) -> None:
         self.dynamics.store.delete(table, record_id)
 
-    def qualify_lead(self, lead_id: str, create_account: bool = True, create_contact: bool = True,
-                     create_opportunity: bool = False) -> dict[str, str]:
-        return self.dynamics.store.qualify_lead(lead_id, create_account, create_contact, create_opportunity,
-                                                modified_by=self.ui_user())
+    def qualify_lead(
+        self,
+        lead_id: str,
+        create_account: bool = True,
+        create_contact: bool = True,
+        create_opportunity: bool = False,
+    ) -> dict[str, str]:
+        return self.dynamics.store.qualify_lead(
+            lead_id, create_account, create_contact, create_opportunity, modified_by=self.ui_user()
+        )
 
-    def dynamics_merge(self, table: str, target_id: str, subordinate_id: str,
-                       update_content: dict[str, Any] | None = None) -> None:
+    def dynamics_merge(
+        self, table: str, target_id: str, subordinate_id: str, update_content: dict[str, Any] | None = None
+    ) -> None:
         """A user merges two rows in Dynamics (the ``Merge`` action): the subordinate is deactivated."""
-        self.dynamics.store.merge(table, target_id, subordinate_id, update_content, modified_by=self.ui_user())
+        self.dynamics.store.merge(
+            table, target_id, subordinate_id, update_content, modified_by=self.ui_user()
+        )
 
     # ------------------------------------------------------------------ Marketo, as a marketer in the UI
     def marketo_find_leads(self, field: str, value: Any) -> list[int]:
@@ -273,8 +332,11 @@ class Sandbox:
         return self.marketo.store.count(object_name)
 
     def marketo_rows(self, object_name: str, limit: int = 100) -> list[dict[str, Any]]:
-        source = self.marketo.store.leads() if object_name in ("lead", "leads") else \
-            self.marketo.store.objects(object_name)
+        source = (
+            self.marketo.store.leads()
+            if object_name in ("lead", "leads")
+            else self.marketo.store.objects(object_name)
+        )
         return list(islice(source, limit))
 
 
@@ -336,9 +398,18 @@ class RemoteSandbox(AdminClient):
         self.stop()
 
 
-def spawn_sandbox(state_dir: str | Path, scale: str | None = None, seed: int = 0, profile: str = "off",
-                  tls: bool = False, *, latency_seconds: float = 0.0, ports: dict[str, int] | None = None,
-                  timeout: float = 300.0, schema: str | Path | None = None) -> RemoteSandbox:
+def spawn_sandbox(
+    state_dir: str | Path,
+    scale: str | None = None,
+    seed: int = 0,
+    profile: str = "off",
+    tls: bool = False,
+    *,
+    latency_seconds: float = 0.0,
+    ports: dict[str, int] | None = None,
+    timeout: float = 300.0,
+    schema: str | Path | None = None,
+) -> RemoteSandbox:
     """Start ``python -m sync_pipeline.sandbox`` in its own process and wait until it serves.
 
     The child stops when its stdin closes (our pipe: ``stop()``, or this process dying) or when its
@@ -349,9 +420,25 @@ def spawn_sandbox(state_dir: str | Path, scale: str | None = None, seed: int = 0
     settings_file = state_dir / "sandbox-settings.json"
     settings_file.unlink(missing_ok=True)
     log_path = state_dir / "sandbox.log"
-    cmd = [sys.executable, "-m", "sync_pipeline.sandbox", "--state-dir", str(state_dir),
-           "--settings-file", str(settings_file), "--seed", str(seed), "--profile", profile,
-           "--latency", str(latency_seconds), "--quiet", "--parent-pid", str(os.getpid()), "--stop-on-stdin-eof"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sync_pipeline.sandbox",
+        "--state-dir",
+        str(state_dir),
+        "--settings-file",
+        str(settings_file),
+        "--seed",
+        str(seed),
+        "--profile",
+        profile,
+        "--latency",
+        str(latency_seconds),
+        "--quiet",
+        "--parent-pid",
+        str(os.getpid()),
+        "--stop-on-stdin-eof",
+    ]
     if scale:
         cmd += ["--scale", scale]
     if tls:
@@ -365,8 +452,10 @@ def spawn_sandbox(state_dir: str | Path, scale: str | None = None, seed: int = 0
     deadline = time.monotonic() + timeout
     while not settings_file.exists():
         if process.poll() is not None:
-            raise RuntimeError(f"sandbox process exited with code {process.returncode} before serving; "
-                               f"last output:\n{_tail(log_path)}")
+            raise RuntimeError(
+                f"sandbox process exited with code {process.returncode} before serving; "
+                f"last output:\n{_tail(log_path)}"
+            )
         if time.monotonic() > deadline:
             process.kill()
             process.wait()

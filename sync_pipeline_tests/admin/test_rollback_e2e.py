@@ -44,8 +44,11 @@ class World:
 
     def pick(self, entity: str) -> tuple[str, str]:
         """A linked record no other test has used."""
-        for did, mid in self.query("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active'
-                                      ORDER BY dynamics_id""", [entity]):
+        for did, mid in self.query(
+            """SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active'
+                                      ORDER BY dynamics_id""",
+            [entity],
+        ):
             if did not in self.used:
                 self.used.add(did)
                 return did, mid
@@ -59,17 +62,28 @@ class World:
         before_write = kw.pop("before_write", None)
         with state.connect(self.state_path) as con:
             items = rb.plan_rollback(con, self.config, run_id, self.dynamics, self.marketo, **kw)
-            outcome = rb.execute_rollback(con, self.config, items, self.dynamics, self.marketo, source_run=run_id,
-                                          before_write=before_write)
+            outcome = rb.execute_rollback(
+                con,
+                self.config,
+                items,
+                self.dynamics,
+                self.marketo,
+                source_run=run_id,
+                before_write=before_write,
+            )
         return items, outcome
 
     def company(self, did: str) -> dict[str, Any]:
-        return next(c for c in self.sb.marketo_rows("company", limit=1_000_000) if c["externalCompanyId"] == did)
+        return next(
+            c for c in self.sb.marketo_rows("company", limit=1_000_000) if c["externalCompanyId"] == did
+        )
 
     def writes(self, run_id: str, did: str) -> list[tuple]:
-        return self.query("""SELECT target, op, field, value_before, value_after FROM ledger
+        return self.query(
+            """SELECT target, op, field, value_before, value_after FROM ledger
                              WHERE run_id = ? AND dynamics_id = ? AND op = 'update' ORDER BY target, field""",
-                          [run_id, did])
+            [run_id, did],
+        )
 
 
 def _item(items: list[rb.Item], did: str, fld: str) -> rb.Item:
@@ -96,8 +110,9 @@ def test_one_way_field_is_restored_to_what_marketo_really_held(world: World) -> 
     account, _ = world.pick("account")
     synced = world.company(account)["mainPhone"]
     # A marketer changed the company's phone in Marketo; the base still says `synced`.
-    world.marketo.upsert_objects("companies", [{"externalCompanyId": account, "mainPhone": "+1 555 0100"}],
-                                 action="updateOnly")
+    world.marketo.upsert_objects(
+        "companies", [{"externalCompanyId": account, "mainPhone": "+1 555 0100"}], action="updateOnly"
+    )
     sb.dynamics_update("account", account, {"telephone1": "+1 555 0111"})
     run = world.run()
     assert world.company(account)["mainPhone"] == "+1 555 0111"
@@ -170,10 +185,13 @@ def test_conflict_resolution_is_undone_on_both_sides(world: World) -> None:
     sb.marketo_update_lead(int(person), {"city": "Sneaky"})  # not synced yet: a real difference
     diffs = verify.compare(world.config, world.dynamics, world.marketo, world.state_path)
     assert [(d.field, d.dynamics_value, d.marketo_value) for d in diffs if d.dynamics_id == lead] == [
-        ("city", "Dynamicsville", "Sneaky")]
+        ("city", "Dynamicsville", "Sneaky")
+    ]
     sb.marketo_update_lead(int(person), {"city": "Marketoburg"})  # back to its split value: nothing to sync
     after = world.run()
-    assert world.writes(after, lead) == [] and sb.dynamics_get("lead", lead)["address1_city"] == "Dynamicsville"
+    assert (
+        world.writes(after, lead) == [] and sb.dynamics_get("lead", lead)["address1_city"] == "Dynamicsville"
+    )
 
 
 def test_fields_changed_since_are_skipped_and_left_untouched(world: World) -> None:
@@ -185,8 +203,9 @@ def test_fields_changed_since_are_skipped_and_left_untouched(world: World) -> No
     run = world.run()
     assert sb.dynamics_get("lead", lead)["jobtitle"] == "Run Title"
     # After the run: a marketer edits the company, a Dynamics user edits the lead's title.
-    world.marketo.upsert_objects("companies", [{"externalCompanyId": account, "mainPhone": "+1 555 0332"}],
-                                 action="updateOnly")
+    world.marketo.upsert_objects(
+        "companies", [{"externalCompanyId": account, "mainPhone": "+1 555 0332"}], action="updateOnly"
+    )
     sb.dynamics_update("lead", lead, {"jobtitle": "Newer Title"})
 
     items, outcome = world.rollback(run)
@@ -196,8 +215,10 @@ def test_fields_changed_since_are_skipped_and_left_untouched(world: World) -> No
     assert world.company(account)["mainPhone"] == "+1 555 0332"
     assert sb.dynamics_get("lead", lead)["jobtitle"] == "Newer Title"
     assert not any(it.dynamics_id in (account, lead) for it, _ in outcome.failed)
-    assert world.query("""SELECT count(*) FROM ledger WHERE rule = ? AND dynamics_id IN (?, ?)""",
-                       [f"rollback:{run}", account, lead]) == [(0,)]
+    assert world.query(
+        """SELECT count(*) FROM ledger WHERE rule = ? AND dynamics_id IN (?, ?)""",
+        [f"rollback:{run}", account, lead],
+    ) == [(0,)]
 
 
 def test_a_change_between_the_read_and_the_write_is_skipped_not_overwritten(world: World) -> None:
@@ -242,7 +263,7 @@ def test_a_rollback_can_be_rolled_back_and_rolling_back_twice_is_a_no_op(world: 
     assert _item(items, contact, "phone").action == rb.RESTORE and undo.restored >= 1
     assert sb.marketo_get_lead(int(person))["phone"] == "+1 555 0551"
     assert world.query("SELECT count(*) FROM b__split WHERE dynamics_id = ?", [contact]) == [(0,)]
-    assert world.query('SELECT f_phone FROM b_contact WHERE dynamics_id = ?', [contact]) == [("+1 555 0551",)]
+    assert world.query("SELECT f_phone FROM b_contact WHERE dynamics_id = ?", [contact]) == [("+1 555 0551",)]
     after = world.run()
     assert world.writes(after, contact) == []
     assert sb.dynamics_get("contact", contact)["telephone1"] == "+1 555 0551"
@@ -272,10 +293,12 @@ def test_since_rolls_back_every_run_after_a_time_newest_first(world: World) -> N
 
 
 # (entity, Dynamics table, Dynamics column, Marketo object, Marketo field, new value)
-ONE_WAY = [("systemuser", "systemuser", "title", "salesPerson", "title", "Rollback Tester"),
-           ("team", "team", "description", "dynamicsTeam_c", "description", "rolled team"),
-           ("opportunity", "opportunity", "name", "opportunity", "name", "Rolled Opportunity"),
-           ("project", "new_project", "new_name", "project_c", "name", "Rolled Project")]
+ONE_WAY = [
+    ("systemuser", "systemuser", "title", "salesPerson", "title", "Rollback Tester"),
+    ("team", "team", "description", "dynamicsTeam_c", "description", "rolled team"),
+    ("opportunity", "opportunity", "name", "opportunity", "name", "Rolled Opportunity"),
+    ("project", "new_project", "new_name", "project_c", "name", "Rolled Project"),
+]
 
 
 def test_every_one_way_object_records_its_true_before_value_and_is_restored(world: World) -> None:
@@ -305,7 +328,9 @@ def test_an_object_update_whose_before_value_cannot_be_read_waits_for_the_next_r
     account, _ = world.pick("account")
     before = world.company(account)["mainPhone"]
     sb.dynamics_update("account", account, {"telephone1": "+1 555 0881"})
-    sb.faults([{"pattern": "marketo.companies.get", "rate": 1.0, "faults": [{"kind": "code", "code": "1003"}]}])
+    sb.faults(
+        [{"pattern": "marketo.companies.get", "rate": 1.0, "faults": [{"kind": "code", "code": "1003"}]}]
+    )
     try:
         run = world.run()
     finally:
@@ -314,7 +339,9 @@ def test_an_object_update_whose_before_value_cannot_be_read_waits_for_the_next_r
     assert world.writes(run, account) == []
     code, message = world.query("SELECT code, message FROM failures WHERE dynamics_id = ?", [account])[0]
     assert code == "1003" and "before-value" in message
-    world.query("UPDATE failures SET next_attempt_at = TIMESTAMP '2000-01-01' WHERE dynamics_id = ?", [account])
+    world.query(
+        "UPDATE failures SET next_attempt_at = TIMESTAMP '2000-01-01' WHERE dynamics_id = ?", [account]
+    )
     again = world.run()  # the retry (due now instead of after the packaged 60 s backoff)
     assert world.company(account)["mainPhone"] == "+1 555 0881"
     assert ("marketo", "update", "mainPhone", before, "+1 555 0881") in world.writes(again, account)
@@ -327,8 +354,10 @@ def test_a_ledger_row_from_before_before_values_is_unknown_not_blank(world: Worl
     marker = world.query("SELECT value FROM schema_meta WHERE key = 'ledger_before_values_from_seq'")[0][0]
     # What an older version wrote: NULL before-values for objects, and no marker past its rows.
     world.query("UPDATE ledger SET value_before = NULL WHERE run_id = ? AND dynamics_id = ?", [run, account])
-    world.query("UPDATE schema_meta SET value = CAST((SELECT max(seq) + 1 FROM ledger) AS VARCHAR) "
-                "WHERE key = 'ledger_before_values_from_seq'")
+    world.query(
+        "UPDATE schema_meta SET value = CAST((SELECT max(seq) + 1 FROM ledger) AS VARCHAR) "
+        "WHERE key = 'ledger_before_values_from_seq'"
+    )
     try:
         phone = _item(world.plan(run), account, "mainPhone")
         assert phone.action == rb.SKIP_OTHER and "not recorded" in phone.reason
@@ -341,14 +370,19 @@ def test_a_ledger_row_from_before_before_values_is_unknown_not_blank(world: Worl
 def test_a_new_lead_whose_link_back_to_its_person_failed_is_linked_by_the_next_sync(world: World) -> None:
     # (Not rollback itself: the random rollbacks of the convergence soak shifted its fault draws onto this.)
     sb = world.sb
-    person = int(sb.marketo_create_lead({"email": "link.back@example.net", "lastName": "Linkback",
-                                         "leadScore": 80})["id"])
+    person = int(
+        sb.marketo_create_lead({"email": "link.back@example.net", "lastName": "Linkback", "leadScore": 80})[
+            "id"
+        ]
+    )
     sb.faults([{"pattern": "marketo.leads.sync", "rate": 1.0, "faults": [{"kind": "code", "code": "1003"}]}])
     try:
         world.run()
     finally:
         sb.clear_faults()
-    lead = world.query("SELECT dynamics_id FROM identity WHERE entity = 'lead' AND marketo_id = ?", [str(person)])
+    lead = world.query(
+        "SELECT dynamics_id FROM identity WHERE entity = 'lead' AND marketo_id = ?", [str(person)]
+    )
     assert len(lead) == 1 and sb.dynamics_get("lead", lead[0][0])["lastname"] == "Linkback"
     assert sb.marketo_get_lead(person).get("dynamicsId") is None  # the write-back failed
     world.run()

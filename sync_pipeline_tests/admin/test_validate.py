@@ -50,8 +50,9 @@ def _entity(raw: dict, name: str) -> dict:
     return next(e for e in raw["entities"] if e["name"] == name)
 
 
-def test_a_table_without_the_filter_column_syncs_every_row_and_labels_follow_the_org(tmp_path: Path, monkeypatch,
-                                                                                      env) -> None:
+def test_a_table_without_the_filter_column_syncs_every_row_and_labels_follow_the_org(
+    tmp_path: Path, monkeypatch, env
+) -> None:
     schema_file = tmp_path / "schema.yaml"
     schema_file.write_text(NO_FILTER_ON_ACCOUNT)
     with Sandbox(tmp_path / "sb", schema=load_schema(schema_file)) as sb:
@@ -68,7 +69,9 @@ def test_a_table_without_the_filter_column_syncs_every_row_and_labels_follow_the
         companies = {c["externalCompanyId"] for c in sb.marketo_rows("company", 10_000)}
         assert accounts and accounts <= companies  # all of them, not only the ones flagged Yes
         # Contacts still have the column: an explicit No keeps a contact out, as before.
-        excluded = [r["contactid"] for r in sb.dynamics_rows("contact", 10_000) if r.get("new_synctomkto") is False]
+        excluded = [
+            r["contactid"] for r in sb.dynamics_rows("contact", 10_000) if r.get("new_synctomkto") is False
+        ]
         assert excluded
         persons = {p.get("dynamicsId"): p for p in sb.marketo_rows("lead", 100_000)}
         assert not set(persons) & set(excluded)
@@ -86,13 +89,16 @@ def test_a_table_without_the_filter_column_syncs_every_row_and_labels_follow_the
         from sync_pipeline.engine.store import state
 
         with state.connect(tmp_path / "state.duckdb") as con:
-            written = con.execute("SELECT DISTINCT value_after FROM ledger WHERE run_id = ? AND field = 'leadSource'",
-                                  [result.run_id]).fetchall()
+            written = con.execute(
+                "SELECT DISTINCT value_after FROM ledger WHERE run_id = ? AND field = 'leadSource'",
+                [result.run_id],
+            ).fetchall()
         assert written == [("Website",)]
 
 
-def test_a_missing_column_fails_validate_and_the_run_at_once(sandbox: Sandbox, tmp_path: Path, monkeypatch,
-                                                             env) -> None:
+def test_a_missing_column_fails_validate_and_the_run_at_once(
+    sandbox: Sandbox, tmp_path: Path, monkeypatch, env
+) -> None:
     def change(raw: dict) -> None:
         _entity(raw, "lead")["extra_fields"].append({"marketo": "fax2", "dynamics": "new_faxnumber"})
 
@@ -108,14 +114,19 @@ def test_a_missing_column_fails_validate_and_the_run_at_once(sandbox: Sandbox, t
     took = time.monotonic() - started
     assert not result.success
     failures = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
-    assert failures and all("new_faxnumber" in e.event_specific_data.error.message
-                            and "'lead'" in e.event_specific_data.error.message for e in failures)
+    assert failures and all(
+        "new_faxnumber" in e.event_specific_data.error.message
+        and "'lead'" in e.event_specific_data.error.message
+        for e in failures
+    )
     assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     assert took < 30  # no retry backoff (the policy waits 10 s, then 20 s)
     assert sandbox.calls().get("dynamics.query", 0) == 0  # no data was read, let alone written
 
 
-def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(tmp_path: Path, monkeypatch, env) -> None:
+def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(
+    tmp_path: Path, monkeypatch, env
+) -> None:
     schema_file = tmp_path / "schema.yaml"
     schema_file.write_text("dynamics:\n  tables:\n    opportunity: {change_tracking: false}\n")
     with Sandbox(tmp_path / "sb", schema=load_schema(schema_file)) as sb:
@@ -131,16 +142,29 @@ def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(tmp_path
         # Dynamics lead.subject holds 300 characters, the Marketo field it fills 255: a warning naming both.
         topic = by[("length", "lead.topic")]
         assert topic["status"] == "warning"
-        assert "Dynamics lead.subject holds 300" in topic["message"] and "Marketo lead.topic 255" in topic["message"]
+        assert (
+            "Dynamics lead.subject holds 300" in topic["message"]
+            and "Marketo lead.topic 255" in topic["message"]
+        )
         # Two-way the other way: Marketo's firstName (255) is longer than Dynamics' (50).
-        assert any(c["check"] == "length" and "Marketo lead.firstName holds 255" in c["message"]
-                   and "Dynamics lead.firstname 50" in c["message"] for c in checks)
+        assert any(
+            c["check"] == "length"
+            and "Marketo lead.firstName holds 255" in c["message"]
+            and "Dynamics lead.firstname 50" in c["message"]
+            for c in checks
+        )
         login = next(c for c in checks if c["check"] == "dynamics.login")
-        assert "Sandbox Org (sandboxorg" in login["message"] and sb.dynamics.organization_id in login["message"]
+        assert (
+            "Sandbox Org (sandboxorg" in login["message"] and sb.dynamics.organization_id in login["message"]
+        )
         for name in ("dynamics.login", "marketo.login", "marketo.activities", "marketo.bulk"):
             assert any(c["check"] == name and c["status"] == "ok" for c in checks), name
         quota = by[("marketo.quota", "marketo")]
-        assert quota["status"] == "ok" and "calls used today" in quota["message"] and " 0 calls" not in quota["message"]
+        assert (
+            quota["status"] == "ok"
+            and "calls used today" in quota["message"]
+            and " 0 calls" not in quota["message"]
+        )
         assert by[("dynamics.options", "lead.leadsourcecode")]["status"] == "ok"
         assert by[("marketo.field", "lead.dynamicsId")]["status"] == "ok"  # the key is searchable
         assert sb.settings()["DYNAMICS_CLIENT_SECRET"] not in out.output
@@ -148,8 +172,11 @@ def test_validate_reports_lengths_tracking_and_access_each_with_its_fix(tmp_path
         # The same checks as a Dagster job users can run from the UI.
         from sync_pipeline.connection.validate import validate_job_name
 
-        result = runs.definitions().resolve_job_def(validate_job_name(runs.DEFAULT_CONNECTION)).execute_in_process(
-            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        result = (
+            runs.definitions()
+            .resolve_job_def(validate_job_name(runs.DEFAULT_CONNECTION))
+            .execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        )
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
         assert "change tracking is not enabled" in failure.event_specific_data.error.message

@@ -16,10 +16,16 @@ from sync_pipeline.config.model import load_config
 @pytest.fixture
 def clients(harness) -> Iterator[tuple[DynamicsClient, MarketoClient]]:
     s = harness.sandbox.settings()
-    dyn = DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],
-                         s["DYNAMICS_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"])
-    mkto = MarketoClient(s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"],
-                         verify=s["SYNC_CA_BUNDLE"])
+    dyn = DynamicsClient(
+        s["DYNAMICS_URL"],
+        s["DYNAMICS_AUTHORITY"],
+        s["DYNAMICS_CLIENT_ID"],
+        s["DYNAMICS_CLIENT_SECRET"],
+        verify=s["SYNC_CA_BUNDLE"],
+    )
+    mkto = MarketoClient(
+        s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"]
+    )
     yield dyn, mkto
     dyn.close()
     mkto.close()
@@ -33,10 +39,16 @@ def _person_id(sb, dynamics_id: str) -> int:
 def test_after_sync_both_sides_agree_and_unsynced_drift_is_reported(harness, clients) -> None:
     sb, config = harness.sandbox, load_config()
     harness.run("latest")  # initial copy
-    contacts = [r[0] for r in harness.query("SELECT dynamics_id FROM identity WHERE entity = 'contact' "
-                                            "AND state = 'active' AND how = 'created' ORDER BY 1 LIMIT 4")]
-    account, company_id = harness.query("SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'account' "
-                                        "ORDER BY 1 LIMIT 1")[0]
+    contacts = [
+        r[0]
+        for r in harness.query(
+            "SELECT dynamics_id FROM identity WHERE entity = 'contact' "
+            "AND state = 'active' AND how = 'created' ORDER BY 1 LIMIT 4"
+        )
+    ]
+    account, company_id = harness.query(
+        "SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'account' ORDER BY 1 LIMIT 1"
+    )[0]
     # Edits on both sides, including ones the rules keep apart (filter, Marketo delete).
     sb.dynamics_update("contact", contacts[0], {"telephone1": "+1 555 0700"})
     sb.marketo_update_lead(_person_id(sb, contacts[1]), {"title": "Verified Title"})
@@ -49,16 +61,28 @@ def test_after_sync_both_sides_agree_and_unsynced_drift_is_reported(harness, cli
     dyn, mkto = clients
     # The instance's own companies (keyed mkto-<seed>-<n>, no Dynamics account) are not the sync's: present, edited by
     # a marketer, and still no difference.
-    own = sorted(c["externalCompanyId"] for c in sb.marketo_rows("company", 100_000)
-                 if c["externalCompanyId"].startswith("mkto-"))
+    own = sorted(
+        c["externalCompanyId"]
+        for c in sb.marketo_rows("company", 100_000)
+        if c["externalCompanyId"].startswith("mkto-")
+    )
     assert own
-    assert mkto.upsert_objects("companies", [{"externalCompanyId": own[0], "company": "Renamed in Marketo"}]
-                               )[0].status == "updated"
+    assert (
+        mkto.upsert_objects("companies", [{"externalCompanyId": own[0], "company": "Renamed in Marketo"}])[
+            0
+        ].status
+        == "updated"
+    )
     assert compare(config, dyn, mkto, harness.state_path) == []
 
     # Drift nobody synced yet is reported field by field, with canonical values from both sides.
-    drifted = [r[0] for r in harness.query("SELECT dynamics_id FROM identity WHERE entity = 'contact' "
-                                           "AND state = 'active' AND how = 'created' ORDER BY 1 DESC LIMIT 2")]
+    drifted = [
+        r[0]
+        for r in harness.query(
+            "SELECT dynamics_id FROM identity WHERE entity = 'contact' "
+            "AND state = 'active' AND how = 'created' ORDER BY 1 DESC LIMIT 2"
+        )
+    ]
     person = _person_id(sb, drifted[0])
     sb.marketo_update_lead(person, {"city": "Driftwood"})
     sb.dynamics_update("account", account, {"numberofemployees": 77})
@@ -67,8 +91,14 @@ def test_after_sync_both_sides_agree_and_unsynced_drift_is_reported(harness, cli
     city = sb.dynamics_get("contact", drifted[0]).get("address1_city")
     employees = next(o for o in sb.marketo_rows("company", 1000) if o["externalCompanyId"] == account)
     assert compare(config, dyn, mkto, harness.state_path) == [
-        Difference("account", account, company_id, "numberOfEmployees", "77",
-                   None if employees.get("numberOfEmployees") is None else str(employees["numberOfEmployees"])),
+        Difference(
+            "account",
+            account,
+            company_id,
+            "numberOfEmployees",
+            "77",
+            None if employees.get("numberOfEmployees") is None else str(employees["numberOfEmployees"]),
+        ),
         Difference("contact", drifted[0], str(person), "city", city.strip() if city else None, "Driftwood"),
     ]
     # A person deleted in Marketo that the sync has not seen yet: the whole record is missing there.

@@ -18,7 +18,9 @@ from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 def test_bench_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks"
-    result = CliRunner().invoke(main, ["bench", "--scale", "small", "--scenario", "incremental", "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["bench", "--scale", "small", "--scenario", "incremental", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
 
     latest = json.loads((out / "latest.json").read_text())
@@ -66,11 +68,16 @@ def test_floors() -> None:
     class Config:
         entities = [Entity("contact"), Entity("account"), Entity(None)]
 
-    stages = [{"asset": key_name(asset_key(CONN, "contact", "push")), "records": 601},
-              {"asset": key_name(asset_key(CONN, "account", "push")), "records": 0},
-              {"asset": key_name(asset_key(CONN, "contact", "extract")), "records": 12_000}]
+    stages = [
+        {"asset": key_name(asset_key(CONN, "contact", "push")), "records": 601},
+        {"asset": key_name(asset_key(CONN, "account", "push")), "records": 0},
+        {"asset": key_name(asset_key(CONN, "contact", "extract")), "records": 12_000},
+    ]
     counts = {"dynamics.contact": 12_000, "dynamics.account": 5000}
-    assert call_floor(Config(), counts, stages, full_read=True) == {"dynamics.query": 3 + 1, "marketo.writes": 3}
+    assert call_floor(Config(), counts, stages, full_read=True) == {
+        "dynamics.query": 3 + 1,
+        "marketo.writes": 3,
+    }
     assert call_floor(Config(), counts, stages, full_read=False) == {"dynamics.query": 2, "marketo.writes": 3}
 
 
@@ -79,13 +86,29 @@ def test_freshness_measures_edit_to_arrival_with_the_daemon(tmp_path: Path) -> N
     """A short freshness run (10 s of edits, both sides) at scale small: every edit arrives through the daemon's
     change sensor and runs, and the calls it spent are counted (about 90 s: behind --long)."""
     out = tmp_path / "benchmarks"
-    result = CliRunner().invoke(main, ["bench", "--scale", "small", "--scenario", "freshness", "--duration", "10",
-                                       "--drain", "150", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--scale",
+            "small",
+            "--scenario",
+            "freshness",
+            "--duration",
+            "10",
+            "--drain",
+            "150",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     fresh = json.loads((out / "latest.json").read_text())["scales"]["small"]["scenarios"]["freshness"]
     assert fresh["edits"] == 10 and fresh["arrived"] == fresh["edits"]
     lat = fresh["latency_seconds"]
     assert 0 < lat["p50"] <= lat["p95"] <= lat["max"] <= 150 + fresh["latency_seconds"]["poll_resolution"]
     assert fresh["by_side"]["dynamics"]["max"] is not None and fresh["by_side"]["marketo"]["max"] is not None
-    assert fresh["calls"]["marketo"] > 0 and fresh["calls"]["dynamics"] > 0  # sensor ticks and runs spend calls
+    assert (
+        fresh["calls"]["marketo"] > 0 and fresh["calls"]["dynamics"] > 0
+    )  # sensor ticks and runs spend calls
     assert "## Freshness" in (out / "results.md").read_text()

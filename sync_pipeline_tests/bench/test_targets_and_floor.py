@@ -29,8 +29,11 @@ from sync_pipeline.bench.targets import evaluate
 
 def test_floor_per_system_names_the_binding_one() -> None:
     per_window, window = API_BUDGET["marketo"]
-    calls = {COUNTED_CALLS["marketo"]: 3 * per_window + 1, COUNTED_CALLS["dynamics"]: 10,
-             DYNAMICS_EXECUTION_MS: 5_000}
+    calls = {
+        COUNTED_CALLS["marketo"]: 3 * per_window + 1,
+        COUNTED_CALLS["dynamics"]: 10,
+        DYNAMICS_EXECUTION_MS: 5_000,
+    }
     floor = budget_floor(calls)
     assert floor["marketo"]["seconds"] == 3 * window and floor["dynamics"]["seconds"] == 0.0
     assert floor["binding"] == "marketo" and floor["seconds"] == 3 * window
@@ -46,9 +49,17 @@ def test_floor_per_system_names_the_binding_one() -> None:
 
 
 def test_requests_are_counted_as_the_services_count_them() -> None:
-    calls = {"dynamics.batch": 2, "dynamics.update": 500, "parts.dynamics.batch": 500, "dynamics.query": 8,
-             "marketo.identity": 1, "identity.token": 1, "marketo.leads.sync": 4, "marketo.bulk.export.file": 2,
-             "limits.marketo.calls": 6}
+    calls = {
+        "dynamics.batch": 2,
+        "dynamics.update": 500,
+        "parts.dynamics.batch": 500,
+        "dynamics.query": 8,
+        "marketo.identity": 1,
+        "identity.token": 1,
+        "marketo.leads.sync": 4,
+        "marketo.bulk.export.file": 2,
+        "limits.marketo.calls": 6,
+    }
     assert http_requests(calls) == 2 + 8 + 1 + 1 + 4 + 2
     assert http_requests(calls, tokens=False) == 2 + 8 + 4 + 2
     assert marketo_calls(calls) == 6
@@ -60,22 +71,39 @@ def test_requests_are_counted_as_the_services_count_them() -> None:
 def test_percentile_and_lost_edits() -> None:
     assert percentile([], 95) is None
     values = [float(i) for i in range(1, 101)]
-    assert percentile(values, 50) == 50.0 and percentile(values, 95) == 95.0 and percentile(values, 100) == 100.0
+    assert (
+        percentile(values, 50) == 50.0 and percentile(values, 95) == 95.0 and percentile(values, 100) == 100.0
+    )
     assert math.isinf(percentile(values[:94] + [math.inf] * 6, 95))
 
 
 def _scenarios(incremental: float, rss: float, realistic: float, floor: float) -> dict:
     api = {"total": 9, "marketo_calls": 2, "calls": {}, "floor": {}, "dynamics_query": 8}
     common = {"records_read": 1000, "records_per_second": 100, "stages": [], "api": api}
-    return {"incremental": {**common, "seconds": incremental, "peak_rss_mb": rss, "changes": {"dynamics.lead": 1000}},
-            "realistic": {**common, "seconds": realistic, "peak_rss_mb": rss, "budget_floor_seconds": floor,
-                          "vs_budget_floor": round(realistic / floor, 3) if floor else None}}
+    return {
+        "incremental": {
+            **common,
+            "seconds": incremental,
+            "peak_rss_mb": rss,
+            "changes": {"dynamics.lead": 1000},
+        },
+        "realistic": {
+            **common,
+            "seconds": realistic,
+            "peak_rss_mb": rss,
+            "budget_floor_seconds": floor,
+            "vs_budget_floor": round(realistic / floor, 3) if floor else None,
+        },
+    }
 
 
 def test_targets_are_computed_met_missed_or_not_measured(tmp_path: Path) -> None:
     path = tmp_path / "latest.json"
     small = {"scale": "small", "scenarios": _scenarios(incremental=2.0, rss=400, realistic=5.0, floor=0.0)}
-    large = {"scale": "large", "scenarios": _scenarios(incremental=3.5, rss=900, realistic=105.0, floor=100.0)}
+    large = {
+        "scale": "large",
+        "scenarios": _scenarios(incremental=3.5, rss=900, realistic=105.0, floor=100.0),
+    }
     latest = merge_latest(path, small)
     path.write_text(json.dumps(latest))
     latest = merge_latest(path, large)
@@ -93,10 +121,21 @@ def test_targets_are_computed_met_missed_or_not_measured(tmp_path: Path) -> None
     # A later run of one scenario at a scale keeps that scale's other scenarios.
     path.write_text(json.dumps(latest))
     side = {"p50": 20.0, "p95": 75.0, "max": 80.0}
-    fresh = {"scale": "small", "scenarios": {"freshness": {
-        "latency_seconds": side, "by_side": {"dynamics": side, "marketo": side}, "edits": 10, "arrived": 10,
-        "rate_per_second": 1.0, "duration_seconds": 10.0, "calls_per_edit": {"marketo": 0.5, "dynamics": 0.7},
-        "runs": {"SUCCESS": 2}}}}
+    fresh = {
+        "scale": "small",
+        "scenarios": {
+            "freshness": {
+                "latency_seconds": side,
+                "by_side": {"dynamics": side, "marketo": side},
+                "edits": 10,
+                "arrived": 10,
+                "rate_per_second": 1.0,
+                "duration_seconds": 10.0,
+                "calls_per_edit": {"marketo": 0.5, "dynamics": 0.7},
+                "runs": {"SUCCESS": 2},
+            }
+        },
+    }
     latest = merge_latest(path, fresh)
     assert set(latest["scales"]["small"]["scenarios"]) == {"incremental", "realistic", "freshness"}
     rows = {r["measure"]: r for r in evaluate(latest) if r["measure"].startswith("edit-to-other-side")}

@@ -32,10 +32,21 @@ def invoke(*args: str) -> click.testing.Result:  # noqa: F821
 
 def clients(sb: Sandbox) -> tuple[DynamicsClient, MarketoClient]:
     s = sb.settings()
-    return (DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],
-                           s["DYNAMICS_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"]),
-            MarketoClient(s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"],
-                          verify=s.get("SYNC_CA_BUNDLE") or True))
+    return (
+        DynamicsClient(
+            s["DYNAMICS_URL"],
+            s["DYNAMICS_AUTHORITY"],
+            s["DYNAMICS_CLIENT_ID"],
+            s["DYNAMICS_CLIENT_SECRET"],
+            verify=s["SYNC_CA_BUNDLE"],
+        ),
+        MarketoClient(
+            s["MARKETO_BASE_URL"],
+            s["MARKETO_CLIENT_ID"],
+            s["MARKETO_CLIENT_SECRET"],
+            verify=s.get("SYNC_CA_BUNDLE") or True,
+        ),
+    )
 
 
 @pytest.fixture
@@ -51,7 +62,8 @@ def example_org(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[San
 
 
 def test_init_on_the_generated_org_reproduces_the_packaged_mapping_and_syncs_the_same(
-        harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "entities.yaml"
     result = invoke("init", "--out", str(out))
     assert result.exit_code == 0, result.output
@@ -70,7 +82,8 @@ def test_init_on_the_generated_org_reproduces_the_packaged_mapping_and_syncs_the
 
 
 def test_init_maps_custom_tables_and_columns_and_creates_only_the_missing_fields(
-        example_org: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example_org: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sb = example_org
     out = tmp_path / "entities.yaml"
     result = invoke("init", "--out", str(out))
@@ -78,15 +91,23 @@ def test_init_maps_custom_tables_and_columns_and_creates_only_the_missing_fields
     assert "nickname" in result.output and "--create-marketo-fields" in result.output
     config = load_config(out)
     event = config.entity("event")
-    assert (event.dynamics.table, event.marketo.object, event.marketo.key) == ("new_event", "event_c", "eventId")
+    assert (event.dynamics.table, event.marketo.object, event.marketo.key) == (
+        "new_event",
+        "event_c",
+        "eventId",
+    )
     assert event.sync_filter_column is None  # the table has no new_synctomkto
     assert [(f.marketo, f.dynamics, f.transform, f.target) for f in event.fields] == [
-        ("name", "new_name", "text", None), ("venue", "new_venue", "text", None),
-        ("attendees", "new_attendees", "integer", None), ("eventDate", "new_eventdate", "datetime", None),
-        ("companyId", "new_accountid", "lookup", "account")]
+        ("name", "new_name", "text", None),
+        ("venue", "new_venue", "text", None),
+        ("attendees", "new_attendees", "integer", None),
+        ("eventDate", "new_eventdate", "datetime", None),
+        ("companyId", "new_accountid", "lookup", "account"),
+    ]
     for person in ("lead", "contact"):
         assert ("favoriteColor", "new_favoritecolor", "picklist") in {
-            (f.marketo, f.dynamics, f.transform) for f in config.entity(person).all_fields}
+            (f.marketo, f.dynamics, f.transform) for f in config.entity(person).all_fields
+        }
     assert "nickname" not in {f.marketo for f in config.entity("lead").all_fields}
     assert "# custom column new_nickname (Nickname): no Marketo lead field" in out.read_text()
 
@@ -98,9 +119,14 @@ def test_init_maps_custom_tables_and_columns_and_creates_only_the_missing_fields
     assert result.exit_code == 0, result.output
     fields = {f["name"]: f for f in mclient.describe2()["fields"]}
     assert set(fields) - before == {"nickname"}
-    assert (fields["nickname"]["dataType"], fields["nickname"]["length"], fields["nickname"]["displayName"]) == (
-        "string", 40, "Nickname")
-    assert ("nickname", "new_nickname") in {(f.marketo, f.dynamics) for f in load_config(out).entity("lead").all_fields}
+    assert (
+        fields["nickname"]["dataType"],
+        fields["nickname"]["length"],
+        fields["nickname"]["displayName"],
+    ) == ("string", 40, "Nickname")
+    assert ("nickname", "new_nickname") in {
+        (f.marketo, f.dynamics) for f in load_config(out).entity("lead").all_fields
+    }
     assert "none missing" in invoke("init", "--out", str(out), "--create-marketo-fields").output
 
     # The generated mapping syncs this org: every event, the custom picklist's labels from the org.
@@ -131,8 +157,9 @@ def test_rerunning_init_shows_a_diff_and_keeps_the_users_edits(example_org: Sand
     # The org changes: an admin adds a column the custom object has a field for.
     # (event_c has no field for it, so it is reported, not mapped.)
     events = example_org.schema.tables["new_event"]
-    example_org.schema.tables["new_event"] = replace(events, columns=events.columns + (
-        Column("new_capacity", "Integer", display_name="Capacity"),))
+    example_org.schema.tables["new_event"] = replace(
+        events, columns=events.columns + (Column("new_capacity", "Integer", display_name="Capacity"),)
+    )
     result = invoke("init", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert out.read_text() == mine  # nothing written without --write
@@ -144,5 +171,7 @@ def test_rerunning_init_shows_a_diff_and_keeps_the_users_edits(example_org: Sand
     assert kept.policy == "hold" and "venue" not in {f.marketo for f in kept.fields}  # the user's edits stay
     assert "new_capacity" in out.read_text()
     # What the user removed is offered as a comment, never mapped again behind their back.
-    assert "# available in the org, not mapped here: - {marketo: venue, dynamics: new_venue}" in out.read_text()
+    assert (
+        "# available in the org, not mapped here: - {marketo: venue, dynamics: new_venue}" in out.read_text()
+    )
     assert (tmp_path / "entities.yaml.bak").read_text() == mine

@@ -38,10 +38,22 @@ def _probe(blocked: tuple[str, ...], commands: list[list[str]]) -> dict[str, lis
 
 def test_without_the_extras_the_commands_that_need_them_name_the_extra(tmp_path) -> None:
     blocked = EXTRAS["sandbox"] + EXTRAS["bench"]
-    out = _probe(blocked, [["sandbox", "--state-dir", str(tmp_path / "sb")], ["demo"],
-                           ["bench", "--scale", "tiny"], ["bench-sandbox"], ["plan", "--help"]])
-    for command, extra in (("sandbox", "sandbox"), ("demo", "sandbox"), ("bench", "sandbox"),
-                           ("bench-sandbox", "sandbox")):
+    out = _probe(
+        blocked,
+        [
+            ["sandbox", "--state-dir", str(tmp_path / "sb")],
+            ["demo"],
+            ["bench", "--scale", "tiny"],
+            ["bench-sandbox"],
+            ["plan", "--help"],
+        ],
+    )
+    for command, extra in (
+        ("sandbox", "sandbox"),
+        ("demo", "sandbox"),
+        ("bench", "sandbox"),
+        ("bench-sandbox", "sandbox"),
+    ):
         code, output = out[command]
         assert code == 1 and f"pip install 'sync-pipeline[{extra}]'" in output, (command, output)
     # Production commands are unaffected.

@@ -12,9 +12,10 @@ from sync_pipeline.cli import main
 from sync_pipeline.cli.ops import REQUIRED_SETTINGS
 
 
-def invoke(*args: str, columns: int = 100,
-           env: dict[str, str | None] | None = None) -> click.testing.Result:  # noqa: F821
-    return CliRunner(env={"COLUMNS": str(columns), **(env or {})}).invoke(main, list(args), catch_exceptions=False)
+def invoke(*args: str, columns: int = 100, env: dict[str, str | None] | None = None) -> click.testing.Result:  # noqa: F821
+    return CliRunner(env={"COLUMNS": str(columns), **(env or {})}).invoke(
+        main, list(args), catch_exceptions=False
+    )
 
 
 def test_plan_without_settings_names_the_variable_in_one_line(tmp_path) -> None:
@@ -24,8 +25,15 @@ def test_plan_without_settings_names_the_variable_in_one_line(tmp_path) -> None:
     assert len(lines) == 1 and "Traceback" not in result.output
     assert lines[0].startswith("Error: missing setting: environment variable DYNAMICS_URL, ")
     assert "MARKETO_CLIENT_SECRET" in lines[0]
-    one = invoke("plan", "--state", str(tmp_path / "s.duckdb"), env={"MARKETO_CLIENT_SECRET": None, **{
-        k: "x" for k in REQUIRED_SETTINGS if k != "MARKETO_CLIENT_SECRET"}})
+    one = invoke(
+        "plan",
+        "--state",
+        str(tmp_path / "s.duckdb"),
+        env={
+            "MARKETO_CLIENT_SECRET": None,
+            **{k: "x" for k in REQUIRED_SETTINGS if k != "MARKETO_CLIENT_SECRET"},
+        },
+    )
     assert one.exit_code == 1 and "environment variable MARKETO_CLIENT_SECRET is not set" in one.output
     assert not (tmp_path / "s.duckdb").exists()
 
@@ -33,22 +41,31 @@ def test_plan_without_settings_names_the_variable_in_one_line(tmp_path) -> None:
 def test_errors_and_status_are_readable_and_complete(harness, tmp_path) -> None:
     sb = harness.sandbox
     assert harness.run("latest").success
-    account_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 LIMIT 1")[0][0]
+    account_id = harness.query(
+        "SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 LIMIT 1"
+    )[0][0]
     long_reason = "field industry: unknown option code 999"
     sb.dynamics_update("account", account_id, {"industrycode": 999})
     assert harness.run("latest").success
     # A quarantined record (the engine files them with a code starting with "quarantine") and a long reason.
-    contact_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'contact' ORDER BY 1 LIMIT 1")[0][0]
-    harness.query("""INSERT INTO failures VALUES ('contact', ?, 'marketo', 'update', NULL, 'email', 'quarantine:email',
+    contact_id = harness.query(
+        "SELECT dynamics_id FROM identity WHERE entity = 'contact' ORDER BY 1 LIMIT 1"
+    )[0][0]
+    harness.query(
+        """INSERT INTO failures VALUES ('contact', ?, 'marketo', 'update', NULL, 'email', 'quarantine:email',
                      ?, 1, now()::TIMESTAMP, now()::TIMESTAMP, now()::TIMESTAMP, true, 'r1')""",
-                  [contact_id, "the email address bounced hard five times in a row; " * 6])
+        [contact_id, "the email address bounced hard five times in a row; " * 6],
+    )
     held = harness.query("SELECT count(*) FROM failures WHERE held")[0][0]
 
     short = invoke("errors")
     assert short.exit_code == 0, short.output
     lines = short.output.splitlines()
     assert max(len(line) for line in lines) <= 100, short.output
-    assert sum(1 for line in lines if account_id in line) == 1 and sum(1 for line in lines if contact_id in line) == 1
+    assert (
+        sum(1 for line in lines if account_id in line) == 1
+        and sum(1 for line in lines if contact_id in line) == 1
+    )
     assert f"Held records ({held};" in short.output and "…" in short.output  # long reasons are shortened
     full = invoke("errors", "--full", columns=400)
     assert long_reason in full.output and "".join(full.output.split()).count("bounced") == 6  # whole, folded
@@ -77,7 +94,10 @@ def test_errors_and_status_are_readable_and_complete(harness, tmp_path) -> None:
 
 def test_initial_copy_refuses_a_synced_store_and_names_an_unreachable_webserver(harness) -> None:
     missing = invoke("initial-copy", "--url", "http://127.0.0.1:9", "--state", str(harness.state_path))
-    assert missing.exit_code == 1 and "cannot reach the Dagster webserver at http://127.0.0.1:9" in missing.output
+    assert (
+        missing.exit_code == 1
+        and "cannot reach the Dagster webserver at http://127.0.0.1:9" in missing.output
+    )
     assert harness.run("latest").success
     done = invoke("initial-copy", "--url", "http://127.0.0.1:9")
     assert done.exit_code == 1 and "already synced" in done.output and "--again" in done.output

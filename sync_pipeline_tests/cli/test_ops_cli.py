@@ -19,8 +19,11 @@ def invoke(*args: str) -> click.testing.Result:  # noqa: F821
 
 
 def linked(harness, entity: str) -> tuple[str, int]:
-    did, mid = harness.query("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active'
-                                ORDER BY dynamics_id LIMIT 1""", [entity])[0]
+    did, mid = harness.query(
+        """SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active'
+                                ORDER BY dynamics_id LIMIT 1""",
+        [entity],
+    )[0]
     return did, int(mid)
 
 
@@ -44,7 +47,9 @@ def test_missing_store_and_bad_usage_are_explained(tmp_path) -> None:
     assert result.exit_code == 2
 
 
-def test_plan_previews_both_directions_without_writing_then_the_sync_does_exactly_that(harness, tmp_path) -> None:
+def test_plan_previews_both_directions_without_writing_then_the_sync_does_exactly_that(
+    harness, tmp_path
+) -> None:
     sb = harness.sandbox
     assert harness.run("latest").success
     contact_id, contact_person = linked(harness, "contact")
@@ -62,9 +67,11 @@ def test_plan_previews_both_directions_without_writing_then_the_sync_does_exactl
     phone = [r for r in rows if r["dynamics_id"] == contact_id and r["field"] == "phone"]
     title = [r for r in rows if r["dynamics_id"] == lead_id and r["field"] == "title"]
     assert [(r["entity"], r["target"], r["op"], r["after"]) for r in phone] == [
-        ("contact", "marketo", "update", "+1 555 0101")]
+        ("contact", "marketo", "update", "+1 555 0101")
+    ]
     assert [(r["entity"], r["target"], r["op"], r["after"]) for r in title] == [
-        ("lead", "dynamics", "update", "Chief Preview Officer")]
+        ("lead", "dynamics", "update", "Chief Preview Officer")
+    ]
     assert all(r["rule"] for r in rows)
     # Nothing was written: not to Marketo, not to Dynamics, not to the ledger.
     assert sb.marketo_get_lead(contact_person).get("phone") != "+1 555 0101"
@@ -74,17 +81,24 @@ def test_plan_previews_both_directions_without_writing_then_the_sync_does_exactl
     # cursors and pending marks are untouched, so the next sync reads the changes itself.
     result = invoke("status")
     assert result.exit_code == 0, result.output
-    status_rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 5}
+    status_rows = {
+        line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 5
+    }
     assert {"systemuser", "account", "lead", "contact", "opportunity", "project"} <= set(status_rows)
     assert harness.query("SELECT name, value FROM cursors ORDER BY name") == cursors_before
     assert harness.query("SELECT count(*) FROM d_contact WHERE pending_seq IS NOT NULL")[0][0] == 0
 
     # The next sync writes what the preview showed.
     assert harness.run("latest").success
-    written = harness.query("""SELECT entity, target, op, field, value_after FROM ledger WHERE dynamics_id IN (?, ?)
-                               AND field IN ('phone', 'title') AND op = 'update'""", [contact_id, lead_id])
-    assert sorted(written) == [("contact", "marketo", "update", "phone", "+1 555 0101"),
-                               ("lead", "dynamics", "update", "title", "Chief Preview Officer")]
+    written = harness.query(
+        """SELECT entity, target, op, field, value_after FROM ledger WHERE dynamics_id IN (?, ?)
+                               AND field IN ('phone', 'title') AND op = 'update'""",
+        [contact_id, lead_id],
+    )
+    assert sorted(written) == [
+        ("contact", "marketo", "update", "phone", "+1 555 0101"),
+        ("lead", "dynamics", "update", "title", "Chief Preview Officer"),
+    ]
     assert sb.marketo_get_lead(contact_person)["phone"] == "+1 555 0101"
     assert harness.query("SELECT count(*) FROM d_contact WHERE pending_seq IS NOT NULL")[0][0] == 0
 
@@ -122,16 +136,22 @@ def test_status_errors_and_release_of_a_held_record(harness) -> None:
     assert result.exit_code == 1 and "no-such-id" in result.output
     result = invoke("errors", "--entity", "account", "--release", account_id)
     assert result.exit_code == 0 and "released 1" in result.output, result.output
-    held, due, attempts = harness.query("""SELECT held, next_attempt_at <= now()::TIMESTAMP, attempts FROM failures
-                                           WHERE dynamics_id = ?""", [account_id])[0]
+    held, due, attempts = harness.query(
+        """SELECT held, next_attempt_at <= now()::TIMESTAMP, attempts FROM failures
+                                           WHERE dynamics_id = ?""",
+        [account_id],
+    )[0]
     assert held is False and due is True
-    assert harness.query("SELECT pending_seq IS NOT NULL FROM d_account WHERE id = ?", [account_id]) == [(True,)]
+    assert harness.query("SELECT pending_seq IS NOT NULL FROM d_account WHERE id = ?", [account_id]) == [
+        (True,)
+    ]
     assert "No held records." in invoke("errors", "--entity", "account").output
 
     # The next plan retries it: the value is still impossible, so it is held again (one attempt more).
     assert harness.run("latest").success
     assert harness.query("SELECT held, attempts FROM failures WHERE dynamics_id = ?", [account_id]) == [
-        (True, attempts + 1)]
+        (True, attempts + 1)
+    ]
     # Fixed in Dynamics and released: written, and no longer listed.
     sb.dynamics_update("account", account_id, {"industrycode": 15})
     assert "released 1 " in invoke("errors", "--entity", "account", "--release-all").output
@@ -174,14 +194,21 @@ def test_rollback_restores_what_a_run_replaced_in_both_systems(harness) -> None:
     assert sb.marketo_get_lead(contact_person).get("phone") == old_phone
     assert sb.dynamics_get("lead", lead_id).get("jobtitle") == old_title
     # (The run may also have absorbed echoes of the first one; only the two edits are asserted here.)
-    rolled = harness.query("""SELECT run_id, entity, target, field, value_before, value_after FROM ledger
+    rolled = harness.query(
+        """SELECT run_id, entity, target, field, value_before, value_after FROM ledger
                               WHERE rule = ? AND dynamics_id IN (?, ?) AND field IN ('phone', 'title')
-                              ORDER BY entity""", [f"rollback:{bad.run_id}", contact_id, lead_id])
+                              ORDER BY entity""",
+        [f"rollback:{bad.run_id}", contact_id, lead_id],
+    )
     assert [(r[1], r[2], r[3], r[4], r[5]) for r in rolled] == [
-        ("contact", "marketo", "phone", "+1 555 0199", old_phone), ("lead", "dynamics", "title", "Accidental Title",
-                                                                   old_title)]
-    assert len({r[0] for r in rolled}) == 1 and rolled[0][0].startswith("rollback-") and \
-        rolled[0][0] in done.output
+        ("contact", "marketo", "phone", "+1 555 0199", old_phone),
+        ("lead", "dynamics", "title", "Accidental Title", old_title),
+    ]
+    assert (
+        len({r[0] for r in rolled}) == 1
+        and rolled[0][0].startswith("rollback-")
+        and rolled[0][0] in done.output
+    )
 
     # Rolling back twice writes nothing: the fields were written again (by the rollback) since.
     again = invoke("rollback", bad.run_id, "--yes")

@@ -10,12 +10,15 @@ from click.testing import CliRunner
 from sync_pipeline.cli import main
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--entity", "contact", "--field", "nope"], "'nope' not mapped"),
-    (["--entity", "account", "--since", "last tuesday"], "expected a date"),
-    (["--entity", "opportunity_role"], "resync 'opportunity'"),
-    (["--entity", "nothing"], "not a configured entity"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--entity", "contact", "--field", "nope"], "'nope' not mapped"),
+        (["--entity", "account", "--since", "last tuesday"], "expected a date"),
+        (["--entity", "opportunity_role"], "resync 'opportunity'"),
+        (["--entity", "nothing"], "not a configured entity"),
+    ],
+)
 def test_usage_errors_name_the_problem(tmp_path: Path, args: list[str], message: str) -> None:
     state = tmp_path / "state.duckdb"
     result = CliRunner().invoke(main, ["resync", *args, "--state", str(state)])

@@ -24,8 +24,9 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
         budget = SharedBudget(cfg["budget_url"], cfg["instance"], **limits)
     else:
         budget = RateGovernor(**limits)
-    client = MarketoClient(cfg["base_url"], cfg["client_id"], cfg["client_secret"], governor=budget,
-                           max_retries=0)  # a refused call surfaces instead of being retried
+    client = MarketoClient(
+        cfg["base_url"], cfg["client_id"], cfg["client_secret"], governor=budget, max_retries=0
+    )  # a refused call surfaces instead of being retried
     client.describe2()  # the token first, so the start is a burst of API calls only
     ok, errors, lock = 0, Counter(), threading.Lock()
 
@@ -40,7 +41,9 @@ def main(cfg: dict[str, Any]) -> dict[str, Any]:
                 with lock:
                     errors[exc.code] += 1
 
-    per_thread = [cfg["calls"] // cfg["threads"] + (i < cfg["calls"] % cfg["threads"]) for i in range(cfg["threads"])]
+    per_thread = [
+        cfg["calls"] // cfg["threads"] + (i < cfg["calls"] % cfg["threads"]) for i in range(cfg["threads"])
+    ]
     time.sleep(max(0.0, cfg["start_at"] - time.time()))  # every process starts its burst at the same moment
     threads = [threading.Thread(target=work, args=(n,)) for n in per_thread]
     for t in threads:

@@ -49,34 +49,59 @@ def sleeps() -> list[float]:
 
 @pytest.fixture
 def client(sb: DynamicsSandbox, ca: SandboxCA, sleeps: list[float]) -> Iterator[DynamicsClient]:
-    with DynamicsClient(sb.api_url, sb.authority, sb.client_id, sb.client_secret, verify=str(ca.ca_path),
-                        timeout_seconds=10, max_retries=4, backoff_base=0.001, sleep=sleeps.append) as c:
+    with DynamicsClient(
+        sb.api_url,
+        sb.authority,
+        sb.client_id,
+        sb.client_secret,
+        verify=str(ca.ca_path),
+        timeout_seconds=10,
+        max_retries=4,
+        backoff_base=0.001,
+        sleep=sleeps.append,
+    ) as c:
         yield c
 
 
-def test_unmodified_msal_gets_a_token(sb: DynamicsSandbox, ca: SandboxCA, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unmodified_msal_gets_a_token(
+    sb: DynamicsSandbox, ca: SandboxCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # requests lets these variables override a session's CA bundle; a real deployment sets neither for MSAL.
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
-    app = msal.ConfidentialClientApplication(sb.client_id, authority=sb.authority, client_credential=sb.client_secret,
-                                             verify=str(ca.ca_path), instance_discovery=False)
+    app = msal.ConfidentialClientApplication(
+        sb.client_id,
+        authority=sb.authority,
+        client_credential=sb.client_secret,
+        verify=str(ca.ca_path),
+        instance_discovery=False,
+    )
     result = app.acquire_token_for_client(scopes=[f"{sb.api_url}/.default"])
     assert result["token_type"] == "Bearer" and result["access_token"]
     info, reason = sb.tokens.check(result["access_token"], sb.api_url)
     assert info is not None and reason == ""
     assert sb.identity_app.calls["identity.openid"] == 1 and sb.identity_app.calls["identity.token"] == 1
-    wrong = msal.ConfidentialClientApplication(sb.client_id, authority=sb.authority, client_credential="nope",
-                                               verify=str(ca.ca_path), instance_discovery=False)
+    wrong = msal.ConfidentialClientApplication(
+        sb.client_id,
+        authority=sb.authority,
+        client_credential="nope",
+        verify=str(ca.ca_path),
+        instance_discovery=False,
+    )
     refused = wrong.acquire_token_for_client(scopes=[f"{sb.api_url}/.default"])
     assert refused["error"] == "invalid_client" and 7000215 in refused["error_codes"]
 
 
 def test_tls_refused_without_ca_bundle_accepted_with_it(sb: DynamicsSandbox, ca: SandboxCA) -> None:
-    with (DynamicsClient(sb.api_url, sb.authority, sb.client_id, sb.client_secret, max_retries=0) as untrusting,
-          pytest.raises(AuthenticationError) as info):
+    with (
+        DynamicsClient(sb.api_url, sb.authority, sb.client_id, sb.client_secret, max_retries=0) as untrusting,
+        pytest.raises(AuthenticationError) as info,
+    ):
         untrusting.whoami()
     assert "CERTIFICATE_VERIFY_FAILED" in str(info.value) and sb.client_secret not in str(info.value)
-    with DynamicsClient(sb.api_url, sb.authority, sb.client_id, sb.client_secret, verify=str(ca.ca_path)) as trusting:
+    with DynamicsClient(
+        sb.api_url, sb.authority, sb.client_id, sb.client_secret, verify=str(ca.ca_path)
+    ) as trusting:
         assert trusting.whoami()["UserId"] == sb.app_user_id
 
 
@@ -124,9 +149,19 @@ def test_429_waits_retry_after(client: DynamicsClient, sb: DynamicsSandbox, slee
     assert sleeps == [7.0, 7.0] and client.calls["retry.429"] == 2
 
 
-@pytest.mark.parametrize("fault", [Fault("status", status=503), Fault("html", status=502), Fault("drop"),
-                                   Fault("truncated"), Fault("malformed")])
-def test_transient_failures_are_retried_on_reads(client: DynamicsClient, sb: DynamicsSandbox, fault: Fault) -> None:
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("status", status=503),
+        Fault("html", status=502),
+        Fault("drop"),
+        Fault("truncated"),
+        Fault("malformed"),
+    ],
+)
+def test_transient_failures_are_retried_on_reads(
+    client: DynamicsClient, sb: DynamicsSandbox, fault: Fault
+) -> None:
     sb.store.bulk_load("lead", [{"lastname": "Only"}])
     sb.api_app.faults.add("dynamics.query", 1.0, fault, count=2)
     pages = list(client.iter_pages("leads", ["lastname"]))
@@ -152,6 +187,7 @@ def test_create_is_idempotent_across_a_dropped_response(client: DynamicsClient, 
         if not dropped:
             dropped.append(resp.status)
             from sync_pipeline.sandbox.http import Response
+
             return Response(close=True)
         return resp
 
@@ -165,8 +201,9 @@ def test_create_is_idempotent_across_a_dropped_response(client: DynamicsClient, 
 
 def test_writes_and_their_errors(client: DynamicsClient, sb: DynamicsSandbox) -> None:
     account = client.create("accounts", {"name": "Acme"})
-    contact = client.create("contacts", {"lastname": "O'Neil", "parentcustomerid_account@odata.bind":
-                                         f"/accounts({account})"})
+    contact = client.create(
+        "contacts", {"lastname": "O'Neil", "parentcustomerid_account@odata.bind": f"/accounts({account})"}
+    )
     row = client.get("contacts", contact, ["lastname", "_parentcustomerid_value"])
     assert row["_parentcustomerid_value"] == account
     client.update("contacts", contact, {"jobtitle": "CFO"}, etag=row["@odata.etag"])
@@ -187,11 +224,16 @@ def test_writes_and_their_errors(client: DynamicsClient, sb: DynamicsSandbox) ->
     client.delete("contacts", missing)
     with pytest.raises(RecordNotFound):
         client.delete("contacts", missing)
-    matches = [r for page in client.iter_pages("contacts", ["lastname"], filter=filter_eq("lastname", "O'Neil"))
-               for r in page]
+    matches = [
+        r
+        for page in client.iter_pages("contacts", ["lastname"], filter=filter_eq("lastname", "O'Neil"))
+        for r in page
+    ]
     assert [r["contactid"] for r in matches] == [contact]
     assert client.count("contacts", filter_eq("lastname", "O'Neil")) == 1
-    assert odata_literal("a'b") == "'a''b'" and odata_literal(None) == "null" and odata_literal(True) == "true"
+    assert (
+        odata_literal("a'b") == "'a''b'" and odata_literal(None) == "null" and odata_literal(True) == "true"
+    )
     with pytest.raises(ValueError):
         filter_eq("lastname eq 'x' or 1", "y")
 
@@ -220,29 +262,48 @@ def test_delta_and_expired_token(client: DynamicsClient, sb: DynamicsSandbox) ->
 
 
 def test_batch_qualify_and_upsert_multiple(client: DynamicsClient, sb: DynamicsSandbox) -> None:
-    responses = client.execute_batch([
-        BatchRequest("POST", "accounts", {"name": "Batch Co"}, content_id="1", changeset="a"),
-        BatchRequest("POST", "contacts", {"lastname": "Ref", "parentcustomerid_account@odata.bind": "$1"},
-                     content_id="2", changeset="a"),
-        BatchRequest("GET", "accounts?$select=name"),
-        BatchRequest("POST", "accounts", {"nope": 1}),
-    ])
+    responses = client.execute_batch(
+        [
+            BatchRequest("POST", "accounts", {"name": "Batch Co"}, content_id="1", changeset="a"),
+            BatchRequest(
+                "POST",
+                "contacts",
+                {"lastname": "Ref", "parentcustomerid_account@odata.bind": "$1"},
+                content_id="2",
+                changeset="a",
+            ),
+            BatchRequest("GET", "accounts?$select=name"),
+            BatchRequest("POST", "accounts", {"nope": 1}),
+        ]
+    )
     assert [r.status for r in responses] == [204, 204, 200, 400]
-    assert responses[2].body["value"][0]["name"] == "Batch Co" and "'nope'" in responses[3].body["error"]["message"]
+    assert (
+        responses[2].body["value"][0]["name"] == "Batch Co"
+        and "'nope'" in responses[3].body["error"]["message"]
+    )
     lead = sb.store.insert("lead", {"lastname": "Lee", "companyname": "Lee Ltd", "statecode": 0})
-    created = client.qualify_lead(lead["leadid"], create_account=True, create_contact=True, create_opportunity=True)
+    created = client.qualify_lead(
+        lead["leadid"], create_account=True, create_contact=True, create_opportunity=True
+    )
     assert set(created) == {"account", "contact", "opportunity"}
     assert sb.store.get("contact", created["contact"])["_originatingleadid_value"] == lead["leadid"]
     ids = [str(uuid.uuid4()) for _ in range(3)]
-    client.upsert_multiple("accounts", "account", [{"accountid": i, "name": f"U{n}"} for n, i in enumerate(ids)])
+    client.upsert_multiple(
+        "accounts", "account", [{"accountid": i, "name": f"U{n}"} for n, i in enumerate(ids)]
+    )
     assert [sb.store.get("account", i)["name"] for i in ids] == ["U0", "U1", "U2"]
     with pytest.raises(DynamicsError) as info:
-        client.upsert_multiple("accounts", "account", [{"accountid": ids[0], "name": "ok"},
-                                                       {"accountid": ids[1], "industrycode": 999}])
+        client.upsert_multiple(
+            "accounts",
+            "account",
+            [{"accountid": ids[0], "name": "ok"}, {"accountid": ids[1], "industrycode": 999}],
+        )
     assert "Targets[1]" in str(info.value) and sb.store.get("account", ids[0])["name"] == "U0"
 
 
-def test_logs_carry_no_secrets(client: DynamicsClient, sb: DynamicsSandbox, caplog: pytest.LogCaptureFixture) -> None:
+def test_logs_carry_no_secrets(
+    client: DynamicsClient, sb: DynamicsSandbox, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.DEBUG):
         client.whoami()
         sb.tokens.revoke_all()
@@ -253,8 +314,14 @@ def test_logs_carry_no_secrets(client: DynamicsClient, sb: DynamicsSandbox, capl
 
 
 def test_resource_builds_and_caches_client(sb: DynamicsSandbox, ca: SandboxCA) -> None:
-    resource = DynamicsResource(url=sb.api_url, authority=sb.authority, client_id=sb.client_id,
-                                client_secret=sb.client_secret, ca_bundle=str(ca.ca_path), page_size=1000)
+    resource = DynamicsResource(
+        url=sb.api_url,
+        authority=sb.authority,
+        client_id=sb.client_id,
+        client_secret=sb.client_secret,
+        ca_bundle=str(ca.ca_path),
+        page_size=1000,
+    )
     first = resource.get_client()
     assert first is resource.get_client() and first.page_size == 1000
     assert first.whoami()["UserId"] == sb.app_user_id

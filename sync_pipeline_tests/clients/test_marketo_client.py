@@ -82,9 +82,13 @@ def test_bad_credentials_name_the_client_not_the_secret(sandbox):
 
 # ---------------------------------------------------------------------- governor, retries, quota
 def test_governor_keeps_four_threads_within_rate_and_concurrency_limits(sandbox):
-    sandbox.set_limits({"calls_per_window": 10, "window_seconds": 2, "concurrent": 3, "latency_seconds": 0.02})
+    sandbox.set_limits(
+        {"calls_per_window": 10, "window_seconds": 2, "concurrent": 3, "latency_seconds": 0.02}
+    )
     governor = RateGovernor(calls_per_window=10, window_seconds=2, max_concurrent=3)
-    clients = [make_client(sandbox, governor=governor) for _ in range(4)]  # four clients, one instance's budget
+    clients = [
+        make_client(sandbox, governor=governor) for _ in range(4)
+    ]  # four clients, one instance's budget
     clients[0].describe2()  # fetch the token once so the burst below is API calls only
     errors: list[BaseException] = []
 
@@ -137,7 +141,9 @@ def test_quota_exhausted_stops_every_caller(sandbox, client):
     with pytest.raises(QuotaExhausted) as err:
         client.activity_types()
     assert err.value.code == "607" and err.value.resets_at is not None
-    other = MarketoClient(sandbox.base_url, sandbox.client_id, sandbox.client_secret, governor=client.governor)
+    other = MarketoClient(
+        sandbox.base_url, sandbox.client_id, sandbox.client_secret, governor=client.governor
+    )
     before = sum(sandbox.app.calls.values())
     with pytest.raises(QuotaExhausted):
         other.describe2()
@@ -180,8 +186,10 @@ def test_partial_failures_are_reported_per_record(sandbox, client):
 
 def test_whole_call_refusal_becomes_per_record_failures(client):
     results = client.sync_leads([{"email": "a@example.com"}, {"email": "b@example.com"}], action="bogus")
-    assert [(r.index, r.status, r.reasons[0]["code"]) for r in results] == [(0, "failed", "1003"),
-                                                                             (1, "failed", "1003")]
+    assert [(r.index, r.status, r.reasons[0]["code"]) for r in results] == [
+        (0, "failed", "1003"),
+        (1, "failed", "1003"),
+    ]
 
 
 def test_oversized_record_fails_alone(sandbox, client):
@@ -193,7 +201,9 @@ def test_oversized_record_fails_alone(sandbox, client):
 
 def test_get_leads_chunks_values_and_posts_long_queries(sandbox, client):
     ids = [f"{i:08d}-aaaa-bbbb-cccc-dddddddddddd" for i in range(650)]
-    sandbox.store.bulk_load("lead", ({"email": f"{i}@example.com", "dynamicsId": d} for i, d in enumerate(ids)))
+    sandbox.store.bulk_load(
+        "lead", ({"email": f"{i}@example.com", "dynamicsId": d} for i, d in enumerate(ids))
+    )
     rows = client.get_leads("dynamicsId", ids + ["missing"], fields=["email", "dynamicsId"])
     assert sorted(r["dynamicsId"] for r in rows) == sorted(ids)
     assert client.calls["leads.get"] >= 3
@@ -201,15 +211,17 @@ def test_get_leads_chunks_values_and_posts_long_queries(sandbox, client):
 
 
 def test_get_leads_splits_queries_matching_over_1000(sandbox, client):
-    sandbox.store.bulk_load("lead", ({"email": f"{i}@example.com", "externalCompanyId": f"C{i % 2}"}
-                                     for i in range(1200)))
+    sandbox.store.bulk_load(
+        "lead", ({"email": f"{i}@example.com", "externalCompanyId": f"C{i % 2}"} for i in range(1200))
+    )
     rows = client.get_leads("externalCompanyId", ["C0", "C1"], fields=["externalCompanyId"])
     assert len(rows) == 1200 and len({r["id"] for r in rows}) == 1200
 
 
 def test_delete_and_merge_leads(sandbox, client):
-    created = client.sync_leads([{"email": "w@example.com"}, {"email": "l@example.com", "title": "CEO"},
-                                 {"email": "d@example.com"}])
+    created = client.sync_leads(
+        [{"email": "w@example.com"}, {"email": "l@example.com", "title": "CEO"}, {"email": "d@example.com"}]
+    )
     w, loser, d = (r.id for r in created)
     client.merge_leads(w, [loser])
     assert sandbox.store.get_lead(w)["title"] == "CEO" and sandbox.store.get_lead(loser) is None
@@ -252,10 +264,16 @@ def test_lead_changes_deleted_leads_and_activities_pages(sandbox, client):
 def test_bulk_lead_and_activity_export_to_file(sandbox, client, tmp_path):
     client.sync_leads([{"email": f"{i}@example.com", "firstName": f"F{i}"} for i in range(50)])
     now = sandbox.clock.now()
-    window = {"startAt": (now - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "endAt": (now + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    status = client.export_to_file("leads", {"updatedAt": window}, tmp_path / "leads.csv",
-                                   fields=["id", "email", "firstName", "lastName"])
+    window = {
+        "startAt": (now - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "endAt": (now + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    status = client.export_to_file(
+        "leads",
+        {"updatedAt": window},
+        tmp_path / "leads.csv",
+        fields=["id", "email", "firstName", "lastName"],
+    )
     rows = list(csv.DictReader(io.StringIO((tmp_path / "leads.csv").read_text())))
     assert status["numberOfRecords"] == len(rows) == 50 and rows[0]["lastName"] == "null"
     job = client.create_activity_export(now - timedelta(hours=1), now + timedelta(minutes=1), [12])
@@ -287,14 +305,17 @@ def test_bulk_import_status_failures_and_warnings(sandbox, client):
 # ---------------------------------------------------------------------- other objects
 def test_objects_describe_query_upsert_delete(sandbox, client):
     assert client.describe_object("companies")["dedupeFields"] == ["externalCompanyId"]
-    comps = client.upsert_objects("companies", [{"externalCompanyId": f"C{i}", "company": f"Co {i}"}
-                                                for i in range(310)])
+    comps = client.upsert_objects(
+        "companies", [{"externalCompanyId": f"C{i}", "company": f"Co {i}"} for i in range(310)]
+    )
     assert sandbox.app.calls["marketo.companies.sync"] == 2 and all(r.status == "created" for r in comps)
     found = client.query_objects("companies", "externalCompanyId", [f"C{i}" for i in range(305)], ["company"])
     assert len(found) == 305
     sp = client.upsert_objects("salespersons", [{"externalSalesPersonId": "U1", "email": "u@x.com"}])
     assert sp[0].status == "created" and isinstance(sp[0].id, int)
-    opp = client.upsert_objects("opportunities", [{"externalOpportunityId": "O1", "name": "Deal"}, {"name": "x"}])
+    opp = client.upsert_objects(
+        "opportunities", [{"externalOpportunityId": "O1", "name": "Deal"}, {"name": "x"}]
+    )
     assert opp[0].status == "created" and opp[1].reasons[0]["code"] == "1002"
     lead = client.sync_leads([{"email": "r@example.com"}])[0].id
     role = {"externalOpportunityId": "O1", "leadId": lead, "role": "Buyer"}
@@ -306,7 +327,9 @@ def test_objects_describe_query_upsert_delete(sandbox, client):
     co = client.upsert_objects("customobjects/dynamicsTeam_c", [{"teamId": "T1", "name": "Sales"}])
     assert co[0].status == "created" and len(co[0].id) == 36
     assert client.describe_object("customobjects/dynamicsTeam_c")["idField"] == "marketoGUID"
-    gone = client.delete_objects("customobjects/dynamicsTeam_c", [{"marketoGUID": co[0].id}], delete_by="idField")
+    gone = client.delete_objects(
+        "customobjects/dynamicsTeam_c", [{"marketoGUID": co[0].id}], delete_by="idField"
+    )
     assert gone[0].status == "deleted" and sandbox.store.count("dynamicsTeam_c") == 0
     with pytest.raises(ValueError, match="unknown Marketo object"):
         client.describe_object("widgets")
@@ -314,8 +337,13 @@ def test_objects_describe_query_upsert_delete(sandbox, client):
 
 # ---------------------------------------------------------------------- resource
 def test_resource_builds_one_cached_client(sandbox):
-    res = MarketoResource(base_url=sandbox.base_url, client_id=sandbox.client_id,
-                          client_secret=sandbox.client_secret, calls_per_20s=40, max_concurrent=4)
+    res = MarketoResource(
+        base_url=sandbox.base_url,
+        client_id=sandbox.client_id,
+        client_secret=sandbox.client_secret,
+        calls_per_20s=40,
+        max_concurrent=4,
+    )
     c = res.get_client()
     assert res.get_client() is c and c.governor.calls_per_window == 40 and c.governor.max_concurrent == 4
     assert c.describe2()["name"] == "API Lead"
@@ -329,8 +357,12 @@ def test_resource_over_tls_with_a_ca_bundle(tmp_path):
     sb = MarketoSandbox().start(ssl=ca.server_context())
     try:
         assert sb.base_url.startswith("https://")
-        res = MarketoResource(base_url=sb.base_url, client_id=sb.client_id, client_secret=sb.client_secret,
-                              ca_bundle=str(ca.ca_path))
+        res = MarketoResource(
+            base_url=sb.base_url,
+            client_id=sb.client_id,
+            client_secret=sb.client_secret,
+            ca_bundle=str(ca.ca_path),
+        )
         assert res.get_client().describe2()["name"] == "API Lead"
         untrusted = MarketoClient(sb.base_url, sb.client_id, sb.client_secret, governor=RateGovernor())
         with pytest.raises(MarketoError, match="identity: tls server certificate not trusted"):
@@ -343,7 +375,11 @@ def test_custom_object_import_and_backoff_polling(sandbox, client):
     job = client.import_custom_objects("project_c", "projectId,name,startDate\nP1,One,\nP2,Two,not a date\n")
     assert job["status"] == "Queued"
     status = client.wait_for_import(job["batchId"], object_name="project_c", first_poll_seconds=0.01)
-    assert (status["status"], status["numOfObjectsProcessed"], status["numOfRowsFailed"]) == ("Complete", 1, 1)
+    assert (status["status"], status["numOfObjectsProcessed"], status["numOfRowsFailed"]) == (
+        "Complete",
+        1,
+        1,
+    )
     assert sandbox.app.calls["marketo.bulk.customobjects.import.status"] == 2  # Importing, then Complete
     assert "P2" in client.import_failures(job["batchId"], "project_c")
     assert client.import_warnings(job["batchId"], "project_c").startswith("projectId,name,startDate,")
@@ -353,8 +389,9 @@ def test_import_queue_keeps_ten_queued_and_waits_out_1016(sandbox, client, tmp_p
     from sync_pipeline.clients.bulk_import import ImportQueue
 
     # Imports take 0.3 s each, 2 at a time; another integration already holds 9 of the 10 queue places.
-    sandbox.set_limits({"bulk_import_concurrent": 2, "bulk_import_queued": 10,
-                                "bulk_processing_seconds": 0.3})
+    sandbox.set_limits(
+        {"bulk_import_concurrent": 2, "bulk_import_queued": 10, "bulk_processing_seconds": 0.3}
+    )
     for i in range(9):
         client.import_leads(f"email\nother{i}@example.com\n")
     queue = ImportQueue(client, lookup_field="email", first_poll_seconds=0.05, max_poll_seconds=0.2)

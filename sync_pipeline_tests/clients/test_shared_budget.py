@@ -33,7 +33,9 @@ REALISTIC = load_schema().raw["limits"]["realistic"]["marketo"]
 
 def _pg_fixture_module() -> Any:
     """The throwaway-PostgreSQL fixture of the deploy tests, reused rather than copied."""
-    spec = importlib.util.spec_from_file_location("_deploy_postgres", HERE.parent / "deploy" / "test_postgres.py")
+    spec = importlib.util.spec_from_file_location(
+        "_deploy_postgres", HERE.parent / "deploy" / "test_postgres.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -92,6 +94,7 @@ def test_concurrency_leases_are_shared_and_expire(tmp_path: Path) -> None:
     assert crashed
     entered = threading.Event()
     with a.slot():
+
         def third() -> None:
             with b.slot():
                 entered.set()
@@ -124,13 +127,18 @@ def test_a_halt_and_a_pause_reach_every_process(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- under Dagster
 def _pg_url(pg: dict[str, str]) -> str:
-    return (f"postgresql+psycopg2://{pg['DAGSTER_PG_USERNAME']}:{pg['DAGSTER_PG_PASSWORD']}@{pg['DAGSTER_PG_HOST']}:"
-            f"{pg['DAGSTER_PG_PORT']}/{pg['DAGSTER_PG_DB']}")
+    return (
+        f"postgresql+psycopg2://{pg['DAGSTER_PG_USERNAME']}:{pg['DAGSTER_PG_PASSWORD']}@{pg['DAGSTER_PG_HOST']}:"
+        f"{pg['DAGSTER_PG_PORT']}/{pg['DAGSTER_PG_DB']}"
+    )
 
 
-def _budget_in_instance_storage(tmp_path: Path, overrides: dict[str, Any] | None, expected_url: str | None) -> None:
+def _budget_in_instance_storage(
+    tmp_path: Path, overrides: dict[str, Any] | None, expected_url: str | None
+) -> None:
     sb = MarketoSandbox().start()
     try:
+
         @dg.asset
         def probe(marketo: MarketoResource) -> dg.MaterializeResult:
             marketo.get_client().describe2()
@@ -182,13 +190,35 @@ def realistic_marketo() -> Iterator[tuple[MarketoSandbox, list[float]]]:
     sb.stop()
 
 
-def _hammer(sb: MarketoSandbox, budget_url: str | None, calls_per_window: int, calls: int) -> list[dict[str, Any]]:
-    cfg = {"base_url": sb.base_url, "client_id": sb.client_id, "client_secret": sb.client_secret,
-           "budget_url": budget_url, "instance": "shared-instance", "calls_per_window": calls_per_window,
-           "window_seconds": 20.0, "max_concurrent": 8, "calls": calls, "threads": 6, "start_at": time.time() + 3.0}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
-    workers = [subprocess.Popen([sys.executable, str(HERE / "budget_worker.py"), json.dumps(cfg)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+def _hammer(
+    sb: MarketoSandbox, budget_url: str | None, calls_per_window: int, calls: int
+) -> list[dict[str, Any]]:
+    cfg = {
+        "base_url": sb.base_url,
+        "client_id": sb.client_id,
+        "client_secret": sb.client_secret,
+        "budget_url": budget_url,
+        "instance": "shared-instance",
+        "calls_per_window": calls_per_window,
+        "window_seconds": 20.0,
+        "max_concurrent": 8,
+        "calls": calls,
+        "threads": 6,
+        "start_at": time.time() + 3.0,
+    }
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])
+    )
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "budget_worker.py"), json.dumps(cfg)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = []
     for w in workers:
         out, err = w.communicate(timeout=180)
@@ -205,8 +235,10 @@ def _shared_run(sb: MarketoSandbox, arrivals: list[float], url: str) -> None:
     results = _hammer(sb, url, calls_per_window=REALISTIC["calls_per_window"], calls=CALLS_EACH)
     elapsed = time.monotonic() - started
     busiest = max_in_any_window(arrivals, REALISTIC["window_seconds"])
-    print(f"shared budget: {len(arrivals)} calls, busiest 20 s window {busiest}, {elapsed:.1f}s, "
-          f"sandbox refusals {dict(sb.gate.rejected)}")
+    print(
+        f"shared budget: {len(arrivals)} calls, busiest 20 s window {busiest}, {elapsed:.1f}s, "
+        f"sandbox refusals {dict(sb.gate.rejected)}"
+    )
     assert [r["errors"] for r in results] == [{}, {}] and sum(r["ok"] for r in results) == 2 * CALLS_EACH
     assert sb.gate.rejected == {}  # never a 606, 615 or 607
     assert len(arrivals) == 2 * (CALLS_EACH + 1)

@@ -53,30 +53,43 @@ class World:
 
     def person_of(self, dynamics_id: str) -> dict[str, Any]:
         found = self.persons_of(dynamics_id)
-        assert len(found) == 1, f"expected one Marketo person with dynamicsId {dynamics_id}, found {len(found)}"
+        assert len(found) == 1, (
+            f"expected one Marketo person with dynamicsId {dynamics_id}, found {len(found)}"
+        )
         return found[0]
 
     def identity(self, entity: str, dynamics_id: str) -> tuple[str, str, str] | None:
-        rows = self.query("SELECT marketo_id, state, how FROM identity WHERE entity = ? AND dynamics_id = ?",
-                          [entity, dynamics_id])
+        rows = self.query(
+            "SELECT marketo_id, state, how FROM identity WHERE entity = ? AND dynamics_id = ?",
+            [entity, dynamics_id],
+        )
         return rows[0] if rows else None
 
     def synced(self, entity: str, n: int, how: str = "created") -> list[str]:
-        rows = self.query("SELECT dynamics_id FROM identity WHERE entity = ? AND state = 'active' AND how = ? "
-                          "ORDER BY dynamics_id", [entity, how])
+        rows = self.query(
+            "SELECT dynamics_id FROM identity WHERE entity = ? AND state = 'active' AND how = ? "
+            "ORDER BY dynamics_id",
+            [entity, how],
+        )
         assert len(rows) >= n, f"the tiny org has too few synced {entity} rows"
         return [r[0] for r in rows[:n]]
 
     def ledger(self, dynamics_id: str) -> list[tuple]:
-        return self.query("SELECT target, op, field, value_before, value_after, rule FROM ledger "
-                          "WHERE dynamics_id = ? ORDER BY seq", [dynamics_id])
+        return self.query(
+            "SELECT target, op, field, value_before, value_after, rule FROM ledger "
+            "WHERE dynamics_id = ? ORDER BY seq",
+            [dynamics_id],
+        )
 
     def check(self, result: Any, entity: str, name: str = "one_person_per_record") -> Any:
         from sync_pipeline.connection.keys import asset_key
         from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
-        evaluations = [e for e in result.get_asset_check_evaluations()
-                       if e.asset_check_key.name == name and e.asset_key == asset_key(CONN, entity, "push")]
+        evaluations = [
+            e
+            for e in result.get_asset_check_evaluations()
+            if e.asset_check_key.name == name and e.asset_key == asset_key(CONN, entity, "push")
+        ]
         assert evaluations, f"check {name} of {entity} did not run"
         return evaluations[-1]
 

@@ -45,15 +45,19 @@ def render(defs: dg.Definitions) -> str:
     lines: list[str] = []
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
         node = graph.get(key)
-        blocking = {spec.key.name for spec in node.assets_def.check_specs if spec.asset_key == key and spec.blocking}
+        blocking = {
+            spec.key.name for spec in node.assets_def.check_specs if spec.asset_key == key and spec.blocking
+        }
         checks = [c.name + (" (blocking)" if c.name in blocking else "") for c in node.check_keys]
-        lines += [f"asset {key.to_user_string()}",
-                  f"  group: {node.group_name}; kinds: {_names(node.kinds)}; pools: {_names(node.pools or ())}",
-                  f"  deps: {_names(parent.to_user_string() for parent in node.parent_keys)}",
-                  f"  partitions: {_partitions(node.partitions_def)}",
-                  f"  backfill policy: {node.backfill_policy or '-'}",
-                  f"  checks: {_names(checks)}",
-                  f"  automation: {_condition(node.automation_condition)}"]
+        lines += [
+            f"asset {key.to_user_string()}",
+            f"  group: {node.group_name}; kinds: {_names(node.kinds)}; pools: {_names(node.pools or ())}",
+            f"  deps: {_names(parent.to_user_string() for parent in node.parent_keys)}",
+            f"  partitions: {_partitions(node.partitions_def)}",
+            f"  backfill policy: {node.backfill_policy or '-'}",
+            f"  checks: {_names(checks)}",
+            f"  automation: {_condition(node.automation_condition)}",
+        ]
     repo = defs.get_repository_def()
     for job in sorted(repo.get_all_jobs(), key=lambda j: j.name):
         if not job.name.startswith("__"):
@@ -61,8 +65,10 @@ def render(defs: dg.Definitions) -> str:
             lines += [f"job {job.name}"] + [f"  {key}" for key in keys]
     for sensor in sorted(repo.sensor_defs, key=lambda s: s.name):
         jobs = _names(j.name for j in sensor.jobs) if sensor.has_jobs else "-"
-        lines.append(f"sensor {sensor.name} ({type(sensor).__name__}): jobs {jobs}; every "
-                     f"{sensor.minimum_interval_seconds} s; default {sensor.default_status.value}")
+        lines.append(
+            f"sensor {sensor.name} ({type(sensor).__name__}): jobs {jobs}; every "
+            f"{sensor.minimum_interval_seconds} s; default {sensor.default_status.value}"
+        )
     for schedule in sorted(repo.schedule_defs, key=lambda s: s.name):
         lines.append(f"schedule {schedule.name}: {schedule.cron_schedule} -> {schedule.job_name}")
     return "\n".join(lines) + "\n"
@@ -75,5 +81,7 @@ def test_the_asset_graph_matches_its_snapshot() -> None:
         SNAPSHOT.write_text(rendered, encoding="utf-8")
     assert SNAPSHOT.exists(), "no snapshot yet: run with SYNC_UPDATE_SNAPSHOTS=1 and commit it"
     expected = SNAPSHOT.read_text(encoding="utf-8")
-    assert rendered == expected, ("the asset graph changed; if intended, regenerate the snapshot with "
-                                  "SYNC_UPDATE_SNAPSHOTS=1 (see this module's docstring) and commit it")
+    assert rendered == expected, (
+        "the asset graph changed; if intended, regenerate the snapshot with "
+        "SYNC_UPDATE_SNAPSHOTS=1 (see this module's docstring) and commit it"
+    )

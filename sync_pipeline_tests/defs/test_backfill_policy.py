@@ -44,10 +44,13 @@ def test_a_year_of_daily_partitions_is_a_handful_of_runs(tmp_path) -> None:
 
     with dg.DagsterInstance.ephemeral() as instance:
         requests = build_run_requests_with_backfill_policies(
-            [AssetKeyPartitionKey(k, p) for k in asset_keys for p in keys], graph, instance)
+            [AssetKeyPartitionKey(k, p) for k in asset_keys for p in keys], graph, instance
+        )
     assert len(requests) == math.ceil(365 / policy.max_partitions_per_run) <= 5
-    ranges = sorted((r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
-                    for r in requests)
+    ranges = sorted(
+        (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+        for r in requests
+    )
     # Contiguous chunks covering the year exactly once, each run carrying every asset of the pipeline.
     assert ranges[0][0] == keys[0] and ranges[-1][1] == keys[-1]
     for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):

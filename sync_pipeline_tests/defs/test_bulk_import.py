@@ -60,7 +60,9 @@ def test_initial_copy_at_small_goes_bulk_under_the_call_bound_and_both_sides_agr
     assert runs.run_sync(instance, scope="latest").success
     calls = {k: v for k, v in sb.calls().items() if k.startswith("marketo.")}
     with state.connect(state_path, read_only=True) as con:
-        created = dict(con.execute("SELECT entity, count(*) FROM identity WHERE how = 'created' GROUP BY 1").fetchall())
+        created = dict(
+            con.execute("SELECT entity, count(*) FROM identity WHERE how = 'created' GROUP BY 1").fetchall()
+        )
         failures = con.execute("SELECT count(*) FROM failures").fetchone()[0]
     persons = created["lead"] + created["contact"]
     assert persons >= 6000 and failures == 0
@@ -75,8 +77,10 @@ def test_initial_copy_at_small_goes_bulk_under_the_call_bound_and_both_sides_agr
     # failures, warnings: <= 7) and one id export (create, enqueue, status, file: 4), + 24 for the rest: the
     # person extract's export windows (4 x 4 calls), describe, paging token, the race read, and the REST updates
     # of persons matched by email (not creates, so never bulk).
-    rest_only = sum(math.ceil(created.get(e, 0) / 300) for e in
-                    ("account", "opportunity", "systemuser", "project", "team", "teammembership"))
+    rest_only = sum(
+        math.ceil(created.get(e, 0) / 300)
+        for e in ("account", "opportunity", "systemuser", "project", "team", "teammembership")
+    )
     bound = rest_only + math.ceil(created["opportunity"] / 300) + 2 * (7 + 4) + 24
     total = marketo_write_calls(calls)
     assert total <= bound, (total, bound, calls)
@@ -86,10 +90,16 @@ def test_initial_copy_at_small_goes_bulk_under_the_call_bound_and_both_sides_agr
     # in the next cycle; then both systems agree field by field.
     assert runs.run_sync(instance, scope="latest").success
     s = sb.settings()
-    dyn = DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],
-                         s["DYNAMICS_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"])
-    mkto = MarketoClient(s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"],
-                         verify=s["SYNC_CA_BUNDLE"])
+    dyn = DynamicsClient(
+        s["DYNAMICS_URL"],
+        s["DYNAMICS_AUTHORITY"],
+        s["DYNAMICS_CLIENT_ID"],
+        s["DYNAMICS_CLIENT_SECRET"],
+        verify=s["SYNC_CA_BUNDLE"],
+    )
+    mkto = MarketoClient(
+        s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"]
+    )
     try:
         assert compare(load_config(os.environ["SYNC_CONFIG"]), dyn, mkto, state_path) == []
     finally:
@@ -97,30 +107,38 @@ def test_initial_copy_at_small_goes_bulk_under_the_call_bound_and_both_sides_agr
         mkto.close()
 
 
-def test_a_row_the_import_rejects_is_held_with_the_reason_and_the_rest_sync(harness, tmp_path, monkeypatch) -> None:
+def test_a_row_the_import_rejects_is_held_with_the_reason_and_the_rest_sync(
+    harness, tmp_path, monkeypatch
+) -> None:
     sb = harness.sandbox
     monkeypatch.setenv("SYNC_CONFIG", str(write_config(tmp_path, threshold=1, max_attempts=1)))
-    bad = sb.dynamics_insert("contact", {"firstname": "Bad", "lastname": "Address",
-                                         "emailaddress1": "not an email address"})["contactid"]
-    good = sb.dynamics_insert("contact", {"firstname": "Good", "lastname": "Address",
-                                          "emailaddress1": "good.address@example.org"})["contactid"]
+    bad = sb.dynamics_insert(
+        "contact", {"firstname": "Bad", "lastname": "Address", "emailaddress1": "not an email address"}
+    )["contactid"]
+    good = sb.dynamics_insert(
+        "contact", {"firstname": "Good", "lastname": "Address", "emailaddress1": "good.address@example.org"}
+    )["contactid"]
     sb.reset_calls()
     assert harness.run("latest").success
     calls = sb.calls()
     assert calls["marketo.bulk.import.create"] >= 2 and calls["marketo.bulk.import.failures"] >= 1
     assert calls["marketo.bulk.customobjects.import.create"] >= 1
-    held = harness.query("SELECT code, message, held, op FROM failures WHERE entity = 'contact' AND dynamics_id = ?",
-                         [bad])
+    held = harness.query(
+        "SELECT code, message, held, op FROM failures WHERE entity = 'contact' AND dynamics_id = ?", [bad]
+    )
     assert len(held) == 1 and held[0][0] == "1001" and "email" in held[0][1].lower() and held[0][2] is True
     assert sb.marketo_find_leads("dynamicsId", bad) == []
     (person,) = sb.marketo_find_leads("dynamicsId", good)
     # The good record went through the same bookkeeping as a REST create: identity, ledger, base and mirror.
-    assert harness.query("SELECT marketo_id, state FROM identity WHERE entity = 'contact' AND dynamics_id = ?",
-                         [good]) == [(str(person), "active")]
-    assert harness.query("SELECT DISTINCT marketo_id FROM ledger WHERE dynamics_id = ? AND op = 'create'",
-                         [good]) == [(str(person),)]
-    assert harness.query("SELECT f_email FROM b_contact WHERE dynamics_id = ?", [good]) == \
-        [("good.address@example.org",)]
+    assert harness.query(
+        "SELECT marketo_id, state FROM identity WHERE entity = 'contact' AND dynamics_id = ?", [good]
+    ) == [(str(person), "active")]
+    assert harness.query(
+        "SELECT DISTINCT marketo_id FROM ledger WHERE dynamics_id = ? AND op = 'create'", [good]
+    ) == [(str(person),)]
+    assert harness.query("SELECT f_email FROM b_contact WHERE dynamics_id = ?", [good]) == [
+        ("good.address@example.org",)
+    ]
     assert harness.query("SELECT f_dynamicsId FROM m_person WHERE id = ?", [person]) == [(good,)]
     # Every other planned person exists exactly once in Marketo.
     dupes = harness.query("""SELECT marketo_id FROM identity WHERE entity IN ('lead', 'contact') AND state = 'active'
@@ -131,7 +149,10 @@ def test_a_row_the_import_rejects_is_held_with_the_reason_and_the_rest_sync(harn
     harness.run("latest")
     before = harness.query("SELECT count(*) FROM ledger WHERE target = 'marketo' AND op = 'create'")[0][0]
     harness.run("latest")
-    assert harness.query("SELECT count(*) FROM ledger WHERE target = 'marketo' AND op = 'create'")[0][0] == before
+    assert (
+        harness.query("SELECT count(*) FROM ledger WHERE target = 'marketo' AND op = 'create'")[0][0]
+        == before
+    )
 
 
 def test_files_marketo_refuses_go_through_rest_in_the_same_run(harness, tmp_path, monkeypatch) -> None:
@@ -139,7 +160,9 @@ def test_files_marketo_refuses_go_through_rest_in_the_same_run(harness, tmp_path
     REST in the same run, with REST's per-record results."""
     sb = harness.sandbox
     monkeypatch.setenv("SYNC_CONFIG", str(write_config(tmp_path, threshold=1)))
-    sb.faults([{"pattern": "marketo.bulk.import.create", "rate": 1.0, "faults": [{"kind": "code", "code": "1003"}]}])
+    sb.faults(
+        [{"pattern": "marketo.bulk.import.create", "rate": 1.0, "faults": [{"kind": "code", "code": "1003"}]}]
+    )
     sb.reset_calls()
     assert harness.run("latest").success
     calls = sb.calls()
@@ -148,8 +171,11 @@ def test_files_marketo_refuses_go_through_rest_in_the_same_run(harness, tmp_path
     assert calls["marketo.bulk.customobjects.import.create"] >= 1  # custom objects were not refused
     assert harness.query("SELECT count(*) FROM failures")[0][0] == 0
     for entity in ("lead", "contact"):
-        linked = harness.query("SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active' "
-                               "AND how = 'created'", [entity])
+        linked = harness.query(
+            "SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active' "
+            "AND how = 'created'",
+            [entity],
+        )
         assert linked
         for did, mid in linked[:20]:
             assert sb.marketo_find_leads("dynamicsId", did) == [int(mid)]

@@ -21,8 +21,13 @@ print(json.dumps({"success": result.success, "run_id": result.run_id, "failures"
 
 
 def start_sync(log_path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", SYNC_ONE_CYCLE], env=dict(os.environ), text=True,
-                            stdout=subprocess.PIPE, stderr=open(log_path, "w"))
+    return subprocess.Popen(
+        [sys.executable, "-c", SYNC_ONE_CYCLE],
+        env=dict(os.environ),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=open(log_path, "w"),
+    )
 
 
 def test_two_concurrent_syncs_on_one_state_file_both_succeed_without_duplicates(harness, tmp_path) -> None:
@@ -42,13 +47,17 @@ def test_two_concurrent_syncs_on_one_state_file_both_succeed_without_duplicates(
     # Every Dynamics record has at most one Marketo person / company; no person carries a Dynamics id twice.
     leads = sb.marketo_rows("lead", limit=100_000)
     assert len(leads) == sb.marketo_count("lead")
-    twice = {k: n for k, n in Counter(r.get("dynamicsId") for r in leads if r.get("dynamicsId")).items() if n > 1}
+    twice = {
+        k: n for k, n in Counter(r.get("dynamicsId") for r in leads if r.get("dynamicsId")).items() if n > 1
+    }
     assert twice == {}
     assert harness.query("""SELECT count(*) FROM (SELECT marketo_id FROM identity WHERE state = 'active'
                             AND entity IN ('lead', 'contact') GROUP BY 1 HAVING count(*) > 1)""") == [(0,)]
     companies = sb.marketo_rows("company", limit=100_000)
     assert len({c["externalCompanyId"] for c in companies}) == len(companies)
-    created = harness.query("SELECT count(*) FROM identity WHERE entity IN ('lead', 'contact') AND how = 'created'")
+    created = harness.query(
+        "SELECT count(*) FROM identity WHERE entity IN ('lead', 'contact') AND how = 'created'"
+    )
     assert sb.marketo_count("lead") - persons_before == created[0][0]
     # And the state converged: a third sync finds both systems in agreement with the store.
     assert harness.run("latest").success

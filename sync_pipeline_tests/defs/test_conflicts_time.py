@@ -26,7 +26,9 @@ def _config(tmp: Path) -> Path:
     raw = yaml.safe_load(DEFAULT_PATH.read_text())
     for e in raw["entities"]:
         if e["name"] == "lead":
-            e["fields"] = copy.deepcopy(e["fields"])  # the person fields are shared with contacts (YAML alias)
+            e["fields"] = copy.deepcopy(
+                e["fields"]
+            )  # the person fields are shared with contacts (YAML alias)
             for f in e["fields"]:
                 if f["marketo"] == "title":
                     f["policy"] = "latest"
@@ -55,12 +57,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # then the push runs.
         p["race_city_before"] = w.person_of(p["l_race"])["city"]
         sb.dynamics_update("lead", p["l_race"], {"address1_city": "Dynamicsford"})
-        w.run("latest", selection=[asset_key(CONN, "lead", "extract"), asset_key(CONN, "person", "extract"),
-                                   asset_key(CONN, "lead", "plan")])
-        p["race_plan"] = w.query("SELECT target, new_value FROM plan WHERE entity = 'lead' AND dynamics_id = ? "
-                                 "AND field = 'city'", [p["l_race"]])
+        w.run(
+            "latest",
+            selection=[
+                asset_key(CONN, "lead", "extract"),
+                asset_key(CONN, "person", "extract"),
+                asset_key(CONN, "lead", "plan"),
+            ],
+        )
+        p["race_plan"] = w.query(
+            "SELECT target, new_value FROM plan WHERE entity = 'lead' AND dynamics_id = ? AND field = 'city'",
+            [p["l_race"]],
+        )
         sb.marketo_update_lead(w.person_of(p["l_race"])["id"], {"city": "Marketoville"})
-        w.run("latest", selection=[asset_key(CONN, "lead", "push"), asset_key(CONN, "lead", "push", "dynamics")])
+        w.run(
+            "latest", selection=[asset_key(CONN, "lead", "push"), asset_key(CONN, "lead", "push", "dynamics")]
+        )
         p["race_after_push"] = w.person_of(p["l_race"])["city"]
         w.run("latest")
         w.run("latest")  # echoes
@@ -73,8 +85,10 @@ def test_latest_is_decided_per_field(world: World) -> None:
     lead = sb.dynamics_get("lead", p["l_latest"])
     assert (lead["jobtitle"], person["title"]) == ("Title from Marketo", "Title from Marketo")
     assert (lead["telephone1"], person["phone"]) == ("+1 555 0404", "+1 555 0404")
-    assert world.query("SELECT target, value_after, rule FROM ledger WHERE dynamics_id = ? AND field = 'title' AND op <> 'create'",
-                       [p["l_latest"]]) == [("dynamics", "Title from Marketo", "conflict:latest")]
+    assert world.query(
+        "SELECT target, value_after, rule FROM ledger WHERE dynamics_id = ? AND field = 'title' AND op <> 'create'",
+        [p["l_latest"]],
+    ) == [("dynamics", "Title from Marketo", "conflict:latest")]
 
 
 def test_marketo_edit_between_plan_and_push_is_not_lost(world: World) -> None:
@@ -83,9 +97,14 @@ def test_marketo_edit_between_plan_and_push_is_not_lost(world: World) -> None:
     assert p["race_after_push"] == "Marketoville"  # the push did not overwrite it
     assert world.person_of(p["l_race"])["city"] == "Marketoville"
     assert sb.dynamics_get("lead", p["l_race"])["address1_city"] == "Marketoville"  # leads: Marketo wins
-    ledger = world.query("SELECT target, op, value_before, value_after, rule FROM ledger WHERE dynamics_id = ? "
-                         "AND field = 'city' AND op <> 'create' ORDER BY seq", [p["l_race"]])
+    ledger = world.query(
+        "SELECT target, op, value_before, value_after, rule FROM ledger WHERE dynamics_id = ? "
+        "AND field = 'city' AND op <> 'create' ORDER BY seq",
+        [p["l_race"]],
+    )
     # The race (before: what Marketo held when the plan was made; after: the marketer's value), then the
     # conflict resolved by the leads' policy on the next plan.
-    assert ledger == [("marketo", "race", p["race_city_before"], "Marketoville", "conflict:marketo_wins"),
-                      ("dynamics", "update", "Dynamicsford", "Marketoville", "conflict:marketo_wins")]
+    assert ledger == [
+        ("marketo", "race", p["race_city_before"], "Marketoville", "conflict:marketo_wins"),
+        ("dynamics", "update", "Dynamicsford", "Marketoville", "conflict:marketo_wins"),
+    ]

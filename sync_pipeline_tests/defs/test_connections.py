@@ -22,23 +22,42 @@ NAMES = ("east", "west")
 def declare(name: str, state_path: Path) -> SyncConnection:
     """What ``defs/<name>/defs.yaml`` declares for a second org pair: its own env var names and state store."""
     up = name.upper()
-    return SyncConnection.model_validate({
-        "name": name, "state_path": str(state_path), "ca_bundle_env": f"{up}_CA_BUNDLE",
-        "dynamics": {"url_env": f"{up}_DYNAMICS_URL", "authority_env": f"{up}_DYNAMICS_AUTHORITY",
-                     "client_id_env": f"{up}_DYNAMICS_CLIENT_ID", "client_secret_env": f"{up}_DYNAMICS_SECRET"},
-        "marketo": {"base_url_env": f"{up}_MARKETO_BASE_URL", "client_id_env": f"{up}_MARKETO_CLIENT_ID",
-                    "client_secret_env": f"{up}_MARKETO_SECRET", "munchkin_id_env": f"{up}_MUNCHKIN_ID"},
-        # Tests launch the runs they measure; a running change sensor would add runs of its own.
-        "automation": {"running": False}})
+    return SyncConnection.model_validate(
+        {
+            "name": name,
+            "state_path": str(state_path),
+            "ca_bundle_env": f"{up}_CA_BUNDLE",
+            "dynamics": {
+                "url_env": f"{up}_DYNAMICS_URL",
+                "authority_env": f"{up}_DYNAMICS_AUTHORITY",
+                "client_id_env": f"{up}_DYNAMICS_CLIENT_ID",
+                "client_secret_env": f"{up}_DYNAMICS_SECRET",
+            },
+            "marketo": {
+                "base_url_env": f"{up}_MARKETO_BASE_URL",
+                "client_id_env": f"{up}_MARKETO_CLIENT_ID",
+                "client_secret_env": f"{up}_MARKETO_SECRET",
+                "munchkin_id_env": f"{up}_MUNCHKIN_ID",
+            },
+            # Tests launch the runs they measure; a running change sensor would add runs of its own.
+            "automation": {"running": False},
+        }
+    )
 
 
 def export(monkeypatch: pytest.MonkeyPatch, name: str, sb: Sandbox) -> None:
     s, up = sb.settings(), name.upper()
-    for ours, theirs in (("CA_BUNDLE", "SYNC_CA_BUNDLE"), ("DYNAMICS_URL", "DYNAMICS_URL"),
-                         ("DYNAMICS_AUTHORITY", "DYNAMICS_AUTHORITY"), ("DYNAMICS_CLIENT_ID", "DYNAMICS_CLIENT_ID"),
-                         ("DYNAMICS_SECRET", "DYNAMICS_CLIENT_SECRET"), ("MARKETO_BASE_URL", "MARKETO_BASE_URL"),
-                         ("MARKETO_CLIENT_ID", "MARKETO_CLIENT_ID"), ("MARKETO_SECRET", "MARKETO_CLIENT_SECRET"),
-                         ("MUNCHKIN_ID", "MARKETO_MUNCHKIN_ID")):
+    for ours, theirs in (
+        ("CA_BUNDLE", "SYNC_CA_BUNDLE"),
+        ("DYNAMICS_URL", "DYNAMICS_URL"),
+        ("DYNAMICS_AUTHORITY", "DYNAMICS_AUTHORITY"),
+        ("DYNAMICS_CLIENT_ID", "DYNAMICS_CLIENT_ID"),
+        ("DYNAMICS_SECRET", "DYNAMICS_CLIENT_SECRET"),
+        ("MARKETO_BASE_URL", "MARKETO_BASE_URL"),
+        ("MARKETO_CLIENT_ID", "MARKETO_CLIENT_ID"),
+        ("MARKETO_SECRET", "MARKETO_CLIENT_SECRET"),
+        ("MUNCHKIN_ID", "MARKETO_MUNCHKIN_ID"),
+    ):
         monkeypatch.setenv(f"{up}_{ours}", s[theirs])
     # The shipped connection's variables stay unset: a connection reading them would fail, not cross over.
     for theirs in s:
@@ -53,18 +72,21 @@ def test_two_connections_sync_concurrently_without_touching_each_other(tmp_path:
             export(monkeypatch, name, sb)
         specs = {name: declare(name, tmp_path / f"{name}.duckdb") for name in NAMES}
         # One code location holding both: no key, job, sensor, op, pool or resource name collides.
-        defs = dg.Definitions.merge(*(s.definitions() for s in specs.values()),
-                                    dg.Definitions(executor=dg.in_process_executor))
+        defs = dg.Definitions.merge(
+            *(s.definitions() for s in specs.values()), dg.Definitions(executor=dg.in_process_executor)
+        )
         repo = defs.get_repository_def()
         assert {connection_of(k) for k in defs.resolve_asset_graph().get_all_asset_keys()} == set(NAMES)
         assert {j.name for j in repo.get_all_jobs() if not j.name.startswith("__")} >= {
-            f"{n}__{j}" for n in NAMES for j in ("sync", "resync", "validate")}
-        assert {s.name for s in repo.sensor_defs} == {f"{n}__{s}" for n in NAMES
-                                                      for s in ("change_sensor", "alert_on_failure",
-                                                                "alert_on_held_records")}
+            f"{n}__{j}" for n in NAMES for j in ("sync", "resync", "validate")
+        }
+        assert {s.name for s in repo.sensor_defs} == {
+            f"{n}__{s}" for n in NAMES for s in ("change_sensor", "alert_on_failure", "alert_on_held_records")
+        }
         plans = {n: defs.get_assets_def(asset_key(n, "contact", "plan")) for n in NAMES}
         assert {n: {op.pool for op in a.node_def.iterate_op_defs()} for n, a in plans.items()} == {
-            n: {pool(n)} for n in NAMES}
+            n: {pool(n)} for n in NAMES
+        }
 
         before = {name: sb.calls() for name, sb in sandboxes.items()}
         results: dict[str, Any] = {}
@@ -96,8 +118,12 @@ def test_two_connections_sync_concurrently_without_touching_each_other(tmp_path:
         for name, sb in sandboxes.items():
             other = sandboxes["west" if name == "east" else "east"]
             with state.connect(tmp_path / f"{name}.duckdb", read_only=True) as con:
-                linked = dict(con.execute("SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact' "
-                                          "AND state = 'active'").fetchall())
+                linked = dict(
+                    con.execute(
+                        "SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact' "
+                        "AND state = 'active'"
+                    ).fetchall()
+                )
                 run_ids = {r[0] for r in con.execute("SELECT DISTINCT run_id FROM ledger").fetchall()}
             ours = {r["contactid"] for r in sb.dynamics_rows("contact", 100_000)}
             theirs = {r["contactid"] for r in other.dynamics_rows("contact", 100_000)}

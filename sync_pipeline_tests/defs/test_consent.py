@@ -18,17 +18,23 @@ CONSENT = {"unsubscribed": "donotbulkemail", "doNotEmail": "donotemail", "doNotC
 
 def _open_leads(world: World, n: int) -> list[str]:
     sb = world.sandbox
-    leads = [i for i in _with(world, "lead", _synced(world, "lead", n=60), "emailaddress1")
-             if sb.dynamics_get("lead", i).get("statecode", 0) == 0]
+    leads = [
+        i
+        for i in _with(world, "lead", _synced(world, "lead", n=60), "emailaddress1")
+        if sb.dynamics_get("lead", i).get("statecode", 0) == 0
+    ]
     assert len(leads) >= n
     return leads[:n]
 
 
 def _consent_writes(world: World, ids: list[str], value: str) -> list[tuple]:
-    return world.query(f"""SELECT dynamics_id, target, field, value_after, rule FROM ledger
+    return world.query(
+        f"""SELECT dynamics_id, target, field, value_after, rule FROM ledger
         WHERE dynamics_id IN ({", ".join("?" for _ in ids)}) AND field IN
               ('unsubscribed', 'doNotEmail', 'doNotCall', 'doNotFax', 'doNotSendMarketingMaterial')
-          AND op <> 'create' AND value_after IS NOT DISTINCT FROM ?""", [*ids, value])
+          AND op <> 'create' AND value_after IS NOT DISTINCT FROM ?""",
+        [*ids, value],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +45,39 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # Round 1: opt-outs, notes and a home phone on a lead; an opted-out Marketo-only person; a lead's fax
         # consent set both ways at once; a contact opting out on each side.
         p["l_qualify"], p["l_fax"] = _open_leads(w, 2)
-        sb.dynamics_update("lead", p["l_qualify"], {
-            "donotbulkemail": True, "donotemail": True, "donotphone": True, "description": "Call before noon",
-            "telephone2": "+1 555 0142", "preferredcontactmethodcode": 3})
+        sb.dynamics_update(
+            "lead",
+            p["l_qualify"],
+            {
+                "donotbulkemail": True,
+                "donotemail": True,
+                "donotphone": True,
+                "description": "Call before noon",
+                "telephone2": "+1 555 0142",
+                "preferredcontactmethodcode": 3,
+            },
+        )
         p["first_link_email"] = "olga.optout@example.org"
-        p["m_first_link"] = sb.marketo_create_lead({
-            "email": p["first_link_email"], "firstName": "Olga", "lastName": "Optout", "leadScore": 5,
-            "unsubscribed": True, "doNotEmail": True, "doNotCall": True, "personNotes": "Asked for no calls",
-            "homePhone": "+1 555 0177"})["id"]
+        p["m_first_link"] = sb.marketo_create_lead(
+            {
+                "email": p["first_link_email"],
+                "firstName": "Olga",
+                "lastName": "Optout",
+                "leadScore": 5,
+                "unsubscribed": True,
+                "doNotEmail": True,
+                "doNotCall": True,
+                "personNotes": "Asked for no calls",
+                "homePhone": "+1 555 0177",
+            }
+        )["id"]
         sb.dynamics_update("lead", p["l_fax"], {"donotfax": True})
         sb.marketo_update_lead(w.person_of(p["l_fax"])["id"], {"doNotFax": False})
-        contacts = [c for c in _synced(w, "contact", n=40)
-                    if sb.dynamics_get("contact", c).get("donotbulkemail") is False]
+        contacts = [
+            c
+            for c in _synced(w, "contact", n=40)
+            if sb.dynamics_get("contact", c).get("donotbulkemail") is False
+        ]
         p["c_dyn_out_in"], p["c_mkto_out"] = contacts[:2]
         sb.dynamics_update("contact", p["c_dyn_out_in"], {"donotbulkemail": True})
         sb.marketo_update_lead(w.person_of(p["c_mkto_out"])["id"], {"unsubscribed": True})
@@ -61,9 +88,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # consent columns; Dynamics opts the first contact back in; Dynamics edits the second one (Dynamics
         # wins on contacts) without touching consent.
         p["q_created"] = sb.qualify_lead(p["l_qualify"], create_account=True, create_contact=True)
-        p["c_first_link"] = sb.dynamics_insert("contact", {
-            "firstname": "Olga", "lastname": "Optout", "emailaddress1": p["first_link_email"].upper(),
-            "jobtitle": "Buyer"})["contactid"]
+        p["c_first_link"] = sb.dynamics_insert(
+            "contact",
+            {
+                "firstname": "Olga",
+                "lastname": "Optout",
+                "emailaddress1": p["first_link_email"].upper(),
+                "jobtitle": "Buyer",
+            },
+        )["contactid"]
         sb.dynamics_update("contact", p["c_dyn_out_in"], {"donotbulkemail": False})
         sb.dynamics_update("contact", p["c_mkto_out"], {"jobtitle": "Consent Tester"})
         w.run("latest")
@@ -82,15 +115,25 @@ def test_qualified_opted_out_lead_keeps_its_person_opted_out_and_nothing_blanked
         assert person[field] is True, field
     # Fields the new contact did not receive are not blanked on the person ...
     assert (person["personNotes"], person["homePhone"], person["preferredMethodOfContact"]) == (
-        "Call before noon", "+1 555 0142", "Phone")
+        "Call before noon",
+        "+1 555 0142",
+        "Phone",
+    )
     # ... they reach the contact instead, consent included.
     contact = sb.dynamics_get("contact", contact_id)
     assert (contact["donotbulkemail"], contact["donotemail"], contact["donotphone"]) == (True, True, True)
-    assert (contact.get("description"), contact.get("telephone2"), contact.get("preferredcontactmethodcode")) == (
-        "Call before noon", "+1 555 0142", 3)
+    assert (
+        contact.get("description"),
+        contact.get("telephone2"),
+        contact.get("preferredcontactmethodcode"),
+    ) == ("Call before noon", "+1 555 0142", 3)
     # Everything else the person had is unchanged, except the type and id the contact gives it.
-    changed = {k for k in before if k not in ("updatedAt", "dynamicsId", "dynamicsType", "leadStatus",
-                                              "externalCompanyId") and before[k] != person.get(k)}
+    changed = {
+        k
+        for k in before
+        if k not in ("updatedAt", "dynamicsId", "dynamicsType", "leadStatus", "externalCompanyId")
+        and before[k] != person.get(k)
+    }
     assert changed == set()
     assert _consent_writes(world, [contact_id], "false") == []
 
@@ -107,16 +150,20 @@ def test_first_link_by_email_keeps_the_opt_out_and_blanks_nothing(world: World) 
     assert (contact["donotbulkemail"], contact["donotemail"], contact["donotphone"]) == (True, True, True)
     assert (contact.get("description"), contact.get("telephone2")) == ("Asked for no calls", "+1 555 0177")
     assert _consent_writes(world, [p["c_first_link"]], "false") == []
-    assert world.query("SELECT count(*) FROM ledger WHERE dynamics_id = ? AND target = 'marketo' "
-                       "AND value_after IS NULL", [p["c_first_link"]]) == [(0,)]
+    assert world.query(
+        "SELECT count(*) FROM ledger WHERE dynamics_id = ? AND target = 'marketo' AND value_after IS NULL",
+        [p["c_first_link"]],
+    ) == [(0,)]
 
 
 def test_opt_out_wins_a_conflict_even_where_marketo_wins(world: World) -> None:
     sb, p = world.sandbox, world.picks
     assert sb.dynamics_get("lead", p["l_fax"])["donotfax"] is True
     assert world.person_of(p["l_fax"])["doNotFax"] is True
-    assert world.query("SELECT target, value_after, rule FROM ledger WHERE dynamics_id = ? AND field = 'doNotFax' AND op <> 'create'",
-                       [p["l_fax"]]) == [("marketo", "true", "conflict:opt_out_sticky")]
+    assert world.query(
+        "SELECT target, value_after, rule FROM ledger WHERE dynamics_id = ? AND field = 'doNotFax' AND op <> 'create'",
+        [p["l_fax"]],
+    ) == [("marketo", "true", "conflict:opt_out_sticky")]
 
 
 def test_opt_out_stays_when_the_other_side_edits_something_else(world: World) -> None:
@@ -131,6 +178,10 @@ def test_an_opt_in_flows_from_the_side_that_opted_back_in(world: World) -> None:
     sb, p = world.sandbox, world.picks
     assert sb.dynamics_get("contact", p["c_dyn_out_in"])["donotbulkemail"] is False
     assert world.person_of(p["c_dyn_out_in"])["unsubscribed"] is False
-    assert [r[1:] for r in world.query(
-        "SELECT seq, target, value_after FROM ledger WHERE dynamics_id = ? AND field = 'unsubscribed' AND op <> 'create' ORDER BY seq",
-        [p["c_dyn_out_in"]])] == [("marketo", "true"), ("marketo", "false")]
+    assert [
+        r[1:]
+        for r in world.query(
+            "SELECT seq, target, value_after FROM ledger WHERE dynamics_id = ? AND field = 'unsubscribed' AND op <> 'create' ORDER BY seq",
+            [p["c_dyn_out_in"]],
+        )
+    ] == [("marketo", "true"), ("marketo", "false")]

@@ -21,8 +21,11 @@ def test_every_entity_has_extract_plan_push_with_metadata() -> None:
     graph = defs.resolve_asset_graph()
     keys = set(graph.get_all_asset_keys())
     for e in config.entities:
-        assert {asset_key(CONN, e.derived_from or e.name, "extract"), asset_key(CONN, e.name, "plan"),
-                asset_key(CONN, e.name, "push")} <= keys, e.name
+        assert {
+            asset_key(CONN, e.derived_from or e.name, "extract"),
+            asset_key(CONN, e.name, "plan"),
+            asset_key(CONN, e.name, "push"),
+        } <= keys, e.name
         if e.is_person:
             assert asset_key(CONN, e.name, "push", "dynamics") in keys
     assert asset_key(CONN, "person", "extract") in keys
@@ -38,8 +41,14 @@ def test_every_entity_has_extract_plan_push_with_metadata() -> None:
 
 def test_dagster_definitions_validate_passes_on_workspace() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_")}
-    proc = subprocess.run([str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w",
-                           "workspace.yaml"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("dagster")), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Validation successful" in proc.stdout + proc.stderr
 
@@ -51,6 +60,7 @@ def test_load_order_puts_referenced_objects_first() -> None:
     assert asset_key(CONN, "systemuser", "push") in up(asset_key(CONN, "account", "push"))
     assert asset_key(CONN, "account", "push") in up(asset_key(CONN, "contact", "push"))
     assert {asset_key(CONN, "opportunity", "push"), asset_key(CONN, "contact", "push")} <= up(
-        asset_key(CONN, "opportunity_role", "plan"))
+        asset_key(CONN, "opportunity_role", "plan")
+    )
     # qualification: the lead's person exists first
     assert asset_key(CONN, "lead", "push") in up(asset_key(CONN, "contact", "plan"))

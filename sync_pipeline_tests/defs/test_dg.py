@@ -29,8 +29,12 @@ def test_dg_list_defs_and_check_defs() -> None:
     listed = dg("list", "defs")
     assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
     out = listed.stdout
-    for key in (asset_key(CONN, "contact", "extract"), asset_key(CONN, "contact", "plan"),
-                asset_key(CONN, "contact", "push"), asset_key(CONN, "contact", "push", "dynamics")):
+    for key in (
+        asset_key(CONN, "contact", "extract"),
+        asset_key(CONN, "contact", "plan"),
+        asset_key(CONN, "contact", "push"),
+        asset_key(CONN, "contact", "push", "dynamics"),
+    ):
         assert key_name(key) in out, key
     # One trigger path per connection (its change sensor); jobs and sensors are named per connection.
     for name in ("sync", "resync", "validate", "change_sensor", "alert_on_failure", "alert_on_held_records"):
@@ -44,8 +48,15 @@ def test_dg_list_defs_and_check_defs() -> None:
 def test_dg_and_workspace_yaml_use_one_code_location_name() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     lines = (ROOT / "constraints.txt").read_text().splitlines()
-    pins = {line.split("==")[0].lower(): line.split("==")[1] for line in lines if "==" in line and not line.startswith("#")}
-    assert "dagster-dg-cli==1.13.27" in project["project"]["dependencies"] and pins["dagster-dg-cli"] == pins["dagster"]
+    pins = {
+        line.split("==")[0].lower(): line.split("==")[1]
+        for line in lines
+        if "==" in line and not line.startswith("#")
+    }
+    assert (
+        "dagster-dg-cli==1.13.27" in project["project"]["dependencies"]
+        and pins["dagster-dg-cli"] == pins["dagster"]
+    )
     workspace = yaml.safe_load((ROOT / "workspace.yaml").read_text())
     names = [entry["python_module"]["location_name"] for entry in workspace["load_from"]]
     assert names == [project["tool"]["dg"]["project"]["code_location_name"]] == ["sync_pipeline"]
@@ -57,11 +68,12 @@ def test_dagster_yaml_keeps_storage_under_dagster_home_wherever_commands_start(t
     (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import dagster as dg\n"
-            "with dg.DagsterInstance.get() as i:\n"
-            "    print(i.run_storage._conn_string)\n")
+    code = (
+        "import dagster as dg\nwith dg.DagsterInstance.get() as i:\n    print(i.run_storage._conn_string)\n"
+    )
     env = dict(os.environ, DAGSTER_HOME=str(home))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert str(home) in proc.stdout and not any(elsewhere.iterdir())

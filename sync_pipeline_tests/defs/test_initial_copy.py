@@ -9,8 +9,17 @@ MARKETO_BORN = ("company", "opportunity", "opportunityRole")
 
 def _marketo_born(sb: Any) -> dict[str, list[dict[str, Any]]]:
     """The instance's own companies, opportunities and roles (generated with ``mkto-`` keys, not by the sync)."""
-    return {o: sorted((r for r in sb.marketo_rows(o, 1_000_000) if r["externalCompanyId" if o == "company"
-                       else "externalOpportunityId"].startswith("mkto-")), key=repr) for o in MARKETO_BORN}
+    return {
+        o: sorted(
+            (
+                r
+                for r in sb.marketo_rows(o, 1_000_000)
+                if r["externalCompanyId" if o == "company" else "externalOpportunityId"].startswith("mkto-")
+            ),
+            key=repr,
+        )
+        for o in MARKETO_BORN
+    }
 
 
 def test_initial_copy_creates_every_entity_once_and_converges(harness) -> None:
@@ -24,8 +33,11 @@ def test_initial_copy_creates_every_entity_once_and_converges(harness) -> None:
     # Exactly one Marketo company per synced account, keyed by its id; the instance's own companies (and
     # opportunities and roles) are neither duplicated, changed nor deleted.
     synced = {r[0] for r in harness.query("SELECT id FROM d_account WHERE sync_flag IS DISTINCT FROM false")}
-    ours = [c["externalCompanyId"] for c in sb.marketo_rows("company", 1_000_000)
-            if not c["externalCompanyId"].startswith("mkto-")]
+    ours = [
+        c["externalCompanyId"]
+        for c in sb.marketo_rows("company", 1_000_000)
+        if not c["externalCompanyId"].startswith("mkto-")
+    ]
     assert sorted(ours) == sorted(synced)
     assert sb.marketo_count("company") == len(synced) + len(before["company"])
     assert _marketo_born(sb) == before

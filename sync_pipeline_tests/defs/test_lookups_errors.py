@@ -21,12 +21,15 @@ LOOKUP = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 
 
 def _checks(result: Any) -> dict[str, bool]:
-    return {f"{'/'.join(e.asset_key.path)}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()}
+    return {
+        f"{'/'.join(e.asset_key.path)}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()
+    }
 
 
 def _cli(world: World, *args: str) -> str:
     res = CliRunner(env={"COLUMNS": "400", "SYNC_STATE_PATH": str(world.state_path)}).invoke(
-        main, list(args), catch_exceptions=False)
+        main, list(args), catch_exceptions=False
+    )
     assert res.exit_code == 0, res.output
     return res.output
 
@@ -53,11 +56,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # Customer lookups: an existing contact re-parented to a contact, a new contact under a contact.
         p["c_parent"], p["c_reparented"] = _synced(w, "contact", n=2)
         p["reparented_before"] = w.person_of(p["c_reparented"]).get("externalCompanyId")
-        sb.dynamics_update("contact", p["c_reparented"], {
-            "_parentcustomerid_value": p["c_parent"], "_parentcustomerid_value" + LOOKUP: "contact"})
-        p["c_new_under_contact"] = sb.dynamics_insert("contact", {
-            "firstname": "Kim", "lastname": "Kinder", "emailaddress1": "kim.kinder@example.org",
-            "_parentcustomerid_value": p["c_parent"], "_parentcustomerid_value" + LOOKUP: "contact"})["contactid"]
+        sb.dynamics_update(
+            "contact",
+            p["c_reparented"],
+            {"_parentcustomerid_value": p["c_parent"], "_parentcustomerid_value" + LOOKUP: "contact"},
+        )
+        p["c_new_under_contact"] = sb.dynamics_insert(
+            "contact",
+            {
+                "firstname": "Kim",
+                "lastname": "Kinder",
+                "emailaddress1": "kim.kinder@example.org",
+                "_parentcustomerid_value": p["c_parent"],
+                "_parentcustomerid_value" + LOOKUP: "contact",
+            },
+        )["contactid"]
         # Held fields: two leads get a lead source Dynamics has no option for.
         leads = [i for i in _synced(w, "lead", n=20) if sb.dynamics_get("lead", i).get("statecode", 0) == 0]
         p["l_fixed"], p["l_released"] = leads[:2]

@@ -26,8 +26,15 @@ from sync_pipeline.config.model import DEFAULT_PATH, load_config
 from sync_pipeline.sandbox.runner import Sandbox
 
 ALL = 100_000
-OBJECTS = ("salesPerson", "company", "opportunity", "opportunityRole", "dynamicsTeam_c", "dynamicsTeamMember_c",
-           "project_c")
+OBJECTS = (
+    "salesPerson",
+    "company",
+    "opportunity",
+    "opportunityRole",
+    "dynamicsTeam_c",
+    "dynamicsTeamMember_c",
+    "project_c",
+)
 
 
 def _config(path: Path, *, website: bool, title: bool, project: bool, middle_name: str | None = None) -> Path:
@@ -38,8 +45,11 @@ def _config(path: Path, *, website: bool, title: bool, project: bool, middle_nam
     account = ents["account"]
     account["fields"] = [f for f in account["fields"] if website or f["marketo"] != "website"]
     contact = ents["contact"]
-    contact["fields"] = [copy.deepcopy(f) for f in contact["fields"]
-                         if (title or f["marketo"] != "title") and (website or f["marketo"] != "doNotEmail")]
+    contact["fields"] = [
+        copy.deepcopy(f)
+        for f in contact["fields"]
+        if (title or f["marketo"] != "title") and (website or f["marketo"] != "doNotEmail")
+    ]
     for f in contact["fields"]:
         if f["marketo"] == "middleName" and middle_name:
             f["direction"] = middle_name
@@ -74,8 +84,9 @@ class World:
         assert result.success
         return result
 
-    def resync(self, config: Path, entity: str, fields: list[str] | None = None, since: str | None = None
-               ) -> tuple[str, dict[str, Any]]:
+    def resync(
+        self, config: Path, entity: str, fields: list[str] | None = None, since: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
         from sync_pipeline.cli.resync import run_resync
 
         with self.environment(config):
@@ -99,8 +110,11 @@ class World:
         return self.query("SELECT coalesce(max(seq), 0) FROM ledger")[0][0]
 
     def ledger_since(self, seq: int) -> list[tuple]:
-        return self.query("SELECT run_id, entity, dynamics_id, target, op, field, value_before, value_after, rule "
-                          "FROM ledger WHERE seq > ? ORDER BY seq", [seq])
+        return self.query(
+            "SELECT run_id, entity, dynamics_id, target, op, field, value_before, value_after, rule "
+            "FROM ledger WHERE seq > ? ORDER BY seq",
+            [seq],
+        )
 
     def persons_by_dynamics_id(self) -> dict[str, dict[str, Any]]:
         return {p["dynamicsId"]: p for p in self.sandbox.marketo_rows("lead", ALL) if p.get("dynamicsId")}
@@ -109,29 +123,54 @@ class World:
         return {c["externalCompanyId"]: c for c in self.sandbox.marketo_rows("company", ALL)}
 
     def linked(self, entity: str) -> list[tuple[str, str]]:
-        return self.query("SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active' "
-                          "ORDER BY dynamics_id", [entity])
+        return self.query(
+            "SELECT dynamics_id, marketo_id FROM identity WHERE entity = ? AND state = 'active' "
+            "ORDER BY dynamics_id",
+            [entity],
+        )
 
     def writes(self) -> dict[str, int]:
         """API write calls since the last reset, by endpoint (the sandbox's call counters). A Dataverse ``$batch``
         counts only when it carried a write (a run's metadata read is a ``$batch`` of GETs)."""
         calls = self.sandbox.calls()
-        dynamics_wrote = any(v and k.startswith("dynamics.") and k.split(".", 1)[1] in _DYNAMICS_WRITES
-                             for k, v in calls.items())
-        return {k: v for k, v in calls.items()
-                if v and not k.startswith("parts.") and (k.endswith(".sync") or k.endswith(".delete")
-                          or ("batch" in k.lower() and (dynamics_wrote or not k.startswith("dynamics."))))}
+        dynamics_wrote = any(
+            v and k.startswith("dynamics.") and k.split(".", 1)[1] in _DYNAMICS_WRITES
+            for k, v in calls.items()
+        )
+        return {
+            k: v
+            for k, v in calls.items()
+            if v
+            and not k.startswith("parts.")
+            and (
+                k.endswith(".sync")
+                or k.endswith(".delete")
+                or ("batch" in k.lower() and (dynamics_wrote or not k.startswith("dynamics.")))
+            )
+        }
 
 
-_DYNAMICS_WRITES = ("create", "update", "delete", "createmultiple", "updatemultiple", "upsertmultiple", "qualify",
-                    "merge")
+_DYNAMICS_WRITES = (
+    "create",
+    "update",
+    "delete",
+    "createmultiple",
+    "updatemultiple",
+    "upsertmultiple",
+    "qualify",
+    "merge",
+)
 
 
 def _marketo_client(env: dict[str, str]) -> Any:
     from sync_pipeline.clients.marketo import MarketoClient
 
-    return MarketoClient(env["MARKETO_BASE_URL"], env["MARKETO_CLIENT_ID"], env["MARKETO_CLIENT_SECRET"],
-                         verify=env.get("SYNC_CA_BUNDLE") or True)
+    return MarketoClient(
+        env["MARKETO_BASE_URL"],
+        env["MARKETO_CLIENT_ID"],
+        env["MARKETO_CLIENT_SECRET"],
+        verify=env.get("SYNC_CA_BUNDLE") or True,
+    )
 
 
 def _norm(v: Any) -> Any:
@@ -158,7 +197,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             # 1. The initial copy with a mapping lacking website, title and project.
             w.run(v0, "all")
             rec["v0_materializations"] = {
-                "/".join(k.path): v for k, v in _code_versions_in_instance(w.instance).items()}
+                "/".join(k.path): v for k, v in _code_versions_in_instance(w.instance).items()
+            }
             contacts = w.linked("contact")
             accounts = w.linked("account")
             by_did = w.persons_by_dynamics_id()
@@ -178,24 +218,36 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             arows = {r["accountid"]: r for r in sb.dynamics_rows("account", ALL)}
             rec["website_equal"] = [d for d, _ in accounts][:4]
             with contextlib.closing(_marketo_client(env)) as mc:
-                mc.upsert_objects("companies", [{"externalCompanyId": d, "website": arows[d]["website"]}
-                                                for d in rec["website_equal"]], action="updateOnly")
+                mc.upsert_objects(
+                    "companies",
+                    [{"externalCompanyId": d, "website": arows[d]["website"]} for d in rec["website_equal"]],
+                    action="updateOnly",
+                )
             # 2. The mapping gains website and title; an incremental sync (with a real change on a
             #    contact's title and phone) leaves the new fields to their back-fill.
             rec["changed_contact"] = with_title[6]
-            sb.dynamics_update("contact", with_title[6], {"jobtitle": "Changed Before Backfill",
-                                                         "telephone1": "+1 555 0160"})
+            sb.dynamics_update(
+                "contact", with_title[6], {"jobtitle": "Changed Before Backfill", "telephone1": "+1 555 0160"}
+            )
             seq = w.last_seq()
             rec["v1_checks"] = _checks(w.run(v1))
             rec["incremental_v1"] = w.ledger_since(seq)
-            rec["v1_plan_notices"] = w.query("SELECT entity, field, new_value, rule FROM plan WHERE op = 'mapping'")
+            rec["v1_plan_notices"] = w.query(
+                "SELECT entity, field, new_value, rule FROM plan WHERE op = 'mapping'"
+            )
             # 3. Back-fill website (one-way, through the CLI) and title (two-way, through the job).
-            rec["before_title"] = {"dynamics": {r["contactid"]: _norm(r.get("jobtitle"))
-                                                for r in sb.dynamics_rows("contact", ALL)},
-                                   "marketo": {d: p for d, p in w.persons_by_dynamics_id().items()}}
-            rec["before_website"] = {"dynamics": {r["accountid"]: _norm(r.get("website"))
-                                                  for r in sb.dynamics_rows("account", ALL)},
-                                     "marketo": {d: _norm(c.get("website")) for d, c in w.companies().items()}}
+            rec["before_title"] = {
+                "dynamics": {
+                    r["contactid"]: _norm(r.get("jobtitle")) for r in sb.dynamics_rows("contact", ALL)
+                },
+                "marketo": {d: p for d, p in w.persons_by_dynamics_id().items()},
+            }
+            rec["before_website"] = {
+                "dynamics": {
+                    r["accountid"]: _norm(r.get("website")) for r in sb.dynamics_rows("account", ALL)
+                },
+                "marketo": {d: _norm(c.get("website")) for d, c in w.companies().items()},
+            }
             sb.reset_calls()
             seq = w.last_seq()
             rec["website_cli"] = w.cli(v1, "resync", "--entity", "account", "--field", "website")
@@ -206,14 +258,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             rec["title_run"], rec["title_meta"] = w.resync(v1, "contact", ["title"])
             rec["title_calls"] = dict(sb.calls())
             rec["title_ledger"] = w.ledger_since(seq)
-            rec["title_failures"] = w.query("SELECT dynamics_id, target, code, message FROM failures "
-                                            "WHERE entity = 'contact' AND run_id = ?", [rec["title_run"]])
-            rec["after_title"] = {"dynamics": {r["contactid"]: _norm(r.get("jobtitle"))
-                                               for r in sb.dynamics_rows("contact", ALL)},
-                                  "marketo": w.persons_by_dynamics_id()}
-            rec["after_website"] = {"dynamics": {r["accountid"]: _norm(r.get("website"))
-                                                 for r in sb.dynamics_rows("account", ALL)},
-                                    "marketo": {d: _norm(c.get("website")) for d, c in w.companies().items()}}
+            rec["title_failures"] = w.query(
+                "SELECT dynamics_id, target, code, message FROM failures "
+                "WHERE entity = 'contact' AND run_id = ?",
+                [rec["title_run"]],
+            )
+            rec["after_title"] = {
+                "dynamics": {
+                    r["contactid"]: _norm(r.get("jobtitle")) for r in sb.dynamics_rows("contact", ALL)
+                },
+                "marketo": w.persons_by_dynamics_id(),
+            }
+            rec["after_website"] = {
+                "dynamics": {
+                    r["accountid"]: _norm(r.get("website")) for r in sb.dynamics_rows("account", ALL)
+                },
+                "marketo": {d: _norm(c.get("website")) for d, c in w.companies().items()},
+            }
             # A consent field added: the opt-out wins whichever side holds it.
             drows = {r["contactid"]: r for r in sb.dynamics_rows("contact", ALL)}
             opt_in = [d for d, _ in contacts if not drows[d].get("donotemail")][20:22]
@@ -224,9 +285,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             seq = w.last_seq()
             _, rec["consent_meta"] = w.resync(v1, "contact", ["doNotEmail"])
             rec["consent_ledger"] = w.ledger_since(seq)
-            rec["consent_after"] = {"dynamics": {r["contactid"]: r.get("donotemail")
-                                                 for r in sb.dynamics_rows("contact", ALL)},
-                                    "marketo": w.persons_by_dynamics_id()}
+            rec["consent_after"] = {
+                "dynamics": {r["contactid"]: r.get("donotemail") for r in sb.dynamics_rows("contact", ALL)},
+                "marketo": w.persons_by_dynamics_id(),
+            }
             # A second back-fill finds nothing to write.
             sb.reset_calls()
             _, rec["title_again_meta"] = w.resync(v1, "contact", ["title"])
@@ -242,12 +304,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             # 5. title removed: a change to it is no longer written, other fields still are.
             removed = with_title[7]
             rec["removed_contact"] = removed
-            sb.dynamics_update("contact", removed, {"jobtitle": "Changed While Unmapped",
-                                                   "telephone1": "+1 555 0170"})
+            sb.dynamics_update(
+                "contact", removed, {"jobtitle": "Changed While Unmapped", "telephone1": "+1 555 0170"}
+            )
             seq = w.last_seq()
             rec["v2_checks"] = _checks(w.run(v2))
             rec["removed_ledger"] = w.ledger_since(seq)
-            rec["removed_plan_notices"] = w.query("SELECT entity, field, new_value, rule FROM plan WHERE op = 'mapping'")
+            rec["removed_plan_notices"] = w.query(
+                "SELECT entity, field, new_value, rule FROM plan WHERE op = 'mapping'"
+            )
             rec["removed_person"] = w.persons_by_dynamics_id()[removed]
             # 6. title re-added: the back-fill compares against the kept base, so no conflicts.
             seq = w.last_seq()
@@ -262,8 +327,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             older = [d for d, _ in accounts][10:13]
             newer = [d for d, _ in accounts][13:16]
             with contextlib.closing(_marketo_client(env)) as mc:  # Marketo now differs for all six
-                mc.upsert_objects("companies", [{"externalCompanyId": d, "website": f"https://stale{i}.example"}
-                                                for i, d in enumerate(older + newer)], action="updateOnly")
+                mc.upsert_objects(
+                    "companies",
+                    [
+                        {"externalCompanyId": d, "website": f"https://stale{i}.example"}
+                        for i, d in enumerate(older + newer)
+                    ],
+                    action="updateOnly",
+                )
             sb.advance_clock(3600)
             since = sb.now()
             sb.advance_clock(60)
@@ -298,8 +369,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def _checks(result: Any) -> dict[tuple[str, str], tuple[bool, dict[str, Any]]]:
     """(asset key, check name) -> (passed, metadata) of a run's asset checks."""
-    return {("/".join(ev.asset_key.path), ev.check_name): (ev.passed, {k: v.value for k, v in ev.metadata.items()})
-            for ev in result.get_asset_check_evaluations()}
+    return {
+        ("/".join(ev.asset_key.path), ev.check_name): (
+            ev.passed,
+            {k: v.value for k, v in ev.metadata.items()},
+        )
+        for ev in result.get_asset_check_evaluations()
+    }
 
 
 def _code_versions_in_instance(instance: Any) -> dict[Any, str | None]:
@@ -309,8 +385,9 @@ def _code_versions_in_instance(instance: Any) -> dict[Any, str | None]:
     from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
     out = {}
-    for record in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset_key(CONN, "contact", "plan")),
-                                                  limit=1).records:
+    for record in instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key(CONN, "contact", "plan")), limit=1
+    ).records:
         out[record.asset_key] = record.asset_materialization.tags.get("dagster/code_version")
     return out
 
@@ -346,7 +423,9 @@ def test_one_way_backfill_writes_only_companies_that_differed(world: World) -> N
     assert set(rec["website_equal"]).isdisjoint(differing) and differing
     written = {r[2] for r in rec["website_ledger"] if r[4] == "update"}
     assert written == differing
-    assert all(r[5] == "website" and r[8] == "resync:to_marketo" for r in rec["website_ledger"] if r[4] == "update")
+    assert all(
+        r[5] == "website" and r[8] == "resync:to_marketo" for r in rec["website_ledger"] if r[4] == "update"
+    )
     # One Marketo write call per 300 differing companies; nothing else written anywhere.
     writes = {k: v for k, v in rec["website_calls"].items() if k.endswith(".sync") or "batch" in k}
     assert writes == {"marketo.companies.sync": -(-len(differing) // 300)}, writes
@@ -366,13 +445,17 @@ def test_two_way_backfill_every_linked_person_holds_the_value(world: World) -> N
 def test_two_way_backfill_writes_only_records_that_differed(world: World) -> None:
     rec = world.rec
     before = rec["before_title"]
-    differing = {d for d, _ in world.linked("contact")
-                 if _norm(before["marketo"][d].get("title")) != before["dynamics"][d]}
+    differing = {
+        d
+        for d, _ in world.linked("contact")
+        if _norm(before["marketo"][d].get("title")) != before["dynamics"][d]
+    }
     assert set(rec["title_equal"]).isdisjoint(differing)
     written = {r[2] for r in rec["title_ledger"] if r[4] == "update"}
     assert written == differing - {rec["title_too_long"]}
-    assert {r[3] for r in rec["title_ledger"] if r[4] == "update" and r[2] == rec["title_blank_in_dynamics"]} == \
-        {"dynamics"}
+    assert {
+        r[3] for r in rec["title_ledger"] if r[4] == "update" and r[2] == rec["title_blank_in_dynamics"]
+    } == {"dynamics"}
     assert rec["title_meta"]["records_differing"] == len(differing)
     to_marketo = len({r[2] for r in rec["title_ledger"] if r[4] == "update" and r[3] == "marketo"})
     calls = rec["title_calls"]
@@ -405,13 +488,17 @@ def test_added_entity_copies_only_its_records(world: World) -> None:
     rec = world.rec
     assert rec["project_cli"].exit_code == 0, rec["project_cli"].output
     before, after = rec["project_counts"]
-    projects = [r for r in world.sandbox.dynamics_rows("new_project", ALL) if r.get("new_synctomkto") is not False]
+    projects = [
+        r for r in world.sandbox.dynamics_rows("new_project", ALL) if r.get("new_synctomkto") is not False
+    ]
     assert before["project_c"] == 0 and after["project_c"] == len(projects) > 0
-    assert {o: n for o, n in after.items() if o != "project_c"} == {o: n for o, n in before.items()
-                                                                   if o != "project_c"}
+    assert {o: n for o, n in after.items() if o != "project_c"} == {
+        o: n for o, n in before.items() if o != "project_c"
+    }
     assert {r[1] for r in rec["project_ledger"]} == {"project"}
-    assert set(rec["project_writes"]) == {"marketo.customobjects.sync"} or \
-        all("project" in k or "customobjects" in k for k in rec["project_writes"]), rec["project_writes"]
+    assert set(rec["project_writes"]) == {"marketo.customobjects.sync"} or all(
+        "project" in k or "customobjects" in k for k in rec["project_writes"]
+    ), rec["project_writes"]
 
 
 # ---- removing and re-adding a field ---------------------------------------------------------------------
@@ -423,7 +510,9 @@ def test_removed_field_is_no_longer_written_and_the_ledger_says_so(world: World)
     assert not [r for r in led if r[5] == "title" and r[4] != "mapping"]
     assert ("contact", "phone") in {(r[1], r[5]) for r in led if r[4] == "update"}
     assert ("contact", "title", "mapping:removed") in {(r[1], r[5], r[8]) for r in led if r[4] == "mapping"}
-    assert ("contact", "title", "mapping:removed") in {(e, f, rule) for e, f, _, rule in rec["removed_plan_notices"]}
+    assert ("contact", "title", "mapping:removed") in {
+        (e, f, rule) for e, f, _, rule in rec["removed_plan_notices"]
+    }
     assert rec["removed_person"]["title"] != "Changed While Unmapped"
     assert rec["removed_person"]["phone"] == "+1 555 0170"
 
@@ -440,12 +529,16 @@ def test_changes_after_a_mapping_change_carry_the_new_columns(world: World) -> N
 def test_readded_field_backfills_without_conflicts(world: World) -> None:
     rec = world.rec
     assert not [r for r in rec["readded_incremental"] if r[5] == "title" and r[4] != "mapping"]
-    assert ("contact", "title", "mapping:re-added") in {(r[1], r[5], r[8]) for r in rec["readded_incremental"]}
+    assert ("contact", "title", "mapping:re-added") in {
+        (r[1], r[5], r[8]) for r in rec["readded_incremental"]
+    }
     rules = {r[8] for r in rec["readd_ledger"]}
     assert not any("conflict" in r for r in rules), rules
     assert rec["readd_conflicts"] == 0
     # Only the record changed while unmapped differs: the change flows one way, nothing else is written.
-    assert {(r[2], r[3]) for r in rec["readd_ledger"] if r[4] == "update"} == {(rec["removed_contact"], "marketo")}
+    assert {(r[2], r[3]) for r in rec["readd_ledger"] if r[4] == "update"} == {
+        (rec["removed_contact"], "marketo")
+    }
     assert rec["readd_person"]["title"] == "Changed While Unmapped"
 
 
@@ -478,13 +571,24 @@ def test_mapping_is_part_of_the_affected_assets_code_versions(world: World) -> N
 
     old, new = versions(v0), versions(v1)
     changed = {k for k in old if old[k] != new.get(k)}
-    affected = {asset_key(CONN, "contact", "plan"), asset_key(CONN, "contact", "push"),
-                asset_key(CONN, "contact", "push", "dynamics"), asset_key(CONN, "contact", "extract"),
-                asset_key(CONN, "account", "plan"), asset_key(CONN, "account", "push"), asset_key(CONN, "account", "extract")}
+    affected = {
+        asset_key(CONN, "contact", "plan"),
+        asset_key(CONN, "contact", "push"),
+        asset_key(CONN, "contact", "push", "dynamics"),
+        asset_key(CONN, "contact", "extract"),
+        asset_key(CONN, "account", "plan"),
+        asset_key(CONN, "account", "push"),
+        asset_key(CONN, "account", "extract"),
+    }
     assert affected <= changed
-    unaffected = {asset_key(CONN, "lead", "plan"), asset_key(CONN, "lead", "push"),
-                  asset_key(CONN, "systemuser", "plan"), asset_key(CONN, "systemuser", "push"),
-                  asset_key(CONN, "opportunity", "plan"), asset_key(CONN, "person", "extract")}
+    unaffected = {
+        asset_key(CONN, "lead", "plan"),
+        asset_key(CONN, "lead", "push"),
+        asset_key(CONN, "systemuser", "plan"),
+        asset_key(CONN, "systemuser", "push"),
+        asset_key(CONN, "opportunity", "plan"),
+        asset_key(CONN, "person", "extract"),
+    }
     assert not unaffected & changed
     assert all(v and v.startswith("mapping-") for v in new.values())
     # The initial copy recorded the old mapping's version on its materializations: the UI compares them.
@@ -554,11 +658,16 @@ def test_after_a_mapping_change_the_ui_shows_the_entity_assets_stale(world: Worl
     resolver = CachingStaleStatusResolver(world.instance, graph, LoadingContextForTest(world.instance))
 
     def code_causes(key: Any) -> list[str]:
-        return [c.reason for c in resolver.get_stale_causes(key, latest) if c.category == StaleCauseCategory.CODE]
+        return [
+            c.reason for c in resolver.get_stale_causes(key, latest) if c.category == StaleCauseCategory.CODE
+        ]
 
     assert code_causes(asset_key(CONN, "contact", "plan")) == ["has a new code version"]
     assert code_causes(asset_key(CONN, "contact", "push")) == ["has a new code version"]
-    assert code_causes(asset_key(CONN, "lead", "plan")) == [] and code_causes(asset_key(CONN, "account", "push")) == []
+    assert (
+        code_causes(asset_key(CONN, "lead", "plan")) == []
+        and code_causes(asset_key(CONN, "account", "push")) == []
+    )
 
 
 def test_plan_all_reads_every_entity_and_changes_nothing(world: World) -> None:
@@ -572,15 +681,20 @@ def test_plan_all_reads_every_entity_and_changes_nothing(world: World) -> None:
             assert f"{e.name}:" in out.output, e.name
     assert world.ledger_since(seq) == []
     calls = world.sandbox.calls()
-    assert {k: calls[k] - calls_before.get(k, 0) for k in calls
-            if (k.endswith(".sync") or "batch" in k) and calls[k] != calls_before.get(k, 0)} == {}
+    assert {
+        k: calls[k] - calls_before.get(k, 0)
+        for k in calls
+        if (k.endswith(".sync") or "batch" in k) and calls[k] != calls_before.get(k, 0)
+    } == {}
 
 
 def test_the_plan_asset_check_says_which_fields_wait_for_their_backfill(world: World) -> None:
     from sync_pipeline.connection.keys import asset_key
     from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
-    contact, account, lead = ("/".join(asset_key(CONN, e, "plan").path) for e in ("contact", "account", "lead"))
+    contact, account, lead = (
+        "/".join(asset_key(CONN, e, "plan").path) for e in ("contact", "account", "lead")
+    )
     v1, v2 = world.rec["v1_checks"], world.rec["v2_checks"]
     passed, md = v1[(contact, "mapping_backfilled")]
     assert not passed and md["pending_fields"] == "doNotEmail, title"

@@ -23,8 +23,14 @@ import pytest
 from sync_pipeline_tests.defs.sync_world import ALL, World, world_of
 
 # Person fields a duplicate can bring to a winner that lacks them (the first one blank on the winner is used).
-FILLABLE = {"title": "jobtitle", "mobilePhone": "mobilephone", "address2": "address1_line2",
-            "address3": "address1_line3", "middleName": "middlename", "personNotes": "description"}
+FILLABLE = {
+    "title": "jobtitle",
+    "mobilePhone": "mobilephone",
+    "address2": "address1_line2",
+    "address3": "address1_line3",
+    "middleName": "middlename",
+    "personNotes": "description",
+}
 
 
 def _blank_field(person: dict[str, Any]) -> str:
@@ -36,8 +42,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for w in world_of(tmp_path_factory.mktemp("merges")):
         sb, p = w.sandbox, w.p
         w.run("all")
-        every = [r[0] for r in w.query("SELECT dynamics_id FROM identity WHERE entity = 'contact' "
-                                       "AND state = 'active' AND how = 'created' ORDER BY dynamics_id")]
+        every = [
+            r[0]
+            for r in w.query(
+                "SELECT dynamics_id FROM identity WHERE entity = 'contact' "
+                "AND state = 'active' AND how = 'created' ORDER BY dynamics_id"
+            )
+        ]
         # A and E are contacts whose opt-out both sides agree on: it must survive their merges.
         opted_out = [c for c in every if sb.dynamics_get("contact", c).get("donotbulkemail")]
         assert len(opted_out) >= 2, "the tiny org needs two synced contacts that opted out"
@@ -50,15 +61,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         p["pid"] = pid
 
         # A: contact A's person loses a merge to a Marketo-only person.
-        winner = sb.marketo_create_lead({"email": "winnie.winner@example.com", "firstName": "Winnie",
-                                         "lastName": "Winner", "unsubscribed": False})
+        winner = sb.marketo_create_lead(
+            {
+                "email": "winnie.winner@example.com",
+                "firstName": "Winnie",
+                "lastName": "Winner",
+                "unsubscribed": False,
+            }
+        )
         p["wA"] = winner["id"]
         sb.marketo_merge_leads(p["wA"], [pid["cA"]])
         p["wA_after_merge"] = sb.marketo_get_lead(p["wA"])
 
         # B: a Marketo-only duplicate merged into contact B's person; it fills a field B's person lacks.
         p["fieldB"] = _blank_field(sb.marketo_get_lead(pid["cB"]))
-        dup = sb.marketo_create_lead({"email": "dup.b@example.com", "lastName": "Dupe", p["fieldB"]: "From the dupe"})
+        dup = sb.marketo_create_lead(
+            {"email": "dup.b@example.com", "lastName": "Dupe", p["fieldB"]: "From the dupe"}
+        )
         p["dupB"] = dup["id"]
         sb.marketo_merge_leads(pid["cB"], [p["dupB"]])
 
@@ -70,16 +89,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         sb.dynamics_merge("lead", p["lG1"], p["lG2"])
         # E: a synced contact merged into a contact created after the last sync (never synced itself).
         row = sb.dynamics_get("contact", p["cE"])
-        p["mE"] = sb.dynamics_insert("contact", {"lastname": row.get("lastname") or "Master",
-                                                 "firstname": "Master", "jobtitle": "Merged Master",
-                                                 "donotbulkemail": False})["contactid"]
+        p["mE"] = sb.dynamics_insert(
+            "contact",
+            {
+                "lastname": row.get("lastname") or "Master",
+                "firstname": "Master",
+                "jobtitle": "Merged Master",
+                "donotbulkemail": False,
+            },
+        )["contactid"]
         sb.dynamics_merge("contact", p["mE"], p["cE"])
         # F: two accounts; the subordinate's contacts are re-parented to the master.
         accounts = w.synced("account", 2)
         p["aF1"], p["aF2"] = accounts
-        children = [c["contactid"] for c in sb.dynamics_rows("contact", ALL)
-                    if c.get("_parentcustomerid_value") == p["aF2"] and not c.get("merged")]
-        p["aF2_children"] = [c for c in children if w.identity("contact", c) and w.identity("contact", c)[1] == "active"]
+        children = [
+            c["contactid"]
+            for c in sb.dynamics_rows("contact", ALL)
+            if c.get("_parentcustomerid_value") == p["aF2"] and not c.get("merged")
+        ]
+        p["aF2_children"] = [
+            c for c in children if w.identity("contact", c) and w.identity("contact", c)[1] == "active"
+        ]
         sb.dynamics_merge("account", p["aF1"], p["aF2"])
         # An unrelated edit must arrive in the same run.
         sb.dynamics_update("contact", p["cU"], {"jobtitle": "Unrelated Edit"})
@@ -103,12 +133,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def test_marketo_merge_moves_the_link_to_the_winner(world: World) -> None:
     p = world.p
-    assert p["wA_after_merge"]["dynamicsId"] == p["cA"]  # what Marketo does: the loser's CRM id fills the winner
+    assert (
+        p["wA_after_merge"]["dynamicsId"] == p["cA"]
+    )  # what Marketo does: the loser's CRM id fills the winner
     assert world.identity("contact", p["cA"])[:2] == (str(p["wA"]), "active")
     # The loser is retired in the mirror: merged into the winner, not a user's delete, not a tombstone.
-    assert world.query("SELECT deleted, merged_into FROM m_person WHERE id = ?", [p["pid"]["cA"]]) == [(True, p["wA"])]
+    assert world.query("SELECT deleted, merged_into FROM m_person WHERE id = ?", [p["pid"]["cA"]]) == [
+        (True, p["wA"])
+    ]
     assert not world.query("SELECT 1 FROM identity WHERE state = 'tombstoned' AND dynamics_id = ?", [p["cA"]])
-    assert ("state", "relink", "marketo_id", str(p["pid"]["cA"]), str(p["wA"]), "marketo_merge") in world.ledger(p["cA"])
+    assert (
+        "state",
+        "relink",
+        "marketo_id",
+        str(p["pid"]["cA"]),
+        str(p["wA"]),
+        "marketo_merge",
+    ) in world.ledger(p["cA"])
     assert not world.query("SELECT * FROM failures WHERE dynamics_id = ?", [p["cA"]])
 
 
@@ -141,10 +182,14 @@ def test_one_merge_never_halts_the_rest(world: World) -> None:
     for entity in ("lead", "contact"):
         evaluation = world.check(p["run1"], entity)
         assert evaluation.passed, evaluation.metadata
-    assert not world.query("SELECT entity, dynamics_id, code FROM failures WHERE starts_with(code, 'quarantine') "
-                           "OR target = 'quarantine'")
+    assert not world.query(
+        "SELECT entity, dynamics_id, code FROM failures WHERE starts_with(code, 'quarantine') "
+        "OR target = 'quarantine'"
+    )
     merged = [p[k] for k in ("cA", "cB", "cC", "lC", "cD1", "cD2", "lG1", "lG2", "cE", "mE", "aF1", "aF2")]
-    assert not world.query("SELECT * FROM failures WHERE dynamics_id IN (SELECT unnest(?::VARCHAR[]))", [merged])
+    assert not world.query(
+        "SELECT * FROM failures WHERE dynamics_id IN (SELECT unnest(?::VARCHAR[]))", [merged]
+    )
 
 
 # ---- Marketo merge, winner linked / both linked -------------------------------------------------------------
@@ -169,16 +214,22 @@ def test_marketo_merge_of_a_lead_and_a_contact_person_keeps_the_contact(world: W
     # The contact's later edit reaches the person; the retired lead's does not.
     assert person["title"] == "Contact C after merge"
     assert not world.persons_of(p["lC"])
-    assert ("state", "merged", "marketo_id", str(winner), str(winner), "marketo_merge") in world.ledger(p["lC"])
+    assert ("state", "merged", "marketo_id", str(winner), str(winner), "marketo_merge") in world.ledger(
+        p["lC"]
+    )
 
 
 def test_no_record_left_pointing_at_a_removed_person(world: World) -> None:
     live = {str(r["id"]) for r in world.sandbox.marketo_rows("lead", ALL)}
-    rows = world.query("SELECT entity, dynamics_id, marketo_id, state FROM identity "
-                       "WHERE entity IN ('lead', 'contact') AND state IN ('active', 'merged') AND marketo_id IS NOT NULL")
+    rows = world.query(
+        "SELECT entity, dynamics_id, marketo_id, state FROM identity "
+        "WHERE entity IN ('lead', 'contact') AND state IN ('active', 'merged') AND marketo_id IS NOT NULL"
+    )
     assert [r for r in rows if r[2] not in live] == []
-    shared = world.query("SELECT marketo_id FROM identity WHERE entity IN ('lead', 'contact') AND state = 'active' "
-                         "GROUP BY marketo_id HAVING count(*) > 1")
+    shared = world.query(
+        "SELECT marketo_id FROM identity WHERE entity IN ('lead', 'contact') AND state = 'active' "
+        "GROUP BY marketo_id HAVING count(*) > 1"
+    )
     assert shared == []
     ids = [r.get("dynamicsId") for r in world.sandbox.marketo_rows("lead", ALL) if r.get("dynamicsId")]
     assert len(ids) == len(set(ids)), "a Dynamics id is carried by two persons"
@@ -188,16 +239,23 @@ def test_no_record_left_pointing_at_a_removed_person(world: World) -> None:
 
 
 @pytest.mark.parametrize("table,master,sub", [("contact", "cD1", "cD2"), ("lead", "lG1", "lG2")])
-def test_dynamics_merge_of_two_synced_records_merges_their_persons(world: World, table: str, master: str,
-                                                                   sub: str) -> None:
+def test_dynamics_merge_of_two_synced_records_merges_their_persons(
+    world: World, table: str, master: str, sub: str
+) -> None:
     p, sb = world.p, world.sandbox
     assert sb.marketo.store.get_lead(p["pid"][sub]) is None  # merged into the master's person in Marketo
     assert world.identity(table, p[master])[:2] == (str(p["pid"][master]), "active")
     assert world.identity(table, p[sub])[1] == "merged"
     assert world.person_of(p[master])["id"] == p["pid"][master]
     assert not world.persons_of(p[sub])
-    assert ("marketo", "merge", "leadIds", str(p["pid"][sub]), str(p["pid"][master]), "dynamics_merge") \
-        in world.ledger(p[sub])
+    assert (
+        "marketo",
+        "merge",
+        "leadIds",
+        str(p["pid"][sub]),
+        str(p["pid"][master]),
+        "dynamics_merge",
+    ) in world.ledger(p[sub])
     if table == "contact":  # the deactivated record's later edit is not synced
         assert sb.marketo_get_lead(p["pid"][master]).get("title") != "Edit of a merged-away contact"
 

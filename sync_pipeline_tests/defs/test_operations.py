@@ -57,8 +57,12 @@ def alert_tick(path: str, cursor: str | None) -> tuple[str, str | None]:
 
 
 def hold_an_account(harness, code: int = 999) -> str:
-    account_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 LIMIT 1")[0][0]
-    harness.sandbox.dynamics_update("account", account_id, {"industrycode": code})  # no such option: rejected, held
+    account_id = harness.query(
+        "SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 LIMIT 1"
+    )[0][0]
+    harness.sandbox.dynamics_update(
+        "account", account_id, {"industrycode": code}
+    )  # no such option: rejected, held
     return account_id
 
 
@@ -83,12 +87,16 @@ def test_plan_between_an_edit_and_the_sensor_does_not_swallow_the_change(harness
     sb = harness.sandbox
     assert harness.run("latest").success  # the initial copy's effect on the latest window (cursors, mirrors)
     quiet = settle(harness, None)
-    contact_id, person = harness.query("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact'
+    contact_id, person = (
+        harness.query("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact'
                                           AND state = 'active' ORDER BY 1 LIMIT 1""")[0]
+    )
     sb.dynamics_update("contact", contact_id, {"telephone1": "+1 555 0150"})
     cursors = harness.query("SELECT name, value FROM cursors ORDER BY name")
 
-    result = CliRunner(env={"COLUMNS": "300"}).invoke(main, ["plan", "--entity", "contact"], catch_exceptions=False)
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(
+        main, ["plan", "--entity", "contact"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     assert "+1 555 0150" in result.output
     assert harness.query("SELECT name, value FROM cursors ORDER BY name") == cursors  # nothing moved
@@ -110,7 +118,9 @@ def test_held_records_show_in_push_metadata_and_checks(harness) -> None:
     push = md[key_name(asset_key(CONN, "account", "push"))]
     assert push["records_held"] == held and push["records_quarantined"] == 0
     assert sum(v for k, v in push.items() if k.startswith("held/")) == held
-    linked = harness.query("SELECT count(*) FROM identity WHERE entity = 'account' AND state = 'active'")[0][0]
+    linked = harness.query("SELECT count(*) FROM identity WHERE entity = 'account' AND state = 'active'")[0][
+        0
+    ]
     assert push["dagster/row_count"] == linked  # the table as it is, not this run's writes
     # Every push asset has a held-records check; the account one is not green.
     checks = {(key_name(e.asset_key), e.check_name): e for e in result.get_asset_check_evaluations()}
@@ -150,7 +160,9 @@ def webhook() -> Iterator[str]:
     server.server_close()
 
 
-def test_held_record_alerts_say_what_happened_and_notify_each_hold_once(harness, webhook, monkeypatch) -> None:
+def test_held_record_alerts_say_what_happened_and_notify_each_hold_once(
+    harness, webhook, monkeypatch
+) -> None:
     path = str(harness.state_path)
     assert "no state store yet" in alert_tick(path, None)[0]
     assert harness.run("latest").success
@@ -187,7 +199,9 @@ def _tick_message(path: str) -> str:
 def test_a_permanent_api_error_fails_in_seconds_naming_its_cause_first(harness) -> None:
     sb = harness.sandbox
     assert harness.run("latest").success
-    account_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 LIMIT 1")[0][0]
+    account_id = harness.query(
+        "SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 LIMIT 1"
+    )[0][0]
     sb.dynamics_update("account", account_id, {"telephone1": "+1 555 0160"})
     # A 403 on every Dataverse query: permanent (no retry fixes permissions).
     sb.faults([{"pattern": "dynamics.query", "rate": 1.0, "faults": [{"kind": "status", "status": 403}]}])
@@ -207,8 +221,11 @@ def test_a_range_run_reports_totals_for_the_range_not_per_partition(harness) -> 
     keys = runs.partition_keys()[-3:]  # a three-partition range ending in the latest window
     result = harness.run(f"{keys[0]}...{keys[-1]}")
     assert result.success
-    events = [ev.materialization for ev in result.get_asset_materialization_events()
-              if ev.materialization.asset_key == asset_key(CONN, "contact", "extract")]
+    events = [
+        ev.materialization
+        for ev in result.get_asset_materialization_events()
+        if ev.materialization.asset_key == asset_key(CONN, "contact", "extract")
+    ]
     assert len(events) == 3
     for m in events:
         assert "rows_read" not in m.metadata and "dagster/row_count" not in m.metadata
@@ -217,5 +234,7 @@ def test_a_range_run_reports_totals_for_the_range_not_per_partition(harness) -> 
     # A single-partition run reports its own numbers and the mirror's size.
     md = runs.materialized_metadata(harness.run("latest"))
     extract = md[key_name(asset_key(CONN, "person", "extract"))]
-    assert extract["dagster/row_count"] == harness.query("SELECT count(*) FROM m_person WHERE NOT deleted")[0][0]
+    assert (
+        extract["dagster/row_count"] == harness.query("SELECT count(*) FROM m_person WHERE NOT deleted")[0][0]
+    )
     assert "rows_read" in extract

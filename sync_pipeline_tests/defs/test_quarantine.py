@@ -22,8 +22,9 @@ from sync_pipeline_tests.defs.sync_world import World, world_of
 def _cli(world: World, *args: str) -> str:
     from sync_pipeline.cli import main
 
-    result = CliRunner(env={"COLUMNS": "400"}).invoke(main, [*args, "--state", str(world.state_path)],
-                                                      catch_exceptions=False)
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(
+        main, [*args, "--state", str(world.state_path)], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -39,24 +40,40 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             WHERE NOT o.deleted ORDER BY o.id LIMIT 1""")[0][0]
         contacts = [c for c in w.synced("contact", 41) if c != p["garbage"]]
         p["dup"], p["vanished"], p["shared"], p["owner"], p["unrelated"], p["lost"] = contacts[:6]
-        p["many"] = contacts[6:6 + QUARANTINE_BLOCK_FLOOR + 5]
+        p["many"] = contacts[6 : 6 + QUARANTINE_BLOCK_FLOOR + 5]
         pid = {k: w.person_of(p[k])["id"] for k in ("dup", "vanished", "shared", "owner", "garbage", "lost")}
         p["pid"] = pid
-        p["roles0"] = [r for r in sb.marketo_rows("opportunityRole", 100_000) if r.get("leadId") == pid["garbage"]]
-        opps = w.query("SELECT dynamics_id FROM identity WHERE entity = 'opportunity' AND state = 'active' "
-                       "ORDER BY dynamics_id LIMIT 1")
+        p["roles0"] = [
+            r for r in sb.marketo_rows("opportunityRole", 100_000) if r.get("leadId") == pid["garbage"]
+        ]
+        opps = w.query(
+            "SELECT dynamics_id FROM identity WHERE entity = 'opportunity' AND state = 'active' "
+            "ORDER BY dynamics_id LIMIT 1"
+        )
         p["opp"] = opps[0][0]
 
         # A marketer copies a synced contact's Dynamics id onto another person: two persons claim it.
-        p["twin"] = sb.marketo_create_lead({"email": "twin@example.com", "lastName": "Twin",
-                                            "dynamicsId": p["dup"], "dynamicsType": "Contact"})["id"]
+        p["twin"] = sb.marketo_create_lead(
+            {
+                "email": "twin@example.com",
+                "lastName": "Twin",
+                "dynamicsId": p["dup"],
+                "dynamicsType": "Contact",
+            }
+        )["id"]
         # Identity rows damaged in the store: a vanished person, a value that is no id, a person owned twice.
-        w.execute("UPDATE identity SET marketo_id = '99999999' WHERE entity = 'contact' AND dynamics_id = ?",
-                  [p["vanished"]])
-        w.execute("UPDATE identity SET marketo_id = 'not-a-person' WHERE entity = 'contact' AND dynamics_id = ?",
-                  [p["garbage"]])
-        w.execute("UPDATE identity SET marketo_id = ? WHERE entity = 'contact' AND dynamics_id = ?",
-                  [str(pid["owner"]), p["shared"]])
+        w.execute(
+            "UPDATE identity SET marketo_id = '99999999' WHERE entity = 'contact' AND dynamics_id = ?",
+            [p["vanished"]],
+        )
+        w.execute(
+            "UPDATE identity SET marketo_id = 'not-a-person' WHERE entity = 'contact' AND dynamics_id = ?",
+            [p["garbage"]],
+        )
+        w.execute(
+            "UPDATE identity SET marketo_id = ? WHERE entity = 'contact' AND dynamics_id = ?",
+            [str(pid["owner"]), p["shared"]],
+        )
         # A person the mirror lost (it still exists in Marketo) is read again: not damage, nothing is held.
         w.execute("DELETE FROM m_person WHERE id = ?", [pid["lost"]])
         sb.dynamics_update("contact", p["lost"], {"jobtitle": "Arrives although the mirror lost its person"})
@@ -66,24 +83,35 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         sb.dynamics_update("contact", p["unrelated"], {"jobtitle": "Arrives despite the damage"})
         sb.dynamics_update("opportunity", p["opp"], {"name": "Opportunity edited next to damage"})
         p["run1"] = w.run("latest")
-        p["failures1"] = w.query("SELECT dynamics_id, code, message, held, target FROM failures "
-                                 "WHERE target = 'quarantine' ORDER BY dynamics_id")
-        p["roles1"] = [r for r in sb.marketo_rows("opportunityRole", 100_000) if r.get("leadId") == pid["garbage"]]
-        p["held_titles1"] = [(r["id"], r["title"]) for r in sb.marketo_rows("lead", 100_000)
-                             if str(r.get("title", "")).startswith("Held edit")]
+        p["failures1"] = w.query(
+            "SELECT dynamics_id, code, message, held, target FROM failures "
+            "WHERE target = 'quarantine' ORDER BY dynamics_id"
+        )
+        p["roles1"] = [
+            r for r in sb.marketo_rows("opportunityRole", 100_000) if r.get("leadId") == pid["garbage"]
+        ]
+        p["held_titles1"] = [
+            (r["id"], r["title"])
+            for r in sb.marketo_rows("lead", 100_000)
+            if str(r.get("title", "")).startswith("Held edit")
+        ]
         p["errors1"] = _cli(w, "errors", "--full")
         p["status1"] = _cli(w, "status")
 
         # Repair: the duplicate person is deleted in Marketo; the next run releases the record by itself.
         sb.marketo_delete_lead(p["twin"])
         p["run2"] = w.run("latest")
-        p["failures2"] = w.query("SELECT dynamics_id, code FROM failures WHERE target = 'quarantine' "
-                                 "ORDER BY dynamics_id")
+        p["failures2"] = w.query(
+            "SELECT dynamics_id, code FROM failures WHERE target = 'quarantine' ORDER BY dynamics_id"
+        )
 
         # Damage that spans the run: more records than the threshold lose their person at once.
         for did in p["many"]:
-            w.execute("UPDATE identity SET marketo_id = '8' || substr(md5(dynamics_id), 1, 6) "
-                      "WHERE entity = 'contact' AND dynamics_id = ?", [did])
+            w.execute(
+                "UPDATE identity SET marketo_id = '8' || substr(md5(dynamics_id), 1, 6) "
+                "WHERE entity = 'contact' AND dynamics_id = ?",
+                [did],
+            )
             sb.dynamics_update("contact", did, {"jobtitle": "Mass damage"})
         p["run3"] = w.run("latest", must_succeed=False)
         yield w
@@ -95,11 +123,13 @@ def _codes(world: World) -> dict[str, str]:
 
 def test_damaged_records_are_quarantined_with_the_reason(world: World) -> None:
     p = world.p
-    assert _codes(world) == {p["dup"]: "quarantine:duplicate_dynamics_id",
-                             p["vanished"]: "quarantine:vanished_person",
-                             p["garbage"]: "quarantine:vanished_person",
-                             p["shared"]: "quarantine:person_shared",
-                             p["owner"]: "quarantine:person_shared"}  # both claim the person: neither writes
+    assert _codes(world) == {
+        p["dup"]: "quarantine:duplicate_dynamics_id",
+        p["vanished"]: "quarantine:vanished_person",
+        p["garbage"]: "quarantine:vanished_person",
+        p["shared"]: "quarantine:person_shared",
+        p["owner"]: "quarantine:person_shared",
+    }  # both claim the person: neither writes
     messages = {did: m for did, _c, m, _h, _t in p["failures1"]}
     assert str(p["twin"]) in messages[p["dup"]] and str(p["pid"]["dup"]) in messages[p["dup"]]
     assert "99999999" in messages[p["vanished"]]
@@ -129,7 +159,9 @@ def test_quarantine_is_visible_in_errors_status_and_the_check(world: World) -> N
     for did, code in _codes(world).items():
         assert did in p["errors1"] and code in p["errors1"]
     lines = p["status1"].splitlines()
-    header = [c.strip() for c in next(line for line in lines if "entity" in line and "held" in line).split("┃")]
+    header = [
+        c.strip() for c in next(line for line in lines if "entity" in line and "held" in line).split("┃")
+    ]
     row = [line for line in lines if "contact " in line and "(Marketo)" not in line]
     cells = [c.strip() for c in row[0].split("│")] if row else []
     assert cells and cells[header.index("held")] == "5", p["status1"]
@@ -158,5 +190,7 @@ def test_damage_spanning_the_run_still_blocks(world: World) -> None:
     assert not evaluation.passed and evaluation.severity.value == "ERROR"
     assert not p["run3"].success
     materialized = {e.asset_key for e in p["run3"].get_asset_materialization_events()}
-    assert asset_key(CONN, "contact", "push", "dynamics") not in materialized  # downstream of the blocking check
+    assert (
+        asset_key(CONN, "contact", "push", "dynamics") not in materialized
+    )  # downstream of the blocking check
     assert asset_key(CONN, "contact", "push") in materialized  # the check runs on what was pushed

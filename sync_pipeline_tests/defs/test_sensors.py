@@ -18,8 +18,13 @@ def tick(harness, cursor: str | None) -> Any:
     """One evaluation with a fresh context (what a restarted daemon does), carrying only the stored cursor."""
     defs = runs.definitions()
     sensor = defs.get_sensor_def(SENSOR)
-    with dg.build_sensor_context(instance=harness.instance, resources=build_resources(runs.connection()),
-                                 cursor=cursor, sensor_name=SENSOR, definitions=defs) as context:
+    with dg.build_sensor_context(
+        instance=harness.instance,
+        resources=build_resources(runs.connection()),
+        cursor=cursor,
+        sensor_name=SENSOR,
+        definitions=defs,
+    ) as context:
         return sensor.evaluate_tick(context)
 
 
@@ -55,7 +60,9 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
     tables = len(harness.query("SELECT name FROM cursors WHERE name LIKE 'dynamics:delta:%'"))
     assert spent.pop("dynamics.batch") == 1 and spent.pop("dynamics.query") == tables
     assert spent.pop("parts.dynamics.batch") == tables  # the delta reads are parts of the one $batch
-    assert spent.pop("marketo.activities.leadchanges") == 1 and spent.pop("marketo.activities.deletedleads") == 1
+    assert (
+        spent.pop("marketo.activities.leadchanges") == 1 and spent.pop("marketo.activities.deletedleads") == 1
+    )
     assert set(spent) <= {"identity.openid", "identity.token", "marketo.identity"}, spent
 
     # A change in Dynamics: a new run key (the stored cursors moved since the first request).
@@ -72,24 +79,33 @@ def test_change_sensor_requests_once_per_change_and_misses_nothing_across_restar
     assert [r.run_key for r in tick(harness, None).run_requests] == [key]
 
     # A change in Marketo is seen too, and after the sync everything is quiet again.
-    lead_person = int(harness.query("SELECT marketo_id FROM identity WHERE entity = 'lead' AND state = 'active' "
-                                    "LIMIT 1")[0][0])
+    lead_person = int(
+        harness.query("SELECT marketo_id FROM identity WHERE entity = 'lead' AND state = 'active' LIMIT 1")[
+            0
+        ][0]
+    )
     sb.marketo_update_lead(lead_person, {"title": "Sensor Watcher"})
     both = tick(harness, changed.cursor)
     assert both.run_requests[0].tags["sync/changed"] == "dynamics:contact,marketo:person"
     assert harness.run("latest").success
     assert settle(harness, both.cursor).skip_message == "no changes"
-    assert harness.query("SELECT count(*) FROM ledger WHERE field = 'phone' AND value_after = '+1 555 0177'") == [(1,)]
+    assert harness.query(
+        "SELECT count(*) FROM ledger WHERE field = 'phone' AND value_after = '+1 555 0177'"
+    ) == [(1,)]
 
 
 def test_change_sensor_skips_while_a_sync_run_is_in_flight(harness) -> None:
     assert harness.run("latest").success  # a synced store (the initial copy done)
     job = runs.definitions().resolve_job_def(sync_job_name(runs.DEFAULT_CONNECTION))
-    run = harness.instance.create_run_for_job(job, run_config={},
-                                              tags={"dagster/partition": runs.partition_keys()[-1]})
+    run = harness.instance.create_run_for_job(
+        job, run_config={}, tags={"dagster/partition": runs.partition_keys()[-1]}
+    )
     data = tick(harness, None)
     assert not data.run_requests and "in flight" in (data.skip_message or "")
     harness.instance.report_run_canceled(run)
-    harness.sandbox.dynamics_update("contact", harness.query("SELECT dynamics_id FROM identity WHERE entity = "
-                                                             "'contact' LIMIT 1")[0][0], {"telephone1": "+1 555 0142"})
+    harness.sandbox.dynamics_update(
+        "contact",
+        harness.query("SELECT dynamics_id FROM identity WHERE entity = 'contact' LIMIT 1")[0][0],
+        {"telephone1": "+1 555 0142"},
+    )
     assert len(tick(harness, None).run_requests) == 1

@@ -25,8 +25,15 @@ from sync_pipeline.sandbox.runner import Sandbox
 
 LOOKUP = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 ALL = 100_000
-OBJECTS = ("salesPerson", "company", "opportunity", "opportunityRole", "dynamicsTeam_c", "dynamicsTeamMember_c",
-           "project_c")
+OBJECTS = (
+    "salesPerson",
+    "company",
+    "opportunity",
+    "opportunityRole",
+    "dynamicsTeam_c",
+    "dynamicsTeamMember_c",
+    "project_c",
+)
 TABLES = ("systemuser", "team", "teammembership", "account", "lead", "contact", "opportunity", "new_project")
 
 
@@ -66,12 +73,16 @@ class World:
 
     def person_of(self, dynamics_id: str) -> dict[str, Any]:
         found = self.persons_of(dynamics_id)
-        assert len(found) == 1, f"expected one Marketo person with dynamicsId {dynamics_id}, found {len(found)}"
+        assert len(found) == 1, (
+            f"expected one Marketo person with dynamicsId {dynamics_id}, found {len(found)}"
+        )
         return found[0]
 
     def identity(self, entity: str, dynamics_id: str) -> tuple[str, str] | None:
-        rows = self.query("SELECT marketo_id, state FROM identity WHERE entity = ? AND dynamics_id = ?",
-                          [entity, dynamics_id])
+        rows = self.query(
+            "SELECT marketo_id, state FROM identity WHERE entity = ? AND dynamics_id = ?",
+            [entity, dynamics_id],
+        )
         return rows[0] if rows else None
 
     def snapshot(self, name: str) -> None:
@@ -97,11 +108,15 @@ def _world(tmp: Path, config_path: Path | None = None) -> Iterator[World]:
         yield world
 
 
-def _synced(world: World, entity: str, how: str = "created", n: int = 1, exclude: set[str] | None = None
-            ) -> list[str]:
+def _synced(
+    world: World, entity: str, how: str = "created", n: int = 1, exclude: set[str] | None = None
+) -> list[str]:
     """Dynamics ids of ``n`` active links of ``entity`` (made ``how``), in a stable order."""
-    rows = world.query("SELECT dynamics_id FROM identity WHERE entity = ? AND state = 'active' AND how = ? "
-                       "ORDER BY dynamics_id", [entity, how])
+    rows = world.query(
+        "SELECT dynamics_id FROM identity WHERE entity = ? AND state = 'active' AND how = ? "
+        "ORDER BY dynamics_id",
+        [entity, how],
+    )
     ids = [r[0] for r in rows if r[0] not in (exclude or set())]
     assert len(ids) >= n, f"the tiny org has too few synced {entity} rows ({how})"
     return ids[:n]
@@ -135,7 +150,8 @@ def default_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         world.run("latest")  # nothing changed since: duplicates nothing
         world.snapshot("cycle2")
         world.picks["cycle2_writes"] = world.query(
-            "SELECT entity, dynamics_id, target, field FROM ledger WHERE seq > ?", [last_seq])
+            "SELECT entity, dynamics_id, target, field FROM ledger WHERE seq > ?", [last_seq]
+        )
         _edit_batch_two(world)
         world.snapshot("after_edits2")
         world.run("latest")
@@ -146,8 +162,12 @@ def default_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
         # Re-run steps on their own: the last plans are applied again (upserts keyed by ids).
-        world.run("latest", selection=[asset_key(CONN, e, "push")
-                                       for e in ("systemuser", "account", "lead", "contact", "project")])
+        world.run(
+            "latest",
+            selection=[
+                asset_key(CONN, e, "push") for e in ("systemuser", "account", "lead", "contact", "project")
+            ],
+        )
         world.snapshot("push_rerun")
         yield world
 
@@ -155,10 +175,20 @@ def default_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def _edit_batch_one(world: World) -> None:
     sb, p = world.sandbox, world.picks
     contacts = _with(world, "contact", _synced(world, "contact", n=40), "address1_city")
-    (p["c_dyn_edit"], p["c_mkto_edit"], p["c_conflict"], p["c_two_fields"], p["c_delete"], p["c_mkto_deleted"],
-     p["c_yes_no"]) = contacts[:7]
-    leads = [i for i in _with(world, "lead", _synced(world, "lead", n=40), "address1_city")
-             if sb.dynamics_get("lead", i).get("statecode", 0) == 0]
+    (
+        p["c_dyn_edit"],
+        p["c_mkto_edit"],
+        p["c_conflict"],
+        p["c_two_fields"],
+        p["c_delete"],
+        p["c_mkto_deleted"],
+        p["c_yes_no"],
+    ) = contacts[:7]
+    leads = [
+        i
+        for i in _with(world, "lead", _synced(world, "lead", n=40), "address1_city")
+        if sb.dynamics_get("lead", i).get("statecode", 0) == 0
+    ]
     p["l_mkto_edit"], p["l_conflict"], p["l_qualify"] = leads[:3]
 
     # Incremental, each way.
@@ -184,33 +214,54 @@ def _edit_batch_one(world: World) -> None:
     sb.marketo_delete_lead(p["c_mkto_deleted_person"])
     p["membership"] = _synced(world, "teammembership")[0]
     sb.dynamics_delete("teammembership", p["membership"])
-    users = [u for u in _synced(world, "systemuser", n=11)
-             if not sb.dynamics_get("systemuser", u).get("applicationid")]
+    users = [
+        u
+        for u in _synced(world, "systemuser", n=11)
+        if not sb.dynamics_get("systemuser", u).get("applicationid")
+    ]
     p["user_deleted"] = users[-1]
     sb.dynamics_delete("systemuser", p["user_deleted"])
     # Sync filter: Yes -> No with a change in the same edit; No -> Yes for a never-synced record; a new
     # record with the flag false.
     sb.dynamics_update("contact", p["c_yes_no"], {"new_synctomkto": False, "telephone1": "+1 555 0122"})
-    excluded = [r["contactid"] for r in world.snaps["initial"]["rows"]["contact"] if r.get("new_synctomkto") is False]
+    excluded = [
+        r["contactid"] for r in world.snaps["initial"]["rows"]["contact"] if r.get("new_synctomkto") is False
+    ]
     assert len(excluded) >= 2, "the tiny org needs two contacts excluded by the sync filter"
     p["c_never_synced"], p["c_no_yes"] = excluded[:2]
     sb.dynamics_update("contact", p["c_no_yes"], {"new_synctomkto": True})
-    p["c_new_excluded"] = sb.dynamics_insert("contact", {
-        "firstname": "Ned", "lastname": "Excluded", "emailaddress1": "ned.excluded@example.org",
-        "new_synctomkto": False})["contactid"]
+    p["c_new_excluded"] = sb.dynamics_insert(
+        "contact",
+        {
+            "firstname": "Ned",
+            "lastname": "Excluded",
+            "emailaddress1": "ned.excluded@example.org",
+            "new_synctomkto": False,
+        },
+    )["contactid"]
     # A new contact under an account; an account edit (one-way entity).
     p["account"] = _synced(world, "account")[0]
-    p["c_new"] = sb.dynamics_insert("contact", {
-        "firstname": "Nina", "lastname": "New", "emailaddress1": "nina.new@example.org",
-        "_parentcustomerid_value": p["account"], "_parentcustomerid_value" + LOOKUP: "account"})["contactid"]
+    p["c_new"] = sb.dynamics_insert(
+        "contact",
+        {
+            "firstname": "Nina",
+            "lastname": "New",
+            "emailaddress1": "nina.new@example.org",
+            "_parentcustomerid_value": p["account"],
+            "_parentcustomerid_value" + LOOKUP: "account",
+        },
+    )["contactid"]
     sb.dynamics_update("account", p["account"], {"telephone1": "+1 555 0199", "numberofemployees": 4321})
     # New Marketo persons: one matches the lead rule (score >= 50, last name), two do not.
-    p["m_match"] = sb.marketo_create_lead({"email": "rita.rule@example.org", "firstName": "Rita",
-                                           "lastName": "Rule", "leadScore": 75})["id"]
-    p["m_low_score"] = sb.marketo_create_lead({"email": "lou.low@example.org", "firstName": "Lou",
-                                               "lastName": "Low", "leadScore": 10})["id"]
-    p["m_no_last"] = sb.marketo_create_lead({"email": "nola@example.org", "firstName": "Nola",
-                                             "leadScore": 90})["id"]
+    p["m_match"] = sb.marketo_create_lead(
+        {"email": "rita.rule@example.org", "firstName": "Rita", "lastName": "Rule", "leadScore": 75}
+    )["id"]
+    p["m_low_score"] = sb.marketo_create_lead(
+        {"email": "lou.low@example.org", "firstName": "Lou", "lastName": "Low", "leadScore": 10}
+    )["id"]
+    p["m_no_last"] = sb.marketo_create_lead(
+        {"email": "nola@example.org", "firstName": "Nola", "leadScore": 90}
+    )["id"]
 
 
 def _edit_batch_two(world: World) -> None:
@@ -229,7 +280,10 @@ def test_initial_copy_users_become_sales_persons(default_world: World) -> None:
     for u in users:
         o = by_key[u["systemuserid"]]
         assert (o.get("email"), o.get("firstName"), o.get("lastName")) == (
-            u.get("internalemailaddress"), u.get("firstname"), u.get("lastname")), u["systemuserid"]
+            u.get("internalemailaddress"),
+            u.get("firstname"),
+            u.get("lastname"),
+        ), u["systemuserid"]
         assert bool(o.get("isDisabled")) == bool(u.get("isdisabled"))
 
 
@@ -254,7 +308,9 @@ def test_initial_copy_accounts_become_companies_with_owner(default_world: World)
     companies = {o["externalCompanyId"]: o for o in snap["objects"]["company"]}
     kinds: Counter[str] = Counter()
     for a in snap["rows"]["account"]:
-        if a.get("new_synctomkto") is False or a["accountid"] == default_world.picks["q_created"].get("account"):
+        if a.get("new_synctomkto") is False or a["accountid"] == default_world.picks["q_created"].get(
+            "account"
+        ):
             continue  # excluded by the filter, or created by the qualification after the initial copy
         o = companies[a["accountid"]]
         assert o["company"] == a["name"]
@@ -280,8 +336,11 @@ def test_initial_copy_leads_and_contacts_become_persons_once(default_world: Worl
                 continue  # converted leads, records created after the initial copy
             p = persons[did]
             assert p["dynamicsType"] == table.title()
-            assert (p.get("email") or "").lower() == (r.get("emailaddress1") or "").strip().lower() or \
-                p.get("email") is None and not r.get("emailaddress1"), did
+            assert (
+                (p.get("email") or "").lower() == (r.get("emailaddress1") or "").strip().lower()
+                or p.get("email") is None
+                and not r.get("emailaddress1")
+            ), did
             assert p.get("lastName") == ((r.get("lastname") or "").strip() or None), did
             checked[table] += 1
     assert checked["lead"] > 50 and checked["contact"] > 50
@@ -311,8 +370,11 @@ def test_initial_copy_opportunities_with_company_via_account_or_contact(default_
 def test_initial_copy_opportunity_contact_roles(default_world: World) -> None:
     snap = default_world.snaps["initial"]
     # The instance's own roles (on its mkto-opp-<seed>-<n> opportunities) are not the sync's.
-    roles = {(r["externalOpportunityId"], r["leadId"], r["role"]) for r in snap["objects"]["opportunityRole"]
-             if not r["externalOpportunityId"].startswith("mkto-")}
+    roles = {
+        (r["externalOpportunityId"], r["leadId"], r["role"])
+        for r in snap["objects"]["opportunityRole"]
+        if not r["externalOpportunityId"].startswith("mkto-")
+    }
     expected = set()
     for r in snap["rows"]["opportunity"]:
         if r.get("_customerid_value" + LOOKUP) != "contact" or r.get("new_synctomkto") is False:
@@ -343,7 +405,9 @@ def test_initial_copy_custom_table_becomes_custom_object(default_world: World) -
 
 def test_first_sync_links_existing_marketo_person_by_email(default_world: World) -> None:
     world = default_world
-    links = world.query("SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact' AND how = 'email'")
+    links = world.query(
+        "SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact' AND how = 'email'"
+    )
     assert links, "the tiny org has Marketo persons sharing a contact's email"
     before = {p["id"]: p for p in world.sandbox.marketo_rows("lead", ALL)}
     for did, mid in links:
@@ -366,8 +430,10 @@ def test_initial_copy_twice_creates_no_duplicates(default_world: World) -> None:
 def test_incremental_dynamics_contact_change_reaches_marketo(default_world: World) -> None:
     world = default_world
     assert world.person_of(world.picks["c_dyn_edit"]).get("phone") == "+1 555 0100"
-    rules = world.query("SELECT target, op, rule FROM ledger WHERE dynamics_id = ? AND field = 'phone'",
-                        [world.picks["c_dyn_edit"]])
+    rules = world.query(
+        "SELECT target, op, rule FROM ledger WHERE dynamics_id = ? AND field = 'phone'",
+        [world.picks["c_dyn_edit"]],
+    )
     assert ("marketo", "update", "two_way") in rules
 
 
@@ -376,8 +442,11 @@ def test_incremental_marketo_change_reaches_dynamics_contact_and_lead(default_wo
     sb, p = world.sandbox, world.picks
     assert sb.dynamics_get("contact", p["c_mkto_edit"])["jobtitle"] == "Chief Sync Officer"
     assert sb.dynamics_get("lead", p["l_mkto_edit"])["jobtitle"] == "Head of Leads"
-    writes = world.query("SELECT entity, target, op FROM ledger WHERE field = 'title' AND dynamics_id IN (?, ?) "
-                         "AND op = 'update'", [p["c_mkto_edit"], p["l_mkto_edit"]])
+    writes = world.query(
+        "SELECT entity, target, op FROM ledger WHERE field = 'title' AND dynamics_id IN (?, ?) "
+        "AND op = 'update'",
+        [p["c_mkto_edit"], p["l_mkto_edit"]],
+    )
     assert sorted(writes) == [("contact", "dynamics", "update"), ("lead", "dynamics", "update")]
 
 
@@ -386,8 +455,9 @@ def test_conflict_dynamics_wins_on_contacts(default_world: World) -> None:
     did = world.picks["c_conflict"]
     assert world.sandbox.dynamics_get("contact", did)["address1_city"] == "Dynamicsville"
     assert world.person_of(did)["city"] == "Dynamicsville"
-    assert world.query("SELECT target, rule FROM ledger WHERE dynamics_id = ? AND field = 'city' AND op = 'update'",
-                       [did]) == [("marketo", "conflict:dynamics_wins")]
+    assert world.query(
+        "SELECT target, rule FROM ledger WHERE dynamics_id = ? AND field = 'city' AND op = 'update'", [did]
+    ) == [("marketo", "conflict:dynamics_wins")]
 
 
 def test_conflict_marketo_wins_on_leads(default_world: World) -> None:
@@ -395,8 +465,9 @@ def test_conflict_marketo_wins_on_leads(default_world: World) -> None:
     did = world.picks["l_conflict"]
     assert world.sandbox.dynamics_get("lead", did)["address1_city"] == "Marketoburg"
     assert world.person_of(did)["city"] == "Marketoburg"
-    assert world.query("SELECT target, rule FROM ledger WHERE dynamics_id = ? AND field = 'city' AND op = 'update'",
-                       [did]) == [("dynamics", "conflict:marketo_wins")]
+    assert world.query(
+        "SELECT target, rule FROM ledger WHERE dynamics_id = ? AND field = 'city' AND op = 'update'", [did]
+    ) == [("dynamics", "conflict:marketo_wins")]
 
 
 def test_changes_to_different_fields_on_both_sides_both_survive(default_world: World) -> None:
@@ -405,8 +476,11 @@ def test_changes_to_different_fields_on_both_sides_both_survive(default_world: W
     row, person = world.sandbox.dynamics_get("contact", did), world.person_of(did)
     assert (row["telephone1"], row["jobtitle"]) == ("+1 555 0111", "VP Both Sides")
     assert (person["phone"], person["title"]) == ("+1 555 0111", "VP Both Sides")
-    assert not [r for r in world.query("SELECT rule FROM ledger WHERE dynamics_id = ?", [did])
-                if r[0].startswith("conflict")]
+    assert not [
+        r
+        for r in world.query("SELECT rule FROM ledger WHERE dynamics_id = ?", [did])
+        if r[0].startswith("conflict")
+    ]
 
 
 def test_echo_suppression_next_cycle_writes_nothing(default_world: World) -> None:
@@ -462,8 +536,11 @@ def test_dynamics_delete_mode_delete_removes_membership(default_world: World) ->
 
 def test_dynamics_delete_mode_ignore_keeps_sales_person(default_world: World) -> None:
     world = default_world
-    users = [o for o in world.sandbox.marketo_rows("salesPerson", ALL)
-             if o["externalSalesPersonId"] == world.picks["user_deleted"]]
+    users = [
+        o
+        for o in world.sandbox.marketo_rows("salesPerson", ALL)
+        if o["externalSalesPersonId"] == world.picks["user_deleted"]
+    ]
     assert len(users) == 1 and not users[0].get("dynamicsIsDeleted")
     assert world.identity("systemuser", world.picks["user_deleted"])[1] == "deleted"
 
@@ -508,8 +585,11 @@ def test_new_dynamics_contact_created_with_company(default_world: World) -> None
     person = world.person_of(world.picks["c_new"])
     assert (person["email"], person["dynamicsType"]) == ("nina.new@example.org", "Contact")
     assert person["externalCompanyId"] == world.picks["account"]
-    company = [o for o in world.sandbox.marketo_rows("company", ALL)
-               if o["externalCompanyId"] == world.picks["account"]][0]
+    company = [
+        o
+        for o in world.sandbox.marketo_rows("company", ALL)
+        if o["externalCompanyId"] == world.picks["account"]
+    ][0]
     assert (company["mainPhone"], int(company["numberOfEmployees"])) == ("+1 555 0199", 4321)
 
 
@@ -521,7 +601,9 @@ def test_new_marketo_person_matching_rule_becomes_dynamics_lead(default_world: W
     assert person["dynamicsType"] == "Lead"
     assert (lead["emailaddress1"], lead["lastname"]) == ("rita.rule@example.org", "Rule")
     assert world.identity("lead", person["dynamicsId"]) == (str(p["m_match"]), "active")
-    emails = {(r.get("emailaddress1") or "").lower() for t in ("lead", "contact") for r in sb.dynamics_rows(t, ALL)}
+    emails = {
+        (r.get("emailaddress1") or "").lower() for t in ("lead", "contact") for r in sb.dynamics_rows(t, ALL)
+    }
     for key in ("m_low_score", "m_no_last"):
         other = sb.marketo_get_lead(p[key])
         assert other.get("dynamicsId") is None, key
@@ -555,11 +637,15 @@ def custom_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         sb, p = world.sandbox, world.picks
         world.run("latest")  # the first cycle on an empty store is the initial copy
         contacts = _with(world, "contact", _synced(world, "contact", n=40), "address1_city")
-        p["latest_m"], p["latest_d"], p["pnb_m"], p["pnb_d"], p["hold"], p["ignore"], p["if_match"] = contacts[:7]
+        p["latest_m"], p["latest_d"], p["pnb_m"], p["pnb_d"], p["hold"], p["ignore"], p["if_match"] = (
+            contacts[:7]
+        )
         p["lead_delete"] = _synced(world, "lead")[0]
         p["lead_delete_person"] = world.person_of(p["lead_delete"])["id"]
-        mid = {k: world.person_of(p[k])["id"] for k in ("latest_m", "latest_d", "pnb_m", "pnb_d", "hold", "ignore",
-                                                         "if_match")}
+        mid = {
+            k: world.person_of(p[k])["id"]
+            for k in ("latest_m", "latest_d", "pnb_m", "pnb_d", "hold", "ignore", "if_match")
+        }
         p["mid"] = mid
         # latest: the later edit wins, whichever side it is on.
         sb.dynamics_update("contact", p["latest_m"], {"jobtitle": "Dynamics first"})
@@ -592,15 +678,27 @@ def _if_match_race(world: World) -> None:
 
     sb, p = world.sandbox, world.picks
     sb.marketo_update_lead(p["mid"]["if_match"], {"mobilePhone": "+1 555 0401"})
-    world.run("latest", selection=[asset_key(CONN, "person", "extract"), asset_key(CONN, "contact", "extract"),
-                                   asset_key(CONN, "contact", "plan")])
+    world.run(
+        "latest",
+        selection=[
+            asset_key(CONN, "person", "extract"),
+            asset_key(CONN, "contact", "extract"),
+            asset_key(CONN, "contact", "plan"),
+        ],
+    )
     world.picks["if_match_planned"] = world.query(
         "SELECT target, op, new_value, etag FROM plan WHERE entity = 'contact' AND dynamics_id = ? "
-        "AND field = 'mobilePhone'", [p["if_match"]])
+        "AND field = 'mobilePhone'",
+        [p["if_match"]],
+    )
     sb.dynamics_update("contact", p["if_match"], {"mobilephone": "+1 555 0402"})
-    world.run("latest", selection=[asset_key(CONN, "contact", "push"), asset_key(CONN, "contact", "push", "dynamics")])
+    world.run(
+        "latest",
+        selection=[asset_key(CONN, "contact", "push"), asset_key(CONN, "contact", "push", "dynamics")],
+    )
     world.picks["if_match_failure"] = world.query(
-        "SELECT target, code FROM failures WHERE entity = 'contact' AND dynamics_id = ?", [p["if_match"]])
+        "SELECT target, code FROM failures WHERE entity = 'contact' AND dynamics_id = ?", [p["if_match"]]
+    )
     world.picks["if_match_after_push"] = sb.dynamics_get("contact", p["if_match"]).get("mobilephone")
     world.run("latest")  # re-read, re-planned: both changed, contacts' default policy (Dynamics wins)
 
@@ -612,9 +710,15 @@ def test_policy_latest_takes_the_later_change(custom_world: World) -> None:
     assert world.person_of(p["latest_m"])["title"] == "Marketo later"
     assert sb.dynamics_get("contact", p["latest_d"])["jobtitle"] == "Dynamics later"
     assert world.person_of(p["latest_d"])["title"] == "Dynamics later"
-    writes = world.query("SELECT dynamics_id, target, rule FROM ledger WHERE field = 'title' AND op = 'update' "
-                         "AND dynamics_id IN (?, ?) ORDER BY target", [p["latest_m"], p["latest_d"]])
-    assert writes == [(p["latest_m"], "dynamics", "conflict:latest"), (p["latest_d"], "marketo", "conflict:latest")]
+    writes = world.query(
+        "SELECT dynamics_id, target, rule FROM ledger WHERE field = 'title' AND op = 'update' "
+        "AND dynamics_id IN (?, ?) ORDER BY target",
+        [p["latest_m"], p["latest_d"]],
+    )
+    assert writes == [
+        (p["latest_m"], "dynamics", "conflict:latest"),
+        (p["latest_d"], "marketo", "conflict:latest"),
+    ]
 
 
 def test_policy_prefer_non_blank_keeps_the_value(custom_world: World) -> None:
@@ -631,8 +735,11 @@ def test_policy_hold_writes_neither_side_and_records_the_conflict(custom_world: 
     sb, p = world.sandbox, world.picks
     assert sb.dynamics_get("contact", p["hold"])["telephone1"] == "+1 555 0301"
     assert world.person_of(p["hold"])["phone"] == "+1 555 0302"
-    assert world.query("SELECT dynamics_value, marketo_value FROM conflicts WHERE entity = 'contact' "
-                       "AND dynamics_id = ? AND field = 'phone'", [p["hold"]]) == [("+1 555 0301", "+1 555 0302")]
+    assert world.query(
+        "SELECT dynamics_value, marketo_value FROM conflicts WHERE entity = 'contact' "
+        "AND dynamics_id = ? AND field = 'phone'",
+        [p["hold"]],
+    ) == [("+1 555 0301", "+1 555 0302")]
 
 
 def test_delete_mode_delete_removes_the_person(custom_world: World) -> None:
@@ -662,5 +769,9 @@ def test_marketo_change_is_written_to_dynamics_with_if_match(custom_world: World
     # ... and the next cycle re-read it and resolved the conflict by the contact's policy (Dynamics wins).
     assert world.sandbox.dynamics_get("contact", p["if_match"])["mobilephone"] == "+1 555 0402"
     assert world.person_of(p["if_match"])["mobilePhone"] == "+1 555 0402"
-    assert world.query("SELECT count(*) FROM failures WHERE entity = 'contact' AND dynamics_id = ?",
-                       [p["if_match"]])[0][0] == 0
+    assert (
+        world.query(
+            "SELECT count(*) FROM failures WHERE entity = 'contact' AND dynamics_id = ?", [p["if_match"]]
+        )[0][0]
+        == 0
+    )

@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-OPP, PROJECT, ACCOUNT = ("0be00000-0000-4000-8000-000000000001", "0be00000-0000-4000-8000-000000000002",
-                         "0be00000-0000-4000-8000-000000000003")
+OPP, PROJECT, ACCOUNT = (
+    "0be00000-0000-4000-8000-000000000001",
+    "0be00000-0000-4000-8000-000000000002",
+    "0be00000-0000-4000-8000-000000000003",
+)
 
 PROBE = r"""
 import json, os, sys, time
@@ -60,18 +63,27 @@ with Sandbox(Path(tmp) / "sandbox") as sb:
 
 def _sync_under(tz: str, tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DYNAMICS_", "MARKETO_", "SYNC_"))}
-    env.update(TZ=tz, PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), MARKETO_CALLS_PER_20S="100")
-    proc = subprocess.run([sys.executable, "-c", PROBE, OPP, PROJECT, ACCOUNT, str(tmp)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env.update(
+        TZ=tz, PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), MARKETO_CALLS_PER_20S="100"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, OPP, PROJECT, ACCOUNT, str(tmp)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    return {tz: _sync_under(tz, tmp_path_factory.mktemp(tz.replace("/", "-")))
-            for tz in ("Asia/Kolkata", "America/Los_Angeles")}
+    return {
+        tz: _sync_under(tz, tmp_path_factory.mktemp(tz.replace("/", "-")))
+        for tz in ("Asia/Kolkata", "America/Los_Angeles")
+    }
 
 
 def test_the_child_processes_really_ran_in_those_zones(results: dict[str, dict]) -> None:
@@ -96,8 +108,12 @@ def test_results_are_identical_across_host_time_zones(results: dict[str, dict]) 
     assert a == b
     # One write per change, nothing bouncing on the quiet cycle.
     assert sorted(tuple(row[2:]) for row in a["ledger"]) == [
-        ("closeDate", "2026-08-31"), ("expectedCloseDate", "2026-08-03"), ("expectedCloseDate", "2026-09-01"),
-        ("startDate", "2026-08-03T10:00:00Z"), ("startDate", "2026-12-31T23:30:00Z")]
+        ("closeDate", "2026-08-31"),
+        ("expectedCloseDate", "2026-08-03"),
+        ("expectedCloseDate", "2026-09-01"),
+        ("startDate", "2026-08-03T10:00:00Z"),
+        ("startDate", "2026-12-31T23:30:00Z"),
+    ]
 
 
 def test_packaged_date_time_behaviors_match_the_dataverse_metadata(sandbox) -> None:
@@ -106,11 +122,20 @@ def test_packaged_date_time_behaviors_match_the_dataverse_metadata(sandbox) -> N
     from sync_pipeline.clients.dynamics import DynamicsClient
     from sync_pipeline.config.model import load_config
 
-    wire = {"DateOnly": "date_only", "UserLocal": "user_local", "TimeZoneIndependent": "time_zone_independent"}
+    wire = {
+        "DateOnly": "date_only",
+        "UserLocal": "user_local",
+        "TimeZoneIndependent": "time_zone_independent",
+    }
     s = sandbox.settings()
     checked = 0
-    with DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],
-                        s["DYNAMICS_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"]) as client:
+    with DynamicsClient(
+        s["DYNAMICS_URL"],
+        s["DYNAMICS_AUTHORITY"],
+        s["DYNAMICS_CLIENT_ID"],
+        s["DYNAMICS_CLIENT_SECRET"],
+        verify=s["SYNC_CA_BUNDLE"],
+    ) as client:
         for e in load_config().entities:
             dated = [f for f in e.all_fields if f.transform in ("date", "datetime")]
             if not dated or e.dynamics is None:

@@ -17,7 +17,9 @@ def test_compose_file_starts_the_deployment_from_files_that_exist() -> None:
     services = spec["services"]
     assert {"postgres", "code", "webserver", "daemon"} <= set(services)
     commands = {name: " ".join(s.get("command") or []) for name, s in services.items()}
-    assert commands["webserver"].startswith("dagster-webserver") and commands["daemon"].startswith("dagster-daemon")
+    assert commands["webserver"].startswith("dagster-webserver") and commands["daemon"].startswith(
+        "dagster-daemon"
+    )
     assert "code-server start" in commands["code"] and "-m sync_pipeline.definitions" in commands["code"]
     for name in ("code", "webserver", "daemon"):
         build = services[name]["build"]
@@ -36,12 +38,16 @@ def test_compose_file_starts_the_deployment_from_files_that_exist() -> None:
         for path in src.split():
             assert (REPO / path).exists(), path
     home_files = dict(re.findall(r"^COPY (\S+) /opt/dagster/home/(\S+)$", dockerfile, flags=re.M))
-    instance = yaml.safe_load((REPO / next(k for k, v in home_files.items() if v == "dagster.yaml")).read_text())
+    instance = yaml.safe_load(
+        (REPO / next(k for k, v in home_files.items() if v == "dagster.yaml")).read_text()
+    )
     assert instance["run_coordinator"]["class"] == "QueuedRunCoordinator"
     limits = instance["concurrency"]["runs"]["tag_concurrency_limits"]
     assert {"key": "sync/connection", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
 
-    workspace = yaml.safe_load((REPO / next(k for k, v in home_files.items() if v == "workspace.yaml")).read_text())
+    workspace = yaml.safe_load(
+        (REPO / next(k for k, v in home_files.items() if v == "workspace.yaml")).read_text()
+    )
     grpc = workspace["load_from"][0]["grpc_server"]
     assert grpc["host"] == "code" and f"-p {grpc['port']}" in commands["code"]
     assert grpc["location_name"] == "sync_pipeline"  # the name sensor cursors and history are stored under

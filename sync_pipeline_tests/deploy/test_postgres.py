@@ -60,22 +60,60 @@ def postgres() -> Iterator[dict[str, str]]:
         shutil.chown(pwfile, "postgres")
     port = _free_port()
     try:
-        subprocess.run(_as_server_user([str(PG_BIN / "initdb"), "-D", str(data), "-U", "dagster",
-                                        "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"]),
-                       check=True, capture_output=True, timeout=60)
-        subprocess.run(_as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"),
-                                        "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "-w", "start"]),
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            _as_server_user(
+                [
+                    str(PG_BIN / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "dagster",
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        subprocess.run(
+            _as_server_user(
+                [
+                    str(PG_BIN / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(base / "server.log"),
+                    "-o",
+                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1",
+                    "-w",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         log = (base / "server.log").read_text() if (base / "server.log").exists() else ""
         shutil.rmtree(base, ignore_errors=True)
         _unavailable(f"could not start PostgreSQL: {getattr(exc, 'stderr', b'')!r} {log[-500:]}")
     try:
-        yield {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(port), "DAGSTER_PG_USERNAME": "dagster",
-               "DAGSTER_PG_PASSWORD": password, "DAGSTER_PG_DB": "postgres"}
+        yield {
+            "DAGSTER_PG_HOST": "127.0.0.1",
+            "DAGSTER_PG_PORT": str(port),
+            "DAGSTER_PG_USERNAME": "dagster",
+            "DAGSTER_PG_PASSWORD": password,
+            "DAGSTER_PG_DB": "postgres",
+        }
     finally:
-        subprocess.run(_as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            _as_server_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -105,14 +143,22 @@ def test_sync_runs_are_stored_in_postgresql(harness, postgres, tmp_path, monkeyp
         assert record is not None and record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
         assert other.get_latest_materialization_event(asset_key(CONN, "contact", "push")) is not None
 
-    conn = psycopg2.connect(host="127.0.0.1", port=int(postgres["DAGSTER_PG_PORT"]), user="dagster",
-                            password=postgres["DAGSTER_PG_PASSWORD"], dbname="postgres")
+    conn = psycopg2.connect(
+        host="127.0.0.1",
+        port=int(postgres["DAGSTER_PG_PORT"]),
+        user="dagster",
+        password=postgres["DAGSTER_PG_PASSWORD"],
+        dbname="postgres",
+    )
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT status, pipeline_name FROM runs WHERE run_id = %s", (result.run_id,))
             assert cur.fetchall() == [("SUCCESS", f"{CONN}__sync")]
-            cur.execute("SELECT count(*) FROM event_logs WHERE run_id = %s AND dagster_event_type = "
-                        "'ASSET_MATERIALIZATION'", (result.run_id,))
+            cur.execute(
+                "SELECT count(*) FROM event_logs WHERE run_id = %s AND dagster_event_type = "
+                "'ASSET_MATERIALIZATION'",
+                (result.run_id,),
+            )
             assert cur.fetchone()[0] >= 20  # every raw, plan and push asset of every entity
     finally:
         conn.close()
@@ -127,7 +173,8 @@ def _run(cmd: list[str], env: dict[str, str]) -> str:
 
 
 def test_the_daemon_runs_connections_in_parallel_and_each_connection_one_run_at_a_time(
-        postgres, tmp_path, monkeypatch) -> None:
+    postgres, tmp_path, monkeypatch
+) -> None:
     """deploy/postgres/dagster.yaml with the daemon's queued run coordinator: two sync runs of `east` and one
     of `west`, queued together, run as `east` | `west` in parallel and `east` after `east` (the
     `sync/connection` tag limit: one DuckDB writer per connection)."""
@@ -141,8 +188,10 @@ def test_the_daemon_runs_connections_in_parallel_and_each_connection_one_run_at_
     home.mkdir()
     shutil.copy(REPO / "deploy" / "postgres" / "dagster.yaml", home / "dagster.yaml")
     workspace = tmp_path / "workspace.yaml"
-    workspace.write_text("load_from:\n  - python_module:\n      module_name: sync_pipeline_tests.deploy.two_connections\n"
-                         f"      location_name: two_connections\n      working_directory: {REPO}\n")
+    workspace.write_text(
+        "load_from:\n  - python_module:\n      module_name: sync_pipeline_tests.deploy.two_connections\n"
+        f"      location_name: two_connections\n      working_directory: {REPO}\n"
+    )
     with Sandbox(tmp_path / "east-sb", seed=1) as east, Sandbox(tmp_path / "west-sb", seed=2) as west:
         for i, (name, sb) in enumerate((("east", east), ("west", west))):
             sb.populate("tiny", seed=i + 1)
@@ -151,7 +200,9 @@ def test_the_daemon_runs_connections_in_parallel_and_each_connection_one_run_at_
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("DAGSTER_HOME", str(home))
         monkeypatch.setenv("SYNC_TEST_STATE_DIR", str(tmp_path))
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        monkeypatch.setenv(
+            "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        )
         env = dict(os.environ)
         bin_dir = Path(sys.executable).parent
         from sync_pipeline_tests.deploy.two_connections import defs
@@ -159,10 +210,27 @@ def test_the_daemon_runs_connections_in_parallel_and_each_connection_one_run_at_
         latest = defs.resolve_job_def(sync_job_name("east")).partitions_def.get_last_partition_key()
         # Queue all three before the daemon starts, so it sees them together.
         for name in ("east", "west", "east"):
-            _run([str(bin_dir / "dagster"), "job", "launch", "-w", str(workspace), "-j", sync_job_name(name),
-                  "--tags", json.dumps({"dagster/partition": latest})], env)
-        daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)], cwd=REPO, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=(tmp_path / "daemon.log").open("wb"))
+            _run(
+                [
+                    str(bin_dir / "dagster"),
+                    "job",
+                    "launch",
+                    "-w",
+                    str(workspace),
+                    "-j",
+                    sync_job_name(name),
+                    "--tags",
+                    json.dumps({"dagster/partition": latest}),
+                ],
+                env,
+            )
+        daemon = subprocess.Popen(
+            [str(bin_dir / "dagster-daemon"), "run", "-w", str(workspace)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "daemon.log").open("wb"),
+        )
         try:
             with dg.DagsterInstance.get() as instance:
                 deadline = time.monotonic() + 600
@@ -170,14 +238,16 @@ def test_the_daemon_runs_connections_in_parallel_and_each_connection_one_run_at_
                     records = instance.get_run_records()
                     if len(records) == 3 and all(r.dagster_run.is_finished for r in records):
                         break
-                    assert time.monotonic() < deadline, [(r.dagster_run.job_name, r.dagster_run.status)
-                                                         for r in records]
+                    assert time.monotonic() < deadline, [
+                        (r.dagster_run.job_name, r.dagster_run.status) for r in records
+                    ]
                     time.sleep(2)
         finally:
             daemon.terminate()
             daemon.wait(60)
-    assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records), \
-        [(r.dagster_run.job_name, r.dagster_run.status) for r in records]
+    assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records), [
+        (r.dagster_run.job_name, r.dagster_run.status) for r in records
+    ]
     spans = {}
     for r in records:
         spans.setdefault(r.dagster_run.job_name, []).append((r.start_time, r.end_time))
@@ -185,4 +255,6 @@ def test_the_daemon_runs_connections_in_parallel_and_each_connection_one_run_at_
     (e1, e2), (w,) = sorted(spans[sync_job_name("east")]), spans[sync_job_name("west")]
     assert e1[1] <= e2[0], "two runs of one connection overlapped"
     assert w[0] < e1[1] and e1[0] < w[1], "runs of different connections did not run in parallel"
-    print(f"east runs {e1[1] - e1[0]:.0f} s then {e2[1] - e2[0]:.0f} s; west {w[1] - w[0]:.0f} s alongside the first")
+    print(
+        f"east runs {e1[1] - e1[0]:.0f} s then {e2[1] - e2[0]:.0f} s; west {w[1] - w[0]:.0f} s alongside the first"
+    )

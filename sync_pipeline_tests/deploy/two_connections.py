@@ -12,5 +12,7 @@ from sync_pipeline_tests.defs.test_connections import NAMES, declare
 
 _DIR = Path(os.environ.get("SYNC_TEST_STATE_DIR", ".state"))
 
-defs = dg.Definitions.merge(*(declare(name, _DIR / f"{name}.duckdb").definitions() for name in NAMES),
-                            dg.Definitions(executor=dg.in_process_executor))
+defs = dg.Definitions.merge(
+    *(declare(name, _DIR / f"{name}.duckdb").definitions() for name in NAMES),
+    dg.Definitions(executor=dg.in_process_executor),
+)

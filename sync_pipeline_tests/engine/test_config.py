@@ -31,8 +31,17 @@ def _write(tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
 
 def test_packaged_configuration_loads() -> None:
     config = load_config()
-    assert [e.name for e in config.entities] == ["systemuser", "team", "teammembership", "account", "lead",
-                                                 "contact", "opportunity", "opportunity_role", "project"]
+    assert [e.name for e in config.entities] == [
+        "systemuser",
+        "team",
+        "teammembership",
+        "account",
+        "lead",
+        "contact",
+        "opportunity",
+        "opportunity_role",
+        "project",
+    ]
     assert {e.name for e in config.persons} == {"lead", "contact"}
     contact = config.entity("contact")
     lead_score = next(f for f in contact.all_fields if f.marketo == "leadScore")
@@ -60,8 +69,11 @@ def test_lookup_target_not_declared_names_entity_field_and_target(tmp_path: Path
     def change(raw: dict[str, Any]) -> None:
         _entity(raw, "project")["fields"][4]["target"] = "invoice"
 
-    with pytest.raises(ConfigError, match=r"entity 'project': field 'companyId': lookup target 'invoice' is not a "
-                                          r"declared entity"):
+    with pytest.raises(
+        ConfigError,
+        match=r"entity 'project': field 'companyId': lookup target 'invoice' is not a "
+        r"declared entity",
+    ):
         load_config(_write(tmp_path, change))
 
 

@@ -22,14 +22,20 @@ def _modules(root: Path) -> list[Path]:
 def test_engine_never_reads_http_statuses() -> None:
     pattern = re.compile(r"\.status\s*(==|!=|in\b|<|>)|status_code")
     for path in _modules(ENGINE):
-        hits = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+        hits = [
+            n
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if pattern.search(line)
+        ]
         assert not hits, f"{path.relative_to(PACKAGE)} reads HTTP statuses at lines {hits}"
 
 
 # Writes to the sync's state: base, split base, identity, failures, pending marks.
 STATE_WRITE = re.compile(
     r"(INSERT( OR REPLACE)? INTO|UPDATE|DELETE FROM)\s+(identity|failures|b__split|\{b\}|b_\w+|\{qi\('b_)"
-    r"|SET pending_seq|pending_seq\s*=\s*(\?|NULL|nextval)", re.IGNORECASE)
+    r"|SET pending_seq|pending_seq\s*=\s*(\?|NULL|nextval)",
+    re.IGNORECASE,
+)
 # The mirror upserts stamp the ledger's mark in the same statement as the row (``pending_seq =
 # excluded.pending_seq``): a row and its mark cannot diverge after a crash. That form is not matched above.
 LEDGER = ENGINE / "store" / "ledger.py"

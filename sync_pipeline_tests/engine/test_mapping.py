@@ -27,6 +27,7 @@ def _config(edit: Any = None) -> SyncConfig:
 def _drop(entity: str, field: str) -> Any:
     def edit(ents: dict[str, Any], raw: dict[str, Any]) -> None:
         ents[entity]["fields"] = [f for f in ents[entity]["fields"] if f["marketo"] != field]
+
     return edit
 
 
@@ -80,6 +81,7 @@ def test_direction_or_policy_change_is_recorded_with_what_changed(con: Any) -> N
         for f in ents["account"]["fields"]:
             if f["marketo"] == "website":
                 f["direction"] = "none"
+
     state.ensure_schema(con, _config(edit))
     (detail,) = con.execute("SELECT detail FROM mapping_changes WHERE change = 'changed'").fetchone()
     assert "direction to_marketo -> none" in detail and "plan --all" in detail
@@ -89,6 +91,7 @@ def test_direction_or_policy_change_is_recorded_with_what_changed(con: Any) -> N
 def test_entity_added_and_removed(con: Any) -> None:
     def no_project(ents: dict[str, Any], raw: dict[str, Any]) -> None:
         raw["entities"] = [e for e in raw["entities"] if e["name"] != "project"]
+
     state.ensure_schema(con, _config(no_project))
     state.ensure_schema(con, _config())
     assert _changes(con) == [("project", None, "entity_added")]

@@ -29,10 +29,17 @@ def test_labels_come_from_the_org_and_the_yaml_overrides_single_codes() -> None:
     assert _field(run, "leadSource").options == {1: "Advertisement", 8: "Web"}
     assert run.entity("lead").sync_filter_column == "new_synctomkto"
     lead = config.entity("lead")
-    fields = [f.model_copy(update={"options": {8: "Website (ours)"}}) if f.marketo == "leadSource" else f
-              for f in lead.extra_fields]
-    custom = type(config)(sync=config.sync, entities=[lead.model_copy(update={"extra_fields": fields})
-                                                      if e.name == "lead" else e for e in config.entities])
+    fields = [
+        f.model_copy(update={"options": {8: "Website (ours)"}}) if f.marketo == "leadSource" else f
+        for f in lead.extra_fields
+    ]
+    custom = type(config)(
+        sync=config.sync,
+        entities=[
+            lead.model_copy(update={"extra_fields": fields}) if e.name == "lead" else e
+            for e in config.entities
+        ],
+    )
     run = orgmeta.runtime_config(custom, _meta({1: "Advertisement", 8: "Web"}))
     assert _field(run, "leadSource").options == {1: "Advertisement", 8: "Website (ours)"}
 
@@ -48,12 +55,17 @@ def test_a_renamed_label_rewrites_the_mirror_and_marks_the_rows_pending() -> Non
     config = load_config()
     con = duckdb.connect()
     ensure_schema(con, config)
-    con.execute("""INSERT INTO d_lead (id, version, deleted, f_leadSource) VALUES
-                   ('a', 1, false, 'Web'), ('b', 1, false, 'Seminar'), ('c', 1, false, ?)""", [normalize.INVALID + "11"])
+    con.execute(
+        """INSERT INTO d_lead (id, version, deleted, f_leadSource) VALUES
+                   ('a', 1, false, 'Web'), ('b', 1, false, 'Seminar'), ('c', 1, false, ?)""",
+        [normalize.INVALID + "11"],
+    )
     first = orgmeta.runtime_config(config, _meta({6: "Seminar", 8: "Web"})).entity("lead")
     assert dynamics_extract.relabel_options(con, first) == 0  # the first run only remembers the labels
     assert get_cursor(con, "optionsets:lead:leadSource")
-    renamed = orgmeta.runtime_config(config, _meta({6: "Seminar", 8: "Website", 11: "Partner Portal"})).entity("lead")
+    renamed = orgmeta.runtime_config(
+        config, _meta({6: "Seminar", 8: "Website", 11: "Partner Portal"})
+    ).entity("lead")
     assert dynamics_extract.relabel_options(con, renamed) == 2
     rows = con.execute("SELECT id, f_leadSource, pending_seq IS NOT NULL FROM d_lead ORDER BY id").fetchall()
     assert rows == [("a", "Website", True), ("b", "Seminar", False), ("c", "Partner Portal", True)]
@@ -61,8 +73,15 @@ def test_a_renamed_label_rewrites_the_mirror_and_marks_the_rows_pending() -> Non
 
 
 def test_the_configured_language_picks_the_localized_label() -> None:
-    label = {"LocalizedLabels": [{"Label": "Web", "LanguageCode": 1033}, {"Label": "Webseite", "LanguageCode": 1031}],
-             "UserLocalizedLabel": {"Label": "Web", "LanguageCode": 1033}}
+    label = {
+        "LocalizedLabels": [
+            {"Label": "Web", "LanguageCode": 1033},
+            {"Label": "Webseite", "LanguageCode": 1031},
+        ],
+        "UserLocalizedLabel": {"Label": "Web", "LanguageCode": 1033},
+    }
     assert orgmeta.localized(label, 1031) == "Webseite"
-    assert orgmeta.localized(label, None) == "Web" and orgmeta.localized(label, 1036) == "Web"  # the user's label
+    assert (
+        orgmeta.localized(label, None) == "Web" and orgmeta.localized(label, 1036) == "Web"
+    )  # the user's label
     assert orgmeta.localized({"LocalizedLabels": [], "UserLocalizedLabel": None}) == ""

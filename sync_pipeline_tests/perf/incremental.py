@@ -20,9 +20,17 @@ SMALL = SCALES["small"]
 
 def tenth(scale: Scale) -> Scale:
     """The org at a tenth of ``scale`` (at least one user and team)."""
-    return replace(scale, name=f"{scale.name}/10", users=max(1, scale.users // 10), teams=max(1, scale.teams // 10),
-                   accounts=scale.accounts // 10, contacts=scale.contacts // 10, leads=scale.leads // 10,
-                   opportunities=scale.opportunities // 10, custom_rows=scale.custom_rows // 10)
+    return replace(
+        scale,
+        name=f"{scale.name}/10",
+        users=max(1, scale.users // 10),
+        teams=max(1, scale.teams // 10),
+        accounts=scale.accounts // 10,
+        contacts=scale.contacts // 10,
+        leads=scale.leads // 10,
+        opportunities=scale.opportunities // 10,
+        custom_rows=scale.custom_rows // 10,
+    )
 
 
 def config_with(tmp: Path, **sync: Any) -> Path:
@@ -37,8 +45,9 @@ def config_with(tmp: Path, **sync: Any) -> Path:
 
 
 @contextmanager
-def synced_org(tmp: Path, scale: Scale, seed: int = 0, config: Path | None = None,
-               settle: bool = True) -> Iterator[tuple[Sandbox, Any]]:
+def synced_org(
+    tmp: Path, scale: Scale, seed: int = 0, config: Path | None = None, settle: bool = True
+) -> Iterator[tuple[Sandbox, Any]]:
     """A sandbox holding the org at ``scale``, the pipeline's environment pointing at it (with ``config``), its
     initial copy done and (``settle``) its echoes absorbed; yields the sandbox and the Dagster instance."""
     import dagster as dg

@@ -48,8 +48,10 @@ def tallies(tmp_path_factory: pytest.TempPathFactory) -> tuple[rows_read.Tally, 
 
 def _report(small: rows_read.Tally, large: rows_read.Tally, small_total: int, large_total: int) -> str:
     top = "\n".join(f"{n:>8} {s}" for s, n in large.by_statement.most_common(8))
-    return (f"rows read: {small_total:,} at {tenth(SMALL).name}, {large_total:,} at {SMALL.name} "
-            f"(x{large_total / small_total:.2f}); by table at {SMALL.name}: {dict(large.by_table.most_common(8))}\n{top}")
+    return (
+        f"rows read: {small_total:,} at {tenth(SMALL).name}, {large_total:,} at {SMALL.name} "
+        f"(x{large_total / small_total:.2f}); by table at {SMALL.name}: {dict(large.by_table.most_common(8))}\n{top}"
+    )
 
 
 def _without_roles(tally: rows_read.Tally) -> int:
@@ -59,11 +61,14 @@ def _without_roles(tally: rows_read.Tally) -> int:
 def test_the_per_record_stages_read_rows_in_proportion_to_the_changes(tallies) -> None:
     small, large = tallies
     assert _without_roles(small) > 0
-    assert _without_roles(large) <= MAX_GROWTH * _without_roles(small), \
-        _report(small, large, _without_roles(small), _without_roles(large))
+    assert _without_roles(large) <= MAX_GROWTH * _without_roles(small), _report(
+        small, large, _without_roles(small), _without_roles(large)
+    )
 
 
-@pytest.mark.xfail(strict=True, reason="the derived opportunity-role plan still reads every opportunity and link")
+@pytest.mark.xfail(
+    strict=True, reason="the derived opportunity-role plan still reads every opportunity and link"
+)
 def test_the_whole_run_reads_rows_in_proportion_to_the_changes(tallies) -> None:
     small, large = tallies
     assert large.total <= MAX_GROWTH * small.total, _report(small, large, small.total, large.total)

@@ -45,22 +45,51 @@ BAD = {
     "invalid_email": ("contact", gid(10), {"emailaddress1": "not-an-email", "lastname": "Bademail"}),
     "dup_email_a": ("contact", gid(11), {"emailaddress1": "same@example.org", "lastname": "Twin A"}),
     "dup_email_b": ("contact", gid(12), {"emailaddress1": "same@example.org", "lastname": "Twin B"}),
-    "too_long": ("lead", gid(13), {"subject": LONG_SUBJECT, "lastname": "Longsubject",
-                                   "emailaddress1": "long.subject@example.org"}),
+    "too_long": (
+        "lead",
+        gid(13),
+        {"subject": LONG_SUBJECT, "lastname": "Longsubject", "emailaddress1": "long.subject@example.org"},
+    ),
     "missing_required": ("opportunity", gid(14), {"name": None, "estimatedvalue": 1000}),
     "unknown_picklist": ("account", gid(15), {"name": "Odd Industry Ltd", "industrycode": 99}),
-    "emoji": ("contact", gid(16), {"firstname": EMOJI, "lastname": RTL, "emailaddress1": "emoji@example.org"}),
-    "control": ("contact", gid(17), {"lastname": "Control", "description": CONTROL,
-                                     "emailaddress1": "control@example.org"}),
-    "date_offset": ("new_project", gid(18), {"new_name": "Offset", "new_startdate": "2026-08-03T10:00:00+02:00"}),
+    "emoji": (
+        "contact",
+        gid(16),
+        {"firstname": EMOJI, "lastname": RTL, "emailaddress1": "emoji@example.org"},
+    ),
+    "control": (
+        "contact",
+        gid(17),
+        {"lastname": "Control", "description": CONTROL, "emailaddress1": "control@example.org"},
+    ),
+    "date_offset": (
+        "new_project",
+        gid(18),
+        {"new_name": "Offset", "new_startdate": "2026-08-03T10:00:00+02:00"},
+    ),
 }
 
 
 def _insert_all(sb: Sandbox) -> None:
-    sb.dynamics_insert("contact", {"contactid": GOOD["contact"], "lastname": "Good", "firstname": "Gina",
-                                   "emailaddress1": "good.contact@example.org", "telephone1": "+1 555 0100"})
-    sb.dynamics_insert("lead", {"leadid": GOOD["lead"], "lastname": "Goodlead", "emailaddress1": "good.lead@example.org",
-                                "subject": "A fine subject"})
+    sb.dynamics_insert(
+        "contact",
+        {
+            "contactid": GOOD["contact"],
+            "lastname": "Good",
+            "firstname": "Gina",
+            "emailaddress1": "good.contact@example.org",
+            "telephone1": "+1 555 0100",
+        },
+    )
+    sb.dynamics_insert(
+        "lead",
+        {
+            "leadid": GOOD["lead"],
+            "lastname": "Goodlead",
+            "emailaddress1": "good.lead@example.org",
+            "subject": "A fine subject",
+        },
+    )
     sb.dynamics_insert("account", {"accountid": GOOD["account"], "name": "Good Account Inc"})
     for table, did, row in BAD.values():
         key = "new_projectid" if table == "new_project" else f"{table}id"
@@ -68,8 +97,14 @@ def _insert_all(sb: Sandbox) -> None:
     # Marketo persons that become leads (score >= 50, a last name) with sources Dynamics has no option for.
     for source in BAD_SOURCES:
         slug = source.lower().replace(" ", ".")
-        sb.marketo_create_lead({"email": f"{slug}@example.org", "lastName": source.title().replace(" ", ""),
-                                "leadScore": 80, "leadSource": source})
+        sb.marketo_create_lead(
+            {
+                "email": f"{slug}@example.org",
+                "lastName": source.title().replace(" ", ""),
+                "leadScore": 80,
+                "leadSource": source,
+            }
+        )
 
 
 class BadOrg:
@@ -77,8 +112,11 @@ class BadOrg:
         self.h, self.sb = harness, harness.sandbox
 
     def failure(self, entity: str, did: str) -> tuple | None:
-        rows = self.h.query("SELECT target, op, field, code, message, held FROM failures "
-                            "WHERE entity = ? AND dynamics_id = ?", [entity, did])
+        rows = self.h.query(
+            "SELECT target, op, field, code, message, held FROM failures "
+            "WHERE entity = ? AND dynamics_id = ?",
+            [entity, did],
+        )
         return rows[0] if rows else None
 
     def persons(self, did: str) -> list[int]:
@@ -110,7 +148,9 @@ def bad_org(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BadOrg]:
 def test_good_records_go_through_beside_the_bad_ones(bad_org: BadOrg) -> None:
     assert len(bad_org.persons(GOOD["contact"])) == 1
     assert len(bad_org.persons(GOOD["lead"])) == 1
-    assert bad_org.object_row("company", "externalCompanyId", GOOD["account"])["company"] == "Good Account Inc"
+    assert (
+        bad_org.object_row("company", "externalCompanyId", GOOD["account"])["company"] == "Good Account Inc"
+    )
     for entity, did in (("contact", GOOD["contact"]), ("lead", GOOD["lead"]), ("account", GOOD["account"])):
         assert bad_org.failure(entity, did) is None
 
@@ -158,7 +198,9 @@ def test_unknown_picklist_code_is_rejected_naming_field_and_code(bad_org: BadOrg
 
 def test_unknown_picklist_label_from_marketo_is_held_field_by_field(bad_org: BadOrg) -> None:
     # Marketo persons made with lead sources Dynamics has no option for (BAD_SOURCES).
-    rows = bad_org.h.query("SELECT dynamics_id, field, message, held FROM failures WHERE target = 'dynamics:fields'")
+    rows = bad_org.h.query(
+        "SELECT dynamics_id, field, message, held FROM failures WHERE target = 'dynamics:fields'"
+    )
     assert len(rows) == len(BAD_SOURCES), "expected the unmapped lead sources to be held"
     for did, field, message, held in rows:
         assert held and field == "leadSource" and did in message and "leadsourcecode" in message
@@ -194,9 +236,16 @@ def test_dates_with_offsets_arrive_in_utc(bad_org: BadOrg) -> None:
 @pytest.fixture
 def dclient(sandbox: Sandbox) -> DynamicsClient:
     s = sandbox.settings()
-    return DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],
-                          s["DYNAMICS_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"], max_retries=2,
-                          backoff_base=0.01, sleep=lambda s: None)
+    return DynamicsClient(
+        s["DYNAMICS_URL"],
+        s["DYNAMICS_AUTHORITY"],
+        s["DYNAMICS_CLIENT_ID"],
+        s["DYNAMICS_CLIENT_SECRET"],
+        verify=s["SYNC_CA_BUNDLE"],
+        max_retries=2,
+        backoff_base=0.01,
+        sleep=lambda s: None,
+    )
 
 
 def _seed_accounts(sb: Sandbox, n: int = 3) -> list[str]:
@@ -223,7 +272,9 @@ def test_broken_bodies_are_retried_then_named(sandbox: Sandbox, dclient: Dynamic
 def test_401_mid_run_reauthenticates_and_continues(sandbox: Sandbox, dclient: DynamicsClient) -> None:
     ids = _seed_accounts(sandbox)
     assert dclient.whoami()["OrganizationId"]
-    sandbox.faults([{"pattern": "dynamics.query", "rate": 1.0, "count": 1, "faults": [{"kind": "unauthorized"}]}])
+    sandbox.faults(
+        [{"pattern": "dynamics.query", "rate": 1.0, "count": 1, "faults": [{"kind": "unauthorized"}]}]
+    )
     rows = [r for page in dclient.iter_pages("accounts", ["name"]) for r in page]
     assert sorted(r["accountid"] for r in rows) == sorted(ids)
     assert dclient.calls["reauth"] == 1
@@ -233,7 +284,8 @@ def test_401_mid_run_reauthenticates_and_continues(sandbox: Sandbox, dclient: Dy
 
 
 def test_expired_delta_token_falls_back_to_a_full_read_without_losing_changes(
-        sandbox: Sandbox, dclient: DynamicsClient, tmp_path: Path) -> None:
+    sandbox: Sandbox, dclient: DynamicsClient, tmp_path: Path
+) -> None:
     config = load_config()
     entity = config.entity("account")
     keep, change, drop = _seed_accounts(sandbox)
@@ -249,7 +301,9 @@ def test_expired_delta_token_falls_back_to_a_full_read_without_losing_changes(
         assert second.mode == "full (delta expired)"
         got = dict(con.execute("SELECT id, deleted FROM d_account").fetchall())
         assert got == {keep: False, change: False, drop: True}
-        assert con.execute("SELECT f_company FROM d_account WHERE id = ?", [change]).fetchone()[0] == "Renamed"
+        assert (
+            con.execute("SELECT f_company FROM d_account WHERE id = ?", [change]).fetchone()[0] == "Renamed"
+        )
 
 
 def test_412_on_a_changed_record_is_named_and_replanned(sandbox: Sandbox, dclient: DynamicsClient) -> None:
@@ -258,7 +312,9 @@ def test_412_on_a_changed_record_is_named_and_replanned(sandbox: Sandbox, dclien
     sandbox.dynamics_update("account", did, {"name": "Changed meanwhile"})
     with pytest.raises(PreconditionFailed):
         dclient.update("accounts", did, {"name": "Ours"}, etag=etag)
-    (result,) = dynamics_push._write_dynamics_batched(dclient, "accounts", [(did, "update", "7", etag, {"name": "Ours"})])
+    (result,) = dynamics_push._write_dynamics_batched(
+        dclient, "accounts", [(did, "update", "7", etag, {"name": "Ours"})]
+    )
     assert (result.ok, result.code) == (False, "412") and did in result.message
     assert sandbox.dynamics_get("account", did)["name"] == "Changed meanwhile"  # not overwritten blindly
 
@@ -268,8 +324,12 @@ def test_404_on_a_record_deleted_meanwhile_is_named(sandbox: Sandbox, dclient: D
     sandbox.dynamics_delete("account", did)
     with pytest.raises(RecordNotFound):
         dclient.update("accounts", did, {"name": "Ours"})
-    (result,) = dynamics_push._write_dynamics_batched(dclient, "accounts", [(did, "update", "7", None, {"name": "Ours"})])
-    assert (result.ok, result.code) == (False, "404") and did in result.message and "deleted" in result.message
+    (result,) = dynamics_push._write_dynamics_batched(
+        dclient, "accounts", [(did, "update", "7", None, {"name": "Ours"})]
+    )
+    assert (
+        (result.ok, result.code) == (False, "404") and did in result.message and "deleted" in result.message
+    )
     with pytest.raises(KeyError):  # and the write did not resurrect it
         sandbox.dynamics_get("account", did)
 
@@ -279,33 +339,59 @@ def mclient(sandbox: Sandbox) -> Any:
     from sync_pipeline.clients.marketo import MarketoClient
 
     s = sandbox.settings()
-    return MarketoClient(s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"],
-                         verify=s["SYNC_CA_BUNDLE"], max_retries=2, backoff_seconds=0.01, backoff_max_seconds=0.02)
+    return MarketoClient(
+        s["MARKETO_BASE_URL"],
+        s["MARKETO_CLIENT_ID"],
+        s["MARKETO_CLIENT_SECRET"],
+        verify=s["SYNC_CA_BUNDLE"],
+        max_retries=2,
+        backoff_seconds=0.01,
+        backoff_max_seconds=0.02,
+    )
 
 
 def test_wrong_types_are_refused_per_record_naming_the_field(mclient: Any) -> None:
-    res = mclient.upsert_objects("companies", [
-        {"externalCompanyId": gid(200), "company": "Typed Wrong", "numberOfEmployees": "many"},
-        {"externalCompanyId": gid(201), "company": "Typed Right", "numberOfEmployees": 12}],
-        action="createOrUpdate", dedupe_by="dedupeFields")
+    res = mclient.upsert_objects(
+        "companies",
+        [
+            {"externalCompanyId": gid(200), "company": "Typed Wrong", "numberOfEmployees": "many"},
+            {"externalCompanyId": gid(201), "company": "Typed Right", "numberOfEmployees": 12},
+        ],
+        action="createOrUpdate",
+        dedupe_by="dedupeFields",
+    )
     assert res[0].status == "skipped" and "numberOfEmployees" in res[0].reasons[0]["message"]
     assert res[1].status == "created"
     from sync_pipeline.config.model import FieldMap
     from sync_pipeline.engine import normalize
 
     with pytest.raises(ValueError, match="leadqualitycode"):  # Marketo -> Dynamics: the column is named
-        normalize.to_dynamics(FieldMap(marketo="leadRating", dynamics="leadqualitycode", transform="picklist",
-                                       options={1: "Hot"}), "Lukewarm")
+        normalize.to_dynamics(
+            FieldMap(
+                marketo="leadRating", dynamics="leadqualitycode", transform="picklist", options={1: "Hot"}
+            ),
+            "Lukewarm",
+        )
 
 
 def test_marketo_html_error_page_is_retried_then_named(sandbox: Sandbox, mclient: Any) -> None:
     from sync_pipeline.clients.marketo import MarketoError
 
     lead = sandbox.marketo_create_lead({"email": "html.page@example.org", "lastName": "Html"})
-    sandbox.faults([{"pattern": "marketo.leads.get", "rate": 1.0, "count": 1,
-                     "faults": [{"kind": "html", "status": 503}]}])
+    sandbox.faults(
+        [
+            {
+                "pattern": "marketo.leads.get",
+                "rate": 1.0,
+                "count": 1,
+                "faults": [{"kind": "html", "status": 503}],
+            }
+        ]
+    )
     assert mclient.get_leads("id", [lead["id"]], ["email"])[0]["email"] == "html.page@example.org"
-    sandbox.faults([{"pattern": "marketo.leads.get", "rate": 1.0, "faults": [{"kind": "html", "status": 503}]}])
+    sandbox.faults(
+        [{"pattern": "marketo.leads.get", "rate": 1.0, "faults": [{"kind": "html", "status": 503}]}]
+    )
     with pytest.raises(MarketoError) as exc:
         mclient.get_leads("id", [lead["id"]], ["email"])
     assert "leads" in str(exc.value) and "503" in str(exc.value)
@@ -330,8 +416,11 @@ def test_unknown_entity_reference_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_field_key_is_named(tmp_path: Path) -> None:
-    path = write_config(tmp_path, edit="{marketo: firstName, dynamics: firstname}=>"
-                                       "{marketo: firstName, dynamics: firstname, drection: to_marketo}")
+    path = write_config(
+        tmp_path,
+        edit="{marketo: firstName, dynamics: firstname}=>"
+        "{marketo: firstName, dynamics: firstname, drection: to_marketo}",
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert "drection" in str(exc.value) and "systemuser" in str(exc.value)
@@ -354,8 +443,9 @@ def test_missing_secret_names_the_env_var(harness: SyncHarness, monkeypatch: pyt
     assert harness.sandbox.calls().get("marketo.leads.sync", 0) == 0
 
 
-def test_wrong_credentials_fail_the_run_naming_the_client(harness: SyncHarness,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_credentials_fail_the_run_naming_the_client(
+    harness: SyncHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = "definitely-wrong-" + uuid.uuid4().hex
     monkeypatch.setenv("MARKETO_CLIENT_SECRET", secret)
     result = harness.run("latest", raise_on_error=False)
@@ -367,5 +457,8 @@ def test_wrong_credentials_fail_the_run_naming_the_client(harness: SyncHarness,
 
 
 def _failures(result: Any) -> str:
-    return "\n".join(str(ev.step_failure_data.error) for ev in result.all_events
-                     if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error)
+    return "\n".join(
+        str(ev.step_failure_data.error)
+        for ev in result.all_events
+        if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error
+    )

@@ -40,9 +40,11 @@ class Figures:
 
     def line(self) -> str:
         share = self.faults_injected / self.api_calls if self.api_calls else 0.0
-        return (f"seed {self.seed}: {self.operations} operations, {self.cycles} cycles ({self.failed_runs} failed "
-                f"under faults), {self.faults_injected} faults injected in {self.api_calls} API calls "
-                f"({share:.0%}), {self.records_checked} records checked, {len(self.violations)} violations")
+        return (
+            f"seed {self.seed}: {self.operations} operations, {self.cycles} cycles ({self.failed_runs} failed "
+            f"under faults), {self.faults_injected} faults injected in {self.api_calls} API calls "
+            f"({share:.0%}), {self.records_checked} records checked, {len(self.violations)} violations"
+        )
 
 
 def converge(harness: Any, figures: Figures) -> None:
@@ -56,12 +58,15 @@ def converge(harness: Any, figures: Figures) -> None:
         waiting = harness.query("SELECT count(*) FROM failures WHERE NOT held")[0][0]
         if not waiting:
             return
-    failures = harness.query("SELECT entity, dynamics_id, target, code, message FROM failures WHERE NOT held LIMIT 5")
+    failures = harness.query(
+        "SELECT entity, dynamics_id, target, code, message FROM failures WHERE NOT held LIMIT 5"
+    )
     raise AssertionError(f"no clean run after {MAX_ATTEMPTS_PER_ROUND} attempts; failures: {failures}")
 
 
-def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int,
-                 fault_rules: list[dict[str, Any]] = FAULT_RULES) -> Figures:
+def run_workload(
+    harness: Any, seed: int, rounds: int, ops_per_round: int, fault_rules: list[dict[str, Any]] = FAULT_RULES
+) -> Figures:
     sb = harness.sandbox
     figures = Figures(seed)
     harness.run("latest")  # initial copy, fault-free: the model starts from a converged state
@@ -73,8 +78,9 @@ def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int,
         work.records.pop(did, None)
     sb.reset_calls()
     sb.faults(fault_rules, seed=seed)
-    rollbacks = RandomRollbacks(work, harness, lambda: converge(harness, figures), random.Random(seed + 7),
-                                figures.violations)
+    rollbacks = RandomRollbacks(
+        work, harness, lambda: converge(harness, figures), random.Random(seed + 7), figures.violations
+    )
     for n in range(rounds):
         work.round(ops_per_round)
         converge(harness, figures)
@@ -85,8 +91,11 @@ def run_workload(harness: Any, seed: int, rounds: int, ops_per_round: int,
     # $batch requests, whose parts the sandbox counts under their own routes but cannot fail one by one (faults
     # hit the $batch request).
     batch_parts = ("dynamics.update", "dynamics.create", "dynamics.attributes", "dynamics.entitydefinition")
-    figures.api_calls = sum(n for route, n in sb.calls().items() if "identity" not in route and route not in batch_parts
-                            and not route.startswith("parts."))
+    figures.api_calls = sum(
+        n
+        for route, n in sb.calls().items()
+        if "identity" not in route and route not in batch_parts and not route.startswith("parts.")
+    )
     figures.faults_injected = sum(sb.faults_injected().values())
     sb.clear_faults()
     work.edit_frozen()
@@ -101,7 +110,8 @@ def check(harness: Any, work: Workload, figures: Figures) -> None:
     sb, bad = harness.sandbox, figures.violations
     ledger: dict[tuple[str, str, str], set[str | None]] = defaultdict(set)
     for did, target, fld, after in harness.query(
-            "SELECT dynamics_id, target, field, value_after FROM ledger WHERE op IN ('create', 'update')"):
+        "SELECT dynamics_id, target, field, value_after FROM ledger WHERE op IN ('create', 'update')"
+    ):
         ledger[(did, target, fld)].add(after)
     companies = {c["externalCompanyId"]: c for c in sb.marketo_rows("company", limit=1_000_000)}
     for r in work.records.values():
@@ -114,8 +124,10 @@ def check(harness: Any, work: Workload, figures: Figures) -> None:
                 continue
             for f, col in ACCOUNT_FIELDS.items():
                 if row.get(col) != r.values[f] or company.get(f) != r.values[f]:
-                    bad.append(f"{name}.{f}: expected {r.values[f]!r}, Dynamics {row.get(col)!r}, "
-                               f"Marketo {company.get(f)!r}")
+                    bad.append(
+                        f"{name}.{f}: expected {r.values[f]!r}, Dynamics {row.get(col)!r}, "
+                        f"Marketo {company.get(f)!r}"
+                    )
                 elif r.writer.get(f) == "d" and r.values[f] not in ledger[(r.did, "marketo", f)]:
                     bad.append(f"{name}.{f}: Marketo value {r.values[f]!r} written without a ledger row")
             continue
@@ -139,8 +151,10 @@ def check(harness: Any, work: Workload, figures: Figures) -> None:
             if person.get(f) != r.values[f]:
                 bad.append(f"{name}.{f}: Marketo holds {person.get(f)!r}, expected {r.values[f]!r}")
             if r.marketo != "frozen" and row.get(col) != r.values[f]:
-                bad.append(f"{name}.{f}: Dynamics holds {row.get(col)!r}, expected {r.values[f]!r}"
-                           f"{_state_of(harness, r.entity, r.did, persons[0], f)}")
+                bad.append(
+                    f"{name}.{f}: Dynamics holds {row.get(col)!r}, expected {r.values[f]!r}"
+                    f"{_state_of(harness, r.entity, r.did, persons[0], f)}"
+                )
             if r.marketo == "frozen":
                 continue
             target = {"d": "marketo", "m": "dynamics"}.get(r.writer.get(f, ""))
@@ -148,11 +162,15 @@ def check(harness: Any, work: Workload, figures: Figures) -> None:
                 bad.append(f"{name}.{f}: {target} value {r.values[f]!r} written without a ledger row")
     for email, mid in work.new_persons.items():
         figures.records_checked += 1
-        leads = [row for row in sb.dynamics_rows("lead", limit=1_000_000) if row.get("emailaddress1") == email]
+        leads = [
+            row for row in sb.dynamics_rows("lead", limit=1_000_000) if row.get("emailaddress1") == email
+        ]
         if len(leads) != 1:
             bad.append(f"Marketo person {mid} ({email}): expected one Dynamics lead, found {len(leads)}")
         elif sb.marketo_get_lead(mid).get("dynamicsId") != leads[0]["leadid"]:
-            bad.append(f"Marketo person {mid}: dynamicsId does not point at its new lead {leads[0]['leadid']}")
+            bad.append(
+                f"Marketo person {mid}: dynamicsId does not point at its new lead {leads[0]['leadid']}"
+            )
     for email, loser in work.merged_away:
         figures.records_checked += 1
         for table in ("lead", "contact"):
@@ -170,8 +188,9 @@ def check_merges(harness: Any, work: Workload, figures: Figures) -> None:
     sb, bad = harness.sandbox, figures.violations
     live = {str(p["id"]) for p in sb.marketo_rows("lead", limit=1_000_000)}
     for entity, did, mid, state in harness.query(
-            """SELECT entity, dynamics_id, marketo_id, state FROM identity WHERE entity IN ('lead', 'contact')
-               AND state IN ('active', 'merged') AND marketo_id IS NOT NULL"""):
+        """SELECT entity, dynamics_id, marketo_id, state FROM identity WHERE entity IN ('lead', 'contact')
+               AND state IN ('active', 'merged') AND marketo_id IS NOT NULL"""
+    ):
         if mid not in live:
             bad.append(f"{entity} {did} ({state}) points at Marketo person {mid}, which no longer exists")
     for loser, winner in work.merged_persons:
@@ -180,11 +199,17 @@ def check_merges(harness: Any, work: Workload, figures: Figures) -> None:
             bad.append(f"Marketo person {loser} merged into {winner} still exists")
     for sub, master in work.merged_accounts:
         figures.records_checked += 1
-        state = harness.query("SELECT state FROM identity WHERE entity = 'account' AND dynamics_id = ?", [sub])
+        state = harness.query(
+            "SELECT state FROM identity WHERE entity = 'account' AND dynamics_id = ?", [sub]
+        )
         if state != [("merged",)]:
             bad.append(f"account {sub} merged into {master} in Dynamics: link state {state}, expected merged")
-    bad += [f"{e} {d} quarantined: {c} {m}" for e, d, c, m in harness.query(
-        "SELECT entity, dynamics_id, code, message FROM failures WHERE target = 'quarantine'")]
+    bad += [
+        f"{e} {d} quarantined: {c} {m}"
+        for e, d, c, m in harness.query(
+            "SELECT entity, dynamics_id, code, message FROM failures WHERE target = 'quarantine'"
+        )
+    ]
 
 
 def _state_of(harness: Any, entity: str, did: str, mid: int, f: str) -> str:
@@ -193,7 +218,9 @@ def _state_of(harness: Any, entity: str, did: str, mid: int, f: str) -> str:
     m = harness.query(f"SELECT {col}, pending_seq FROM m_person WHERE id = ?", [mid])
     d = harness.query(f"SELECT {col}, pending_seq FROM d_{entity} WHERE id = ?", [did])
     b = harness.query(f"SELECT {col} FROM b_{entity} WHERE dynamics_id = ?", [did])
-    i = harness.query("SELECT marketo_id, state, how FROM identity WHERE entity = ? AND dynamics_id = ?", [entity, did])
+    i = harness.query(
+        "SELECT marketo_id, state, how FROM identity WHERE entity = ? AND dynamics_id = ?", [entity, did]
+    )
     return f" (state: marketo mirror {m}, dynamics mirror {d}, base {b}, identity {i})"
 
 
@@ -205,7 +232,9 @@ def _report(figures: Figures, capsys: pytest.CaptureFixture[str], started: float
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_converges_under_faults(fast_retry_harness: Any, seed: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_converges_under_faults(
+    fast_retry_harness: Any, seed: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     started = time.perf_counter()
     figures = run_workload(fast_retry_harness, seed, rounds=3, ops_per_round=12)
     _report(figures, capsys, started)
@@ -216,7 +245,9 @@ def test_converges_under_faults(fast_retry_harness: Any, seed: int, capsys: pyte
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(100, 105))
-def test_converges_under_faults_long(fast_retry_harness: Any, seed: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_converges_under_faults_long(
+    fast_retry_harness: Any, seed: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     started = time.perf_counter()
     figures = run_workload(fast_retry_harness, seed, rounds=12, ops_per_round=30)
     _report(figures, capsys, started)
@@ -227,25 +258,38 @@ def test_converges_under_faults_long(fast_retry_harness: Any, seed: int, capsys:
 # Bulk import under faults: every batch of creates (persons, custom objects) goes through import files; the
 # uploads fail rows (a failures file), answer 1016 (queue full) or fail like any call, besides the faults above.
 BULK_FAULT_RULES: list[dict[str, Any]] = [
-    {"pattern": "marketo.bulk.*import.create", "rate": 0.4, "faults": [
-        {"kind": "partial", "code": "1001", "weight": 3}, {"kind": "code", "code": "1016", "weight": 1},
-        {"kind": "code", "code": "606", "weight": 1}, {"kind": "drop", "weight": 1}]},
-    *FAULT_RULES]
+    {
+        "pattern": "marketo.bulk.*import.create",
+        "rate": 0.4,
+        "faults": [
+            {"kind": "partial", "code": "1001", "weight": 3},
+            {"kind": "code", "code": "1016", "weight": 1},
+            {"kind": "code", "code": "606", "weight": 1},
+            {"kind": "drop", "weight": 1},
+        ],
+    },
+    *FAULT_RULES,
+]
 
 
-def test_converges_under_faults_with_bulk_import(harness: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_converges_under_faults_with_bulk_import(
+    harness: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sync_pipeline_tests.reliability.conftest import write_config
 
-    config = write_config(tmp_path, edit="  marketo_person_object: lead\n=>  marketo_person_object: lead\n"
-                                         "  bulk_import_threshold: 1\n")
+    config = write_config(
+        tmp_path,
+        edit="  marketo_person_object: lead\n=>  marketo_person_object: lead\n  bulk_import_threshold: 1\n",
+    )
     monkeypatch.setenv("SYNC_CONFIG", str(config))
     started = time.perf_counter()
     figures = run_workload(harness, 4, rounds=2, ops_per_round=13, fault_rules=BULK_FAULT_RULES)
     _report(figures, capsys, started)
     calls = harness.sandbox.calls()
     assert calls.get("marketo.bulk.import.create", 0) >= 3, calls  # the rounds' creates went through imports
-    assert calls.get("marketo.bulk.import.failures", 0) >= 1, calls  # rows failed in an import file, were retried
+    assert calls.get("marketo.bulk.import.failures", 0) >= 1, (
+        calls
+    )  # rows failed in an import file, were retried
     assert figures.faults_injected >= 0.10 * figures.api_calls, figures.line()
     assert figures.operations >= 25
     assert figures.violations == []

@@ -25,14 +25,34 @@ import pytest
 
 from sync_pipeline.sandbox.runner import RemoteSandbox, spawn_sandbox
 
-SYNC = ("import sys, dagster as dg; from sync_pipeline import runs; "
-        "r = runs.run_sync(dg.DagsterInstance.ephemeral(), scope='latest', raise_on_error=False); "
-        "sys.exit(0 if r.success else 1)")
-VOLATILE = {"id", "createdAt", "updatedAt", "marketoGUID", "seq", "createdon", "modifiedon", "versionnumber",
-            "_modifiedby_value", "_createdby_value", "_modifiedby_value@Microsoft.Dynamics.CRM.lookuplogicalname",
-            "_createdby_value@Microsoft.Dynamics.CRM.lookuplogicalname"}
-MARKETO_OBJECTS = ("salesPerson", "company", "opportunity", "opportunityRole", "dynamicsTeam_c",
-                   "dynamicsTeamMember_c", "project_c")
+SYNC = (
+    "import sys, dagster as dg; from sync_pipeline import runs; "
+    "r = runs.run_sync(dg.DagsterInstance.ephemeral(), scope='latest', raise_on_error=False); "
+    "sys.exit(0 if r.success else 1)"
+)
+VOLATILE = {
+    "id",
+    "createdAt",
+    "updatedAt",
+    "marketoGUID",
+    "seq",
+    "createdon",
+    "modifiedon",
+    "versionnumber",
+    "_modifiedby_value",
+    "_createdby_value",
+    "_modifiedby_value@Microsoft.Dynamics.CRM.lookuplogicalname",
+    "_createdby_value@Microsoft.Dynamics.CRM.lookuplogicalname",
+}
+MARKETO_OBJECTS = (
+    "salesPerson",
+    "company",
+    "opportunity",
+    "opportunityRole",
+    "dynamicsTeam_c",
+    "dynamicsTeamMember_c",
+    "project_c",
+)
 DYNAMICS_TABLES = ("lead", "contact", "account")
 
 Trigger = Callable[[dict[str, int], float], bool]
@@ -53,8 +73,12 @@ def sync(sb: RemoteSandbox, state: Path, kill_when: Trigger | None = None, timeo
     Returns "ok", "failed" or "killed" (a run that finished before the trigger fired counts as ok/failed).
     """
     before = sb.calls()
-    proc = subprocess.Popen([sys.executable, "-c", SYNC], env=_env(sb, state), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SYNC],
+        env=_env(sb, state),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     started = time.monotonic()
     try:
         while proc.poll() is None:
@@ -97,13 +121,23 @@ def snapshot(sb: RemoteSandbox) -> dict[str, Any]:
 
     # The generator derives project start times from the sandbox's "now", so two sandboxes differ there;
     # what must match is that each Marketo project carries its own Dynamics row's start time.
-    starts = {r["new_projectid"]: _instant(r.get("new_startdate")) for r in sb.dynamics_rows("new_project", 1_000_000)}
+    starts = {
+        r["new_projectid"]: _instant(r.get("new_startdate"))
+        for r in sb.dynamics_rows("new_project", 1_000_000)
+    }
     snap: dict[str, Any] = {"persons": Counter(clean(p) for p in persons)}
     for obj in MARKETO_OBJECTS:
         rows = sb.marketo_rows(obj, limit=1_000_000)
         if obj == "project_c":
-            rows = [{**r, "startDate": "= Dynamics" if _instant(r.get("startDate")) == starts.get(r["projectId"])
-                     else r.get("startDate")} for r in rows]
+            rows = [
+                {
+                    **r,
+                    "startDate": "= Dynamics"
+                    if _instant(r.get("startDate")) == starts.get(r["projectId"])
+                    else r.get("startDate"),
+                }
+                for r in rows
+            ]
         snap[obj] = Counter(clean(r) for r in rows)
     for table in DYNAMICS_TABLES:
         snap[f"dynamics {table}"] = Counter(clean(r) for r in sb.dynamics_rows(table, limit=1_000_000))
@@ -124,20 +158,29 @@ def diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         if only_a and only_b:  # the closest pair, and the fields in which they differ
             ra = json.loads(only_a[0])
             rb = max((json.loads(x) for x in only_b), key=lambda r: sum(r.get(k) == v for k, v in ra.items()))
-            detail = "; e.g. " + ", ".join(f"{k}: {ra.get(k)!r} vs {rb.get(k)!r}" for k in sorted(set(ra) | set(rb))
-                                         if ra.get(k) != rb.get(k))
-        out.append(f"{key}: {len(only_a)} rows only in the reference, {len(only_b)} only after crashes{detail}")
+            detail = "; e.g. " + ", ".join(
+                f"{k}: {ra.get(k)!r} vs {rb.get(k)!r}"
+                for k in sorted(set(ra) | set(rb))
+                if ra.get(k) != rb.get(k)
+            )
+        out.append(
+            f"{key}: {len(only_a)} rows only in the reference, {len(only_b)} only after crashes{detail}"
+        )
     return out
 
 
 def duplicate_persons(sb: RemoteSandbox) -> list[str]:
-    ids = Counter(p.get("dynamicsId") for p in sb.marketo_rows("lead", limit=1_000_000) if p.get("dynamicsId"))
+    ids = Counter(
+        p.get("dynamicsId") for p in sb.marketo_rows("lead", limit=1_000_000) if p.get("dynamicsId")
+    )
     return [d for d, n in ids.items() if n > 1]
 
 
 def crash_and_compare(tmp_path: Path, kills: list[Trigger]) -> tuple[list[str], list[str]]:
-    with spawn_sandbox(tmp_path / "ref", scale="tiny", seed=0) as ref, \
-            spawn_sandbox(tmp_path / "crash", scale="tiny", seed=0) as crashed:
+    with (
+        spawn_sandbox(tmp_path / "ref", scale="tiny", seed=0) as ref,
+        spawn_sandbox(tmp_path / "crash", scale="tiny", seed=0) as crashed,
+    ):
         ref_state, crash_state = tmp_path / "ref" / "state.duckdb", tmp_path / "crash" / "state.duckdb"
         outcomes = [sync(crashed, crash_state, k) for k in kills]
         assert sync(ref, ref_state) == "ok"
@@ -149,11 +192,13 @@ def crash_and_compare(tmp_path: Path, kills: list[Trigger]) -> tuple[list[str], 
 
 
 def test_sigkill_at_many_points_then_rerun_equals_an_uninterrupted_sync(tmp_path: Path) -> None:
-    kills = [after_calls("dynamics.query", 2),          # extract: mid-way through the Dynamics reads
-             after_calls("marketo.bulk.export.create"),  # extract: Marketo bulk export in flight
-             after_calls("marketo.companies"),           # push: object writes
-             after_calls("marketo.leads.sync"),          # push: persons being created
-             after_seconds(9.0)]                         # wherever the re-run is by then (plan or push)
+    kills = [
+        after_calls("dynamics.query", 2),  # extract: mid-way through the Dynamics reads
+        after_calls("marketo.bulk.export.create"),  # extract: Marketo bulk export in flight
+        after_calls("marketo.companies"),  # push: object writes
+        after_calls("marketo.leads.sync"),  # push: persons being created
+        after_seconds(9.0),
+    ]  # wherever the re-run is by then (plan or push)
     outcomes, differences = crash_and_compare(tmp_path, kills)
     print(f"\ncrash safety: kill outcomes {outcomes}")
     assert outcomes.count("killed") >= 3, outcomes

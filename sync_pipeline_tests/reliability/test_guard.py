@@ -32,8 +32,11 @@ def _push_users(harness: Any) -> dg.ExecuteInProcessResult:
 
 
 def _failure_text(result: dg.ExecuteInProcessResult) -> str:
-    return "\n".join(str(ev.step_failure_data.error) for ev in result.all_events
-                     if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error)
+    return "\n".join(
+        str(ev.step_failure_data.error)
+        for ev in result.all_events
+        if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error
+    )
 
 
 def test_guard_directly_names_the_changed_system(tmp_path: Path) -> None:
@@ -47,15 +50,18 @@ def test_guard_directly_names_the_changed_system(tmp_path: Path) -> None:
         assert "'222-bbb-222'" in str(exc.value) and "dynamics_organization_id" not in str(exc.value)
 
 
-def test_other_marketo_instance_is_refused_until_rebaselined(fast_retry_harness: Any,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_marketo_instance_is_refused_until_rebaselined(
+    fast_retry_harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     h = fast_retry_harness
     assert h.run("latest").success
     pinned = dict(h.query("SELECT key, value FROM environment"))
     assert pinned["marketo_instance"] == h.sandbox.marketo.munchkin_id.lower()
     monkeypatch.setenv("MARKETO_MUNCHKIN_ID", "999-ZZZ-999")
-    h.sandbox.dynamics_insert("systemuser", {"firstname": "Guard", "lastname": "Probe",
-                                             "internalemailaddress": "guard.probe@example.com"})
+    h.sandbox.dynamics_insert(
+        "systemuser",
+        {"firstname": "Guard", "lastname": "Probe", "internalemailaddress": "guard.probe@example.com"},
+    )
     before = h.sandbox.marketo_count("salesPerson")
     ledger_before = h.query("SELECT count(*) FROM ledger")[0][0]
     refused = h.run("latest", raise_on_error=False)
@@ -75,8 +81,9 @@ def test_other_marketo_instance_is_refused_until_rebaselined(fast_retry_harness:
     assert h.sandbox.marketo_count("salesPerson") == h.sandbox.dynamics_count("systemuser")
 
 
-def test_other_dynamics_org_is_refused_and_cli_rebaseline_resets(fast_retry_harness: Any, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_dynamics_org_is_refused_and_cli_rebaseline_resets(
+    fast_retry_harness: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sync_pipeline.cli import main
 
     h = fast_retry_harness
@@ -104,8 +111,10 @@ def test_other_dynamics_org_is_refused_and_cli_rebaseline_resets(fast_retry_harn
         assert h.query("SELECT count(*) FROM identity")[0][0] == 0
         result = _push_users(h)
         assert result.success, _failure_text(result)
-        assert dict(h.query("SELECT key, value FROM environment"))["dynamics_organization_id"] == \
-            other.dynamics.organization_id.lower()
+        assert (
+            dict(h.query("SELECT key, value FROM environment"))["dynamics_organization_id"]
+            == other.dynamics.organization_id.lower()
+        )
 
 
 def test_rebaseline_resync_creates_no_duplicate_persons(fast_retry_harness: Any) -> None:

@@ -16,8 +16,20 @@ from typing import Any
 # Checked fields: Marketo name -> Dynamics column, per entity.
 PERSON_FIELDS = {"phone": "telephone1", "title": "jobtitle"}
 ACCOUNT_FIELDS = {"mainPhone": "telephone1"}
-OPS = ("d_update", "m_update", "conflict_same", "conflict_different", "d_insert_contact", "d_delete_contact",
-       "m_delete_lead_person", "qualify", "m_create_person", "m_merge", "filter_flip", "account_update")
+OPS = (
+    "d_update",
+    "m_update",
+    "conflict_same",
+    "conflict_different",
+    "d_insert_contact",
+    "d_delete_contact",
+    "m_delete_lead_person",
+    "qualify",
+    "m_create_person",
+    "m_merge",
+    "filter_flip",
+    "account_update",
+)
 WEIGHTS = (5, 5, 3, 3, 2, 1, 1, 1, 2, 1, 1, 3)
 # Merges on both sides (issue 9): Marketo merges of linked persons, Dataverse Merge of contacts and accounts.
 MERGE_OPS = ("m_merge_linked_loser", "m_merge_lead_contact", "d_merge_contacts", "d_merge_accounts")
@@ -34,20 +46,44 @@ CONSENT_EXTRAS = {"personNotes": "description", "homePhone": "telephone2"}
 
 # Fault plan: >= 10% of API calls (identity endpoints excepted) fail in one of the ways real services fail.
 FAULT_RULES: list[dict[str, Any]] = [
-    {"pattern": "marketo.leads.sync", "rate": 0.2, "faults": [
-        {"kind": "partial", "code": "1001", "weight": 3}, {"kind": "code", "code": "606", "weight": 1},
-        {"kind": "code", "code": "615", "weight": 1}, {"kind": "code", "code": "604", "weight": 1},
-        {"kind": "status", "status": 503, "weight": 1}, {"kind": "drop", "weight": 1}]},
-    {"pattern": "marketo.[!i]*", "rate": 0.2, "faults": [
-        {"kind": "code", "code": "601", "weight": 1}, {"kind": "code", "code": "602", "weight": 1},
-        {"kind": "code", "code": "604", "weight": 1}, {"kind": "code", "code": "606", "weight": 2},
-        {"kind": "code", "code": "615", "weight": 1}, {"kind": "status", "status": 502, "weight": 1},
-        {"kind": "html", "status": 503, "weight": 1}, {"kind": "drop", "weight": 1},
-        {"kind": "timeout", "seconds": 0.05, "weight": 1}]},
-    {"pattern": "dynamics.*", "rate": 0.2, "faults": [
-        {"kind": "throttle", "seconds": 1, "weight": 2}, {"kind": "status", "status": 503, "weight": 2},
-        {"kind": "timeout", "seconds": 0.05, "weight": 1}, {"kind": "drop", "weight": 1},
-        {"kind": "html", "status": 502, "weight": 1}]},
+    {
+        "pattern": "marketo.leads.sync",
+        "rate": 0.2,
+        "faults": [
+            {"kind": "partial", "code": "1001", "weight": 3},
+            {"kind": "code", "code": "606", "weight": 1},
+            {"kind": "code", "code": "615", "weight": 1},
+            {"kind": "code", "code": "604", "weight": 1},
+            {"kind": "status", "status": 503, "weight": 1},
+            {"kind": "drop", "weight": 1},
+        ],
+    },
+    {
+        "pattern": "marketo.[!i]*",
+        "rate": 0.2,
+        "faults": [
+            {"kind": "code", "code": "601", "weight": 1},
+            {"kind": "code", "code": "602", "weight": 1},
+            {"kind": "code", "code": "604", "weight": 1},
+            {"kind": "code", "code": "606", "weight": 2},
+            {"kind": "code", "code": "615", "weight": 1},
+            {"kind": "status", "status": 502, "weight": 1},
+            {"kind": "html", "status": 503, "weight": 1},
+            {"kind": "drop", "weight": 1},
+            {"kind": "timeout", "seconds": 0.05, "weight": 1},
+        ],
+    },
+    {
+        "pattern": "dynamics.*",
+        "rate": 0.2,
+        "faults": [
+            {"kind": "throttle", "seconds": 1, "weight": 2},
+            {"kind": "status", "status": 503, "weight": 2},
+            {"kind": "timeout", "seconds": 0.05, "weight": 1},
+            {"kind": "drop", "weight": 1},
+            {"kind": "html", "status": 502, "weight": 1},
+        ],
+    },
 ]
 
 
@@ -69,9 +105,15 @@ class Workload:
     rng: random.Random
     records: dict[str, Expect] = field(default_factory=dict)
     new_persons: dict[str, int] = field(default_factory=dict)  # email -> Marketo id (must become a lead)
-    merged_away: list[tuple[str, int]] = field(default_factory=list)  # (email, loser id): must not become leads
-    merged_persons: list[tuple[int, int]] = field(default_factory=list)  # (loser id, winner id) of merged persons
-    merged_accounts: list[tuple[str, str]] = field(default_factory=list)  # (subordinate, master) Dataverse merges
+    merged_away: list[tuple[str, int]] = field(
+        default_factory=list
+    )  # (email, loser id): must not become leads
+    merged_persons: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (loser id, winner id) of merged persons
+    merged_accounts: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (subordinate, master) Dataverse merges
     ops: int = 0
     counter: int = 0
     # Consent: (entity, Dynamics id) -> (Marketo id, extras that must survive); leads opted out awaiting a
@@ -89,20 +131,26 @@ class Workload:
                 ids = self.sb.marketo_find_leads("dynamicsId", did)
                 if len(ids) != 1 or row.get("new_synctomkto") is False or row.get("statecode", 0) != 0:
                     continue
-                self.records[did] = Expect(entity, did, {f: row.get(c) for f, c in PERSON_FIELDS.items()},
-                                           mid=ids[0])
+                self.records[did] = Expect(
+                    entity, did, {f: row.get(c) for f, c in PERSON_FIELDS.items()}, mid=ids[0]
+                )
         companies = {c["externalCompanyId"] for c in self.sb.marketo_rows("company", limit=100_000)}
         for row in self.sb.dynamics_rows("account", limit=100_000):
             if row["accountid"] in companies:
-                self.records[row["accountid"]] = Expect("account", row["accountid"],
-                                                        {f: row.get(c) for f, c in ACCOUNT_FIELDS.items()})
+                self.records[row["accountid"]] = Expect(
+                    "account", row["accountid"], {f: row.get(c) for f, c in ACCOUNT_FIELDS.items()}
+                )
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _pick(self, entity: str | tuple[str, ...], state: str = "linked", exclude: set[str] = frozenset()
-              ) -> Expect | None:
+    def _pick(
+        self, entity: str | tuple[str, ...], state: str = "linked", exclude: set[str] = frozenset()
+    ) -> Expect | None:
         entities = (entity,) if isinstance(entity, str) else entity
-        pool = sorted(d for d, r in self.records.items()
-                      if r.entity in entities and r.marketo == state and d not in exclude)
+        pool = sorted(
+            d
+            for d, r in self.records.items()
+            if r.entity in entities and r.marketo == state and d not in exclude
+        )
         return self.records[self.rng.choice(pool)] if pool else None
 
     def _d_set(self, r: Expect, f: str, value: str) -> None:
@@ -115,8 +163,11 @@ class Workload:
 
     def _text(self, f: str, side: str) -> str:
         self.counter += 1
-        return f"+1 555 {1 if side == 'd' else 2}{self.counter:06d}" if f in ("phone", "mainPhone") else \
-            f"{'Dyn' if side == 'd' else 'Mkt'} title {self.counter}"
+        return (
+            f"+1 555 {1 if side == 'd' else 2}{self.counter:06d}"
+            if f in ("phone", "mainPhone")
+            else f"{'Dyn' if side == 'd' else 'Mkt'} title {self.counter}"
+        )
 
     # ---- one round -----------------------------------------------------------------------------
     def round(self, size: int) -> list[str]:
@@ -181,10 +232,18 @@ class Workload:
         did = str(uuid.UUID(int=self.rng.getrandbits(128)))
         self.counter += 1
         values = {"phone": self._text("phone", "d"), "title": self._text("title", "d")}
-        self.sb.dynamics_insert("contact", {"contactid": did, "firstname": "Model", "lastname": f"New{self.counter}",
-                                            "emailaddress1": f"model.new{self.counter}@example.org",
-                                            "new_synctomkto": True, "telephone1": values["phone"],
-                                            "jobtitle": values["title"]})
+        self.sb.dynamics_insert(
+            "contact",
+            {
+                "contactid": did,
+                "firstname": "Model",
+                "lastname": f"New{self.counter}",
+                "emailaddress1": f"model.new{self.counter}@example.org",
+                "new_synctomkto": True,
+                "telephone1": values["phone"],
+                "jobtitle": values["title"],
+            },
+        )
         self.records[did] = Expect("contact", did, values, {"phone": "d", "title": "d"}, marketo="new")
         touched.add(did)
         return True
@@ -225,8 +284,14 @@ class Workload:
     def _m_create_person(self, touched: set[str]) -> bool:
         self.counter += 1
         email = f"model.person{self.counter}@example.net"
-        lead = self.sb.marketo_create_lead({"email": email, "firstName": "Web", "lastName": f"Form{self.counter}",
-                                            "leadScore": 50 + self.rng.randrange(50)})
+        lead = self.sb.marketo_create_lead(
+            {
+                "email": email,
+                "firstName": "Web",
+                "lastName": f"Form{self.counter}",
+                "leadScore": 50 + self.rng.randrange(50),
+            }
+        )
         self.new_persons[email] = int(lead["id"])
         return True
 
@@ -283,9 +348,14 @@ class Workload:
         if r is None or r.mid is None:
             return False
         self.counter += 1
-        winner = self.sb.marketo_create_lead({"email": f"model.winner{self.counter}@example.net",
-                                              "firstName": "Winner", "lastName": f"Merge{self.counter}",
-                                              "leadScore": 5})
+        winner = self.sb.marketo_create_lead(
+            {
+                "email": f"model.winner{self.counter}@example.net",
+                "firstName": "Winner",
+                "lastName": f"Merge{self.counter}",
+                "leadScore": 5,
+            }
+        )
         self.sb.marketo_merge_leads(int(winner["id"]), [r.mid])
         self.merged_persons.append((r.mid, int(winner["id"])))
         r.mid = int(winner["id"])
@@ -369,8 +439,9 @@ class Workload:
         cid = created["contact"]
         row = self.sb.dynamics_get("contact", cid)
         r.marketo = "retired"
-        self.records[cid] = Expect("contact", cid, {f: row.get(c) for f, c in PERSON_FIELDS.items()},
-                                   marketo="linked", mid=r.mid)
+        self.records[cid] = Expect(
+            "contact", cid, {f: row.get(c) for f, c in PERSON_FIELDS.items()}, marketo="linked", mid=r.mid
+        )
         self.opted_out[("contact", cid)] = self.opted_out[("lead", r.did)]
         touched.update({r.did, cid})
         return True
@@ -380,8 +451,16 @@ class Workload:
         self.counter += 1
         email = f"model.optout{self.counter}@example.net"
         extras = self._consent_extras()
-        lead = self.sb.marketo_create_lead({"email": email, "firstName": "Opted", "lastName": f"Out{self.counter}",
-                                            "leadScore": 5, **{f: True for f in CONSENT_FIELDS}, **extras})
+        lead = self.sb.marketo_create_lead(
+            {
+                "email": email,
+                "firstName": "Opted",
+                "lastName": f"Out{self.counter}",
+                "leadScore": 5,
+                **{f: True for f in CONSENT_FIELDS},
+                **extras,
+            }
+        )
         self.to_link[email] = (int(lead["id"]), extras)
         return True
 
@@ -393,9 +472,17 @@ class Workload:
         mid, extras = self.to_link.pop(email)
         did = str(uuid.UUID(int=self.rng.getrandbits(128)))
         values = {"phone": self._text("phone", "d"), "title": self._text("title", "d")}
-        self.sb.dynamics_insert("contact", {"contactid": did, "firstname": "Opted", "lastname": "Linked",
-                                            "emailaddress1": email.upper(), "telephone1": values["phone"],
-                                            "jobtitle": values["title"]})
+        self.sb.dynamics_insert(
+            "contact",
+            {
+                "contactid": did,
+                "firstname": "Opted",
+                "lastname": "Linked",
+                "emailaddress1": email.upper(),
+                "telephone1": values["phone"],
+                "jobtitle": values["title"],
+            },
+        )
         self.records[did] = Expect("contact", did, values, {"phone": "d", "title": "d"}, mid=mid)
         self.opted_out[("contact", did)] = (mid, extras)
         touched.add(did)
@@ -419,25 +506,34 @@ class Workload:
                 row = None  # deleted in Dynamics meanwhile: the person keeps its consent
             for f, col in CONSENT_FIELDS.items():
                 if person.get(f) is not True:
-                    bad.append(f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, opted out expected")
+                    bad.append(
+                        f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, opted out expected"
+                    )
                 if row is not None and (r is None or r.marketo != "frozen") and row.get(col) is not True:
                     bad.append(f"{entity} {did}.{col} is {row.get(col)!r}, opted out expected")
             for f in CONSENT_EXTRAS:
                 if person.get(f) != extras[f]:
-                    bad.append(f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, "
-                               f"expected {extras[f]!r} (blanked?)")
-        consent = ", ".join(f"'{f}'" for f in ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax",
-                                                "doNotSendMarketingMaterial"))
+                    bad.append(
+                        f"{entity} {did}: Marketo person {mid}.{f} is {person.get(f)!r}, "
+                        f"expected {extras[f]!r} (blanked?)"
+                    )
+        consent = ", ".join(
+            f"'{f}'"
+            for f in ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax", "doNotSendMarketingMaterial")
+        )
         for entity, did, target, f, before, after in harness.query(
-                f"""SELECT entity, dynamics_id, target, field, value_before, value_after FROM ledger
+            f"""SELECT entity, dynamics_id, target, field, value_before, value_after FROM ledger
                     WHERE op = 'update' AND field IN ({consent}) AND value_before = 'true'
-                      AND value_after IS DISTINCT FROM 'true'"""):
+                      AND value_after IS DISTINCT FROM 'true'"""
+        ):
             bad.append(f"opt-out reversed by the sync: {entity} {did} {target}.{f} {before!r} -> {after!r}")
         for entity, did, target, f, before in harness.query(
-                """SELECT entity, dynamics_id, target, field, value_before FROM ledger
-                   WHERE op = 'update' AND value_after IS NULL AND value_before IS NOT NULL"""):
+            """SELECT entity, dynamics_id, target, field, value_before FROM ledger
+                   WHERE op = 'update' AND value_after IS NULL AND value_before IS NOT NULL"""
+        ):
             bad.append(f"field blanked by the sync: {entity} {did} {target}.{f} (was {before!r})")
         return bad
+
 
 # ---- random rollbacks ------------------------------------------------------------------------------------
 
@@ -473,13 +569,19 @@ class RandomRollbacks:
         sb = self.work.sb
         if r.entity == "account":
             row = sb.dynamics_get("account", r.did)
-            company = next((c for c in sb.marketo_rows("company", limit=1_000_000) if c["externalCompanyId"] == r.did),
-                           {})
-            return {**{(f, "d"): row.get(c) for f, c in ACCOUNT_FIELDS.items()},
-                    **{(f, "m"): company.get(f) for f in ACCOUNT_FIELDS}}
+            company = next(
+                (c for c in sb.marketo_rows("company", limit=1_000_000) if c["externalCompanyId"] == r.did),
+                {},
+            )
+            return {
+                **{(f, "d"): row.get(c) for f, c in ACCOUNT_FIELDS.items()},
+                **{(f, "m"): company.get(f) for f in ACCOUNT_FIELDS},
+            }
         row, person = sb.dynamics_get(r.entity, r.did), sb.marketo_get_lead(int(r.mid or 0))
-        return {**{(f, "d"): row.get(c) for f, c in PERSON_FIELDS.items()},
-                **{(f, "m"): person.get(f) for f in PERSON_FIELDS}}
+        return {
+            **{(f, "d"): row.get(c) for f, c in PERSON_FIELDS.items()},
+            **{(f, "m"): person.get(f) for f in PERSON_FIELDS},
+        }
 
     def round(self) -> None:
         import os
@@ -503,7 +605,7 @@ class RandomRollbacks:
         # Edits after the run, on some of the fields it wrote (accounts only in Dynamics: one-way).
         later: dict[tuple[str, str], str] = {}
         for r in records:
-            for f in (ACCOUNT_FIELDS if r.entity == "account" else PERSON_FIELDS):
+            for f in ACCOUNT_FIELDS if r.entity == "account" else PERSON_FIELDS:
                 if self.rng.random() < 0.25:
                     side = "d" if r.entity == "account" else self.rng.choice("dm")
                     value = work._text(f, side)
@@ -521,18 +623,35 @@ class RandomRollbacks:
                 rid = rb.new_run_id()
                 ids.append(rid)
                 try:
-                    items = rb.plan_rollback(con, config, source, dynamics.get_client(), marketo.get_client(),
-                                             ignore_runs=[*runs, *ids])
-                    outcome = rb.execute_rollback(con, config, items, dynamics.get_client(), marketo.get_client(),
-                                                  source_run=source, run_id=rid)
+                    items = rb.plan_rollback(
+                        con,
+                        config,
+                        source,
+                        dynamics.get_client(),
+                        marketo.get_client(),
+                        ignore_runs=[*runs, *ids],
+                    )
+                    outcome = rb.execute_rollback(
+                        con,
+                        config,
+                        items,
+                        dynamics.get_client(),
+                        marketo.get_client(),
+                        source_run=source,
+                        run_id=rid,
+                    )
                 except (MarketoError, DynamicsError):
                     # The faults stopped this rollback (like the command exiting 1): what it did write is
                     # in the ledger under its run id; the older runs are left as they are.
                     self.aborted += 1
-                    done += [rb.Item(0, ent, did, mid, target, "update", fld, after, None, source)
-                             for ent, did, mid, target, fld, after in con.execute(
-                                 """SELECT entity, dynamics_id, marketo_id, target, field, value_after FROM ledger
-                                    WHERE run_id = ? AND op = 'restore'""", [rid]).fetchall()]
+                    done += [
+                        rb.Item(0, ent, did, mid, target, "update", fld, after, None, source)
+                        for ent, did, mid, target, fld, after in con.execute(
+                            """SELECT entity, dynamics_id, marketo_id, target, field, value_after FROM ledger
+                                    WHERE run_id = ? AND op = 'restore'""",
+                            [rid],
+                        ).fetchall()
+                    ]
                     break
                 failed = {id(it) for it, _ in outcome.failed} | {id(it) for it in outcome.skipped}
                 done += [it for it in items if it.action == rb.RESTORE and id(it) not in failed]
@@ -553,14 +672,17 @@ class RandomRollbacks:
                     self.violations.append(
                         f"rollback of {it.source_run}: {r.entity} {r.did}.{it.field} on {side}: "
                         f"{now[(it.field, side)]!r}, pre-run value {pre[r.did][(it.field, side)]!r} "
-                        f"(restored {it.restore!r} on {w})")
+                        f"(restored {it.restore!r} on {w})"
+                    )
             heal.add((r.did, it.field))
         for (did, f), value in later.items():
             r = work.records[did]
             now = self._values(r)
             if now[(f, "d")] != value or now[(f, "m")] != value:
-                self.violations.append(f"edit after the run lost: {r.entity} {did}.{f} = {value!r}, now Dynamics "
-                                       f"{now[(f, 'd')]!r}, Marketo {now[(f, 'm')]!r}")
+                self.violations.append(
+                    f"edit after the run lost: {r.entity} {did}.{f} = {value!r}, now Dynamics "
+                    f"{now[(f, 'd')]!r}, Marketo {now[(f, 'm')]!r}"
+                )
         # Back to a model where both sides agree: a fresh Dynamics edit of every restored field.
         for did, f in sorted(heal):
             r = work.records[did]

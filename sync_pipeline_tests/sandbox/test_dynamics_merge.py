@@ -38,11 +38,20 @@ def sb(ca: SandboxCA) -> Iterator[DynamicsSandbox]:
 
 @pytest.fixture
 def api(sb: DynamicsSandbox, ca: SandboxCA) -> Iterator[httpx.Client]:
-    form = {"grant_type": "client_credentials", "client_id": sb.client_id, "client_secret": sb.client_secret,
-            "scope": f"{sb.api_url}/.default"}
-    token = httpx.post(f"{sb.authority}/oauth2/v2.0/token", data=form, verify=str(ca.ca_path)).json()["access_token"]
-    with httpx.Client(base_url=f"{sb.api_url}/api/data/v9.2/", verify=str(ca.ca_path),
-                      headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}) as client:
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": sb.client_id,
+        "client_secret": sb.client_secret,
+        "scope": f"{sb.api_url}/.default",
+    }
+    token = httpx.post(f"{sb.authority}/oauth2/v2.0/token", data=form, verify=str(ca.ca_path)).json()[
+        "access_token"
+    ]
+    with httpx.Client(
+        base_url=f"{sb.api_url}/api/data/v9.2/",
+        verify=str(ca.ca_path),
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+    ) as client:
         yield client
 
 
@@ -56,10 +65,20 @@ def _ref(table: str, pk: str, record_id: str, **extra: Any) -> dict[str, Any]:
     return {"@odata.type": CRM + table, pk: record_id, **extra}
 
 
-def _merge(api: httpx.Client, table: str, pk: str, target: str, sub: str, update: dict[str, Any] | None = None,
-           checks: Any = False) -> httpx.Response:
-    body: dict[str, Any] = {"Target": _ref(table, pk, target), "Subordinate": _ref(table, pk, sub),
-                            "PerformParentingChecks": checks}
+def _merge(
+    api: httpx.Client,
+    table: str,
+    pk: str,
+    target: str,
+    sub: str,
+    update: dict[str, Any] | None = None,
+    checks: Any = False,
+) -> httpx.Response:
+    body: dict[str, Any] = {
+        "Target": _ref(table, pk, target),
+        "Subordinate": _ref(table, pk, sub),
+        "PerformParentingChecks": checks,
+    }
     if update is not None:
         body["UpdateContent"] = {"@odata.type": CRM + table, **update}
     return api.post("Merge", json=body)
@@ -68,8 +87,12 @@ def _merge(api: httpx.Client, table: str, pk: str, target: str, sub: str, update
 def test_merge_accounts_as_documented(api: httpx.Client) -> None:
     """The documentation's example: two accounts, UpdateContent sets accountnumber on the target."""
     target = _create(api, "accounts", {"name": "Account 1", "telephone1": "111"})
-    sub = _create(api, "accounts", {"name": "Account 2", "telephone1": "222", "website": "https://two.example"})
-    contact = _create(api, "contacts", {"lastname": "Child", "parentcustomerid_account@odata.bind": f"/accounts({sub})"})
+    sub = _create(
+        api, "accounts", {"name": "Account 2", "telephone1": "222", "website": "https://two.example"}
+    )
+    contact = _create(
+        api, "contacts", {"lastname": "Child", "parentcustomerid_account@odata.bind": f"/accounts({sub})"}
+    )
     before = api.get(f"accounts({target})").json()
 
     resp = _merge(api, "account", "accountid", target, sub, {"accountnumber": "1234"})
@@ -79,7 +102,9 @@ def test_merge_accounts_as_documented(api: httpx.Client) -> None:
     assert master["accountnumber"] == "1234"
     assert master["telephone1"] == "111"  # existing data in the target is not overwritten
     assert int(master["versionnumber"]) > int(before["versionnumber"])
-    merged = api.get(f"accounts({sub})", params={"$select": "statecode,statuscode,merged,_masterid_value"}).json()
+    merged = api.get(
+        f"accounts({sub})", params={"$select": "statecode,statuscode,merged,_masterid_value"}
+    ).json()
     assert (merged["statecode"], merged["statuscode"], merged["merged"]) == (1, 2, True)
     assert merged["_masterid_value"] == target
     # Child rows are re-parented to the target.
@@ -87,10 +112,13 @@ def test_merge_accounts_as_documented(api: httpx.Client) -> None:
     assert child["_parentcustomerid_value"] == target
 
 
-@pytest.mark.parametrize("table,entity_set,pk,state", [("contact", "contacts", "contactid", (1, 2)),
-                                                        ("lead", "leads", "leadid", (2, 7))])
-def test_merge_contacts_and_leads(api: httpx.Client, table: str, entity_set: str, pk: str,
-                                  state: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    "table,entity_set,pk,state",
+    [("contact", "contacts", "contactid", (1, 2)), ("lead", "leads", "leadid", (2, 7))],
+)
+def test_merge_contacts_and_leads(
+    api: httpx.Client, table: str, entity_set: str, pk: str, state: tuple[int, int]
+) -> None:
     target = _create(api, entity_set, {"lastname": "Master", "emailaddress1": "m@example.com"})
     sub = _create(api, entity_set, {"lastname": "Dupe", "jobtitle": "Engineer"})
     assert _merge(api, table, pk, target, sub, {"jobtitle": "Engineer"}).status_code == 204
@@ -101,8 +129,9 @@ def test_merge_contacts_and_leads(api: httpx.Client, table: str, entity_set: str
     assert (sub_row["statecode"], sub_row["statuscode"]) == state
     assert sub_row["merged"] is True and sub_row["_masterid_value"] == target
     # The subordinate shows up in the table's changes (a sync following a delta link sees the merge).
-    rows = api.get(entity_set, params={"$select": f"{pk},merged,_masterid_value",
-                                       "$filter": "merged eq true"}).json()["value"]
+    rows = api.get(
+        entity_set, params={"$select": f"{pk},merged,_masterid_value", "$filter": "merged eq true"}
+    ).json()["value"]
     assert [r[pk] for r in rows] == [sub]
 
 
@@ -119,8 +148,14 @@ def test_merge_is_refused_when_the_documentation_says_so(api: httpx.Client) -> N
     assert "identical" in error(_merge(api, "contact", "contactid", a, a), 400)
     assert "Does Not Exist" in error(_merge(api, "contact", "contactid", a, missing), 404)
     assert "PerformParentingChecks" in error(_merge(api, "contact", "contactid", a, b, checks=None), 400)
-    no_type = api.post("Merge", json={"Target": {"contactid": a}, "Subordinate": _ref("contact", "contactid", b),
-                                      "PerformParentingChecks": False})
+    no_type = api.post(
+        "Merge",
+        json={
+            "Target": {"contactid": a},
+            "Subordinate": _ref("contact", "contactid", b),
+            "PerformParentingChecks": False,
+        },
+    )
     assert "@odata.type" in error(no_type, 400)
     opp = _create(api, "opportunities", {"name": "O"})
     other = _create(api, "opportunities", {"name": "P"})
@@ -137,8 +172,12 @@ def test_merge_is_refused_when_the_documentation_says_so(api: httpx.Client) -> N
 def test_parenting_checks(api: httpx.Client) -> None:
     acc1 = _create(api, "accounts", {"name": "One"})
     acc2 = _create(api, "accounts", {"name": "Two"})
-    a = _create(api, "contacts", {"lastname": "A", "parentcustomerid_account@odata.bind": f"/accounts({acc1})"})
-    b = _create(api, "contacts", {"lastname": "B", "parentcustomerid_account@odata.bind": f"/accounts({acc2})"})
+    a = _create(
+        api, "contacts", {"lastname": "A", "parentcustomerid_account@odata.bind": f"/accounts({acc1})"}
+    )
+    b = _create(
+        api, "contacts", {"lastname": "B", "parentcustomerid_account@odata.bind": f"/accounts({acc2})"}
+    )
     refused = _merge(api, "contact", "contactid", a, b, checks=True)
     assert refused.status_code == 400 and "parent" in refused.json()["error"]["message"]
     assert not api.get(f"contacts({b})").json().get("merged")  # nothing happened

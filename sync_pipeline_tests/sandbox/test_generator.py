@@ -40,9 +40,16 @@ def by_id(rows: list[dict[str, Any]], pk: str) -> dict[str, dict[str, Any]]:
 def test_scale_counts_match_their_definition(small: dict) -> None:
     spec = SCALES["small"]
     counts = {name: len(rows) for (_, name), rows in small.items() if _ == "dynamics"}
-    assert counts == {"systemuser": spec.users, "team": spec.teams, "teammembership": spec.memberships,
-                      "account": spec.accounts, "contact": spec.contacts, "lead": spec.leads,
-                      "opportunity": spec.opportunities, "new_project": spec.custom_rows}
+    assert counts == {
+        "systemuser": spec.users,
+        "team": spec.teams,
+        "teammembership": spec.memberships,
+        "account": spec.accounts,
+        "contact": spec.contacts,
+        "lead": spec.leads,
+        "opportunity": spec.opportunities,
+        "new_project": spec.custom_rows,
+    }
     persons = spec.leads + spec.contacts
     assert len(small[("marketo", "lead")]) == persons // 10
     assert 9_000 <= sum(counts.values()) <= 11_000
@@ -50,10 +57,27 @@ def test_scale_counts_match_their_definition(small: dict) -> None:
 
 def test_named_scales_have_the_promised_sizes() -> None:
     large = SCALES["large"]
-    assert (large.leads, large.contacts, large.accounts, large.opportunities, large.users, large.teams,
-            large.custom_rows) == (400_000, 400_000, 100_000, 100_000, 5000, 200, 100_000)
+    assert (
+        large.leads,
+        large.contacts,
+        large.accounts,
+        large.opportunities,
+        large.users,
+        large.teams,
+        large.custom_rows,
+    ) == (400_000, 400_000, 100_000, 100_000, 5000, 200, 100_000)
+
     def total(s: Any) -> int:
-        return s.users + s.teams + s.memberships + s.accounts + s.contacts + s.leads + s.opportunities + s.custom_rows
+        return (
+            s.users
+            + s.teams
+            + s.memberships
+            + s.accounts
+            + s.contacts
+            + s.leads
+            + s.opportunities
+            + s.custom_rows
+        )
 
     assert 1_100_000 <= total(large) <= 1_150_000
     assert 260_000 <= total(SCALES["medium"]) <= 290_000
@@ -64,13 +88,22 @@ def test_same_seed_same_org_other_seed_other_org() -> None:
     first, again, other = collect("tiny", seed=7), collect("tiny", seed=7), collect("tiny", seed=8)
     assert first == again
     assert first[("dynamics", "lead")] != other[("dynamics", "lead")]
-    assert {r["leadid"] for r in first[("dynamics", "lead")]}.isdisjoint(r["leadid"] for r in other[("dynamics", "lead")])
+    assert {r["leadid"] for r in first[("dynamics", "lead")]}.isdisjoint(
+        r["leadid"] for r in other[("dynamics", "lead")]
+    )
 
 
 def test_guids_are_well_formed_and_unique_across_tables(small: dict) -> None:
-    pks = {"systemuser": "systemuserid", "team": "teamid", "teammembership": "teammembershipid",
-           "account": "accountid", "contact": "contactid", "lead": "leadid", "opportunity": "opportunityid",
-           "new_project": "new_projectid"}
+    pks = {
+        "systemuser": "systemuserid",
+        "team": "teamid",
+        "teammembership": "teammembershipid",
+        "account": "accountid",
+        "contact": "contactid",
+        "lead": "leadid",
+        "opportunity": "opportunityid",
+        "new_project": "new_projectid",
+    }
     ids = [row[pks[name]] for (system, name), rows in small.items() if system == "dynamics" for row in rows]
     assert all(GUID.match(i) for i in ids)
     assert len(ids) == len(set(ids))
@@ -89,7 +122,9 @@ def test_referential_integrity(small: dict) -> None:
             kind = row["_ownerid_value" + TARGET]
             owner_kinds[kind] += 1
             owner = owned[kind][row["_ownerid_value"]]
-            assert kind == "systemuser" and not owner["isdisabled"] or kind == "team" and owner["teamtype"] == 0
+            assert (
+                kind == "systemuser" and not owner["isdisabled"] or kind == "team" and owner["teamtype"] == 0
+            )
             assert row["_createdby_value"] in users and row["_modifiedby_value"] in users
     assert owner_kinds["systemuser"] > 5 * owner_kinds["team"] > 0
 
@@ -181,8 +216,10 @@ def test_timestamps_spread_over_the_window(small: dict) -> None:
             days.add(row["modifiedon"][:10])
     assert len(days) >= 85
     week = collect("tiny", window_days=7)
-    assert all(r["modifiedon"] >= (NOW - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
-               for r in week[("dynamics", "lead")])
+    assert all(
+        r["modifiedon"] >= (NOW - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for r in week[("dynamics", "lead")]
+    )
 
 
 def test_marketo_persons_share_some_emails_with_contacts(small: dict) -> None:
@@ -191,8 +228,11 @@ def test_marketo_persons_share_some_emails_with_contacts(small: dict) -> None:
     contact_emails = {c["emailaddress1"] for c in small[("dynamics", "contact")] if "emailaddress1" in c}
     folded = {e.strip().casefold() for e in contact_emails}
     exact = [p for p in persons if p.get("email") in contact_emails]
-    variant = [p for p in persons if p.get("email") not in contact_emails
-               and (p.get("email") or "").casefold() in folded]
+    variant = [
+        p
+        for p in persons
+        if p.get("email") not in contact_emails and (p.get("email") or "").casefold() in folded
+    ]
     assert len(exact) >= 0.05 * len(persons) and len(variant) >= 0.05 * len(persons)
     own = [p for p in persons if (p.get("email") or "").casefold() not in folded]
     assert len(own) > 0.7 * len(persons)
@@ -207,9 +247,15 @@ def test_marketo_born_companies_opportunities_and_roles(small: dict) -> None:
     names = {p["company"] for p in persons if p.get("company")}
     # About half of the company names the persons carry have a company record, keyed by a non-Dynamics id.
     assert 0.35 * len(names) <= len(companies) <= 0.65 * len(names)
-    assert [c["externalCompanyId"] for c in companies] == [f"mkto-0-{n}" for n in range(1, len(companies) + 1)]
-    assert {c["company"] for c in companies} <= names and len({c["company"] for c in companies}) == len(companies)
-    assert all(c["website"].startswith("https://www.") and c["industry"] and c["billingCity"] for c in companies)
+    assert [c["externalCompanyId"] for c in companies] == [
+        f"mkto-0-{n}" for n in range(1, len(companies) + 1)
+    ]
+    assert {c["company"] for c in companies} <= names and len({c["company"] for c in companies}) == len(
+        companies
+    )
+    assert all(
+        c["website"].startswith("https://www.") and c["industry"] and c["billingCity"] for c in companies
+    )
     by_company = {c["externalCompanyId"]: c for c in companies}
     opportunities = small[("marketo", "opportunity")]
     assert 0.3 * len(companies) <= len(opportunities) <= 0.7 * len(companies)
@@ -226,7 +272,9 @@ def test_marketo_born_companies_opportunities_and_roles(small: dict) -> None:
     assert {r["externalOpportunityId"] for r in roles} == set(opps)
     for r in roles:
         person = persons[r["leadIndex"]]
-        assert person["company"] == by_company[opps[r["externalOpportunityId"]]["externalCompanyId"]]["company"]
+        assert (
+            person["company"] == by_company[opps[r["externalOpportunityId"]]["externalCompanyId"]]["company"]
+        )
         assert r["role"] != "Potential Customer"
     assert sum(r["isPrimary"] for r in roles) == len(opps)
 
@@ -249,9 +297,14 @@ def test_seeded_companies_answer_the_documented_queries() -> None:
     sandbox = MarketoSandbox().start()
     try:
         counts = populate(None, sandbox.store, "tiny", seed=2, now=NOW)
-        token = httpx.post(f"{sandbox.base_url}/identity/oauth/token", data={
-            "grant_type": "client_credentials", "client_id": sandbox.client_id,
-            "client_secret": sandbox.client_secret}).json()["access_token"]
+        token = httpx.post(
+            f"{sandbox.base_url}/identity/oauth/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": sandbox.client_id,
+                "client_secret": sandbox.client_secret,
+            },
+        ).json()["access_token"]
         http = httpx.Client(base_url=sandbox.base_url, headers={"Authorization": f"Bearer {token}"})
 
         def get(path: str, **params: Any) -> list[dict[str, Any]]:
@@ -262,26 +315,46 @@ def test_seeded_companies_answer_the_documented_queries() -> None:
         stored = sorted(sandbox.store.objects("company"), key=lambda c: c["id"])
         assert len(stored) == counts["marketo.company"] > 0
         keys = [c["externalCompanyId"] for c in stored]
-        found = get("/rest/v1/companies.json", filterType="externalCompanyId", filterValues=",".join(keys),
-                    fields="externalCompanyId,company,billingCity")
+        found = get(
+            "/rest/v1/companies.json",
+            filterType="externalCompanyId",
+            filterValues=",".join(keys),
+            fields="externalCompanyId,company,billingCity",
+        )
         assert sorted((c["externalCompanyId"], c["company"]) for c in found) == sorted(
-            (c["externalCompanyId"], c["company"]) for c in stored)
-        by_id = get("/rest/v1/companies.json", filterType="id", filterValues=str(stored[0]["id"]),
-                    fields="externalCompanyId,company")
+            (c["externalCompanyId"], c["company"]) for c in stored
+        )
+        by_id = get(
+            "/rest/v1/companies.json",
+            filterType="id",
+            filterValues=str(stored[0]["id"]),
+            fields="externalCompanyId,company",
+        )
         assert [(c["id"], c["externalCompanyId"]) for c in by_id] == [(stored[0]["id"], keys[0])]
         by_name = get("/rest/v1/companies.json", filterType="company", filterValues=stored[0]["company"])
         assert stored[0]["id"] in [c["id"] for c in by_name]
 
         opps = list(sandbox.store.objects("opportunity"))
         assert len(opps) == counts["marketo.opportunity"] > 0
-        found = get("/rest/v1/opportunities.json", filterType="externalOpportunityId",
-                    filterValues=opps[0]["externalOpportunityId"],
-                    fields="externalOpportunityId,externalCompanyId,name")
+        found = get(
+            "/rest/v1/opportunities.json",
+            filterType="externalOpportunityId",
+            filterValues=opps[0]["externalOpportunityId"],
+            fields="externalOpportunityId,externalCompanyId,name",
+        )
         assert found[0]["externalCompanyId"] in keys and found[0]["marketoGUID"] == opps[0]["marketoGUID"]
-        assert get("/rest/v1/opportunities.json", filterType="marketoGUID",
-                   filterValues=opps[0]["marketoGUID"])[0]["externalOpportunityId"] == opps[0]["externalOpportunityId"]
-        roles = get("/rest/v1/opportunities/roles.json", filterType="externalOpportunityId",
-                    filterValues=opps[0]["externalOpportunityId"], fields="leadId,role,isPrimary")
+        assert (
+            get("/rest/v1/opportunities.json", filterType="marketoGUID", filterValues=opps[0]["marketoGUID"])[
+                0
+            ]["externalOpportunityId"]
+            == opps[0]["externalOpportunityId"]
+        )
+        roles = get(
+            "/rest/v1/opportunities/roles.json",
+            filterType="externalOpportunityId",
+            filterValues=opps[0]["externalOpportunityId"],
+            fields="leadId,role,isPrimary",
+        )
         assert roles and all(sandbox.store.get_lead(r["leadId"]) for r in roles)
         http.close()
     finally:
@@ -306,7 +379,9 @@ def test_populate_names_the_rows_a_store_refuses() -> None:
         def bulk_load(self, name: str, rows: list) -> None:
             raise ValueError("disk full")
 
-    with pytest.raises(RuntimeError, match=r"dynamics store refused generated systemuser rows 0-9: disk full"):
+    with pytest.raises(
+        RuntimeError, match=r"dynamics store refused generated systemuser rows 0-9: disk full"
+    ):
         populate(Refusing(), None, "tiny", now=NOW)
 
 

@@ -29,8 +29,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DynamicsSand
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
-def test_issuer_and_endpoints_follow_the_host_asked(env: tuple[DynamicsSandbox, SandboxCA], host: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_issuer_and_endpoints_follow_the_host_asked(
+    env: tuple[DynamicsSandbox, SandboxCA], host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sb, ca = env
     port = sb.identity_url.rsplit(":", 1)[1]
     authority = f"https://{host}:{port}/{sb.tenant_id}"
@@ -43,18 +44,31 @@ def test_issuer_and_endpoints_follow_the_host_asked(env: tuple[DynamicsSandbox, 
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
     # instance_discovery=False as for any authority MSAL does not know (it would ask login.microsoftonline.com).
-    app = msal.ConfidentialClientApplication(sb.client_id, authority=authority, client_credential=sb.client_secret,
-                                             verify=str(ca.ca_path), instance_discovery=False)
+    app = msal.ConfidentialClientApplication(
+        sb.client_id,
+        authority=authority,
+        client_credential=sb.client_secret,
+        verify=str(ca.ca_path),
+        instance_discovery=False,
+    )
     api_port = sb.api_url.rsplit(":", 1)[1]
     result = app.acquire_token_for_client(scopes=[f"https://{host}:{api_port}/.default"])
     assert result.get("token_type") == "Bearer", result
-    who = httpx.get(f"{sb.api_url}/api/data/v9.2/WhoAmI", verify=str(ca.ca_path),
-                    headers={"Authorization": f"Bearer {result['access_token']}"})
+    who = httpx.get(
+        f"{sb.api_url}/api/data/v9.2/WhoAmI",
+        verify=str(ca.ca_path),
+        headers={"Authorization": f"Bearer {result['access_token']}"},
+    )
     assert who.status_code == 200 and who.json()["UserId"] == sb.app_user_id
 
 
-def test_a_forged_host_header_falls_back_to_the_servers_own_name(env: tuple[DynamicsSandbox, SandboxCA]) -> None:
+def test_a_forged_host_header_falls_back_to_the_servers_own_name(
+    env: tuple[DynamicsSandbox, SandboxCA],
+) -> None:
     sb, ca = env
-    doc = httpx.get(f"{sb.authority}/v2.0/.well-known/openid-configuration", verify=str(ca.ca_path),
-                    headers={"Host": "evil.example/x?"}).json()
+    doc = httpx.get(
+        f"{sb.authority}/v2.0/.well-known/openid-configuration",
+        verify=str(ca.ca_path),
+        headers={"Host": "evil.example/x?"},
+    ).json()
     assert doc["issuer"] == f"{sb.authority}/v2.0"

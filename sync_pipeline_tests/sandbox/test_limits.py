@@ -37,11 +37,23 @@ REALISTIC = load_schema().raw["limits"]["realistic"]
 
 
 def test_realistic_profile_has_the_documented_figures() -> None:
-    assert REALISTIC["dynamics"] == {"requests_per_window": 6000, "window_seconds": 300, "concurrent": 52,
-                                     "execution_seconds_per_window": 1200}
-    assert REALISTIC["marketo"] == {"calls_per_window": 100, "window_seconds": 20, "concurrent": 10,
-                                    "daily_quota": 50000, "bulk_export_daily_mb": 500, "bulk_concurrent_jobs": 2,
-                                    "bulk_queued_jobs": 10, "bulk_import_concurrent": 2, "bulk_import_queued": 10}
+    assert REALISTIC["dynamics"] == {
+        "requests_per_window": 6000,
+        "window_seconds": 300,
+        "concurrent": 52,
+        "execution_seconds_per_window": 1200,
+    }
+    assert REALISTIC["marketo"] == {
+        "calls_per_window": 100,
+        "window_seconds": 20,
+        "concurrent": 10,
+        "daily_quota": 50000,
+        "bulk_export_daily_mb": 500,
+        "bulk_concurrent_jobs": 2,
+        "bulk_queued_jobs": 10,
+        "bulk_import_concurrent": 2,
+        "bulk_import_queued": 10,
+    }
     assert API_BUDGET == {"marketo": (100, 20), "dynamics": (6000, 300)}
 
 
@@ -54,18 +66,29 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> SandboxCA:
 @pytest.fixture
 def dyn(ca: SandboxCA) -> Iterator[DynamicsSandbox]:
     ctx = ca.server_context()
-    sb = DynamicsSandbox(clock=Clock(), limits=dict(REALISTIC["dynamics"])).start(identity_ssl=ctx, api_ssl=ctx)
+    sb = DynamicsSandbox(clock=Clock(), limits=dict(REALISTIC["dynamics"])).start(
+        identity_ssl=ctx, api_ssl=ctx
+    )
     yield sb
     sb.stop()
 
 
 @pytest.fixture
 def dapi(dyn: DynamicsSandbox, ca: SandboxCA) -> Iterator[httpx.Client]:
-    form = {"grant_type": "client_credentials", "client_id": dyn.client_id, "client_secret": dyn.client_secret,
-            "scope": f"{dyn.api_url}/.default"}
-    token = httpx.post(f"{dyn.authority}/oauth2/v2.0/token", data=form, verify=str(ca.ca_path)).json()["access_token"]
-    with httpx.Client(base_url=f"{dyn.api_url}/api/data/v9.2/", verify=str(ca.ca_path),
-                      headers={"Authorization": f"Bearer {token}"}) as client:
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": dyn.client_id,
+        "client_secret": dyn.client_secret,
+        "scope": f"{dyn.api_url}/.default",
+    }
+    token = httpx.post(f"{dyn.authority}/oauth2/v2.0/token", data=form, verify=str(ca.ca_path)).json()[
+        "access_token"
+    ]
+    with httpx.Client(
+        base_url=f"{dyn.api_url}/api/data/v9.2/",
+        verify=str(ca.ca_path),
+        headers={"Authorization": f"Bearer {token}"},
+    ) as client:
         yield client
 
 
@@ -78,12 +101,17 @@ def _admit(sb: DynamicsSandbox, n: int) -> None:
 
 
 def _batch(base: str, urls: list[str]) -> tuple[str, str]:
-    parts = "".join(f"--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
-                    f"GET {base}{u} HTTP/1.1\r\nAccept: application/json\r\n\r\n" for u in urls)
+    parts = "".join(
+        f"--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+        f"GET {base}{u} HTTP/1.1\r\nAccept: application/json\r\n\r\n"
+        for u in urls
+    )
     return parts + "--b--\r\n", "multipart/mixed; boundary=b"
 
 
-def test_dataverse_6000_requests_per_5_minutes_and_batch_counts_once(dyn: DynamicsSandbox, dapi: httpx.Client) -> None:
+def test_dataverse_6000_requests_per_5_minutes_and_batch_counts_once(
+    dyn: DynamicsSandbox, dapi: httpx.Client
+) -> None:
     base = f"{dyn.api_url}/api/data/v9.2/"
     body, ctype = _batch(base, ["WhoAmI", "EntityDefinitions?$select=LogicalName", "accounts?$top=1"])
     resp = dapi.post("$batch", content=body, headers={"Content-Type": ctype})
@@ -95,19 +123,24 @@ def test_dataverse_6000_requests_per_5_minutes_and_batch_counts_once(dyn: Dynami
     assert dapi.get("WhoAmI").status_code == 200  # the 6,000th request in the window
     limited = dapi.get("WhoAmI")
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "0x80072322"
-    assert limited.json()["error"]["message"] == ("Number of requests exceeded the limit of 6000 over time window "
-                                                  "of 300 seconds.")
+    assert limited.json()["error"]["message"] == (
+        "Number of requests exceeded the limit of 6000 over time window of 300 seconds."
+    )
     retry = int(limited.headers["Retry-After"])
     assert 1 <= retry <= 300
     dyn.clock.advance(retry)
     assert dapi.get("WhoAmI").status_code == 200
 
 
-def test_dataverse_combined_execution_time_counts_bulk_targets(dyn: DynamicsSandbox, dapi: httpx.Client) -> None:
+def test_dataverse_combined_execution_time_counts_bulk_targets(
+    dyn: DynamicsSandbox, dapi: httpx.Client
+) -> None:
     dyn.limits["execution_seconds_per_operation"] = 1.0  # a modelled second of server work per operation
     kind = "Microsoft.Dynamics.CRM.account"
-    first = dapi.post("accounts/Microsoft.Dynamics.CRM.CreateMultiple",
-                      json={"Targets": [{"@odata.type": kind, "name": f"A{i}"} for i in range(1199)]})
+    first = dapi.post(
+        "accounts/Microsoft.Dynamics.CRM.CreateMultiple",
+        json={"Targets": [{"@odata.type": kind, "name": f"A{i}"} for i in range(1199)]},
+    )
     assert first.status_code == 200 and dyn.api_app.calls[DYN_COUNTED] == 1
     assert dapi.get("WhoAmI").status_code == 200  # 1,199 s + this one's second: now at the 1,200 s limit
     limited = dapi.get("WhoAmI")
@@ -140,37 +173,68 @@ def test_dataverse_52_concurrent_requests(dyn: DynamicsSandbox, dapi: httpx.Clie
 
 def test_our_dataverse_client_never_surfaces_a_429(dyn: DynamicsSandbox, ca: SandboxCA) -> None:
     # The client honours Retry-After (it sleeps on the sandbox clock here), so its caller never sees the limit.
-    with DynamicsClient(dyn.api_url, dyn.authority, dyn.client_id, dyn.client_secret, verify=str(ca.ca_path),
-                        sleep=dyn.clock.advance) as client:
+    with DynamicsClient(
+        dyn.api_url,
+        dyn.authority,
+        dyn.client_id,
+        dyn.client_secret,
+        verify=str(ca.ca_path),
+        sleep=dyn.clock.advance,
+    ) as client:
         client.whoami()
         _admit(dyn, 6000 - dyn.api_app.calls[DYN_COUNTED])
         assert client.whoami()["UserId"] == dyn.app_user_id
         assert dyn.limit_rejections["0x80072322"] >= 1 and client.calls["retry.429"] >= 1
 
 
-def test_batch_failure_outside_a_change_set_stops_or_continues(dyn: DynamicsSandbox, dapi: httpx.Client) -> None:
+def test_batch_failure_outside_a_change_set_stops_or_continues(
+    dyn: DynamicsSandbox, dapi: httpx.Client
+) -> None:
     base = f"{dyn.api_url}/api/data/v9.2/"
-    parts = [("POST", "accounts", '{"name":"First"}'), ("POST", "accounts", '{"bogus":1}'),
-             ("POST", "accounts", '{"name":"Third"}')]
-    body = "".join(f"--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
-                   f"{m} {base}{u} HTTP/1.1\r\nContent-Type: application/json; type=entry\r\n\r\n{b}\r\n"
-                   for m, u, b in parts) + "--b--\r\n"
+    parts = [
+        ("POST", "accounts", '{"name":"First"}'),
+        ("POST", "accounts", '{"bogus":1}'),
+        ("POST", "accounts", '{"name":"Third"}'),
+    ]
+    body = (
+        "".join(
+            f"--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+            f"{m} {base}{u} HTTP/1.1\r\nContent-Type: application/json; type=entry\r\n\r\n{b}\r\n"
+            for m, u, b in parts
+        )
+        + "--b--\r\n"
+    )
     stop = dapi.post("$batch", content=body, headers={"Content-Type": "multipart/mixed; boundary=b"})
     # "the batch fails on the first request ... The batch error represents the error of the first failing request"
     assert stop.status_code == 400 and stop.text.count("HTTP/1.1 ") == 1 and "'bogus'" in stop.text
-    assert sorted(r["name"] for r in dyn.store.rows("account")) == ["First"]  # no rollback outside a change set
-    go_on = dapi.post("$batch", content=body, headers={"Content-Type": "multipart/mixed; boundary=b",
-                                                        "Prefer": "odata.continue-on-error"})
+    assert sorted(r["name"] for r in dyn.store.rows("account")) == [
+        "First"
+    ]  # no rollback outside a change set
+    go_on = dapi.post(
+        "$batch",
+        content=body,
+        headers={"Content-Type": "multipart/mixed; boundary=b", "Prefer": "odata.continue-on-error"},
+    )
     assert go_on.status_code == 200
-    assert [line for line in go_on.text.splitlines() if line.startswith("HTTP/1.1")] == \
-        ["HTTP/1.1 204 No Content", "HTTP/1.1 400 Bad Request", "HTTP/1.1 204 No Content"]
+    assert [line for line in go_on.text.splitlines() if line.startswith("HTTP/1.1")] == [
+        "HTTP/1.1 204 No Content",
+        "HTTP/1.1 400 Bad Request",
+        "HTTP/1.1 204 No Content",
+    ]
     assert sorted(r["name"] for r in dyn.store.rows("account")) == ["First", "First", "Third"]
     # Metadata reads work inside a batch too.
-    meta, ctype = _batch(base, ["EntityDefinitions(LogicalName='lead')/Attributes/Microsoft.Dynamics.CRM."
-                                "PicklistAttributeMetadata?$select=LogicalName&$expand=OptionSet($select=Options)",
-                                "GlobalOptionSetDefinitions?$select=Name"])
+    meta, ctype = _batch(
+        base,
+        [
+            "EntityDefinitions(LogicalName='lead')/Attributes/Microsoft.Dynamics.CRM."
+            "PicklistAttributeMetadata?$select=LogicalName&$expand=OptionSet($select=Options)",
+            "GlobalOptionSetDefinitions?$select=Name",
+        ],
+    )
     answer = dapi.post("$batch", content=meta, headers={"Content-Type": ctype})
-    assert answer.status_code == 200 and '"leadsourcecode"' in answer.text and "new_projectstatus" in answer.text
+    assert (
+        answer.status_code == 200 and '"leadsourcecode"' in answer.text and "new_projectstatus" in answer.text
+    )
 
 
 # ============================================================================================ Marketo
@@ -183,9 +247,14 @@ def mkto() -> Iterator[MarketoSandbox]:
 
 class _Api:
     def __init__(self, sb: MarketoSandbox):
-        token = httpx.post(f"{sb.base_url}/identity/oauth/token", data={
-            "grant_type": "client_credentials", "client_id": sb.client_id,
-            "client_secret": sb.client_secret}).json()["access_token"]
+        token = httpx.post(
+            f"{sb.base_url}/identity/oauth/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": sb.client_id,
+                "client_secret": sb.client_secret,
+            },
+        ).json()["access_token"]
         self.http = httpx.Client(base_url=sb.base_url, headers={"Authorization": f"Bearer {token}"})
 
     def get(self, path: str, **params: Any) -> Any:
@@ -205,7 +274,10 @@ def test_marketo_100_calls_per_20_seconds_bulk_included(mkto: MarketoSandbox) ->
         path = "/rest/v1/activities/types.json" if i % 2 else "/bulk/v1/leads/export.json"
         assert api.get(path)["success"] is True, i
     limited = api.get("/bulk/v1/leads/export.json")
-    assert _codes(limited) == ["606"] and limited["errors"][0]["message"] == "Max rate limit '100' exceeded with in '20' secs"
+    assert (
+        _codes(limited) == ["606"]
+        and limited["errors"][0]["message"] == "Max rate limit '100' exceeded with in '20' secs"
+    )
     assert mkto.app.calls[MKTO_COUNTED] == 100 and mkto.gate.daily_calls == 101
     mkto.clock.advance(20)
     assert api.get("/rest/v1/activities/types.json")["success"] is True
@@ -227,8 +299,10 @@ def test_marketo_10_concurrent_calls(mkto: MarketoSandbox) -> None:
     api = _Api(mkto)
     mkto.set_limits({**REALISTIC["marketo"], "latency_seconds": 0.5})  # calls held in flight
     results: list[Any] = []
-    threads = [threading.Thread(target=lambda: results.append(api.get("/rest/v1/activities/types.json")))
-               for _ in range(11)]
+    threads = [
+        threading.Thread(target=lambda: results.append(api.get("/rest/v1/activities/types.json")))
+        for _ in range(11)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -240,7 +314,9 @@ def test_marketo_10_concurrent_calls(mkto: MarketoSandbox) -> None:
 def _export(api: _Api, sb: MarketoSandbox) -> str:
     now = sb.clock.now()
     flt = {"createdAt": {"startAt": iso(now - timedelta(days=1)), "endAt": iso(now + timedelta(minutes=1))}}
-    return api.post("/bulk/v1/leads/export/create.json", {"fields": ["email"], "filter": flt})["result"][0]["exportId"]
+    return api.post("/bulk/v1/leads/export/create.json", {"fields": ["email"], "filter": flt})["result"][0][
+        "exportId"
+    ]
 
 
 def test_marketo_bulk_extract_2_processing_10_queued_500_mb(mkto: MarketoSandbox) -> None:
@@ -266,13 +342,16 @@ def test_marketo_bulk_import_2_processing_10_queued_10_mb(mkto: MarketoSandbox) 
     mkto.set_limits({**REALISTIC["marketo"], "bulk_processing_seconds": 60})
 
     def upload(data: bytes) -> Any:
-        return api.http.post("/bulk/v1/leads.json", params={"format": "csv"},
-                             files={"file": ("leads.csv", data, "text/csv")})
+        return api.http.post(
+            "/bulk/v1/leads.json", params={"format": "csv"}, files={"file": ("leads.csv", data, "text/csv")}
+        )
 
     batches = [upload(f"email\nu{i}@example.com\n".encode()).json() for i in range(10)]
     assert all(b["success"] for b in batches)
-    statuses = [api.get(f"/bulk/v1/leads/batch/{b['result'][0]['batchId']}.json")["result"][0]["status"]
-                for b in batches]
+    statuses = [
+        api.get(f"/bulk/v1/leads/batch/{b['result'][0]['batchId']}.json")["result"][0]["status"]
+        for b in batches
+    ]
     assert statuses.count("Importing") == 2 and statuses.count("Queued") == 8
     assert _codes(upload(b"email\nx@example.com\n").json()) == ["1016"]
     mkto.clock.advance(21)
@@ -342,8 +421,13 @@ def test_no_run_can_be_measured_below_its_floor(seed: int, ca: SandboxCA) -> Non
         mk.clock.advance(step)
         dv.clock.advance(step)
     assert len(admitted_m) > 1000 and len(admitted_d) > 6000  # beyond one window of each
-    for admitted, budget, start in ((admitted_m, API_BUDGET["marketo"], start_m),
-                                    (admitted_d, API_BUDGET["dynamics"], start_d)):
+    for admitted, budget, start in (
+        (admitted_m, API_BUDGET["marketo"], start_m),
+        (admitted_d, API_BUDGET["dynamics"], start_d),
+    ):
         assert admitted[-1] - admitted[0] >= budget_floor_seconds(len(admitted), *budget)
         assert admitted[0] >= start
-    assert budget_floor({MKTO_COUNTED: len(admitted_m), DYN_COUNTED: 0})["seconds"] <= admitted_m[-1] - admitted_m[0]
+    assert (
+        budget_floor({MKTO_COUNTED: len(admitted_m), DYN_COUNTED: 0})["seconds"]
+        <= admitted_m[-1] - admitted_m[0]
+    )

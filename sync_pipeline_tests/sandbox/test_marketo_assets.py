@@ -34,9 +34,14 @@ def sb() -> Iterator[MarketoSandbox]:
 
 @pytest.fixture(scope="module")
 def http(sb: MarketoSandbox) -> Iterator[httpx.Client]:
-    token = httpx.post(f"{sb.base_url}/identity/oauth/token", data={
-        "grant_type": "client_credentials", "client_id": sb.client_id,
-        "client_secret": sb.client_secret}).json()["access_token"]
+    token = httpx.post(
+        f"{sb.base_url}/identity/oauth/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": sb.client_id,
+            "client_secret": sb.client_secret,
+        },
+    ).json()["access_token"]
     with httpx.Client(base_url=sb.base_url, headers={"Authorization": f"Bearer {token}"}) as client:
         yield client
 
@@ -51,23 +56,37 @@ def _empty(body: Any) -> bool:
     return body["success"] is True and "result" not in body and body["warnings"] == [NO_ASSETS]
 
 
-def test_method_get_override_in_the_form_body_and_the_query_string(sb: MarketoSandbox, http: httpx.Client) -> None:
+def test_method_get_override_in_the_form_body_and_the_query_string(
+    sb: MarketoSandbox, http: httpx.Client
+) -> None:
     lead = next(p for p in sb.store.leads() if p.get("email"))
-    form = {"_method": "GET", "filterType": "email", "filterValues": lead["email"], "fields": "email,firstName"}
+    form = {
+        "_method": "GET",
+        "filterType": "email",
+        "filterValues": lead["email"],
+        "fields": "email,firstName",
+    }
     in_body = http.post("/rest/v1/leads.json", data=form).json()
     assert in_body["success"] is True and in_body["result"][0]["id"] == lead["id"]
-    in_query = http.post("/rest/v1/leads.json", params={"_method": "GET"},
-                         data={k: v for k, v in form.items() if k != "_method"}).json()
+    in_query = http.post(
+        "/rest/v1/leads.json",
+        params={"_method": "GET"},
+        data={k: v for k, v in form.items() if k != "_method"},
+    ).json()
     assert in_query["result"] == in_body["result"]
     # Every endpoint with a GET form: companies, opportunities, roles, sales persons, custom objects.
-    for path, key, value in (("/rest/v1/companies.json", "externalCompanyId", "C-none"),
-                             ("/rest/v1/opportunities.json", "externalOpportunityId", "O-none"),
-                             ("/rest/v1/opportunities/roles.json", "externalOpportunityId", "O-none"),
-                             ("/rest/v1/salespersons.json", "externalSalesPersonId", "S-none"),
-                             ("/rest/v1/customobjects/project_c.json", "projectId", "P-none")):
+    for path, key, value in (
+        ("/rest/v1/companies.json", "externalCompanyId", "C-none"),
+        ("/rest/v1/opportunities.json", "externalOpportunityId", "O-none"),
+        ("/rest/v1/opportunities/roles.json", "externalOpportunityId", "O-none"),
+        ("/rest/v1/salespersons.json", "externalSalesPersonId", "S-none"),
+        ("/rest/v1/customobjects/project_c.json", "projectId", "P-none"),
+    ):
         body = http.post(path, data={"_method": "GET", "filterType": key, "filterValues": value}).json()
         assert body["success"] is True and body["result"] == [], (path, body)
-        write = http.post(path, data={"filterType": key, "filterValues": value}).json()  # no override: a write
+        write = http.post(
+            path, data={"filterType": key, "filterValues": value}
+        ).json()  # no override: a write
         assert write["success"] is False, path
     assert sb.app.calls["marketo.leads.get"] == 2 and sb.app.calls["marketo.leads.sync"] == 0
 
@@ -76,15 +95,32 @@ def test_programs_browse_window_by_id_by_name_and_empty(http: httpx.Client) -> N
     programs = _get(http, "/rest/asset/v1/programs.json", maxReturn=200)
     assert programs["success"] is True and programs["warnings"] == [] and len(programs["result"]) >= 3
     first = programs["result"][0]
-    assert {"id", "name", "type", "channel", "folder", "status", "workspace", "createdAt", "updatedAt"} <= set(first)
+    assert {
+        "id",
+        "name",
+        "type",
+        "channel",
+        "folder",
+        "status",
+        "workspace",
+        "createdAt",
+        "updatedAt",
+    } <= set(first)
     assert len(_get(http, "/rest/asset/v1/programs.json", maxReturn=1)["result"]) == 1
-    assert _get(http, "/rest/asset/v1/programs.json")["result"] == programs["result"][:20]  # maxReturn defaults 20
+    assert (
+        _get(http, "/rest/asset/v1/programs.json")["result"] == programs["result"][:20]
+    )  # maxReturn defaults 20
     too_many = _get(http, "/rest/asset/v1/programs.json", maxReturn=201)
     assert too_many["success"] is False
     assert _empty(_get(http, "/rest/asset/v1/programs.json", offset=1000))
     stamps = sorted(p["updatedAt"] for p in programs["result"])
-    window = _get(http, "/rest/asset/v1/programs.json", earliestUpdatedAt=stamps[1], latestUpdatedAt=stamps[-1],
-                  maxReturn=200)
+    window = _get(
+        http,
+        "/rest/asset/v1/programs.json",
+        earliestUpdatedAt=stamps[1],
+        latestUpdatedAt=stamps[-1],
+        maxReturn=200,
+    )
     assert sorted(p["updatedAt"] for p in window["result"]) == stamps[1:]
     assert _empty(_get(http, "/rest/asset/v1/programs.json", earliestUpdatedAt="2099-01-01T00:00:00Z"))
     assert _get(http, f"/rest/asset/v1/program/{first['id']}.json")["result"] == [first]
@@ -97,7 +133,9 @@ def test_folders_tokens_campaigns_lists_emails_segmentations(sb: MarketoSandbox,
     folders = _get(http, "/rest/asset/v1/folders.json", maxReturn=200)["result"]
     assert folders[0]["name"] == "Marketing Activities" and folders[0]["folderType"] == "Marketing Folder"
     program = _get(http, "/rest/asset/v1/programs.json")["result"][0]
-    tokens = _get(http, f"/rest/asset/v1/folder/{program['id']}/tokens.json", folderType="Program")["result"][0]
+    tokens = _get(http, f"/rest/asset/v1/folder/{program['id']}/tokens.json", folderType="Program")["result"][
+        0
+    ]
     assert tokens["folderType"] == "Program" and {t["name"] for t in tokens["tokens"]} >= {"my.Subject Line"}
     unknown = _get(http, "/rest/asset/v1/folder/999999/tokens.json", folderType="Program")
     assert unknown["success"] is False and unknown["errors"][0]["code"] == "702"
@@ -108,11 +146,15 @@ def test_folders_tokens_campaigns_lists_emails_segmentations(sb: MarketoSandbox,
     lead_db = _get(http, "/rest/v1/campaigns.json", batchSize=300)["result"]
     assert {c["id"] for c in lead_db} == {c["id"] for c in campaigns}
     lists = _get(http, "/rest/asset/v1/staticLists.json")["result"]
-    members = _get(http, f"/rest/v1/lists/{lists[0]['id']}/leads.json", fields="email,firstName", batchSize=300)
+    members = _get(
+        http, f"/rest/v1/lists/{lists[0]['id']}/leads.json", fields="email,firstName", batchSize=300
+    )
     assert members["success"] is True and members["result"]
     member_id = members["result"][0]["id"]
     assert sb.store.get_lead(member_id) is not None
-    check = _get(http, f"/rest/v1/lists/{lists[0]['id']}/leads/ismember.json", id=f"{member_id},999999")["result"]
+    check = _get(http, f"/rest/v1/lists/{lists[0]['id']}/leads/ismember.json", id=f"{member_id},999999")[
+        "result"
+    ]
     assert [c["status"] for c in check] == ["memberof", "notmemberof"]
     missing = _get(http, "/rest/v1/lists/999999/leads.json")
     assert missing["success"] is False and missing["errors"][0]["code"] == "1013"
@@ -128,7 +170,9 @@ def test_folders_tokens_campaigns_lists_emails_segmentations(sb: MarketoSandbox,
 
 def test_generated_persons_have_their_activity_history(sb: MarketoSandbox, http: httpx.Client) -> None:
     persons = list(sb.store.leads())
-    token = _get(http, "/rest/v1/activities/pagingtoken.json", sinceDatetime="2000-01-01T00:00:00Z")["nextPageToken"]
+    token = _get(http, "/rest/v1/activities/pagingtoken.json", sinceDatetime="2000-01-01T00:00:00Z")[
+        "nextPageToken"
+    ]
     seen: list[dict[str, Any]] = []
     while True:
         page = _get(http, "/rest/v1/activities.json", nextPageToken=token, activityTypeIds="12,13")
@@ -147,9 +191,14 @@ def test_generated_persons_have_their_activity_history(sb: MarketoSandbox, http:
     assert dates == sorted(dates)
     types = {t["id"]: t["name"] for t in _get(http, "/rest/v1/activities/types.json")["result"]}
     assert types[12] == "New Lead" and types[13] == "Change Data Value"
-    changed = _get(http, "/rest/v1/activities/leadchanges.json", fields="leadScore",
-                   nextPageToken=_get(http, "/rest/v1/activities/pagingtoken.json",
-                                      sinceDatetime="2000-01-01T00:00:00Z")["nextPageToken"])
+    changed = _get(
+        http,
+        "/rest/v1/activities/leadchanges.json",
+        fields="leadScore",
+        nextPageToken=_get(
+            http, "/rest/v1/activities/pagingtoken.json", sinceDatetime="2000-01-01T00:00:00Z"
+        )["nextPageToken"],
+    )
     first_change = next(a for a in changed["result"] if a["activityTypeId"] == 13)
     assert first_change["fields"][0]["name"] == "leadScore"
 
@@ -160,5 +209,6 @@ def test_generation_is_deterministic_per_seed() -> None:
         populate(None, sandbox.store, "tiny", seed=seed, now=NOW)
         acts = [(a["leadId"], a["activityTypeId"], a["activityDate"]) for a in sandbox.store.activities.items]
         return acts, sandbox.store.assets.browse("program"), sandbox.store.assets.members
+
     assert snapshot(5) == snapshot(5)
     assert snapshot(5) != snapshot(6)

@@ -12,8 +12,15 @@ from sync_pipeline.sandbox.marketo.store import MarketoStore
 def _merged(order: str) -> tuple[dict, dict]:
     store = MarketoStore()
     w = store.create_lead({"email": "w@example.com", "firstName": "Winner"})["id"]
-    a = store.create_lead({"email": "a@example.com", "firstName": "A", "title": "Title A",
-                           "dynamicsId": "00000000-0000-0000-0000-00000000000a", "dynamicsType": "Contact"})["id"]
+    a = store.create_lead(
+        {
+            "email": "a@example.com",
+            "firstName": "A",
+            "title": "Title A",
+            "dynamicsId": "00000000-0000-0000-0000-00000000000a",
+            "dynamicsType": "Contact",
+        }
+    )["id"]
     b = store.create_lead({"email": "b@example.com", "title": "Title B", "phone": "555 0100"})["id"]
     losers = [a, b] if order == "ab" else [b, a]
     start = len(store.activities)

@@ -16,32 +16,49 @@ from sync_pipeline.bench.sandbox_rates import dynamics_token
 from sync_pipeline.sandbox.admin import AdminClient, SandboxAdminError
 from sync_pipeline.sandbox.runner import Sandbox, spawn_sandbox
 
-ENV_KEYS = {"DYNAMICS_URL", "DYNAMICS_AUTHORITY", "DYNAMICS_CLIENT_ID", "DYNAMICS_CLIENT_SECRET", "MARKETO_BASE_URL",
-            "MARKETO_CLIENT_ID", "MARKETO_CLIENT_SECRET", "SYNC_CA_BUNDLE"}
+ENV_KEYS = {
+    "DYNAMICS_URL",
+    "DYNAMICS_AUTHORITY",
+    "DYNAMICS_CLIENT_ID",
+    "DYNAMICS_CLIENT_SECRET",
+    "MARKETO_BASE_URL",
+    "MARKETO_CLIENT_ID",
+    "MARKETO_CLIENT_SECRET",
+    "SYNC_CA_BUNDLE",
+}
 
 
 def client_for(settings: dict[str, str]) -> httpx.Client:
-    return httpx.Client(verify=ssl.create_default_context(cafile=settings["SYNC_CA_BUNDLE"]), trust_env=False,
-                        timeout=30)
+    return httpx.Client(
+        verify=ssl.create_default_context(cafile=settings["SYNC_CA_BUNDLE"]), trust_env=False, timeout=30
+    )
 
 
 def query_leads(settings: dict[str, str], token: str) -> httpx.Response:
     with client_for(settings) as http:
-        return http.get(f"{settings['DYNAMICS_URL']}/api/data/v9.2/leads?$select=fullname",
-                        headers={"Authorization": f"Bearer {token}", "Prefer": "odata.maxpagesize=50"})
+        return http.get(
+            f"{settings['DYNAMICS_URL']}/api/data/v9.2/leads?$select=fullname",
+            headers={"Authorization": f"Bearer {token}", "Prefer": "odata.maxpagesize=50"},
+        )
 
 
 def marketo_token(settings: dict[str, str]) -> str:
     with client_for(settings) as http:
-        resp = http.get(f"{settings['MARKETO_BASE_URL']}/identity/oauth/token", params={
-            "grant_type": "client_credentials", "client_id": settings["MARKETO_CLIENT_ID"],
-            "client_secret": settings["MARKETO_CLIENT_SECRET"]})
+        resp = http.get(
+            f"{settings['MARKETO_BASE_URL']}/identity/oauth/token",
+            params={
+                "grant_type": "client_credentials",
+                "client_id": settings["MARKETO_CLIENT_ID"],
+                "client_secret": settings["MARKETO_CLIENT_SECRET"],
+            },
+        )
     resp.raise_for_status()
     return resp.json()["access_token"]
 
 
-def test_settings_reach_both_services_with_real_clients(populated_sandbox: Sandbox,
-                                                        sandbox_settings: dict[str, str]) -> None:
+def test_settings_reach_both_services_with_real_clients(
+    populated_sandbox: Sandbox, sandbox_settings: dict[str, str]
+) -> None:
     settings = sandbox_settings
     assert set(settings) >= ENV_KEYS
     assert settings["DYNAMICS_AUTHORITY"].startswith("https://")
@@ -65,7 +82,9 @@ def test_reprs_hold_no_secrets(sandbox: Sandbox) -> None:
 def test_tls_serves_the_apis_over_https(tmp_path: Path) -> None:
     with Sandbox(tmp_path, tls=True) as sb:
         settings = sb.settings()
-        assert settings["DYNAMICS_URL"].startswith("https://") and settings["MARKETO_BASE_URL"].startswith("https://")
+        assert settings["DYNAMICS_URL"].startswith("https://") and settings["MARKETO_BASE_URL"].startswith(
+            "https://"
+        )
         assert query_leads(settings, dynamics_token(settings)).status_code == 200
         assert marketo_token(settings)
 
@@ -74,8 +93,18 @@ def test_fault_plans_go_to_the_apps_that_have_the_routes(populated_sandbox: Sand
     sb = populated_sandbox
     settings = sb.settings()
     token = dynamics_token(settings)
-    sb.faults([{"pattern": "dynamics.query", "rate": 1.0, "count": 1, "faults": [{"kind": "status", "status": 503}]},
-               {"pattern": "marketo.identity", "rate": 1.0, "faults": [{"kind": "code", "code": "611"}]}], seed=3)
+    sb.faults(
+        [
+            {
+                "pattern": "dynamics.query",
+                "rate": 1.0,
+                "count": 1,
+                "faults": [{"kind": "status", "status": 503}],
+            },
+            {"pattern": "marketo.identity", "rate": 1.0, "faults": [{"kind": "code", "code": "611"}]},
+        ],
+        seed=3,
+    )
     assert sb.dynamics.api_app.faults.rules and not sb.dynamics.identity_app.faults.rules
     assert [r.pattern for r in sb.marketo.app.faults.rules] == ["marketo.identity"]
     assert query_leads(settings, token).status_code == 503
@@ -110,7 +139,9 @@ def test_admin_api_round_trips(populated_sandbox: Sandbox) -> None:
     admin = AdminClient(sb.admin_url)
     try:
         assert admin.dynamics_count("lead") == 120
-        lead = next(r for r in admin.dynamics_rows("lead", 200) if r["statecode"] == 0 and r.get("companyname"))
+        lead = next(
+            r for r in admin.dynamics_rows("lead", 200) if r["statecode"] == 0 and r.get("companyname")
+        )
         edited = admin.dynamics_update("lead", lead["leadid"], {"jobtitle": "Edited in the UI"})
         ui_user = sb.ui_user()
         assert edited["_modifiedby_value"] == ui_user and edited["versionnumber"] > lead["versionnumber"]
@@ -144,7 +175,9 @@ def test_admin_api_round_trips(populated_sandbox: Sandbox) -> None:
         assert (sb.clock.now() - before).total_seconds() >= 3600
         admin.set_profile("realistic")
         assert sb.profile == "realistic"
-        admin.faults([{"pattern": "marketo.*", "rate": 0.5, "faults": [{"kind": "code", "code": "606"}]}], seed=1)
+        admin.faults(
+            [{"pattern": "marketo.*", "rate": 0.5, "faults": [{"kind": "code", "code": "606"}]}], seed=1
+        )
         assert sb.marketo.app.faults.rules[0].rate == 0.5
         admin.clear_faults()
         assert admin.calls() == sb.calls()
@@ -178,7 +211,9 @@ def test_spawned_sandbox_serves_and_stops(tmp_path: Path) -> None:
         remote.reset_calls()
         assert remote.calls() == {}
         lead = remote.dynamics_rows("lead", 1)[0]
-        assert remote.dynamics_update("lead", lead["leadid"], {"lastname": "Remote"})["fullname"].endswith("Remote")
+        assert remote.dynamics_update("lead", lead["leadid"], {"lastname": "Remote"})["fullname"].endswith(
+            "Remote"
+        )
         assert "secret" not in repr(remote)
     finally:
         assert remote.stop() == 0
@@ -212,7 +247,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_spawned_sandbox_dies_with_its_parent(tmp_path: Path) -> None:
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         child_pid = int(parent.stdout.readline())
         assert _alive(child_pid)

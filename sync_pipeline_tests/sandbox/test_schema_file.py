@@ -46,15 +46,23 @@ def test_the_generator_fills_exactly_what_the_schema_declares() -> None:
     assert "new_event" not in plain and len(plain["account"]) == len(rows["account"])
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("dynamics:\n  tables:\n    invoice: {}\n", "dynamics.tables.invoice: not a standard table"),
-    ("dynamics:\n  tables:\n    lead:\n      columns: [{name: new_x}]\n", "table 'lead': column"),
-    ("dynamics:\n  tables:\n    lead:\n      columns: [{name: new_x, type: Picklist}]\n",
-     "column 'new_x': a Picklist column needs options"),
-    ("dynamics:\n  tables:\n    lead: {filter: false}\n", "unknown settings ['filter']"),
-    ("dynamics:\n  custom_tables: [{logical_name: new_y, rows: -1}]\n", "custom table 'new_y': rows must be"),
-    ("marketo:\n  lead_fields: [{name: email}]\n", "already exist on the lead"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dynamics:\n  tables:\n    invoice: {}\n", "dynamics.tables.invoice: not a standard table"),
+        ("dynamics:\n  tables:\n    lead:\n      columns: [{name: new_x}]\n", "table 'lead': column"),
+        (
+            "dynamics:\n  tables:\n    lead:\n      columns: [{name: new_x, type: Picklist}]\n",
+            "column 'new_x': a Picklist column needs options",
+        ),
+        ("dynamics:\n  tables:\n    lead: {filter: false}\n", "unknown settings ['filter']"),
+        (
+            "dynamics:\n  custom_tables: [{logical_name: new_y, rows: -1}]\n",
+            "custom table 'new_y': rows must be",
+        ),
+        ("marketo:\n  lead_fields: [{name: email}]\n", "already exist on the lead"),
+    ],
+)
 def test_a_bad_schema_file_names_the_table_and_column(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "schema.yaml"
     path.write_text(text)
@@ -67,13 +75,20 @@ def test_a_bad_schema_file_names_the_table_and_column(tmp_path: Path, text: str,
 def test_sandbox_command_serves_the_schema_files_org(tmp_path: Path) -> None:
     with spawn_sandbox(tmp_path / "sb", scale="tiny", schema=EXAMPLE) as remote:
         s = remote.settings()
-        client = DynamicsClient(s["DYNAMICS_URL"], s["DYNAMICS_AUTHORITY"], s["DYNAMICS_CLIENT_ID"],
-                                s["DYNAMICS_CLIENT_SECRET"], verify=s["SYNC_CA_BUNDLE"])
+        client = DynamicsClient(
+            s["DYNAMICS_URL"],
+            s["DYNAMICS_AUTHORITY"],
+            s["DYNAMICS_CLIENT_ID"],
+            s["DYNAMICS_CLIENT_SECRET"],
+            verify=s["SYNC_CA_BUNDLE"],
+        )
         with client:
             tables = {d["LogicalName"] for d in client.entity_definitions()}
             assert {"new_event", "new_project", "lead"} <= tables
             assert client.count("new_events") == 12
-            assert "new_synctomkto" not in {a["LogicalName"] for a in client.attributes("account", "LogicalName")}
+            assert "new_synctomkto" not in {
+                a["LogicalName"] for a in client.attributes("account", "LogicalName")
+            }
         assert remote.populated["counts"]["dynamics.new_event"] == 12
 
 
@@ -82,18 +97,27 @@ def test_marketo_schema_api_creates_lead_fields_as_documented(sandbox, tmp_path:
     from sync_pipeline.sandbox.runner import Sandbox
 
     s = sandbox.settings()
-    client = MarketoClient(s["MARKETO_BASE_URL"], s["MARKETO_CLIENT_ID"], s["MARKETO_CLIENT_SECRET"],
-                           verify=s.get("SYNC_CA_BUNDLE") or True)
-    results = client.create_lead_fields([
-        {"name": "shoeSize", "displayName": "Shoe Size", "dataType": "integer"},
-        {"name": "nickname", "displayName": "Nickname", "dataType": "string", "length": 40},
-        {"name": "email", "displayName": "Email 2", "dataType": "string"},  # the name exists
-        {"name": "bad", "displayName": "Bad", "dataType": "colour"},
-        {"name": "noDisplay", "dataType": "string"},
-    ])
+    client = MarketoClient(
+        s["MARKETO_BASE_URL"],
+        s["MARKETO_CLIENT_ID"],
+        s["MARKETO_CLIENT_SECRET"],
+        verify=s.get("SYNC_CA_BUNDLE") or True,
+    )
+    results = client.create_lead_fields(
+        [
+            {"name": "shoeSize", "displayName": "Shoe Size", "dataType": "integer"},
+            {"name": "nickname", "displayName": "Nickname", "dataType": "string", "length": 40},
+            {"name": "email", "displayName": "Email 2", "dataType": "string"},  # the name exists
+            {"name": "bad", "displayName": "Bad", "dataType": "colour"},
+            {"name": "noDisplay", "dataType": "string"},
+        ]
+    )
     assert [r["status"] for r in results] == ["created", "created", "skipped", "skipped", "skipped"]
     assert "already exists" in results[2]["reasons"][0]["message"]
-    assert "dataType" in results[3]["reasons"][0]["message"] and "displayName" in results[4]["reasons"][0]["message"]
+    assert (
+        "dataType" in results[3]["reasons"][0]["message"]
+        and "displayName" in results[4]["reasons"][0]["message"]
+    )
     fields = {f["name"]: f for f in client.describe2()["fields"]}
     assert (fields["nickname"]["dataType"], fields["nickname"]["length"]) == ("string", 40)
     assert {f["rest"]["name"] for f in client.describe_leads()} >= {"shoeSize", "nickname"}

@@ -26,8 +26,10 @@ def synced_dagster_dev(harness, tmp_path) -> Iterator[str]:
 
 def test_incremental_syncs_keep_flowing_during_a_backfill(synced_dagster_dev: str, harness) -> None:
     url, sb = synced_dagster_dev, harness.sandbox
-    contact_id, person = harness.query("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact'
+    contact_id, person = (
+        harness.query("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'contact'
                                           AND state = 'active' ORDER BY 1 LIMIT 1""")[0]
+    )
     launched = CliRunner().invoke(main, ["initial-copy", "--url", url, "--again"], catch_exceptions=False)
     assert launched.exit_code == 0, launched.output
     backfill_id = launched.output.split("backfill ")[1].split()[0]
@@ -40,11 +42,17 @@ def test_incremental_syncs_keep_flowing_during_a_backfill(synced_dagster_dev: st
         phone = f"+1 555 {n:04d}"
         sb.dynamics_update("contact", contact_id, {"telephone1": phone})
         edited = time.monotonic()
-        wait_for("an edit during the backfill", lambda phone=phone: sb.marketo_get_lead(int(person)).get("phone") == phone,
-                 1800, 1)
+        wait_for(
+            "an edit during the backfill",
+            lambda phone=phone: sb.marketo_get_lead(int(person)).get("phone") == phone,
+            1800,
+            1,
+        )
         latencies.append(time.monotonic() - edited)
     took = time.monotonic() - started
-    print(f"backfill of every partition: {took:.0f} s; edits delivered during it: {len(latencies)}; "
-          f"edit-to-arrival: {[round(x) for x in latencies]} s; longest gap {max(latencies or [0]):.0f} s")
+    print(
+        f"backfill of every partition: {took:.0f} s; edits delivered during it: {len(latencies)}; "
+        f"edit-to-arrival: {[round(x) for x in latencies]} s; longest gap {max(latencies or [0]):.0f} s"
+    )
     assert latencies, "the backfill ended before any edit was delivered"
     assert graphql(url, query)["partitionBackfillOrError"]["status"] in ("COMPLETED", "COMPLETED_SUCCESS")

@@ -104,11 +104,26 @@ def start_dagster_dev(tmp_path: Path) -> Iterator[str]:
     env = dict(os.environ, DAGSTER_HOME=str(home))
     log_path = tmp_path / "dagster-dev.log"
     log = log_path.open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml",
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("dagster")),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up() -> bool:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
@@ -152,16 +167,22 @@ class Shots:
 
 
 def sensor_ticks(url: str, name: str) -> list[dict[str, Any]]:
-    data = graphql(url, f"""{{ sensorOrError(sensorSelector: {{{REPO_SELECTOR}, sensorName: "{name}"}}) {{
-        ... on Sensor {{ sensorState {{ ticks(limit: 10) {{ status skipReason timestamp runIds }} }} }} }} }}""")
+    data = graphql(
+        url,
+        f"""{{ sensorOrError(sensorSelector: {{{REPO_SELECTOR}, sensorName: "{name}"}}) {{
+        ... on Sensor {{ sensorState {{ ticks(limit: 10) {{ status skipReason timestamp runIds }} }} }} }} }}""",
+    )
     return data["sensorOrError"]["sensorState"]["ticks"]
 
 
 def check_status(url: str, key: Any, check: str) -> dict[str, Any] | None:
-    data = graphql(url, """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+    data = graphql(
+        url,
+        """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
         assetChecksOrError { ... on AssetChecks { checks { name
             executionForLatestMaterialization { status evaluation { severity } } } } } } } }""",
-                   {"key": {"path": list(key.path)}})
+        {"key": {"path": list(key.path)}},
+    )
     checks = data["assetNodeOrError"]["assetChecksOrError"]["checks"]
     return next(c["executionForLatestMaterialization"] for c in checks if c["name"] == check)
 
@@ -173,9 +194,19 @@ def runs_count(url: str) -> int:
 
 def open_browser(pw: Any, tmp_path: Path) -> Any:
     return pw.chromium.launch_persistent_context(
-        str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync"], viewport={"width": 1800, "height": 1100})
+        str(tmp_path / "chromium-profile"),
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+        viewport={"width": 1800, "height": 1100},
+    )
 
 
 def dismiss_dialogs(page: Any) -> None:
@@ -197,14 +228,17 @@ def require_browser() -> None:
         pytest.skip(f"{CHROMIUM} missing (apt-get install chromium): the UI is not rendered")
 
 
-def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev: str, harness,
-                                                                     tmp_path: Path) -> None:
+def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(
+    dagster_dev: str, harness, tmp_path: Path
+) -> None:
     url, sb = dagster_dev, harness.sandbox
     config = load_config(os.environ.get("SYNC_CONFIG"))
     nodes = wait_for("the code location", lambda: graphql(url, ASSETS_QUERY)["assetNodes"], 120)
     by_key = {tuple(n["assetKey"]["path"]): n for n in nodes}
     for e in config.entities:
-        expected = [asset_key(CONN, e.name, "plan"), asset_key(CONN, e.name, "push")] + ([] if e.is_derived else [asset_key(CONN, e.name, "extract")])
+        expected = [asset_key(CONN, e.name, "plan"), asset_key(CONN, e.name, "push")] + (
+            [] if e.is_derived else [asset_key(CONN, e.name, "extract")]
+        )
         expected += [asset_key(CONN, e.name, "push", "dynamics")] if e.is_person else []
         for key in expected:
             assert tuple(key.path) in by_key, f"{key} missing from the asset graph"
@@ -218,21 +252,30 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
     from playwright.sync_api import sync_playwright
 
     # 1. Nothing is written before the initial copy: the sensor's tick says why it waits.
-    writes_before = {k: v for k, v in sb.calls().items() if k.endswith((".sync", ".create", ".update", ".delete"))}
-    waiting = wait_for("a change-sensor tick", lambda: [t for t in sensor_ticks(url, f"{CONN}__change_sensor")
-                                                        if t["status"] == "SKIPPED"], 120)
+    writes_before = {
+        k: v for k, v in sb.calls().items() if k.endswith((".sync", ".create", ".update", ".delete"))
+    }
+    waiting = wait_for(
+        "a change-sensor tick",
+        lambda: [t for t in sensor_ticks(url, f"{CONN}__change_sensor") if t["status"] == "SKIPPED"],
+        120,
+    )
     assert "waiting for the initial copy" in waiting[0]["skipReason"]
     time.sleep(5)  # the automation sensor and the schedule had their chance too
     assert runs_count(url) == 0 and not harness.state_path.exists()
-    assert {k: v for k, v in sb.calls().items() if k.endswith((".sync", ".create", ".update", ".delete"))} == \
-        writes_before
+    assert {
+        k: v for k, v in sb.calls().items() if k.endswith((".sync", ".create", ".update", ".delete"))
+    } == writes_before
     with sync_playwright() as pw:
         browser = open_browser(pw, tmp_path)
         page = browser.new_page()
         shots = Shots(page)
         try:
-            page.goto(f"{url}/locations/{LOCATION}/sensors/{CONN}__change_sensor", wait_until="domcontentloaded",
-                      timeout=60_000)
+            page.goto(
+                f"{url}/locations/{LOCATION}/sensors/{CONN}__change_sensor",
+                wait_until="domcontentloaded",
+                timeout=60_000,
+            )
             dismiss_dialogs(page)
             # The tick's reason is in its logs (the sensor logs every skip reason): View logs of the latest tick.
             page.get_by_role("button", name="View logs").first.click(timeout=60_000)
@@ -252,20 +295,34 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
             assert info["partitionSetName"] == f"{CONN}__sync_partition_set" and not info["isAssetBackfill"]
             assert info["numPartitions"] == len(runs.partition_keys())
             started = time.monotonic()
-            done = wait_for("the initial copy", lambda: graphql(url, query)["partitionBackfillOrError"]["status"]
-                            in ("COMPLETED", "COMPLETED_SUCCESS", "FAILED", "COMPLETED_FAILED"), 900, 5)
+            done = wait_for(
+                "the initial copy",
+                lambda: (
+                    graphql(url, query)["partitionBackfillOrError"]["status"]
+                    in ("COMPLETED", "COMPLETED_SUCCESS", "FAILED", "COMPLETED_FAILED")
+                ),
+                900,
+                5,
+            )
             assert done and graphql(url, query)["partitionBackfillOrError"]["status"] in (
-                "COMPLETED", "COMPLETED_SUCCESS"), graphql(url, query)
+                "COMPLETED",
+                "COMPLETED_SUCCESS",
+            ), graphql(url, query)
             print(f"initial copy (tiny) through the daemon: {time.monotonic() - started:.0f} s")
             assert sb.marketo_count("company") > 0
-            page.goto(f"{url}/locations/{LOCATION}/jobs/{CONN}__sync/partitions", wait_until="domcontentloaded")
+            page.goto(
+                f"{url}/locations/{LOCATION}/jobs/{CONN}__sync/partitions", wait_until="domcontentloaded"
+            )
             page.get_by_text(backfill_id).first.wait_for(timeout=60_000)  # the backfill, under the job
             shots.take("initial-copy-under-the-sync-job")
 
             # 3. Distinct stage names in the graph: the contact group reads extract -> plan -> push.
-            page.goto(f"{url}/locations/{LOCATION}/asset-groups/contact/lineage", wait_until="domcontentloaded")
-            page.wait_for_function("() => document.querySelectorAll('svg foreignObject').length >= 4",
-                                   timeout=60_000)
+            page.goto(
+                f"{url}/locations/{LOCATION}/asset-groups/contact/lineage", wait_until="domcontentloaded"
+            )
+            page.wait_for_function(
+                "() => document.querySelectorAll('svg foreignObject').length >= 4", timeout=60_000
+            )
             page.wait_for_function("() => !document.body.innerText.includes('Loading...')", timeout=60_000)
             page.wait_for_timeout(1500)
             titles = " ".join(page.locator("svg foreignObject").all_text_contents())
@@ -282,31 +339,59 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
                 'contact' AND state = 'active' ORDER BY 1 LIMIT 1""")[0]
             sb.dynamics_update("contact", contact_id, {"telephone1": "+1 555 0115"})
             edited = time.monotonic()
-            preview = CliRunner(env={"COLUMNS": "300"}).invoke(main, ["plan", "--entity", "contact"],
-                                                                catch_exceptions=False)
+            preview = CliRunner(env={"COLUMNS": "300"}).invoke(
+                main, ["plan", "--entity", "contact"], catch_exceptions=False
+            )
             assert preview.exit_code == 0 and "+1 555 0115" in preview.output, preview.output
-            wait_for("the edit to reach Marketo",
-                     lambda: sb.marketo_get_lead(int(person)).get("phone") == "+1 555 0115", 300, 2)
+            wait_for(
+                "the edit to reach Marketo",
+                lambda: sb.marketo_get_lead(int(person)).get("phone") == "+1 555 0115",
+                300,
+                2,
+            )
             print(f"edit to arrival (with a plan in between): {time.monotonic() - edited:.0f} s")
             page.goto(f"{url}/runs", wait_until="domcontentloaded")
             page.wait_for_timeout(2000)
             shots.take("sensor-delivered-the-edit")
 
             # 5. A held record is visible: the account push's check is not green; the alert says no webhook.
-            account_id = harness.query("SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 "
-                                       "LIMIT 1")[0][0]
+            account_id = harness.query(
+                "SELECT dynamics_id FROM identity WHERE entity = 'account' ORDER BY 1 LIMIT 1"
+            )[0][0]
             sb.dynamics_update("account", account_id, {"industrycode": 999})
-            wait_for("the account to be held", lambda: (check_status(url, asset_key(CONN, "account", "push"), "no_held_records")
-                                                        or {}).get("status") == "FAILED", 300, 3)
-            assert check_status(url, asset_key(CONN, "account", "push"), "no_held_records")["evaluation"]["severity"] == "WARN"
-            alerts = wait_for("an alert tick about held records", lambda: [
-                t for t in sensor_ticks(url, f"{CONN}__alert_on_held_records")
-                if "newly held record(s)" in (t["skipReason"] or "")],
-                180, 5)
+            wait_for(
+                "the account to be held",
+                lambda: (
+                    (check_status(url, asset_key(CONN, "account", "push"), "no_held_records") or {}).get(
+                        "status"
+                    )
+                    == "FAILED"
+                ),
+                300,
+                3,
+            )
+            assert (
+                check_status(url, asset_key(CONN, "account", "push"), "no_held_records")["evaluation"][
+                    "severity"
+                ]
+                == "WARN"
+            )
+            alerts = wait_for(
+                "an alert tick about held records",
+                lambda: [
+                    t
+                    for t in sensor_ticks(url, f"{CONN}__alert_on_held_records")
+                    if "newly held record(s)" in (t["skipReason"] or "")
+                ],
+                180,
+                5,
+            )
             assert "no webhook configured" in alerts[0]["skipReason"]
             assert "notified" not in alerts[0]["skipReason"].split(";")[0]
-            page.goto(f"{url}/assets/{'/'.join(asset_key(CONN, 'account', 'push').path)}?view=checks",
-                      wait_until="domcontentloaded")
+            page.goto(
+                f"{url}/assets/{'/'.join(asset_key(CONN, 'account', 'push').path)}?view=checks",
+                wait_until="domcontentloaded",
+            )
             page.get_by_text("no_held_records").first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)
             shots.take("held-record-check")

@@ -41,8 +41,13 @@ class ExtractStats:
         self.deleted += s.deleted
 
     def as_metadata(self) -> dict[str, Any]:
-        out = {"mode": self.mode, "pages": self.pages, "rows_read": self.rows, "rows_changed": self.changed,
-               "rows_deleted": self.deleted}
+        out = {
+            "mode": self.mode,
+            "pages": self.pages,
+            "rows_read": self.rows,
+            "rows_changed": self.changed,
+            "rows_deleted": self.deleted,
+        }
         if self.merged:
             out["links_moved_by_merges"] = self.merged
         if self.relabeled:

@@ -62,8 +62,16 @@ def select_cursor(entity: Entity) -> str:
     return f"dynamics:delta-select:{entity.name}"
 
 
-def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: DynamicsPort,
-                     start: datetime, end: datetime, partition_key: str, latest: bool) -> ExtractStats:
+def extract_dynamics(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    client: DynamicsPort,
+    start: datetime,
+    end: datetime,
+    partition_key: str,
+    latest: bool,
+) -> ExtractStats:
     """Mirror the Dynamics rows of one entity for a modified-time window (and its deletes when latest)."""
     assert entity.dynamics is not None
     stats = ExtractStats(entity.name)
@@ -88,19 +96,20 @@ def extract_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
             log.warning("%s: delta link no longer valid (%s); falling back to a full read", entity.name, exc)
             set_cursor(con, delta_cursor(entity), None)
             stats.mode = "full (delta expired)"
-            new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=True,
-                                  config=config)
+            new_link = _full_read(
+                con, entity, client, select, partition_key, stats, detect_deletes=True, config=config
+            )
         set_cursor(con, delta_cursor(entity), new_link)
     elif latest:
         stats.mode = "full (first delta link)"
-        new_link = _full_read(con, entity, client, select, partition_key, stats, detect_deletes=False,
-                              config=config)
+        new_link = _full_read(
+            con, entity, client, select, partition_key, stats, detect_deletes=False, config=config
+        )
         set_cursor(con, delta_cursor(entity), new_link)
     elif modified:
         stats.mode = "window"
         flt = f"{modified} ge {iso_utc(start)} and {modified} lt {iso_utc(end)}"
-        for page in client.iter_pages(entity.dynamics.entity_set, select, filter=flt,
-                                      annotations=True):
+        for page in client.iter_pages(entity.dynamics.entity_set, select, filter=flt, annotations=True):
             stats.pages += 1
             stats.take(ingest_dynamics_page(con, entity, page, partition_key, target_tables(config)))
     else:
@@ -135,8 +144,17 @@ def relabel_options(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
     return changed
 
 
-def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: DynamicsPort, select: list[str], delta: str | None,
-             partition_key: str, stats: ExtractStats, seen: bool = False, config: SyncConfig | None = None) -> str:
+def _changes(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    client: DynamicsPort,
+    select: list[str],
+    delta: str | None,
+    partition_key: str,
+    stats: ExtractStats,
+    seen: bool = False,
+    config: SyncConfig | None = None,
+) -> str:
     """Follow a delta link (or start change tracking with a full read); returns the next delta link."""
     assert entity.dynamics is not None
     pk = primary_key(entity)
@@ -144,15 +162,19 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: DynamicsPor
     buffer: list[dict[str, Any]] = []
 
     def flush() -> None:
-        stats.take(ingest_dynamics_page(con, entity, buffer, partition_key,
-                                                target_tables(config) if config else None))
+        stats.take(
+            ingest_dynamics_page(
+                con, entity, buffer, partition_key, target_tables(config) if config else None
+            )
+        )
         if seen and buffer:
             ids = pa.table({"id": [str(r.get(pk, "")).lower() for r in buffer]})  # noqa: F841
             con.execute("INSERT INTO seen_ids SELECT id FROM ids")
         buffer.clear()
 
-    for rows, deleted, page_link in client.iter_changes(entity.dynamics.entity_set, select, delta_link=delta,
-                                                        annotations=True):
+    for rows, deleted, page_link in client.iter_changes(
+        entity.dynamics.entity_set, select, delta_link=delta, annotations=True
+    ):
         stats.pages += 1
         buffer += rows  # a few pages per statement: fewer, larger set-based upserts
         if len(buffer) >= INGEST_ROWS or (deleted and buffer):  # deletes apply after the rows before them
@@ -164,19 +186,42 @@ def _changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: DynamicsPor
     return link
 
 
-def _ingest_changes(con: duckdb.DuckDBPyConnection, entity: Entity, client: DynamicsPort, select: list[str], delta: str,
-                    partition_key: str, stats: ExtractStats, config: SyncConfig | None = None) -> str:
+def _ingest_changes(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    client: DynamicsPort,
+    select: list[str],
+    delta: str,
+    partition_key: str,
+    stats: ExtractStats,
+    config: SyncConfig | None = None,
+) -> str:
     return _changes(con, entity, client, select, delta, partition_key, stats, config=config)
 
 
-def _full_read(con: duckdb.DuckDBPyConnection, entity: Entity, client: DynamicsPort, select: list[str],
-               partition_key: str, stats: ExtractStats, detect_deletes: bool, config: SyncConfig | None = None) -> str:
+def _full_read(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    client: DynamicsPort,
+    select: list[str],
+    partition_key: str,
+    stats: ExtractStats,
+    detect_deletes: bool,
+    config: SyncConfig | None = None,
+) -> str:
     if detect_deletes:
         con.execute("CREATE OR REPLACE TEMP TABLE seen_ids (id VARCHAR)")
-    link = _changes(con, entity, client, select, None, partition_key, stats, seen=detect_deletes, config=config)
+    link = _changes(
+        con, entity, client, select, None, partition_key, stats, seen=detect_deletes, config=config
+    )
     if detect_deletes:
-        gone = [r[0] for r in con.execute(f"SELECT id FROM {qi('d_' + entity.name)} WHERE NOT deleted "
-                                          "AND id NOT IN (SELECT id FROM seen_ids)").fetchall()]
+        gone = [
+            r[0]
+            for r in con.execute(
+                f"SELECT id FROM {qi('d_' + entity.name)} WHERE NOT deleted "
+                "AND id NOT IN (SELECT id FROM seen_ids)"
+            ).fetchall()
+        ]
         stats.deleted += mark_dynamics_deleted(con, entity, gone, partition_key)
     return link
 
@@ -191,8 +236,9 @@ def wire_name(f: FieldMap) -> str:
 
 
 def arrow_type(f: FieldMap) -> pa.DataType:
-    return {"boolean": pa.bool_(), "integer": pa.int64(), "picklist": pa.int64(),
-            "number": pa.float64()}.get(f.transform, pa.string())
+    return {"boolean": pa.bool_(), "integer": pa.int64(), "picklist": pa.int64(), "number": pa.float64()}.get(
+        f.transform, pa.string()
+    )
 
 
 def dynamics_select(entity: Entity) -> list[str]:
@@ -213,8 +259,11 @@ def dynamics_select(entity: Entity) -> list[str]:
 
 def page_schema(entity: Entity) -> pa.Schema:
     assert entity.dynamics is not None
-    fields: dict[str, pa.DataType] = {primary_key(entity): pa.string(), "versionnumber": pa.int64(),
-                                      "@odata.etag": pa.string()}
+    fields: dict[str, pa.DataType] = {
+        primary_key(entity): pa.string(),
+        "versionnumber": pa.int64(),
+        "@odata.etag": pa.string(),
+    }
     if entity.dynamics.modified_column:
         fields[entity.dynamics.modified_column] = pa.string()
     if entity.sync_filter_column:
@@ -272,31 +321,41 @@ def _is_deleted_entry(row: dict[str, Any]) -> bool:
     return str(row.get("@odata.context", "")).endswith("$deletedEntity")
 
 
-def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: list[dict[str, Any]],
-                         partition_key: str, tables: dict[str, str] | None = None) -> IngestStats:
+def ingest_dynamics_page(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    rows: list[dict[str, Any]],
+    partition_key: str,
+    tables: dict[str, str] | None = None,
+) -> IngestStats:
     live = [r for r in rows if not _is_deleted_entry(r)]
     deleted = [r["id"] for r in rows if _is_deleted_entry(r) and "id" in r]
     stats = IngestStats(rows=len(rows))
     seq = next_seq(con)
     if live:
-        page = coerce_page(live, page_schema(entity))  # noqa: F841 - referenced by name in the SQL below
+        page = coerce_page(live, page_schema(entity))
         pk, table = qi(primary_key(entity)), qi(f"d_{entity.name}")
         assert entity.dynamics is not None
         mod = qi(entity.dynamics.modified_column) if entity.dynamics.modified_column else "NULL"
         flag = qi(entity.sync_filter_column) if entity.sync_filter_column else "NULL"
-        origin = "lower(\"_originatingleadid_value\")" if entity.name == "contact" else "NULL"
-        master = f"CASE WHEN merged THEN lower({qi(MASTER)}) END" if entity.dynamics.table in MERGEABLE else "NULL"
+        origin = 'lower("_originatingleadid_value")' if entity.name == "contact" else "NULL"
+        master = (
+            f"CASE WHEN merged THEN lower({qi(MASTER)}) END" if entity.dynamics.table in MERGEABLE else "NULL"
+        )
         customer = "NULL"
         for f in entity.all_fields:
             if f.transform == "customer_account":
-                customer = (f"CASE WHEN {qi(wire_name(f) + LOOKUP_TYPE)} = 'contact' "
-                            f"THEN lower({qi(wire_name(f))}) END")
+                customer = (
+                    f"CASE WHEN {qi(wire_name(f) + LOOKUP_TYPE)} = 'contact' "
+                    f"THEN lower({qi(wire_name(f))}) END"
+                )
         names = [fcol(f.marketo) for f in entity.all_fields]
         exprs = [dynamics_value_expr(entity, f, tables) for f in entity.all_fields]
         _record_field_times(con, entity, table, pk, mod, exprs, page)
         select = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, names, strict=True))
         sets = ", ".join(f"{n} = excluded.{n}" for n in names)
-        res = con.execute(f"""
+        res = con.execute(
+            f"""
             INSERT INTO {table} (id, version, modified_on, etag, deleted, sync_flag, origin_lead, customer_contact,
                                  master_id, partition_key, seen_at, pending_seq, {", ".join(names)})
             SELECT lower({pk}), versionnumber, CAST({mod} AS VARCHAR), "@odata.etag", false, {flag}, {origin},
@@ -309,15 +368,24 @@ def ingest_dynamics_page(con: duckdb.DuckDBPyConnection, entity: Entity, rows: l
                 master_id = excluded.master_id, partition_key = excluded.partition_key, seen_at = excluded.seen_at,
                 pending_seq = excluded.pending_seq, {sets}
             WHERE excluded.version > {table}.version OR {table}.version IS NULL OR {table}.deleted
-        """, [partition_key, utcnow(), seq]).fetchone()
+        """,
+            [partition_key, utcnow(), seq],
+        ).fetchone()
         stats.changed = int(res[0]) if res else 0
     if deleted:
         stats.deleted = mark_dynamics_deleted(con, entity, deleted, partition_key)
     return stats
 
 
-def _record_field_times(con: duckdb.DuckDBPyConnection, entity: Entity, table: str, pk: str, mod: str,
-                        exprs: list[str], page: pa.Table) -> None:
+def _record_field_times(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    table: str,
+    pk: str,
+    mod: str,
+    exprs: list[str],
+    page: pa.Table,
+) -> None:
     """Policy ``latest``: a field's time is the modified time of the first version read that showed its value."""
     timed = set(latest_fields(entity))
     if not timed:
@@ -329,13 +397,20 @@ def _record_field_times(con: duckdb.DuckDBPyConnection, entity: Entity, table: s
         con.unregister("ft_page")
 
 
-def _field_times_sql(con: duckdb.DuckDBPyConnection, entity: Entity, table: str, pk: str, mod: str,
-                     exprs: list[str], timed: set[str]) -> None:
+def _field_times_sql(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    table: str,
+    pk: str,
+    mod: str,
+    exprs: list[str],
+    timed: set[str],
+) -> None:
     for f, expr in zip(entity.all_fields, exprs, strict=True):
         if f.marketo not in timed:
             continue
         con.execute(f"""INSERT OR REPLACE INTO field_times
-            SELECT {sql_text('d:' + entity.name)}, n.id, {sql_text(f.marketo)}, n.modified_on
+            SELECT {sql_text("d:" + entity.name)}, n.id, {sql_text(f.marketo)}, n.modified_on
             FROM (SELECT lower({pk}) AS id, versionnumber AS version, CAST({mod} AS VARCHAR) AS modified_on,
                          {expr} AS v FROM ft_page
                   QUALIFY row_number() OVER (PARTITION BY lower({pk}) ORDER BY versionnumber DESC) = 1) n
@@ -345,7 +420,8 @@ def _field_times_sql(con: duckdb.DuckDBPyConnection, entity: Entity, table: str,
               AND n.v IS DISTINCT FROM t.{fcol(f.marketo)}""")
 
 
-def mark_dynamics_deleted(con: duckdb.DuckDBPyConnection, entity: Entity, ids: Iterable[str],
-                          partition_key: str) -> int:
+def mark_dynamics_deleted(
+    con: duckdb.DuckDBPyConnection, entity: Entity, ids: Iterable[str], partition_key: str
+) -> int:
     ids = [i.lower() for i in ids]
     return ledger.mark_deleted(con, entity.name, ids, partition_key, utcnow()) if ids else 0

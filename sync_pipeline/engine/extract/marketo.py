@@ -49,9 +49,16 @@ LEADCHANGES_CURSOR = "marketo:leadchanges"
 DELETED_CURSOR = "marketo:deletedleads"  # the position of the Delete Lead and Merge Leads activities read
 
 
-def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: MarketoPort, start: datetime,
-                            end: datetime, latest: bool, work_dir: Path | None = None,
-                            run_id: str | None = None) -> ExtractStats:
+def extract_marketo_persons(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    client: MarketoPort,
+    start: datetime,
+    end: datetime,
+    latest: bool,
+    work_dir: Path | None = None,
+    run_id: str | None = None,
+) -> ExtractStats:
     stats = ExtractStats("person")
     token = get_cursor(con, LEADCHANGES_CURSOR)
     fields = marketo_person_fields(config)
@@ -97,7 +104,9 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
     if activities:
         flush()
     _reread_lost_persons(con, config, client, fields, stats)
-    deleted_token = _removals(con, config, client, get_cursor(con, DELETED_CURSOR) or token, fields, run_id, stats)
+    deleted_token = _removals(
+        con, config, client, get_cursor(con, DELETED_CURSOR) or token, fields, run_id, stats
+    )
     set_cursor(con, LEADCHANGES_CURSOR, token)
     set_cursor(con, DELETED_CURSOR, deleted_token)
     return stats
@@ -106,17 +115,27 @@ def extract_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, 
 LOST_PERSONS_PER_RUN = 3000
 
 
-def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: MarketoPort, fields: list[str],
-                         stats: ExtractStats) -> None:
+def _reread_lost_persons(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    client: MarketoPort,
+    fields: list[str],
+    stats: ExtractStats,
+) -> None:
     """Linked persons missing from the mirror (a damaged or partly restored store) are read again, so their
     records plan normally instead of staying quarantined; an id Marketo does not know stays quarantined."""
     if not sweep_due(con, config, "lost_persons"):
         return
     persons = [e.name for e in config.persons]
-    ids = [int(r[0]) for r in con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS mid FROM identity
+    ids = [
+        int(r[0])
+        for r in con.execute(
+            """SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS mid FROM identity
         WHERE state = 'active' AND entity IN (SELECT unnest(?::VARCHAR[])) AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL
           AND TRY_CAST(marketo_id AS BIGINT) NOT IN (SELECT id FROM m_person) ORDER BY mid LIMIT ?""",
-                                          [persons, LOST_PERSONS_PER_RUN]).fetchall()]
+            [persons, LOST_PERSONS_PER_RUN],
+        ).fetchall()
+    ]
     rows: list[dict[str, Any]] = []
     for chunk in _chunked(ids, 300):
         rows += client.get_leads("id", chunk, fields)
@@ -124,8 +143,15 @@ def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, cli
         stats.take(ingest_marketo_persons(con, config, rows))
 
 
-def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: MarketoPort, token: str, fields: list[str],
-              run_id: str | None, stats: ExtractStats) -> str:
+def _removals(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    client: MarketoPort,
+    token: str,
+    fields: list[str],
+    run_id: str | None,
+    stats: ExtractStats,
+) -> str:
     """Persons that left Marketo since ``token``: Merge Leads and Delete Lead activities, read together in
     one ``activities.json`` call (up to 10 type ids per call; the Delete Lead activities are the ones
     ``deletedleads.json`` serves, type 37), so following merges costs no extra call. Runs after the lead
@@ -146,8 +172,12 @@ def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Market
         token = page.next_page_token or token
     if merges:
         winners = sorted({m.winner for m in merges})
-        known = {r[0] for r in con.execute("SELECT id FROM m_person WHERE NOT deleted AND id IN "
-                                           "(SELECT unnest(?::BIGINT[]))", [winners]).fetchall()}
+        known = {
+            r[0]
+            for r in con.execute(
+                "SELECT id FROM m_person WHERE NOT deleted AND id IN (SELECT unnest(?::BIGINT[]))", [winners]
+            ).fetchall()
+        }
         rows: list[dict[str, Any]] = []
         for ids in _chunked([w for w in winners if w not in known], 300):  # a winner we never read: read it
             rows += client.get_leads("id", ids, fields)
@@ -157,9 +187,13 @@ def _removals(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Market
     return token
 
 
-def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activities: dict[int, list[dict[str, Any]]],
-                      timed: set[str] | None = None, times: list[tuple[int, str, str]] | None = None
-                      ) -> tuple[list[dict[str, Any]], set[int]]:
+def _apply_activities(
+    con: duckdb.DuckDBPyConnection,
+    watch: list[str],
+    activities: dict[int, list[dict[str, Any]]],
+    timed: set[str] | None = None,
+    times: list[tuple[int, str, str]] | None = None,
+) -> tuple[list[dict[str, Any]], set[int]]:
     """Known persons: the mirror plus each change's new value (no read; our own echoes compare equal and
     change nothing). Unknown persons are returned to be read whole. For the ``timed`` fields (policy
     latest), each change to a new value appends (person, field, activity time) to ``times``: Marketo's
@@ -180,8 +214,13 @@ def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activiti
             for change in a.get("fields") or []:
                 name = change.get("name")
                 if name in row:
-                    if timed and times is not None and name in timed and a.get("activityDate") and \
-                            _text_of(change.get("newValue")) != _text_of(row[name]):
+                    if (
+                        timed
+                        and times is not None
+                        and name in timed
+                        and a.get("activityDate")
+                        and _text_of(change.get("newValue")) != _text_of(row[name])
+                    ):
                         times.append((lead_id, name, str(a["activityDate"])))
                     row[name] = change.get("newValue")
         rows.append(row)
@@ -199,18 +238,28 @@ def _text_of(v: Any) -> str | None:
 
 def _chunked(items: list[Any], n: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
-def _bulk_windows(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: MarketoPort, start: datetime, end: datetime,
-                  fields: list[str], stats: ExtractStats, work_dir: Path | None) -> None:
+def _bulk_windows(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    client: MarketoPort,
+    start: datetime,
+    end: datetime,
+    fields: list[str],
+    stats: ExtractStats,
+    work_dir: Path | None,
+) -> None:
     work = Path(work_dir or tempfile.mkdtemp(prefix="sync-pipeline-export-"))
     work.mkdir(parents=True, exist_ok=True)
     s = start
     while s < end:
         e = min(s + timedelta(days=MAX_EXPORT_DAYS), end)
         path = work / f"leads-{s:%Y%m%d%H%M}-{e:%Y%m%d%H%M}.csv"
-        client.export_to_file("leads", {"updatedAt": {"startAt": iso_utc(s), "endAt": iso_utc(e)}}, path, fields=fields)
+        client.export_to_file(
+            "leads", {"updatedAt": {"startAt": iso_utc(s), "endAt": iso_utc(e)}}, path, fields=fields
+        )
         stats.pages += 1
         stats.take(ingest_marketo_csv(con, config, str(path)))
         path.unlink(missing_ok=True)
@@ -218,9 +267,11 @@ def _bulk_windows(con: duckdb.DuckDBPyConnection, config: SyncConfig, client: Ma
 
 
 def person_field_maps(config: SyncConfig) -> list[FieldMap]:
-    system = [FieldMap(marketo="dynamicsId", dynamics="id_", transform="lookup", target=config.entities[0].name),
-              FieldMap(marketo="dynamicsType", dynamics="type_"),
-              FieldMap(marketo="dynamicsIsDeleted", dynamics="deleted_", transform="boolean")]
+    system = [
+        FieldMap(marketo="dynamicsId", dynamics="id_", transform="lookup", target=config.entities[0].name),
+        FieldMap(marketo="dynamicsType", dynamics="type_"),
+        FieldMap(marketo="dynamicsIsDeleted", dynamics="deleted_", transform="boolean"),
+    ]
     known = {f.marketo for f in config.person_fields()}
     return config.person_fields() + [f for f in system if f.marketo not in known]
 
@@ -229,8 +280,9 @@ def marketo_person_fields(config: SyncConfig) -> list[str]:
     return ["id", "updatedAt"] + [f.marketo for f in person_field_maps(config)]
 
 
-def ingest_marketo_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, rows: list[dict[str, Any]]
-                           ) -> IngestStats:
+def ingest_marketo_persons(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, rows: list[dict[str, Any]]
+) -> IngestStats:
     """Upsert Marketo persons (REST JSON rows); a person whose canonical values changed becomes pending."""
     if not rows:
         return IngestStats()
@@ -246,7 +298,9 @@ def ingest_marketo_csv(con: duckdb.DuckDBPyConnection, config: SyncConfig, csv_p
     path = "'" + str(csv_path).replace("'", "''") + "'"
     src = f"read_csv({path}, all_varchar = true, nullstr = 'null', header = true)"
     have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
-    cols = ", ".join(qi(n) if n in have else f"NULL AS {qi(n)}" for n in ["id", "updatedAt"] + [f.marketo for f in maps])
+    cols = ", ".join(
+        qi(n) if n in have else f"NULL AS {qi(n)}" for n in ["id", "updatedAt"] + [f.marketo for f in maps]
+    )
     table = con.execute(f"SELECT {cols} FROM {src}").fetch_arrow_table()
     return _upsert_persons(con, maps, "persons_page", table)
 
@@ -262,7 +316,9 @@ def text_value(v: Any) -> str | None:
 UPSERT_ROWS = 20_000  # rows per upsert statement: DuckDB's ON CONFLICT keeps its input in memory
 
 
-def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: str, table: pa.Table) -> IngestStats:
+def _upsert_persons(
+    con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: str, table: pa.Table
+) -> IngestStats:
     """New persons are inserted; known ones are updated where deleted or changed (and become pending). An update
     and an insert rather than ``INSERT ... ON CONFLICT``: DuckDB's conflict handling reads the whole mirror for
     every statement, the update reads the batch's persons through the key index."""
@@ -274,24 +330,33 @@ def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: 
         con.register(name, pa.Table.from_batches([batch]))
         try:
             # The ledger's mark travels with each row, so a row and its mark are written in one statement.
-            con.execute(f"""CREATE OR REPLACE TEMP TABLE persons_in AS
+            con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE persons_in AS
                 SELECT CAST(id AS BIGINT) AS id, "updatedAt" AS updated_at, CAST(? AS BIGINT) AS pending_seq,
                        {", ".join(f"{e} AS {n}" for e, n in zip(exprs, names, strict=True))} FROM {name}
                 WHERE TRY_CAST(id AS BIGINT) IS NOT NULL
                 QUALIFY row_number() OVER (PARTITION BY CAST(id AS BIGINT) ORDER BY "updatedAt" DESC) = 1""",
-                        [next_seq(con)])
+                [next_seq(con)],
+            )
         finally:
             con.unregister(name)
         ids = column(con, "SELECT id FROM persons_in")
         keyed_rows(con, "persons_known", "m_person", "id", ids, columns="id")
         now = utcnow()
-        stats.changed += keyed_execute(con, f"""UPDATE m_person SET updated_at = p.updated_at, deleted = false, seen_at = ?,
+        stats.changed += keyed_execute(
+            con,
+            f"""UPDATE m_person SET updated_at = p.updated_at, deleted = false, seen_at = ?,
                 pending_seq = p.pending_seq, {", ".join(f"{n} = p.{n}" for n in names)}
             FROM persons_in p WHERE m_person.id = p.id AND (m_person.deleted OR {changed}) AND m_person.id IN {{keys}}""",
-                                       column(con, "SELECT id FROM persons_known"), [now])
-        res = con.execute(f"""INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})
+            column(con, "SELECT id FROM persons_known"),
+            [now],
+        )
+        res = con.execute(
+            f"""INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})
             SELECT id, updated_at, false, ?, pending_seq, {", ".join(names)} FROM persons_in
-            WHERE id NOT IN (SELECT id FROM persons_known)""", [now]).fetchone()
+            WHERE id NOT IN (SELECT id FROM persons_known)""",
+            [now],
+        ).fetchone()
         stats.changed += int(res[0]) if res else 0
     return stats
 
@@ -306,7 +371,12 @@ def record_marketo_field_times(con: duckdb.DuckDBPyConnection, times: list[tuple
     if not times:
         return
     # Not "at": DuckDB 1.4 parses AT as a keyword, and `max(at)` was a syntax error (hidden by a step retry).
-    tbl = pa.table({"id": [str(t[0]) for t in times], "field": [t[1] for t in times],  # noqa: F841
-                    "changed_at": [t[2] for t in times]})
+    tbl = pa.table(  # noqa: F841 (DuckDB reads it by name)
+        {
+            "id": [str(t[0]) for t in times],
+            "field": [t[1] for t in times],
+            "changed_at": [t[2] for t in times],
+        }
+    )
     con.execute("""INSERT OR REPLACE INTO field_times (side, id, field, changed_at)
                    SELECT 'm', id, field, max(changed_at) FROM tbl GROUP BY id, field""")

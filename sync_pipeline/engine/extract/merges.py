@@ -35,8 +35,14 @@ def parse_merge_activity(activity: dict[str, Any]) -> MarketoMerge | None:
         winner = int(activity.get("primaryAttributeValueId") or activity["leadId"])
     except (KeyError, TypeError, ValueError):
         return None
-    raw = next((a.get("value") for a in activity.get("attributes") or []
-                if str(a.get("name", "")).lower() == "merge ids"), None)
+    raw = next(
+        (
+            a.get("value")
+            for a in activity.get("attributes") or []
+            if str(a.get("name", "")).lower() == "merge ids"
+        ),
+        None,
+    )
     losers: list[int] = []
     for part in str(raw or "").replace(";", ",").split(","):
         part = part.strip()
@@ -45,8 +51,9 @@ def parse_merge_activity(activity: dict[str, Any]) -> MarketoMerge | None:
     return MarketoMerge(winner, losers, activity.get("activityDate")) if losers else None
 
 
-def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, merges: list[MarketoMerge],
-                         run_id: str | None) -> int:
+def apply_marketo_merges(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, merges: list[MarketoMerge], run_id: str | None
+) -> int:
     """Follow Marketo merges: retire each loser in the mirror (``merged_into``: not a user's delete, so no
     tombstone) and move the Dynamics links of the merged persons to the winner, one record keeping it.
 
@@ -66,9 +73,11 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
     for m in merges:
         ids = [str(m.winner)] + [str(i) for i in m.losers]
         ledger.retire_merged_persons(con, m.winner, m.losers, now)
-        links = con.execute("""SELECT entity, dynamics_id, marketo_id, state FROM identity
+        links = con.execute(
+            """SELECT entity, dynamics_id, marketo_id, state FROM identity
             WHERE entity IN (SELECT unnest(?::VARCHAR[])) AND marketo_id IN (SELECT unnest(?::VARCHAR[]))""",
-                            [persons, ids]).fetchall()
+            [persons, ids],
+        ).fetchall()
         active = [r for r in links if r[3] == "active"]
         active.sort(key=lambda r: (KEEPER_RANK.get(r[0], 1), ids.index(r[2]), r[1]))
         losers_text = ",".join(str(i) for i in m.losers)
@@ -78,14 +87,24 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
                     ledger.relink(con, entity, did, str(m.winner), "marketo_merge", now)
                     _keep_opt_outs(con, config, entity, did, m.winner)
                 # relink: the record moves from a loser to the winner; merge: it kept the winner, losers folded in
-                notes.append((entity, did, str(m.winner), "relink" if mid != str(m.winner) else "merge",
-                               "marketo_id", mid if mid != str(m.winner) else losers_text, str(m.winner),
-                               "marketo_merge"))
+                notes.append(
+                    (
+                        entity,
+                        did,
+                        str(m.winner),
+                        "relink" if mid != str(m.winner) else "merge",
+                        "marketo_id",
+                        mid if mid != str(m.winner) else losers_text,
+                        str(m.winner),
+                        "marketo_merge",
+                    )
+                )
                 ledger.mark_pending(con, entity, [did])
             else:
                 ledger.retire_link(con, entity, did, str(m.winner), now)
-                notes.append((entity, did, str(m.winner), "merged", "marketo_id", mid, str(m.winner),
-                               "marketo_merge"))
+                notes.append(
+                    (entity, did, str(m.winner), "merged", "marketo_id", mid, str(m.winner), "marketo_merge")
+                )
             moved += 1
         # Records no longer synced (converted, tombstoned, ...) still point at a live person.
         ledger.repoint_inactive_links(con, persons, [str(i) for i in m.losers], str(m.winner))
@@ -99,7 +118,9 @@ def apply_marketo_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, mer
 CONSENT_FIELDS = ("unsubscribed", "doNotEmail", "doNotCall", "doNotFax", "doNotSendMarketingMaterial")
 
 
-def _keep_opt_outs(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: str, did: str, winner: int) -> None:
+def _keep_opt_outs(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: str, did: str, winner: int
+) -> None:
     """A record that moves to a merge winner keeps its agreed opt-outs: where its base says opted out and the
     winner says opted in, the base takes the winner's value, so the plan sees the record's opt-out as the
     change and writes it to the winner, instead of reading the winner's opt-in as a Marketo change that

@@ -41,7 +41,9 @@ from sync_pipeline.engine.store.state import (
 PLAN_VACUUM_ROWS = 1  # any: a checkpoint after a small plan costs little
 
 
-def plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str) -> PlanSummary:
+def plan_entity(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str
+) -> PlanSummary:
     # Fields added to the mapping wait for their back-fill (engine/mapping.py); the plan says what changed.
     config, entity = mapping.effective(con, config, entity)
     summary = compute_plan(con, config, entity, run_id, utcnow())
@@ -50,8 +52,9 @@ def plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
     return summary
 
 
-def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,
-                 now: datetime) -> PlanSummary:
+def compute_plan(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str, now: datetime
+) -> PlanSummary:
     dropped = con.execute("DELETE FROM plan WHERE entity = ?", [entity.name]).fetchone()
     con.execute("DELETE FROM plan_work WHERE entity = ?", [entity.name])
     if dropped and int(dropped[0]) >= PLAN_VACUUM_ROWS:
@@ -66,13 +69,16 @@ def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     else:
         summary = _plan_entity(con, config, entity, run_id, now)
     _summarise(con, summary)
-    con.execute("INSERT OR REPLACE INTO plan_meta (entity, run_id, created_at, summary) VALUES (?, ?, ?, ?)",
-                [entity.name, run_id, now, str(summary.as_metadata())])
+    con.execute(
+        "INSERT OR REPLACE INTO plan_meta (entity, run_id, created_at, summary) VALUES (?, ?, ?, ?)",
+        [entity.name, run_id, now, str(summary.as_metadata())],
+    )
     return summary
 
 
-def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,
-                 now: datetime) -> PlanSummary:
+def _plan_entity(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str, now: datetime
+) -> PlanSummary:
     summary = PlanSummary(entity.name, run_id)
     summary.work = work_set(con, config, entity, now)
     summary.work += follow_dynamics_merges(con, config, entity, run_id, now, summary)
@@ -81,10 +87,14 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
         summary.work += quarantine(con, config, entity, run_id, now, summary)
     # The three-way join is wide (three values per field): plan the work set a slice at a time, so memory
     # stays flat whether 1,000 or 1,000,000 records changed.
-    con.execute("CREATE OR REPLACE TEMP TABLE work_all AS SELECT did, d_seq, row_number() OVER (ORDER BY did) AS wn FROM work_set")
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE work_all AS SELECT did, d_seq, row_number() OVER (ORDER BY did) AS wn FROM work_set"
+    )
     for start in range(1, summary.work + 1, PLAN_SLICE):
-        con.execute("CREATE OR REPLACE TEMP TABLE work_set AS SELECT did, d_seq FROM work_all WHERE wn BETWEEN ? AND ?",
-                    [start, start + PLAN_SLICE - 1])
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE work_set AS SELECT did, d_seq FROM work_all WHERE wn BETWEEN ? AND ?",
+            [start, start + PLAN_SLICE - 1],
+        )
         plan_slice(con, config, entity, run_id, summary)
     if entity.is_person and entity.create_in_dynamics:
         plan_dynamics_creates(con, config, entity, run_id)
@@ -92,8 +102,11 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
 
 
 def _summarise(con: duckdb.DuckDBPyConnection, summary: PlanSummary) -> None:
-    for target, op, recs, n in con.execute("""SELECT target, op, count(DISTINCT dynamics_id), count(*) FROM plan
-                                              WHERE entity = ? GROUP BY 1, 2""", [summary.entity]).fetchall():
+    for target, op, recs, n in con.execute(
+        """SELECT target, op, count(DISTINCT dynamics_id), count(*) FROM plan
+                                              WHERE entity = ? GROUP BY 1, 2""",
+        [summary.entity],
+    ).fetchall():
         summary.counts[f"{target}:{op}"] = int(recs)
         summary.fields[f"{target}:{op}"] = int(n)
         if op == "reject":

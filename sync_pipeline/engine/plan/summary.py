@@ -30,10 +30,15 @@ class PlanSummary:
     unchanged: int = 0
 
     def as_metadata(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"records_in_work": self.work, "unchanged": self.unchanged,
-                               "rejected": self.rejected, "excluded_by_filter": self.excluded,
-                               "tombstoned": self.tombstoned, "quarantined": self.quarantined,
-                               "merged": self.merged}
+        out: dict[str, Any] = {
+            "records_in_work": self.work,
+            "unchanged": self.unchanged,
+            "rejected": self.rejected,
+            "excluded_by_filter": self.excluded,
+            "tombstoned": self.tombstoned,
+            "quarantined": self.quarantined,
+            "merged": self.merged,
+        }
         out.update({f"records/{k}": v for k, v in sorted(self.counts.items())})
         out.update({f"fields/{k}": v for k, v in sorted(self.fields.items())})
         out.update({f"conflicts/{k}": v for k, v in sorted(self.conflicts.items())})

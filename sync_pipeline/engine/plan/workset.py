@@ -19,9 +19,14 @@ def work_set(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity,
     ids = column(con, f"SELECT id FROM {d} WHERE pending_seq > 0")
     if entity.is_person:
         persons = column(con, "SELECT CAST(id AS VARCHAR) FROM m_person WHERE pending_seq > 0")
-        keyed_rows(con, "pending_links", "identity", "marketo_id", persons, f"entity = {sql_text(e)}", "dynamics_id")
+        keyed_rows(
+            con, "pending_links", "identity", "marketo_id", persons, f"entity = {sql_text(e)}", "dynamics_id"
+        )
         ids += column(con, "SELECT dynamics_id FROM pending_links")
-    ids += column(con, f"SELECT dynamics_id FROM failures WHERE entity = {sql_text(e)} AND NOT held AND next_attempt_at <= ?",
-                  [now])
+    ids += column(
+        con,
+        f"SELECT dynamics_id FROM failures WHERE entity = {sql_text(e)} AND NOT held AND next_attempt_at <= ?",
+        [now],
+    )
     keyed_rows(con, "work_set", d, "id", ids, columns="id AS did, pending_seq AS d_seq")
     return int(one_row(con, "SELECT count(*) FROM work_set")[0])

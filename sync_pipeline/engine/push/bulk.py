@@ -82,9 +82,17 @@ def wanted(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
     return int(creates) >= threshold
 
 
-def push(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort,
-         maps: dict[str, FieldMap], record: Callable[[list[Done]], None], run_id: str, now: datetime,
-         work_dir: Path | None = None) -> int:
+def push(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    client: MarketoPort,
+    maps: dict[str, FieldMap],
+    record: Callable[[list[Done]], None],
+    run_id: str,
+    now: datetime,
+    work_dir: Path | None = None,
+) -> int:
     """Import the push's planned creates; hand their results to ``record``; take the settled records out of
     ``planned_rows``/``planned_ids`` (the REST path writes whatever is left). Returns the records settled."""
     work = Path(work_dir or tempfile.mkdtemp(prefix="sync-pipeline-import-"))
@@ -96,14 +104,24 @@ def push(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, cli
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _push(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort,
-          maps: dict[str, FieldMap], record: Callable[[list[Done]], None], run_id: str, now: datetime,
-          work: Path) -> int:
+def _push(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    client: MarketoPort,
+    maps: dict[str, FieldMap],
+    record: Callable[[list[Done]], None],
+    run_id: str,
+    now: datetime,
+    work: Path,
+) -> int:
     person = entity.is_person
     key = PERSON_KEY if person else entity.marketo.key
     api_name = None if person else entity.marketo.object
-    con.execute("CREATE OR REPLACE TEMP TABLE bulk_rows (did VARCHAR, file INTEGER, state VARCHAR, mid VARCHAR, "
-                "code VARCHAR, message VARCHAR)")
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE bulk_rows (did VARCHAR, file INTEGER, state VARCHAR, mid VARCHAR, "
+        "code VARCHAR, message VARCHAR)"
+    )
     queue = client.import_queue(object_name=api_name, lookup_field=PERSON_KEY)
     started = datetime.now(UTC)
     files = 0
@@ -111,7 +129,9 @@ def _push(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, cl
         files += 1
         con.register("bulk_file", pa.table({"did": dids}))
         try:
-            con.execute("INSERT INTO bulk_rows SELECT did, ?, 'sent', NULL, NULL, NULL FROM bulk_file", [files])
+            con.execute(
+                "INSERT INTO bulk_rows SELECT did, ?, 'sent', NULL, NULL, NULL FROM bulk_file", [files]
+            )
         finally:
             con.unregister("bulk_file")
         for outcome in queue.submit(path, files):
@@ -125,8 +145,15 @@ def _push(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, cl
         calls += _find_person_ids(con, client, started, work)
     settled = _record(con, entity, person, record)
     left = one_row(con, "SELECT count(*) FROM bulk_rows WHERE state NOT IN ('ok', 'failed')")[0]
-    log.info("%s: %d create(s) through %d bulk import file(s), %d Marketo call(s); %d settled, %d left to REST",
-             entity.name, settled + left, files, calls, settled, left)
+    log.info(
+        "%s: %d create(s) through %d bulk import file(s), %d Marketo call(s); %d settled, %d left to REST",
+        entity.name,
+        settled + left,
+        files,
+        calls,
+        settled,
+        left,
+    )
     con.execute("""DELETE FROM planned_rows WHERE op = 'create' AND dynamics_id IN
                    (SELECT did FROM bulk_rows WHERE state IN ('ok', 'failed'))""")
     con.execute("""DELETE FROM planned_ids WHERE op = 'create' AND dynamics_id IN
@@ -139,8 +166,12 @@ def _push(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, cl
 
 def _files(con: duckdb.DuckDBPyConnection, entity: Entity, maps: dict[str, FieldMap], key: str, work: Path):
     """Yield (path, dynamics ids) per CSV file of at most FILE_BYTES, reading the plan in slices."""
-    planned = [r[0] for r in con.execute(
-        "SELECT DISTINCT field FROM planned_rows WHERE op = 'create' AND field IS NOT NULL ORDER BY 1").fetchall()]
+    planned = [
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT field FROM planned_rows WHERE op = 'create' AND field IS NOT NULL ORDER BY 1"
+        ).fetchall()
+    ]
     fixed = [PERSON_KEY, "dynamicsType", "dynamicsIsDeleted"] if entity.is_person else [key]
     header = fixed + [f for f in planned if f not in fixed]
     position = {f: i for i, f in enumerate(header)}
@@ -153,9 +184,11 @@ def _files(con: duckdb.DuckDBPyConnection, entity: Entity, maps: dict[str, Field
     out: TextIO | None = None
     writer: Any = None
     for start in range(int(bounds[0]), int(bounds[1]) + 1, READ_RECORDS):
-        rows = con.execute("""SELECT rn, dynamics_id, field, new_value FROM planned_rows WHERE op = 'create'
+        rows = con.execute(
+            """SELECT rn, dynamics_id, field, new_value FROM planned_rows WHERE op = 'create'
                               AND rn BETWEEN ? AND ? ORDER BY rn, field""",
-                           [start, start + READ_RECORDS - 1]).fetchall()
+            [start, start + READ_RECORDS - 1],
+        ).fetchall()
         for did, cells in _records(rows, header, position, maps):
             if out is None:
                 n += 1
@@ -207,40 +240,74 @@ def _cell(value: Any) -> str:
 # ---- outcomes -------------------------------------------------------------------------------------------------
 
 
-def _take(con: duckdb.DuckDBPyConnection, entity: Entity, key: str, outcome: Any, run_id: str,
-          now: datetime) -> None:
+def _take(
+    con: duckdb.DuckDBPyConnection, entity: Entity, key: str, outcome: Any, run_id: str, now: datetime
+) -> None:
     """Mark a finished file's rows: failed rows with their reason; a file refused or failed as a whole is left
     to REST (state ``rest``)."""
     if outcome.error is not None or not outcome.completed:
-        log.warning("%s: bulk import file %s (batch %s) did not complete (%s); its records go through REST",
-                    entity.name, outcome.tag, outcome.batch_id, outcome.error)
+        log.warning(
+            "%s: bulk import file %s (batch %s) did not complete (%s); its records go through REST",
+            entity.name,
+            outcome.tag,
+            outcome.batch_id,
+            outcome.error,
+        )
         con.execute("UPDATE bulk_rows SET state = 'rest' WHERE file = ?", [outcome.tag])
         return
     failed = _report_rows(outcome.failures, key)
     if failed:
-        con.register("bulk_failed", pa.table({"did": [d for d, _, _ in failed], "code": [c for _, c, _ in failed],
-                                              "message": [m for _, _, m in failed]}))
+        con.register(
+            "bulk_failed",
+            pa.table(
+                {
+                    "did": [d for d, _, _ in failed],
+                    "code": [c for _, c, _ in failed],
+                    "message": [m for _, _, m in failed],
+                }
+            ),
+        )
         try:
-            con.execute("""UPDATE bulk_rows SET state = 'failed', code = f.code, message = f.message
+            con.execute(
+                """UPDATE bulk_rows SET state = 'failed', code = f.code, message = f.message
                            FROM (SELECT did, any_value(code) AS code, any_value(message) AS message
                                  FROM bulk_failed GROUP BY did) f
-                           WHERE bulk_rows.file = ? AND bulk_rows.did = f.did""", [outcome.tag])
+                           WHERE bulk_rows.file = ? AND bulk_rows.did = f.did""",
+                [outcome.tag],
+            )
         finally:
             con.unregister("bulk_failed")
     declared = int(outcome.status.get("numOfRowsFailed") or 0)
     if declared > len(failed):
         # Failed rows the report did not name (e.g. without their key): which ones is unknown, so none of this
         # file's unconfirmed rows is trusted; persons are confirmed by the export, objects go through REST.
-        log.warning("%s: import batch %s reported %d failed row(s) but named %d", entity.name, outcome.batch_id,
-                    declared, len(failed))
+        log.warning(
+            "%s: import batch %s reported %d failed row(s) but named %d",
+            entity.name,
+            outcome.batch_id,
+            declared,
+            len(failed),
+        )
         if not entity.is_person:
-            con.execute("UPDATE bulk_rows SET state = 'rest' WHERE file = ? AND state = 'sent'", [outcome.tag])
+            con.execute(
+                "UPDATE bulk_rows SET state = 'rest' WHERE file = ? AND state = 'sent'", [outcome.tag]
+            )
     warned = _report_rows(outcome.warnings, key)
     if warned:
-        log.warning("%s: import batch %s imported %d row(s) with a warning, e.g. %s: %s", entity.name,
-                    outcome.batch_id, len(warned), warned[0][0], warned[0][2])
-        con.register("bulk_warned", pa.table({"did": [d for d, _, _ in warned],
-                                              "reason": [f"{c} {m}".strip() for _, c, m in warned]}))
+        log.warning(
+            "%s: import batch %s imported %d row(s) with a warning, e.g. %s: %s",
+            entity.name,
+            outcome.batch_id,
+            len(warned),
+            warned[0][0],
+            warned[0][2],
+        )
+        con.register(
+            "bulk_warned",
+            pa.table(
+                {"did": [d for d, _, _ in warned], "reason": [f"{c} {m}".strip() for _, c, m in warned]}
+            ),
+        )
         try:
             ledger.note_import_warnings(con, entity.name, "bulk_warned", run_id, now)
         finally:
@@ -267,7 +334,9 @@ def _report_rows(text: str, key: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def _find_person_ids(con: duckdb.DuckDBPyConnection, client: MarketoPort, started: datetime, work: Path) -> int:
+def _find_person_ids(
+    con: duckdb.DuckDBPyConnection, client: MarketoPort, started: datetime, work: Path
+) -> int:
     """One bulk lead export (id, dynamicsId; updatedAt over the import window) gives the imported persons their
     Marketo ids. Returns the export's calls (create, enqueue, status polls, file)."""
     before = sum(getattr(client, "calls", {}).values()) if hasattr(client, "calls") else 0
@@ -275,10 +344,13 @@ def _find_person_ids(con: duckdb.DuckDBPyConnection, client: MarketoPort, starte
     end = datetime.now(UTC) + EXPORT_MARGIN
     window = {"updatedAt": {"startAt": _iso(started - EXPORT_MARGIN), "endAt": _iso(end)}}
     client.export_to_file("leads", window, path, fields=["id", PERSON_KEY])
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE bulk_ids AS
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE bulk_ids AS
         SELECT CAST(id AS VARCHAR) AS mid, {PERSON_KEY} AS did
         FROM read_csv(?, header = true, all_varchar = true, nullstr = 'null')
-        WHERE {PERSON_KEY} IN (SELECT did FROM bulk_rows WHERE state = 'sent')""", [str(path)])
+        WHERE {PERSON_KEY} IN (SELECT did FROM bulk_rows WHERE state = 'sent')""",
+        [str(path)],
+    )
     path.unlink(missing_ok=True)
     # A person Marketo shows exactly once is confirmed; none or several (a duplicate) are left to REST.
     con.execute("""UPDATE bulk_rows SET state = 'ok', mid = i.mid FROM
@@ -288,8 +360,9 @@ def _find_person_ids(con: duckdb.DuckDBPyConnection, client: MarketoPort, starte
     return (sum(client.calls.values()) - before) if hasattr(client, "calls") else 0
 
 
-def _record(con: duckdb.DuckDBPyConnection, entity: Entity, person: bool, record: Callable[[list[Done]], None]
-            ) -> int:
+def _record(
+    con: duckdb.DuckDBPyConnection, entity: Entity, person: bool, record: Callable[[list[Done]], None]
+) -> int:
     if not person:
         # Identified by the dedupe field (the Dynamics id), as identity records an object without a marketoGUID.
         con.execute("UPDATE bulk_rows SET state = 'ok', mid = did WHERE state = 'sent'")
@@ -299,8 +372,10 @@ def _record(con: duckdb.DuckDBPyConnection, entity: Entity, person: bool, record
                mid, CASE WHEN state = 'failed' THEN code END AS code, message
         FROM bulk_rows WHERE state IN ('ok', 'failed')""")
     for start in range(1, total + 1, RECORD_SLICE):
-        rows = con.execute("SELECT did, ok, mid, code, message FROM bulk_done WHERE n BETWEEN ? AND ? ORDER BY n",
-                           [start, start + RECORD_SLICE - 1]).fetchall()
+        rows = con.execute(
+            "SELECT did, ok, mid, code, message FROM bulk_done WHERE n BETWEEN ? AND ? ORDER BY n",
+            [start, start + RECORD_SLICE - 1],
+        ).fetchall()
         record([(did, "create", bool(ok), mid, code, message) for did, ok, mid, code, message in rows])
     return total
 

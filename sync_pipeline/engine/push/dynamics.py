@@ -22,8 +22,14 @@ from sync_pipeline.engine.store.state import record_stats, utcnow
 log = logging.getLogger(__name__)
 
 
-def push_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, dynamics: DynamicsPort,
-                  marketo: MarketoPort, run_id: str) -> ApplyStats:
+def push_dynamics(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    dynamics: DynamicsPort,
+    marketo: MarketoPort,
+    run_id: str,
+) -> ApplyStats:
     """The push stage for Dynamics (persons only); it finishes the record's work for this plan."""
     stats = apply_to_dynamics(con, config, entity, dynamics, marketo, run_id, utcnow())
     ledger.finish(con, entity)
@@ -32,8 +38,15 @@ def push_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: En
     return stats
 
 
-def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, dynamics: Any,
-                      marketo: Any, run_id: str, now: datetime) -> ApplyStats:
+def apply_to_dynamics(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    dynamics: Any,
+    marketo: Any,
+    run_id: str,
+    now: datetime,
+) -> ApplyStats:
     stats = ApplyStats("dynamics")
     total = planned_records(con, entity, "dynamics")
     stats.records = total
@@ -64,14 +77,24 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
             batch_results = _write_dynamics_batched(dynamics, entity_set, writes)
             writes.clear()
             results += batch_results
-            created = [(r.did, r.marketo_id) for r in batch_results if r.ok and r.op == "create" and r.marketo_id]
+            created = [
+                (r.did, r.marketo_id) for r in batch_results if r.ok and r.op == "create" and r.marketo_id
+            ]
             if created:  # the new lead's id goes back to the Marketo person it came from
-                res = marketo.sync_leads([{"id": int(mid), "dynamicsId": did, "dynamicsType": "Lead"}
-                                          for did, mid in created], action="updateOnly", lookup_field="id")
+                res = marketo.sync_leads(
+                    [{"id": int(mid), "dynamicsId": did, "dynamicsType": "Lead"} for did, mid in created],
+                    action="updateOnly",
+                    lookup_field="id",
+                )
                 for (did, mid), r in zip(created, res, strict=False):  # only logs
                     if getattr(r, "status", None) not in ("updated", "created"):
-                        log.warning("lead %s created from Marketo person %s, but the person was not updated "
-                                    "(the next sync writes the link): %s", did, mid, getattr(r, "reasons", None))
+                        log.warning(
+                            "lead %s created from Marketo person %s, but the person was not updated "
+                            "(the next sync writes the link): %s",
+                            did,
+                            mid,
+                            getattr(r, "reasons", None),
+                        )
                         unlinked.append((did, mid))
     finally:
         ledger.hold_fields(con, entity, dropped, run_id, now)
@@ -80,8 +103,11 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
             # The mirror must not claim a link Marketo does not have: the next plan of the lead then writes
             # dynamicsId/dynamicsType to the person (rule "identity"), like for any linked person.
             ids = [int(mid) for _, mid in unlinked]
-            con.execute("""UPDATE m_person SET f_dynamicsId = NULL, f_dynamicsType = NULL
-                           WHERE id IN (SELECT unnest(?::BIGINT[]))""", [ids])
+            con.execute(
+                """UPDATE m_person SET f_dynamicsId = NULL, f_dynamicsType = NULL
+                           WHERE id IN (SELECT unnest(?::BIGINT[]))""",
+                [ids],
+            )
             ledger.mark_pending(con, entity.name, [did for did, _ in unlinked])
     return stats
 
@@ -89,15 +115,24 @@ def apply_to_dynamics(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity
 DYNAMICS_BATCH = 100  # requests per $batch: one HTTP call, each PATCH keeps its own If-Match
 
 
-def _write_dynamics_batched(client: DynamicsPort, entity_set: str,
-                            writes: list[tuple[str, str, str | None, str | None, dict[str, Any]]]) -> list[Result]:
+def _write_dynamics_batched(
+    client: DynamicsPort,
+    entity_set: str,
+    writes: list[tuple[str, str, str | None, str | None, dict[str, Any]]],
+) -> list[Result]:
     """PATCH updates (with the row's etag) and upserts (creates by a deterministic id) in ``$batch`` calls."""
     out: list[Result] = []
     for i in range(0, len(writes), DYNAMICS_BATCH):
-        part = writes[i:i + DYNAMICS_BATCH]
-        requests = [BatchRequest("PATCH", f"{entity_set}({did})", body,
-                                 headers={} if op == "create" else {"If-Match": etag or "*"})
-                    for did, op, _mid, etag, body in part]
+        part = writes[i : i + DYNAMICS_BATCH]
+        requests = [
+            BatchRequest(
+                "PATCH",
+                f"{entity_set}({did})",
+                body,
+                headers={} if op == "create" else {"If-Match": etag or "*"},
+            )
+            for did, op, _mid, etag, body in part
+        ]
         try:
             responses = client.execute_batch(requests, continue_on_error=True, idempotent=True)
         except errors.ClientError as exc:  # the whole call failed after retries: every record keeps its plan
@@ -117,6 +152,8 @@ def _write_dynamics_batched(client: DynamicsPort, entity_set: str,
                 message = f"deleted in Dynamics meanwhile ({message})"
             out.append(Result(did, op, False, mid, error.code, message, kind))
         if len(responses) < len(part):  # a batch that stopped early: the rest were not attempted
-            out += [Result(did, op, False, mid, "not_attempted", f"{entity_set}({did}): batch stopped early")
-                    for did, op, mid, _etag, _body in part[len(responses):]]
+            out += [
+                Result(did, op, False, mid, "not_attempted", f"{entity_set}({did}): batch stopped early")
+                for did, op, mid, _etag, _body in part[len(responses) :]
+            ]
     return out

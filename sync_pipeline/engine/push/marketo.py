@@ -48,8 +48,9 @@ from sync_pipeline.engine.store.state import (
 log = logging.getLogger(__name__)
 
 
-def push_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort,
-                 run_id: str) -> ApplyStats:
+def push_marketo(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort, run_id: str
+) -> ApplyStats:
     """The push stage for Marketo. A person's work is done only after its Dynamics push (``push_dynamics``
     finishes it); every other entity is done here."""
     stats = apply_to_marketo(con, config, entity, client, run_id, utcnow())
@@ -60,8 +61,14 @@ def push_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
     return stats
 
 
-def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort,
-                     run_id: str, now: datetime) -> ApplyStats:
+def apply_to_marketo(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    client: MarketoPort,
+    run_id: str,
+    now: datetime,
+) -> ApplyStats:
     stats = ApplyStats("marketo")
     if entity.is_person:
         _drop_raced_fields(con, config, entity, client, run_id, now)
@@ -71,8 +78,18 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
     results: list[Result] = []
     try:
         if bulk.wanted(con, config, entity) and hasattr(client, "import_queue"):  # large batches of creates
-            bulk.push(con, config, entity, client, maps, lambda done: record_results(
-                con, config, entity, "marketo", [Result(*d) for d in done], run_id, now, stats), run_id, now)
+            bulk.push(
+                con,
+                config,
+                entity,
+                client,
+                maps,
+                lambda done: record_results(
+                    con, config, entity, "marketo", [Result(*d) for d in done], run_id, now, stats
+                ),
+                run_id,
+                now,
+            )
         for rows in chunks(con, total):
             if entity.is_person:
                 results += _push_persons(client, entity, maps, rows)
@@ -81,7 +98,11 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
             else:
                 unread = _read_objects_before(con, client, entity, maps, rows)
                 if unread is not None:  # failed like the write would have: kept and retried, never blind
-                    results += [Result(r[0], r[1], False, r[2], unread[0], unread[1]) for r in rows if r[1] == "update"]
+                    results += [
+                        Result(r[0], r[1], False, r[2], unread[0], unread[1])
+                        for r in rows
+                        if r[1] == "update"
+                    ]
                     rows = [r for r in rows if r[1] != "update"]
                 results += _push_objects(client, entity, maps, rows)
             if len(results) >= 50_000:  # keep memory flat on a large initial copy
@@ -96,8 +117,14 @@ def apply_to_marketo(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity:
 RACE_READ = 300  # persons per read (Get Leads by id: up to 300 filter values, domain.md 3.4)
 
 
-def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, client: MarketoPort,
-                       run_id: str, now: datetime) -> None:
+def _drop_raced_fields(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    client: MarketoPort,
+    run_id: str,
+    now: datetime,
+) -> None:
     """A marketer may edit a person between our plan and our push. Sync Leads has no conditional update (no
     etag, no If-Match), so before writing we re-read the persons we are about to update (one Get Leads call per
     300 persons, only those with planned field updates) and compare each planned field with the value the plan
@@ -108,22 +135,31 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
     Cheaper alternatives were rejected: ``updatedAt`` alone would also flag our own earlier writes and changes
     to fields we do not write, and reading lead-change activities since the extract's token costs as many
     calls as there were changes anywhere in the instance, not per person we write."""
-    ids = [r[0] for r in con.execute(
-        """SELECT DISTINCT marketo_id FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+    ids = [
+        r[0]
+        for r in con.execute(
+            """SELECT DISTINCT marketo_id FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
            AND rule <> 'identity' AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL ORDER BY 1""",
-        [entity.name]).fetchall()]
+            [entity.name],
+        ).fetchall()
+    ]
     if not ids or not hasattr(client, "get_leads"):
         return
     fields = marketo_person_fields(config)
     for i in range(0, len(ids), RACE_READ):
-        fresh = client.get_leads("id", [int(x) for x in ids[i:i + RACE_READ]], fields)
+        fresh = client.get_leads("id", [int(x) for x in ids[i : i + RACE_READ]], fields)
         ingest_marketo_persons(con, config, list(fresh))
     # The persons just read, through the mirror's key index (a join would scan the whole mirror).
     keyed_rows(con, "race_persons", "m_person", "id", [int(x) for x in ids])
     maps = {f.marketo: f for f in entity.all_fields}
-    planned = [r[0] for r in con.execute(
-        """SELECT DISTINCT field FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
-           AND rule <> 'identity'""", [entity.name]).fetchall()]
+    planned = [
+        r[0]
+        for r in con.execute(
+            """SELECT DISTINCT field FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+           AND rule <> 'identity'""",
+            [entity.name],
+        ).fetchall()
+    ]
     parts = []
     for name in planned:
         f = maps.get(name)
@@ -142,21 +178,33 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
     n = one_row(con, "SELECT count(*) FROM raced")[0]
     if not n:
         return
-    log.warning("%s: %d planned field write(s) to Marketo raced with an edit there; re-planned by policy",
-                entity.name, n)
-    con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
+    log.warning(
+        "%s: %d planned field write(s) to Marketo raced with an edit there; re-planned by policy",
+        entity.name,
+        n,
+    )
+    con.execute(
+        """INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field,
                                        value_before, value_after, rule)
                    SELECT ?, ?, ?, dynamics_id, marketo_id, 'marketo', 'race', field, old_value, now_value, rule
-                   FROM raced""", [run_id, now, entity.name])
-    con.execute("""DELETE FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
-                   AND (dynamics_id, field) IN (SELECT (dynamics_id, field) FROM raced)""", [entity.name])
+                   FROM raced""",
+        [run_id, now, entity.name],
+    )
+    con.execute(
+        """DELETE FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
+                   AND (dynamics_id, field) IN (SELECT (dynamics_id, field) FROM raced)""",
+        [entity.name],
+    )
     # Policy latest: the marketer's edit is the field's newest Marketo change (the activity read later will
     # find the mirror already holding the value and record nothing).
     timed = latest_fields(entity)
     if timed:
-        con.execute("""INSERT OR REPLACE INTO field_times SELECT 'm', r.marketo_id, r.field, m.updated_at
+        con.execute(
+            """INSERT OR REPLACE INTO field_times SELECT 'm', r.marketo_id, r.field, m.updated_at
                        FROM raced r JOIN race_persons m ON CAST(m.id AS VARCHAR) = r.marketo_id
-                       WHERE r.field IN (SELECT unnest(?::VARCHAR[])) AND m.updated_at IS NOT NULL""", [timed])
+                       WHERE r.field IN (SELECT unnest(?::VARCHAR[])) AND m.updated_at IS NOT NULL""",
+            [timed],
+        )
     # The mirror already holds the fresh values; make sure each raced person is planned again.
     raced = con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) FROM raced
                            WHERE TRY_CAST(marketo_id AS BIGINT) IS NOT NULL""").fetchall()
@@ -167,7 +215,9 @@ def _race_rule(entity: Entity, f: FieldMap) -> str:
     return sql_text(f"conflict:{entity.field_policy(f)}")
 
 
-def _values(maps: dict[str, FieldMap], fields: list[str], vals: list[str | None], drop_null: bool) -> dict[str, Any]:
+def _values(
+    maps: dict[str, FieldMap], fields: list[str], vals: list[str | None], drop_null: bool
+) -> dict[str, Any]:
     out = {}
     for f, v in zip(fields, vals, strict=True):
         if f is None or (drop_null and v is None):
@@ -177,13 +227,19 @@ def _values(maps: dict[str, FieldMap], fields: list[str], vals: list[str | None]
     return out
 
 
-def _push_persons(client: MarketoPort, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
+def _push_persons(
+    client: MarketoPort, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]
+) -> list[Result]:
     creates, updates, deletes = [], [], []
     for row in rows:
         did, op, mid, _etag, _base, fields, vals = row
         if op == "create":
-            rec = {"dynamicsId": did, "dynamicsType": entity.marketo.type_value or entity.name.title(),
-                   "dynamicsIsDeleted": False, **_values(maps, fields, vals, drop_null=True)}
+            rec = {
+                "dynamicsId": did,
+                "dynamicsType": entity.marketo.type_value or entity.name.title(),
+                "dynamicsIsDeleted": False,
+                **_values(maps, fields, vals, drop_null=True),
+            }
             creates.append((row, rec))
         elif op in ("update", "flag"):
             updates.append((row, {"id": int(mid), **_values(maps, fields, vals, drop_null=False)}))
@@ -202,8 +258,13 @@ def _push_persons(client: MarketoPort, entity: Entity, maps: dict[str, FieldMap]
     return out
 
 
-def _read_objects_before(con: duckdb.DuckDBPyConnection, client: MarketoPort, entity: Entity, maps: dict[str, FieldMap],
-                         rows: list[tuple]) -> tuple[str, str] | None:
+def _read_objects_before(
+    con: duckdb.DuckDBPyConnection,
+    client: MarketoPort,
+    entity: Entity,
+    maps: dict[str, FieldMap],
+    rows: list[tuple],
+) -> tuple[str, str] | None:
     """The ledger's before-value of an object update is what Marketo held, not what we last wrote there:
     read exactly the records about to be updated (by their dedupe field, up to 300 per call) and put
     their canonical values into the plan rows the ledger copies. Creates had nothing there to read.
@@ -217,12 +278,17 @@ def _read_objects_before(con: duckdb.DuckDBPyConnection, client: MarketoPort, en
     key = entity.marketo.key
     wanted = {r[0] for r in updates}
     try:
-        found = {str(o.get(key) or "").lower(): o for o in
-                 client.query_objects(object_path(entity), key, sorted(wanted), fields=[key, *fields])}
+        found = {
+            str(o.get(key) or "").lower(): o
+            for o in client.query_objects(object_path(entity), key, sorted(wanted), fields=[key, *fields])
+        }
     except (errors.QuotaExceeded, errors.AuthError, errors.Transient):
         raise  # like a write: the step fails and is retried (or fails fast on credentials)
     except errors.ClientError as exc:
-        return exc.code, f"could not read the current values before writing (the ledger's before-value): {exc}"
+        return (
+            exc.code,
+            f"could not read the current values before writing (the ledger's before-value): {exc}",
+        )
     dids, names, values = [], [], []
     for did, _op, _mid, _etag, _base, fs, _vals in updates:
         obj = found.get(did)
@@ -231,13 +297,18 @@ def _read_objects_before(con: duckdb.DuckDBPyConnection, client: MarketoPort, en
                 dids.append(did)
                 names.append(f)
                 values.append(None if obj is None else _wire_text(obj.get(f)))
-    con.register("before_raw", pa.table({"did": dids, "field": names, "value": pa.array(values, type=pa.string())}))
+    con.register(
+        "before_raw", pa.table({"did": dids, "field": names, "value": pa.array(values, type=pa.string())})
+    )
     try:
         whens = " ".join(f"WHEN '{f}' THEN {normalize.marketo_expr(maps[f], 'value')}" for f in fields)
-        con.execute(f"""UPDATE plan SET old_value = r.v FROM (SELECT did, field, CASE field {whens} END AS v
+        con.execute(
+            f"""UPDATE plan SET old_value = r.v FROM (SELECT did, field, CASE field {whens} END AS v
                                                               FROM before_raw) r
                         WHERE plan.entity = ? AND plan.target = 'marketo' AND plan.op = 'update'
-                          AND plan.dynamics_id = r.did AND plan.field = r.field""", [entity.name])
+                          AND plan.dynamics_id = r.did AND plan.field = r.field""",
+            [entity.name],
+        )
     finally:
         con.unregister("before_raw")
     return None
@@ -258,11 +329,15 @@ def _merge_person(client: MarketoPort, row: tuple) -> Result:
     try:
         client.merge_leads(int(winner), [int(loser)])
     except errors.ClientError as exc:
-        return Result(did, op, False, winner, exc.code, f"merge of person {loser} into {winner}: {exc.message}")
+        return Result(
+            did, op, False, winner, exc.code, f"merge of person {loser} into {winner}: {exc.message}"
+        )
     return Result(did, op, True, winner)
 
 
-def _push_objects(client: MarketoPort, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]) -> list[Result]:
+def _push_objects(
+    client: MarketoPort, entity: Entity, maps: dict[str, FieldMap], rows: list[tuple]
+) -> list[Result]:
     key, path = entity.marketo.key, object_path(entity)
     upserts, deletes = [], []
     for row in rows:
@@ -274,7 +349,9 @@ def _push_objects(client: MarketoPort, entity: Entity, maps: dict[str, FieldMap]
     out: list[Result] = []
     ident = lambda r: str(getattr(r, "id", None) or getattr(r, "marketoGUID", None) or "") or None  # noqa: E731
     if upserts:
-        res = client.upsert_objects(path, [r for _, r in upserts], action="createOrUpdate", dedupe_by="dedupeFields")
+        res = client.upsert_objects(
+            path, [r for _, r in upserts], action="createOrUpdate", dedupe_by="dedupeFields"
+        )
         out += outcomes([row for row, _ in upserts], "upsert", res, ident)
     if deletes:
         res = client.delete_objects(path, [r for _, r in deletes], delete_by="dedupeFields")
@@ -284,20 +361,38 @@ def _push_objects(client: MarketoPort, entity: Entity, maps: dict[str, FieldMap]
 
 def _push_roles(client: MarketoPort, entity: Entity, rows: list[tuple]) -> list[Result]:
     path = object_path(entity)
-    deletes = [(row, {"externalOpportunityId": row[0], "leadId": int(row[2]), "role": row[4]})
-               for row in rows if row[1] == "delete"]
+    deletes = [
+        (row, {"externalOpportunityId": row[0], "leadId": int(row[2]), "role": row[4]})
+        for row in rows
+        if row[1] == "delete"
+    ]
     creates = []
     for row in rows:
         if row[1] == "create":
             v = dict(zip(row[5], row[6], strict=True))
-            creates.append((row, {"externalOpportunityId": v["externalOpportunityId"], "leadId": int(v["leadId"]),
-                                  "role": v["role"], "isPrimary": True}))
+            creates.append(
+                (
+                    row,
+                    {
+                        "externalOpportunityId": v["externalOpportunityId"],
+                        "leadId": int(v["leadId"]),
+                        "role": v["role"],
+                        "isPrimary": True,
+                    },
+                )
+            )
     out: list[Result] = []
     if deletes:
         res = client.delete_objects(path, [r for _, r in deletes], delete_by="dedupeFields")
         out += outcomes([row for row, _ in deletes], "delete", res, lambda r: None)
     if creates:
-        res = client.upsert_objects(path, [r for _, r in creates], action="createOrUpdate", dedupe_by="dedupeFields")
-        out += outcomes([row for row, _ in creates], "create", res,
-                         lambda r: str(getattr(r, "marketoGUID", None) or getattr(r, "id", "") or "") or None)
+        res = client.upsert_objects(
+            path, [r for _, r in creates], action="createOrUpdate", dedupe_by="dedupeFields"
+        )
+        out += outcomes(
+            [row for row, _ in creates],
+            "create",
+            res,
+            lambda r: str(getattr(r, "marketoGUID", None) or getattr(r, "id", "") or "") or None,
+        )
     return out

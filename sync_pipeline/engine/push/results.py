@@ -38,15 +38,20 @@ class ApplyStats:
     errors: dict[str, int] = field(default_factory=dict)  # code -> records
 
     def as_metadata(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"records_planned": self.records, "records_written": self.ok,
-                               "records_failed": self.failed, "records_held": self.held}
+        out: dict[str, Any] = {
+            "records_planned": self.records,
+            "records_written": self.ok,
+            "records_failed": self.failed,
+            "records_held": self.held,
+        }
         out.update({f"written/{k}": v for k, v in sorted(self.by_op.items())})
         out.update({f"errors/{k}": v for k, v in sorted(self.errors.items())})
         return out
 
 
-def outcomes(rows: list[tuple], payload_op: str, results: Sequence[Any], key: Callable[[Any], str | None]
-             ) -> list[Result]:
+def outcomes(
+    rows: list[tuple], payload_op: str, results: Sequence[Any], key: Callable[[Any], str | None]
+) -> list[Result]:
     out = []
     # Marketo answers one result per record, in order; records past a short answer get no outcome here.
     for row, res in zip(rows, results, strict=False):
@@ -55,19 +60,43 @@ def outcomes(rows: list[tuple], payload_op: str, results: Sequence[Any], key: Ca
             out.append(Result(row[0], row[1], True, key(res) or row[2]))
         else:
             reasons = getattr(res, "reasons", None) or [{"code": "unknown", "message": f"status {status!r}"}]
-            out.append(Result(row[0], row[1], False, row[2], str(reasons[0].get("code")),
-                              str(reasons[0].get("message")), getattr(res, "kind", None) or errors.FAILED))
+            out.append(
+                Result(
+                    row[0],
+                    row[1],
+                    False,
+                    row[2],
+                    str(reasons[0].get("code")),
+                    str(reasons[0].get("message")),
+                    getattr(res, "kind", None) or errors.FAILED,
+                )
+            )
     return out
 
 
-def record_results(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str,
-                   results: list[Result], run_id: str, now: datetime, stats: ApplyStats) -> None:
+def record_results(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    entity: Entity,
+    target: str,
+    results: list[Result],
+    run_id: str,
+    now: datetime,
+    stats: ApplyStats,
+) -> None:
     if not results:
         return
-    table = pa.table({
-        "did": [r.did for r in results], "op": [r.op for r in results], "ok": [r.ok for r in results],
-        "mid": [r.marketo_id for r in results], "code": [r.code for r in results],
-        "message": [r.message for r in results], "kind": [r.kind for r in results]})
+    table = pa.table(
+        {
+            "did": [r.did for r in results],
+            "op": [r.op for r in results],
+            "ok": [r.ok for r in results],
+            "mid": [r.marketo_id for r in results],
+            "code": [r.code for r in results],
+            "message": [r.message for r in results],
+            "kind": [r.kind for r in results],
+        }
+    )
     ledger.record_outcomes(con, config, entity, target, table, run_id, now)
     for r in results:
         if r.ok:

@@ -23,13 +23,20 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-_PROFILE_SETTINGS = json.dumps({"OPERATOR_ROWS_SCANNED": "true", "OPERATOR_TYPE": "true",
-                                "OPERATOR_CARDINALITY": "true", "EXTRA_INFO": "true"})
+_PROFILE_SETTINGS = json.dumps(
+    {
+        "OPERATOR_ROWS_SCANNED": "true",
+        "OPERATOR_TYPE": "true",
+        "OPERATOR_CARDINALITY": "true",
+        "EXTRA_INFO": "true",
+    }
+)
 
 
 @dataclass
 class Tally:
     """Rows read per table and per statement (the statement's first 160 characters, whitespace folded)."""
+
     by_table: Counter = field(default_factory=Counter)
     by_statement: Counter = field(default_factory=Counter)
 
@@ -101,8 +108,11 @@ class CountingConnection:
     def execute(self, sql: str, *args: Any, **kwargs: Any) -> CountingConnection:
         # DuckDB finds Arrow tables named in the SQL among its caller's local variables; the caller is one
         # frame further out here, so they are registered for the statement.
-        named = [(n, v) for n, v in sys._getframe(1).f_locals.items()
-                 if isinstance(v, (pa.Table, pa.RecordBatch)) and n in str(sql)]
+        named = [
+            (n, v)
+            for n, v in sys._getframe(1).f_locals.items()
+            if isinstance(v, (pa.Table, pa.RecordBatch)) and n in str(sql)
+        ]
         for name, value in named:
             self._con.register(name, value)
         self._harvest()

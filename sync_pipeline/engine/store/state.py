@@ -77,7 +77,9 @@ class StateLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def connect(path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(
+    path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the state file, waiting (bounded) while another process holds the single-writer lock."""
     con = open_connection(path, read_only, wait)
     try:
@@ -86,15 +88,21 @@ def connect(path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_S
         con.close()
 
 
-def open_connection(path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS
-                    ) -> duckdb.DuckDBPyConnection:
+def open_connection(
+    path: str | Path, read_only: bool = False, wait: float = LOCK_WAIT_SECONDS
+) -> duckdb.DuckDBPyConnection:
     deadline = time.monotonic() + wait
     delay = 0.05
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # DuckDB would cache up to 80% of RAM; the sync keeps a flat, modest footprint and spills the rest.
-    settings: dict[str, str | bool | int | float | list[str]] = {"memory_limit": os.environ.get("SYNC_DUCKDB_MEMORY_LIMIT", "512MB"), "threads": 2,
-                "preserve_insertion_order": False}
-    if os.environ.get("SYNC_DUCKDB_TEMP_DIR"):  # where DuckDB spills beyond its memory limit (default: <state>.tmp)
+    settings: dict[str, str | bool | int | float | list[str]] = {
+        "memory_limit": os.environ.get("SYNC_DUCKDB_MEMORY_LIMIT", "512MB"),
+        "threads": 2,
+        "preserve_insertion_order": False,
+    }
+    if os.environ.get(
+        "SYNC_DUCKDB_TEMP_DIR"
+    ):  # where DuckDB spills beyond its memory limit (default: <state>.tmp)
         settings["temp_directory"] = os.environ["SYNC_DUCKDB_TEMP_DIR"]
     while True:
         try:
@@ -109,8 +117,11 @@ def open_connection(path: str | Path, read_only: bool = False, wait: float = LOC
 
 def latest_fields(entity: Entity) -> list[str]:
     """Two-way person fields resolved by policy ``latest`` (their change times are tracked per field)."""
-    return [f.marketo for f in entity.all_fields
-            if entity.is_person and entity.field_policy(f) == "latest" and entity.field_direction(f) == "two_way"]
+    return [
+        f.marketo
+        for f in entity.all_fields
+        if entity.is_person and entity.field_policy(f) == "latest" and entity.field_direction(f) == "two_way"
+    ]
 
 
 def entity_columns(entity: Entity) -> list[str]:
@@ -143,7 +154,7 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
         cols = entity_columns(e)
         fdefs = "".join(f", {fcol(c)} VARCHAR" for c in cols)
         if not e.is_derived:
-            con.execute(f"""CREATE TABLE IF NOT EXISTS {qi('d_' + e.name)} (
+            con.execute(f"""CREATE TABLE IF NOT EXISTS {qi("d_" + e.name)} (
                 id VARCHAR PRIMARY KEY, version BIGINT, modified_on VARCHAR, etag VARCHAR,
                 deleted BOOLEAN DEFAULT false, sync_flag BOOLEAN, origin_lead VARCHAR, customer_contact VARCHAR,
                 partition_key VARCHAR, seen_at TIMESTAMP, pending_seq BIGINT {fdefs})""")
@@ -151,10 +162,16 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
             con.execute(f"ALTER TABLE {qi('d_' + e.name)} ADD COLUMN IF NOT EXISTS master_id VARCHAR")
         base_cols = cols if not e.is_derived else ["leadId", "role", "externalOpportunityId"]
         bdefs = "".join(f", {fcol(c)} VARCHAR" for c in base_cols)
-        con.execute(f"CREATE TABLE IF NOT EXISTS {qi('b_' + e.name)} (dynamics_id VARCHAR PRIMARY KEY, "
-                    f"synced_at TIMESTAMP, run_id VARCHAR {bdefs})")
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {qi('b_' + e.name)} (dynamics_id VARCHAR PRIMARY KEY, "
+            f"synced_at TIMESTAMP, run_id VARCHAR {bdefs})"
+        )
         _add_missing_columns(con, f"b_{e.name}", base_cols)
-    person_cols = [f.marketo for f in config.person_fields()] + ["dynamicsId", "dynamicsType", "dynamicsIsDeleted"]
+    person_cols = [f.marketo for f in config.person_fields()] + [
+        "dynamicsId",
+        "dynamicsType",
+        "dynamicsIsDeleted",
+    ]
     person_cols = list(dict.fromkeys(person_cols))
     pdefs = "".join(f", {fcol(c)} VARCHAR" for c in person_cols)
     con.execute(f"""CREATE TABLE IF NOT EXISTS m_person (id BIGINT PRIMARY KEY, updated_at VARCHAR,
@@ -187,7 +204,9 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
         changed_at VARCHAR, PRIMARY KEY (side, id, field))""")
     con.execute("""CREATE TABLE IF NOT EXISTS cursors (name VARCHAR PRIMARY KEY, value VARCHAR,
         updated_at TIMESTAMP)""")
-    con.execute("CREATE TABLE IF NOT EXISTS environment (key VARCHAR PRIMARY KEY, value VARCHAR, pinned_at TIMESTAMP)")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS environment (key VARCHAR PRIMARY KEY, value VARCHAR, pinned_at TIMESTAMP)"
+    )
     con.execute("""CREATE TABLE IF NOT EXISTS run_stats (run_id VARCHAR, entity VARCHAR, stage VARCHAR,
         recorded_at TIMESTAMP, stats VARCHAR)""")
     ensure_split_base(con)
@@ -200,16 +219,24 @@ def _create_indexes(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     key unchanged, so these tables are written with ``ON CONFLICT DO UPDATE`` (or plain UPDATE) only."""
     for e in config.entities:
         if not e.is_derived:
-            con.execute(f"CREATE INDEX IF NOT EXISTS {qi('d_' + e.name + '_pending')} ON {qi('d_' + e.name)} (pending_seq)")
+            con.execute(
+                f"CREATE INDEX IF NOT EXISTS {qi('d_' + e.name + '_pending')} ON {qi('d_' + e.name)} (pending_seq)"
+            )
         if e.is_person and "email" in entity_columns(e):
-            con.execute(f"CREATE INDEX IF NOT EXISTS {qi('d_' + e.name + '_email')} ON {qi('d_' + e.name)} (lower(f_email))")
+            con.execute(
+                f"CREATE INDEX IF NOT EXISTS {qi('d_' + e.name + '_email')} ON {qi('d_' + e.name)} (lower(f_email))"
+            )
     con.execute("CREATE INDEX IF NOT EXISTS m_person_pending ON m_person (pending_seq)")
     con.execute("CREATE INDEX IF NOT EXISTS identity_dynamics_id ON identity (dynamics_id)")
     con.execute("CREATE INDEX IF NOT EXISTS identity_marketo_id ON identity (marketo_id)")
     # Expression indexes serve one key per lookup (``lower(x) = ?``): see rows_equal.
     con.execute("CREATE INDEX IF NOT EXISTS m_person_dynamics_id ON m_person (lower(f_dynamicsId))")
-    if "f_email" in {r[0] for r in con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'm_person'").fetchall()}:
+    if "f_email" in {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'm_person'"
+        ).fetchall()
+    }:
         con.execute("CREATE INDEX IF NOT EXISTS m_person_email ON m_person (lower(f_email))")
     if "contact" in config.by_name:
         con.execute("CREATE INDEX IF NOT EXISTS d_contact_origin_lead ON d_contact (origin_lead)")
@@ -222,44 +249,71 @@ KEYED_CHUNK = 2000
 KEYED_MAX = 50_000  # beyond this many keys one scan of the table is cheaper than the index lookups
 
 
-def keyed_rows(con: duckdb.DuckDBPyConnection, temp: str, table: str, key: str, keys: list[Any],
-               where: str = "TRUE", columns: str = "*") -> None:
+def keyed_rows(
+    con: duckdb.DuckDBPyConnection,
+    temp: str,
+    table: str,
+    key: str,
+    keys: list[Any],
+    where: str = "TRUE",
+    columns: str = "*",
+) -> None:
     """Temp table ``temp``: ``columns`` of the rows of ``table`` whose ``key`` is one of ``keys`` (and that pass
     ``where``), read through the key's index when the list is short enough."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE {qi(temp)} AS SELECT {columns} FROM {table} WHERE false")
     keys = list(dict.fromkeys(k for k in keys if k is not None))
     if len(keys) > KEYED_MAX:
-        con.execute(f"""INSERT INTO {qi(temp)} SELECT {columns} FROM {table}
-                        WHERE {key} IN (SELECT unnest(?)) AND ({where})""", [keys])
+        con.execute(
+            f"""INSERT INTO {qi(temp)} SELECT {columns} FROM {table}
+                        WHERE {key} IN (SELECT unnest(?)) AND ({where})""",
+            [keys],
+        )
         return
     for i in range(0, len(keys), KEYED_CHUNK):
-        chunk = keys[i:i + KEYED_CHUNK]
+        chunk = keys[i : i + KEYED_CHUNK]
         # OFFSET 0 keeps the key filter alone in its scan (an index scan takes no other filter).
-        con.execute(f"""INSERT INTO {qi(temp)} SELECT {columns} FROM
+        con.execute(
+            f"""INSERT INTO {qi(temp)} SELECT {columns} FROM
                         (SELECT * FROM {table} WHERE {key} IN ({", ".join("?" * len(chunk))}) OFFSET 0) AS {qi(temp + "_src")}
-                        WHERE {where}""", chunk)
+                        WHERE {where}""",
+            chunk,
+        )
 
 
 EQUAL_LOOKUPS_MAX = 500  # one statement per key: beyond this many one scan is cheaper
 
 
-def rows_equal(con: duckdb.DuckDBPyConnection, temp: str, table: str, expr: str, keys: list[Any],
-               where: str = "TRUE", columns: str = "*") -> None:
+def rows_equal(
+    con: duckdb.DuckDBPyConnection,
+    temp: str,
+    table: str,
+    expr: str,
+    keys: list[Any],
+    where: str = "TRUE",
+    columns: str = "*",
+) -> None:
     """Temp table ``temp``: ``columns`` of the rows of ``table`` whose ``expr`` equals one of ``keys`` (and that
     pass ``where``); one lookup per key, which an index on ``expr`` serves (DuckDB reads an expression index for
     ``=`` only)."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE {qi(temp)} AS SELECT {columns} FROM {table} WHERE false")
     keys = list(dict.fromkeys(k for k in keys if k is not None))
     if len(keys) > EQUAL_LOOKUPS_MAX:
-        con.execute(f"INSERT INTO {qi(temp)} SELECT {columns} FROM {table} WHERE {expr} IN (SELECT unnest(?)) AND ({where})",
-                    [keys])
+        con.execute(
+            f"INSERT INTO {qi(temp)} SELECT {columns} FROM {table} WHERE {expr} IN (SELECT unnest(?)) AND ({where})",
+            [keys],
+        )
         return
     for key in keys:
-        con.execute(f"""INSERT INTO {qi(temp)} SELECT {columns} FROM
-                        (SELECT * FROM {table} WHERE {expr} = ? OFFSET 0) AS {qi(temp + "_src")} WHERE {where}""", [key])
+        con.execute(
+            f"""INSERT INTO {qi(temp)} SELECT {columns} FROM
+                        (SELECT * FROM {table} WHERE {expr} = ? OFFSET 0) AS {qi(temp + "_src")} WHERE {where}""",
+            [key],
+        )
 
 
-def keyed_execute(con: duckdb.DuckDBPyConnection, sql: str, keys: list[Any], params: list[Any] | None = None) -> int:
+def keyed_execute(
+    con: duckdb.DuckDBPyConnection, sql: str, keys: list[Any], params: list[Any] | None = None
+) -> int:
     """Run ``sql`` once per chunk of ``keys``; its ``{keys}`` placeholder becomes ``(?, ?, ...)``, bound after
     ``params`` (so it must follow every other parameter). A statement that touches only keyed rows (put
     ``<table>.<key> IN {keys}`` as that table's only filter: DuckDB then reads it through the key's index) is
@@ -271,8 +325,10 @@ def keyed_execute(con: duckdb.DuckDBPyConnection, sql: str, keys: list[Any], par
         return int(row[0]) if row and isinstance(row[0], int) else 0
     changed = 0
     for i in range(0, len(keys), KEYED_CHUNK):
-        chunk = keys[i:i + KEYED_CHUNK]
-        res = con.execute(sql.replace("{keys}", "(" + ", ".join("?" * len(chunk)) + ")"), [*(params or []), *chunk])
+        chunk = keys[i : i + KEYED_CHUNK]
+        res = con.execute(
+            sql.replace("{keys}", "(" + ", ".join("?" * len(chunk)) + ")"), [*(params or []), *chunk]
+        )
         row = res.fetchone() if res is not None else None
         changed += int(row[0]) if row and isinstance(row[0], int) else 0
     return changed
@@ -291,8 +347,10 @@ def mark_ledger_before_values(con: duckdb.DuckDBPyConnection) -> None:
     stored NULL for them): rollback treats an older NULL as unknown, never as "blank it"."""
     con.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
     if not one_row(con, "SELECT count(*) FROM schema_meta WHERE key = ?", [BEFORE_VALUES_FROM])[0]:
-        con.execute("INSERT INTO schema_meta SELECT ?, CAST(COALESCE(max(seq), 0) + 1 AS VARCHAR) FROM ledger",
-                    [BEFORE_VALUES_FROM])
+        con.execute(
+            "INSERT INTO schema_meta SELECT ?, CAST(COALESCE(max(seq), 0) + 1 AS VARCHAR) FROM ledger",
+            [BEFORE_VALUES_FROM],
+        )
 
 
 def ensure_split_base(con: duckdb.DuckDBPyConnection) -> None:
@@ -306,8 +364,12 @@ def ensure_split_base(con: duckdb.DuckDBPyConnection) -> None:
 
 def _add_missing_columns(con: duckdb.DuckDBPyConnection, table: str, fields: list[str]) -> None:
     """A field added to the configuration becomes a new column; existing rows keep their state."""
-    have = {r[0] for r in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+    have = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+        ).fetchall()
+    }
     for f in fields:
         if f"f_{f}" not in have:
             con.execute(f"ALTER TABLE {qi(table)} ADD COLUMN {fcol(f)} VARCHAR")
@@ -329,9 +391,13 @@ def set_cursor(con: duckdb.DuckDBPyConnection, name: str, value: str | None) -> 
     con.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?, ?)", [name, value, utcnow()])
 
 
-def record_stats(con: duckdb.DuckDBPyConnection, run_id: str, entity: str, stage: str, stats: dict[str, Any]) -> None:
-    con.execute("INSERT INTO run_stats VALUES (?, ?, ?, ?, ?)", [run_id, entity, stage, utcnow(),
-                                                                  json.dumps(stats, default=str)])
+def record_stats(
+    con: duckdb.DuckDBPyConnection, run_id: str, entity: str, stage: str, stats: dict[str, Any]
+) -> None:
+    con.execute(
+        "INSERT INTO run_stats VALUES (?, ?, ?, ?, ?)",
+        [run_id, entity, stage, utcnow(), json.dumps(stats, default=str)],
+    )
 
 
 SWEEP_CURSOR = "damage:runs_since_sweep:"

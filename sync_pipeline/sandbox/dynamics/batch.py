@@ -90,8 +90,12 @@ def parse_batch(content_type: str, body: bytes) -> list[Part | ChangeSet]:
         mime, rest = _headers_and_rest(chunk)
         inner = _BOUNDARY.search(mime.get("content-type", ""))
         if mime.get("content-type", "").lower().startswith("multipart/mixed") and inner:
-            changeset = ChangeSet([_parse_request(c, f"change set {n} part {i}")
-                                   for i, c in enumerate(_split(rest, inner.group(1)), start=1)])
+            changeset = ChangeSet(
+                [
+                    _parse_request(c, f"change set {n} part {i}")
+                    for i, c in enumerate(_split(rest, inner.group(1)), start=1)
+                ]
+            )
             for part in changeset.parts:
                 if part.method == "GET":
                     raise BatchError(f"change set {n}: GET requests are not allowed inside a change set.")
@@ -100,7 +104,9 @@ def parse_batch(content_type: str, body: bytes) -> list[Part | ChangeSet]:
             items.append(_parse_request(chunk, f"batch part {n}"))
     total = sum(len(i.parts) if isinstance(i, ChangeSet) else 1 for i in items)
     if total > MAX_REQUESTS:
-        raise BatchError(f"The number of requests in the batch ({total}) exceeds the limit of {MAX_REQUESTS}.")
+        raise BatchError(
+            f"The number of requests in the batch ({total}) exceeds the limit of {MAX_REQUESTS}."
+        )
     return items
 
 
@@ -115,8 +121,9 @@ def _render(resp: Response, content_id: str | None = None) -> str:
     return "\r\n".join(lines)
 
 
-def execute_batch(store: DynamicsStore, items: list[Part | ChangeSet], dispatch: Dispatch,
-                  continue_on_error: bool) -> Response:
+def execute_batch(
+    store: DynamicsStore, items: list[Part | ChangeSet], dispatch: Dispatch, continue_on_error: bool
+) -> Response:
     boundary = f"batchresponse_{uuid.uuid4()}"
     out: list[str] = []
     failed = False
@@ -133,8 +140,11 @@ def execute_batch(store: DynamicsStore, items: list[Part | ChangeSet], dispatch:
         failed = failed or not ok
     body = "".join(f"--{boundary}\r\n{part}\r\n" for part in out) + f"--{boundary}--\r\n"
     status = 400 if failed and not continue_on_error else 200
-    return Response(status, body.encode("utf-8"),
-                    {"Content-Type": f"multipart/mixed; boundary={boundary}", "OData-Version": "4.0"})
+    return Response(
+        status,
+        body.encode("utf-8"),
+        {"Content-Type": f"multipart/mixed; boundary={boundary}", "OData-Version": "4.0"},
+    )
 
 
 class _Rollback(Exception):
@@ -158,8 +168,12 @@ def _run_changeset(store: DynamicsStore, changeset: ChangeSet, dispatch: Dispatc
                 if url.startswith("$"):
                     ref, _, tail = url[1:].partition("/")
                     if ref not in refs:
-                        raise _Rollback(_error_response(f"Content-ID Reference: '${ref}' does not exist in the "
-                                                        f"batch context."), part.content_id)
+                        raise _Rollback(
+                            _error_response(
+                                f"Content-ID Reference: '${ref}' does not exist in the batch context."
+                            ),
+                            part.content_id,
+                        )
                     url = refs[ref] + (f"/{tail}" if tail else "")
                 resp = dispatch(part.method, url, part.headers, part.body, resolve)
                 if resp.status >= 400:
@@ -175,4 +189,3 @@ def _run_changeset(store: DynamicsStore, changeset: ChangeSet, dispatch: Dispatc
 
 def _error_response(message: str) -> Response:
     return Response.json({"error": {"code": "0x80048d19", "message": message}}, 400)
-

@@ -42,14 +42,23 @@ def routes(sb: DynamicsSandbox) -> list[tuple[str, str, Any]]:
         (ENTITY_KEY, "dynamics.entitydefinition", api.entity_definition),
         (ENTITY_KEY + "/Attributes" + _CAST, "dynamics.attributes", api.attributes),
         (ENTITY_KEY + "/" + ATTRIBUTE_KEY + _CAST, "dynamics.attribute", api.attribute),
-        (ENTITY_KEY + f"/(?P<nav>{'|'.join(_REL_COLLECTIONS)})", "dynamics.entityrelationships",
-         api.entity_relationships),
+        (
+            ENTITY_KEY + f"/(?P<nav>{'|'.join(_REL_COLLECTIONS)})",
+            "dynamics.entityrelationships",
+            api.entity_relationships,
+        ),
         (r"RelationshipDefinitions" + _CAST, "dynamics.relationships", api.relationship_definitions),
-        (rf"RelationshipDefinitions\((?:SchemaName='(?P<schema>[^']+)'|(?P<rel_id>{_GUID}))\)" + _CAST,
-         "dynamics.relationship", api.relationship_definition),
+        (
+            rf"RelationshipDefinitions\((?:SchemaName='(?P<schema>[^']+)'|(?P<rel_id>{_GUID}))\)" + _CAST,
+            "dynamics.relationship",
+            api.relationship_definition,
+        ),
         (r"GlobalOptionSetDefinitions", "dynamics.globaloptionsets", api.global_option_sets),
-        (rf"GlobalOptionSetDefinitions\((?:Name='(?P<name>[^']+)'|(?P<os_id>{_GUID}))\)" + _CAST,
-         "dynamics.globaloptionset", api.global_option_set),
+        (
+            rf"GlobalOptionSetDefinitions\((?:Name='(?P<name>[^']+)'|(?P<os_id>{_GUID}))\)" + _CAST,
+            "dynamics.globaloptionset",
+            api.global_option_set,
+        ),
     ]
 
 
@@ -105,14 +114,22 @@ def _filter_kinds(kinds: dict[str, str]) -> dict[str, str]:
     out = dict(kinds)
     for k, kind in kinds.items():
         if kind in ("managed", "complex"):
-            out[f"{k}/Value"] = "enum" if k in ("RequiredLevel", "AttributeTypeName", "FormatName",
-                                                "DateTimeBehavior") else "bool"
+            out[f"{k}/Value"] = (
+                "enum"
+                if k in ("RequiredLevel", "AttributeTypeName", "FormatName", "DateTimeBehavior")
+                else "bool"
+            )
     return out
 
 
-def apply_options(docs: list[dict[str, Any]], options: Mapping[str, str | None], kinds: dict[str, str],
-                  type_name: str, navigation: tuple[str, ...] = (), always: tuple[str, ...] = ("MetadataId",)
-                  ) -> tuple[list[dict[str, Any]], list[str] | None]:
+def apply_options(
+    docs: list[dict[str, Any]],
+    options: Mapping[str, str | None],
+    kinds: dict[str, str],
+    type_name: str,
+    navigation: tuple[str, ...] = (),
+    always: tuple[str, ...] = ("MetadataId",),
+) -> tuple[list[dict[str, Any]], list[str] | None]:
     """$filter then $select over metadata documents; returns (docs, selected names or None)."""
     flt, select = options.get("$filter"), options.get("$select")
     if flt:
@@ -123,7 +140,9 @@ def apply_options(docs: list[dict[str, Any]], options: Mapping[str, str | None],
         names = [n.strip() for n in select.split(",") if n.strip()]
         for n in names:
             if n not in kinds and n not in navigation:
-                raise ODataError(f"Could not find a property named '{n}' on type 'Microsoft.Dynamics.CRM.{type_name}'.")
+                raise ODataError(
+                    f"Could not find a property named '{n}' on type 'Microsoft.Dynamics.CRM.{type_name}'."
+                )
         keep = set(names) | set(always)
         docs = [{k: v for k, v in d.items() if k in keep or k == "@odata.type"} for d in docs]
     return docs, names
@@ -150,27 +169,38 @@ class MetadataApi:
     def table(self, req: Request) -> Table:
         logical, mid = req.params.get("logical"), req.params.get("entity_id")
         for t in self.tables.values():
-            if (logical and t.logical_name == logical.lower()) or (mid and md._id(t.logical_name) == mid.lower()):
+            if (logical and t.logical_name == logical.lower()) or (
+                mid and md._id(t.logical_name) == mid.lower()
+            ):
                 return t
         raise DataverseFault(404, "0x80040217", f"Could not find an entity with name '{logical or mid}'.")
 
     @staticmethod
     def _cast_ok(cast: str | None, allowed: list[str]) -> None:
         if cast and cast not in allowed:
-            raise DataverseFault(400, "0x80060888", f"The type 'Microsoft.Dynamics.CRM.{cast}' is not compatible "
-                                                    f"with the type of the segment before it.")
+            raise DataverseFault(
+                400,
+                "0x80060888",
+                f"The type 'Microsoft.Dynamics.CRM.{cast}' is not compatible "
+                f"with the type of the segment before it.",
+            )
 
     # ---------------------------------------------------------------------------- entities
-    def _entity_docs(self, tables: list[Table], req: Request) -> tuple[list[dict[str, Any]], list[str] | None]:
+    def _entity_docs(
+        self, tables: list[Table], req: Request
+    ) -> tuple[list[dict[str, Any]], list[str] | None]:
         kinds = {k: p.kind for k, p in md.ENTITY.items()}
         expand = parse_expand(req.arg("$expand"))
         for nav in expand:
             if nav not in md.ENTITY_NAVIGATION:
-                raise ODataError(f"Could not find a property named '{nav}' on type 'Microsoft.Dynamics.CRM."
-                                 f"EntityMetadata'.")
+                raise ODataError(
+                    f"Could not find a property named '{nav}' on type 'Microsoft.Dynamics.CRM."
+                    f"EntityMetadata'."
+                )
         docs = [md.entity_definition(t) for t in tables]
-        docs, names = apply_options(docs, {"$filter": req.arg("$filter"), "$select": req.arg("$select")},
-                                    kinds, "EntityMetadata")
+        docs, names = apply_options(
+            docs, {"$filter": req.arg("$filter"), "$select": req.arg("$select")}, kinds, "EntityMetadata"
+        )
         by_id = {md._id(t.logical_name): t for t in tables}
         for doc in docs:
             table = by_id[doc["MetadataId"]]
@@ -200,21 +230,42 @@ class MetadataApi:
 
     def entity_definition(self, req: Request) -> Response:
         docs, names = self._entity_docs([self.table(req)], req)
-        return _json({"@odata.context": _context(self.sb, "EntityDefinitions", names, entity=True), **docs[0]})
+        return _json(
+            {"@odata.context": _context(self.sb, "EntityDefinitions", names, entity=True), **docs[0]}
+        )
 
     def entity_relationships(self, req: Request) -> Response:
         table, nav = self.table(req), req.params["nav"]
         docs = [] if nav == "Keys" else self._relationships_of(table, nav)
-        docs, names = apply_options(docs, {"$filter": req.arg("$filter"), "$select": req.arg("$select")},
-                                    md.RELATIONSHIP_KINDS, "OneToManyRelationshipMetadata")
-        return _json({"@odata.context": _context(self.sb, f"EntityDefinitions('{table.logical_name}')/{nav}", names),
-                      "value": docs})
+        docs, names = apply_options(
+            docs,
+            {"$filter": req.arg("$filter"), "$select": req.arg("$select")},
+            md.RELATIONSHIP_KINDS,
+            "OneToManyRelationshipMetadata",
+        )
+        return _json(
+            {
+                "@odata.context": _context(
+                    self.sb, f"EntityDefinitions('{table.logical_name}')/{nav}", names
+                ),
+                "value": docs,
+            }
+        )
 
     # -------------------------------------------------------------------------- attributes
-    def _attribute_docs(self, table: Table, cast: str | None, opts: Mapping[str, str | None],
-                        columns: list[Column] | None = None) -> tuple[list[dict[str, Any]], list[str] | None]:
+    def _attribute_docs(
+        self,
+        table: Table,
+        cast: str | None,
+        opts: Mapping[str, str | None],
+        columns: list[Column] | None = None,
+    ) -> tuple[list[dict[str, Any]], list[str] | None]:
         self._cast_ok(cast, md.ATTRIBUTE_TYPES)
-        cols = [c for c in (columns if columns is not None else table.columns) if not cast or md.type_name(c) == cast]
+        cols = [
+            c
+            for c in (columns if columns is not None else table.columns)
+            if not cast or md.type_name(c) == cast
+        ]
         kinds = {k: p.kind for k, p in md.ATTRIBUTE.items()}
         navigation: tuple[str, ...] = ()
         type_name = "AttributeMetadata"
@@ -225,8 +276,9 @@ class MetadataApi:
         expand = parse_expand(opts.get("$expand"))
         for nav in expand:
             if nav not in navigation:
-                raise ODataError(f"Could not find a property named '{nav}' on type 'Microsoft.Dynamics.CRM."
-                                 f"{type_name}'.")
+                raise ODataError(
+                    f"Could not find a property named '{nav}' on type 'Microsoft.Dynamics.CRM.{type_name}'."
+                )
         docs = [md.attribute_definition(table, c) for c in cols]
         if cast:  # the declared type of the segment: no @odata.type needed in minimal metadata
             for d in docs:
@@ -251,25 +303,43 @@ class MetadataApi:
 
     def attributes(self, req: Request) -> Response:
         table, cast = self.table(req), req.params.get("cast")
-        docs, names = self._attribute_docs(table, cast, {k: req.arg(k) for k in ("$select", "$filter", "$expand")})
-        path = f"EntityDefinitions('{table.logical_name}')/Attributes" + (f"/Microsoft.Dynamics.CRM.{cast}" if cast else "")
+        docs, names = self._attribute_docs(
+            table, cast, {k: req.arg(k) for k in ("$select", "$filter", "$expand")}
+        )
+        path = f"EntityDefinitions('{table.logical_name}')/Attributes" + (
+            f"/Microsoft.Dynamics.CRM.{cast}" if cast else ""
+        )
         return _json({"@odata.context": _context(self.sb, path, names), "value": docs})
 
     def attribute(self, req: Request) -> Response:
         table, cast = self.table(req), req.params.get("cast")
         name, mid = req.params.get("attr"), req.params.get("attr_id")
-        col = next((c for c in table.columns if (name and c.name == name.lower())
-                    or (mid and md._id(table.logical_name, c.name) == mid.lower())), None)
+        col = next(
+            (
+                c
+                for c in table.columns
+                if (name and c.name == name.lower())
+                or (mid and md._id(table.logical_name, c.name) == mid.lower())
+            ),
+            None,
+        )
         if col is None:
-            raise DataverseFault(404, "0x80040217", f"Could not find attribute '{name or mid}' on entity "
-                                                    f"'{table.logical_name}'.")
+            raise DataverseFault(
+                404,
+                "0x80040217",
+                f"Could not find attribute '{name or mid}' on entity '{table.logical_name}'.",
+            )
         self._cast_ok(cast, md.ATTRIBUTE_TYPES)
         if cast and md.type_name(col) != cast:
-            raise DataverseFault(404, "0x80060888", f"The attribute '{col.name}' is a "
-                                                    f"{md.type_name(col)}, not a {cast}.")
-        docs, names = self._attribute_docs(table, cast, {k: req.arg(k) for k in ("$select", "$filter", "$expand")},
-                                           [col])
-        path = f"EntityDefinitions('{table.logical_name}')/Attributes" + (f"/Microsoft.Dynamics.CRM.{cast}" if cast else "")
+            raise DataverseFault(
+                404, "0x80060888", f"The attribute '{col.name}' is a {md.type_name(col)}, not a {cast}."
+            )
+        docs, names = self._attribute_docs(
+            table, cast, {k: req.arg(k) for k in ("$select", "$filter", "$expand")}, [col]
+        )
+        path = f"EntityDefinitions('{table.logical_name}')/Attributes" + (
+            f"/Microsoft.Dynamics.CRM.{cast}" if cast else ""
+        )
         return _json({"@odata.context": _context(self.sb, path, names, entity=True), **docs[0]})
 
     # ------------------------------------------------------------------------ relationships
@@ -277,38 +347,60 @@ class MetadataApi:
         cast = req.params.get("cast")
         self._cast_ok(cast, ["OneToManyRelationshipMetadata", "ManyToManyRelationshipMetadata"])
         docs = [] if cast == "ManyToManyRelationshipMetadata" else md.relationships(self.tables)
-        docs, names = apply_options(docs, {"$filter": req.arg("$filter"), "$select": req.arg("$select")},
-                                    md.RELATIONSHIP_KINDS, cast or "RelationshipMetadataBase")
+        docs, names = apply_options(
+            docs,
+            {"$filter": req.arg("$filter"), "$select": req.arg("$select")},
+            md.RELATIONSHIP_KINDS,
+            cast or "RelationshipMetadataBase",
+        )
         return _json({"@odata.context": _context(self.sb, "RelationshipDefinitions", names), "value": docs})
 
     def relationship_definition(self, req: Request) -> Response:
         cast = req.params.get("cast")
         self._cast_ok(cast, ["OneToManyRelationshipMetadata"])
         schema, rid = req.params.get("schema"), req.params.get("rel_id")
-        found = [r for r in md.relationships(self.tables)
-                 if (schema and r["SchemaName"].lower() == schema.lower()) or (rid and r["MetadataId"] == rid.lower())]
+        found = [
+            r
+            for r in md.relationships(self.tables)
+            if (schema and r["SchemaName"].lower() == schema.lower())
+            or (rid and r["MetadataId"] == rid.lower())
+        ]
         if not found:
             raise DataverseFault(404, "0x80040217", f"Could not find relationship '{schema or rid}'.")
-        docs, names = apply_options(found, {"$select": req.arg("$select")}, md.RELATIONSHIP_KINDS,
-                                    cast or "RelationshipMetadataBase")
-        return _json({"@odata.context": _context(self.sb, "RelationshipDefinitions", names, entity=True), **docs[0]})
+        docs, names = apply_options(
+            found, {"$select": req.arg("$select")}, md.RELATIONSHIP_KINDS, cast or "RelationshipMetadataBase"
+        )
+        return _json(
+            {"@odata.context": _context(self.sb, "RelationshipDefinitions", names, entity=True), **docs[0]}
+        )
 
     # ------------------------------------------------------------------------ global option sets
     def global_option_sets(self, req: Request) -> Response:
         docs = md.global_option_sets(list(self.tables.values()))
-        docs, names = apply_options(docs, {"$filter": req.arg("$filter"), "$select": req.arg("$select")},
-                                    md.OPTIONSET_KINDS, "OptionSetMetadataBase")
-        return _json({"@odata.context": _context(self.sb, "GlobalOptionSetDefinitions", names), "value": docs})
+        docs, names = apply_options(
+            docs,
+            {"$filter": req.arg("$filter"), "$select": req.arg("$select")},
+            md.OPTIONSET_KINDS,
+            "OptionSetMetadataBase",
+        )
+        return _json(
+            {"@odata.context": _context(self.sb, "GlobalOptionSetDefinitions", names), "value": docs}
+        )
 
     def global_option_set(self, req: Request) -> Response:
         cast = req.params.get("cast")
         self._cast_ok(cast, ["OptionSetMetadata"])
         name, oid = req.params.get("name"), req.params.get("os_id")
-        found = [d for d in md.global_option_sets(list(self.tables.values()))
-                 if (name and d["Name"].lower() == name.lower()) or (oid and d["MetadataId"] == oid.lower())]
+        found = [
+            d
+            for d in md.global_option_sets(list(self.tables.values()))
+            if (name and d["Name"].lower() == name.lower()) or (oid and d["MetadataId"] == oid.lower())
+        ]
         if not found:
             raise DataverseFault(404, "0x80040217", f"Could not find optionset with name '{name or oid}'.")
-        docs, names = apply_options(found, {"$select": req.arg("$select")}, md.OPTIONSET_KINDS,
-                                    cast or "OptionSetMetadataBase")
-        return _json({"@odata.context": _context(self.sb, "GlobalOptionSetDefinitions", names, entity=True),
-                      **docs[0]})
+        docs, names = apply_options(
+            found, {"$select": req.arg("$select")}, md.OPTIONSET_KINDS, cast or "OptionSetMetadataBase"
+        )
+        return _json(
+            {"@odata.context": _context(self.sb, "GlobalOptionSetDefinitions", names, entity=True), **docs[0]}
+        )

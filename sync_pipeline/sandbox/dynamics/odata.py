@@ -30,7 +30,8 @@ class ODataError(ValueError):
     code = "0x80060888"
 
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<ws>\s+)
   | (?P<string>'(?:[^']|'')*')
   | (?P<unterminated>'(?:[^']|'')*$)
@@ -41,7 +42,9 @@ _TOKEN = re.compile(r"""
   | (?P<enum>[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+'(?:[^']|'')*')
   | (?P<name>[A-Za-z_][\w.]*(?:/[A-Za-z_]\w*)*)
   | (?P<punct>[(),])
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 _COMPARE = {"eq", "ne", "gt", "ge", "lt", "le"}
 _FUNCS = {"contains", "startswith", "endswith"}
@@ -88,7 +91,9 @@ def _literal(tok: _Tok, text: str) -> tuple[str, Any]:
         try:
             return "datetime", normalize_datetime(tok.text)
         except ValueError:
-            raise ODataError(f"The date-time literal '{tok.text}' at position {tok.pos} is not valid.") from None
+            raise ODataError(
+                f"The date-time literal '{tok.text}' at position {tok.pos} is not valid."
+            ) from None
     if tok.kind == "guid":
         return "guid", tok.text.lower()
     if tok.kind == "number":
@@ -102,11 +107,24 @@ def _literal(tok: _Tok, text: str) -> tuple[str, Any]:
     raise ODataError(f"Expected a literal at position {tok.pos} in '{text}', found '{tok.text}'.")
 
 
-_EDM = {"string": "Edm.String", "guid": "Edm.Guid", "number": "Edm.Int32", "bool": "Edm.Boolean",
-        "datetime": "Edm.DateTimeOffset", "null": "null", "enum": "Edm.Enum"}
+_EDM = {
+    "string": "Edm.String",
+    "guid": "Edm.Guid",
+    "number": "Edm.Int32",
+    "bool": "Edm.Boolean",
+    "datetime": "Edm.DateTimeOffset",
+    "null": "null",
+    "enum": "Edm.Enum",
+}
 _ORDER_OPS = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
-_OP_KIND = {"eq": "Equal", "ne": "NotEqual", "gt": "GreaterThan", "ge": "GreaterThanOrEqual",
-            "lt": "LessThan", "le": "LessThanOrEqual"}
+_OP_KIND = {
+    "eq": "Equal",
+    "ne": "NotEqual",
+    "gt": "GreaterThan",
+    "ge": "GreaterThanOrEqual",
+    "lt": "LessThan",
+    "le": "LessThanOrEqual",
+}
 
 
 def _comparison(prop: str, op: str, value: Any) -> Predicate:
@@ -180,12 +198,15 @@ class _Parser:
 
     def prop(self, tok: _Tok) -> tuple[str, str]:
         if tok.kind != "name" or tok.text in ("null", "true", "false", "and", "or", "not"):
-            raise ODataError(f"Expected a property name at position {tok.pos} in '{self.text}', "
-                             f"found '{tok.text}'.")
+            raise ODataError(
+                f"Expected a property name at position {tok.pos} in '{self.text}', found '{tok.text}'."
+            )
         kind = self.types.get(tok.text)
         if kind is None:
-            raise ODataError(f"Could not find a property named '{tok.text}' on type "
-                             f"'Microsoft.Dynamics.CRM.{self.entity}'.")
+            raise ODataError(
+                f"Could not find a property named '{tok.text}' on type "
+                f"'Microsoft.Dynamics.CRM.{self.entity}'."
+            )
         return tok.text, kind
 
     def primary(self) -> Predicate:
@@ -194,26 +215,36 @@ class _Parser:
             inner = self.or_expr()
             self.take(")")
             return inner
-        if tok.kind == "name" and tok.text.lower() in _FUNCS and (nxt := self.peek()) is not None \
-                and nxt.text == "(":
+        if (
+            tok.kind == "name"
+            and tok.text.lower() in _FUNCS
+            and (nxt := self.peek()) is not None
+            and nxt.text == "("
+        ):
             return self.function(tok.text.lower())
         name, kind = self.prop(tok)
         op_tok = self.take()
         if op_tok.text not in _COMPARE:
-            raise ODataError(f"Syntax error at position {op_tok.pos} in '{self.text}': expected a comparison "
-                             f"operator, found '{op_tok.text}'.")
+            raise ODataError(
+                f"Syntax error at position {op_tok.pos} in '{self.text}': expected a comparison "
+                f"operator, found '{op_tok.text}'."
+            )
         lit_kind, value = _literal(self.take(), self.text)
         if kind == "enum" and lit_kind in ("enum", "string"):
             # Enum properties compare by member name; a plain string literal is accepted for the member too.
             kind, lit_kind = "string", "string"
             value = value[1] if isinstance(value, tuple) else value
         if kind in ("label", "collection", "complex", "managed"):
-            raise ODataError(f"The property '{name}' of type 'Microsoft.Dynamics.CRM.{self.entity}' cannot be used "
-                             f"in $filter; filter on a primitive property (e.g. '{name}/Value').")
+            raise ODataError(
+                f"The property '{name}' of type 'Microsoft.Dynamics.CRM.{self.entity}' cannot be used "
+                f"in $filter; filter on a primitive property (e.g. '{name}/Value')."
+            )
         if lit_kind != "null" and lit_kind != kind:
-            raise ODataError(f"A binary operator with incompatible types was detected. Found operand types "
-                             f"'{_EDM[kind]}' and '{_EDM[lit_kind]}' for operator kind "
-                             f"'{_OP_KIND[op_tok.text]}'.")
+            raise ODataError(
+                f"A binary operator with incompatible types was detected. Found operand types "
+                f"'{_EDM[kind]}' and '{_EDM[lit_kind]}' for operator kind "
+                f"'{_OP_KIND[op_tok.text]}'."
+            )
         if kind == "string" and value is not None:
             return _string_comparison(name, op_tok.text, value)
         return _comparison(name, op_tok.text, value)
@@ -246,8 +277,9 @@ def parse_orderby(text: str, types: dict[str, str], entity: str) -> list[tuple[s
         if not words or len(words) > 2 or (len(words) == 2 and words[1].lower() not in ("asc", "desc")):
             raise ODataError(f"Syntax error in $orderby '{text}' near '{part.strip()}'.")
         if words[0] not in types:
-            raise ODataError(f"Could not find a property named '{words[0]}' on type "
-                             f"'Microsoft.Dynamics.CRM.{entity}'.")
+            raise ODataError(
+                f"Could not find a property named '{words[0]}' on type 'Microsoft.Dynamics.CRM.{entity}'."
+            )
         result.append((words[0], len(words) == 2 and words[1].lower() == "desc"))
     return result
 
@@ -256,6 +288,7 @@ def parse_select(text: str, types: dict[str, str], entity: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     for name in names:
         if name not in types:
-            raise ODataError(f"Could not find a property named '{name}' on type "
-                             f"'Microsoft.Dynamics.CRM.{entity}'.")
+            raise ODataError(
+                f"Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{entity}'."
+            )
     return names

@@ -19,10 +19,21 @@ from sync_pipeline.sandbox.schema import Column, Table
 
 _BIND = "@odata.bind"
 _BIND_TARGET = re.compile(r"(?:.*/api/data/v[\d.]+/|/)?(?P<set>[A-Za-z_][\w]*)\((?P<id>[0-9a-fA-F-]{36})\)\Z")
-_EDM = {"String": "Edm.String", "Memo": "Edm.String", "Integer": "Edm.Int32", "BigInt": "Edm.Int64",
-        "Decimal": "Edm.Decimal", "Double": "Edm.Double", "Money": "Edm.Decimal", "Boolean": "Edm.Boolean",
-        "DateTime": "Edm.DateTimeOffset", "Picklist": "Edm.Int32", "State": "Edm.Int32", "Status": "Edm.Int32",
-        "Uniqueidentifier": "Edm.Guid"}
+_EDM = {
+    "String": "Edm.String",
+    "Memo": "Edm.String",
+    "Integer": "Edm.Int32",
+    "BigInt": "Edm.Int64",
+    "Decimal": "Edm.Decimal",
+    "Double": "Edm.Double",
+    "Money": "Edm.Decimal",
+    "Boolean": "Edm.Boolean",
+    "DateTime": "Edm.DateTimeOffset",
+    "Picklist": "Edm.Int32",
+    "State": "Edm.Int32",
+    "Status": "Edm.Int32",
+    "Uniqueidentifier": "Edm.Guid",
+}
 
 
 def is_guid(text: Any) -> bool:
@@ -34,16 +45,24 @@ def is_guid(text: Any) -> bool:
 
 
 def _unknown(table: Table, name: str) -> DataverseFault:
-    return DataverseFault(400, "0x80060888", f"The property '{name}' does not exist on type "
-                                             f"'Microsoft.Dynamics.CRM.{table.logical_name}'. Make sure to only "
-                                             f"use property names that are defined by the type.")
+    return DataverseFault(
+        400,
+        "0x80060888",
+        f"The property '{name}' does not exist on type "
+        f"'Microsoft.Dynamics.CRM.{table.logical_name}'. Make sure to only "
+        f"use property names that are defined by the type.",
+    )
 
 
 def _type_error(table: Table, col: Column, value: Any) -> DataverseFault:
-    return DataverseFault(400, "0x80048d19", f"Error identified in Payload provided by the user for Entity :"
-                                             f"'{table.entity_set}', Cause: Cannot convert the literal "
-                                             f"'{value}' to the expected type '{_EDM.get(col.type, col.type)}' "
-                                             f"for the property '{col.name}'.")
+    return DataverseFault(
+        400,
+        "0x80048d19",
+        f"Error identified in Payload provided by the user for Entity :"
+        f"'{table.entity_set}', Cause: Cannot convert the literal "
+        f"'{value}' to the expected type '{_EDM.get(col.type, col.type)}' "
+        f"for the property '{col.name}'.",
+    )
 
 
 def _convert(table: Table, col: Column, value: Any) -> Any:
@@ -54,22 +73,34 @@ def _convert(table: Table, col: Column, value: Any) -> Any:
         if not isinstance(value, str):
             raise _type_error(table, col, value)
         if col.max_length is not None and len(value) > col.max_length:
-            raise DataverseFault(400, "0x80044331", f"A validation error occurred.  The length of the "
-                                                    f"'{col.name}' attribute of the '{table.logical_name}' entity "
-                                                    f"exceeded the maximum allowed length of '{col.max_length}'.")
+            raise DataverseFault(
+                400,
+                "0x80044331",
+                f"A validation error occurred.  The length of the "
+                f"'{col.name}' attribute of the '{table.logical_name}' entity "
+                f"exceeded the maximum allowed length of '{col.max_length}'.",
+            )
         return value
     if kind in ("Integer", "BigInt", "Picklist", "State", "Status"):
         if not isinstance(value, int) or isinstance(value, bool):
             raise _type_error(table, col, value)
-        if kind == "Integer" and not -2**31 <= value < 2**31:
-            raise DataverseFault(400, "0x80044330", f"A validation error occurred. The value {value} of "
-                                                    f"'{col.name}' on record of type '{table.logical_name}' is "
-                                                    f"outside the valid range.")
+        if kind == "Integer" and not -(2**31) <= value < 2**31:
+            raise DataverseFault(
+                400,
+                "0x80044330",
+                f"A validation error occurred. The value {value} of "
+                f"'{col.name}' on record of type '{table.logical_name}' is "
+                f"outside the valid range.",
+            )
         if col.options and value not in col.option_codes:
             accepted = ",".join(str(c) for c, _ in col.options)
-            raise DataverseFault(400, "0x8004431A", f"A validation error occurred. The value {value} of "
-                                                    f"'{col.name}' on record of type '{table.logical_name}' is "
-                                                    f"outside the valid range. Accepted Values: {accepted}")
+            raise DataverseFault(
+                400,
+                "0x8004431A",
+                f"A validation error occurred. The value {value} of "
+                f"'{col.name}' on record of type '{table.logical_name}' is "
+                f"outside the valid range. Accepted Values: {accepted}",
+            )
         return value
     if kind in ("Decimal", "Double", "Money"):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -105,12 +136,22 @@ def _lookup_for_nav(table: Table, nav: str) -> tuple[Column, str | None] | None:
     return None
 
 
-def parse_body(store: DynamicsStore, table: Table, body: Any, *, creating: bool,
-               resolve_ref: Callable[[str], str | None] | None = None) -> Row:
+def parse_body(
+    store: DynamicsStore,
+    table: Table,
+    body: Any,
+    *,
+    creating: bool,
+    resolve_ref: Callable[[str], str | None] | None = None,
+) -> Row:
     """Body of a POST/PATCH -> row change keyed by wire names (validated)."""
     if not isinstance(body, dict):
-        raise DataverseFault(400, "0x80048d19", f"Error identified in Payload provided by the user for Entity :"
-                                                f"'{table.entity_set}': the body must be a JSON object.")
+        raise DataverseFault(
+            400,
+            "0x80048d19",
+            f"Error identified in Payload provided by the user for Entity :"
+            f"'{table.entity_set}': the body must be a JSON object.",
+        )
     row: Row = {}
     for key, value in body.items():
         if key.endswith(_BIND):
@@ -125,15 +166,28 @@ def parse_body(store: DynamicsStore, table: Table, body: Any, *, creating: bool,
             continue  # system-managed columns are ignored, as Dataverse does
         row[key] = _convert(table, col, value)
     for col in table.columns:
-        if col.required and not col.read_only and ((creating and row.get(col.name) is None)
-                                                  or (col.name in row and row[col.name] is None)):
-            raise DataverseFault(400, "0x80040203", f"Attribute '{col.name}' of entity '{table.logical_name}' "
-                                                    f"is required and cannot be null or missing.")
+        if (
+            col.required
+            and not col.read_only
+            and ((creating and row.get(col.name) is None) or (col.name in row and row[col.name] is None))
+        ):
+            raise DataverseFault(
+                400,
+                "0x80040203",
+                f"Attribute '{col.name}' of entity '{table.logical_name}' "
+                f"is required and cannot be null or missing.",
+            )
     return row
 
 
-def _bind(store: DynamicsStore, table: Table, nav: str, value: Any, row: Row,
-          resolve_ref: Callable[[str], str | None] | None) -> None:
+def _bind(
+    store: DynamicsStore,
+    table: Table,
+    nav: str,
+    value: Any,
+    row: Row,
+    resolve_ref: Callable[[str], str | None] | None,
+) -> None:
     found = _lookup_for_nav(table, nav)
     if found is None:
         raise _unknown(table, nav)
@@ -150,16 +204,24 @@ def _bind(store: DynamicsStore, table: Table, nav: str, value: Any, row: Row,
     m = _BIND_TARGET.match(ref)
     target_table = store.schema.table_by_set(m.group("set")) if m else None
     if m is None or target_table is None:
-        raise DataverseFault(400, "0x80048d19", f"Invalid value '{value}' for '{nav}@odata.bind': expected "
-                                                f"'/<entityset>(<guid>)'.")
+        raise DataverseFault(
+            400,
+            "0x80048d19",
+            f"Invalid value '{value}' for '{nav}@odata.bind': expected '/<entityset>(<guid>)'.",
+        )
     target = target_table.logical_name
     if target not in col.targets or (fixed_target and fixed_target != target):
-        raise DataverseFault(400, "0x80048d19", f"'{nav}@odata.bind' cannot point to a '{target}' record; "
-                                                f"'{col.name}' accepts {', '.join(col.targets)}.")
+        raise DataverseFault(
+            400,
+            "0x80048d19",
+            f"'{nav}@odata.bind' cannot point to a '{target}' record; "
+            f"'{col.name}' accepts {', '.join(col.targets)}.",
+        )
     record_id = m.group("id").lower()
     if store.get(target, record_id) is None:
-        raise DataverseFault(400, "0x80040217", f"{target} With Id = {record_id} Does Not Exist "
-                                                f"(bound by '{nav}@odata.bind').")
+        raise DataverseFault(
+            400, "0x80040217", f"{target} With Id = {record_id} Does Not Exist (bound by '{nav}@odata.bind')."
+        )
     row[wire] = record_id
     if len(col.targets) > 1:
         row[wire + LOOKUP_TARGET] = target

@@ -76,10 +76,14 @@ def delta_token(version: int, clock: Clock) -> str:
 
 
 def _parse_delta_token(ctx: ApiContext, token: str, table: Table) -> int:
-    expired = DataverseFault(400, DELTA_EXPIRED_CODE, f"The change tracking token '{token}' for entity "
-                                                      f"'{table.logical_name}' is invalid or has expired. "
-                                                      f"Changes are kept for {ctx.delta_retention_seconds // 86400}"
-                                                      f" days; perform a full sync to get a new token.")
+    expired = DataverseFault(
+        400,
+        DELTA_EXPIRED_CODE,
+        f"The change tracking token '{token}' for entity "
+        f"'{table.logical_name}' is invalid or has expired. "
+        f"Changes are kept for {ctx.delta_retention_seconds // 86400}"
+        f" days; perform a full sync to get a new token.",
+    )
     try:
         version_text, stamp = token.split("!", 1)
         version = int(version_text)
@@ -118,16 +122,21 @@ def query_collection(ctx: ApiContext, req: Request) -> Response:
     if unknown:
         raise ODataError(f"The query parameter {unknown[0]} is not supported.")
     if "$expand" in args:
-        raise ODataError("$expand is not supported by the sandbox; select lookup values (_<name>_value) instead.")
+        raise ODataError(
+            "$expand is not supported by the sandbox; select lookup values (_<name>_value) instead."
+        )
     prefs = prefer(req)
     tracking = "odata.track-changes" in prefs or "$deltatoken" in args
     if tracking:
         for name in _NOT_WITH_TRACKING:
             if name in args:
-                raise ODataError(f"The query parameter {name} isn't supported when Change Tracking is enabled.")
+                raise ODataError(
+                    f"The query parameter {name} isn't supported when Change Tracking is enabled."
+                )
         if not table.change_tracking:
-            raise DataverseFault(400, "0x80044351", f"Change tracking is not enabled for entity "
-                                                    f"'{table.logical_name}'.")
+            raise DataverseFault(
+                400, "0x80044351", f"Change tracking is not enabled for entity '{table.logical_name}'."
+            )
     kinds = column_kinds(table)
     cols = _columns(table, args.get("$select"), kinds)
     formatted, lookups = wants_annotations(prefs)
@@ -154,7 +163,7 @@ def query_collection(ctx: ApiContext, req: Request) -> Response:
             top = int(args["$top"])
         except ValueError:
             raise ODataError(f"The $top value '{args['$top']}' is not an integer.") from None
-        rows, more = view.rows[:max(0, min(top, MAX_PAGE))], False
+        rows, more = view.rows[: max(0, min(top, MAX_PAGE))], False
     else:
         rows, more = store.page(view, state.get("k"), page_size or MAX_PAGE)
     body: dict[str, Any] = {"@odata.context": context}
@@ -168,13 +177,21 @@ def query_collection(ctx: ApiContext, req: Request) -> Response:
         body["@odata.nextLink"] = _link(ctx, table.entity_set, {**base_params, "$skiptoken": cookie})
     elif tracking:
         params = {k: v for k, v in base_params.items() if k == "$select"}
-        body["@odata.deltaLink"] = _link(ctx, table.entity_set,
-                                         {**params, "$deltatoken": delta_token(snapshot, ctx.clock)})
+        body["@odata.deltaLink"] = _link(
+            ctx, table.entity_set, {**params, "$deltatoken": delta_token(snapshot, ctx.clock)}
+        )
     return Response.json(body, headers=headers)
 
 
-def _delta(ctx: ApiContext, table: Table, args: dict[str, str], renderer: RowRenderer, page_size: int,
-           context: str, headers: dict[str, str]) -> Response:
+def _delta(
+    ctx: ApiContext,
+    table: Table,
+    args: dict[str, str],
+    renderer: RowRenderer,
+    page_size: int,
+    context: str,
+    headers: dict[str, str],
+) -> Response:
     since = _parse_delta_token(ctx, args["$deltatoken"], table)
     page_no, state = _decode_cookie(args["$skiptoken"]) if "$skiptoken" in args else (1, {})
     snapshot = state.get("s", ctx.store.version)
@@ -189,16 +206,20 @@ def _delta(ctx: ApiContext, table: Table, args: dict[str, str], renderer: RowRen
         if i < len(changed):
             value.append(renderer.render(changed[i]))
         else:
-            value.append({"@odata.context": deleted_ctx, "id": deleted[i - len(changed)][1], "reason": "deleted"})
+            value.append(
+                {"@odata.context": deleted_ctx, "id": deleted[i - len(changed)][1], "reason": "deleted"}
+            )
     body: dict[str, Any] = {"@odata.context": context, "value": value}
     select = {"$select": args["$select"]} if "$select" in args else {}
     if end < len(positions):
         cookie = _encode_cookie(page_no + 1, {"k": list(positions[end - 1]), "s": snapshot})
-        body["@odata.nextLink"] = _link(ctx, table.entity_set,
-                                        {**select, "$deltatoken": args["$deltatoken"], "$skiptoken": cookie})
+        body["@odata.nextLink"] = _link(
+            ctx, table.entity_set, {**select, "$deltatoken": args["$deltatoken"], "$skiptoken": cookie}
+        )
     else:
-        body["@odata.deltaLink"] = _link(ctx, table.entity_set,
-                                         {**select, "$deltatoken": delta_token(snapshot, ctx.clock)})
+        body["@odata.deltaLink"] = _link(
+            ctx, table.entity_set, {**select, "$deltatoken": delta_token(snapshot, ctx.clock)}
+        )
     return Response.json(body, headers=headers)
 
 
@@ -220,6 +241,9 @@ def retrieve(ctx: ApiContext, req: Request, table: Table, record_id: str) -> Res
     if req.header("if-none-match") == etag and "odata.include-annotations" not in prefs:
         return Response(304, b"", {**ODATA_HEADERS, "ETag": etag})
     renderer = RowRenderer(ctx.store, table, cols, *wants_annotations(prefs))
-    body = {"@odata.context": f"{ctx.api_url}/api/data/v9.2/$metadata#{table.entity_set}({','.join(cols)})"
-                              f"/$entity", **renderer.render(row)}
+    body = {
+        "@odata.context": f"{ctx.api_url}/api/data/v9.2/$metadata#{table.entity_set}({','.join(cols)})"
+        f"/$entity",
+        **renderer.render(row),
+    }
     return Response.json(body, headers={**ODATA_HEADERS, "ETag": etag})

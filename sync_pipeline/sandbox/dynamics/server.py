@@ -70,9 +70,15 @@ _GUID = r"[0-9a-fA-F-]{36}"
 class DynamicsSandbox:
     """A Dataverse org (Web API) plus its Entra ID tenant, both served on loopback."""
 
-    def __init__(self, schema: SandboxSchema | None = None, *, clock: Clock | None = None,
-                 limits: dict | None = None, token_lifetime: int = 3599,
-                 delta_retention_seconds: int = 30 * 86400):
+    def __init__(
+        self,
+        schema: SandboxSchema | None = None,
+        *,
+        clock: Clock | None = None,
+        limits: dict | None = None,
+        token_lifetime: int = 3599,
+        delta_retention_seconds: int = 30 * 86400,
+    ):
         self.schema = schema or load_schema()
         self.clock = clock or Clock()
         self.delta_retention_seconds = delta_retention_seconds
@@ -84,14 +90,28 @@ class DynamicsSandbox:
         self.business_unit_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandbox-bu:{self.organization_id}"))
         self.app_user_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandbox-app-user:{self.client_id}"))
         self.store = DynamicsStore(self.schema, self.clock)
-        self.store.bulk_load("systemuser", [{
-            "systemuserid": self.app_user_id, "firstname": "# sync-pipeline", "lastname": "application user",
-            "applicationid": self.client_id, "accessmode": 4, "isdisabled": False,
-            "internalemailaddress": "sync-pipeline-app@sandbox.example"}])
+        self.store.bulk_load(
+            "systemuser",
+            [
+                {
+                    "systemuserid": self.app_user_id,
+                    "firstname": "# sync-pipeline",
+                    "lastname": "application user",
+                    "applicationid": self.client_id,
+                    "accessmode": 4,
+                    "isdisabled": False,
+                    "internalemailaddress": "sync-pipeline-app@sandbox.example",
+                }
+            ],
+        )
         self.tokens = TokenTable(self.clock)
-        self.identity = IdentityService(tenant_id=self.tenant_id, client_id=self.client_id,
-                                        client_secret=self._client_secret, tokens=self.tokens,
-                                        token_lifetime=token_lifetime)
+        self.identity = IdentityService(
+            tenant_id=self.tenant_id,
+            client_id=self.client_id,
+            client_secret=self._client_secret,
+            tokens=self.tokens,
+            token_lifetime=token_lifetime,
+        )
         self.identity_app = self.identity.app
         self.api_app = App("dynamics")
         self.limits = dict(limits or {})
@@ -129,9 +149,15 @@ class DynamicsSandbox:
     def authority(self) -> str:
         return f"{self.identity_url}/{self.tenant_id}"
 
-    def start(self, host: str = "127.0.0.1", identity_ssl: ssl.SSLContext | None = None,
-              api_ssl: ssl.SSLContext | None = None, *, api_port: int = 0,
-              identity_port: int = 0) -> DynamicsSandbox:
+    def start(
+        self,
+        host: str = "127.0.0.1",
+        identity_ssl: ssl.SSLContext | None = None,
+        api_ssl: ssl.SSLContext | None = None,
+        *,
+        api_port: int = 0,
+        identity_port: int = 0,
+    ) -> DynamicsSandbox:
         if identity_ssl is None:
             raise ValueError("DynamicsSandbox.start needs identity_ssl: MSAL only talks to HTTPS authorities")
         self._identity_server = SandboxServer(self.identity_app, host, identity_port, identity_ssl)
@@ -155,19 +181,25 @@ class DynamicsSandbox:
 
     # -------------------------------------------------------------------------------- auth and limits
     def _unauthorized(self, message: str) -> Response:
-        challenge = (f"Bearer authorization_uri={self.identity_url}/{self.tenant_id}/oauth2/authorize, "
-                     f"resource_id={self.api_url}/")
+        challenge = (
+            f"Bearer authorization_uri={self.identity_url}/{self.tenant_id}/oauth2/authorize, "
+            f"resource_id={self.api_url}/"
+        )
         return error(401, "0x80072560", message, {"WWW-Authenticate": challenge})
 
     def _before(self, req: Request) -> Response | None:
         auth = req.header("authorization") or ""
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return self._unauthorized("The request has no bearer token; send 'Authorization: Bearer <token>'.")
+            return self._unauthorized(
+                "The request has no bearer token; send 'Authorization: Bearer <token>'."
+            )
         info, reason = self.tokens.check(token.strip(), self.api_url)
         if info is None:
-            why = {"expired": "The access token has expired.",
-                   "invalid_audience": f"The access token was not issued for {self.api_url}."}
+            why = {
+                "expired": "The access token has expired.",
+                "invalid_audience": f"The access token was not issued for {self.api_url}.",
+            }
             return self._unauthorized(why.get(reason, "The access token is not valid."))
         return self._check_limits(req)
 
@@ -198,8 +230,12 @@ class DynamicsSandbox:
         with self._limit_lock:
             if concurrent and self._in_flight >= concurrent:
                 self.limit_rejections["0x80072326"] += 1
-                return error(429, "0x80072326", f"Number of concurrent requests exceeded the limit of {concurrent}.",
-                             {"Retry-After": str(int(self.limits.get("concurrent_retry_after", 1)))})
+                return error(
+                    429,
+                    "0x80072326",
+                    f"Number of concurrent requests exceeded the limit of {concurrent}.",
+                    {"Retry-After": str(int(self.limits.get("concurrent_retry_after", 1)))},
+                )
             while self._window and self._window[0] <= now - window:
                 self._window.popleft()
             while self._exec and self._exec[0][0] <= now - window:
@@ -207,8 +243,13 @@ class DynamicsSandbox:
             if per_window and len(self._window) >= per_window:
                 retry = max(1, math.ceil(self._window[0] + window - now))
                 self.limit_rejections["0x80072322"] += 1
-                return error(429, "0x80072322", f"Number of requests exceeded the limit of {per_window} over "
-                                                f"time window of {int(window)} seconds.", {"Retry-After": str(retry)})
+                return error(
+                    429,
+                    "0x80072322",
+                    f"Number of requests exceeded the limit of {per_window} over "
+                    f"time window of {int(window)} seconds.",
+                    {"Retry-After": str(retry)},
+                )
             if exec_limit and self._exec_total >= exec_limit:
                 # Retry when enough of the window's execution time has expired to fall under the limit.
                 excess, retry_at = self._exec_total - exec_limit, now
@@ -218,11 +259,15 @@ class DynamicsSandbox:
                     if excess < 0:
                         break
                 self.limit_rejections["0x80072321"] += 1
-                return error(429, "0x80072321", f"Combined execution time of incoming requests exceeded limit of "
-                                                f"{int(exec_limit * 1000):,} milliseconds over time window of "
-                                                f"{int(window)} seconds. Decrease number of concurrent requests or "
-                                                f"reduce the duration of requests and try again later.",
-                             {"Retry-After": str(max(1, math.ceil(retry_at - now)))})
+                return error(
+                    429,
+                    "0x80072321",
+                    f"Combined execution time of incoming requests exceeded limit of "
+                    f"{int(exec_limit * 1000):,} milliseconds over time window of "
+                    f"{int(window)} seconds. Decrease number of concurrent requests or "
+                    f"reduce the duration of requests and try again later.",
+                    {"Retry-After": str(max(1, math.ceil(retry_at - now)))},
+                )
             self._window.append(now)
             self._in_flight += 1
             self.api_app.calls[COUNTED] += 1
@@ -250,8 +295,12 @@ class DynamicsSandbox:
 
     def _render_fault(self, fault: Fault, req: Request) -> Response | None:
         if fault.kind == "throttle":
-            return error(429, fault.code or "0x80072322", "Number of requests exceeded the limit of 6000 over time "
-                         "window of 300 seconds.", {"Retry-After": str(max(0, round(fault.seconds)))})
+            return error(
+                429,
+                fault.code or "0x80072322",
+                "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
+                {"Retry-After": str(max(0, round(fault.seconds)))},
+            )
         if fault.kind == "unauthorized":
             return self._unauthorized("The access token has expired.")
         if fault.kind == "status":
@@ -269,42 +318,75 @@ class DynamicsSandbox:
         add("GET", r"?", "dynamics.service", self._service_document)
         add("GET", r"\$metadata", "dynamics.metadata", self._metadata)
         add("GET", r"WhoAmI(?:\(\))?", "dynamics.whoami", self._whoami)
-        add("GET", r"RetrieveCurrentOrganization\(AccessType=[^)]*\)", "dynamics.organization", self._organization)
+        add(
+            "GET",
+            r"RetrieveCurrentOrganization\(AccessType=[^)]*\)",
+            "dynamics.organization",
+            self._organization,
+        )
         for pattern, name, handler in metadata_api.routes(self):
             add("GET", pattern, name, handler)
         add("POST", r"\$batch", "dynamics.batch", self._batch)
-        add("POST", rf"leads\((?P<key>{_GUID})\)/Microsoft\.Dynamics\.CRM\.QualifyLead", "dynamics.qualify",
-            lambda req: writes.qualify_lead(self, req))
+        add(
+            "POST",
+            rf"leads\((?P<key>{_GUID})\)/Microsoft\.Dynamics\.CRM\.QualifyLead",
+            "dynamics.qualify",
+            lambda req: writes.qualify_lead(self, req),
+        )
         add("POST", r"Merge", "dynamics.merge", lambda req: writes.merge(self, req))
+
         def multiple(message: str) -> Callable[[Request], Response]:
             return lambda req: writes.multiple(self, req, message)
 
         for message in ("CreateMultiple", "UpdateMultiple", "UpsertMultiple"):
-            add("POST", rf"(?P<set>\w+)/Microsoft\.Dynamics\.CRM\.{message}", f"dynamics.{message.lower()}",
-                multiple(message))
+            add(
+                "POST",
+                rf"(?P<set>\w+)/Microsoft\.Dynamics\.CRM\.{message}",
+                f"dynamics.{message.lower()}",
+                multiple(message),
+            )
         add("GET", r"(?P<set>\w+)/\$count", "dynamics.count", lambda req: query.count_collection(self, req))
         add("GET", r"(?P<set>\w+)", "dynamics.query", lambda req: query.query_collection(self, req))
         add("POST", r"(?P<set>\w+)", "dynamics.create", lambda req: writes.create(self, req))
         add("GET", r"(?P<set>\w+)\((?P<key>[^)]*)\)", "dynamics.retrieve", self._retrieve)
-        add("PATCH", r"(?P<set>\w+)\((?P<key>[^)]*)\)", "dynamics.update", lambda req: writes.update(self, req))
-        add("DELETE", r"(?P<set>\w+)\((?P<key>[^)]*)\)", "dynamics.delete", lambda req: writes.delete(self, req))
+        add(
+            "PATCH",
+            r"(?P<set>\w+)\((?P<key>[^)]*)\)",
+            "dynamics.update",
+            lambda req: writes.update(self, req),
+        )
+        add(
+            "DELETE",
+            r"(?P<set>\w+)\((?P<key>[^)]*)\)",
+            "dynamics.delete",
+            lambda req: writes.delete(self, req),
+        )
         # Inside $batch, creates and updates may bind to "$<Content-ID>" of earlier requests.
         self._with_refs: dict[str, Callable[[Request, Callable[[str], str | None]], Response]] = {
             "dynamics.create": lambda req, res: writes.create(self, req, res),
-            "dynamics.update": lambda req, res: writes.update(self, req, res)}
+            "dynamics.update": lambda req, res: writes.update(self, req, res),
+        }
 
     def _retrieve(self, req: Request) -> Response:
         table = query.table_for_set(self.store, req.params["set"])
         return query.retrieve(self, req, table, writes.parse_key(table, req.params["key"]))
 
     def _service_document(self, req: Request) -> Response:
-        sets = [{"name": t.entity_set, "kind": "EntitySet", "url": t.entity_set} for t in self.schema.tables.values()]
-        return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata", "value": sets},
-                             headers=ODATA_HEADERS)
+        sets = [
+            {"name": t.entity_set, "kind": "EntitySet", "url": t.entity_set}
+            for t in self.schema.tables.values()
+        ]
+        return Response.json(
+            {"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata", "value": sets},
+            headers=ODATA_HEADERS,
+        )
 
     def _metadata(self, req: Request) -> Response:
-        return Response.text(metadata.csdl(list(self.schema.tables.values())), content_type="application/xml",
-                             headers=ODATA_HEADERS)
+        return Response.text(
+            metadata.csdl(list(self.schema.tables.values())),
+            content_type="application/xml",
+            headers=ODATA_HEADERS,
+        )
 
     def _organization(self, req: Request) -> Response:
         """``RetrieveCurrentOrganization`` (Web API function; ``Detail`` is an ``OrganizationDetail``:
@@ -312,43 +394,80 @@ class DynamicsSandbox:
         cfg = self.schema.raw.get("dynamics", {})
         unique = str(cfg.get("organization_unique_name", "sandboxorg"))
         base = self.api_url
-        return Response.json({
-            "@odata.context": f"{base}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM.RetrieveCurrentOrganizationResponse",
-            "Detail": {"OrganizationId": self.organization_id,
-                       "FriendlyName": str(cfg.get("organization_name", "Sandbox Org")),
-                       "OrganizationVersion": "9.2.24101.00000", "EnvironmentId": self.organization_id,
-                       "DatacenterId": None, "Geo": "LOCAL", "TenantId": cfg.get("tenant_id"),
-                       "UrlName": unique, "UniqueName": unique, "State": "Enabled",
-                       "Endpoints": {"Count": 2, "IsReadOnly": False, "Keys": ["WebApplication", "OrganizationService"],
-                                     "Values": [f"{base}/", f"{base}/XRMServices/2011/Organization.svc"]}}},
-            headers=ODATA_HEADERS)
+        return Response.json(
+            {
+                "@odata.context": f"{base}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM.RetrieveCurrentOrganizationResponse",
+                "Detail": {
+                    "OrganizationId": self.organization_id,
+                    "FriendlyName": str(cfg.get("organization_name", "Sandbox Org")),
+                    "OrganizationVersion": "9.2.24101.00000",
+                    "EnvironmentId": self.organization_id,
+                    "DatacenterId": None,
+                    "Geo": "LOCAL",
+                    "TenantId": cfg.get("tenant_id"),
+                    "UrlName": unique,
+                    "UniqueName": unique,
+                    "State": "Enabled",
+                    "Endpoints": {
+                        "Count": 2,
+                        "IsReadOnly": False,
+                        "Keys": ["WebApplication", "OrganizationService"],
+                        "Values": [f"{base}/", f"{base}/XRMServices/2011/Organization.svc"],
+                    },
+                },
+            },
+            headers=ODATA_HEADERS,
+        )
 
     def _whoami(self, req: Request) -> Response:
-        return Response.json({"@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM."
-                                                f"WhoAmIResponse", "BusinessUnitId": self.business_unit_id,
-                              "UserId": self.app_user_id, "OrganizationId": self.organization_id},
-                             headers=ODATA_HEADERS)
+        return Response.json(
+            {
+                "@odata.context": f"{self.api_url}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM."
+                f"WhoAmIResponse",
+                "BusinessUnitId": self.business_unit_id,
+                "UserId": self.app_user_id,
+                "OrganizationId": self.organization_id,
+            },
+            headers=ODATA_HEADERS,
+        )
 
     # ------------------------------------------------------------------------------------------- batch
     def _batch(self, req: Request) -> Response:
         items = batch.parse_batch(req.header("content-type") or "", req.body)
         req.operations = sum(len(i.parts) if isinstance(i, batch.ChangeSet) else 1 for i in items)
-        return batch.execute_batch(self.store, items, self._dispatch_inner,
-                                   "odata.continue-on-error" in prefer(req))
+        return batch.execute_batch(
+            self.store, items, self._dispatch_inner, "odata.continue-on-error" in prefer(req)
+        )
 
-    def _dispatch_inner(self, method: str, url: str, headers: dict[str, str], body: bytes,
-                        resolve: Callable[[str], str | None]) -> Response:
+    def _dispatch_inner(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        resolve: Callable[[str], str | None],
+    ) -> Response:
         parts = urlsplit(url)
         path = unquote(parts.path)
         if not path.startswith("/"):
             path = "/api/data/v9.2/" + path
-        inner = Request(method, path, url, parse_qs(parts.query, keep_blank_values=True),
-                        {k.lower(): v for k, v in headers.items()}, body)
+        inner = Request(
+            method,
+            path,
+            url,
+            parse_qs(parts.query, keep_blank_values=True),
+            {k.lower(): v for k, v in headers.items()},
+            body,
+        )
         route, params, _ = self.api_app.match(method, path)
         if route is None or route.name == "dynamics.batch":
-            return error(404 if route is None else 400, "0x8006088a",
-                         f"Resource not found for the segment '{path}'." if route is None
-                         else "Batches cannot be nested.")
+            return error(
+                404 if route is None else 400,
+                "0x8006088a",
+                f"Resource not found for the segment '{path}'."
+                if route is None
+                else "Batches cannot be nested.",
+            )
         inner.params, inner.route = params, route.name
         with self._limit_lock:
             self.api_app.calls[route.name] += 1

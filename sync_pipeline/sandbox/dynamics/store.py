@@ -46,8 +46,11 @@ class RecordNotFound(DataverseFault):
 
 class DuplicateRecord(DataverseFault):
     def __init__(self, table: str, record_id: str):
-        super().__init__(412, "0x80040237", f"A record with matching key values already exists. "
-                                            f"({table} with Id = {record_id})")
+        super().__init__(
+            412,
+            "0x80040237",
+            f"A record with matching key values already exists. ({table} with Id = {record_id})",
+        )
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,13 @@ class DynamicsStore:
     def count(self, table: str) -> int:
         return len(self._rows[self.table(table).logical_name])
 
-    def view(self, table: str, filter_key: str, predicate: Callable[[Row], bool] | None,
-             orderby: list[tuple[str, bool]]) -> View:
+    def view(
+        self,
+        table: str,
+        filter_key: str,
+        predicate: Callable[[Row], bool] | None,
+        orderby: list[tuple[str, bool]],
+    ) -> View:
         """Matching rows in ``orderby`` order (primary key appended as tie-breaker), cached."""
         t = self.table(table)
         order = list(orderby)
@@ -174,7 +182,7 @@ class DynamicsStore:
     @staticmethod
     def page(view: View, after_raw: list | None, size: int) -> tuple[list[Row], bool]:
         start = 0 if after_raw is None else bisect_right(view.keys, view.from_raw(after_raw))
-        return view.rows[start:start + size], start + size < len(view.rows)
+        return view.rows[start : start + size], start + size < len(view.rows)
 
     def changes_since(self, table: str, version: int) -> tuple[list[Row], list[tuple[int, str]]]:
         """Rows written after ``version`` (version order) and ids deleted after it (still absent)."""
@@ -293,16 +301,26 @@ class DynamicsStore:
     # Lookups a merge does not move: history (where a row came from) and system columns.
     NOT_REPARENTED = ("originatingleadid", "masterid", "createdby", "modifiedby")
 
-    def merge(self, table: str, target_id: str, subordinate_id: str, update_content: Row | None = None,
-              perform_parenting_checks: bool = False, modified_by: str | None = None) -> None:
+    def merge(
+        self,
+        table: str,
+        target_id: str,
+        subordinate_id: str,
+        update_content: Row | None = None,
+        perform_parenting_checks: bool = False,
+        modified_by: str | None = None,
+    ) -> None:
         t = self.table(table)
         name = t.logical_name
         if name not in self.MERGEABLE:
-            raise DataverseFault(400, "0x80040203", f"This type: {name} is not supported with merge operation")
+            raise DataverseFault(
+                400, "0x80040203", f"This type: {name} is not supported with merge operation"
+            )
         target_id, subordinate_id = target_id.lower(), subordinate_id.lower()
         if target_id == subordinate_id:
-            raise DataverseFault(400, "0x80040203",
-                                 "Merge cannot be performed on master and sub-entities that are identical.")
+            raise DataverseFault(
+                400, "0x80040203", "Merge cannot be performed on master and sub-entities that are identical."
+            )
         with self.transaction():
             target, sub = self.get(name, target_id), self.get(name, subordinate_id)
             if target is None:
@@ -318,20 +336,34 @@ class DynamicsStore:
                     if col.name in ("parentcustomerid", "parentaccountid") and col.is_lookup:
                         a, b = target.get(col.wire_name), sub.get(col.wire_name)
                         if a and b and a != b:
-                            raise DataverseFault(400, "0x80040203", f"Unable to merge: the subordinate {name} "
-                                                 f"{subordinate_id} has a different parent ({col.name}) than the "
-                                                 f"master {target_id}; merge without PerformParentingChecks.")
+                            raise DataverseFault(
+                                400,
+                                "0x80040203",
+                                f"Unable to merge: the subordinate {name} "
+                                f"{subordinate_id} has a different parent ({col.name}) than the "
+                                f"master {target_id}; merge without PerformParentingChecks.",
+                            )
             if update_content:
                 self.update(name, target_id, update_content, modified_by)
             self._reparent(name, subordinate_id, target_id, modified_by)
             state, status = self.MERGED_STATE[name]
-            self.update(name, subordinate_id, {"statecode": state, "statuscode": status, "merged": True,
-                                               "_masterid_value": target_id}, modified_by)
+            self.update(
+                name,
+                subordinate_id,
+                {"statecode": state, "statuscode": status, "merged": True, "_masterid_value": target_id},
+                modified_by,
+            )
 
     def _reparent(self, table: str, old_id: str, new_id: str, modified_by: str | None) -> None:
         for other in self.schema.tables.values():
-            cols = [c for c in other.columns if c.is_lookup and table in c.targets and not c.read_only
-                    and c.name not in self.NOT_REPARENTED]
+            cols = [
+                c
+                for c in other.columns
+                if c.is_lookup
+                and table in c.targets
+                and not c.read_only
+                and c.name not in self.NOT_REPARENTED
+            ]
             for col in cols:
                 wire = col.wire_name
                 for row in list(self._rows[other.logical_name].values()):
@@ -341,48 +373,102 @@ class DynamicsStore:
                         continue
                     self.update(other.logical_name, row[other.primary_id], {wire: new_id}, modified_by)
 
-    def qualify_lead(self, lead_id: str, create_account: bool, create_contact: bool,
-                     create_opportunity: bool, status: int = 3, modified_by: str | None = None) -> dict[str, str]:
+    def qualify_lead(
+        self,
+        lead_id: str,
+        create_account: bool,
+        create_contact: bool,
+        create_opportunity: bool,
+        status: int = 3,
+        modified_by: str | None = None,
+    ) -> dict[str, str]:
         """QualifyLead: create the requested rows from the lead, then close it as Qualified."""
         with self.transaction():
             lead = self.get("lead", lead_id)
             if lead is None:
                 raise RecordNotFound("lead", lead_id)
             if lead.get("statecode", 0) != 0:
-                raise DataverseFault(400, "0x80040225", f"The lead {lead_id} is closed (statecode "
-                                     f"{lead.get('statecode')}). You cannot qualify a lead that is already closed.")
+                raise DataverseFault(
+                    400,
+                    "0x80040225",
+                    f"The lead {lead_id} is closed (statecode "
+                    f"{lead.get('statecode')}). You cannot qualify a lead that is already closed.",
+                )
             owner = {k: lead[k] for k in ("_ownerid_value", "_ownerid_value" + LOOKUP_TARGET) if lead.get(k)}
             origin = {"_originatingleadid_value": lead["leadid"], **owner}
             created: dict[str, str] = {}
             if create_account and lead.get("companyname"):
-                created["account"] = self.insert("account", {
-                    "name": lead["companyname"], "telephone1": lead.get("telephone1"),
-                    "address1_city": lead.get("address1_city"), "address1_country": lead.get("address1_country"),
-                    "revenue": lead.get("revenue"), **origin}, modified_by)["accountid"]
+                created["account"] = self.insert(
+                    "account",
+                    {
+                        "name": lead["companyname"],
+                        "telephone1": lead.get("telephone1"),
+                        "address1_city": lead.get("address1_city"),
+                        "address1_country": lead.get("address1_country"),
+                        "revenue": lead.get("revenue"),
+                        **origin,
+                    },
+                    modified_by,
+                )["accountid"]
             if create_contact:
-                person = {k: lead.get(k) for k in ("firstname", "lastname", "emailaddress1", "jobtitle",
-                                                   "telephone1", "mobilephone", "address1_line1", "address1_city",
-                                                   "address1_stateorprovince", "address1_postalcode",
-                                                   "address1_country", "salutation")}
+                person = {
+                    k: lead.get(k)
+                    for k in (
+                        "firstname",
+                        "lastname",
+                        "emailaddress1",
+                        "jobtitle",
+                        "telephone1",
+                        "mobilephone",
+                        "address1_line1",
+                        "address1_city",
+                        "address1_stateorprovince",
+                        "address1_postalcode",
+                        "address1_country",
+                        "salutation",
+                    )
+                }
                 if "account" in created:
                     person["_parentcustomerid_value"] = created["account"]
                     person["_parentcustomerid_value" + LOOKUP_TARGET] = "account"
                 created["contact"] = self.insert("contact", {**person, **origin}, modified_by)["contactid"]
                 if "account" in created:
-                    self.update("account", created["account"], {"_primarycontactid_value": created["contact"]},
-                                modified_by)
+                    self.update(
+                        "account",
+                        created["account"],
+                        {"_primarycontactid_value": created["contact"]},
+                        modified_by,
+                    )
             if create_opportunity:
-                customer = ("account", created["account"]) if "account" in created else (
-                    ("contact", created["contact"]) if "contact" in created else None)
-                opp: Row = {"name": lead.get("subject") or f"Opportunity for {lead.get('fullname') or lead_id}",
-                            "estimatedvalue": lead.get("revenue"), "statecode": 0, "statuscode": 1,
-                            "_parentaccountid_value": created.get("account"),
-                            "_parentcontactid_value": created.get("contact"), **origin}
+                customer = (
+                    ("account", created["account"])
+                    if "account" in created
+                    else (("contact", created["contact"]) if "contact" in created else None)
+                )
+                opp: Row = {
+                    "name": lead.get("subject") or f"Opportunity for {lead.get('fullname') or lead_id}",
+                    "estimatedvalue": lead.get("revenue"),
+                    "statecode": 0,
+                    "statuscode": 1,
+                    "_parentaccountid_value": created.get("account"),
+                    "_parentcontactid_value": created.get("contact"),
+                    **origin,
+                }
                 if customer:
-                    opp["_customerid_value"], opp["_customerid_value" + LOOKUP_TARGET] = customer[1], customer[0]
+                    opp["_customerid_value"], opp["_customerid_value" + LOOKUP_TARGET] = (
+                        customer[1],
+                        customer[0],
+                    )
                 created["opportunity"] = self.insert("opportunity", opp, modified_by)["opportunityid"]
-            self.update("lead", lead["leadid"], {
-                "statecode": 1, "statuscode": status if status and status > 0 else 3,
-                "_parentaccountid_value": created.get("account", lead.get("_parentaccountid_value")),
-                "_parentcontactid_value": created.get("contact", lead.get("_parentcontactid_value"))}, modified_by)
+            self.update(
+                "lead",
+                lead["leadid"],
+                {
+                    "statecode": 1,
+                    "statuscode": status if status and status > 0 else 3,
+                    "_parentaccountid_value": created.get("account", lead.get("_parentaccountid_value")),
+                    "_parentcontactid_value": created.get("contact", lead.get("_parentcontactid_value")),
+                },
+                modified_by,
+            )
             return created

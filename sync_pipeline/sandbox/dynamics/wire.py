@@ -20,7 +20,9 @@ _PREFER_ITEM = re.compile(r'\s*([\w.\-]+)\s*(?:=\s*("[^"]*"|[^,]*))?\s*(?:,|$)')
 
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response.json({"error": {"code": code, "message": message}}, status, {**ODATA_HEADERS, **(headers or {})})
+    return Response.json(
+        {"error": {"code": code, "message": message}}, status, {**ODATA_HEADERS, **(headers or {})}
+    )
 
 
 def fault_response(exc: DataverseFault | ODataError) -> Response:
@@ -31,14 +33,20 @@ def fault_response(exc: DataverseFault | ODataError) -> Response:
 
 def guarded(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
     """Turn the sandbox's DataverseFault/ODataError/bad JSON into Dataverse error responses."""
+
     def run(req: Request) -> Response:
         try:
             return handler(req)
         except (DataverseFault, ODataError) as exc:
             return fault_response(exc)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error(400, "0x80048d19", f"Error identified in Payload provided by the user: the request "
-                                            f"body is not valid JSON ({exc}).")
+            return error(
+                400,
+                "0x80048d19",
+                f"Error identified in Payload provided by the user: the request "
+                f"body is not valid JSON ({exc}).",
+            )
+
     run.__name__ = handler.__name__
     return run
 
@@ -46,7 +54,9 @@ def guarded(handler: Callable[[Request], Response]) -> Callable[[Request], Respo
 def prefer(req: Request) -> dict[str, str]:
     """Parsed ``Prefer`` header: {"odata.maxpagesize": "500", "odata.track-changes": "", ...}."""
     raw = req.header("prefer") or ""
-    return {m.group(1).lower(): (m.group(2) or "").strip('"') for m in _PREFER_ITEM.finditer(raw) if m.group(1)}
+    return {
+        m.group(1).lower(): (m.group(2) or "").strip('"') for m in _PREFER_ITEM.finditer(raw) if m.group(1)
+    }
 
 
 def table_for_set(store: DynamicsStore, entity_set: str) -> Table:
@@ -103,21 +113,41 @@ class RowRenderer:
 
     def __post_init__(self) -> None:
         wire_cols = {c.wire_name: c for c in self.table.columns}
-        annotated = [(w, wire_cols[w]) for w in self.columns
-                     if w in wire_cols and (wire_cols[w].is_lookup or wire_cols[w].options
-                                            or wire_cols[w].type == "Boolean")]
+        annotated = [
+            (w, wire_cols[w])
+            for w in self.columns
+            if w in wire_cols
+            and (wire_cols[w].is_lookup or wire_cols[w].options or wire_cols[w].type == "Boolean")
+        ]
         self._plain = not (self.formatted or self.lookups) or not annotated
         # Per annotated column, everything but the row's value worked out once per query.
-        self._lookup_cols = [(w, w + LOOKUP_TARGET, w + "@Microsoft.Dynamics.CRM.lookuplogicalname",
-                              w + "@Microsoft.Dynamics.CRM.associatednavigationproperty", w + FORMATTED,
-                              col.name, col.targets) for w, col in annotated if col.is_lookup]
-        self._bool_cols = [(w, w + FORMATTED) for w, col in annotated
-                           if not col.is_lookup and col.type == "Boolean"]
-        self._option_cols = [(w, w + FORMATTED, dict(col.options)) for w, col in annotated
-                             if not col.is_lookup and col.type != "Boolean"]
+        self._lookup_cols = [
+            (
+                w,
+                w + LOOKUP_TARGET,
+                w + "@Microsoft.Dynamics.CRM.lookuplogicalname",
+                w + "@Microsoft.Dynamics.CRM.associatednavigationproperty",
+                w + FORMATTED,
+                col.name,
+                col.targets,
+            )
+            for w, col in annotated
+            if col.is_lookup
+        ]
+        self._bool_cols = [
+            (w, w + FORMATTED) for w, col in annotated if not col.is_lookup and col.type == "Boolean"
+        ]
+        self._option_cols = [
+            (w, w + FORMATTED, dict(col.options))
+            for w, col in annotated
+            if not col.is_lookup and col.type != "Boolean"
+        ]
         self._keys = ("@odata.etag", *self.columns)
-        self._project = itemgetter(*self.columns) if len(self.columns) > 1 else (
-            lambda row, _c=self.columns[0]: (row[_c],))
+        self._project = (
+            itemgetter(*self.columns)
+            if len(self.columns) > 1
+            else (lambda row, _c=self.columns[0]: (row[_c],))
+        )
         self._blank = dict.fromkeys(self.columns)
         self._names: dict[tuple[str, str], Any] = {}
 
@@ -136,7 +166,9 @@ class RowRenderer:
         if key not in self._names:
             target_table = self.store.schema.tables.get(target)
             ref = self.store.get(target, record_id) if target_table else None
-            self._names[key] = None if ref is None or target_table is None else (True, ref.get(target_table.primary_name))
+            self._names[key] = (
+                None if ref is None or target_table is None else (True, ref.get(target_table.primary_name))
+            )
         return self._names[key]
 
     def _annotate(self, row: Row, out: dict[str, Any]) -> None:

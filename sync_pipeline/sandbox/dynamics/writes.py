@@ -36,8 +36,12 @@ def parse_key(table: Table, key: str) -> str:
     if key.lower().startswith(f"{table.primary_id}="):
         key = key.split("=", 1)[1]
     if not is_guid(key):
-        raise DataverseFault(400, "0x80060888", f"The key '{key}' of entity set '{table.entity_set}' is not a "
-                                                f"GUID; alternate keys are not defined on '{table.logical_name}'.")
+        raise DataverseFault(
+            400,
+            "0x80060888",
+            f"The key '{key}' of entity set '{table.entity_set}' is not a "
+            f"GUID; alternate keys are not defined on '{table.logical_name}'.",
+        )
     return key.lower()
 
 
@@ -46,8 +50,10 @@ def _written(ctx: ApiContext, req: Request, table: Table, row: Row, created: boo
     if prefer(req).get("return") == "representation":
         args = {k: v[-1] for k, v in req.query.items()}
         cols = _columns(table, args.get("$select"), column_kinds(table))
-        body = {"@odata.context": f"{ctx.api_url}/api/data/v9.2/$metadata#{table.entity_set}/$entity",
-                **RowRenderer(ctx.store, table, cols).render(row)}
+        body = {
+            "@odata.context": f"{ctx.api_url}/api/data/v9.2/$metadata#{table.entity_set}/$entity",
+            **RowRenderer(ctx.store, table, cols).render(row),
+        }
         return Response.json(body, 201 if created else 200, headers)
     return Response(204, b"", headers)
 
@@ -67,8 +73,11 @@ def _check_etag(table: Table, record_id: str, existing: Row | None, if_match: st
     if existing is None:
         raise DataverseFault(404, "0x80040217", f"{table.logical_name} With Id = {record_id} Does Not Exist")
     if if_match.strip() != "*" and if_match.strip() != f'W/"{existing.get("versionnumber")}"':
-        raise DataverseFault(412, "0x80060882", "The version of the existing record doesn't match the "
-                                                "RowVersion property provided.")
+        raise DataverseFault(
+            412,
+            "0x80060882",
+            "The version of the existing record doesn't match the RowVersion property provided.",
+        )
 
 
 def update(ctx: WriteContext, req: Request, resolve_ref: RefResolver | None = None) -> Response:
@@ -83,10 +92,16 @@ def update(ctx: WriteContext, req: Request, resolve_ref: RefResolver | None = No
         _check_etag(table, record_id, existing, req.header("if-match"))
         row = parse_body(ctx.store, table, body, creating=existing is None, resolve_ref=resolve_ref)
         if str(row.pop(table.primary_id, record_id)).lower() != record_id:
-            raise DataverseFault(400, "0x80048d19", f"The primary key '{table.primary_id}' in the body does not "
-                                                    f"match the key {record_id} in the URL.")
+            raise DataverseFault(
+                400,
+                "0x80048d19",
+                f"The primary key '{table.primary_id}' in the body does not "
+                f"match the key {record_id} in the URL.",
+            )
         if existing is None:
-            stored = ctx.store.insert(table.logical_name, {**row, table.primary_id: record_id}, ctx.app_user_id)
+            stored = ctx.store.insert(
+                table.logical_name, {**row, table.primary_id: record_id}, ctx.app_user_id
+            )
         else:
             stored = ctx.store.update(table.logical_name, record_id, row, ctx.app_user_id)
     return _written(ctx, req, table, stored, existing is None)
@@ -109,19 +124,35 @@ def qualify_lead(ctx: WriteContext, req: Request) -> Response:
     for name in ("CreateAccount", "CreateContact", "CreateOpportunity"):
         value = body.get(name)
         if not isinstance(value, bool):
-            raise DataverseFault(400, "0x80048d19", f"QualifyLead parameter '{name}' is required and must be a "
-                                                    f"boolean, got {value!r}.")
+            raise DataverseFault(
+                400,
+                "0x80048d19",
+                f"QualifyLead parameter '{name}' is required and must be a boolean, got {value!r}.",
+            )
         flags[name] = value
     status = body.get("Status", 3)
     if not isinstance(status, int) or isinstance(status, bool):
-        raise DataverseFault(400, "0x80048d19", f"QualifyLead parameter 'Status' must be an integer, got {status!r}.")
-    created = ctx.store.qualify_lead(lead_id, flags["CreateAccount"], flags["CreateContact"],
-                                     flags["CreateOpportunity"], status, ctx.app_user_id)
+        raise DataverseFault(
+            400, "0x80048d19", f"QualifyLead parameter 'Status' must be an integer, got {status!r}."
+        )
+    created = ctx.store.qualify_lead(
+        lead_id,
+        flags["CreateAccount"],
+        flags["CreateContact"],
+        flags["CreateOpportunity"],
+        status,
+        ctx.app_user_id,
+    )
     pks = {"account": "accountid", "contact": "contactid", "opportunity": "opportunityid"}
     value = [{"@odata.type": f"#Microsoft.Dynamics.CRM.{t}", pks[t]: i} for t, i in created.items()]
-    return Response.json({"@odata.context": f"{ctx.api_url}/api/data/v9.2/$metadata#Collection("
-                                            f"Microsoft.Dynamics.CRM.crmbaseentity)", "value": value},
-                         headers=ODATA_HEADERS)
+    return Response.json(
+        {
+            "@odata.context": f"{ctx.api_url}/api/data/v9.2/$metadata#Collection("
+            f"Microsoft.Dynamics.CRM.crmbaseentity)",
+            "value": value,
+        },
+        headers=ODATA_HEADERS,
+    )
 
 
 def _targets(table: Table, req: Request) -> list[dict[str, Any]]:
@@ -134,9 +165,13 @@ def _targets(table: Table, req: Request) -> list[dict[str, Any]]:
             raise DataverseFault(400, "0x80048d19", f"Targets[{i}] is not an object.")
         odata_type = str(target.get("@odata.type", "")).lstrip("#")
         if odata_type != f"Microsoft.Dynamics.CRM.{table.logical_name}":
-            raise DataverseFault(400, "0x80048d19", f"Targets[{i}] has @odata.type '{odata_type}'; entity set "
-                                                    f"'{table.entity_set}' needs 'Microsoft.Dynamics.CRM."
-                                                    f"{table.logical_name}'.")
+            raise DataverseFault(
+                400,
+                "0x80048d19",
+                f"Targets[{i}] has @odata.type '{odata_type}'; entity set "
+                f"'{table.entity_set}' needs 'Microsoft.Dynamics.CRM."
+                f"{table.logical_name}'.",
+            )
     return targets
 
 
@@ -147,8 +182,11 @@ def _target_id(table: Table, target: dict[str, Any], i: int) -> str | None:
     if m and m.group("set") == table.entity_set:
         return m.group("id").lower()
     if "@odata.id" in target:
-        raise DataverseFault(400, "0x80048d19", f"Targets[{i}] @odata.id '{target['@odata.id']}' is not "
-                                                f"'{table.entity_set}(<guid>)'.")
+        raise DataverseFault(
+            400,
+            "0x80048d19",
+            f"Targets[{i}] @odata.id '{target['@odata.id']}' is not '{table.entity_set}(<guid>)'.",
+        )
     return None
 
 
@@ -164,10 +202,13 @@ def multiple(ctx: WriteContext, req: Request, message: str) -> Response:
             try:
                 exists = record_id is not None and ctx.store.get(table.logical_name, record_id) is not None
                 if message == "UpdateMultiple" and not exists:
-                    raise DataverseFault(404, "0x80040217", f"{table.logical_name} With Id = {record_id} "
-                                                            f"Does Not Exist")
+                    raise DataverseFault(
+                        404, "0x80040217", f"{table.logical_name} With Id = {record_id} Does Not Exist"
+                    )
                 if message == "CreateMultiple" and exists:
-                    raise DataverseFault(412, "0x80040237", "A record with matching key values already exists.")
+                    raise DataverseFault(
+                        412, "0x80040237", "A record with matching key values already exists."
+                    )
                 row = parse_body(ctx.store, table, fields, creating=not exists)
                 row.pop(table.primary_id, None)
                 if exists:
@@ -176,26 +217,43 @@ def multiple(ctx: WriteContext, req: Request, message: str) -> Response:
                     row[table.primary_id] = record_id
                     record_id = ctx.store.insert(table.logical_name, row, ctx.app_user_id)[table.primary_id]
             except DataverseFault as exc:
-                raise DataverseFault(exc.status, exc.code, f"{message} failed at Targets[{i}] "
-                                                           f"({table.logical_name} {record_id or '(new)'}): "
-                                                           f"{exc.message}") from None
+                raise DataverseFault(
+                    exc.status,
+                    exc.code,
+                    f"{message} failed at Targets[{i}] "
+                    f"({table.logical_name} {record_id or '(new)'}): "
+                    f"{exc.message}",
+                ) from None
             ids.append(str(record_id))
     if message == "CreateMultiple":
-        return Response.json({"@odata.context": f"{ctx.api_url}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM."
-                                                f"CreateMultipleResponse", "Ids": ids}, headers=ODATA_HEADERS)
+        return Response.json(
+            {
+                "@odata.context": f"{ctx.api_url}/api/data/v9.2/$metadata#Microsoft.Dynamics.CRM."
+                f"CreateMultipleResponse",
+                "Ids": ids,
+            },
+            headers=ODATA_HEADERS,
+        )
     return Response(204, b"", dict(ODATA_HEADERS))
 
 
-
-def _merge_record(ctx: WriteContext, body: dict[str, Any], name: str) -> tuple[Table, str | None, dict[str, Any]]:
+def _merge_record(
+    ctx: WriteContext, body: dict[str, Any], name: str
+) -> tuple[Table, str | None, dict[str, Any]]:
     """A Merge parameter: an entity object with its @odata.type (required: the parameter is a crmbaseentity)."""
     value = body.get(name)
     if not isinstance(value, dict):
-        raise DataverseFault(400, "0x80048d19", f"Merge parameter '{name}' is required and must be an entity object.")
+        raise DataverseFault(
+            400, "0x80048d19", f"Merge parameter '{name}' is required and must be an entity object."
+        )
     odata_type = str(value.get("@odata.type", "")).lstrip("#")
     if not odata_type.startswith("Microsoft.Dynamics.CRM."):
-        raise DataverseFault(400, "0x80048d19", f"Merge parameter '{name}' needs an @odata.type annotation "
-                                                f"(e.g. 'Microsoft.Dynamics.CRM.account').")
+        raise DataverseFault(
+            400,
+            "0x80048d19",
+            f"Merge parameter '{name}' needs an @odata.type annotation "
+            f"(e.g. 'Microsoft.Dynamics.CRM.account').",
+        )
     logical = odata_type.rsplit(".", 1)[1]
     table = ctx.store.schema.tables.get(logical)
     if table is None:
@@ -212,22 +270,33 @@ def merge(ctx: WriteContext, req: Request) -> Response:
     table, target_id, _ = _merge_record(ctx, body, "Target")
     sub_table, sub_id, _ = _merge_record(ctx, body, "Subordinate")
     if sub_table.logical_name != table.logical_name:
-        raise DataverseFault(400, "0x80040203", f"Merge needs two records of one type, got {table.logical_name} "
-                                                f"and {sub_table.logical_name}.")
+        raise DataverseFault(
+            400,
+            "0x80040203",
+            f"Merge needs two records of one type, got {table.logical_name} and {sub_table.logical_name}.",
+        )
     if target_id is None or sub_id is None:
-        raise DataverseFault(400, "0x80048d19", f"Merge parameters 'Target' and 'Subordinate' must carry "
-                                                f"'{table.primary_id}'.")
+        raise DataverseFault(
+            400, "0x80048d19", f"Merge parameters 'Target' and 'Subordinate' must carry '{table.primary_id}'."
+        )
     checks = body.get("PerformParentingChecks")
     if not isinstance(checks, bool):
-        raise DataverseFault(400, "0x80048d19", f"Merge parameter 'PerformParentingChecks' is required and must be "
-                                                f"a boolean, got {checks!r}.")
+        raise DataverseFault(
+            400,
+            "0x80048d19",
+            f"Merge parameter 'PerformParentingChecks' is required and must be a boolean, got {checks!r}.",
+        )
     content: Row = {}
     if body.get("UpdateContent") is not None:
         upd_table, _, raw = _merge_record(ctx, body, "UpdateContent")
         if upd_table.logical_name != table.logical_name:
-            raise DataverseFault(400, "0x80040203", f"UpdateContent is a {upd_table.logical_name}, the merge is "
-                                                    f"of {table.logical_name} records.")
-        content = parse_body(ctx.store, table, {k: v for k, v in raw.items() if k != table.primary_id},
-                             creating=False)
+            raise DataverseFault(
+                400,
+                "0x80040203",
+                f"UpdateContent is a {upd_table.logical_name}, the merge is of {table.logical_name} records.",
+            )
+        content = parse_body(
+            ctx.store, table, {k: v for k, v in raw.items() if k != table.primary_id}, creating=False
+        )
     ctx.store.merge(table.logical_name, target_id, sub_id, content, checks, ctx.app_user_id)
     return Response(204, b"", dict(ODATA_HEADERS))

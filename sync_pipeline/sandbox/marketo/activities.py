@@ -21,25 +21,56 @@ MERGE_LEADS = 32
 DELETE_LEAD = 37
 
 ACTIVITY_TYPES: tuple[dict[str, Any], ...] = (
-    {"id": NEW_LEAD, "name": "New Lead", "description": "New person",
-     "primaryAttribute": {"name": "Source Type", "dataType": "string"},
-     "attributes": [{"name": "Source", "dataType": "string"}, {"name": "Reason", "dataType": "string"}]},
-    {"id": CHANGE_DATA_VALUE, "name": "Change Data Value", "description": "Changed attribute value for a person",
-     "primaryAttribute": {"name": "Attribute Name", "dataType": "integer"},
-     "attributes": [{"name": "New Value", "dataType": "string"}, {"name": "Old Value", "dataType": "string"},
-                    {"name": "Reason", "dataType": "string"}, {"name": "Source", "dataType": "string"}]},
-    {"id": MERGE_LEADS, "name": "Merge Leads", "description": "Merge people",
-     "primaryAttribute": {"name": "Lead ID", "dataType": "integer"},
-     "attributes": [{"name": "Merge ids", "dataType": "string"}, {"name": "Master Updated", "dataType": "boolean"},
-                    {"name": "Merge Source", "dataType": "string"}]},
-    {"id": DELETE_LEAD, "name": "Delete Lead", "description": "Delete a person",
-     "primaryAttribute": {"name": "Lead ID", "dataType": "integer"},
-     "attributes": [{"name": "Remove from CRM", "dataType": "boolean"}, {"name": "Source", "dataType": "string"}]},
+    {
+        "id": NEW_LEAD,
+        "name": "New Lead",
+        "description": "New person",
+        "primaryAttribute": {"name": "Source Type", "dataType": "string"},
+        "attributes": [{"name": "Source", "dataType": "string"}, {"name": "Reason", "dataType": "string"}],
+    },
+    {
+        "id": CHANGE_DATA_VALUE,
+        "name": "Change Data Value",
+        "description": "Changed attribute value for a person",
+        "primaryAttribute": {"name": "Attribute Name", "dataType": "integer"},
+        "attributes": [
+            {"name": "New Value", "dataType": "string"},
+            {"name": "Old Value", "dataType": "string"},
+            {"name": "Reason", "dataType": "string"},
+            {"name": "Source", "dataType": "string"},
+        ],
+    },
+    {
+        "id": MERGE_LEADS,
+        "name": "Merge Leads",
+        "description": "Merge people",
+        "primaryAttribute": {"name": "Lead ID", "dataType": "integer"},
+        "attributes": [
+            {"name": "Merge ids", "dataType": "string"},
+            {"name": "Master Updated", "dataType": "boolean"},
+            {"name": "Merge Source", "dataType": "string"},
+        ],
+    },
+    {
+        "id": DELETE_LEAD,
+        "name": "Delete Lead",
+        "description": "Delete a person",
+        "primaryAttribute": {"name": "Lead ID", "dataType": "integer"},
+        "attributes": [
+            {"name": "Remove from CRM", "dataType": "boolean"},
+            {"name": "Source", "dataType": "string"},
+        ],
+    },
 )
 
 # How a change's origin shows in the activity's Source attribute.
-SOURCES = {"API": "Web service API", "UI": "Person Details Page", "import": "List Import",
-           "merge": "Lead merge", "web": "Web form fillout"}
+SOURCES = {
+    "API": "Web service API",
+    "UI": "Person Details Page",
+    "import": "List Import",
+    "merge": "Lead merge",
+    "web": "Web form fillout",
+}
 
 
 class InvalidToken(ValueError):
@@ -71,15 +102,31 @@ class ActivityLog:
         self.items: list[dict[str, Any]] = []
         self._dates: list[str] = []  # parallel to items, non-decreasing
 
-    def record(self, type_id: int, lead_id: int, *, primary_id: int | None = None, primary: str | None = None,
-               attributes: list[dict[str, Any]] | None = None, fields: list[dict[str, Any]] | None = None) -> dict:
+    def record(
+        self,
+        type_id: int,
+        lead_id: int,
+        *,
+        primary_id: int | None = None,
+        primary: str | None = None,
+        attributes: list[dict[str, Any]] | None = None,
+        fields: list[dict[str, Any]] | None = None,
+    ) -> dict:
         date = iso(self.clock.now())
         if self._dates and date < self._dates[-1]:
             date = self._dates[-1]  # keep the log ordered even if wall time steps back
         activity_id = len(self.items) + 1
-        item = {"id": activity_id, "marketoGUID": str(activity_id), "leadId": lead_id, "activityDate": date,
-                "activityTypeId": type_id, "campaignId": None, "primaryAttributeValueId": primary_id,
-                "primaryAttributeValue": primary, "attributes": attributes or []}
+        item = {
+            "id": activity_id,
+            "marketoGUID": str(activity_id),
+            "leadId": lead_id,
+            "activityDate": date,
+            "activityTypeId": type_id,
+            "campaignId": None,
+            "primaryAttributeValueId": primary_id,
+            "primaryAttributeValue": primary,
+            "attributes": attributes or [],
+        }
         if fields is not None:
             item["fields"] = fields
         self.items.append(item)

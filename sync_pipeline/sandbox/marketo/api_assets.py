@@ -28,9 +28,14 @@ if TYPE_CHECKING:
 
 A = r"/rest/asset/v1/"
 # kind -> (browse path, single path) as Adobe names them
-PATHS = {"program": ("programs", "program"), "folder": ("folders", "folder"),
-         "smartCampaign": ("smartCampaigns", "smartCampaign"), "staticList": ("staticLists", "staticList"),
-         "email": ("emails", "email"), "segmentation": ("segmentation", "segmentation")}
+PATHS = {
+    "program": ("programs", "program"),
+    "folder": ("folders", "folder"),
+    "smartCampaign": ("smartCampaigns", "smartCampaign"),
+    "staticList": ("staticLists", "staticList"),
+    "email": ("emails", "email"),
+    "segmentation": ("segmentation", "segmentation"),
+}
 UPDATED_FILTER = {"program", "smartCampaign", "staticList", "email"}
 
 
@@ -61,6 +66,7 @@ def _window(p: dict[str, str]) -> tuple[str | None, str | None]:
             return to_iso(raw)
         except Exception:
             raise ApiError("1003", f"Invalid value for {name}: '{raw}'") from None
+
     return parse("earliestUpdatedAt"), parse("latestUpdatedAt")
 
 
@@ -71,7 +77,7 @@ def _page(rows: list[dict[str, Any]], p: dict[str, str]) -> list[dict[str, Any]]
         raise ApiError("1003", f"maxReturn must be between 1 and {MAX_RETURN}")
     if offset < 0:
         raise ApiError("1003", "offset must not be negative")
-    return rows[offset:offset + size]
+    return rows[offset : offset + size]
 
 
 def register(sb: MarketoSandbox) -> None:
@@ -83,8 +89,11 @@ def register(sb: MarketoSandbox) -> None:
             rows = assets.browse(kind)
             if kind in UPDATED_FILTER:
                 start, end = _window(p)
-                rows = [r for r in rows if (start is None or r["updatedAt"] >= start)
-                        and (end is None or r["updatedAt"] <= end)]
+                rows = [
+                    r
+                    for r in rows
+                    if (start is None or r["updatedAt"] >= start) and (end is None or r["updatedAt"] <= end)
+                ]
             if kind == "email" and p.get("status"):
                 rows = [r for r in rows if r["status"] == p["status"]]
             if kind == "segmentation" and p.get("status"):
@@ -106,12 +115,14 @@ def register(sb: MarketoSandbox) -> None:
                 want = p["isActive"].lower() == "true"
                 rows = [r for r in rows if r["isActive"] is want]
             return _found(_page(rows, p))
+
         return browse
 
     def by_id_for(kind: str) -> Any:
         def by_id(req: Request) -> Response:
             found = assets.get(kind, int(req.params["id"]))
             return _found([found] if found else [])
+
         return by_id
 
     def by_name_for(kind: str) -> Any:
@@ -121,6 +132,7 @@ def register(sb: MarketoSandbox) -> None:
                 raise ApiError("701", "name cannot be blank")
             found = assets.by_name(kind, name)
             return _found([found] if found else [])
+
         return by_name
 
     for kind, (plural, single) in PATHS.items():
@@ -139,8 +151,18 @@ def register(sb: MarketoSandbox) -> None:
         owner = assets.get("program" if ftype == "Program" else "folder", fid)
         if owner is None:
             raise ApiError("702", f"{fid} {ftype} not found")
-        return ok([{"folderId": fid, "folderName": owner["name"], "folderType": ftype, "workspaceName": "Default",
-                    "tokens": [dict(t) for t in assets.tokens.get((ftype, fid), [])]}], warnings=[])
+        return ok(
+            [
+                {
+                    "folderId": fid,
+                    "folderName": owner["name"],
+                    "folderType": ftype,
+                    "workspaceName": "Default",
+                    "tokens": [dict(t) for t in assets.tokens.get((ftype, fid), [])],
+                }
+            ],
+            warnings=[],
+        )
 
     @app.route("GET", A + r"segmentation/(?P<id>\d+)/segments\.json", "marketo.assets.segmentation.segments")
     def segments(req: Request) -> Response:
@@ -151,15 +173,21 @@ def register(sb: MarketoSandbox) -> None:
     def paged(rows: list[dict[str, Any]], p: dict[str, str]) -> Response:
         size = batch_size(p.get("batchSize"))
         offset = decode_offset(p.get("nextPageToken"))
-        page = rows[offset:offset + size]
+        page = rows[offset : offset + size]
         extra = {"nextPageToken": encode_offset(offset + size)} if offset + size < len(rows) else {}
         return ok(page, **extra)
 
     def list_view(r: dict[str, Any]) -> dict[str, Any]:
         program = assets.get("program", r["folder"]["id"]) if r["folder"]["type"] == "Program" else None
-        return {"id": r["id"], "name": r["name"], "description": r["description"],
-                "programName": program["name"] if program else None, "workspaceName": "Default",
-                "createdAt": r["createdAt"], "updatedAt": r["updatedAt"]}
+        return {
+            "id": r["id"],
+            "name": r["name"],
+            "description": r["description"],
+            "programName": program["name"] if program else None,
+            "workspaceName": "Default",
+            "createdAt": r["createdAt"],
+            "updatedAt": r["updatedAt"],
+        }
 
     @app.route("GET", r"/rest/v1/lists\.json", "marketo.lists.get")
     def lists(req: Request) -> Response:
@@ -189,7 +217,14 @@ def register(sb: MarketoSandbox) -> None:
     @app.route("GET", r"/rest/v1/lists/(?P<id>\d+)/leads\.json", "marketo.lists.leads")
     def list_leads(req: Request) -> Response:
         p = params(req)
-        names = csv_list(p.get("fields")) or ["id", "email", "updatedAt", "createdAt", "firstName", "lastName"]
+        names = csv_list(p.get("fields")) or [
+            "id",
+            "email",
+            "updatedAt",
+            "createdAt",
+            "firstName",
+            "lastName",
+        ]
         unknown = [n for n in names if sb.store.lead_object.field(n) is None]
         if unknown:
             raise ApiError("1006", f"Field '{unknown[0]}' not found")
@@ -206,16 +241,33 @@ def register(sb: MarketoSandbox) -> None:
         ids = csv_list(params(req).get("id"))
         if not ids:
             raise ApiError("701", "id cannot be blank")
-        return ok([{"id": int(i), "status": "memberof" if int(i) in members else "notmemberof"}
-                   if i.isdigit() else {"id": i, "status": "skipped",
-                                        "reasons": [{"code": "1004", "message": "Lead not found"}]} for i in ids])
+        return ok(
+            [
+                {"id": int(i), "status": "memberof" if int(i) in members else "notmemberof"}
+                if i.isdigit()
+                else {
+                    "id": i,
+                    "status": "skipped",
+                    "reasons": [{"code": "1004", "message": "Lead not found"}],
+                }
+                for i in ids
+            ]
+        )
 
     def campaign_view(r: dict[str, Any]) -> dict[str, Any]:
         program = assets.get("program", r["parentProgramId"])
-        return {"id": r["id"], "name": r["name"], "description": r["description"], "type": r["type"],
-                "programId": r["parentProgramId"], "programName": program["name"] if program else None,
-                "workspaceName": "Default", "active": r["isActive"], "createdAt": r["createdAt"],
-                "updatedAt": r["updatedAt"]}
+        return {
+            "id": r["id"],
+            "name": r["name"],
+            "description": r["description"],
+            "type": r["type"],
+            "programId": r["parentProgramId"],
+            "programName": program["name"] if program else None,
+            "workspaceName": "Default",
+            "active": r["isActive"],
+            "createdAt": r["createdAt"],
+            "updatedAt": r["updatedAt"],
+        }
 
     @app.route("GET", r"/rest/v1/campaigns\.json", "marketo.campaigns.get")
     def campaigns(req: Request) -> Response:

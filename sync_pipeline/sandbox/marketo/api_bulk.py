@@ -36,7 +36,8 @@ def multipart(req: Request) -> tuple[bytes, dict[str, str]]:
     if "multipart/form-data" not in ctype.lower():
         raise ApiError("612", "Invalid Content Type: expected multipart/form-data")
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + req.body)
+        b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + req.body
+    )
     if not message.is_multipart():
         raise ApiError("613", "Invalid Multipart Request")
     content: bytes | None = None
@@ -66,8 +67,9 @@ def _ranged(content: bytes, header: str | None, ctype: str) -> Response:
     end = min(end, size - 1)
     if start > end:
         return Response(416, b"", {"Content-Range": f"bytes */{size}"})
-    return Response(206, content[start:end + 1],
-                    {"Content-Type": ctype, "Content-Range": f"bytes {start}-{end}/{size}"})
+    return Response(
+        206, content[start : end + 1], {"Content-Type": ctype, "Content-Range": f"bytes {start}-{end}/{size}"}
+    )
 
 
 def row_failer(req: Request):
@@ -88,6 +90,7 @@ def register(sb: MarketoSandbox) -> None:
                 return fn(req)
             except BulkError as exc:
                 raise ApiError(exc.code, exc.message) from None
+
         return run
 
     @app.route("POST", _EXPORT + r"/create\.json", "marketo.bulk.export.create")
@@ -121,7 +124,9 @@ def register(sb: MarketoSandbox) -> None:
             job = bulk.job(req.params["kind"], req.params["id"])
             content = job.content
         if job.status != "Completed" or content is None:
-            return Response.text(f"Export file for job {job.export_id} is not available (status {job.status})", 404)
+            return Response.text(
+                f"Export file for job {job.export_id} is not available (status {job.status})", 404
+            )
         return _ranged(content, req.header("range"), "text/csv; charset=utf-8")
 
     @app.route("GET", r"/bulk/v1/(?P<kind>leads|activities)/export\.json", "marketo.bulk.export.list")
@@ -169,12 +174,15 @@ def register(sb: MarketoSandbox) -> None:
                 if job.status not in ("Complete", "Failed"):
                     return Response.text(f"Import batch {job.batch_id} is still {job.status}", 404)
                 return Response(200, job.report(which), {"Content-Type": "text/csv; charset=utf-8"})
+
         return run
 
     app.route("GET", r"/bulk/v1/leads/batch/(?P<id>\d+)/failures\.json", "marketo.bulk.import.failures")(
-        report("failures"))
+        report("failures")
+    )
     app.route("GET", r"/bulk/v1/leads/batch/(?P<id>\d+)/warnings\.json", "marketo.bulk.import.warnings")(
-        report("warnings"))
+        report("warnings")
+    )
 
     custom = r"/bulk/v1/customobjects/(?P<api>[A-Za-z0-9_]+)/import"
 
@@ -206,6 +214,8 @@ def register(sb: MarketoSandbox) -> None:
             return ok([job.describe()])
 
     app.route("GET", custom + r"/(?P<id>\d+)/failures\.json", "marketo.bulk.customobjects.import.failures")(
-        report("failures", custom=True))
+        report("failures", custom=True)
+    )
     app.route("GET", custom + r"/(?P<id>\d+)/warnings\.json", "marketo.bulk.customobjects.import.warnings")(
-        report("warnings", custom=True))
+        report("warnings", custom=True)
+    )

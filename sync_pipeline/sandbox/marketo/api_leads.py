@@ -44,21 +44,42 @@ def register(sb: MarketoSandbox) -> None:
     lead = store.lead_object
 
     def field_entry(f: Any) -> dict[str, Any]:
-        return {"name": f.name, "displayName": f.label, "dataType": f.data_type, "length": f.length,
-                "updateable": f.updateable, "crmManaged": f.crm_managed}
+        return {
+            "name": f.name,
+            "displayName": f.label,
+            "dataType": f.data_type,
+            "length": f.length,
+            "updateable": f.updateable,
+            "crmManaged": f.crm_managed,
+        }
 
     @app.route("GET", r"/rest/v1/leads/describe\.json", "marketo.leads.describe")
     def describe(req: Request) -> Response:
-        return ok([{"id": store.field_ids[f.name], "displayName": f.label, "dataType": f.data_type,
+        return ok(
+            [
+                {
+                    "id": store.field_ids[f.name],
+                    "displayName": f.label,
+                    "dataType": f.data_type,
                     **({"length": f.length} if f.length else {}),
                     "rest": {"name": f.name, "readOnly": not f.updateable},
-                    "soap": {"name": f.name[:1].upper() + f.name[1:], "readOnly": not f.updateable}}
-                   for f in lead.fields])
+                    "soap": {"name": f.name[:1].upper() + f.name[1:], "readOnly": not f.updateable},
+                }
+                for f in lead.fields
+            ]
+        )
 
     @app.route("GET", r"/rest/v1/leads/describe2\.json", "marketo.leads.describe2")
     def describe2(req: Request) -> Response:
-        return ok([{"name": "API Lead", "searchableFields": [[n] for n in store.searchable],
-                    "fields": [field_entry(f) for f in lead.fields]}])
+        return ok(
+            [
+                {
+                    "name": "API Lead",
+                    "searchableFields": [[n] for n in store.searchable],
+                    "fields": [field_entry(f) for f in lead.fields],
+                }
+            ]
+        )
 
     def requested_fields(raw: str | None) -> list[str]:
         names = csv_list(raw) or list(DEFAULT_FIELDS)
@@ -92,7 +113,7 @@ def register(sb: MarketoSandbox) -> None:
                     ids[lead_id] = None
             if len(ids) > MAX_MATCHES:
                 raise ApiError("1003", "Too many results match the filter")
-            page_ids = list(ids)[offset:offset + size]
+            page_ids = list(ids)[offset : offset + size]
             rows = [shape(store._leads[i], names) for i in page_ids]
         extra = {"nextPageToken": encode_offset(offset + size)} if offset + size < len(ids) else {}
         return ok(rows, **extra)
@@ -131,8 +152,13 @@ def register(sb: MarketoSandbox) -> None:
                     store.delete_lead(lead_id, source="API")
                     results.append({"id": lead_id, "status": "deleted"})
                 else:
-                    results.append({"id": lead_id, "status": "skipped",
-                                    "reasons": [{"code": "1004", "message": "Lead not found"}]})
+                    results.append(
+                        {
+                            "id": lead_id,
+                            "status": "skipped",
+                            "reasons": [{"code": "1004", "message": "Lead not found"}],
+                        }
+                    )
         return ok(results)
 
     @app.route("POST", r"/rest/v1/leads/(?P<id>\d+)/merge\.json", "marketo.leads.merge")
@@ -214,9 +240,13 @@ def register(sb: MarketoSandbox) -> None:
         return {k: item[k] for k in ("id", "marketoGUID", "leadId", "activityDate", "activityTypeId")}
 
     def general(item: dict[str, Any]) -> dict[str, Any]:
-        return {**base(item), "campaignId": item["campaignId"],
-                "primaryAttributeValueId": item["primaryAttributeValueId"],
-                "primaryAttributeValue": item["primaryAttributeValue"], "attributes": item["attributes"]}
+        return {
+            **base(item),
+            "campaignId": item["campaignId"],
+            "primaryAttributeValueId": item["primaryAttributeValueId"],
+            "primaryAttributeValue": item["primaryAttributeValue"],
+            "attributes": item["attributes"],
+        }
 
     @app.route("GET", r"/rest/v1/activities/leadchanges\.json", "marketo.activities.leadchanges")
     def lead_changes(req: Request) -> Response:

@@ -26,20 +26,36 @@ if TYPE_CHECKING:
     from sync_pipeline.sandbox.marketo.server import MarketoSandbox
 
 # URL path -> (object name, route-name prefix)
-STANDARD_PATHS = {"companies": ("company", "marketo.companies"),
-                  "opportunities": ("opportunity", "marketo.opportunities"),
-                  "opportunities/roles": ("opportunityRole", "marketo.roles"),
-                  "salespersons": ("salesPerson", "marketo.salespersons")}
+STANDARD_PATHS = {
+    "companies": ("company", "marketo.companies"),
+    "opportunities": ("opportunity", "marketo.opportunities"),
+    "opportunities/roles": ("opportunityRole", "marketo.roles"),
+    "salespersons": ("salesPerson", "marketo.salespersons"),
+}
 ACTIONS = ("createOnly", "updateOnly", "createOrUpdate")
 
 
 def describe_object(obj: MObject) -> dict[str, Any]:
-    return {"name": obj.name, "displayName": obj.display_name, "pluralName": obj.display_name + "s",
-            "idField": obj.id_field, "dedupeFields": list(obj.dedupe_fields),
-            "searchableFields": [list(s) for s in obj.searchable_fields],
-            "relationships": [dict(r) for r in obj.relationships],
-            "fields": [{"name": f.name, "displayName": f.label, "dataType": f.data_type, "length": f.length,
-                        "updateable": f.updateable, "crmManaged": f.crm_managed} for f in obj.fields]}
+    return {
+        "name": obj.name,
+        "displayName": obj.display_name,
+        "pluralName": obj.display_name + "s",
+        "idField": obj.id_field,
+        "dedupeFields": list(obj.dedupe_fields),
+        "searchableFields": [list(s) for s in obj.searchable_fields],
+        "relationships": [dict(r) for r in obj.relationships],
+        "fields": [
+            {
+                "name": f.name,
+                "displayName": f.label,
+                "dataType": f.data_type,
+                "length": f.length,
+                "updateable": f.updateable,
+                "crmManaged": f.crm_managed,
+            }
+            for f in obj.fields
+        ],
+    }
 
 
 def _query(table: ObjectTable, req: Request, lock: Any) -> Response:
@@ -85,7 +101,7 @@ def _query(table: ObjectTable, req: Request, lock: Any) -> Response:
         for seq, record in enumerate(records):
             for k in table.find_compound(key, record):
                 keys.setdefault(k, seq)
-        rows = [(k, seq) for k, seq in keys.items()][offset:offset + size]
+        rows = [(k, seq) for k, seq in keys.items()][offset : offset + size]
         result = [{"seq": seq, **{n: table.rows[k].get(n) for n in names}} for k, seq in rows]
     extra = {"nextPageToken": encode_offset(offset + size)} if offset + size < len(keys) else {}
     return ok(result, **extra)
@@ -143,8 +159,13 @@ def register(sb: MarketoSandbox) -> None:
     @app.route("GET", r"/rest/v1/customobjects\.json", "marketo.customobjects.list")
     def list_custom(req: Request) -> Response:
         wanted = set(csv_list(params(req).get("names")))
-        return ok([{k: v for k, v in describe_object(o).items() if k != "fields"}
-                   for o in store.schema.custom_objects if not wanted or o.name in wanted])
+        return ok(
+            [
+                {k: v for k, v in describe_object(o).items() if k != "fields"}
+                for o in store.schema.custom_objects
+                if not wanted or o.name in wanted
+            ]
+        )
 
     def custom_table(req: Request) -> ObjectTable:
         api_name = req.params["api"]

@@ -28,8 +28,21 @@ if TYPE_CHECKING:
     from sync_pipeline.sandbox.marketo.server import MarketoSandbox
 
 MAX_FIELDS = 100  # inputs per call
-DATA_TYPES = {"string": 255, "text": 65535, "email": 255, "phone": 255, "url": 255, "integer": None, "float": None,
-              "currency": None, "boolean": None, "date": None, "datetime": None, "score": None, "percent": None}
+DATA_TYPES = {
+    "string": 255,
+    "text": 65535,
+    "email": 255,
+    "phone": 255,
+    "url": 255,
+    "integer": None,
+    "float": None,
+    "currency": None,
+    "boolean": None,
+    "date": None,
+    "datetime": None,
+    "score": None,
+    "percent": None,
+}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
 
 
@@ -42,7 +55,9 @@ def register(sb: MarketoSandbox) -> None:
         if not isinstance(body, dict) or not isinstance(body.get("input"), list) or not body["input"]:
             raise ApiError("1003", "'input' cannot be blank")
         if len(body["input"]) > MAX_FIELDS:
-            raise ApiError("1003", f"Batch size {len(body['input'])} exceeds the maximum of {MAX_FIELDS} fields")
+            raise ApiError(
+                "1003", f"Batch size {len(body['input'])} exceeds the maximum of {MAX_FIELDS} fields"
+            )
         results: list[dict[str, Any]] = []
         for item in body["input"]:
             name = str(item.get("name") or "") if isinstance(item, dict) else ""
@@ -52,18 +67,30 @@ def register(sb: MarketoSandbox) -> None:
                 continue
             dtype = item["dataType"]
             length = item.get("length") if DATA_TYPES[dtype] else None
-            store.add_lead_field(MField(name, dtype, int(length or DATA_TYPES[dtype] or 0) or None,
-                                        display_name=str(item["displayName"])))
+            store.add_lead_field(
+                MField(
+                    name,
+                    dtype,
+                    int(length or DATA_TYPES[dtype] or 0) or None,
+                    display_name=str(item["displayName"]),
+                )
+            )
             results.append({"name": name, "status": "created"})
         return ok(results)
-
 
     @app.route("GET", r"/rest/v1/stats/usage\.json", "marketo.stats.usage")
     def usage(req: Request) -> Response:
         gate = sb.gate
         total = gate.daily_calls
-        return ok([{"date": sb.clock.now().strftime("%Y-%m-%d"), "total": total,
-                    "users": [{"userId": sb.api_user, "count": total}]}])
+        return ok(
+            [
+                {
+                    "date": sb.clock.now().strftime("%Y-%m-%d"),
+                    "total": total,
+                    "users": [{"userId": sb.api_user, "count": total}],
+                }
+            ]
+        )
 
 
 def _invalid(item: Any, store: Any) -> dict[str, str] | None:
@@ -78,10 +105,12 @@ def _invalid(item: Any, store: Any) -> dict[str, str] | None:
     if dtype not in DATA_TYPES:
         return {"code": "1003", "message": f"Invalid dataType '{dtype}'"}
     length, max_length = item.get("length"), DATA_TYPES[dtype]
-    if length is not None and (not isinstance(length, int) or length < 1 or
-                               (max_length is not None and length > max_length)):
+    if length is not None and (
+        not isinstance(length, int) or length < 1 or (max_length is not None and length > max_length)
+    ):
         return {"code": "1003", "message": f"Invalid length '{length}' for dataType '{dtype}'"}
     if store.lead_object.field(str(name)) is not None or any(
-            f.label.lower() == str(display).lower() for f in store.lead_object.fields):
+        f.label.lower() == str(display).lower() for f in store.lead_object.fields
+    ):
         return {"code": "1009", "message": f"Field '{name}' already exists"}
     return None

@@ -37,8 +37,16 @@ from sync_pipeline.sandbox.marketo.validation import to_iso
 MAX_RANGE = timedelta(days=31)
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
 DELIMITERS = {"CSV": ",", "TSV": "\t", "SSV": " "}
-ACTIVITY_COLUMNS = ("marketoGUID", "leadId", "activityDate", "activityTypeId", "campaignId",
-                    "primaryAttributeValueId", "primaryAttributeValue", "attributes")
+ACTIVITY_COLUMNS = (
+    "marketoGUID",
+    "leadId",
+    "activityDate",
+    "activityTypeId",
+    "campaignId",
+    "primaryAttributeValueId",
+    "primaryAttributeValue",
+    "attributes",
+)
 
 
 class BulkError(Exception):
@@ -66,15 +74,26 @@ class ExportJob:
     error_msg: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"exportId": self.export_id, "format": self.format, "status": self.status,
-                               "createdAt": self.created_at}
-        for key, value in (("queuedAt", self.queued_at), ("startedAt", self.started_at),
-                           ("finishedAt", self.finished_at), ("errorMsg", self.error_msg)):
+        out: dict[str, Any] = {
+            "exportId": self.export_id,
+            "format": self.format,
+            "status": self.status,
+            "createdAt": self.created_at,
+        }
+        for key, value in (
+            ("queuedAt", self.queued_at),
+            ("startedAt", self.started_at),
+            ("finishedAt", self.finished_at),
+            ("errorMsg", self.error_msg),
+        ):
             if value is not None:
                 out[key] = value
         if self.content is not None:
-            out.update(numberOfRecords=self.number_of_records, fileSize=len(self.content),
-                       fileChecksum=hashlib.sha256(self.content).hexdigest())
+            out.update(
+                numberOfRecords=self.number_of_records,
+                fileSize=len(self.content),
+                fileChecksum=hashlib.sha256(self.content).hexdigest(),
+            )
         return out
 
 
@@ -96,13 +115,25 @@ class ImportJob:
 
     def describe(self) -> dict[str, Any]:
         if self.object_name is not None:  # the custom object status shape (numOfObjectsProcessed)
-            return {"batchId": self.batch_id, "operation": "import", "objectApiName": self.object_name,
-                    "status": self.status, "numOfObjectsProcessed": self.processed,
-                    "numOfRowsFailed": len(self.failures), "numOfRowsWithWarning": len(self.warnings),
-                    "message": self.message}
-        return {"batchId": self.batch_id, "importId": str(self.batch_id), "status": self.status,
-                "numOfLeadsProcessed": self.processed, "numOfRowsFailed": len(self.failures),
-                "numOfRowsWithWarning": len(self.warnings), "message": self.message}
+            return {
+                "batchId": self.batch_id,
+                "operation": "import",
+                "objectApiName": self.object_name,
+                "status": self.status,
+                "numOfObjectsProcessed": self.processed,
+                "numOfRowsFailed": len(self.failures),
+                "numOfRowsWithWarning": len(self.warnings),
+                "message": self.message,
+            }
+        return {
+            "batchId": self.batch_id,
+            "importId": str(self.batch_id),
+            "status": self.status,
+            "numOfLeadsProcessed": self.processed,
+            "numOfRowsFailed": len(self.failures),
+            "numOfRowsWithWarning": len(self.warnings),
+            "message": self.message,
+        }
 
     def report(self, which: str) -> bytes:
         rows = self.failures if which == "failures" else self.warnings
@@ -182,7 +213,9 @@ class BulkService:
             fields = list(body.get("fields") or ACTIVITY_COLUMNS)
             _iso_range(flt, "createdAt")
             type_ids = flt.get("activityTypeIds")
-            if type_ids is not None and not (isinstance(type_ids, list) and all(isinstance(t, int) for t in type_ids)):
+            if type_ids is not None and not (
+                isinstance(type_ids, list) and all(isinstance(t, int) for t in type_ids)
+            ):
                 raise BulkError("1003", "activityTypeIds must be a list of integers")
         headers = body.get("columnHeaderNames") or {}
         job = ExportJob(str(uuid.uuid4()), kind, list(fields), flt, fmt, dict(headers), iso(self.clock.now()))
@@ -203,12 +236,18 @@ class BulkService:
             if job.status != "Created":
                 raise BulkError("1029", f"Export job {export_id} already queued (status {job.status})")
             lim = self.limits()
-            queued = sum(1 for jobs in self.exports.values() for j in jobs.values()
-                         if j.status in ("Queued", "Processing"))
+            queued = sum(
+                1
+                for jobs in self.exports.values()
+                for j in jobs.values()
+                if j.status in ("Queued", "Processing")
+            )
             if lim.bulk_queued_jobs is not None and queued >= lim.bulk_queued_jobs:
                 raise BulkError("1029", f"Too many jobs ({lim.bulk_queued_jobs}) in queue")
-            if lim.bulk_export_daily_mb is not None and \
-                    self.exported_bytes_today >= lim.bulk_export_daily_mb * 1024 * 1024:
+            if (
+                lim.bulk_export_daily_mb is not None
+                and self.exported_bytes_today >= lim.bulk_export_daily_mb * 1024 * 1024
+            ):
                 raise BulkError("1029", f"Export daily quota {lim.bulk_export_daily_mb:g}MB exceeded")
             job.status, job.queued_at = "Queued", iso(self.clock.now())
             self.advance()
@@ -287,8 +326,13 @@ class BulkService:
             return [j.describe() for j in self.exports[kind].values() if not statuses or j.status in statuses]
 
     # ------------------------------------------------------------------ imports
-    def create_import(self, data: bytes, lookup_field: str, object_name: str | None = None,
-                      fail_row: Callable[[int], dict[str, str] | None] | None = None) -> ImportJob:
+    def create_import(
+        self,
+        data: bytes,
+        lookup_field: str,
+        object_name: str | None = None,
+        fail_row: Callable[[int], dict[str, str] | None] | None = None,
+    ) -> ImportJob:
         """Queue an import of a CSV file: leads by ``lookup_field``, or records of custom object ``object_name``
         by its dedupe fields."""
         if len(data) > MAX_IMPORT_BYTES:
@@ -314,8 +358,15 @@ class BulkService:
             active = [j for j in self.imports.values() if j.status in ("Queued", "Importing")]
             if lim.bulk_import_queued is not None and len(active) >= lim.bulk_import_queued:
                 raise BulkError("1016", f"Too many imports ({lim.bulk_import_queued}) queued")
-            job = ImportJob(self._next_batch, header, rows[1:], lookup_field, object_name,
-                            moved_at_tick=self._tick, fail_row=fail_row or (lambda i: None))
+            job = ImportJob(
+                self._next_batch,
+                header,
+                rows[1:],
+                lookup_field,
+                object_name,
+                moved_at_tick=self._tick,
+                fail_row=fail_row or (lambda i: None),
+            )
             self._next_batch += 1
             self.imports[job.batch_id] = job
             return job
@@ -337,7 +388,9 @@ class BulkService:
                 self._run_import(job)
                 job.moved_at_tick = tick
         running = sum(1 for j in self.imports.values() if j.status == "Importing")
-        for job in sorted((j for j in self.imports.values() if j.status == "Queued"), key=lambda j: j.batch_id):
+        for job in sorted(
+            (j for j in self.imports.values() if j.status == "Queued"), key=lambda j: j.batch_id
+        ):
             if lim.bulk_import_concurrent is not None and running >= lim.bulk_import_concurrent:
                 break
             if job.moved_at_tick >= tick:
@@ -362,18 +415,22 @@ class BulkService:
                 warn.append(None)
                 continue
             # A blank cell leaves the field as it is: it is not sent at all.
-            records.append({h: v for h, v in zip(job.header, row, strict=True) if v != "" and h not in readonly})
+            records.append(
+                {h: v for h, v in zip(job.header, row, strict=True) if v != "" and h not in readonly}
+            )
             ignored = [h for h, v in zip(job.header, row, strict=True) if v != "" and h in readonly]
             warn.append(f"Field '{ignored[0]}' is not updateable; value ignored" if ignored else None)
         sendable: list[Any] = [r if r is not None else [] for r in records]
         with self.store.lock:
             if job.object_name is None:
                 action = "updateOnly" if job.lookup_field == "id" else "createOrUpdate"
-                results = self.store.sync_leads(sendable, action, job.lookup_field, source="import",
-                                                fail=job.fail_row)
+                results = self.store.sync_leads(
+                    sendable, action, job.lookup_field, source="import", fail=job.fail_row
+                )
             else:
-                results = self.store.table(job.object_name).upsert(sendable, "createOrUpdate",
-                                                                   "dedupeFields", job.fail_row)
+                results = self.store.table(job.object_name).upsert(
+                    sendable, "createOrUpdate", "dedupeFields", job.fail_row
+                )
         for row, record, result, warning in zip(job.rows, records, results, warn, strict=True):
             if record is None:
                 job.failures.append((row, f"1003 Row has {len(row)} columns, header has {len(job.header)}"))
@@ -388,7 +445,8 @@ class BulkService:
         job.status = "Complete"
         what = "records" if job.object_name is None else "objects"
         if job.failures:
-            job.message = (f"Import completed with errors, {job.processed} {what} imported, "
-                           f"{len(job.failures)} failed")
+            job.message = (
+                f"Import completed with errors, {job.processed} {what} imported, {len(job.failures)} failed"
+            )
         else:
             job.message = f"Import succeeded, {job.processed} {what} imported"

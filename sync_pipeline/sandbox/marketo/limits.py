@@ -94,8 +94,10 @@ class LimitGate:
                 self._window.append(now)
                 if len(self._window) > lim.calls_per_window:
                     self.rejected["606"] += 1
-                    return "606", (f"Max rate limit '{lim.calls_per_window}' exceeded with in "
-                                   f"'{lim.window_seconds:g}' secs")
+                    return "606", (
+                        f"Max rate limit '{lim.calls_per_window}' exceeded with in "
+                        f"'{lim.window_seconds:g}' secs"
+                    )
             if lim.concurrent is not None and self._in_flight >= lim.concurrent:
                 self.rejected["615"] += 1
                 return "615", "Concurrent access limit reached"

@@ -71,8 +71,11 @@ class ObjectTable:
         self.clock = clock
         self.rows: dict[Any, dict[str, Any]] = {}
         self.dedupe: dict[tuple, Any] = {}
-        self.indexes = {f[0]: ValueIndex() for f in obj.searchable_fields
-                        if len(f) == 1 and f[0] != obj.id_field and obj.field(f[0])}
+        self.indexes = {
+            f[0]: ValueIndex()
+            for f in obj.searchable_fields
+            if len(f) == 1 and f[0] != obj.id_field and obj.field(f[0])
+        }
         self._next_id = 1
         # Extra per-record checks (e.g. a role's opportunity and lead must exist); returns reasons.
         self.check: Callable[[dict[str, Any]], list[dict[str, str]]] = lambda row: []
@@ -156,8 +159,13 @@ class ObjectTable:
     def _id_entry(self, key: Any) -> dict[str, Any]:
         return {self.obj.id_field: key}
 
-    def upsert(self, records: list[dict[str, Any]], action: str, dedupe_by: str,
-               fail: Callable[[int], dict[str, str] | None] = lambda i: None) -> list[dict[str, Any]]:
+    def upsert(
+        self,
+        records: list[dict[str, Any]],
+        action: str,
+        dedupe_by: str,
+        fail: Callable[[int], dict[str, str] | None] = lambda i: None,
+    ) -> list[dict[str, Any]]:
         results = []
         seen: set[Any] = set()
         by_id = dedupe_by == "idField"
@@ -166,8 +174,9 @@ class ObjectTable:
             results.append(out)
         return results
 
-    def _upsert_one(self, seq: int, record: Any, action: str, by_id: bool, seen: set,
-                    injected: dict[str, str] | None) -> dict[str, Any]:
+    def _upsert_one(
+        self, seq: int, record: Any, action: str, by_id: bool, seen: set, injected: dict[str, str] | None
+    ) -> dict[str, Any]:
         skip = lambda *reasons: {"seq": seq, "status": "skipped", "reasons": list(reasons)}  # noqa: E731
         if not isinstance(record, dict):
             return skip({"code": "1003", "message": "Invalid record: expected a JSON object"})
@@ -184,7 +193,9 @@ class ObjectTable:
             marker = self.dedupe_key(record)
             if marker is None:
                 missing = [f for f in self.obj.dedupe_fields if norm(record.get(f)) is None]
-                return skip({"code": "1002", "message": f"Value for required field '{missing[0]}' not specified"})
+                return skip(
+                    {"code": "1002", "message": f"Value for required field '{missing[0]}' not specified"}
+                )
             matches = [self.dedupe[marker]] if marker in self.dedupe else []
         if marker in seen:
             return skip({"code": "1036", "message": "Duplicate object in input"})
@@ -208,21 +219,35 @@ class ObjectTable:
             return {"seq": seq, "status": "updated", **self._id_entry(matches[0])}
         return {"seq": seq, "status": "created", **self._id_entry(self.insert(values))}
 
-    def delete_records(self, records: list[dict[str, Any]], delete_by: str,
-                       guard: Callable[[Any], dict[str, str] | None] = lambda key: None) -> list[dict[str, Any]]:
+    def delete_records(
+        self,
+        records: list[dict[str, Any]],
+        delete_by: str,
+        guard: Callable[[Any], dict[str, str] | None] = lambda key: None,
+    ) -> list[dict[str, Any]]:
         results = []
         for seq, record in enumerate(records):
             if not isinstance(record, dict):
-                results.append({"seq": seq, "status": "skipped",
-                                "reasons": [{"code": "1003", "message": "Invalid record: expected a JSON object"}]})
+                results.append(
+                    {
+                        "seq": seq,
+                        "status": "skipped",
+                        "reasons": [{"code": "1003", "message": "Invalid record: expected a JSON object"}],
+                    }
+                )
                 continue
             if delete_by == "idField":
                 matches = self.find(self.obj.id_field, record.get(self.obj.id_field))
             else:
                 matches = self.find_compound(self.obj.dedupe_fields, record)
             if not matches:
-                results.append({"seq": seq, "status": "skipped",
-                                "reasons": [{"code": "1013", "message": f"{self.obj.display_name} not found"}]})
+                results.append(
+                    {
+                        "seq": seq,
+                        "status": "skipped",
+                        "reasons": [{"code": "1013", "message": f"{self.obj.display_name} not found"}],
+                    }
+                )
                 continue
             blocked = guard(matches[0])
             if blocked:

@@ -79,14 +79,26 @@ class _MarketoApp(App):
     def not_found(self, req: Request, path_matched: bool) -> Response:
         if path_matched:
             return error("605", f"Request method '{req.method}' not supported")
-        return Response.json({"requestId": "", "success": False,
-                              "errors": [{"code": "610", "message": "Requested resource not found"}]}, 404)
+        return Response.json(
+            {
+                "requestId": "",
+                "success": False,
+                "errors": [{"code": "610", "message": "Requested resource not found"}],
+            },
+            404,
+        )
 
 
 class MarketoSandbox:
-    def __init__(self, schema: SandboxSchema | None = None, *, clock: Clock | None = None,
-                 limits: dict[str, Any] | None = None, token_lifetime: int = 3600,
-                 store: MarketoStore | None = None):
+    def __init__(
+        self,
+        schema: SandboxSchema | None = None,
+        *,
+        clock: Clock | None = None,
+        limits: dict[str, Any] | None = None,
+        token_lifetime: int = 3600,
+        store: MarketoStore | None = None,
+    ):
         self.schema = schema or load_schema()
         self.clock = clock or (store.clock if store else Clock())
         self.store = store or MarketoStore(self.schema, self.clock)
@@ -120,8 +132,9 @@ class MarketoSandbox:
         return f"MarketoSandbox(munchkin_id={self.munchkin_id!r}, base_url={self.base_url if self._server else None!r})"
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, host: str = "127.0.0.1", ssl: ssl_module.SSLContext | None = None,
-              port: int = 0) -> MarketoSandbox:
+    def start(
+        self, host: str = "127.0.0.1", ssl: ssl_module.SSLContext | None = None, port: int = 0
+    ) -> MarketoSandbox:
         self._server = SandboxServer(self.app, host, port, ssl).start()
         return self
 
@@ -155,10 +168,17 @@ class MarketoSandbox:
         if req.method == "POST" and req.body:
             args.update({k: v[-1] for k, v in parse_qs(req.body.decode("utf-8", "replace")).items()})
         if args.get("grant_type") != "client_credentials":
-            return Response.json({"error": "unsupported_grant_type",
-                                  "error_description": "grant_type must be client_credentials"}, 400)
+            return Response.json(
+                {
+                    "error": "unsupported_grant_type",
+                    "error_description": "grant_type must be client_credentials",
+                },
+                400,
+            )
         if args.get("client_id") != self.client_id or args.get("client_secret") != self.client_secret:
-            return Response.json({"error": "unauthorized", "error_description": "Bad client credentials"}, 401)
+            return Response.json(
+                {"error": "unauthorized", "error_description": "Bad client credentials"}, 401
+            )
         now = self.clock.timestamp()
         with self._token_lock:
             if self._current is None or self._tokens[self._current] <= now:
@@ -166,8 +186,9 @@ class MarketoSandbox:
                 self._tokens[self._current] = now + self.token_lifetime
             remaining = max(0, int(self._tokens[self._current] - now))
             token = self._current
-        return Response.json({"access_token": token, "token_type": "bearer", "expires_in": remaining,
-                              "scope": self.api_user})
+        return Response.json(
+            {"access_token": token, "token_type": "bearer", "expires_in": remaining, "scope": self.api_user}
+        )
 
     def _check_token(self, req: Request) -> Response | None:
         auth = req.header("authorization") or ""
@@ -207,6 +228,7 @@ class MarketoSandbox:
                 return handler(req)
             except ApiError as exc:
                 return error(exc.code, exc.message)
+
         return run
 
     def _render_fault(self, fault: Fault, req: Request) -> Response | None:

@@ -28,16 +28,34 @@ from sync_pipeline.sandbox.marketo.validation import FieldError, coerce, validat
 from sync_pipeline.sandbox.schema import MField, MObject, SandboxSchema, load_schema
 
 LEAD_ACTIONS = ("createOnly", "updateOnly", "createOrUpdate", "createDuplicate")
-OBJECT_ALIASES = {"leads": "lead", "companies": "company", "opportunities": "opportunity",
-                  "opportunities/roles": "opportunityRole", "roles": "opportunityRole",
-                  "salespersons": "salesPerson"}
-_REASONS = {"API": "Sync Lead", "UI": "Changed by user", "import": "List Import", "merge": "Lead merge",
-            "web": "Form fill"}
+OBJECT_ALIASES = {
+    "leads": "lead",
+    "companies": "company",
+    "opportunities": "opportunity",
+    "opportunities/roles": "opportunityRole",
+    "roles": "opportunityRole",
+    "salespersons": "salesPerson",
+}
+_REASONS = {
+    "API": "Sync Lead",
+    "UI": "Changed by user",
+    "import": "List Import",
+    "merge": "Lead merge",
+    "web": "Form fill",
+}
 
 
 # Types whose values are stored as given (email is excluded: it always goes through validation).
-_PY_TYPES: dict[str, type[Any]] = {"string": str, "text": str, "phone": str, "url": str, "integer": int,
-                              "boolean": bool, "currency": float, "float": float}
+_PY_TYPES: dict[str, type[Any]] = {
+    "string": str,
+    "text": str,
+    "phone": str,
+    "url": str,
+    "integer": int,
+    "boolean": bool,
+    "currency": float,
+    "float": float,
+}
 
 
 class StoreError(ValueError):
@@ -55,12 +73,14 @@ class MarketoStore:
         self.field_ids = {f.name: i for i, f in enumerate(self.lead_object.fields, start=1)}
         self._leads: dict[int, dict[str, Any]] = {}
         self._next_lead_id = 1
-        self.searchable = [f[0] for f in self.lead_object.searchable_fields
-                           if len(f) == 1 and self.lead_object.field(f[0])]
+        self.searchable = [
+            f[0] for f in self.lead_object.searchable_fields if len(f) == 1 and self.lead_object.field(f[0])
+        ]
         self._lead_indexes = {name: ValueIndex() for name in self.searchable if name != "id"}
         self.activities = ActivityLog(self.clock)
         self.tables: dict[str, ObjectTable] = {
-            name: ObjectTable(obj, self.clock) for name, obj in self.schema.objects.items() if name != "lead"}
+            name: ObjectTable(obj, self.clock) for name, obj in self.schema.objects.items() if name != "lead"
+        }
         self.tables["opportunityRole"].check = self._check_role
         self.assets = AssetStore()
         # Ids of the leads bulk_load created, in load order: generated activities and list memberships name
@@ -110,7 +130,9 @@ class MarketoStore:
             if self.lead_object.field(field) is None:
                 raise StoreError(f"Marketo sandbox: lead field {field!r} not found")
             target = norm(value)
-            return [i for i, lead in self._leads.items() if target is not None and norm(lead.get(field)) == target]
+            return [
+                i for i, lead in self._leads.items() if target is not None and norm(lead.get(field)) == target
+            ]
 
     def get_lead(self, lead_id: int) -> dict[str, Any] | None:
         with self.lock:
@@ -142,9 +164,15 @@ class MarketoStore:
         self._leads[lead_id] = lead
         self._index_lead(lead_id, lead, True)
         if source is not None:
-            self.activities.record(NEW_LEAD, lead_id, primary=SOURCES.get(source, source), attributes=[
-                {"name": "Source", "value": SOURCES.get(source, source)},
-                {"name": "Reason", "value": _REASONS.get(source, source)}])
+            self.activities.record(
+                NEW_LEAD,
+                lead_id,
+                primary=SOURCES.get(source, source),
+                attributes=[
+                    {"name": "Source", "value": SOURCES.get(source, source)},
+                    {"name": "Reason", "value": _REASONS.get(source, source)},
+                ],
+            )
         return lead_id
 
     def _update_lead(self, lead_id: int, values: dict[str, Any], source: str) -> list[str]:
@@ -161,12 +189,18 @@ class MarketoStore:
             else:
                 lead[name] = new
             self.activities.record(
-                CHANGE_DATA_VALUE, lead_id, primary_id=self.field_ids.get(name),
+                CHANGE_DATA_VALUE,
+                lead_id,
+                primary_id=self.field_ids.get(name),
                 primary=self.lead_object.field(name).label,  # type: ignore[union-attr]
                 fields=[{"id": self.field_ids.get(name), "name": name, "newValue": new, "oldValue": old}],
-                attributes=[{"name": "New Value", "value": new}, {"name": "Old Value", "value": old},
-                            {"name": "Reason", "value": _REASONS.get(source, source)},
-                            {"name": "Source", "value": label}])
+                attributes=[
+                    {"name": "New Value", "value": new},
+                    {"name": "Old Value", "value": old},
+                    {"name": "Reason", "value": _REASONS.get(source, source)},
+                    {"name": "Source", "value": label},
+                ],
+            )
         lead["updatedAt"] = iso(self.clock.now())
         self._index_lead(lead_id, lead, True)
         return changed
@@ -196,9 +230,16 @@ class MarketoStore:
             if lead is None:
                 raise StoreError(f"Marketo sandbox: delete_lead: lead {lead_id} not found")
             self._index_lead(lead_id, lead, False)
-            self.activities.record(DELETE_LEAD, lead_id, primary_id=lead_id, primary=lead.get("email"),
-                                   attributes=[{"name": "Remove from CRM", "value": False},
-                                               {"name": "Source", "value": SOURCES.get(source, source)}])
+            self.activities.record(
+                DELETE_LEAD,
+                lead_id,
+                primary_id=lead_id,
+                primary=lead.get("email"),
+                attributes=[
+                    {"name": "Remove from CRM", "value": False},
+                    {"name": "Source", "value": SOURCES.get(source, source)},
+                ],
+            )
 
     def merge_leads(self, winner: int, losers: Iterable[int], source: str = "UI") -> dict[str, Any]:
         """Merge Leads (``POST /rest/v1/leads/{winner}/merge.json?leadIds=...``, at most 25 losers).
@@ -223,29 +264,55 @@ class MarketoStore:
             fill: dict[str, Any] = {}
             for loser_id in losers:
                 for name, value in self._leads[loser_id].items():
-                    if name not in ("id", "createdAt", "updatedAt") and base.get(name) is None and name not in fill:
+                    if (
+                        name not in ("id", "createdAt", "updatedAt")
+                        and base.get(name) is None
+                        and name not in fill
+                    ):
                         fill[name] = value
             for loser_id in losers:
                 lead = self._leads.pop(loser_id)
                 self._index_lead(loser_id, lead, False)
             self._update_lead(winner, fill, "merge")
-            self.activities.record(MERGE_LEADS, winner, primary_id=winner, primary=base.get("email"), attributes=[
-                {"name": "Merge ids", "value": ",".join(str(i) for i in losers)},
-                {"name": "Master Updated", "value": bool(fill)},
-                {"name": "Merge Source", "value": SOURCES.get(source, source)}])
+            self.activities.record(
+                MERGE_LEADS,
+                winner,
+                primary_id=winner,
+                primary=base.get("email"),
+                attributes=[
+                    {"name": "Merge ids", "value": ",".join(str(i) for i in losers)},
+                    {"name": "Master Updated", "value": bool(fill)},
+                    {"name": "Merge Source", "value": SOURCES.get(source, source)},
+                ],
+            )
             return dict(self._leads[winner])
 
-    def sync_leads(self, records: list[Any], action: str = "createOrUpdate", lookup_field: str = "email",
-                   source: str = "API", fail: Callable[[int], dict[str, str] | None] = lambda i: None
-                   ) -> list[dict[str, Any]]:
+    def sync_leads(
+        self,
+        records: list[Any],
+        action: str = "createOrUpdate",
+        lookup_field: str = "email",
+        source: str = "API",
+        fail: Callable[[int], dict[str, str] | None] = lambda i: None,
+    ) -> list[dict[str, Any]]:
         """Sync Leads semantics; one result per input record, in input order."""
         with self.lock:
             seen: set[str] = set()
-            return [self._sync_one(i, rec, action, lookup_field, source, seen, fail(i))
-                    for i, rec in enumerate(records)]
+            return [
+                self._sync_one(i, rec, action, lookup_field, source, seen, fail(i))
+                for i, rec in enumerate(records)
+            ]
 
-    def _sync_one(self, index: int, record: Any, action: str, lookup_field: str, source: str, seen: set[str],
-                  injected: dict[str, str] | None) -> dict[str, Any]:
+    def _sync_one(
+        self,
+        index: int,
+        record: Any,
+        action: str,
+        lookup_field: str,
+        source: str,
+        seen: set[str],
+        injected: dict[str, str] | None,
+    ) -> dict[str, Any]:
         skip = lambda *reasons: {"status": "skipped", "reasons": list(reasons)}  # noqa: E731
         if not isinstance(record, dict):
             return skip({"code": "1003", "message": f"Invalid record at index {index}: expected an object"})
@@ -253,7 +320,9 @@ class MarketoStore:
             return skip(injected)
         by_id = lookup_field == "id"
         if by_id and action != "updateOnly":
-            return skip({"code": "1003", "message": "Lookup field 'id' is only allowed with action updateOnly"})
+            return skip(
+                {"code": "1003", "message": "Lookup field 'id' is only allowed with action updateOnly"}
+            )
         key_value = record.get(lookup_field)
         fields = {k: v for k, v in record.items() if not (by_id and k == "id")}
         values, reasons = validate_record(self.lead_object, fields, creating=True)
@@ -268,7 +337,9 @@ class MarketoStore:
             matches: list[int] = []
         elif key is None:
             if action == "updateOnly":
-                return skip({"code": "1003", "message": f"Value for lookup field '{lookup_field}' not specified"})
+                return skip(
+                    {"code": "1003", "message": f"Value for lookup field '{lookup_field}' not specified"}
+                )
             matches = []
         else:
             matches = self.find_leads(lookup_field, key_value)
@@ -294,7 +365,9 @@ class MarketoStore:
         obj = self.object_def(object_name)
         fmap = obj.field_map
         # Values already in stored form skip coerce(): (python type, max length) per field.
-        ready = {name: (_PY_TYPES[f.data_type], f.length) for name, f in fmap.items() if f.data_type in _PY_TYPES}
+        ready = {
+            name: (_PY_TYPES[f.data_type], f.length) for name, f in fmap.items() if f.data_type in _PY_TYPES
+        }
         loaded = 0
         with self.lock:
             now = iso(self.clock.now())
@@ -302,12 +375,16 @@ class MarketoStore:
             for n, row in enumerate(rows):
                 values: dict[str, Any] = {}
                 if "leadIndex" in row and obj.name == "opportunityRole":  # a generated role names its person
-                    row = {**{k: v for k, v in row.items() if k != "leadIndex"},
-                           "leadId": self._generated_lead(row["leadIndex"], "opportunityRole", n)}
+                    row = {
+                        **{k: v for k, v in row.items() if k != "leadIndex"},
+                        "leadId": self._generated_lead(row["leadIndex"], "opportunityRole", n),
+                    }
                 for name, raw in row.items():
                     if raw is None:
                         if name not in fmap:
-                            raise StoreError(f"Marketo sandbox: bulk_load {obj.name} row {n}: field {name!r} not found")
+                            raise StoreError(
+                                f"Marketo sandbox: bulk_load {obj.name} row {n}: field {name!r} not found"
+                            )
                         continue
                     spec = ready.get(name)
                     if spec is not None and type(raw) is spec[0] and (spec[1] is None or len(raw) <= spec[1]):
@@ -315,18 +392,24 @@ class MarketoStore:
                         continue
                     field = fmap.get(name)
                     if field is None:
-                        raise StoreError(f"Marketo sandbox: bulk_load {obj.name} row {n}: field {name!r} not found")
+                        raise StoreError(
+                            f"Marketo sandbox: bulk_load {obj.name} row {n}: field {name!r} not found"
+                        )
                     try:
                         values[name] = coerce(field, raw)
                     except FieldError as exc:
-                        raise StoreError(f"Marketo sandbox: bulk_load {obj.name} row {n}: {exc.message}") from None
+                        raise StoreError(
+                            f"Marketo sandbox: bulk_load {obj.name} row {n}: {exc.message}"
+                        ) from None
                 if table is None:
                     self._load_lead(values, now)
                 else:
                     dk = table.dedupe_key(values)
                     if dk is not None and dk in table.dedupe:
-                        raise StoreError(f"Marketo sandbox: bulk_load {obj.name} row {n}: duplicate "
-                                         f"{'+'.join(obj.dedupe_fields)} {dk}")
+                        raise StoreError(
+                            f"Marketo sandbox: bulk_load {obj.name} row {n}: duplicate "
+                            f"{'+'.join(obj.dedupe_fields)} {dk}"
+                        )
                     values.pop(obj.id_field, None)
                     table.insert(values, now)
                 loaded += 1
@@ -360,24 +443,41 @@ class MarketoStore:
                 lead_id = self._generated_lead(row["leadIndex"], "activity", n)
                 type_id = row["activityTypeId"]
                 field_name = row.get("field")
-                item: dict[str, Any] = {"leadId": lead_id, "activityDate": row["activityDate"],
-                                        "activityTypeId": type_id, "campaignId": None}
+                item: dict[str, Any] = {
+                    "leadId": lead_id,
+                    "activityDate": row["activityDate"],
+                    "activityTypeId": type_id,
+                    "campaignId": None,
+                }
                 if type_id == NEW_LEAD:
                     source = row.get("source", "web")
-                    item.update(primaryAttributeValueId=None, primaryAttributeValue=SOURCES.get(source, source),
-                                attributes=[{"name": "Source", "value": SOURCES.get(source, source)},
-                                            {"name": "Reason", "value": _REASONS.get(source, source)}])
+                    item.update(
+                        primaryAttributeValueId=None,
+                        primaryAttributeValue=SOURCES.get(source, source),
+                        attributes=[
+                            {"name": "Source", "value": SOURCES.get(source, source)},
+                            {"name": "Reason", "value": _REASONS.get(source, source)},
+                        ],
+                    )
                 elif type_id == CHANGE_DATA_VALUE and field_name:
                     fid = self.field_ids.get(field_name)
                     label = self.lead_object.field(field_name).label  # type: ignore[union-attr]
                     new, old = row.get("newValue"), row.get("oldValue")
-                    item.update(primaryAttributeValueId=fid, primaryAttributeValue=label,
-                                fields=[{"id": fid, "name": field_name, "newValue": new, "oldValue": old}],
-                                attributes=[{"name": "New Value", "value": new}, {"name": "Old Value", "value": old},
-                                            {"name": "Reason", "value": _REASONS["UI"]},
-                                            {"name": "Source", "value": SOURCES["UI"]}])
+                    item.update(
+                        primaryAttributeValueId=fid,
+                        primaryAttributeValue=label,
+                        fields=[{"id": fid, "name": field_name, "newValue": new, "oldValue": old}],
+                        attributes=[
+                            {"name": "New Value", "value": new},
+                            {"name": "Old Value", "value": old},
+                            {"name": "Reason", "value": _REASONS["UI"]},
+                            {"name": "Source", "value": SOURCES["UI"]},
+                        ],
+                    )
                 else:
-                    raise StoreError(f"Marketo sandbox: bulk_load activity row {n}: unsupported activity {row!r}")
+                    raise StoreError(
+                        f"Marketo sandbox: bulk_load activity row {n}: unsupported activity {row!r}"
+                    )
                 items.append(item)
             self.activities.load_history(items)
         return len(items)
@@ -402,13 +502,17 @@ class MarketoStore:
     def _check_role(self, row: dict[str, Any]) -> list[dict[str, str]]:
         reasons = []
         if not self.tables["opportunity"].find("externalOpportunityId", row.get("externalOpportunityId")):
-            reasons.append({"code": "1013", "message": f"Opportunity '{row.get('externalOpportunityId')}' not found"})
+            reasons.append(
+                {"code": "1013", "message": f"Opportunity '{row.get('externalOpportunityId')}' not found"}
+            )
         if row.get("leadId") not in self._leads:
             reasons.append({"code": "1013", "message": f"Lead '{row.get('leadId')}' not found"})
         return reasons
 
     def opportunity_in_use(self, key: Any) -> dict[str, str] | None:
         opp = self.tables["opportunity"].rows.get(key)
-        if opp and self.tables["opportunityRole"].find("externalOpportunityId", opp.get("externalOpportunityId")):
+        if opp and self.tables["opportunityRole"].find(
+            "externalOpportunityId", opp.get("externalOpportunityId")
+        ):
             return {"code": "1022", "message": "Object in use: the opportunity still has roles"}
         return None

@@ -12,8 +12,10 @@ from typing import Any
 
 from sync_pipeline.sandbox.schema import MField, MObject
 
-_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$"
+)
 _TRUE = {"true", "1", "yes", "y"}
 _FALSE = {"false", "0", "no", "n"}
 _TEXT_TYPES = {"string", "text", "email", "phone", "url", "reference"}
@@ -96,8 +98,9 @@ def coerce(field: MField, value: Any) -> Any:
     return value
 
 
-def validate_record(obj: MObject, record: dict[str, Any], *, allowed_readonly: tuple[str, ...] = (),
-                    creating: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
+def validate_record(
+    obj: MObject, record: dict[str, Any], *, allowed_readonly: tuple[str, ...] = (), creating: bool
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Coerced writable values of ``record`` and the list of record-level reasons (empty when valid)."""
     values: dict[str, Any] = {}
     reasons: list[dict[str, str]] = []
@@ -116,9 +119,13 @@ def validate_record(obj: MObject, record: dict[str, Any], *, allowed_readonly: t
     if creating:
         for name in obj.required:
             if values.get(name) is None:
-                reasons.append({"code": "1002", "message": f"Value for required field '{name}' not specified"})
+                reasons.append(
+                    {"code": "1002", "message": f"Value for required field '{name}' not specified"}
+                )
     else:
         for name in obj.required:
             if name in values and values[name] is None:
-                reasons.append({"code": "1002", "message": f"Value for required field '{name}' not specified"})
+                reasons.append(
+                    {"code": "1002", "message": f"Value for required field '{name}' not specified"}
+                )
     return values, reasons

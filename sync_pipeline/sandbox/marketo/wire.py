@@ -13,13 +13,23 @@ MAX_BATCH = 300
 _counter = itertools.count(0x1000)
 
 ERROR_MESSAGES = {
-    "601": "Access token invalid", "602": "Access token expired", "603": "Access denied",
-    "604": "Request time-out", "605": "HTTP Method not supported",
+    "601": "Access token invalid",
+    "602": "Access token expired",
+    "603": "Access denied",
+    "604": "Request time-out",
+    "605": "HTTP Method not supported",
     "606": "Max rate limit '100' exceeded with in '20' secs",
-    "607": "Daily quota reached", "608": "API Temporarily Unavailable", "609": "Invalid JSON",
-    "610": "Requested resource not found", "611": "System error", "612": "Invalid Content Type",
-    "613": "Invalid Multipart Request", "614": "Invalid Subscription", "615": "Concurrent access limit reached",
-    "702": "No data found for given search scenario", "713": "Transient Error",
+    "607": "Daily quota reached",
+    "608": "API Temporarily Unavailable",
+    "609": "Invalid JSON",
+    "610": "Requested resource not found",
+    "611": "System error",
+    "612": "Invalid Content Type",
+    "613": "Invalid Multipart Request",
+    "614": "Invalid Subscription",
+    "615": "Concurrent access limit reached",
+    "702": "No data found for given search scenario",
+    "713": "Transient Error",
 }
 
 
@@ -44,8 +54,13 @@ def ok(result: list[Any] | None = None, **extra: Any) -> Response:
 
 
 def error(code: str, message: str | None = None) -> Response:
-    return Response.json({"requestId": request_id(), "success": False,
-                          "errors": [{"code": code, "message": message or ERROR_MESSAGES.get(code, "Error")}]})
+    return Response.json(
+        {
+            "requestId": request_id(),
+            "success": False,
+            "errors": [{"code": code, "message": message or ERROR_MESSAGES.get(code, "Error")}],
+        }
+    )
 
 
 def params(req: Request) -> dict[str, str]:
@@ -113,4 +128,3 @@ def decode_offset(token: str | None) -> int:
         return int(offset)
     except Exception:
         raise ApiError("1003", f"Invalid nextPageToken {token[:40]!r}") from None
-

@@ -7,9 +7,14 @@ from sync_pipeline.engine.extract.merges import MERGE_LEADS_TYPE, MarketoMerge, 
 
 
 def _activity(lead: object, merge_ids: object, **extra: object) -> dict:
-    return {"id": 7, "leadId": lead, "activityDate": "2026-12-01T10:00:00Z", "activityTypeId": MERGE_LEADS_TYPE,
-            "primaryAttributeValueId": extra.pop("primary", lead),
-            "attributes": [{"name": "Merge ids", "value": merge_ids}, {"name": "Master Updated", "value": True}]}
+    return {
+        "id": 7,
+        "leadId": lead,
+        "activityDate": "2026-12-01T10:00:00Z",
+        "activityTypeId": MERGE_LEADS_TYPE,
+        "primaryAttributeValueId": extra.pop("primary", lead),
+        "attributes": [{"name": "Merge ids", "value": merge_ids}, {"name": "Master Updated", "value": True}],
+    }
 
 
 def test_winner_and_losers_in_order() -> None:

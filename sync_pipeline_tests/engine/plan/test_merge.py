@@ -17,8 +17,12 @@ from sync_pipeline.engine import plan as plan_stage
 from sync_pipeline.engine.store.state import ensure_schema, qi
 
 NOW = datetime(2026, 11, 20, 12, 0, 0)
-C1, C2, L1, A1 = ("c0000000-0000-4000-8000-000000000001", "c0000000-0000-4000-8000-000000000002",
-                  "10000000-0000-4000-8000-000000000001", "a0000000-0000-4000-8000-000000000001")
+C1, C2, L1, A1 = (
+    "c0000000-0000-4000-8000-000000000001",
+    "c0000000-0000-4000-8000-000000000002",
+    "10000000-0000-4000-8000-000000000001",
+    "a0000000-0000-4000-8000-000000000001",
+)
 
 
 def _config(**contact_changes: Any) -> SyncConfig:
@@ -42,53 +46,118 @@ def con() -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, cols: dict[str, Any]) -> None:
-    con.execute(f"INSERT INTO {qi(table)} ({', '.join(qi(k) for k in cols)}) VALUES ({', '.join('?' for _ in cols)})",
-                list(cols.values()))
+    con.execute(
+        f"INSERT INTO {qi(table)} ({', '.join(qi(k) for k in cols)}) VALUES ({', '.join('?' for _ in cols)})",
+        list(cols.values()),
+    )
 
 
 def _f(fields: dict[str, Any]) -> dict[str, Any]:
     return {f"f_{k}": v for k, v in fields.items()}
 
 
-def dyn(con: duckdb.DuckDBPyConnection, entity: str, did: str, *, modified: str = "2026-11-20T10:00:00Z",
-        sync_flag: bool | None = None, deleted: bool = False, origin_lead: str | None = None, pending: bool = True,
-        **fields: Any) -> None:
-    _insert(con, f"d_{entity}", {"id": did, "version": 2, "modified_on": modified, "etag": f'W/"{did[:4]}"',
-                                 "deleted": deleted, "sync_flag": sync_flag, "origin_lead": origin_lead,
-                                 "pending_seq": 7 if pending else None, **_f(fields)})
+def dyn(
+    con: duckdb.DuckDBPyConnection,
+    entity: str,
+    did: str,
+    *,
+    modified: str = "2026-11-20T10:00:00Z",
+    sync_flag: bool | None = None,
+    deleted: bool = False,
+    origin_lead: str | None = None,
+    pending: bool = True,
+    **fields: Any,
+) -> None:
+    _insert(
+        con,
+        f"d_{entity}",
+        {
+            "id": did,
+            "version": 2,
+            "modified_on": modified,
+            "etag": f'W/"{did[:4]}"',
+            "deleted": deleted,
+            "sync_flag": sync_flag,
+            "origin_lead": origin_lead,
+            "pending_seq": 7 if pending else None,
+            **_f(fields),
+        },
+    )
 
 
-def mkto(con: duckdb.DuckDBPyConnection, mid: int, *, updated: str = "2026-11-20T10:00:00Z", deleted: bool = False,
-         pending: bool = True, **fields: Any) -> None:
-    _insert(con, "m_person", {"id": mid, "updated_at": updated, "deleted": deleted,
-                              "pending_seq": 8 if pending else None, **_f(fields)})
+def mkto(
+    con: duckdb.DuckDBPyConnection,
+    mid: int,
+    *,
+    updated: str = "2026-11-20T10:00:00Z",
+    deleted: bool = False,
+    pending: bool = True,
+    **fields: Any,
+) -> None:
+    _insert(
+        con,
+        "m_person",
+        {
+            "id": mid,
+            "updated_at": updated,
+            "deleted": deleted,
+            "pending_seq": 8 if pending else None,
+            **_f(fields),
+        },
+    )
 
 
 def base(con: duckdb.DuckDBPyConnection, entity: str, did: str, **fields: Any) -> None:
     _insert(con, f"b_{entity}", {"dynamics_id": did, "synced_at": NOW, "run_id": "r0", **_f(fields)})
 
 
-def link(con: duckdb.DuckDBPyConnection, entity: str, did: str, mid: int | str, state: str = "active") -> None:
-    _insert(con, "identity", {"entity": entity, "dynamics_id": did, "marketo_id": str(mid), "state": state,
-                              "linked_at": NOW, "how": "created"})
+def link(
+    con: duckdb.DuckDBPyConnection, entity: str, did: str, mid: int | str, state: str = "active"
+) -> None:
+    _insert(
+        con,
+        "identity",
+        {
+            "entity": entity,
+            "dynamics_id": did,
+            "marketo_id": str(mid),
+            "state": state,
+            "linked_at": NOW,
+            "how": "created",
+        },
+    )
 
 
-def synced_contact(con: duckdb.DuckDBPyConnection, did: str, mid: int, agreed: dict[str, Any],
-                   dynamics: dict[str, Any] | None = None, marketo: dict[str, Any] | None = None,
-                   entity: str = "contact", **dyn_kw: Any) -> None:
+def synced_contact(
+    con: duckdb.DuckDBPyConnection,
+    did: str,
+    mid: int,
+    agreed: dict[str, Any],
+    dynamics: dict[str, Any] | None = None,
+    marketo: dict[str, Any] | None = None,
+    entity: str = "contact",
+    **dyn_kw: Any,
+) -> None:
     """A linked person: base = ``agreed``; each side = base overlaid with its own changes."""
     typ = entity.title()
     base(con, entity, did, **agreed)
     link(con, entity, did, mid)
     dyn(con, entity, did, **{**agreed, **(dynamics or {})}, **dyn_kw)
-    mkto(con, mid, **{**agreed, **(marketo or {})}, dynamicsId=did, dynamicsType=typ, dynamicsIsDeleted="false")
+    mkto(
+        con, mid, **{**agreed, **(marketo or {})}, dynamicsId=did, dynamicsType=typ, dynamicsIsDeleted="false"
+    )
 
 
-def plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: str) -> tuple[plan_stage.PlanSummary, list[tuple]]:
+def plan(
+    con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: str
+) -> tuple[plan_stage.PlanSummary, list[tuple]]:
     ensure_schema(con, config)
     summary = plan_stage.compute_plan(con, config, config.entity(entity), "r1", NOW)
-    rows = con.execute("""SELECT dynamics_id, target, op, field, new_value, rule FROM plan WHERE entity = ?
-                          ORDER BY dynamics_id, target, op, field""", [entity]).fetchall()
+    rows = con.execute(
+        """SELECT dynamics_id, target, op, field, new_value, rule FROM plan WHERE entity = ?
+                          ORDER BY dynamics_id, target, op, field""",
+        [entity],
+    ).fetchall()
     return summary, rows
 
 
@@ -109,7 +178,11 @@ AGREED = {"email": "ann@example.org", "lastName": "Lee", "city": "Oslo", "title"
 def test_new_dynamics_record_is_created_with_every_mapped_value(ready, config) -> None:
     dyn(ready, "contact", C1, email="ann@example.org", lastName="Lee", doNotCall="true")
     summary, rows = plan(ready, config, "contact")
-    creates = {(f, v) for did, target, op, f, v, rule in rows if (target, op, rule) == ("marketo", "create", "create")}
+    creates = {
+        (f, v)
+        for did, target, op, f, v, rule in rows
+        if (target, op, rule) == ("marketo", "create", "create")
+    }
     assert {("email", "ann@example.org"), ("lastName", "Lee"), ("doNotCall", "true")} <= creates
     assert ("leadScore", None) not in creates  # to_dynamics fields do not travel to Marketo
     assert {r[1:3] for r in rows} == {("marketo", "create")}
@@ -128,8 +201,10 @@ def test_dynamics_change_flows_to_marketo_and_marketo_change_to_dynamics(ready, 
     synced_contact(ready, C1, 11, AGREED, dynamics={"phone": "+47 2"})
     synced_contact(ready, C2, 12, AGREED, marketo={"title": "CEO"})
     _, rows = plan(ready, config, "contact")
-    assert rows == [(C1, "marketo", "update", "phone", "+47 2", "two_way"),
-                    (C2, "dynamics", "update", "title", "CEO", "two_way")]
+    assert rows == [
+        (C1, "marketo", "update", "phone", "+47 2", "two_way"),
+        (C2, "dynamics", "update", "title", "CEO", "two_way"),
+    ]
     etag = ready.execute("SELECT etag FROM plan WHERE dynamics_id = ?", [C2]).fetchone()[0]
     assert etag == f'W/"{C2[:4]}"'  # the write to Dynamics carries the etag read (If-Match)
 
@@ -142,14 +217,17 @@ def test_conflict_dynamics_wins_on_contacts(ready, config) -> None:
 
 
 def test_conflict_marketo_wins_on_leads(ready, config) -> None:
-    synced_contact(ready, L1, 21, AGREED, dynamics={"city": "Bergen"}, marketo={"city": "Trondheim"},
-                   entity="lead")
+    synced_contact(
+        ready, L1, 21, AGREED, dynamics={"city": "Bergen"}, marketo={"city": "Trondheim"}, entity="lead"
+    )
     _, rows = plan(ready, config, "lead")
     assert rows == [(L1, "dynamics", "update", "city", "Trondheim", "conflict:marketo_wins")]
 
 
 def test_same_change_on_both_sides_only_moves_the_base(ready, config) -> None:
-    synced_contact(ready, C1, 11, AGREED, dynamics={"email": "ANN@example.org"}, marketo={"email": "ann@example.org"})
+    synced_contact(
+        ready, C1, 11, AGREED, dynamics={"email": "ANN@example.org"}, marketo={"email": "ann@example.org"}
+    )
     synced_contact(ready, C2, 12, AGREED, dynamics={"title": "CFO"}, marketo={"title": "CFO"})
     summary, rows = plan(ready, config, "contact")
     assert rows == [(C2, "base", "agree", "title", "CFO", "two_way")]  # emails compare case-insensitively
@@ -159,22 +237,28 @@ def test_same_change_on_both_sides_only_moves_the_base(ready, config) -> None:
 def test_different_fields_changed_on_both_sides_both_flow(ready, config) -> None:
     synced_contact(ready, C1, 11, AGREED, dynamics={"phone": "+47 2"}, marketo={"title": "CEO"})
     _, rows = plan(ready, config, "contact")
-    assert rows == [(C1, "dynamics", "update", "title", "CEO", "two_way"),
-                    (C1, "marketo", "update", "phone", "+47 2", "two_way")]
+    assert rows == [
+        (C1, "dynamics", "update", "title", "CEO", "two_way"),
+        (C1, "marketo", "update", "phone", "+47 2", "two_way"),
+    ]
 
 
 def test_policy_latest_takes_the_later_side(con) -> None:
     cfg = _config(field_policies={"title": "latest"})
     ensure_schema(con, cfg)
-    synced_contact(con, C1, 11, AGREED, dynamics={"title": "D"}, marketo={"title": "M"},
-                   modified="2026-11-20T10:00:00Z")
+    synced_contact(
+        con, C1, 11, AGREED, dynamics={"title": "D"}, marketo={"title": "M"}, modified="2026-11-20T10:00:00Z"
+    )
     con.execute("UPDATE m_person SET updated_at = '2026-11-20T11:00:00+01:00' WHERE id = 11")  # 10:00Z: a tie
-    synced_contact(con, C2, 12, AGREED, dynamics={"title": "D"}, marketo={"title": "M"},
-                   modified="2026-11-20T10:00:00Z")
+    synced_contact(
+        con, C2, 12, AGREED, dynamics={"title": "D"}, marketo={"title": "M"}, modified="2026-11-20T10:00:00Z"
+    )
     con.execute("UPDATE m_person SET updated_at = '2026-11-20T10:00:01Z' WHERE id = 12")
     _, rows = plan(con, cfg, "contact")
-    assert rows == [(C1, "marketo", "update", "title", "D", "conflict:latest"),  # tie: Dynamics
-                    (C2, "dynamics", "update", "title", "M", "conflict:latest")]
+    assert rows == [
+        (C1, "marketo", "update", "title", "D", "conflict:latest"),  # tie: Dynamics
+        (C2, "dynamics", "update", "title", "M", "conflict:latest"),
+    ]
 
 
 def test_policy_prefer_non_blank_keeps_the_value(con) -> None:
@@ -183,8 +267,10 @@ def test_policy_prefer_non_blank_keeps_the_value(con) -> None:
     synced_contact(con, C1, 11, AGREED, dynamics={"city": None}, marketo={"city": "Trondheim"})
     synced_contact(con, C2, 12, AGREED, dynamics={"city": "Bergen"}, marketo={"city": None})
     _, rows = plan(con, cfg, "contact")
-    assert rows == [(C1, "dynamics", "update", "city", "Trondheim", "conflict:prefer_non_blank"),
-                    (C2, "marketo", "update", "city", "Bergen", "conflict:prefer_non_blank")]
+    assert rows == [
+        (C1, "dynamics", "update", "city", "Trondheim", "conflict:prefer_non_blank"),
+        (C2, "marketo", "update", "city", "Bergen", "conflict:prefer_non_blank"),
+    ]
 
 
 def test_policy_hold_writes_nothing_and_keeps_both_values(con) -> None:
@@ -200,18 +286,23 @@ def test_policy_hold_writes_nothing_and_keeps_both_values(con) -> None:
 def test_one_way_person_fields_do_not_flow_back(ready, config) -> None:
     agreed = {**AGREED, "externalCompanyId": A1, "leadScore": "40"}
     # Marketo edits a to_marketo field, Dynamics edits a to_dynamics field: neither flows.
-    synced_contact(ready, C1, 11, agreed, dynamics={"leadScore": "99"}, marketo={"externalCompanyId": "other"})
+    synced_contact(
+        ready, C1, 11, agreed, dynamics={"leadScore": "99"}, marketo={"externalCompanyId": "other"}
+    )
     # Marketo's score changes: it flows to Dynamics.
     synced_contact(ready, C2, 12, agreed, marketo={"leadScore": "70"})
     _, rows = plan(ready, config, "contact")
     assert rows == [(C2, "dynamics", "update", "leadScore", "70", "to_dynamics")]
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("flag", [(C1, "marketo", "flag", "dynamicsIsDeleted", "true", "dynamics_delete:flag")]),
-    ("delete", [(C1, "marketo", "delete", "dynamicsIsDeleted", "true", "dynamics_delete:delete")]),
-    ("ignore", [(C1, "state", "retire", None, None, "dynamics_delete:ignore")]),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("flag", [(C1, "marketo", "flag", "dynamicsIsDeleted", "true", "dynamics_delete:flag")]),
+        ("delete", [(C1, "marketo", "delete", "dynamicsIsDeleted", "true", "dynamics_delete:delete")]),
+        ("ignore", [(C1, "state", "retire", None, None, "dynamics_delete:ignore")]),
+    ],
+)
 def test_dynamics_delete_modes(con, mode: str, expected: list[tuple]) -> None:
     cfg = _config(on_dynamics_delete=mode)
     ensure_schema(con, cfg)
@@ -242,7 +333,9 @@ def test_marketo_delete_tombstones_and_tombstone_blocks_recreate(ready, config) 
 def test_invalid_picklist_code_rejects_the_record(ready, config) -> None:
     dyn(ready, "contact", C1, email="x@example.org", preferredMethodOfContact=normalize.INVALID + "9")
     summary, rows = plan(ready, config, "contact")
-    assert rows == [(C1, "marketo", "reject", "preferredMethodOfContact", normalize.INVALID + "9", "invalid value")]
+    assert rows == [
+        (C1, "marketo", "reject", "preferredMethodOfContact", normalize.INVALID + "9", "invalid value")
+    ]
     assert summary.rejected == 1
 
 
@@ -251,10 +344,13 @@ def test_first_sync_links_by_email_instead_of_creating(ready, config) -> None:
     mkto(ready, 11, email="ann@example.org", lastName="Lee")
     summary, rows = plan(ready, config, "contact")
     assert ready.execute("SELECT marketo_id, how FROM identity WHERE dynamics_id = ?", [C1]).fetchall() == [
-        ("11", "email")]
+        ("11", "email")
+    ]
     assert [r for r in rows if r[2] == "create"] == []
-    assert {(r[3], r[4], r[5]) for r in rows if r[5] == "identity"} == {("dynamicsId", C1, "identity"),
-                                                                       ("dynamicsType", "Contact", "identity")}
+    assert {(r[3], r[4], r[5]) for r in rows if r[5] == "identity"} == {
+        ("dynamicsId", C1, "identity"),
+        ("dynamicsType", "Contact", "identity"),
+    }
     assert summary.linked == {"email": 1}
 
 
@@ -263,8 +359,9 @@ def test_qualified_lead_contact_takes_over_the_same_person(ready, config) -> Non
     ready.execute("UPDATE m_person SET pending_seq = NULL")
     dyn(ready, "contact", C1, origin_lead=L1, **AGREED)
     summary, rows = plan(ready, config, "contact")
-    assert ready.execute("SELECT entity, marketo_id, state, how FROM identity ORDER BY entity").fetchall() == [
-        ("contact", "21", "active", "qualification"), ("lead", "21", "converted", "created")]
+    assert ready.execute(
+        "SELECT entity, marketo_id, state, how FROM identity ORDER BY entity"
+    ).fetchall() == [("contact", "21", "active", "qualification"), ("lead", "21", "converted", "created")]
     assert [r for r in rows if r[2] == "create"] == []
     assert [(r[3], r[4]) for r in rows] == [("dynamicsId", C1), ("dynamicsType", "Contact")]
     assert summary.linked == {"qualification": 1}
@@ -275,9 +372,13 @@ def test_new_marketo_person_matching_the_rule_becomes_a_lead(ready, config) -> N
     mkto(ready, 32, email="cold@example.org", lastName="Cold", leadScore="10")
     mkto(ready, 33, email="noname@example.org", leadScore="90")
     _, rows = plan(ready, config, "lead")
-    creates = ready.execute("SELECT DISTINCT marketo_id, dynamics_id FROM plan WHERE op = 'create'").fetchall()
+    creates = ready.execute(
+        "SELECT DISTINCT marketo_id, dynamics_id FROM plan WHERE op = 'create'"
+    ).fetchall()
     assert [c[0] for c in creates] == ["31"]
     assert {(r[1], r[2], r[5]) for r in rows} == {("dynamics", "create", "create_in_dynamics")}
     assert ("email", "hot@example.org") in {(r[3], r[4]) for r in rows}
     again, _ = plan(ready, config, "lead")  # the new lead's id is derived from the person: re-plans agree
-    assert ready.execute("SELECT DISTINCT dynamics_id FROM plan WHERE op = 'create'").fetchall() == [(creates[0][1],)]
+    assert ready.execute("SELECT DISTINCT dynamics_id FROM plan WHERE op = 'create'").fetchall() == [
+        (creates[0][1],)
+    ]

@@ -25,8 +25,10 @@ def sandbox():
 def planned(con: duckdb.DuckDBPyConnection, records: list[tuple[str, dict[str, str | None]]]) -> None:
     """The push work tables as payloads.planned_records lays them out: planned_ids, planned_rows."""
     con.execute("CREATE TEMP TABLE planned_ids (rn BIGINT, dynamics_id VARCHAR, op VARCHAR)")
-    con.execute("CREATE TEMP TABLE planned_rows (rn BIGINT, dynamics_id VARCHAR, op VARCHAR, field VARCHAR, "
-                "new_value VARCHAR)")
+    con.execute(
+        "CREATE TEMP TABLE planned_rows (rn BIGINT, dynamics_id VARCHAR, op VARCHAR, field VARCHAR, "
+        "new_value VARCHAR)"
+    )
     for rn, (did, values) in enumerate(records, 1):
         con.execute("INSERT INTO planned_ids VALUES (?, ?, 'create')", [rn, did])
         for f, v in values.items():
@@ -40,21 +42,40 @@ def test_files_queue_failures_and_ids(sandbox, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(bulk_push, "FILE_BYTES", 500)  # a few records a file
     monkeypatch.setattr(bulk_push, "RECORD_SLICE", 7)  # results handed over in several slices
     # 2 imports at a time, 3 queued at most: more files than queue places, so 1016 must be waited out.
-    sandbox.set_limits({"bulk_import_concurrent": 2, "bulk_import_queued": 3, "bulk_processing_seconds": 0.05})
-    records = [(f"d-{i:03d}", {"email": f"p{i}@example.org", "lastName": f"Last {i}",
-                               "firstName": None if i % 3 else 'Line one\nand "two"'}) for i in range(60)]
+    sandbox.set_limits(
+        {"bulk_import_concurrent": 2, "bulk_import_queued": 3, "bulk_processing_seconds": 0.05}
+    )
+    records = [
+        (
+            f"d-{i:03d}",
+            {
+                "email": f"p{i}@example.org",
+                "lastName": f"Last {i}",
+                "firstName": None if i % 3 else 'Line one\nand "two"',
+            },
+        )
+        for i in range(60)
+    ]
     records[7][1]["email"] = "not an email"  # Marketo rejects this row
     con = duckdb.connect()
     state.ensure_schema(con, config)
     planned(con, records)
     got: list[tuple] = []
-    client = MarketoClient(sandbox.base_url, sandbox.client_id, sandbox.client_secret, backoff_seconds=0.01,
-                           backoff_max_seconds=0.05, poll_seconds=0.05)
+    client = MarketoClient(
+        sandbox.base_url,
+        sandbox.client_id,
+        sandbox.client_secret,
+        backoff_seconds=0.01,
+        backoff_max_seconds=0.05,
+        poll_seconds=0.05,
+    )
     try:
-        assert bulk_push.wanted(con, config.model_copy(update={"sync": config.sync.model_copy(
-            update={"bulk_import_threshold": 60})}), entity)
-        settled = bulk_push.push(con, config, entity, client, maps, got.extend, "run-1",
-                                 datetime.now(UTC))
+        assert bulk_push.wanted(
+            con,
+            config.model_copy(update={"sync": config.sync.model_copy(update={"bulk_import_threshold": 60})}),
+            entity,
+        )
+        settled = bulk_push.push(con, config, entity, client, maps, got.extend, "run-1", datetime.now(UTC))
     finally:
         client.close()
     assert settled == 60 and len(got) == 60 and len({r[0] for r in got}) == 60

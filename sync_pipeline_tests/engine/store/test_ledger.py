@@ -12,8 +12,11 @@ from sync_pipeline.engine.store import ledger
 from sync_pipeline.engine.store.state import ensure_schema
 
 NOW = datetime(2026, 11, 20, 12, 0, 0)
-L1, L2, L3 = ("10000000-0000-4000-8000-000000000001", "10000000-0000-4000-8000-000000000002",
-              "10000000-0000-4000-8000-000000000003")
+L1, L2, L3 = (
+    "10000000-0000-4000-8000-000000000001",
+    "10000000-0000-4000-8000-000000000002",
+    "10000000-0000-4000-8000-000000000003",
+)
 
 
 @pytest.fixture
@@ -25,8 +28,10 @@ def con():
 
 
 def _failure(con, did: str, target: str, held: bool, at: datetime, field: str | None = None) -> None:
-    con.execute("INSERT INTO failures VALUES ('lead', ?, ?, 'update', '7', ?, 'x', 'msg', 5, ?, ?, ?, ?, 'r0')",
-                [did, target, field, at, at, at, held])
+    con.execute(
+        "INSERT INTO failures VALUES ('lead', ?, ?, 'update', '7', ?, 'x', 'msg', 5, ?, ?, ?, ?, 'r0')",
+        [did, target, field, at, at, at, held],
+    )
 
 
 def test_failures_of_re_planned_records_clear_unless_the_write_is_still_needed(con) -> None:
@@ -41,8 +46,11 @@ def test_failures_of_re_planned_records_clear_unless_the_write_is_still_needed(c
     _failure(con, L2, "dynamics:fields", True, NOW - timedelta(hours=1), "leadSource")
     _failure(con, L3, "dynamics:fields", True, NOW + timedelta(seconds=5), "leadSource")
     _failure(con, L3, "marketo", True, NOW - timedelta(hours=1))
-    con.execute("""INSERT INTO plan VALUES ('r1', 'lead', ?, '7', 'marketo', 'update', 'title', 'a', 'b', 'a',
-                   'two_way', NULL)""", [L3])
+    con.execute(
+        """INSERT INTO plan VALUES ('r1', 'lead', ?, '7', 'marketo', 'update', 'title', 'a', 'b', 'a',
+                   'two_way', NULL)""",
+        [L3],
+    )
     ledger.finish(con, load_config().entity("lead"))
     left = con.execute("SELECT dynamics_id, target FROM failures ORDER BY 1, 2").fetchall()
     assert left == [(L3, "dynamics:fields"), (L3, "marketo")]
