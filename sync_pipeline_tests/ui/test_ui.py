@@ -267,7 +267,7 @@ def test_operating_it_in_the_ui_from_an_empty_store_to_a_held_record(dagster_dev
             shots.take("initial-copy-under-the-sync-job")
 
             # 3. Distinct stage names in the graph: the contact group reads extract -> plan -> push.
-            page.goto(f"{url}/locations/{LOCATION}/asset-groups/contact/lineage", wait_until="domcontentloaded")
+            page.goto(f"{url}/locations/{LOCATION}/asset-groups/{group_name(CONN, 'contact')}/lineage", wait_until="domcontentloaded")
             page.wait_for_function("() => document.querySelectorAll('svg foreignObject').length >= 4",
                                    timeout=60_000)
             page.wait_for_function("() => !document.body.innerText.includes('Loading...')", timeout=60_000)
