@@ -164,9 +164,10 @@ def build_assets(conn: str, config: SyncConfig, partitions: dg.PartitionsDefinit
     """Partitions slice extraction only: extracts are partitioned by modified time (historical windows for
     backfills; the latest window follows delta links), plans and pushes are unpartitioned and work on whatever
     is pending in the state store, once per run (docs/operations.md, "How the initial copy proceeds")."""
-    common: dict[str, Any] = dict(owners=OWNERS, pool=pool(conn))
-    extracts: dict[str, Any] = dict(common, partitions_def=partitions, backfill_policy=dg.BackfillPolicy.multi_run(
-        max_partitions_per_run=MAX_PARTITIONS_PER_RUN))
+    common: dict[str, Any] = {"owners": OWNERS, "pool": pool(conn)}
+    extracts: dict[str, Any] = {
+        **common, "partitions_def": partitions,
+        "backfill_policy": dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN)}
     assets: list[dg.AssetsDefinition] = []
     if config.persons:
         assets.append(_person_extract(conn, config, extracts))

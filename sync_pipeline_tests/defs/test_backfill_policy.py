@@ -4,7 +4,8 @@ extracts are partitioned, so each run extracts its range and then plans and push
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import dagster as dg
@@ -21,7 +22,7 @@ from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 def year_config(tmp_path: Path) -> Path:
     raw = yaml.safe_load(DEFAULT_PATH.read_text())
     # end_offset=1 includes today's window: 364 days back gives 365 daily partitions.
-    raw["sync"]["partitions"]["start_date"] = (datetime.now(timezone.utc).date() - timedelta(days=364)).isoformat()
+    raw["sync"]["partitions"]["start_date"] = (datetime.now(UTC).date() - timedelta(days=364)).isoformat()
     path = tmp_path / "entities.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -49,5 +50,5 @@ def test_a_year_of_daily_partitions_is_a_handful_of_runs(tmp_path) -> None:
     assert len(ranges) == math.ceil(365 / policy.max_partitions_per_run) <= 5
     # Contiguous chunks covering the year exactly once, oldest first, the latest window (delta links) last.
     assert ranges[0].start == keys[0] and ranges[-1].end == keys[-1]
-    for previous, chunk in zip(ranges, ranges[1:]):
+    for previous, chunk in pairwise(ranges):
         assert keys.index(chunk.start) == keys.index(previous.end) + 1
