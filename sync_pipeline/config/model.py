@@ -162,6 +162,10 @@ class RetrySettings(_Strict):
 class SyncSettings(_Strict):
     partitions: Partitions = Partitions()
     retry: RetrySettings = RetrySettings()
+    # Every how many plans of a person entity the whole store is searched for damaged links (a record nobody
+    # edits, a store repaired by hand); 1: every plan. In between only the records with pending work are looked at,
+    # so a plan reads what changed, not the tables (at 1 the sweep reads identity and the person mirror whole).
+    damage_sweep_every: int = Field(1, ge=1)
     marketo_person_object: str = PERSON_OBJECT
     bulk_import_threshold: int | None = Field(
         1000, ge=1, description="planned creates of persons or custom objects in one push from which they go "

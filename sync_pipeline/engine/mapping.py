@@ -146,8 +146,11 @@ def effective(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity
     """The configuration an incremental plan uses: the mapping without fields still waiting for a back-fill."""
     pending: dict[str, set[str]] = {}
     if has_tables(con):
-        rows = con.execute("""SELECT entity, field, EXISTS (SELECT 1 FROM identity i WHERE i.entity = f.entity)
-                              FROM mapping_fields f WHERE state = 'pending'""").fetchall()
+        rows = con.execute("SELECT entity, field FROM mapping_fields WHERE state = 'pending'").fetchall()
+        # Whether the entity has a linked record: one row is enough (an EXISTS per row joined all of identity).
+        copied = {ent: bool(con.execute("SELECT count(*) FROM (SELECT 1 FROM identity WHERE entity = ? LIMIT 1)",
+                                        [ent]).fetchone()[0]) for ent in {r[0] for r in rows}}
+        rows = [(ent, name, copied[ent]) for ent, name in rows]
         # An entity with no linked record yet (never copied, or re-baselined) gets every field with its copy.
         fresh = sorted({ent for ent, _name, copied in rows if not copied})
         if fresh:

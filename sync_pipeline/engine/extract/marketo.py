@@ -28,7 +28,19 @@ from sync_pipeline.engine.extract.merges import (
 )
 from sync_pipeline.engine.ports import MarketoPort
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, get_cursor, latest_fields, next_seq, qi, set_cursor, utcnow
+from sync_pipeline.engine.store.state import (
+    column,
+    fcol,
+    get_cursor,
+    keyed_execute,
+    keyed_rows,
+    latest_fields,
+    next_seq,
+    qi,
+    set_cursor,
+    sweep_due,
+    utcnow,
+)
 
 MAX_EXPORT_DAYS = 31
 ACTIVITY_SLICE = 20_000  # persons whose lead changes are applied together
@@ -97,6 +109,8 @@ def _reread_lost_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, cli
                          stats: ExtractStats) -> None:
     """Linked persons missing from the mirror (a damaged or partly restored store) are read again, so their
     records plan normally instead of staying quarantined; an id Marketo does not know stays quarantined."""
+    if not sweep_due(con, config, "lost_persons"):
+        return
     persons = [e.name for e in config.persons]
     ids = [int(r[0]) for r in con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) AS mid FROM identity
         WHERE state = 'active' AND entity IN (SELECT unnest(?::VARCHAR[])) AND TRY_CAST(marketo_id AS BIGINT) IS NOT NULL
@@ -150,9 +164,8 @@ def _apply_activities(con: duckdb.DuckDBPyConnection, watch: list[str], activiti
     latest), each change to a new value appends (person, field, activity time) to ``times``: Marketo's
     lead-change activities carry the time per field (domain.md 3.5)."""
     cols = ", ".join(f'f_{f} AS "{f}"' for f in watch)
-    ids = list(activities)
-    known = {r[0]: r for r in con.execute(
-        f"SELECT id, {cols} FROM m_person WHERE NOT deleted AND id IN (SELECT unnest(?::BIGINT[]))", [ids]).fetchall()}
+    keyed_rows(con, "activity_persons", "m_person", "id", list(activities), "NOT deleted", f"id, {cols}")
+    known = {r[0]: r for r in con.execute("SELECT * FROM activity_persons").fetchall()}
     rows: list[dict[str, Any]] = []
     fetch: set[int] = set()
     for lead_id, acts in activities.items():
@@ -249,26 +262,36 @@ UPSERT_ROWS = 20_000  # rows per upsert statement: DuckDB's ON CONFLICT keeps it
 
 
 def _upsert_persons(con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: str, table: pa.Table) -> IngestStats:
+    """New persons are inserted; known ones are updated where deleted or changed (and become pending). An update
+    and an insert rather than ``INSERT ... ON CONFLICT``: DuckDB's conflict handling reads the whole mirror for
+    every statement, the update reads the batch's persons through the key index."""
     stats = IngestStats(rows=table.num_rows)
     names = [fcol(f.marketo) for f in maps]
     exprs = [normalize.marketo_expr(f, qi(f.marketo)) for f in maps]
-    changed = " OR ".join(f"m_person.{n} IS DISTINCT FROM excluded.{n}" for n in names)
+    changed = " OR ".join(f"m_person.{n} IS DISTINCT FROM p.{n}" for n in names)
     for batch in table.to_batches(max_chunksize=UPSERT_ROWS):
         con.register(name, pa.Table.from_batches([batch]))
         try:
-            res = con.execute(f"""
-                INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})
-                SELECT CAST(id AS BIGINT), "updatedAt", false, ?, ?, {", ".join(exprs)} FROM {name}
+            # The ledger's mark travels with each row, so a row and its mark are written in one statement.
+            con.execute(f"""CREATE OR REPLACE TEMP TABLE persons_in AS
+                SELECT CAST(id AS BIGINT) AS id, "updatedAt" AS updated_at, CAST(? AS BIGINT) AS pending_seq,
+                       {", ".join(f"{e} AS {n}" for e, n in zip(exprs, names))} FROM {name}
                 WHERE TRY_CAST(id AS BIGINT) IS NOT NULL
-                QUALIFY row_number() OVER (PARTITION BY CAST(id AS BIGINT) ORDER BY "updatedAt" DESC) = 1
-                ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at, deleted = false,
-                    seen_at = excluded.seen_at, pending_seq = excluded.pending_seq,
-                    {", ".join(f"{n} = excluded.{n}" for n in names)}
-                WHERE m_person.deleted OR {changed}
-            """, [utcnow(), next_seq(con)]).fetchone()
-            stats.changed += int(res[0]) if res else 0
+                QUALIFY row_number() OVER (PARTITION BY CAST(id AS BIGINT) ORDER BY "updatedAt" DESC) = 1""",
+                        [next_seq(con)])
         finally:
             con.unregister(name)
+        ids = column(con, "SELECT id FROM persons_in")
+        keyed_rows(con, "persons_known", "m_person", "id", ids, columns="id")
+        now = utcnow()
+        stats.changed += keyed_execute(con, f"""UPDATE m_person SET updated_at = p.updated_at, deleted = false, seen_at = ?,
+                pending_seq = p.pending_seq, {", ".join(f"{n} = p.{n}" for n in names)}
+            FROM persons_in p WHERE m_person.id = p.id AND (m_person.deleted OR {changed}) AND m_person.id IN {{keys}}""",
+                                       column(con, "SELECT id FROM persons_known"), [now])
+        res = con.execute(f"""INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})
+            SELECT id, updated_at, false, ?, pending_seq, {", ".join(names)} FROM persons_in
+            WHERE id NOT IN (SELECT id FROM persons_known)""", [now]).fetchone()
+        stats.changed += int(res[0]) if res else 0
     return stats
 
 

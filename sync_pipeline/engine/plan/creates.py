@@ -8,7 +8,14 @@ import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine.plan.summary import PLAN_INSERT
-from sync_pipeline.engine.store.state import fcol, qi
+from sync_pipeline.engine.store.state import (
+    column,
+    fcol,
+    keyed_rows,
+    qi,
+    rows_equal,
+    sql_text,
+)
 
 
 def _rule_condition(cond: Any) -> tuple[str, list[Any]]:
@@ -37,15 +44,23 @@ def plan_dynamics_creates(con: duckdb.DuckDBPyConnection, config: SyncConfig, en
             "substr(h, 17, 4) || '-' || substr(h, 21, 12) FROM (SELECT md5('marketo-person:' || CAST(m.id AS VARCHAR)) AS h))")
     # A person whose email a Dynamics lead or contact already has is that record's person (linked by
     # email when that record is planned), not a new lead.
-    same_email = "".join(
-        f" AND NOT EXISTS (SELECT 1 FROM {qi('d_' + p.name)} x WHERE NOT x.deleted AND lower(x.f_email) = lower(m.f_email))"
-        for p in config.persons if "email" in {f.marketo for f in p.all_fields})
+    with_email = [p for p in config.persons if "email" in {f.marketo for f in p.all_fields}]
+    same_email = "".join(f" AND NOT EXISTS (SELECT 1 FROM {qi('email_owners_' + p.name)} x WHERE x.email = lower(m.f_email))"
+                         for p in with_email)
+    # The pending persons and their links, read through the indexes (pending_seq > 0: every mark is positive).
+    keyed_rows(con, "pending_persons", "m_person", "id", column(con, "SELECT id FROM m_person WHERE pending_seq > 0"),
+               "NOT deleted AND f_dynamicsId IS NULL")
+    keyed_rows(con, "pending_person_links", "identity", "marketo_id",
+               column(con, "SELECT CAST(id AS VARCHAR) FROM pending_persons"),
+               "entity IN (" + ", ".join(sql_text(p.name) for p in config.persons) + ")", "marketo_id")
+    con.execute("DELETE FROM pending_persons WHERE CAST(id AS VARCHAR) IN (SELECT marketo_id FROM pending_person_links)")
+    emails = column(con, "SELECT lower(f_email) FROM pending_persons WHERE f_email IS NOT NULL")
+    for p in with_email:  # the Dynamics records holding those emails, through the mirrors' email indexes
+        rows_equal(con, f"email_owners_{p.name}", qi(f"d_{p.name}"), "lower(f_email)", emails, "NOT deleted",
+                   "lower(f_email) AS email")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE person_creates AS
-        SELECT m.*, {guid} AS new_id, ({cond}) AS matches FROM m_person m
-        WHERE m.pending_seq IS NOT NULL AND NOT m.deleted AND m.f_dynamicsId IS NULL
-          AND NOT EXISTS (SELECT 1 FROM identity i WHERE i.entity IN (SELECT unnest(?::VARCHAR[]))
-                          AND i.marketo_id = CAST(m.id AS VARCHAR))
-          {same_email}""", [v for _, bound in conds for v in bound] + [[e.name for e in config.persons]])
+        SELECT m.*, {guid} AS new_id, ({cond}) AS matches FROM pending_persons m
+        WHERE true {same_email}""", [v for _, bound in conds for v in bound])
     head = [run_id, entity.name]
     if to_d:
         con.execute(f"""{PLAN_INSERT} SELECT ?, ?, new_id, CAST(id AS VARCHAR), 'dynamics', 'create', field,

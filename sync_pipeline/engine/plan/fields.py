@@ -8,11 +8,34 @@ from sync_pipeline.config.model import STICKY, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.plan.identity import hold_back
 from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary
-from sync_pipeline.engine.store.state import fcol, latest_fields, qi, sql_text
+from sync_pipeline.engine.store.state import (
+    column,
+    fcol,
+    keyed_rows,
+    latest_fields,
+    qi,
+    sql_text,
+)
+
+
+def _work_rows(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -> None:
+    """The rows of the slice's records (mirror, base, link, person, a customer contact), read through the key
+    indexes into temp tables ``work_d``/``work_b``/``work_i``/``work_m``/``work_cc``: the join below then never
+    scans the store's tables."""
+    ids = column(con, "SELECT did FROM work_set")
+    keyed_rows(con, "work_d", qi(f"d_{entity.name}"), "id", ids)
+    keyed_rows(con, "work_b", qi(f"b_{entity.name}"), "dynamics_id", ids)
+    keyed_rows(con, "work_i", "identity", "dynamics_id", ids, f"entity = {sql_text(entity.name)}")
+    if entity.is_person:
+        keyed_rows(con, "work_m", "m_person", "id",
+                   column(con, "SELECT TRY_CAST(marketo_id AS BIGINT) FROM work_i"))
+    if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name:
+        keyed_rows(con, "work_cc", "d_contact", "id", column(con, "SELECT customer_contact FROM work_d"))
 
 
 def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -> None:
-    e, d, b = entity.name, qi(f"d_{entity.name}"), qi(f"b_{entity.name}")
+    e, d, b = entity.name, "work_d", "work_b"
+    _work_rows(con, config, entity)
     sel = []
     for f in entity.all_fields:
         c = fcol(f.marketo)
@@ -34,7 +57,7 @@ def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
                    "m.f_dynamicsIsDeleted AS m_dynamicsIsDeleted") if entity.is_person else \
         ("NULL AS m_id, false AS m_deleted, NULL AS m_updated, NULL AS m_seq, NULL AS m_dynamicsId, "
          "NULL AS m_dynamicsType, NULL AS m_dynamicsIsDeleted")
-    person_join = "LEFT JOIN m_person m ON CAST(m.id AS VARCHAR) = i.marketo_id" if entity.is_person else ""
+    person_join = "LEFT JOIN work_m m ON CAST(m.id AS VARCHAR) = i.marketo_id" if entity.is_person else ""
     if entity.is_person:
         pivots = ", ".join(f"bool_or(field = {sql_text(f.marketo)}) AS {qi('sh_' + f.marketo)}, "
                            f"max(CASE WHEN field = {sql_text(f.marketo)} THEN d_value END) AS {qi('sd_' + f.marketo)}, "
@@ -50,14 +73,14 @@ def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
                         f" AND td{n}.field = {sql_text(name)}"
                         f" LEFT JOIN field_times tm{n} ON tm{n}.side = 'm' AND tm{n}.id = i.marketo_id"
                         f" AND tm{n}.field = {sql_text(name)}")
-    contact_join = ("LEFT JOIN d_contact cc ON cc.id = d.customer_contact"
+    contact_join = ("LEFT JOIN work_cc cc ON cc.id = d.customer_contact"
                     if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name
                     else "")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE joined_work AS
         SELECT work_set.did, work_set.d_seq, d.deleted AS d_deleted, d.sync_flag, d.etag, d.modified_on AS d_modified,
                i.marketo_id, i.state, b.dynamics_id IS NOT NULL AS has_base, {person_cols}, {", ".join(sel)}
         FROM work_set JOIN {d} d ON d.id = work_set.did
-        LEFT JOIN identity i ON i.entity = {sql_text(e)} AND i.dynamics_id = work_set.did
+        LEFT JOIN work_i i ON i.entity = {sql_text(e)} AND i.dynamics_id = work_set.did
         LEFT JOIN {b} b ON b.dynamics_id = work_set.did
         {person_join} {contact_join}""")
     recreate = entity.on_marketo_delete == "recreate"

@@ -10,45 +10,73 @@ import duckdb
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary, person_entities
-from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, qi, sql_text
+from sync_pipeline.engine.store import ledger, state
+from sync_pipeline.engine.store.state import (
+    column,
+    fcol,
+    keyed_rows,
+    qi,
+    rows_equal,
+    sql_text,
+)
 
 
 def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, now: datetime,
                  summary: PlanSummary) -> None:
     """Link the work set's unlinked records to their Marketo persons (or mark leads already converted)."""
     e, d = entity.name, qi(f"d_{entity.name}")
+    # Every lookup goes through the key indexes, starting from the work set's unlinked records (most runs
+    # have none); ``unlinked_d`` holds their mirror rows and loses each record as soon as a step links it.
+    keyed_rows(con, "work_links", "identity", "dynamics_id", column(con, "SELECT did FROM work_set"),
+               f"entity = {sql_text(e)}", "dynamics_id")
+    keyed_rows(con, "unlinked_d", d, "id",
+               column(con, "SELECT did FROM work_set WHERE did NOT IN (SELECT dynamics_id FROM work_links)"))
+    if not con.execute("SELECT count(*) FROM unlinked_d").fetchone()[0]:
+        return
     persons = [p.name for p in config.persons]
-    unlinked = "NOT EXISTS (SELECT 1 FROM identity x WHERE x.entity = $entity AND x.dynamics_id = d.id)"
-    bound = {"entity": e, "persons": persons}
+    in_persons = "entity IN (" + ", ".join(sql_text(p) for p in persons) + ")"
+
+    def linked(table: str) -> None:
+        con.execute(f"DELETE FROM unlinked_d WHERE id IN (SELECT did FROM {table})")
+
     # A person that already carries this record's id is its person (a re-baselined store, a lost identity row).
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE id_matches AS
-        SELECT d.id AS did, min(m.id) AS mid FROM work_set JOIN {d} d ON d.id = work_set.did
-        JOIN m_person m ON lower(m.f_dynamicsId) = d.id AND NOT m.deleted
-        WHERE {unlinked} AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN (SELECT unnest($persons))
-                                         AND y.marketo_id = CAST(m.id AS VARCHAR) AND y.state = 'active')
-        GROUP BY d.id""", bound)
+    rows_equal(con, "id_claimants", "m_person", "lower(f_dynamicsId)", column(con, "SELECT id FROM unlinked_d"),
+               "NOT deleted", "id, f_dynamicsId")
+    keyed_rows(con, "claimant_links", "identity", "marketo_id",
+               column(con, "SELECT CAST(id AS VARCHAR) FROM id_claimants"), f"{in_persons} AND state = 'active'",
+               "marketo_id")
+    con.execute("""CREATE OR REPLACE TEMP TABLE id_matches AS
+        SELECT d.id AS did, min(m.id) AS mid FROM unlinked_d d
+        JOIN id_claimants m ON lower(m.f_dynamicsId) = d.id
+        WHERE NOT EXISTS (SELECT 1 FROM claimant_links y WHERE y.marketo_id = CAST(m.id AS VARCHAR))
+        GROUP BY d.id""")
     n = ledger.link(con, e, "SELECT did, CAST(mid AS VARCHAR) AS mid FROM id_matches", "dynamics_id", now)
+    linked("id_matches")
     if n:
         summary.linked["dynamics_id"] = n
     if entity.name == "lead" and "contact" in config.by_name:
         # A lead first seen after it was qualified: its contact carries the person, the lead gets none.
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE converted_leads AS
-            SELECT d.id AS did, CAST(NULL AS VARCHAR) AS mid FROM work_set JOIN {d} d ON d.id = work_set.did
-            WHERE {unlinked} AND EXISTS (SELECT 1 FROM d_contact c WHERE c.origin_lead = d.id AND NOT c.deleted
-                                         AND c.sync_flag IS DISTINCT FROM false)""", {"entity": e})
+        keyed_rows(con, "origin_contacts", "d_contact", "origin_lead", column(con, "SELECT id FROM unlinked_d"),
+                   "NOT deleted AND sync_flag IS DISTINCT FROM false", "origin_lead")
+        con.execute("""CREATE OR REPLACE TEMP TABLE converted_leads AS
+            SELECT d.id AS did, CAST(NULL AS VARCHAR) AS mid FROM unlinked_d d
+            WHERE EXISTS (SELECT 1 FROM origin_contacts c WHERE c.origin_lead = d.id)""")
         n = ledger.link(con, "lead", "SELECT did, mid FROM converted_leads", "qualified_before_sync", now,
                         state="converted")
+        linked("converted_leads")
         if n:
             summary.linked["converted_before_sync"] = n
     if entity.name == "contact" and "lead" in config.by_name:
         # Lead qualification: the contact takes over the lead's Marketo person, with the lead's base.
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE qualified AS
-            SELECT d.id AS did, il.marketo_id, il.dynamics_id AS lead_id FROM work_set JOIN {d} d ON d.id = work_set.did
-            JOIN identity il ON il.entity = 'lead' AND il.dynamics_id = d.origin_lead AND il.state = 'active'
-            WHERE {unlinked} AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
-            QUALIFY row_number() OVER (PARTITION BY il.dynamics_id ORDER BY d.id) = 1""", {"entity": e})
+        keyed_rows(con, "origin_links", "identity", "dynamics_id", column(con, "SELECT origin_lead FROM unlinked_d"),
+                   "entity = 'lead' AND state = 'active'")
+        con.execute("""CREATE OR REPLACE TEMP TABLE qualified AS
+            SELECT d.id AS did, il.marketo_id, il.dynamics_id AS lead_id FROM unlinked_d d
+            JOIN origin_links il ON il.dynamics_id = d.origin_lead
+            WHERE NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
+            QUALIFY row_number() OVER (PARTITION BY il.dynamics_id ORDER BY d.id) = 1""")
         n = ledger.link(con, "contact", "SELECT did, marketo_id AS mid FROM qualified", "qualification", now)
+        linked("qualified")
         if n:
             ledger.set_link_state(con, "lead", "SELECT lead_id FROM qualified", "converted")
             # The contact is a new record, not an edit of the lead: a field it holds with the lead's agreed
@@ -66,16 +94,20 @@ def link_persons(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Ent
             summary.linked["qualification"] = n
     if "email" in {f.marketo for f in entity.all_fields}:
         # First sync: an existing Marketo person with the same email is the same person, not a new one.
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE email_matches AS
+        rows_equal(con, "email_persons", "m_person", "lower(f_email)",
+                   column(con, """SELECT lower(f_email) FROM unlinked_d WHERE f_email IS NOT NULL AND NOT deleted
+                                  AND sync_flag IS DISTINCT FROM false"""),
+                   "NOT deleted AND f_dynamicsId IS NULL", "id, f_email")
+        keyed_rows(con, "email_links", "identity", "marketo_id",
+                   column(con, "SELECT CAST(id AS VARCHAR) FROM email_persons"), in_persons, "marketo_id")
+        con.execute("""CREATE OR REPLACE TEMP TABLE email_matches AS
             SELECT d.id AS did, m.id AS mid,
                    row_number() OVER (PARTITION BY d.id ORDER BY m.id) AS rd,
                    row_number() OVER (PARTITION BY m.id ORDER BY d.id) AS rm
-            FROM work_set JOIN {d} d ON d.id = work_set.did
-            JOIN m_person m ON lower(m.f_email) = lower(d.f_email)
+            FROM unlinked_d d
+            JOIN email_persons m ON lower(m.f_email) = lower(d.f_email)
             WHERE d.f_email IS NOT NULL AND NOT d.deleted AND d.sync_flag IS DISTINCT FROM false
-              AND NOT m.deleted AND m.f_dynamicsId IS NULL AND {unlinked}
-              AND NOT EXISTS (SELECT 1 FROM identity y WHERE y.entity IN (SELECT unnest($persons))
-                              AND y.marketo_id = CAST(m.id AS VARCHAR))""", bound)
+              AND NOT EXISTS (SELECT 1 FROM email_links y WHERE y.marketo_id = CAST(m.id AS VARCHAR))""")
         n = ledger.link(con, e, "SELECT did, CAST(mid AS VARCHAR) AS mid FROM email_matches WHERE rd = 1 AND rm = 1",
                         "email", now)
         if n:
@@ -108,6 +140,10 @@ def follow_dynamics_merges(con: duckdb.DuckDBPyConnection, config: SyncConfig, e
     if entity.dynamics is None or entity.dynamics.table not in MERGEABLE:
         return 0
     d, person = qi(f"d_{entity.name}"), entity.is_person
+    keyed_rows(con, "work_subordinates", d, "id", column(con, "SELECT did FROM work_set"),
+               "master_id IS NOT NULL AND master_id <> id AND NOT deleted", "id")
+    if not con.execute("SELECT count(*) FROM work_subordinates").fetchone()[0]:
+        return 0
     con.execute(f"""CREATE OR REPLACE TEMP TABLE dynamics_merges AS
         SELECT d.id AS sub, d.master_id AS master, i.marketo_id AS sub_mid, i.state AS sub_state,
                im.marketo_id AS master_mid, im.state AS master_state,
@@ -177,51 +213,57 @@ def quarantine(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
     """
     e = sql_text(entity.name)
     persons = person_entities(config)
-    # Damage is looked for in the whole store, not only among the records that changed (a record nobody edits
-    # must still show up in errors and status), and quarantined records are re-examined in every plan.
-    added = con.execute(f"""INSERT INTO work_set SELECT d.id, d.pending_seq FROM {qi('d_' + entity.name)} d WHERE d.id IN (
-            SELECT dynamics_id FROM failures WHERE entity = {e} AND target = 'quarantine'
-            UNION ALL
-            SELECT i.dynamics_id FROM identity i LEFT JOIN m_person m ON m.id = TRY_CAST(i.marketo_id AS BIGINT)
-            WHERE i.entity = {e} AND i.state = 'active' AND m.id IS NULL
-            UNION ALL
-            SELECT i.dynamics_id FROM identity i WHERE i.entity = {e} AND i.state = 'active' AND i.marketo_id IN
-                (SELECT marketo_id FROM identity WHERE state = 'active' AND entity IN ({persons})
-                 GROUP BY marketo_id HAVING count(*) > 1)
-            UNION ALL
-            SELECT lower(f_dynamicsId) FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL
-            GROUP BY lower(f_dynamicsId) HAVING count(*) > 1)
-        AND d.id NOT IN (SELECT did FROM work_set)""").fetchone()
-    # Set-based, anti/semi-joins only. Measured on a store of 1,000,000 linked contacts (2 cores): about 1.3 s
-    # per plan for an incremental work set (the store-wide scan above), 4.4 s when every record is in it.
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE linked_work AS SELECT i.dynamics_id AS did, i.marketo_id FROM work_set
-                    JOIN identity i ON i.entity = {e} AND i.dynamics_id = work_set.did AND i.state = 'active'""")
+    added = None
+    if state.sweep_due(con, config, entity.name):
+        # Damage is looked for in the whole store, not only among the records that changed (a record nobody edits
+        # must still show up in errors and status), and quarantined records are re-examined in every sweep.
+        added = con.execute(f"""INSERT INTO work_set SELECT d.id, d.pending_seq FROM {qi('d_' + entity.name)} d WHERE d.id IN (
+                SELECT dynamics_id FROM failures WHERE entity = {e} AND target = 'quarantine'
+                UNION ALL
+                SELECT i.dynamics_id FROM identity i LEFT JOIN m_person m ON m.id = TRY_CAST(i.marketo_id AS BIGINT)
+                WHERE i.entity = {e} AND i.state = 'active' AND m.id IS NULL
+                UNION ALL
+                SELECT i.dynamics_id FROM identity i WHERE i.entity = {e} AND i.state = 'active' AND i.marketo_id IN
+                    (SELECT marketo_id FROM identity WHERE state = 'active' AND entity IN ({persons})
+                     GROUP BY marketo_id HAVING count(*) > 1)
+                UNION ALL
+                SELECT lower(f_dynamicsId) FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL
+                GROUP BY lower(f_dynamicsId) HAVING count(*) > 1)
+            AND d.id NOT IN (SELECT did FROM work_set)""").fetchone()
+    # The work set's links, their persons, the other links to those persons and the persons claiming the work
+    # set's ids, all read through the key indexes.
+    work = column(con, "SELECT did FROM work_set")
+    keyed_rows(con, "linked_work", "identity", "dynamics_id", work, f"entity = {e} AND state = 'active'",
+               "dynamics_id AS did, marketo_id")
+    mids = column(con, "SELECT marketo_id FROM linked_work")
+    keyed_rows(con, "linked_persons", "m_person", "id",
+               column(con, "SELECT TRY_CAST(marketo_id AS BIGINT) FROM linked_work"), columns="id")
+    keyed_rows(con, "person_links", "identity", "marketo_id", mids, f"state = 'active' AND entity IN ({persons})")
+    rows_equal(con, "claimants", "m_person", "lower(f_dynamicsId)", work, "NOT deleted AND f_dynamicsId IS NOT NULL",
+               "id, lower(f_dynamicsId) AS did")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE quarantine_found AS
         SELECT l.did, 'quarantine:vanished_person' AS code,
                {sql_text(entity.name)} || ' ' || l.did || ' is linked to Marketo person ' || COALESCE(l.marketo_id, '(none)')
                || CASE WHEN TRY_CAST(l.marketo_id AS BIGINT) IS NULL THEN ', which is not a person id'
                        ELSE ', which Marketo does not return (it is read again in every run)' END
                || '; held until the link is repaired or the record is released' AS message
-        FROM linked_work l LEFT JOIN m_person m ON m.id = TRY_CAST(l.marketo_id AS BIGINT) WHERE m.id IS NULL
+        FROM linked_work l LEFT JOIN linked_persons m ON m.id = TRY_CAST(l.marketo_id AS BIGINT) WHERE m.id IS NULL
         UNION ALL
         SELECT l.did, 'quarantine:person_shared',
                {sql_text(entity.name)} || ' ' || l.did || ' and ' || string_agg(o.entity || ' ' || o.dynamics_id, ', ')
                || ' are all linked to Marketo person ' || l.marketo_id
                || '; held until only one record owns the person'
-        FROM linked_work l JOIN identity o ON o.marketo_id = l.marketo_id AND o.state = 'active'
-             AND o.entity IN ({persons}) AND NOT (o.entity = {e} AND o.dynamics_id = l.did)
-        WHERE l.marketo_id IN (SELECT x.marketo_id FROM identity x WHERE x.state = 'active'
-                               AND x.entity IN ({persons}) AND x.marketo_id IN (SELECT marketo_id FROM linked_work)
-                               GROUP BY x.marketo_id HAVING count(*) > 1)
+        FROM linked_work l JOIN person_links o ON o.marketo_id = l.marketo_id
+             AND NOT (o.entity = {e} AND o.dynamics_id = l.did)
+        WHERE l.marketo_id IN (SELECT x.marketo_id FROM person_links x GROUP BY x.marketo_id HAVING count(*) > 1)
         GROUP BY l.did, l.marketo_id
         UNION ALL
         SELECT d.did, 'quarantine:duplicate_dynamics_id',
                {sql_text(entity.name)} || ' ' || d.did || ' is claimed by ' || count(*) || ' Marketo persons ('
                || string_agg(CAST(m.id AS VARCHAR), ', ' ORDER BY m.id)
                || ') that all carry it as dynamicsId; held until one of them is merged or deleted in Marketo'
-        FROM (SELECT lower(f_dynamicsId) AS did FROM m_person WHERE NOT deleted AND f_dynamicsId IS NOT NULL
-              AND lower(f_dynamicsId) IN (SELECT did FROM work_set) GROUP BY 1 HAVING count(*) > 1) d
-        JOIN m_person m ON lower(m.f_dynamicsId) = d.did AND NOT m.deleted
+        FROM (SELECT did FROM claimants GROUP BY 1 HAVING count(*) > 1) d
+        JOIN claimants m ON m.did = d.did
         GROUP BY d.did""")
     con.execute("DROP TABLE linked_work")
     con.execute("""CREATE OR REPLACE TEMP TABLE quarantined AS SELECT did, string_agg(code, ',' ORDER BY code) AS codes,

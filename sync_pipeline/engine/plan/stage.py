@@ -14,6 +14,7 @@ derived opportunity roles (``roles.py``).
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 
 import duckdb
@@ -22,11 +23,22 @@ from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import mapping
 from sync_pipeline.engine.plan.creates import plan_dynamics_creates
 from sync_pipeline.engine.plan.fields import plan_slice
-from sync_pipeline.engine.plan.identity import follow_dynamics_merges, link_persons, quarantine
+from sync_pipeline.engine.plan.identity import (
+    follow_dynamics_merges,
+    link_persons,
+    quarantine,
+)
 from sync_pipeline.engine.plan.roles import plan_roles
 from sync_pipeline.engine.plan.summary import PlanSummary
 from sync_pipeline.engine.plan.workset import PLAN_SLICE, work_set
-from sync_pipeline.engine.store.state import ensure_split_base, mark_ledger_before_values, record_stats, utcnow
+from sync_pipeline.engine.store.state import (
+    ensure_split_base,
+    mark_ledger_before_values,
+    record_stats,
+    utcnow,
+)
+
+PLAN_VACUUM_ROWS = 1  # any: a checkpoint after a small plan costs little
 
 
 def plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str) -> PlanSummary:
@@ -40,8 +52,13 @@ def plan_entity(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
 
 def compute_plan(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str,
                  now: datetime) -> PlanSummary:
-    con.execute("DELETE FROM plan WHERE entity = ?", [entity.name])
+    dropped = con.execute("DELETE FROM plan WHERE entity = ?", [entity.name]).fetchone()
     con.execute("DELETE FROM plan_work WHERE entity = ?", [entity.name])
+    if dropped and int(dropped[0]) >= PLAN_VACUUM_ROWS:
+        # Deleted rows stay in their row groups, and every later scan of the plan reads them, until a checkpoint
+        # vacuums them: after a large plan (an initial copy) the next small ones would otherwise read it again.
+        with contextlib.suppress(duckdb.Error):  # another transaction open on the store: the vacuum waits
+            con.execute("CHECKPOINT")
     ensure_split_base(con)
     mark_ledger_before_values(con)
     if entity.is_derived:

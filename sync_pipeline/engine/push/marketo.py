@@ -16,13 +16,33 @@ import pyarrow as pa
 from sync_pipeline.clients import errors
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import mapping, normalize
-from sync_pipeline.engine.extract.marketo import ingest_marketo_persons, marketo_person_fields
+from sync_pipeline.engine.extract.marketo import (
+    ingest_marketo_persons,
+    marketo_person_fields,
+)
 from sync_pipeline.engine.ports import MarketoPort
 from sync_pipeline.engine.push import bulk
-from sync_pipeline.engine.push.payloads import chunks, field_maps, object_path, planned_records
-from sync_pipeline.engine.push.results import ApplyStats, Result, outcomes, record_results
+from sync_pipeline.engine.push.payloads import (
+    chunks,
+    field_maps,
+    object_path,
+    planned_records,
+)
+from sync_pipeline.engine.push.results import (
+    ApplyStats,
+    Result,
+    outcomes,
+    record_results,
+)
 from sync_pipeline.engine.store import ledger
-from sync_pipeline.engine.store.state import fcol, latest_fields, record_stats, sql_text, utcnow
+from sync_pipeline.engine.store.state import (
+    fcol,
+    keyed_rows,
+    latest_fields,
+    record_stats,
+    sql_text,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +117,8 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
     for i in range(0, len(ids), RACE_READ):
         fresh = client.get_leads("id", [int(x) for x in ids[i:i + RACE_READ]], fields)
         ingest_marketo_persons(con, config, list(fresh))
+    # The persons just read, through the mirror's key index (a join would scan the whole mirror).
+    keyed_rows(con, "race_persons", "m_person", "id", [int(x) for x in ids])
     maps = {f.marketo: f for f in entity.all_fields}
     planned = [r[0] for r in con.execute(
         """SELECT DISTINCT field FROM plan WHERE entity = ? AND target = 'marketo' AND op = 'update'
@@ -110,7 +132,7 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
         was_v = normalize.compare_expr(f, "p.old_value")
         parts.append(f"""SELECT p.dynamics_id, p.marketo_id, p.field, p.old_value, m.{fcol(name)} AS now_value,
                                 {_race_rule(entity, f)} AS rule
-                         FROM plan p JOIN m_person m ON CAST(m.id AS VARCHAR) = p.marketo_id
+                         FROM plan p JOIN race_persons m ON CAST(m.id AS VARCHAR) = p.marketo_id
                          WHERE p.entity = {sql_text(entity.name)} AND p.target = 'marketo' AND p.op = 'update'
                            AND p.field = {sql_text(name)} AND ({now_v}) IS DISTINCT FROM ({was_v})""")
     if not parts:
@@ -132,7 +154,7 @@ def _drop_raced_fields(con: duckdb.DuckDBPyConnection, config: SyncConfig, entit
     timed = latest_fields(entity)
     if timed:
         con.execute("""INSERT OR REPLACE INTO field_times SELECT 'm', r.marketo_id, r.field, m.updated_at
-                       FROM raced r JOIN m_person m ON CAST(m.id AS VARCHAR) = r.marketo_id
+                       FROM raced r JOIN race_persons m ON CAST(m.id AS VARCHAR) = r.marketo_id
                        WHERE r.field IN (SELECT unnest(?::VARCHAR[])) AND m.updated_at IS NOT NULL""", [timed])
     # The mirror already holds the fresh values; make sure each raced person is planned again.
     raced = con.execute("""SELECT DISTINCT TRY_CAST(marketo_id AS BIGINT) FROM raced

@@ -11,7 +11,7 @@ limit); ``finish`` takes the applied records out of the work set.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 import duckdb
 import pyarrow as pa
@@ -19,9 +19,22 @@ import pyarrow as pa
 from sync_pipeline.clients import errors
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine import normalize
-from sync_pipeline.engine.store.state import ensure_split_base, fcol, next_seq, qi
+from sync_pipeline.engine.store.state import (
+    KEYED_CHUNK,
+    column,
+    ensure_split_base,
+    fcol,
+    keyed_execute,
+    keyed_rows,
+    next_seq,
+    qi,
+    sql_text,
+)
 
-IDENTITY_INSERT = "INSERT OR REPLACE INTO identity (entity, dynamics_id, marketo_id, state, linked_at, how)"
+IDENTITY_INSERT = "INSERT INTO identity (entity, dynamics_id, marketo_id, state, linked_at, how)"
+# Not INSERT OR REPLACE: identity's marketo_id is indexed, and DuckDB's OR REPLACE leaves indexed columns as they were.
+IDENTITY_UPSERT = """ON CONFLICT (entity, dynamics_id) DO UPDATE SET marketo_id = excluded.marketo_id, state = excluded.state,
+    linked_at = excluded.linked_at, how = excluded.how"""
 FAILURES_INSERT = """INSERT INTO failures (entity, dynamics_id, target, op, marketo_id, field, code, message, attempts,
                                           first_failed_at, last_failed_at, next_attempt_at, held, run_id)"""
 
@@ -125,8 +138,21 @@ def link(con: duckdb.DuckDBPyConnection, entity: str, source: str, how: str, now
 def set_link_state(con: duckdb.DuckDBPyConnection, entity: str, ids_query: str, state: str,
                    params: list | None = None) -> None:
     """Links of ``entity`` whose record id ``ids_query`` returns take ``state`` (converted, merged, deleted, ...)."""
-    con.execute(f"UPDATE identity SET state = ? WHERE entity = ? AND dynamics_id IN ({ids_query})",
-                [state, entity, *(params or [])])
+    for chunk in _chunks(column(con, f"SELECT DISTINCT * FROM ({ids_query})", params)):
+        # The id list is the only filter of the scan, so identity is read through its dynamics_id index; rows of
+        # other entities with the same id keep their state.
+        con.execute(f"""UPDATE identity SET state = CASE WHEN entity = ? THEN ? ELSE state END
+                        WHERE dynamics_id IN ({", ".join("?" * len(chunk))})""", [entity, state, *chunk])
+
+
+def _empty(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> bool:
+    """No row in a small (work-sized) query: a statement driven by it that would still scan its target is skipped."""
+    return con.execute(f"SELECT count(*) FROM ({sql} LIMIT 1)", params or []).fetchone()[0] == 0
+
+
+def _chunks(keys: list[Any]) -> Iterator[list[Any]]:
+    for i in range(0, len(keys), KEYED_CHUNK):
+        yield keys[i:i + KEYED_CHUNK]
 
 
 def write_base(con: duckdb.DuckDBPyConnection, entity: str, fields: list[str], source: str) -> None:
@@ -221,6 +247,8 @@ def settle_quarantine(con: duckdb.DuckDBPyConnection, entity: str, run_id: str, 
     con.execute("""DELETE FROM failures WHERE entity = ? AND target = 'quarantine'
                    AND dynamics_id IN (SELECT did FROM work_set) AND dynamics_id NOT IN (SELECT did FROM quarantined)""",
                 [entity])
+    if _empty(con, "SELECT 1 FROM quarantined"):
+        return
     con.execute(f"""{FAILURES_INSERT}
                     SELECT ?, q.did, 'quarantine', 'quarantine', i.marketo_id, NULL, q.code, q.message, 1, ?, ?, NULL,
                            true, ?
@@ -329,18 +357,22 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
                    max(CASE WHEN field = 'role' THEN new_value END), dynamics_id
             FROM written_plan WHERE op = 'create' GROUP BY dynamics_id""", [now, run_id])
         return
+    creates = not _empty(con, "SELECT 1 FROM push_outcomes WHERE ok AND op = 'create'")
     if target == "marketo":
-        con.execute(f"""{IDENTITY_INSERT}
-            SELECT ?, did, COALESCE(mid, did), 'active', ?, 'created' FROM push_outcomes WHERE ok AND op = 'create'""", [e, now])
-        con.execute("""UPDATE identity SET state = 'deleted' WHERE entity = ? AND dynamics_id IN
-            (SELECT did FROM push_outcomes WHERE ok AND op IN ('delete', 'flag'))""", [e])
+        if creates:
+            con.execute(f"""{IDENTITY_INSERT}
+            SELECT ?, did, COALESCE(mid, did), 'active', ?, 'created' FROM push_outcomes WHERE ok AND op = 'create'
+            {IDENTITY_UPSERT}""", [e, now])
+        set_link_state(con, e, "SELECT did FROM push_outcomes WHERE ok AND op IN ('delete', 'flag')", "deleted")
         _on_merged(con, e, now)
-    else:
+    elif creates:
         con.execute(f"""{IDENTITY_INSERT}
-            SELECT ?, did, mid, 'active', ?, 'created_in_dynamics' FROM push_outcomes WHERE ok AND op = 'create'""", [e, now])
-        con.execute("""UPDATE m_person SET f_dynamicsId = r.did, f_dynamicsType = ? FROM push_outcomes r
-                       WHERE r.ok AND r.op = 'create' AND m_person.id = TRY_CAST(r.mid AS BIGINT)""",
-                    [entity.marketo.type_value or entity.name.title()])
+            SELECT ?, did, mid, 'active', ?, 'created_in_dynamics' FROM push_outcomes WHERE ok AND op = 'create'
+            {IDENTITY_UPSERT}""", [e, now])
+        keyed_execute(con, """UPDATE m_person SET f_dynamicsId = r.did, f_dynamicsType = ? FROM push_outcomes r
+                       WHERE r.ok AND r.op = 'create' AND m_person.id = TRY_CAST(r.mid AS BIGINT) AND m_person.id IN {keys}""",
+                      column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM push_outcomes WHERE ok AND op = 'create'"),
+                      [entity.marketo.type_value or entity.name.title()])
     _advance_base(con, entity, "written_plan", run_id, now)
     if entity.is_person:
         _update_person_mirror(con, config, entity, target, run_id, now)
@@ -349,6 +381,8 @@ def _on_success(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
 def _on_merged(con: duckdb.DuckDBPyConnection, e: str, now: datetime) -> None:
     """A merged subordinate's person is gone into the master's: its link retires, the loser is retired in the
     mirror (``merged_into``; the Merge Leads activity read later finds nothing left to do)."""
+    if not con.execute("SELECT count(*) FROM written_plan WHERE op = 'merge'").fetchone()[0]:
+        return
     con.execute("""UPDATE identity SET state = 'merged', marketo_id = written_plan.new_value FROM written_plan
                    WHERE written_plan.op = 'merge' AND identity.entity = ? AND identity.dynamics_id = written_plan.dynamics_id""", [e])
     con.execute("""UPDATE m_person SET deleted = true, merged_into = TRY_CAST(written_plan.new_value AS BIGINT),
@@ -363,13 +397,15 @@ def _advance_base(con: duckdb.DuckDBPyConnection, entity: Entity, source: str, r
                        f"max(CASE WHEN field = '{f}' THEN new_value END) AS {qi('v_' + f)}" for f in fields)
     con.execute(f"""CREATE OR REPLACE TEMP TABLE new_base AS SELECT dynamics_id, {pivots} FROM {source}
                     WHERE op IN ('create', 'update', 'agree') GROUP BY dynamics_id""")
+    ids = column(con, "SELECT dynamics_id FROM new_base")
+    keyed_rows(con, "base_known", b, "dynamics_id", ids, columns="dynamics_id")
     con.execute(f"""INSERT INTO {b} (dynamics_id, synced_at, run_id)
-                    SELECT dynamics_id, ?, ? FROM new_base WHERE dynamics_id NOT IN (SELECT dynamics_id FROM {b})""",
+                    SELECT dynamics_id, ?, ? FROM new_base WHERE dynamics_id NOT IN (SELECT dynamics_id FROM base_known)""",
                 [now, run_id])
     sets = ", ".join(f"{fcol(f)} = CASE WHEN new_base.{qi('h_' + f)} THEN new_base.{qi('v_' + f)} ELSE {b}.{fcol(f)} END"
                      for f in fields)
-    con.execute(f"UPDATE {b} SET synced_at = ?, run_id = ?, {sets} FROM new_base WHERE {b}.dynamics_id = new_base.dynamics_id",
-                [now, run_id])
+    keyed_execute(con, f"""UPDATE {b} SET synced_at = ?, run_id = ?, {sets} FROM new_base
+                           WHERE {b}.dynamics_id = new_base.dynamics_id AND {b}.dynamics_id IN {{keys}}""", ids, [now, run_id])
     # A field written or agreed on again has one base again (a rollback's split base ends here).
     ensure_split_base(con)
     con.execute(f"""DELETE FROM b__split WHERE entity = ? AND (dynamics_id, field) IN
@@ -393,25 +429,32 @@ def _update_person_mirror(con: duckdb.DuckDBPyConnection, config: SyncConfig, en
         FROM written_plan WHERE op IN ('create', 'update', 'flag') GROUP BY dynamics_id""")
     if target == "marketo":
         typ = entity.marketo.type_value or entity.name.title()
+        mids = column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror")
+        created = column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror WHERE op = 'create'")
+        keyed_rows(con, "persons_known", "m_person", "id", created, columns="id")
         con.execute("""INSERT INTO m_person (id, deleted, seen_at, f_dynamicsId, f_dynamicsType, f_dynamicsIsDeleted)
             SELECT TRY_CAST(mid AS BIGINT), false, ?, dynamics_id, ?, 'false' FROM new_mirror
             WHERE op = 'create' AND TRY_CAST(mid AS BIGINT) IS NOT NULL
-              AND TRY_CAST(mid AS BIGINT) NOT IN (SELECT id FROM m_person)""", [now, typ])
+              AND TRY_CAST(mid AS BIGINT) NOT IN (SELECT id FROM persons_known)""", [now, typ])
         sets = ", ".join(f"{fcol(f)} = CASE WHEN new_mirror.{qi('h_' + f)} THEN new_mirror.{qi('v_' + f)} ELSE m_person.{fcol(f)} END"
                          for f in fields)
-        con.execute(f"UPDATE m_person SET {sets} FROM new_mirror WHERE m_person.id = TRY_CAST(new_mirror.mid AS BIGINT)")
+        keyed_execute(con, f"""UPDATE m_person SET {sets} FROM new_mirror
+                               WHERE m_person.id = TRY_CAST(new_mirror.mid AS BIGINT) AND m_person.id IN {{keys}}""", mids)
     else:
         d = qi(f"d_{entity.name}")
         dfields = [f for f in fields if f in {g.marketo for g in entity.all_fields}]
         sets = ", ".join(f"{fcol(f)} = CASE WHEN new_mirror.{qi('h_' + f)} THEN new_mirror.{qi('v_' + f)} ELSE {d}.{fcol(f)} END"
                          for f in dfields)
         if sets:
-            con.execute(f"UPDATE {d} SET {sets} FROM new_mirror WHERE {d}.id = new_mirror.dynamics_id")
+            keyed_execute(con, f"UPDATE {d} SET {sets} FROM new_mirror WHERE {d}.id = new_mirror.dynamics_id AND {d}.id IN {{keys}}",
+                          column(con, "SELECT dynamics_id FROM new_mirror"))
 
 
 def _on_failure(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, target: str, run_id: str,
                 now: datetime) -> None:
     retry = config.sync.retry
+    if _empty(con, "SELECT 1 FROM push_outcomes WHERE NOT ok"):
+        return
     con.execute(f"""{FAILURES_INSERT}
         SELECT ?, r.did, ?, r.op, r.mid, NULL, r.code, r.message, 1, ?, ?, ? + to_seconds(?), 1 >= ?, ?
         FROM push_outcomes r WHERE NOT r.ok
@@ -423,14 +466,12 @@ def _on_failure(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
                  retry.backoff_seconds, retry.max_attempts])
     # The Dynamics record changed since it was read, or vanished: read it again before planning anything else.
     if target == "dynamics":
-        con.execute(f"""UPDATE {qi('d_' + entity.name)} SET pending_seq = nextval('change_seq')
-                        WHERE id IN (SELECT did FROM push_outcomes WHERE NOT ok AND kind IN (?, ?))""",
-                    [errors.CHANGED, errors.GONE])
+        keyed_execute(con, f"UPDATE {qi('d_' + entity.name)} SET pending_seq = nextval('change_seq') WHERE id IN {{keys}}",
+                      column(con, "SELECT did FROM push_outcomes WHERE NOT ok AND kind IN (?, ?)", [errors.CHANGED, errors.GONE]))
     # The Marketo person or object an update was for is gone there: tombstone instead of retrying.
     if target == "marketo":
-        con.execute("""UPDATE identity SET state = 'tombstoned' WHERE entity = ? AND dynamics_id IN
-                       (SELECT did FROM push_outcomes WHERE NOT ok AND kind = ? AND op IN ('update', 'flag'))""",
-                    [entity.name, errors.GONE])
+        set_link_state(con, entity.name, "SELECT did FROM push_outcomes WHERE NOT ok AND kind = ? AND op IN ('update', 'flag')",
+                       "tombstoned", [errors.GONE])
 
 
 def apply_local(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity, run_id: str, now: datetime) -> None:
@@ -446,7 +487,8 @@ def apply_local(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
                                                          marketo_value, base_value, detected_at, run_id)
             SELECT entity, dynamics_id, marketo_id, field, new_value, old_value, base_value, ?, run_id
             FROM plan WHERE entity = ? AND op = 'hold'""", [now, e])
-        con.execute(f"""{FAILURES_INSERT}
+        if not _empty(con, "SELECT 1 FROM plan WHERE entity = ? AND op = 'reject'", [e]):
+            con.execute(f"""{FAILURES_INSERT}
             SELECT entity, dynamics_id, 'marketo', 'reject', marketo_id, any_value(field), 'invalid_value',
                    'field ' || any_value(field) || ': ' || any_value(replace(new_value, ?, 'unknown option code ')),
                    ?, ?, ?, ?, true, ?
@@ -454,13 +496,11 @@ def apply_local(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Enti
             ON CONFLICT (entity, dynamics_id, target) DO UPDATE SET code = excluded.code, message = excluded.message,
                 last_failed_at = excluded.last_failed_at, held = true, attempts = failures.attempts + 1""",
                     [normalize.INVALID, config.sync.retry.max_attempts, now, now, now, run_id, e])
-        con.execute("""UPDATE identity SET state = 'tombstoned' WHERE entity = ? AND dynamics_id IN
-            (SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'tombstone')""", [e, e])
-        con.execute("""UPDATE identity SET state = 'deleted' WHERE entity = ? AND dynamics_id IN
-            (SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'retire')""", [e, e])
+        set_link_state(con, e, "SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'tombstone'", "tombstoned", [e])
+        set_link_state(con, e, "SELECT dynamics_id FROM plan WHERE entity = ? AND op = 'retire'", "deleted", [e])
         # Merged in Dynamics (Merge): the subordinate's last state went out with this push; it syncs no more.
-        con.execute("""UPDATE identity SET state = 'merged' WHERE entity = ? AND dynamics_id IN
-            (SELECT dynamics_id FROM plan WHERE entity = ? AND target = 'state' AND op = 'merged')""", [e, e])
+        set_link_state(con, e, "SELECT dynamics_id FROM plan WHERE entity = ? AND target = 'state' AND op = 'merged'",
+                       "merged", [e])
         con.execute("""INSERT INTO ledger (run_id, written_at, entity, dynamics_id, marketo_id, target, op, field, value_before,
                                            value_after, rule)
             SELECT ?, ?, entity, dynamics_id, marketo_id, target, op, field, old_value, new_value, rule FROM plan
@@ -477,17 +517,27 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
     if entity.is_derived:
         return 0
     d = qi(f"d_{e}")
-    n = con.execute(f"""UPDATE {d} SET pending_seq = NULL FROM plan_work w
-                        WHERE w.entity = ? AND w.dynamics_id = {d}.id AND {d}.pending_seq = w.d_seq""", [e]).fetchone()
+    # The marks to clear are found on keyed copies of the rows, then cleared by key: an UPDATE joined to
+    # plan_work would scan the whole mirror. (One writer holds the store, so nothing moves in between.)
+    keyed_rows(con, "finish_d", d, "id", column(con, "SELECT dynamics_id FROM plan_work WHERE entity = ?", [e]),
+               columns="id, pending_seq")
+    n = keyed_execute(con, f"UPDATE {d} SET pending_seq = NULL WHERE id IN {{keys}}", column(con, """
+        SELECT f.id FROM finish_d f JOIN plan_work w ON w.entity = ? AND w.dynamics_id = f.id AND f.pending_seq = w.d_seq""",
+                                                                                           [e]))
     if entity.is_person:
         # A person now owned by another record (a converted lead's person belongs to its contact) keeps
         # its change for that record's plan: the lead's plan covered it but cannot apply it.
-        con.execute("""UPDATE m_person SET pending_seq = NULL FROM plan_work w
-                       WHERE w.entity = ? AND w.marketo_id = CAST(m_person.id AS VARCHAR)
-                         AND m_person.pending_seq = w.m_seq
-                         AND NOT EXISTS (SELECT 1 FROM identity o WHERE o.entity <> w.entity AND o.state = 'active'
-                                         AND o.marketo_id = w.marketo_id AND o.dynamics_id = m_person.f_dynamicsId)""",
-                    [e])
+        mids = column(con, "SELECT DISTINCT marketo_id FROM plan_work WHERE entity = ? AND m_seq IS NOT NULL", [e])
+        keyed_rows(con, "person_owners", "identity", "marketo_id", mids, "state = 'active' AND entity <> " + sql_text(e),
+                   "marketo_id, dynamics_id")
+        keyed_rows(con, "finish_m", "m_person", "id",
+                   column(con, "SELECT TRY_CAST(marketo_id AS BIGINT) FROM plan_work WHERE entity = ? AND m_seq IS NOT NULL",
+                          [e]), columns="id, pending_seq, f_dynamicsId")
+        keyed_execute(con, "UPDATE m_person SET pending_seq = NULL WHERE id IN {keys}", column(con, """
+            SELECT m.id FROM finish_m m JOIN plan_work w ON w.entity = ? AND w.marketo_id = CAST(m.id AS VARCHAR)
+            WHERE m.pending_seq = w.m_seq
+              AND NOT EXISTS (SELECT 1 FROM person_owners o WHERE o.marketo_id = w.marketo_id
+                              AND o.dynamics_id = m.f_dynamicsId)""", [e]))
     # A failed write whose record was re-planned with nothing left to write to that target is resolved
     # (e.g. a 412 re-read and settled by the policy, or a held record whose value was fixed back to what the
     # other side holds); otherwise it would stay "failed" or "held" forever. A write that is still needed is
@@ -508,4 +558,4 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
                    AND NOT EXISTS (SELECT 1 FROM plan p WHERE p.entity = f.entity AND p.dynamics_id = f.dynamics_id
                                    AND p.op = 'reject')""", [e, e])
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
-    return int(n[0]) if n else 0
+    return n

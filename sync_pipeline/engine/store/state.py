@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,10 +37,11 @@ from typing import Any, Iterator
 import duckdb
 
 from sync_pipeline.config.model import Entity, SyncConfig
+from sync_pipeline.engine.store import rows_read
 
 LOCK_WAIT_SECONDS = 120.0
 # Part of the stored schema digest: bump it when a table gains a column, so existing stores are extended.
-SCHEMA_VERSION = "merges-1"
+SCHEMA_VERSION = "keyed-1"
 
 
 def utcnow() -> datetime:
@@ -84,9 +85,12 @@ def open_connection(path: str | Path, read_only: bool = False, wait: float = LOC
     # DuckDB would cache up to 80% of RAM; the sync keeps a flat, modest footprint and spills the rest.
     settings = {"memory_limit": os.environ.get("SYNC_DUCKDB_MEMORY_LIMIT", "512MB"), "threads": 2,
                 "preserve_insertion_order": False}
+    if os.environ.get("SYNC_DUCKDB_TEMP_DIR"):  # where DuckDB spills beyond its memory limit (default: <state>.tmp)
+        settings["temp_directory"] = os.environ["SYNC_DUCKDB_TEMP_DIR"]
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only, config=settings)
+            con = duckdb.connect(str(path), read_only=read_only, config=settings)
+            return rows_read.watch(con) if rows_read.active() else con
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise StateLockedError(f"state store {path} is locked by another process: {exc}") from None
@@ -178,6 +182,96 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     con.execute("""CREATE TABLE IF NOT EXISTS run_stats (run_id VARCHAR, entity VARCHAR, stage VARCHAR,
         recorded_at TIMESTAMP, stats VARCHAR)""")
     ensure_split_base(con)
+    _create_indexes(con, config)
+
+
+def _create_indexes(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
+    """ART indexes so a run reads what changed, not whole tables: the pending marks (``pending_seq > 0`` is an
+    index range scan) and identity by either id. DuckDB's INSERT OR REPLACE leaves indexed columns other than the
+    key unchanged, so these tables are written with ``ON CONFLICT DO UPDATE`` (or plain UPDATE) only."""
+    for e in config.entities:
+        if not e.is_derived:
+            con.execute(f"CREATE INDEX IF NOT EXISTS {qi('d_' + e.name + '_pending')} ON {qi('d_' + e.name)} (pending_seq)")
+        if e.is_person and "email" in entity_columns(e):
+            con.execute(f"CREATE INDEX IF NOT EXISTS {qi('d_' + e.name + '_email')} ON {qi('d_' + e.name)} (lower(f_email))")
+    con.execute("CREATE INDEX IF NOT EXISTS m_person_pending ON m_person (pending_seq)")
+    con.execute("CREATE INDEX IF NOT EXISTS identity_dynamics_id ON identity (dynamics_id)")
+    con.execute("CREATE INDEX IF NOT EXISTS identity_marketo_id ON identity (marketo_id)")
+    # Expression indexes serve one key per lookup (``lower(x) = ?``): see rows_equal.
+    con.execute("CREATE INDEX IF NOT EXISTS m_person_dynamics_id ON m_person (lower(f_dynamicsId))")
+    if "f_email" in {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'm_person'").fetchall()}:
+        con.execute("CREATE INDEX IF NOT EXISTS m_person_email ON m_person (lower(f_email))")
+    if "contact" in config.by_name:
+        con.execute("CREATE INDEX IF NOT EXISTS d_contact_origin_lead ON d_contact (origin_lead)")
+
+
+# DuckDB reads a table through an ART index only for a filter on the indexed column alone against constants
+# (``key IN (?, ?, ...)``, up to its index_scan_max_count of 2,048 keys); a join or ``IN (SELECT ...)`` scans
+# the whole table. Work sets are therefore turned into bound key lists, in chunks.
+KEYED_CHUNK = 2000
+KEYED_MAX = 50_000  # beyond this many keys one scan of the table is cheaper than the index lookups
+
+
+def keyed_rows(con: duckdb.DuckDBPyConnection, temp: str, table: str, key: str, keys: list[Any],
+               where: str = "TRUE", columns: str = "*") -> None:
+    """Temp table ``temp``: ``columns`` of the rows of ``table`` whose ``key`` is one of ``keys`` (and that pass
+    ``where``), read through the key's index when the list is short enough."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {qi(temp)} AS SELECT {columns} FROM {table} WHERE false")
+    keys = list(dict.fromkeys(k for k in keys if k is not None))
+    if len(keys) > KEYED_MAX:
+        con.execute(f"""INSERT INTO {qi(temp)} SELECT {columns} FROM {table}
+                        WHERE {key} IN (SELECT unnest(?)) AND ({where})""", [keys])
+        return
+    for i in range(0, len(keys), KEYED_CHUNK):
+        chunk = keys[i:i + KEYED_CHUNK]
+        # OFFSET 0 keeps the key filter alone in its scan (an index scan takes no other filter).
+        con.execute(f"""INSERT INTO {qi(temp)} SELECT {columns} FROM
+                        (SELECT * FROM {table} WHERE {key} IN ({", ".join("?" * len(chunk))}) OFFSET 0) AS {qi(temp + "_src")}
+                        WHERE {where}""", chunk)
+
+
+EQUAL_LOOKUPS_MAX = 500  # one statement per key: beyond this many one scan is cheaper
+
+
+def rows_equal(con: duckdb.DuckDBPyConnection, temp: str, table: str, expr: str, keys: list[Any],
+               where: str = "TRUE", columns: str = "*") -> None:
+    """Temp table ``temp``: ``columns`` of the rows of ``table`` whose ``expr`` equals one of ``keys`` (and that
+    pass ``where``); one lookup per key, which an index on ``expr`` serves (DuckDB reads an expression index for
+    ``=`` only)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {qi(temp)} AS SELECT {columns} FROM {table} WHERE false")
+    keys = list(dict.fromkeys(k for k in keys if k is not None))
+    if len(keys) > EQUAL_LOOKUPS_MAX:
+        con.execute(f"INSERT INTO {qi(temp)} SELECT {columns} FROM {table} WHERE {expr} IN (SELECT unnest(?)) AND ({where})",
+                    [keys])
+        return
+    for key in keys:
+        con.execute(f"""INSERT INTO {qi(temp)} SELECT {columns} FROM
+                        (SELECT * FROM {table} WHERE {expr} = ? OFFSET 0) AS {qi(temp + "_src")} WHERE {where}""", [key])
+
+
+def keyed_execute(con: duckdb.DuckDBPyConnection, sql: str, keys: list[Any], params: list[Any] | None = None) -> int:
+    """Run ``sql`` once per chunk of ``keys``; its ``{keys}`` placeholder becomes ``(?, ?, ...)``, bound after
+    ``params`` (so it must follow every other parameter). A statement that touches only keyed rows (put
+    ``<table>.<key> IN {keys}`` as that table's only filter: DuckDB then reads it through the key's index) is
+    skipped when there are none. Returns the rows changed."""
+    keys = list(dict.fromkeys(k for k in keys if k is not None))
+    if len(keys) > KEYED_MAX:  # a large batch (an initial copy): one statement, one scan
+        res = con.execute(sql.replace("{keys}", "(SELECT unnest(?))"), [*(params or []), keys])
+        row = res.fetchone() if res is not None else None
+        return int(row[0]) if row and isinstance(row[0], int) else 0
+    changed = 0
+    for i in range(0, len(keys), KEYED_CHUNK):
+        chunk = keys[i:i + KEYED_CHUNK]
+        res = con.execute(sql.replace("{keys}", "(" + ", ".join("?" * len(chunk)) + ")"), [*(params or []), *chunk])
+        row = res.fetchone() if res is not None else None
+        changed += int(row[0]) if row and isinstance(row[0], int) else 0
+    return changed
+
+
+def column(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[Any]:
+    """The first column of a (small) query's rows."""
+    return [r[0] for r in con.execute(sql, params or []).fetchall()]
 
 
 BEFORE_VALUES_FROM = "ledger_before_values_from_seq"
@@ -229,3 +323,18 @@ def set_cursor(con: duckdb.DuckDBPyConnection, name: str, value: str | None) -> 
 def record_stats(con: duckdb.DuckDBPyConnection, run_id: str, entity: str, stage: str, stats: dict[str, Any]) -> None:
     con.execute("INSERT INTO run_stats VALUES (?, ?, ?, ?, ?)", [run_id, entity, stage, utcnow(),
                                                                   json.dumps(stats, default=str)])
+
+
+SWEEP_CURSOR = "damage:runs_since_sweep:"
+
+
+def sweep_due(con: duckdb.DuckDBPyConnection, config: SyncConfig, what: str) -> bool:
+    """Whether this run searches the whole store for damage of kind ``what`` (an entity's links, persons lost from
+    the mirror): every ``sync.damage_sweep_every`` runs."""
+    every = config.sync.damage_sweep_every
+    if every <= 1:
+        return True
+    since = int(get_cursor(con, SWEEP_CURSOR + what) or every)
+    due = since >= every
+    set_cursor(con, SWEEP_CURSOR + what, str(1 if due else since + 1))
+    return due

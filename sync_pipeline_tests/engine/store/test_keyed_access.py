@@ -1,0 +1,86 @@
+"""Keyed access to the state store (issue 13): lookups by a list of keys return what a join would, read only the
+keyed rows (DuckDB's ART index, counted by the rows-read profile), and link upserts keep working with the
+indexes in place (DuckDB's INSERT OR REPLACE would leave an indexed column unchanged)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from sync_pipeline.config.model import load_config
+from sync_pipeline.engine.store import ledger, rows_read, state
+
+NOW = datetime(2026, 11, 20, 12, 0, 0)
+ROWS = 20_000
+
+
+@pytest.fixture
+def con(tmp_path: Path):
+    c = state.open_connection(tmp_path / "state.duckdb")
+    state.ensure_schema(c, load_config())
+    c.execute(f"""INSERT INTO d_lead (id, version, deleted, pending_seq, f_email)
+                  SELECT 'lead-' || i, 1, false, CASE WHEN i % 1000 = 7 THEN i END, 'Person' || i || '@Example.com'
+                  FROM range({ROWS}) t(i)""")
+    c.execute(f"""INSERT INTO identity SELECT 'lead', 'lead-' || i, CAST(i AS VARCHAR), 'active', ?, 'created'
+                  FROM range({ROWS}) t(i)""", [NOW])
+    c.execute(f"INSERT INTO m_person (id, deleted, f_email) SELECT i, false, 'person' || i || '@example.com' FROM range({ROWS}) t(i)")
+    yield c
+    c.close()
+
+
+def _counted(tmp_path: Path, work) -> rows_read.Tally:
+    with rows_read.counting() as tally:
+        c = state.open_connection(tmp_path / "state.duckdb")
+        try:
+            work(c)
+        finally:
+            c.close()
+    return tally
+
+
+def test_keyed_rows_equal_the_join_and_read_only_the_keys(con, tmp_path: Path) -> None:
+    keys = ["lead-3", "lead-19999", "lead-12345", "missing", "lead-3"]
+    state.keyed_rows(con, "picked", "identity", "dynamics_id", keys, "entity = 'lead'", "dynamics_id, marketo_id")
+    joined = con.execute("""SELECT dynamics_id, marketo_id FROM identity WHERE entity = 'lead'
+                            AND dynamics_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY 1""", [keys]).fetchall()
+    assert con.execute("SELECT * FROM picked ORDER BY 1").fetchall() == joined and len(joined) == 3
+    con.close()
+    tally = _counted(tmp_path, lambda c: state.keyed_rows(c, "picked", "identity", "dynamics_id", keys,
+                                                          "entity = 'lead'"))
+    assert 0 < tally.by_table["identity"] <= 3
+
+
+def test_pending_marks_and_expression_lookups_go_through_indexes(con, tmp_path: Path) -> None:
+    pending = sorted(r[0] for r in con.execute("SELECT id FROM d_lead WHERE pending_seq IS NOT NULL").fetchall())
+    con.close()
+
+    def work(c) -> None:
+        assert sorted(state.column(c, "SELECT id FROM d_lead WHERE pending_seq > 0")) == pending
+        state.rows_equal(c, "owners", "m_person", "lower(f_email)", ["person5@example.com", "nobody@example.com"],
+                         columns="id")
+        assert state.column(c, "SELECT id FROM owners") == [5]
+
+    tally = _counted(tmp_path, work)
+    assert tally.by_table["d_lead"] == len(pending) == ROWS // 1000
+    assert tally.by_table["m_person"] <= 1
+
+
+def test_keyed_execute_touches_only_the_keys_and_skips_an_empty_list(con) -> None:
+    n = state.keyed_execute(con, "UPDATE d_lead SET pending_seq = NULL WHERE id IN {keys}", ["lead-7", "lead-1007"])
+    assert n == 2
+    assert state.keyed_execute(con, "UPDATE d_lead SET pending_seq = NULL WHERE id IN {keys}", []) == 0
+    left = state.column(con, "SELECT id FROM d_lead WHERE pending_seq > 0")
+    assert "lead-7" not in left and "lead-2007" in left and len(left) == ROWS // 1000 - 2
+
+
+def test_a_link_moves_to_another_person_despite_the_marketo_id_index(con) -> None:
+    con.execute("CREATE OR REPLACE TEMP TABLE push_outcomes AS SELECT 'lead-5' AS did, '777777' AS mid")
+    con.execute(f"""{ledger.IDENTITY_INSERT} SELECT 'lead', did, mid, 'active', ?, 'created' FROM push_outcomes
+                    {ledger.IDENTITY_UPSERT}""", [NOW])
+    assert con.execute("SELECT marketo_id FROM identity WHERE entity = 'lead' AND dynamics_id = 'lead-5'").fetchall() \
+        == [("777777",)]
+    assert state.column(con, "SELECT dynamics_id FROM identity WHERE marketo_id = '777777'") == ["lead-5"]
+    ledger.set_link_state(con, "lead", "SELECT 'lead-5'", "tombstoned")
+    assert con.execute("SELECT state FROM identity WHERE dynamics_id = 'lead-5'").fetchall() == [("tombstoned",)]
