@@ -6,9 +6,10 @@ then), and callers that must not touch ``os.environ`` pass overrides (state path
 (values for the connection's env var names) instead.
 
 The initial copy executes the ``<connection>__sync`` job over the whole partition range in one run, which is
-what a single-run backfill does (the daemon-driven backfill in the UI uses the same job with
-``BackfillPolicy.multi_run``); an incremental cycle runs the latest partition, whose extracts follow the delta
-links and activity tokens.
+what a single-run backfill does: every extract partition of the range, then the (unpartitioned) plans and pushes
+once over what is pending. The daemon-driven backfill in the UI uses the same job with
+``BackfillPolicy.multi_run``: one such run per range of at most 100 partitions. An incremental cycle runs the latest
+partition, whose extracts follow the delta links and activity tokens, then the plans and pushes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Until the initial copy runs, the connection's change sensor launches nothing, so
 or Marketo unasked. This command asks the running Dagster webserver (``dagster dev`` / ``dg dev``) to launch the
 backfill the UI launches from the ``<connection>__sync`` job (every partition, ``launchPartitionBackfill`` over the
 job's partition set), so it shows under Jobs > <connection>__sync > Backfills and the daemon runs it with the
-job's backfill policy (at most 100 partitions a run).
+job's backfill policy: runs of at most 100 partitions, oldest first, each extracting its range and then planning
+and pushing what is pending once (plans and pushes are unpartitioned; docs/operations.md).
 """
 
 from __future__ import annotations

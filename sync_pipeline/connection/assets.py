@@ -99,16 +99,18 @@ def _meta(
     calls: dict[str, int],
     lasting: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """True metadata for the partition(s) the run materialises.
+    """True metadata for what the run materialises: an extract's partition(s), or a plan's or push's one result.
 
     ``dagster/row_count`` is the asset's table size (mirror rows, planned writes, linked records), so a run with
     nothing to do shows the table as it is rather than a 0 over the latest real numbers; ``lasting`` carries the
     latest real change (e.g. the last write) forward the same way. A range run (a backfill of many partitions in one
-    run) materialises every partition in the range with the same metadata, so it reports its totals as text for the
-    whole range, never as per-partition numbers.
+    run) materialises every extract partition in the range with the same metadata, so an extract reports its totals
+    as text for the whole range, never as per-partition numbers.
     """
     md: dict[str, Any] = {}
-    keys = context.partition_key_range if context.has_partition_key_range else None
+    # Plans and pushes are unpartitioned: one materialization per run, with its own numbers, even in a range run.
+    partitioned = context.assets_def.partitions_def is not None
+    keys = context.partition_key_range if partitioned and context.has_partition_key_range else None
     per_run = dict(stats) | {f"api_calls/{system}": int(n) for system, n in calls.items()}
     if keys is not None and keys.start != keys.end:
         n = len(context.partition_keys)
@@ -173,21 +175,28 @@ def guard_environment(
     guard.check_environment(con, dynamics_org=str(org), marketo_instance=state.instance_id(marketo.base_url))
 
 
+# A backfill runs at most this many extract partitions per run (a job backfill: then that run's plan and push).
+MAX_PARTITIONS_PER_RUN = 100
+
+
 def build_assets(
     conn: str, config: SyncConfig, partitions: dg.PartitionsDefinition
 ) -> list[dg.AssetsDefinition]:
-    common: dict[str, Any] = dict(
-        partitions_def=partitions,
-        owners=OWNERS,
-        pool=pool(conn),
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100),
-    )
+    """Partitions slice extraction only: extracts are partitioned by modified time (historical windows for
+    backfills; the latest window follows delta links), plans and pushes are unpartitioned and work on whatever
+    is pending in the state store, once per run (docs/operations.md, "How the initial copy proceeds")."""
+    common: dict[str, Any] = {"owners": OWNERS, "pool": pool(conn)}
+    extracts: dict[str, Any] = {
+        **common,
+        "partitions_def": partitions,
+        "backfill_policy": dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
+    }
     assets: list[dg.AssetsDefinition] = []
     if config.persons:
-        assets.append(_person_extract(conn, config, common))
+        assets.append(_person_extract(conn, config, extracts))
     for e in config.entities:
         if not e.is_derived:
-            assets.append(_dynamics_extract(conn, e, common))
+            assets.append(_dynamics_extract(conn, e, extracts))
         assets.append(_plan(conn, config, e, common))
         assets.append(_marketo_push(conn, config, e, common))
         if e.is_person:

@@ -1,4 +1,4 @@
-"""One time-window partitions definition on modified time, shared by every asset (UTC)."""
+"""The time-window partitions of extraction (modified time, UTC): plans and pushes are unpartitioned."""
 
 from __future__ import annotations
 

@@ -1,21 +1,21 @@
-"""A year of daily partitions backfills in a handful of runs, per Dagster's own backfill chunking."""
+"""A year of daily partitions backfills in a handful of runs, per Dagster's own job-backfill chunking; only the
+extracts are partitioned, so each run extracts its range and then plans and pushes what is pending once."""
 
 from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import dagster as dg
 import yaml
-from dagster._core.definitions.automation_tick_evaluation_context import (
-    build_run_requests_with_backfill_policies,
-)
-from dagster._core.definitions.events import AssetKeyPartitionKey
+from dagster._core.execution.job_backfill import _subdivide_partition_key_range
 
 from sync_pipeline import runs as sync_runs
 from sync_pipeline.config.model import DEFAULT_PATH
 from sync_pipeline.connection.build import sync_job_name
+from sync_pipeline.connection.keys import stage_of
 from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 
 
@@ -36,23 +36,20 @@ def test_a_year_of_daily_partitions_is_a_handful_of_runs(tmp_path) -> None:
     keys = partitions.get_partition_keys()
     assert len(keys) == 365
     graph = defs.resolve_asset_graph()
-    asset_keys = [k for k in job.asset_layer.executable_asset_keys]
-    policies = {graph.get(k).backfill_policy for k in asset_keys}
-    assert len(policies) == 1  # one policy: every asset of a chunk runs in the same run
-    policy = policies.pop()
-    assert policy is not None and policy.max_partitions_per_run is not None
+    asset_keys = list(job.asset_layer.executable_asset_keys)
+    partitioned = {k for k in asset_keys if graph.get(k).partitions_def is not None}
+    # One meaning per partition: extracts are sliced by modified time, plans and pushes run on what is pending.
+    assert {stage_of(k) for k in partitioned} == {"extract"}
+    assert {stage_of(k) for k in set(asset_keys) - partitioned} == {"plan", "push"}
+    assert {graph.get(k).partitions_def for k in partitioned} == {partitions}
+    policy = job.backfill_policy  # what the daemon chunks a backfill of the job by (its partitioned assets')
+    assert policy.max_partitions_per_run is not None
 
-    with dg.DagsterInstance.ephemeral() as instance:
-        requests = build_run_requests_with_backfill_policies(
-            [AssetKeyPartitionKey(k, p) for k in asset_keys for p in keys], graph, instance
-        )
-    assert len(requests) == math.ceil(365 / policy.max_partitions_per_run) <= 5
-    ranges = sorted(
-        (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
-        for r in requests
+    ranges = _subdivide_partition_key_range(
+        partitions, dg.PartitionKeyRange(keys[0], keys[-1]), policy.max_partitions_per_run
     )
-    # Contiguous chunks covering the year exactly once, each run carrying every asset of the pipeline.
-    assert ranges[0][0] == keys[0] and ranges[-1][1] == keys[-1]
-    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
-        assert keys.index(start) == keys.index(end) + 1
-    assert all(set(r.asset_selection) == set(asset_keys) for r in requests)
+    assert len(ranges) == math.ceil(365 / policy.max_partitions_per_run) <= 5
+    # Contiguous chunks covering the year exactly once, oldest first, the latest window (delta links) last.
+    assert ranges[0].start == keys[0] and ranges[-1].end == keys[-1]
+    for previous, chunk in pairwise(ranges):
+        assert keys.index(chunk.start) == keys.index(previous.end) + 1

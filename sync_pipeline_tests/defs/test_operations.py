@@ -231,6 +231,19 @@ def test_a_range_run_reports_totals_for_the_range_not_per_partition(harness) -> 
         assert "rows_read" not in m.metadata and "dagster/row_count" not in m.metadata
         assert RUN_TOTALS in m.metadata and "not per partition" in m.metadata["run_totals"].value
     assert events[0].metadata[RUN_TOTALS].value["rows_read"] > 0
+    # Plans and pushes are unpartitioned: once in the range run, with their own numbers.
+    for key in (asset_key(CONN, "contact", "plan"), asset_key(CONN, "contact", "push")):
+        done = [
+            ev.materialization
+            for ev in result.get_asset_materialization_events()
+            if ev.materialization.asset_key == key
+        ]
+        assert len(done) == 1 and done[0].partition is None, key
+        assert RUN_TOTALS not in done[0].metadata and "dagster/row_count" in done[0].metadata, key
+    linked = harness.query("SELECT count(*) FROM identity WHERE entity = 'contact' AND state = 'active'")[0][
+        0
+    ]
+    assert done[0].metadata["dagster/row_count"].value == linked > 0
     # A single-partition run reports its own numbers and the mirror's size.
     md = runs.materialized_metadata(harness.run("latest"))
     extract = md[key_name(asset_key(CONN, "person", "extract"))]
