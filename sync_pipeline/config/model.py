@@ -181,6 +181,10 @@ class SyncSettings(_Strict):
     # edits, a store repaired by hand); 1: every plan. In between only the records with pending work are looked at,
     # so a plan reads what changed, not the tables (at 1 the sweep reads identity and the person mirror whole).
     damage_sweep_every: int = Field(1, ge=1)
+    # ART indexes on the pending marks, identity and the person mirror's keys, so an incremental run reads only what
+    # changed; off by default because maintaining them costs more time than they save on DuckDB 1.4.5 (see
+    # engine/store/state.py).
+    index_state: bool = False
     marketo_person_object: str = PERSON_OBJECT
     bulk_import_threshold: int | None = Field(
         1000,

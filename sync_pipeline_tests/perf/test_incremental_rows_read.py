@@ -42,7 +42,8 @@ def tallies(tmp_path_factory: pytest.TempPathFactory) -> tuple[rows_read.Tally, 
     # The store-wide search for damaged links and lost persons (a record nobody edits, a store repaired by hand)
     # reads identity and the person mirror whole; it runs every sync.damage_sweep_every runs, here not in the
     # measured one.
-    config = config_with(tmp, damage_sweep_every=1000)
+    # The indexes that let a run read only what changed are opt-in (sync.index_state).
+    config = config_with(tmp, damage_sweep_every=1000, index_state=True)
     return _rows_read(tmp / "tenth", tenth(SMALL), config), _rows_read(tmp / "full", SMALL, config)
 
 

@@ -19,7 +19,10 @@ ROWS = 20_000
 @pytest.fixture
 def con(tmp_path: Path):
     c = state.open_connection(tmp_path / "state.duckdb")
-    state.ensure_schema(c, load_config())
+    base = load_config()
+    # The indexes are opt-in (sync.index_state); these tests are about reading through them.
+    config = base.model_copy(update={"sync": base.sync.model_copy(update={"index_state": True})})
+    state.ensure_schema(c, config)
     c.execute(f"""INSERT INTO d_lead (id, version, deleted, pending_seq, f_email)
                   SELECT 'lead-' || i, 1, false, CASE WHEN i % 1000 = 7 THEN i END, 'Person' || i || '@Example.com'
                   FROM range({ROWS}) t(i)""")
