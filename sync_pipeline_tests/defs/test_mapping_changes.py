@@ -658,8 +658,12 @@ def test_after_a_mapping_change_the_ui_shows_the_entity_assets_stale(world: Worl
     resolver = CachingStaleStatusResolver(world.instance, graph, LoadingContextForTest(world.instance))
 
     def code_causes(key: Any) -> list[str]:
+        # Plans and pushes are unpartitioned; only extracts have a partition to ask about.
+        partition = latest if graph.get(key).is_partitioned else None
         return [
-            c.reason for c in resolver.get_stale_causes(key, latest) if c.category == StaleCauseCategory.CODE
+            c.reason
+            for c in resolver.get_stale_causes(key, partition)
+            if c.category == StaleCauseCategory.CODE
         ]
 
     assert code_causes(asset_key(CONN, "contact", "plan")) == ["has a new code version"]

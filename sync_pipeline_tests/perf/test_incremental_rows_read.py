@@ -13,6 +13,9 @@ from sync_pipeline.bench.pipeline import make_changes
 from sync_pipeline.engine.store import rows_read
 from sync_pipeline_tests.perf.incremental import SMALL, config_with, synced_org, tenth
 
+# Syncs two orgs (1x and 10x) and counts rows read: about 2 minutes, so with --long.
+pytestmark = pytest.mark.slow
+
 EDITS = 100  # over both systems and four tables (the benchmark's mix); a tenth of "small" has ~1,000 records
 MAX_GROWTH = 1.5
 # Opportunity contact roles are derived: their plan compares every opportunity's wanted role with the base

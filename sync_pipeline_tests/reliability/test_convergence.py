@@ -272,6 +272,7 @@ BULK_FAULT_RULES: list[dict[str, Any]] = [
 ]
 
 
+@pytest.mark.slow  # about 2 minutes: with --long (the bulk path's default coverage: defs/test_bulk_import.py)
 def test_converges_under_faults_with_bulk_import(
     harness: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,8 @@ from sync_pipeline import runs
 from sync_pipeline.runs import DEFAULT_CONNECTION as CONN
 from sync_pipeline_tests.ui.test_ui import dagster_dev, graphql, short_history, wait_for  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.ui
+# The documented alternative to the job backfill; about 2 minutes, so with --long.
+pytestmark = [pytest.mark.ui, pytest.mark.slow]
 
 LAUNCH = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
   __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
