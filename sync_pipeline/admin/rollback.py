@@ -67,7 +67,7 @@ SKIP_OTHER = "skip"
 
 
 class RollbackError(RuntimeError):
-    pass
+    """A rollback that cannot start: the ledger has no write of that run to undo."""
 
 
 class _Marker:

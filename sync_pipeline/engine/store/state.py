@@ -73,7 +73,7 @@ def one_row(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None =
 
 
 class StateLockedError(RuntimeError):
-    pass
+    """The state store is open in another process (DuckDB allows one writer)."""
 
 
 @contextlib.contextmanager
