@@ -776,7 +776,7 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
     e = entity.name
     if entity.is_derived:
         return 0
-    d = qi(f"d_{e}")
+    d, ent = qi(f"d_{e}"), sql_text(e)
     # The marks to clear are found on keyed copies of the rows, then cleared by key: an UPDATE joined to
     # plan_work would scan the whole mirror. (One writer holds the store, so nothing moves in between.)
     keyed_rows(
@@ -784,25 +784,19 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
         "finish_d",
         d,
         "id",
-        column(con, "SELECT dynamics_id FROM plan_work WHERE entity = ?", [e]),
+        f"SELECT dynamics_id FROM plan_work WHERE entity = {ent}",
         columns="id, pending_seq",
     )
     n = keyed_execute(
         con,
         f"UPDATE {d} SET pending_seq = NULL WHERE id IN {{keys}}",
-        column(
-            con,
-            """
-        SELECT f.id FROM finish_d f JOIN plan_work w ON w.entity = ? AND w.dynamics_id = f.id AND f.pending_seq = w.d_seq""",
-            [e],
-        ),
+        f"""SELECT f.id FROM finish_d f JOIN plan_work w
+            ON w.entity = {ent} AND w.dynamics_id = f.id AND f.pending_seq = w.d_seq""",
     )
     if entity.is_person:
         # A person now owned by another record (a converted lead's person belongs to its contact) keeps
         # its change for that record's plan: the lead's plan covered it but cannot apply it.
-        mids = column(
-            con, "SELECT DISTINCT marketo_id FROM plan_work WHERE entity = ? AND m_seq IS NOT NULL", [e]
-        )
+        mids = f"SELECT DISTINCT marketo_id FROM plan_work WHERE entity = {ent} AND m_seq IS NOT NULL"
         keyed_rows(
             con,
             "person_owners",
@@ -817,25 +811,16 @@ def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
             "finish_m",
             "m_person",
             "id",
-            column(
-                con,
-                "SELECT TRY_CAST(marketo_id AS BIGINT) FROM plan_work WHERE entity = ? AND m_seq IS NOT NULL",
-                [e],
-            ),
+            f"SELECT TRY_CAST(marketo_id AS BIGINT) FROM plan_work WHERE entity = {ent} AND m_seq IS NOT NULL",
             columns="id, pending_seq, f_dynamicsId",
         )
         keyed_execute(
             con,
             "UPDATE m_person SET pending_seq = NULL WHERE id IN {keys}",
-            column(
-                con,
-                """
-            SELECT m.id FROM finish_m m JOIN plan_work w ON w.entity = ? AND w.marketo_id = CAST(m.id AS VARCHAR)
+            f"""SELECT m.id FROM finish_m m JOIN plan_work w ON w.entity = {ent} AND w.marketo_id = CAST(m.id AS VARCHAR)
             WHERE m.pending_seq = w.m_seq
               AND NOT EXISTS (SELECT 1 FROM person_owners o WHERE o.marketo_id = w.marketo_id
                               AND o.dynamics_id = m.f_dynamicsId)""",
-                [e],
-            ),
         )
     # A failed write whose record was re-planned with nothing left to write to that target is resolved
     # (e.g. a 412 re-read and settled by the policy, or a held record whose value was fixed back to what the

@@ -257,19 +257,39 @@ KEYED_CHUNK = 2000
 KEYED_MAX = KEYED_CHUNK
 
 
+# Keys are a list, or a query whose first column gives them (e.g. ``SELECT did FROM work_set``): a query's keys
+# are fetched into Python only when few enough for index lookups. A whole work set as a bound list costs memory in
+# proportion to the org (300,000 ids bound as one list parameter left the process ~190 MB larger).
+Keys = list[Any] | str
+
+
+def key_list(con: duckdb.DuckDBPyConnection, keys: Keys, most: int) -> list[Any] | str:
+    """The distinct non-null keys as a list when at most ``most``; otherwise, for a query, a subquery of them."""
+    if not isinstance(keys, str):
+        return list(dict.fromkeys(k for k in keys if k is not None))
+    src = f"(SELECT * FROM ({keys})) AS key_src(k) WHERE k IS NOT NULL"
+    found = [r[0] for r in con.execute(f"SELECT DISTINCT k FROM {src} LIMIT {most + 1}").fetchall()]
+    return found if len(found) <= most else f"SELECT k FROM {src}"
+
+
 def keyed_rows(
     con: duckdb.DuckDBPyConnection,
     temp: str,
     table: str,
     key: str,
-    keys: list[Any],
+    keys: Keys,
     where: str = "TRUE",
     columns: str = "*",
 ) -> None:
     """Temp table ``temp``: ``columns`` of the rows of ``table`` whose ``key`` is one of ``keys`` (and that pass
     ``where``), read through the key's index when the list is short enough."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE {qi(temp)} AS SELECT {columns} FROM {table} WHERE false")
-    keys = list(dict.fromkeys(k for k in keys if k is not None))
+    keys = key_list(con, keys, KEYED_MAX)
+    if isinstance(keys, str):  # many keys: one scan, the keys never leave DuckDB
+        con.execute(
+            f"INSERT INTO {qi(temp)} SELECT {columns} FROM {table} WHERE {key} IN ({keys}) AND ({where})"
+        )
+        return
     if len(keys) > KEYED_MAX:
         con.execute(
             f"""INSERT INTO {qi(temp)} SELECT {columns} FROM {table}
@@ -296,7 +316,7 @@ def rows_equal(
     temp: str,
     table: str,
     expr: str,
-    keys: list[Any],
+    keys: Keys,
     where: str = "TRUE",
     columns: str = "*",
 ) -> None:
@@ -304,7 +324,12 @@ def rows_equal(
     pass ``where``); one lookup per key, which an index on ``expr`` serves (DuckDB reads an expression index for
     ``=`` only)."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE {qi(temp)} AS SELECT {columns} FROM {table} WHERE false")
-    keys = list(dict.fromkeys(k for k in keys if k is not None))
+    keys = key_list(con, keys, EQUAL_LOOKUPS_MAX)
+    if isinstance(keys, str):
+        con.execute(
+            f"INSERT INTO {qi(temp)} SELECT {columns} FROM {table} WHERE {expr} IN ({keys}) AND ({where})"
+        )
+        return
     if len(keys) > EQUAL_LOOKUPS_MAX:
         con.execute(
             f"INSERT INTO {qi(temp)} SELECT {columns} FROM {table} WHERE {expr} IN (SELECT unnest(?)) AND ({where})",
@@ -320,14 +345,18 @@ def rows_equal(
 
 
 def keyed_execute(
-    con: duckdb.DuckDBPyConnection, sql: str, keys: list[Any], params: list[Any] | None = None
+    con: duckdb.DuckDBPyConnection, sql: str, keys: Keys, params: list[Any] | None = None
 ) -> int:
     """Run ``sql`` once per chunk of ``keys``; its ``{keys}`` placeholder becomes ``(?, ?, ...)``, bound after
     ``params`` (so it must follow every other parameter). A statement that touches only keyed rows (put
     ``<table>.<key> IN {keys}`` as that table's only filter: DuckDB then reads it through the key's index) is
     skipped when there are none. Returns the rows changed."""
-    keys = list(dict.fromkeys(k for k in keys if k is not None))
-    if len(keys) > KEYED_MAX:  # a large batch (an initial copy): one statement, one scan
+    keys = key_list(con, keys, KEYED_MAX)
+    if isinstance(keys, str):  # a large batch (an initial copy): one statement, one scan
+        res = con.execute(sql.replace("{keys}", f"({keys})"), params or [])
+        row = res.fetchone() if res is not None else None
+        return int(row[0]) if row and isinstance(row[0], int) else 0
+    if len(keys) > KEYED_MAX:
         res = con.execute(sql.replace("{keys}", "(SELECT unnest(?))"), [*(params or []), keys])
         row = res.fetchone() if res is not None else None
         return int(row[0]) if row and isinstance(row[0], int) else 0
