@@ -528,7 +528,7 @@ def _on_success(
             con,
             """UPDATE m_person SET f_dynamicsId = r.did, f_dynamicsType = ? FROM push_outcomes r
                        WHERE r.ok AND r.op = 'create' AND m_person.id = TRY_CAST(r.mid AS BIGINT) AND m_person.id IN {keys}""",
-            column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM push_outcomes WHERE ok AND op = 'create'"),
+            "SELECT TRY_CAST(mid AS BIGINT) FROM push_outcomes WHERE ok AND op = 'create'",
             [entity.marketo.type_value or entity.name.title()],
         )
     _advance_base(con, entity, "written_plan", run_id, now)
@@ -566,7 +566,7 @@ def _advance_base(
     )
     con.execute(f"""CREATE OR REPLACE TEMP TABLE new_base AS SELECT dynamics_id, {pivots} FROM {source}
                     WHERE op IN ('create', 'update', 'agree') GROUP BY dynamics_id""")
-    ids = column(con, "SELECT dynamics_id FROM new_base")
+    ids = "SELECT dynamics_id FROM new_base"
     keyed_rows(con, "base_known", b, "dynamics_id", ids, columns="dynamics_id")
     con.execute(
         f"""INSERT INTO {b} (dynamics_id, synced_at, run_id)
@@ -623,8 +623,8 @@ def _update_person_mirror(
         FROM written_plan WHERE op IN ('create', 'update', 'flag') GROUP BY dynamics_id""")
     if target == "marketo":
         typ = entity.marketo.type_value or entity.name.title()
-        mids = column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror")
-        created = column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror WHERE op = 'create'")
+        mids = "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror"
+        created = "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror WHERE op = 'create'"
         keyed_rows(con, "persons_known", "m_person", "id", created, columns="id")
         con.execute(
             """INSERT INTO m_person (id, deleted, seen_at, f_dynamicsId, f_dynamicsType, f_dynamicsIsDeleted)
@@ -654,7 +654,7 @@ def _update_person_mirror(
             keyed_execute(
                 con,
                 f"UPDATE {d} SET {sets} FROM new_mirror WHERE {d}.id = new_mirror.dynamics_id AND {d}.id IN {{keys}}",
-                column(con, "SELECT dynamics_id FROM new_mirror"),
+                "SELECT dynamics_id FROM new_mirror",
             )
 
 

@@ -115,6 +115,14 @@ def open_connection(
             delay = min(delay * 2, 1.0)
 
 
+def drop_temp_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop this connection's temp tables (a step's work sets, plan slices, outcome pages). A run keeps one
+    connection across its steps; left in place, every step's temp tables held buffer memory (and spilled to disk)
+    until the run ended: 0.9 GB of them by the end of a medium initial copy."""
+    for (name,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE temporary").fetchall():
+        con.execute(f"DROP TABLE IF EXISTS temp.main.{qi(name)}")
+
+
 def latest_fields(entity: Entity) -> list[str]:
     """Two-way person fields resolved by policy ``latest`` (their change times are tracked per field)."""
     return [
