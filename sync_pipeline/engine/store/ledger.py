@@ -605,7 +605,7 @@ def _update_person_mirror(
     mirror_cols = {
         r[0][2:]
         for r in con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'm_person'"
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'm_person'"
         ).fetchall()
         if r[0].startswith("f_")
     }

@@ -248,7 +248,7 @@ def _create_indexes(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     if "f_email" in {
         r[0]
         for r in con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'm_person'"
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'm_person'"
         ).fetchall()
     }:
         con.execute("CREATE INDEX IF NOT EXISTS m_person_email ON m_person (lower(f_email))")
@@ -412,7 +412,7 @@ def _add_missing_columns(con: duckdb.DuckDBPyConnection, table: str, fields: lis
     have = {
         r[0]
         for r in con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = ?", [table]
         ).fetchall()
     }
     for f in fields:

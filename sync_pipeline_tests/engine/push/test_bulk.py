@@ -41,10 +41,9 @@ def test_files_queue_failures_and_ids(sandbox, tmp_path, monkeypatch) -> None:
     maps = {f.marketo: f for f in entity.all_fields}
     monkeypatch.setattr(bulk_push, "FILE_BYTES", 500)  # a few records a file
     monkeypatch.setattr(bulk_push, "RECORD_SLICE", 7)  # results handed over in several slices
-    # 2 imports at a time, 3 queued at most: more files than queue places, so 1016 must be waited out.
-    sandbox.set_limits(
-        {"bulk_import_concurrent": 2, "bulk_import_queued": 3, "bulk_processing_seconds": 0.05}
-    )
+    # 2 imports at a time, 3 queued at most: more files than queue places, so 1016 must be waited out. Time
+    # enough to process each (0.2 s) keeps the queue full however slowly a loaded machine uploads.
+    sandbox.set_limits({"bulk_import_concurrent": 2, "bulk_import_queued": 3, "bulk_processing_seconds": 0.2})
     records = [
         (
             f"d-{i:03d}",
