@@ -71,7 +71,7 @@ class SyncStateResource(dg.ConfigurableResource):
         finally:
             # A step's temp tables are its own: dropped, their memory goes back before the next step.
             with contextlib.suppress(duckdb.Error):
-                state.drop_temp_tables(self._con)
+                state.release_step_memory(self._con)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._con is not None:

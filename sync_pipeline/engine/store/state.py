@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine.store import rows_read
@@ -115,12 +116,14 @@ def open_connection(
             delay = min(delay * 2, 1.0)
 
 
-def drop_temp_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Drop this connection's temp tables (a step's work sets, plan slices, outcome pages). A run keeps one
-    connection across its steps; left in place, every step's temp tables held buffer memory (and spilled to disk)
-    until the run ended: 0.9 GB of them by the end of a medium initial copy."""
+def release_step_memory(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop this connection's temp tables (a step's work sets, plan slices, outcome pages) and hand Arrow's freed
+    memory back. A run keeps one connection across its steps; left in place, every step's temp tables held buffer
+    memory (and spilled to disk) until the run ended: 0.9 GB of them by the end of a medium initial copy. Arrow's
+    allocator keeps freed pages for reuse (~50 MB after a 25,000-row ingest)."""
     for (name,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE temporary").fetchall():
         con.execute(f"DROP TABLE IF EXISTS temp.main.{qi(name)}")
+    pa.default_memory_pool().release_unused()
 
 
 def latest_fields(entity: Entity) -> list[str]:
