@@ -208,6 +208,9 @@ class SyncConfig(_Strict):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"entity names must be unique: {sorted(dupes)}")
+        derived = [e.name for e in self.entities if e.derived_from]
+        if len(derived) > 1:  # one reader of the store's derived marks (engine/store/ledger.py)
+            raise ValueError(f"at most one derived entity (opportunity roles): {derived}")
         person_fields = {f.marketo for f in self.person_fields()}
         for e in self.entities:
             for cond in e.create_in_dynamics.all if e.create_in_dynamics else []:

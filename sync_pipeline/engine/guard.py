@@ -58,6 +58,7 @@ def rebaseline(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
             "plan",
             "plan_work",
             "plan_meta",
+            "derived_marks",
             "cursors",
             "environment",
             "failures",
