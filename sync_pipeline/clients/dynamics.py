@@ -13,10 +13,12 @@ the request (entity set and record id) and never contain the client secret or th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import re
+import threading
 import time
 import uuid
 from collections import Counter
@@ -152,6 +154,19 @@ class _MsalHttp:
         return None
 
 
+# MSAL's token cache and HTTP cache (the authority's OpenID discovery document) per authority, client id and
+# secret, shared by the clients of this process: successive runs and the sensor reuse a token until MSAL renews
+# it, instead of a discovery and a token request per run. Memory only, never persisted.
+_MSAL_CACHES: dict[tuple[str, str, str], tuple[msal.TokenCache, dict[Any, Any]]] = {}
+_MSAL_CACHES_LOCK = threading.Lock()
+
+
+def _msal_caches(authority: str, client_id: str, secret: str) -> tuple[msal.TokenCache, dict[Any, Any]]:
+    key = (authority, client_id, hashlib.sha256(secret.encode()).hexdigest())
+    with _MSAL_CACHES_LOCK:
+        return _MSAL_CACHES.setdefault(key, (msal.TokenCache(), {}))
+
+
 class DynamicsClient:
     def __init__(
         self,
@@ -208,8 +223,11 @@ class DynamicsClient:
         self.calls["token"] += 1
         try:
             if self._msal is None:
+                token_cache, http_cache = _msal_caches(self.authority, self.client_id, self._secret)
                 self._msal = msal.ConfidentialClientApplication(
                     self.client_id,
+                    token_cache=token_cache,
+                    http_cache=http_cache,
                     authority=self.authority,
                     client_credential=self._secret,
                     http_client=_MsalHttp(self._http),
