@@ -105,7 +105,7 @@ class _Token:
 
 
 class _TokenSlot:
-    """One access token per instance, client id and secret in this process: the clients of successive runs (and
+    """One access token per instance, client id, secret and TLS trust in this process: the clients of successive runs (and
     the sensor's) reuse it until it expires instead of asking identity again. Memory only, never persisted."""
 
     def __init__(self) -> None:
@@ -113,12 +113,12 @@ class _TokenSlot:
         self.lock = threading.Lock()
 
 
-_SLOTS: dict[tuple[str, str, str], _TokenSlot] = {}
+_SLOTS: dict[tuple[str, str, str, str], _TokenSlot] = {}
 _SLOTS_LOCK = threading.Lock()
 
 
-def _token_slot(base_url: str, client_id: str, secret: str) -> _TokenSlot:
-    key = (base_url, client_id, hashlib.sha256(secret.encode()).hexdigest())
+def _token_slot(base_url: str, client_id: str, secret: str, verify: bool | str) -> _TokenSlot:
+    key = (base_url, client_id, hashlib.sha256(secret.encode()).hexdigest(), str(verify))
     with _SLOTS_LOCK:
         return _SLOTS.setdefault(key, _TokenSlot())
 
@@ -177,7 +177,7 @@ class MarketoClient:
         self.refresh_margin, self.poll_seconds = refresh_margin_seconds, poll_seconds
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
-        self._slot = _token_slot(self.base_url, self.client_id, client_secret)
+        self._slot = _token_slot(self.base_url, self.client_id, client_secret, verify)
         self._http = httpx.Client(
             verify=verify,
             timeout=timeout_seconds,
