@@ -18,6 +18,7 @@ from typing import Any
 import dagster as dg
 
 from sync_pipeline.config.model import Entity, SyncConfig
+from sync_pipeline.connection.checks import push_check_results, push_check_specs
 from sync_pipeline.connection.keys import PERSON, asset_key, group_name, pool
 from sync_pipeline.connection.partitions import is_latest_window
 from sync_pipeline.connection.resources import SyncStateResource, bound, required_keys
@@ -323,8 +324,11 @@ def _plan(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> d
 def _marketo_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
     deps = [asset_key(conn, e.name, "plan")] + [asset_key(conn, d, "push") for d in push_order(config, e)]
 
+    key = asset_key(conn, e.name, "push")
+
     @dg.asset(
-        key=asset_key(conn, e.name, "push"),
+        key=key,
+        check_specs=push_check_specs(key, config, e, "marketo"),
         group_name=group_name(conn, e.name),
         kinds={"marketo"},
         deps=deps,
@@ -346,6 +350,7 @@ def _marketo_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, An
             linked = _table_rows(
                 con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name]
             )
+            checks = push_check_results(con, config, e, "marketo")
         if stats.failed:
             context.log.warning(f"{e.name}: {stats.failed} records failed in Marketo: {stats.errors}")
         if lasting["records_held"]:
@@ -356,15 +361,19 @@ def _marketo_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, An
         md = stats.as_metadata()
         md.pop("records_held", None)  # from the store below, for every reason a record is held
         return dg.MaterializeResult(
-            metadata=_meta(context, md, linked, {"marketo": _calls(client) - before}, lasting)
+            metadata=_meta(context, md, linked, {"marketo": _calls(client) - before}, lasting),
+            check_results=checks,
         )
 
     return push
 
 
 def _dynamics_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, Any]) -> dg.AssetsDefinition:
+    key = asset_key(conn, e.name, "push", "dynamics")
+
     @dg.asset(
-        key=asset_key(conn, e.name, "push", "dynamics"),
+        key=key,
+        check_specs=push_check_specs(key, config, e, "dynamics"),
         group_name=group_name(conn, e.name),
         kinds={"dynamics"},
         code_version=mapping_version(config, e),
@@ -386,6 +395,7 @@ def _dynamics_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, A
             linked = _table_rows(
                 con, "SELECT count(*) FROM identity WHERE entity = ? AND state = 'active'", [e.name]
             )
+            checks = push_check_results(con, config, e, "dynamics")
         if lasting["records_held"]:
             context.log.warning(
                 f"{e.name}: {lasting['records_held']} records held for Dynamics "
@@ -400,7 +410,8 @@ def _dynamics_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, A
                 linked,
                 {"dynamics": _calls(dclient) - before[0], "marketo": _calls(mclient) - before[1]},
                 lasting,
-            )
+            ),
+            check_results=checks,
         )
 
     return push

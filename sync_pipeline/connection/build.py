@@ -10,7 +10,6 @@ import dagster as dg
 
 from sync_pipeline.connection.assets import build_assets
 from sync_pipeline.connection.automation import build_sensors
-from sync_pipeline.connection.checks import build_checks
 from sync_pipeline.connection.keys import CONNECTION_TAG, asset_key, qualified
 from sync_pipeline.connection.mapping_checks import build_mapping_checks
 from sync_pipeline.connection.partitions import build_partitions
@@ -51,7 +50,7 @@ def build_connection(spec: SyncConnection, settings: Mapping[str, str] | None = 
     )
     return dg.Definitions(
         assets=assets,
-        asset_checks=build_checks(name, config) + build_mapping_checks(name, config),
+        asset_checks=build_mapping_checks(name, config),
         jobs=[job, build_resync_job(name, tags), build_validate_job(name, tags)],
         sensors=build_sensors(spec, job, partitions),
         resources=build_resources(spec, settings),
