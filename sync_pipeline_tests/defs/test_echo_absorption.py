@@ -69,7 +69,9 @@ def _edit_during_the_copy(sb: Any, first_new_id: int) -> dict[str, Any]:
             store.update_lead(lead["id"], {"title": "Edited during the copy (first)"}, source="UI")
             store.update_lead(lead["id"], {"title": "Edited during the copy (last)"}, source="UI")
             store.update_lead(contact["id"], {"title": "Contact edited during the copy"}, source="UI")
-            edits.update(lead=lead["dynamicsId"], contact=contact["dynamicsId"], at=store.activities.items[-1])
+            edits.update(
+                lead=lead["dynamicsId"], contact=contact["dynamicsId"], at=store.activities.items[-1]
+            )
         return inner(req)
 
     sb.marketo.app.before = before
