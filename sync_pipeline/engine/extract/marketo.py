@@ -8,6 +8,7 @@ changed becomes pending for the next plan.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from sync_pipeline.clients import errors
 from sync_pipeline.config.model import FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
 from sync_pipeline.engine.extract import echo
@@ -43,6 +45,8 @@ from sync_pipeline.engine.store.state import (
     sweep_due,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_EXPORT_DAYS = 31
 ACTIVITY_SLICE = 20_000  # persons whose lead changes are applied together
@@ -94,11 +98,22 @@ def extract_marketo_persons(
     ):
         # Mostly our own echo: one bulk activity export for cursor time .. window end, then the lead changes
         # from a paging token taken at the window's end (before the export), so nothing after it is lost.
-        stats.mode = "echo export + lead changes"
         window_end = utcnow().replace(tzinfo=UTC) - WATERMARK_MARGIN
-        token = client.paging_token(window_end)
-        echo.export_window(con, client, since_cursor, window_end, work_dir, stats)
-        _absorb_echo(con, config, client, watch, timed, fields, stats)
+        after_window = client.paging_token(window_end)
+        try:
+            echo.export_window(con, client, since_cursor, window_end, work_dir, stats)
+        except (errors.AuthError, errors.QuotaExceeded, errors.Transient):
+            raise  # the run fails and retries; paging instead would only spend more of the same budget
+        except (
+            errors.ClientError
+        ) as exc:  # e.g. the daily export quota (1029): page the lead changes as before
+            log.warning(
+                "echo export refused (%s %s); reading the lead changes instead", exc.code, exc.message
+            )
+        else:
+            stats.mode = "echo export + lead changes"
+            _absorb_echo(con, config, client, watch, timed, fields, stats)
+            token = after_window
     # A lower bound of the time of every activity after the token this run ends with (read before paging).
     read_from = utcnow().replace(tzinfo=UTC) - WATERMARK_MARGIN
 

@@ -150,3 +150,29 @@ def test_one_export_leaves_what_paging_the_lead_changes_leaves(
     assert not pending & {f"echo{i}@example.org" for i in range(2, OURS)}  # our echo, and a change undone
     timed = {(t[1], t[2]) for t in times}
     assert {(str(by_email[f"echo{i}@example.org"]["id"]), "title") for i in (0, 12)} <= timed
+
+
+def test_an_export_marketo_refuses_falls_back_to_the_lead_changes(
+    sandbox, client, config, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(marketo, "WATERMARK_MARGIN", timedelta(0))
+    monkeypatch.setattr(echo, "ECHO_EXPORT_PERSONS", OURS - 1)
+    with duckdb.connect(str(tmp_path / "state.duckdb")) as con:
+        ensure_schema(con, config)
+        _backlog(sandbox, client, config, con)
+        # The daily export quota is spent: Marketo answers 1029 when the job is queued.
+        sandbox.faults(
+            [
+                {
+                    "pattern": "marketo.bulk.export.enqueue",
+                    "rate": 1.0,
+                    "faults": [{"kind": "code", "code": "1029"}],
+                }
+            ]
+        )
+        sandbox.reset_calls()
+        stats = _extract(con, config, client)
+        calls = sandbox.calls()
+        persons, _times = _state(con)
+    assert stats.mode == "lead changes" and calls["marketo.activities.leadchanges"] >= 1
+    assert {p["f_email"]: p for p in persons}["echo0@example.org"]["f_title"] == "Marketer A2"
