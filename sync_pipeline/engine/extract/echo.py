@@ -126,7 +126,7 @@ def apply_echo(
     times = _field_times(con, [f for f in watch if f in timed]) if timed else []
     pivots = ", ".join(
         f"bool_or(field = '{f}') AS {qi('h_' + f)}, "
-        f"arg_max(new_value, (act_at, seq, guid)) FILTER (WHERE field = '{f}') AS {qi('v_' + f)}"
+        f"arg_max_null(new_value, (act_at, seq, guid)) FILTER (WHERE field = '{f}') AS {qi('v_' + f)}"
         for f in watch
     )
     con.execute(f"""CREATE OR REPLACE TEMP TABLE echo_last AS

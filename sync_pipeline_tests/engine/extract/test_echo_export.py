@@ -87,6 +87,7 @@ def _backlog(sandbox, client, config, con) -> None:
     sb.update_lead(ids[0], {"title": "Marketer A1"}, source="UI")
     sb.update_lead(ids[0], {"title": "Marketer A2"}, source="UI")  # the last one wins, its time is kept
     sb.update_lead(ids[1], {"phone": "+1 555 0100"}, source="UI")
+    sb.update_lead(ids[3], {"title": None}, source="UI")  # cleared: a null New Value
     sb.update_lead(ids[12], {"title": "Briefly"}, source="UI")
     sb.update_lead(ids[12], {"title": "Our title 12"}, source="UI")  # back to the mirror's value
     sb.create_lead(
@@ -145,9 +146,10 @@ def test_one_export_leaves_what_paging_the_lead_changes_leaves(
     assert by_email["walk.in@example.org"]["f_lastName"] == "Walkin"  # the unknown person was read whole
     assert by_email["echo0@example.org"]["f_title"] == "Marketer A2"
     assert by_email["echo1@example.org"]["f_phone"] == "+1 555 0100"
+    assert by_email["echo3@example.org"]["f_title"] is None
     pending = {p["f_email"] for p in persons if p["pending"]}
-    assert {"echo0@example.org", "echo1@example.org", "walk.in@example.org"} <= pending
-    assert not pending & {f"echo{i}@example.org" for i in range(2, OURS)}  # our echo, and a change undone
+    assert {"echo0@example.org", "echo1@example.org", "echo3@example.org", "walk.in@example.org"} <= pending
+    assert not pending & {f"echo{i}@example.org" for i in (2, *range(4, OURS))}  # our echo, and a change undone
     timed = {(t[1], t[2]) for t in times}
     assert {(str(by_email[f"echo{i}@example.org"]["id"]), "title") for i in (0, 12)} <= timed
 
