@@ -114,7 +114,8 @@ def bench(
             b = sc["budget"]
             line += (
                 f"  floor {sc['budget_floor_seconds']:.1f} s (Dynamics {b['dynamics']['seconds']:.0f} s, "
-                f"Marketo {b['marketo']['seconds']:.0f} s; binding {b['binding']}), x{sc['vs_budget_floor']}"
+                f"Marketo {b['marketo']['seconds']:.0f} s; binding {b['binding']}), x{sc['vs_budget_floor']}; "
+                f"floor {sc['floor_seconds']:.1f} s ({sc['floor_bound_by']}), x{sc['vs_floor']}"
             )
         click.echo(line)
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
