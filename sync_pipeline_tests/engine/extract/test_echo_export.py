@@ -149,7 +149,9 @@ def test_one_export_leaves_what_paging_the_lead_changes_leaves(
     assert by_email["echo3@example.org"]["f_title"] is None
     pending = {p["f_email"] for p in persons if p["pending"]}
     assert {"echo0@example.org", "echo1@example.org", "echo3@example.org", "walk.in@example.org"} <= pending
-    assert not pending & {f"echo{i}@example.org" for i in (2, *range(4, OURS))}  # our echo, and a change undone
+    assert not pending & {
+        f"echo{i}@example.org" for i in (2, *range(4, OURS))
+    }  # our echo, and a change undone
     timed = {(t[1], t[2]) for t in times}
     assert {(str(by_email[f"echo{i}@example.org"]["id"]), "title") for i in (0, 12)} <= timed
 
