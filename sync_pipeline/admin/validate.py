@@ -21,6 +21,7 @@ from typing import Any, Literal
 from sync_pipeline.config.model import ConfigError, Entity, FieldMap, SyncConfig
 from sync_pipeline.engine import orgmeta
 from sync_pipeline.engine.orgmeta import OrgMetadata
+from sync_pipeline.engine.store.cache import CachedDescribe, ResponseCache
 
 Status = Literal["ok", "warning", "error"]
 
@@ -696,26 +697,39 @@ def _failed(bad: list[Check]) -> ValidationFailed:
     )
 
 
-def prepare_persons(run_id: str, config: SyncConfig, marketo: Any) -> None:
+def prepare_persons(run_id: str, config: SyncConfig, marketo: Any, con: Any | None = None) -> None:
     """The person extract's preflight: every mapped person field exists on the Marketo lead (one describe call
-    per run), so a missing field fails the run at once instead of a bulk export refused and retried."""
+    per run, or none while the state store's copy is fresh), so a missing field fails the run at once instead of
+    a bulk export refused and retried."""
     key = (run_id, "marketo:" + getattr(marketo, "base_url", ""))
     if key not in _PREPARED:
-        bad = errors(marketo_checks(config, marketo, None, entities=config.persons))
+        cache = ResponseCache(con, config) if con is not None else None
+        client = CachedDescribe(marketo, cache) if cache is not None else marketo
+        bad = errors(marketo_checks(config, client, None, entities=config.persons))
+        if bad and cache is not None:
+            cache.drop("marketo.describe2")
         _remember(key, _failed(bad) if bad else config)
     if isinstance(_PREPARED[key], ValidationFailed):
         raise ValidationFailed(str(_PREPARED[key]))
 
 
-def prepare(run_id: str, config: SyncConfig, dynamics: Any) -> SyncConfig:
+def prepare(run_id: str, config: SyncConfig, dynamics: Any, con: Any | None = None) -> SyncConfig:
     """The run's configuration (option labels from the org, filter column only where it exists), after the
-    Dynamics checks; raises :class:`ValidationFailed` naming every error. Cached per run."""
+    Dynamics checks; raises :class:`ValidationFailed` naming every error. Cached per run, and the org's answer
+    in the state store (``con``) for ``sync.metadata_ttl_seconds``."""
     key = (run_id, getattr(dynamics, "url", ""))
     if key not in _PREPARED:  # the other steps of a failed run fail with the same message, no new call
+        cache = ResponseCache(con, config) if con is not None else None
         meta = orgmeta.read_metadata(
-            dynamics, orgmeta.mapped_tables(config), config.sync.language, casts=orgmeta.run_casts(config)
+            dynamics,
+            orgmeta.mapped_tables(config),
+            config.sync.language,
+            casts=orgmeta.run_casts(config),
+            cache=cache,
         )
         bad = errors(dynamics_checks(config, meta))
+        if bad and cache is not None:
+            cache.drop("orgmeta")
         _remember(key, _failed(bad) if bad else orgmeta.runtime_config(config, meta))
     found = _PREPARED[key]
     if isinstance(found, ValidationFailed):

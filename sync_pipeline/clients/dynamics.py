@@ -13,10 +13,12 @@ the request (entity set and record id) and never contain the client secret or th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import re
+import threading
 import time
 import uuid
 from collections import Counter
@@ -152,6 +154,21 @@ class _MsalHttp:
         return None
 
 
+# MSAL's token cache and HTTP cache (the authority's OpenID discovery document) per authority, client id, secret
+# and TLS trust, shared by the clients of this process: successive runs and the sensor reuse a token until MSAL renews
+# it, instead of a discovery and a token request per run. Memory only, never persisted.
+_MSAL_CACHES: dict[tuple[str, str, str, str], tuple[msal.TokenCache, dict[Any, Any]]] = {}
+_MSAL_CACHES_LOCK = threading.Lock()
+
+
+def _msal_caches(
+    authority: str, client_id: str, secret: str, verify: bool | str
+) -> tuple[msal.TokenCache, dict[Any, Any]]:
+    key = (authority, client_id, hashlib.sha256(secret.encode()).hexdigest(), str(verify))
+    with _MSAL_CACHES_LOCK:
+        return _MSAL_CACHES.setdefault(key, (msal.TokenCache(), {}))
+
+
 class DynamicsClient:
     def __init__(
         self,
@@ -179,6 +196,7 @@ class DynamicsClient:
         self.backoff_base, self.backoff_max, self.max_retry_after = backoff_base, backoff_max, max_retry_after
         self._sleep = sleep
         self.calls: Counter[str] = Counter()
+        self._verify = verify
         self._http = httpx.Client(
             verify=verify,
             timeout=httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
@@ -208,8 +226,13 @@ class DynamicsClient:
         self.calls["token"] += 1
         try:
             if self._msal is None:
+                token_cache, http_cache = _msal_caches(
+                    self.authority, self.client_id, self._secret, self._verify
+                )
                 self._msal = msal.ConfidentialClientApplication(
                     self.client_id,
+                    token_cache=token_cache,
+                    http_cache=http_cache,
                     authority=self.authority,
                     client_credential=self._secret,
                     http_client=_MsalHttp(self._http),

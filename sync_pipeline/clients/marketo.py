@@ -104,6 +104,25 @@ class _Token:
     final: bool = False  # identity handed back the same token: no fresh one until it expires
 
 
+class _TokenSlot:
+    """One access token per instance, client id, secret and TLS trust in this process: the clients of successive runs (and
+    the sensor's) reuse it until it expires instead of asking identity again. Memory only, never persisted."""
+
+    def __init__(self) -> None:
+        self.token = _Token()
+        self.lock = threading.Lock()
+
+
+_SLOTS: dict[tuple[str, str, str, str], _TokenSlot] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _token_slot(base_url: str, client_id: str, secret: str, verify: bool | str) -> _TokenSlot:
+    key = (base_url, client_id, hashlib.sha256(secret.encode()).hexdigest(), str(verify))
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(key, _TokenSlot())
+
+
 @dataclass
 class _Outcome:
     body: Any = None
@@ -158,8 +177,7 @@ class MarketoClient:
         self.refresh_margin, self.poll_seconds = refresh_margin_seconds, poll_seconds
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
-        self._token = _Token()
-        self._token_lock = threading.Lock()
+        self._slot = _token_slot(self.base_url, self.client_id, client_secret, verify)
         self._http = httpx.Client(
             verify=verify,
             timeout=timeout_seconds,
@@ -180,8 +198,8 @@ class MarketoClient:
 
     # ------------------------------------------------------------------ auth
     def _access_token(self) -> str:
-        with self._token_lock:
-            tok, now = self._token, time.monotonic()
+        with self._slot.lock:
+            tok, now = self._slot.token, time.monotonic()
             if (
                 tok.value
                 and (tok.final or tok.valid_until - now > self.refresh_margin)
@@ -190,13 +208,13 @@ class MarketoClient:
                 return tok.value
             value, expires_in = self._fetch_token()
             final = value == tok.value and expires_in <= self.refresh_margin
-            self._token = _Token(value, time.monotonic() + expires_in, final)
+            self._slot.token = _Token(value, time.monotonic() + expires_in, final)
             return value
 
     def _invalidate(self, rejected: str) -> None:
-        with self._token_lock:
-            if self._token.value == rejected:
-                self._token = _Token()
+        with self._slot.lock:
+            if self._slot.token.value == rejected:
+                self._slot.token = _Token()
 
     def _fetch_token(self) -> tuple[str, float]:
         url = f"{self.base_url}/identity/oauth/token"

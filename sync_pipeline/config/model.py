@@ -180,6 +180,7 @@ class SyncSettings(_Strict):
     # Every how many plans of a person entity the whole store is searched for damaged links (a record nobody
     # edits, a store repaired by hand); 1: every plan. In between only the records with pending work are looked at,
     # so a plan reads what changed, not the tables (at 1 the sweep reads identity and the person mirror whole).
+    # The derived opportunity-role plan compares every opportunity with its base as often.
     damage_sweep_every: int = Field(1, ge=1)
     # ART indexes on the pending marks, identity and the person mirror's keys, so an incremental run reads only what
     # changed; off by default because maintaining them costs more time than they save on DuckDB 1.4.5 (see
@@ -191,6 +192,19 @@ class SyncSettings(_Strict):
         ge=1,
         description="planned creates of persons or custom objects in one push from which they go "
         "through Marketo bulk import (CSV files) instead of REST; null: always REST",
+    )
+    metadata_ttl_seconds: int = Field(
+        3600,
+        ge=0,
+        description="how long the org's table metadata (columns, option labels) and the Marketo lead describe "
+        "are reused from the state store before they are read again; a mapping change reads them at once; "
+        "0: every run",
+    )
+    environment_check_seconds: int = Field(
+        3600,
+        ge=0,
+        description="how long a WhoAmI that confirmed the pinned Dynamics org is trusted for the same URL and "
+        "client id (a different URL is checked at once); 0: every run",
     )
     language: int | None = Field(
         None,
@@ -208,6 +222,9 @@ class SyncConfig(_Strict):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"entity names must be unique: {sorted(dupes)}")
+        derived = [e.name for e in self.entities if e.derived_from]
+        if len(derived) > 1:  # one reader of the store's derived marks (engine/store/ledger.py)
+            raise ValueError(f"at most one derived entity (opportunity roles): {derived}")
         person_fields = {f.marketo for f in self.person_fields()}
         for e in self.entities:
             for cond in e.create_in_dynamics.all if e.create_in_dynamics else []:

@@ -72,17 +72,18 @@ def permanent_errors_fail_fast() -> Iterator[None]:
         raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
 
 
-def prepare_persons(run_id: str, config: SyncConfig, client: Any) -> None:
+def prepare_persons(run_id: str, config: SyncConfig, client: Any, con: Any) -> None:
     from sync_pipeline.admin.validate import prepare_persons as check
 
-    check(run_id, config, client)
+    check(run_id, config, client, con)
 
 
-def run_config(context: Any, state: SyncStateResource, client: Any) -> SyncConfig:
-    """The run's configuration after the preflight checks (one metadata call per run, see admin/validate.py)."""
+def run_config(context: Any, state: SyncStateResource, client: Any, con: Any) -> SyncConfig:
+    """The run's configuration after the preflight checks (at most one metadata call per run, none while the
+    store's copy is fresh: see admin/validate.py)."""
     from sync_pipeline.admin.validate import prepare
 
-    return prepare(context.run_id, state.config, client)
+    return prepare(context.run_id, state.config, client, con)
 
 
 def _calls(client: Any) -> int:
@@ -172,8 +173,14 @@ def push_order(config: SyncConfig, entity: Entity) -> list[str]:
 def guard_environment(
     con: Any, state: SyncStateResource, dynamics: DynamicsResource, marketo: MarketoResource
 ) -> None:
-    org = dynamics.organization_id()
-    guard.check_environment(con, dynamics_org=str(org), marketo_instance=state.instance_id(marketo.base_url))
+    guard.check_environment_recent(
+        con,
+        dynamics_url=dynamics.url,
+        client_id=dynamics.client_id,
+        organization_id=dynamics.organization_id,
+        marketo_instance=state.instance_id(marketo.base_url),
+        ttl_seconds=state.config.sync.environment_check_seconds,
+    )
 
 
 # A backfill runs at most this many extract partitions per run (a job backfill: then that run's plan and push).
@@ -224,7 +231,7 @@ def _dynamics_extract(conn: str, e: Entity, common: dict[str, Any]) -> dg.Assets
         with permanent_errors_fail_fast(), state.connect() as con:
             client = dynamics.get_client()
             before = _calls(client)
-            cfg = run_config(context, state, client)
+            cfg = run_config(context, state, client, con)
             stats = extract_dynamics(
                 con,
                 cfg,
@@ -264,7 +271,7 @@ def _person_extract(conn: str, config: SyncConfig, common: dict[str, Any]) -> dg
         with permanent_errors_fail_fast(), state.connect() as con:
             client = marketo.get_client()
             before = _calls(client)
-            prepare_persons(context.run_id, state.config, client)
+            prepare_persons(context.run_id, state.config, client, con)
             stats = extract_marketo_persons(
                 con,
                 state.config,
@@ -337,7 +344,7 @@ def _marketo_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, An
             client = marketo.get_client()
             before = _calls(client)
             guard_environment(con, state, dynamics, marketo)
-            cfg = run_config(context, state, dynamics.get_client())
+            cfg = run_config(context, state, dynamics.get_client(), con)
             stats = push_marketo(con, cfg, cfg.entity(e.name), client, context.run_id)
             lasting = _push_state(con, e.name, "marketo")
             linked = _table_rows(
@@ -382,7 +389,7 @@ def _dynamics_push(conn: str, config: SyncConfig, e: Entity, common: dict[str, A
             dclient, mclient = dynamics.get_client(), marketo.get_client()
             before = (_calls(dclient), _calls(mclient))
             guard_environment(con, state, dynamics, marketo)
-            cfg = run_config(context, state, dclient)
+            cfg = run_config(context, state, dclient, con)
             stats = push_dynamics(con, cfg, cfg.entity(e.name), dclient, mclient, context.run_id)
             lasting = _push_state(con, e.name, "dynamics")
             linked = _table_rows(

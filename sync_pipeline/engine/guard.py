@@ -6,6 +6,8 @@ a mistyped URL) stops every write with an explanation, until someone re-baseline
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import duckdb
@@ -35,6 +37,39 @@ def check_environment(con: duckdb.DuckDBPyConnection, *, dynamics_org: str, mark
             con.execute("INSERT INTO environment VALUES (?, ?, ?)", [key, value, utcnow()])
 
 
+VERIFIED = "dynamics_verified_for"  # environment row: the URL and client id a WhoAmI last confirmed, and when
+
+
+def check_environment_recent(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    dynamics_url: str,
+    client_id: str,
+    organization_id: Callable[[], str],
+    marketo_instance: str,
+    ttl_seconds: int,
+) -> None:
+    """The guard for the sync's runs: WhoAmI (``organization_id``) confirms the pinned org at most once per
+    ``ttl_seconds`` for the same URL and client id. The check is about pointing at the wrong org: a changed URL or
+    app registration, the usual cause, is asked about at once; the same URL answering for another org (a
+    sandbox reset or copied over in place) is noticed within the TTL. 0: every run asks."""
+    now = utcnow()
+    target = f"{dynamics_url.rstrip('/').lower()}|{client_id.lower()}"
+    pinned = dict(con.execute("SELECT key, value FROM environment").fetchall())
+    row = con.execute("SELECT value, pinned_at FROM environment WHERE key = ?", [VERIFIED]).fetchone()
+    fresh = (
+        ttl_seconds > 0
+        and row is not None
+        and row[0] == target
+        and row[1] > now - timedelta(seconds=ttl_seconds)
+        and "dynamics_organization_id" in pinned
+    )
+    org = pinned["dynamics_organization_id"] if fresh else organization_id()
+    check_environment(con, dynamics_org=str(org), marketo_instance=marketo_instance)
+    if not fresh:
+        con.execute("INSERT OR REPLACE INTO environment VALUES (?, ?, ?)", [VERIFIED, target, now])
+
+
 def check_systems(con: duckdb.DuckDBPyConnection, dynamics_client: Any, marketo_instance: str) -> None:
     """The guard for one caller outside a sync run (the CLI): asks Dynamics who it is (one WhoAmI call)."""
     check_environment(
@@ -58,6 +93,7 @@ def rebaseline(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
             "plan",
             "plan_work",
             "plan_meta",
+            "derived_marks",
             "cursors",
             "environment",
             "failures",

@@ -12,8 +12,9 @@ https://learn.microsoft.com/power-apps/developer/data-platform/webapi/query-meta
 
 All of it goes in one ``$batch`` (GET requests are allowed outside change sets, "Execute batch operations
 using the Web API", https://learn.microsoft.com/power-apps/developer/data-platform/webapi/execute-batch-operations-using-web-api),
-so a sync run pays one HTTP call for the metadata of every mapped table, and reads it fresh each run: a
-label an admin renamed reaches the next sync.
+so a sync run pays at most one HTTP call for the metadata of every mapped table. The sync's runs keep the
+answer in the state store for ``sync.metadata_ttl_seconds`` (``engine/store/cache.py``): a label an admin renamed
+reaches the sync within that time, a field added to the mapping at once (the key holds the mapping's version).
 
 Plain Python, no Dagster. :func:`runtime_config` turns the declared configuration into the one a run
 uses: option labels from the org (the YAML may override single labels), and the sync-filter column
@@ -124,11 +125,27 @@ def _requests(table: str, casts: set[str] | None = None) -> list[tuple[str, str]
     return out
 
 
+@dataclass
+class _Stored:
+    """A metadata answer read back from the cache (only complete, successful answers are stored)."""
+
+    body: Any
+    status: int = 200
+
+    def error(self) -> None:
+        return None
+
+
 def read_metadata(
-    client: Any, tables: list[str], language: int | None = None, casts: dict[str, set[str]] | None = None
+    client: Any,
+    tables: list[str],
+    language: int | None = None,
+    casts: dict[str, set[str]] | None = None,
+    cache: Any | None = None,
 ) -> OrgMetadata:
     """Every named table's definition, columns and options, in one ``$batch`` call. ``casts`` (table -> derived
-    types) narrows the type-cast parts to what the caller needs; by default every one is read."""
+    types) narrows the type-cast parts to what the caller needs; by default every one is read. ``cache`` (a
+    :class:`~sync_pipeline.engine.store.cache.ResponseCache`) answers from the state store while fresh."""
     from sync_pipeline.clients import errors
     from sync_pipeline.engine.ports import BatchRequest
 
@@ -140,9 +157,17 @@ def read_metadata(
     ]
     if not plan:
         return OrgMetadata({}, {})
-    responses = client.execute_batch(
-        [BatchRequest("GET", url) for _, _, url in plan], continue_on_error=True, idempotent=True
-    )
+    key = [str(getattr(client, "url", "")), str(language), *(url for _, _, url in plan)]
+    stored = cache.get("orgmeta", key) if cache is not None else None
+    responses: list[Any]
+    if isinstance(stored, list) and len(stored) == len(plan):
+        responses = [_Stored(body) for body in stored]
+    else:
+        responses = client.execute_batch(
+            [BatchRequest("GET", url) for _, _, url in plan], continue_on_error=True, idempotent=True
+        )
+        if cache is not None and len(responses) == len(plan) and all(r.error() is None for r in responses):
+            cache.put("orgmeta", key, [r.body for r in responses])
     if len(responses) != len(plan):
         raise errors.MalformedResponse(
             "invalid_batch_response", f"metadata $batch: {len(plan)} requests, {len(responses)} responses"

@@ -50,6 +50,48 @@ def test_guard_directly_names_the_changed_system(tmp_path: Path) -> None:
         assert "'222-bbb-222'" in str(exc.value) and "dynamics_organization_id" not in str(exc.value)
 
 
+def test_whoami_confirms_the_pinned_org_once_per_ttl_and_at_once_for_another_url(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def check(url: str, org: str, ttl: int = 3600, client_id: str = "app") -> None:
+        def whoami() -> str:
+            asked.append(url)
+            return org
+
+        guard.check_environment_recent(
+            con,
+            dynamics_url=url,
+            client_id=client_id,
+            organization_id=whoami,
+            marketo_instance="111-AAA-111",
+            ttl_seconds=ttl,
+        )
+
+    with state.connect(tmp_path / "s.duckdb") as con:
+        con.execute("CREATE TABLE environment (key VARCHAR PRIMARY KEY, value VARCHAR, pinned_at TIMESTAMP)")
+        check("https://a.crm.dynamics.com", "ORG-A")
+        check("https://a.crm.dynamics.com/", "ORG-A")  # within the TTL, same URL: no call
+        assert asked == ["https://a.crm.dynamics.com"]
+        # Another URL (or app registration) is asked at once, and another org behind it is refused.
+        with pytest.raises(guard.WrongEnvironmentError):
+            check("https://b.crm.dynamics.com", "ORG-B")
+        with pytest.raises(guard.WrongEnvironmentError):
+            check("https://a.crm.dynamics.com", "ORG-B", client_id="other-app")
+        assert len(asked) == 3
+        # The refused checks confirmed nothing (the earlier confirmation of the pinned URL still holds).
+        check("https://a.crm.dynamics.com", "ORG-A")
+        assert len(asked) == 3
+        # Once the TTL passed, WhoAmI runs again: an org swapped behind the same URL is refused then.
+        con.execute(
+            "UPDATE environment SET pinned_at = pinned_at - INTERVAL 2 HOUR WHERE key = ?", [guard.VERIFIED]
+        )
+        with pytest.raises(guard.WrongEnvironmentError):
+            check("https://a.crm.dynamics.com", "ORG-SWAPPED")
+        check("https://a.crm.dynamics.com", "ORG-A", ttl=0)
+        check("https://a.crm.dynamics.com", "ORG-A", ttl=0)  # 0: every run asks
+        assert len(asked) == 6
+
+
 def test_other_marketo_instance_is_refused_until_rebaselined(
     fast_retry_harness: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -74,7 +116,8 @@ def test_other_marketo_instance_is_refused_until_rebaselined(
 
     with state.connect(h.state_path) as con:
         forgotten = guard.rebaseline(con)
-    assert forgotten["environment"] == 2 and forgotten["identity"] > 0
+    # Both pins and the last WhoAmI confirmation are forgotten.
+    assert forgotten["environment"] == 3 and forgotten["identity"] > 0
     assert h.run("latest").success
     assert dict(h.query("SELECT key, value FROM environment"))["marketo_instance"] == "999-zzz-999"
     assert h.sandbox.marketo_count("salesPerson") == before + 1  # the new user arrived exactly once

@@ -8,6 +8,7 @@ changed becomes pending for the next plan.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,8 +18,10 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from sync_pipeline.clients import errors
 from sync_pipeline.config.model import FieldMap, SyncConfig
 from sync_pipeline.engine import normalize
+from sync_pipeline.engine.extract import echo
 from sync_pipeline.engine.extract.common import ExtractStats, IngestStats, iso_utc
 from sync_pipeline.engine.extract.merges import (
     DELETE_LEAD_TYPE,
@@ -43,9 +46,14 @@ from sync_pipeline.engine.store.state import (
     utcnow,
 )
 
+log = logging.getLogger(__name__)
+
 MAX_EXPORT_DAYS = 31
 ACTIVITY_SLICE = 20_000  # persons whose lead changes are applied together
 LEADCHANGES_CURSOR = "marketo:leadchanges"
+# The time no activity after the lead-change token can be older than (ISO, UTC): where an echo export starts.
+LEADCHANGES_SINCE = "marketo:leadchanges_since"
+WATERMARK_MARGIN = timedelta(seconds=5)
 DELETED_CURSOR = "marketo:deletedleads"  # the position of the Delete Lead and Merge Leads activities read
 
 
@@ -64,12 +72,14 @@ def extract_marketo_persons(
     fields = marketo_person_fields(config)
     if token is None:
         # Take the watermark before reading, so nothing changed during the initial read is missed.
-        first = client.paging_token(utcnow().replace(tzinfo=UTC) - timedelta(seconds=5))
+        watermark = utcnow().replace(tzinfo=UTC) - WATERMARK_MARGIN
+        first = client.paging_token(watermark)
         stats.mode = "bulk export"
         # The first read covers everything since the configured start, whatever window triggered it.
         since = datetime.fromisoformat(config.sync.partitions.start_date).replace(tzinfo=UTC)
         _bulk_windows(con, config, client, min(start, since), end, fields, stats, work_dir)
         set_cursor(con, LEADCHANGES_CURSOR, first)
+        set_cursor(con, LEADCHANGES_SINCE, watermark.isoformat())
         set_cursor(con, DELETED_CURSOR, first)
         return stats
     if not latest:
@@ -81,6 +91,31 @@ def extract_marketo_persons(
     activities: dict[int, list[dict[str, Any]]] = {}
 
     timed = {f for e in config.persons for f in latest_fields(e)}
+    since_text = get_cursor(con, LEADCHANGES_SINCE)
+    since_cursor = datetime.fromisoformat(since_text) if since_text else None
+    if since_cursor is not None and (
+        echo.own_person_writes_since(con, config, since_cursor) > echo.ECHO_EXPORT_PERSONS
+    ):
+        # Mostly our own echo: one bulk activity export for cursor time .. window end, then the lead changes
+        # from a paging token taken at the window's end (before the export), so nothing after it is lost.
+        window_end = utcnow().replace(tzinfo=UTC) - WATERMARK_MARGIN
+        after_window = client.paging_token(window_end)
+        try:
+            echo.export_window(con, client, since_cursor, window_end, work_dir, stats)
+        except (errors.AuthError, errors.QuotaExceeded, errors.Transient):
+            raise  # the run fails and retries; paging instead would only spend more of the same budget
+        except (
+            errors.ClientError
+        ) as exc:  # e.g. the daily export quota (1029): page the lead changes as before
+            log.warning(
+                "echo export refused (%s %s); reading the lead changes instead", exc.code, exc.message
+            )
+        else:
+            stats.mode = "echo export + lead changes"
+            _absorb_echo(con, config, client, watch, timed, fields, stats)
+            token = after_window
+    # A lower bound of the time of every activity after the token this run ends with (read before paging).
+    read_from = utcnow().replace(tzinfo=UTC) - WATERMARK_MARGIN
 
     def flush() -> None:
         times: list[tuple[int, str, str]] = []
@@ -108,8 +143,31 @@ def extract_marketo_persons(
         con, config, client, get_cursor(con, DELETED_CURSOR) or token, fields, run_id, stats
     )
     set_cursor(con, LEADCHANGES_CURSOR, token)
+    set_cursor(con, LEADCHANGES_SINCE, read_from.isoformat())
     set_cursor(con, DELETED_CURSOR, deleted_token)
     return stats
+
+
+def _absorb_echo(
+    con: duckdb.DuckDBPyConnection,
+    config: SyncConfig,
+    client: MarketoPort,
+    watch: list[str],
+    timed: set[str],
+    fields: list[str],
+    stats: ExtractStats,
+) -> None:
+    """The exported activities applied like lead-change pages (``_apply_activities``), set-based."""
+    table, unknown, times = echo.apply_echo(con, client, watch, timed)
+    if table is not None:
+        maps = person_field_maps(config)
+        for part in echo.slices(table):
+            stats.take(_upsert_persons(con, maps, "echo_page", part))
+    rows: list[dict[str, Any]] = []
+    for ids in _chunked(unknown, 300):  # persons we have never seen: read them whole
+        rows += client.get_leads("id", ids, fields)
+    stats.take(ingest_marketo_persons(con, config, rows))
+    record_marketo_field_times(con, times)
 
 
 LOST_PERSONS_PER_RUN = 3000

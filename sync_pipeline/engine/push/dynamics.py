@@ -32,7 +32,7 @@ def push_dynamics(
 ) -> ApplyStats:
     """The push stage for Dynamics (persons only); it finishes the record's work for this plan."""
     stats = apply_to_dynamics(con, config, entity, dynamics, marketo, run_id, utcnow())
-    ledger.finish(con, entity)
+    ledger.finish(con, config, entity)
     mapping.note_in_ledger(con, entity.name, run_id, utcnow())
     record_stats(con, run_id, entity.name, "push_dynamics", stats.as_metadata())
     return stats

@@ -55,7 +55,7 @@ def push_marketo(
     finishes it); every other entity is done here."""
     stats = apply_to_marketo(con, config, entity, client, run_id, utcnow())
     if not entity.is_person:
-        ledger.finish(con, entity)
+        ledger.finish(con, config, entity)
         mapping.note_in_ledger(con, entity.name, run_id, utcnow())
     record_stats(con, run_id, entity.name, "push_marketo", stats.as_metadata())
     return stats

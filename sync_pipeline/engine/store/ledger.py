@@ -30,6 +30,7 @@ from sync_pipeline.engine.store.state import (
     next_seq,
     one_row,
     qi,
+    set_cursor,
     sql_text,
 )
 
@@ -158,6 +159,55 @@ def settle_restored_field(
     con.execute("DROP TABLE restored_field")
 
 
+# ---- derived marks: what a derived entity's plan (opportunity roles) looks at again --------------------------------
+
+# Derived roles follow the customer contact's active link and its quarantine (engine/plan/roles.py).
+LINKED = "contact"
+
+
+def _mark_links(
+    con: duckdb.DuckDBPyConnection, entity: str, ids_query: str, params: list | None = None
+) -> None:
+    """The link (or quarantine) of the records ``ids_query`` returns is about to change: for contacts, the derived
+    plans look at the opportunities they are the customer of again. Written before the change, in the same
+    transaction where there is one; a mark for a change that did not happen only costs a look."""
+    if entity == LINKED:
+        con.execute(
+            f"""INSERT INTO derived_marks (kind, id, seq)
+                        SELECT ?, CAST(s.id AS VARCHAR), nextval('change_seq') FROM ({ids_query}) s (id)""",
+            [entity, *(params or [])],
+        )
+
+
+def mark_applied(
+    con: duckdb.DuckDBPyConnection, entity: str, ids_query: str, params: list | None = None
+) -> None:
+    """Records of ``entity`` (a derived entity's source) whose planned change was applied: their pending marks
+    go, so the derived plan finds them here."""
+    con.execute(
+        f"""INSERT INTO derived_marks (kind, id, seq)
+                    SELECT ?, CAST(s.id AS VARCHAR), nextval('change_seq') FROM ({ids_query}) s (id)""",
+        [entity, *(params or [])],
+    )
+
+
+# Set once a derived entity's plan was applied in full: until then its plan compares every source record.
+DERIVED_COMPLETE = "derived:complete:"
+
+
+def _finish_derived(con: duckdb.DuckDBPyConnection, entity: str) -> None:
+    """A derived plan was applied: the marks it covered (up to the ``d_seq`` it noted in ``plan_work``) are dropped.
+    (One derived entity reads these marks: the configuration allows a single one.)"""
+    upto = one_row(
+        con, "SELECT max(d_seq), bool_or(marketo_id = 'full') FROM plan_work WHERE entity = ?", [entity]
+    )
+    if upto[0] is not None:
+        con.execute("DELETE FROM derived_marks WHERE seq <= ?", [upto[0]])
+    if upto[1]:
+        set_cursor(con, DERIVED_COMPLETE + entity, "true")
+    con.execute("DELETE FROM plan_work WHERE entity = ?", [entity])
+
+
 # ---- identity ---------------------------------------------------------------------------------------------------
 
 
@@ -171,6 +221,7 @@ def link(
     params: list | None = None,
 ) -> int:
     """New identity rows for ``entity``: ``source`` is a query returning (did, mid). Returns the rows added."""
+    _mark_links(con, entity, f"SELECT s.did FROM ({source}) s", params)
     res = con.execute(
         f"""INSERT INTO identity (entity, dynamics_id, marketo_id, state, linked_at, how)
                           SELECT ?, s.did, s.mid, ?, ?, ? FROM ({source}) s""",
@@ -184,6 +235,7 @@ def set_link_state(
 ) -> None:
     """Links of ``entity`` whose record id ``ids_query`` returns take ``state`` (converted, merged, deleted, ...)."""
     for chunk in _chunks(column(con, f"SELECT DISTINCT * FROM ({ids_query})", params)):
+        _mark_links(con, entity, "SELECT unnest(?::VARCHAR[])", [chunk])
         # The id list is the only filter of the scan, so identity is read through its dynamics_id index; rows of
         # other entities with the same id keep their state.
         con.execute(
@@ -233,6 +285,7 @@ def relink(
     con: duckdb.DuckDBPyConnection, entity: str, dynamics_id: str, marketo_id: str, how: str, now: datetime
 ) -> None:
     """The record's link moves to another person (it stays active)."""
+    _mark_links(con, entity, "SELECT ?", [dynamics_id])
     con.execute(
         """UPDATE identity SET marketo_id = ?, how = ?, linked_at = ? WHERE entity = ? AND dynamics_id = ?""",
         [marketo_id, how, now, entity, dynamics_id],
@@ -243,6 +296,7 @@ def retire_link(
     con: duckdb.DuckDBPyConnection, entity: str, dynamics_id: str, marketo_id: str, now: datetime
 ) -> None:
     """The record stops syncing because its person merged into one another record keeps (state ``merged``)."""
+    _mark_links(con, entity, "SELECT ?", [dynamics_id])
     con.execute(
         """UPDATE identity SET marketo_id = ?, state = 'merged', linked_at = ?
                    WHERE entity = ? AND dynamics_id = ?""",
@@ -324,6 +378,15 @@ def note_import_warnings(
 def settle_quarantine(con: duckdb.DuckDBPyConnection, entity: str, run_id: str, now: datetime) -> None:
     """The plan looked at the records of temp table ``work_set`` and found those of ``quarantined`` (did, code,
     message) damaged: the repaired ones lose their quarantine row, the damaged ones are filed (held)."""
+    _mark_links(
+        con,
+        entity,
+        """SELECT dynamics_id FROM failures WHERE entity = ? AND target = 'quarantine'
+           AND dynamics_id IN (SELECT did FROM work_set) AND dynamics_id NOT IN (SELECT did FROM quarantined)
+           UNION SELECT did FROM quarantined WHERE did NOT IN
+               (SELECT dynamics_id FROM failures WHERE entity = ? AND target = 'quarantine')""",
+        [entity, entity],
+    )
     con.execute(
         """DELETE FROM failures WHERE entity = ? AND target = 'quarantine'
                    AND dynamics_id IN (SELECT did FROM work_set) AND dynamics_id NOT IN (SELECT did FROM quarantined)""",
@@ -355,6 +418,14 @@ def restore_failures(con: duckdb.DuckDBPyConnection) -> None:
     cols = (
         "entity, dynamics_id, target, op, marketo_id, field, code, message, attempts, first_failed_at, "
         "last_failed_at, next_attempt_at, held, run_id"
+    )
+    _mark_links(
+        con,
+        LINKED,
+        """SELECT dynamics_id FROM kept_failures f WHERE entity = ? AND target = 'quarantine' AND NOT EXISTS
+           (SELECT 1 FROM failures x WHERE x.entity = f.entity AND x.dynamics_id = f.dynamics_id
+            AND x.target = f.target)""",
+        [LINKED],
     )
     con.execute(f"""INSERT INTO failures ({cols}) SELECT {cols} FROM kept_failures f WHERE NOT EXISTS
                     (SELECT 1 FROM failures x WHERE x.entity = f.entity AND x.dynamics_id = f.dynamics_id
@@ -507,6 +578,7 @@ def _on_success(
     creates = not _empty(con, "SELECT 1 FROM push_outcomes WHERE ok AND op = 'create'")
     if target == "marketo":
         if creates:
+            _mark_links(con, e, "SELECT did FROM push_outcomes WHERE ok AND op = 'create'")
             con.execute(
                 f"""{IDENTITY_INSERT}
             SELECT ?, did, COALESCE(mid, did), 'active', ?, 'created' FROM push_outcomes WHERE ok AND op = 'create'
@@ -518,6 +590,7 @@ def _on_success(
         )
         _on_merged(con, e, now)
     elif creates:
+        _mark_links(con, e, "SELECT did FROM push_outcomes WHERE ok AND op = 'create'")
         con.execute(
             f"""{IDENTITY_INSERT}
             SELECT ?, did, mid, 'active', ?, 'created_in_dynamics' FROM push_outcomes WHERE ok AND op = 'create'
@@ -541,6 +614,7 @@ def _on_merged(con: duckdb.DuckDBPyConnection, e: str, now: datetime) -> None:
     mirror (``merged_into``; the Merge Leads activity read later finds nothing left to do)."""
     if not one_row(con, "SELECT count(*) FROM written_plan WHERE op = 'merge'")[0]:
         return
+    _mark_links(con, e, "SELECT dynamics_id FROM written_plan WHERE op = 'merge'")
     con.execute(
         """UPDATE identity SET state = 'merged', marketo_id = written_plan.new_value FROM written_plan
                    WHERE written_plan.op = 'merge' AND identity.entity = ? AND identity.dynamics_id = written_plan.dynamics_id""",
@@ -771,12 +845,15 @@ def apply_local(
         raise
 
 
-def finish(con: duckdb.DuckDBPyConnection, entity: Entity) -> int:
+def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -> int:
     """The plan was applied: its records leave the work set unless something newer arrived meanwhile."""
     e = entity.name
     if entity.is_derived:
+        _finish_derived(con, e)
         return 0
     d, ent = qi(f"d_{e}"), sql_text(e)
+    if any(x.derived_from == e for x in config.entities):
+        mark_applied(con, e, "SELECT dynamics_id FROM plan_work WHERE entity = ?", [e])
     # The marks to clear are found on keyed copies of the rows, then cleared by key: an UPDATE joined to
     # plan_work would scan the whole mirror. (One writer holds the store, so nothing moves in between.)
     keyed_rows(

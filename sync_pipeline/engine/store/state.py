@@ -16,6 +16,9 @@ Table layout (``<e>`` = entity name, ``f_<x>`` = canonical value of Marketo fiel
 - ``ledger``     every write: run, entity, ids, target, op, field, before, after, rule
 - ``failures``   per-record errors with the API's code and message, attempts, next retry, held flag
 - ``conflicts``  conflicts held for review (policy ``hold``)
+- ``derived_marks``  what a derived entity's plan must look at again (kind, id, seq): a customer contact whose
+                 link or quarantine changed (kind ``contact``), a source record whose planned change was applied
+                 (kind: the source entity); written by the ledger, dropped once every derived plan took them
 - ``cursors``    delta links and paging tokens; ``environment`` the org / instance this store synced
 - ``mapping_*``  the mapping the store synced with and its changes (``engine/mapping.py``)
 
@@ -43,7 +46,7 @@ from sync_pipeline.engine.store import rows_read
 
 LOCK_WAIT_SECONDS = 120.0
 # Part of the stored schema digest: bump it when a table gains a column, so existing stores are extended.
-SCHEMA_VERSION = "keyed-1"
+SCHEMA_VERSION = "keyed-2"
 
 
 def utcnow() -> datetime:
@@ -213,6 +216,7 @@ def _create_tables(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
     # that showed the value. Only fields with policy `latest` are tracked.
     con.execute("""CREATE TABLE IF NOT EXISTS field_times (side VARCHAR, id VARCHAR, field VARCHAR,
         changed_at VARCHAR, PRIMARY KEY (side, id, field))""")
+    con.execute("CREATE TABLE IF NOT EXISTS derived_marks (kind VARCHAR, id VARCHAR, seq BIGINT)")
     con.execute("""CREATE TABLE IF NOT EXISTS cursors (name VARCHAR PRIMARY KEY, value VARCHAR,
         updated_at TIMESTAMP)""")
     con.execute(
@@ -257,6 +261,9 @@ def _create_indexes(con: duckdb.DuckDBPyConnection, config: SyncConfig) -> None:
         con.execute("CREATE INDEX IF NOT EXISTS m_person_email ON m_person (lower(f_email))")
     if "contact" in config.by_name:
         con.execute("CREATE INDEX IF NOT EXISTS d_contact_origin_lead ON d_contact (origin_lead)")
+    for source in {e.derived_from for e in config.entities if e.derived_from}:  # derived roles by contact
+        d = "d_" + source
+        con.execute(f"CREATE INDEX IF NOT EXISTS {qi(d + '_customer_contact')} ON {qi(d)} (customer_contact)")
 
 
 # DuckDB reads a table through an ART index only for a filter on the indexed column alone against constants

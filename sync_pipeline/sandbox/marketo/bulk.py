@@ -37,6 +37,10 @@ from sync_pipeline.sandbox.marketo.validation import to_iso
 MAX_RANGE = timedelta(days=31)
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
 DELIMITERS = {"CSV": ",", "TSV": "\t", "SSV": " "}
+# The activity export's columns, as Adobe documents them ("Bulk Activity Extract", https://experienceleague.adobe.com/
+# en/docs/marketo-developer/marketo/rest/bulk-extract/bulk-activity-extract): these by default, ``fields`` a subset
+# (plus ``actionResult``); ``attributes`` is a JSON object of the activity's attributes by name (Change Data Value:
+# "New Value", "Old Value", "Reason", "Source"), its primary attribute the lead field's id and display name.
 ACTIVITY_COLUMNS = (
     "marketoGUID",
     "leadId",
@@ -211,6 +215,9 @@ class BulkService:
             _iso_range(flt, names[0])
         else:
             fields = list(body.get("fields") or ACTIVITY_COLUMNS)
+            unknown = [f for f in fields if f not in (*ACTIVITY_COLUMNS, "actionResult")]
+            if unknown:
+                raise BulkError("1003", f"Invalid field '{unknown[0]}' for an activity export")
             _iso_range(flt, "createdAt")
             type_ids = flt.get("activityTypeIds")
             if type_ids is not None and not (
@@ -315,7 +322,7 @@ class BulkService:
                     continue
                 if item["activityTypeId"] == 37:
                     continue  # Delete Lead is not exportable (use Get Deleted Leads)
-                row = dict(item)
+                row = dict(item, actionResult="succeeded")
                 row["attributes"] = {a["name"]: a["value"] for a in item["attributes"]}
                 out.append(row)
         return out

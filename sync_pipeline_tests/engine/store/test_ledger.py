@@ -51,6 +51,6 @@ def test_failures_of_re_planned_records_clear_unless_the_write_is_still_needed(c
                    'two_way', NULL)""",
         [L3],
     )
-    ledger.finish(con, load_config().entity("lead"))
+    ledger.finish(con, load_config(), load_config().entity("lead"))
     left = con.execute("SELECT dynamics_id, target FROM failures ORDER BY 1, 2").fetchall()
     assert left == [(L3, "dynamics:fields"), (L3, "marketo")]
