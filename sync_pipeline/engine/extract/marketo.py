@@ -162,7 +162,7 @@ def _absorb_echo(
     if table is not None:
         maps = person_field_maps(config)
         for part in echo.slices(table):
-            stats.take(_upsert_persons(con, maps, "echo_page", part))
+            stats.take(_upsert_persons(con, maps, "echo_page", part.to_batches(max_chunksize=UPSERT_ROWS)))
     rows: list[dict[str, Any]] = []
     for ids in _chunked(unknown, 300):  # persons we have never seen: read them whole
         rows += client.get_leads("id", ids, fields)
