@@ -284,10 +284,12 @@ def test_converges_under_faults_with_bulk_import(
     )
     monkeypatch.setenv("SYNC_CONFIG", str(config))
     started = time.perf_counter()
-    figures = run_workload(harness, 4, rounds=2, ops_per_round=13, fault_rules=BULK_FAULT_RULES)
+    rounds = 2
+    figures = run_workload(harness, 4, rounds=rounds, ops_per_round=13, fault_rules=BULK_FAULT_RULES)
     _report(figures, capsys, started)
     calls = harness.sandbox.calls()
-    assert calls.get("marketo.bulk.import.create", 0) >= 3, calls  # the rounds' creates went through imports
+    # Each round's creates went through an import (how many more depends on which calls the faults hit).
+    assert calls.get("marketo.bulk.import.create", 0) >= rounds, calls
     assert calls.get("marketo.bulk.import.failures", 0) >= 1, (
         calls
     )  # rows failed in an import file, were retried
