@@ -603,6 +603,7 @@ def _on_success(
                        WHERE r.ok AND r.op = 'create' AND m_person.id = TRY_CAST(r.mid AS BIGINT) AND m_person.id IN {keys}""",
             column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM push_outcomes WHERE ok AND op = 'create'"),
             [entity.marketo.type_value or entity.name.title()],
+            on=("m_person", "id"),
         )
     _advance_base(con, entity, "written_plan", run_id, now)
     if entity.is_person:
@@ -657,6 +658,7 @@ def _advance_base(
                            WHERE {b}.dynamics_id = new_base.dynamics_id AND {b}.dynamics_id IN {{keys}}""",
         ids,
         [now, run_id],
+        on=(b, "dynamics_id"),
     )
     # A field written or agreed on again has one base again (a rollback's split base ends here).
     ensure_split_base(con)
@@ -716,6 +718,7 @@ def _update_person_mirror(
             f"""UPDATE m_person SET {sets} FROM new_mirror
                                WHERE m_person.id = TRY_CAST(new_mirror.mid AS BIGINT) AND m_person.id IN {{keys}}""",
             mids,
+            on=("m_person", "id"),
         )
     else:
         d = qi(f"d_{entity.name}")
@@ -729,6 +732,7 @@ def _update_person_mirror(
                 con,
                 f"UPDATE {d} SET {sets} FROM new_mirror WHERE {d}.id = new_mirror.dynamics_id AND {d}.id IN {{keys}}",
                 column(con, "SELECT dynamics_id FROM new_mirror"),
+                on=(d, "id"),
             )
 
 
@@ -774,6 +778,7 @@ def _on_failure(
                 "SELECT did FROM push_outcomes WHERE NOT ok AND kind IN (?, ?)",
                 [errors.CHANGED, errors.GONE],
             ),
+            on=(qi("d_" + entity.name), "id"),
         )
     # The Marketo person or object an update was for is gone there: tombstone instead of retrying.
     if target == "marketo":
@@ -873,6 +878,7 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
         SELECT f.id FROM finish_d f JOIN plan_work w ON w.entity = ? AND w.dynamics_id = f.id AND f.pending_seq = w.d_seq""",
             [e],
         ),
+        on=(d, "id"),
     )
     if entity.is_person:
         # A person now owned by another record (a converted lead's person belongs to its contact) keeps
@@ -913,6 +919,7 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
                               AND o.dynamics_id = m.f_dynamicsId)""",
                 [e],
             ),
+            on=("m_person", "id"),
         )
     # A failed write whose record was re-planned with nothing left to write to that target is resolved
     # (e.g. a 412 re-read and settled by the policy, or a held record whose value was fixed back to what the
