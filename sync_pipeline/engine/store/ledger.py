@@ -10,6 +10,7 @@ limit); ``finish`` takes the applied records out of the work set.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from sync_pipeline.engine.store.state import (
     column,
     ensure_split_base,
     fcol,
+    get_cursor,
     keyed_execute,
     keyed_rows,
     next_seq,
@@ -951,3 +953,30 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
     )
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
     return n
+
+
+LAST_WRITE_CURSOR = "ledger:last_write:"
+
+
+def last_write(con: duckdb.DuckDBPyConnection, entity: str, target: str) -> tuple[str, str] | None:
+    """When the ledger last recorded a write of ``entity`` to ``target``, and by which run (None: never).
+
+    Kept as a summary in ``cursors`` (the ledger's seq it covers, the time and the run) and brought up to date from
+    the ledger rows after that seq only: ledger rows are only ever appended, in seq order, so a run reads what was
+    written since, not the whole ledger (row groups wholly at or below the seq are skipped on their min/max)."""
+    name = f"{LAST_WRITE_CURSOR}{entity}:{target}"
+    stored = get_cursor(con, name)
+    known = json.loads(stored) if stored else {"upto": 0, "at": None, "run": None}
+    upto, at, run = one_row(
+        con,
+        """SELECT max(seq), max(written_at) FILTER (WHERE entity = ? AND target = ?),
+                  arg_max(run_id, written_at) FILTER (WHERE entity = ? AND target = ?)
+           FROM ledger WHERE seq > ?""",
+        [entity, target, entity, target, int(known["upto"])],
+    )
+    if upto is not None:
+        if at is not None and (known["at"] is None or at >= datetime.fromisoformat(known["at"])):
+            known["at"], known["run"] = str(at), str(run)
+        known["upto"] = int(upto)
+        set_cursor(con, name, json.dumps(known))
+    return (known["at"], known["run"]) if known["at"] is not None else None
