@@ -966,7 +966,7 @@ def last_write(con: duckdb.DuckDBPyConnection, entity: str, target: str) -> tupl
     written since, not the whole ledger (row groups wholly at or below the seq are skipped on their min/max)."""
     name = f"{LAST_WRITE_CURSOR}{entity}:{target}"
     stored = get_cursor(con, name)
-    known = json.loads(stored) if stored else {"upto": 0, "at": None, "run": None}
+    known: dict[str, Any] = json.loads(stored) if stored else {"upto": 0, "at": None, "run": None}
     upto, at, run = one_row(
         con,
         """SELECT max(seq), max(written_at) FILTER (WHERE entity = ? AND target = ?),
