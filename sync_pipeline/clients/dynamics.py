@@ -413,7 +413,11 @@ class DynamicsClient:
         if track:
             parts.append("odata.track-changes")
         if annotations:
-            parts.append('odata.include-annotations="*"')
+            # Only the Microsoft.Dynamics.CRM annotations (lookuplogicalname: the target table of a polymorphic
+            # lookup); "*" would add a FormattedValue per lookup, option and boolean of every row, which nothing
+            # reads and which doubled a page's size in memory. OData's Prefer takes a namespace wildcard:
+            # https://learn.microsoft.com/en-us/odata/webapi/include-annotations
+            parts.append('odata.include-annotations="Microsoft.Dynamics.CRM.*"')
         return {"Prefer": ",".join(parts)}
 
     def iter_pages(

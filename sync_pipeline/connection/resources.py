@@ -66,7 +66,12 @@ class SyncStateResource(dg.ConfigurableResource):
         if self._con is None:
             self._con = state.open_connection(self.path)
             state.ensure_schema(self._con, self.config)
-        yield self._con
+        try:
+            yield self._con
+        finally:
+            # A step's temp tables are its own: dropped, their memory goes back before the next step.
+            with contextlib.suppress(duckdb.Error):
+                state.release_step_memory(self._con)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._con is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sync_pipeline.clients import errors
 from sync_pipeline.config.model import Entity, FieldMap, SyncConfig
@@ -158,27 +159,34 @@ def _changes(
     """Follow a delta link (or start change tracking with a full read); returns the next delta link."""
     assert entity.dynamics is not None
     pk = primary_key(entity)
+    schema = page_schema(entity)
+    tables = target_tables(config) if config else None
     link = ""
-    buffer: list[dict[str, Any]] = []
+    # A few pages per statement (fewer, larger set-based upserts), held as Arrow tables: each page's JSON rows
+    # are converted as soon as they arrive, so Python holds one page of dicts, not INGEST_ROWS of them.
+    buffer: list[pa.Table] = []
 
     def flush() -> None:
-        stats.take(
-            ingest_dynamics_page(
-                con, entity, buffer, partition_key, target_tables(config) if config else None
-            )
-        )
-        if seen and buffer:
-            ids = pa.table({"id": [str(r.get(pk, "")).lower() for r in buffer]})  # noqa: F841
-            con.execute("INSERT INTO seen_ids SELECT id FROM ids")
+        # A page that needed the per-column fallback has its own schema: it goes in on its own.
+        same = all(t.schema.equals(schema) for t in buffer)
+        for table in [pa.concat_tables(buffer)] if same else buffer:
+            changed = ingest_dynamics_table(con, entity, table, partition_key, tables)
+            stats.take(IngestStats(rows=table.num_rows, changed=changed))
+            if seen:
+                ids = pa.table({"id": pc.utf8_lower(pc.fill_null(table.column(pk).cast(pa.string()), ""))})  # noqa: F841
+                con.execute("INSERT INTO seen_ids SELECT id FROM ids")
         buffer.clear()
 
     for rows, deleted, page_link in client.iter_changes(
         entity.dynamics.entity_set, select, delta_link=delta, annotations=True
     ):
         stats.pages += 1
-        buffer += rows  # a few pages per statement: fewer, larger set-based upserts
-        if len(buffer) >= INGEST_ROWS or (deleted and buffer):  # deletes apply after the rows before them
-            flush()
+        live = [r for r in rows if not _is_deleted_entry(r)]
+        if live:
+            buffer.append(coerce_page(live, schema))
+        del rows, live
+        if sum(t.num_rows for t in buffer) >= INGEST_ROWS or (deleted and buffer):
+            flush()  # deletes apply after the rows before them
         stats.deleted += mark_dynamics_deleted(con, entity, deleted, partition_key)
         link = page_link or link
     if buffer:
@@ -331,50 +339,61 @@ def ingest_dynamics_page(
     live = [r for r in rows if not _is_deleted_entry(r)]
     deleted = [r["id"] for r in rows if _is_deleted_entry(r) and "id" in r]
     stats = IngestStats(rows=len(rows))
-    seq = next_seq(con)
     if live:
-        page = coerce_page(live, page_schema(entity))
-        pk, table = qi(primary_key(entity)), qi(f"d_{entity.name}")
-        assert entity.dynamics is not None
-        mod = qi(entity.dynamics.modified_column) if entity.dynamics.modified_column else "NULL"
-        flag = qi(entity.sync_filter_column) if entity.sync_filter_column else "NULL"
-        origin = 'lower("_originatingleadid_value")' if entity.name == "contact" else "NULL"
-        master = (
-            f"CASE WHEN merged THEN lower({qi(MASTER)}) END" if entity.dynamics.table in MERGEABLE else "NULL"
+        stats.changed = ingest_dynamics_table(
+            con, entity, coerce_page(live, page_schema(entity)), partition_key, tables
         )
-        customer = "NULL"
-        for f in entity.all_fields:
-            if f.transform == "customer_account":
-                customer = (
-                    f"CASE WHEN {qi(wire_name(f) + LOOKUP_TYPE)} = 'contact' "
-                    f"THEN lower({qi(wire_name(f))}) END"
-                )
-        names = [fcol(f.marketo) for f in entity.all_fields]
-        exprs = [dynamics_value_expr(entity, f, tables) for f in entity.all_fields]
-        _record_field_times(con, entity, table, pk, mod, exprs, page)
-        select = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, names, strict=True))
-        sets = ", ".join(f"{n} = excluded.{n}" for n in names)
-        res = con.execute(
-            f"""
-            INSERT INTO {table} (id, version, modified_on, etag, deleted, sync_flag, origin_lead, customer_contact,
-                                 master_id, partition_key, seen_at, pending_seq, {", ".join(names)})
-            SELECT lower({pk}), versionnumber, CAST({mod} AS VARCHAR), "@odata.etag", false, {flag}, {origin},
-                   {customer}, {master}, ?, ?, ?, {select}
-            FROM page
-            QUALIFY row_number() OVER (PARTITION BY lower({pk}) ORDER BY versionnumber DESC) = 1
-            ON CONFLICT (id) DO UPDATE SET version = excluded.version, modified_on = excluded.modified_on,
-                etag = excluded.etag, deleted = false, sync_flag = excluded.sync_flag,
-                origin_lead = excluded.origin_lead, customer_contact = excluded.customer_contact,
-                master_id = excluded.master_id, partition_key = excluded.partition_key, seen_at = excluded.seen_at,
-                pending_seq = excluded.pending_seq, {sets}
-            WHERE excluded.version > {table}.version OR {table}.version IS NULL OR {table}.deleted
-        """,
-            [partition_key, utcnow(), seq],
-        ).fetchone()
-        stats.changed = int(res[0]) if res else 0
     if deleted:
         stats.deleted = mark_dynamics_deleted(con, entity, deleted, partition_key)
     return stats
+
+
+def ingest_dynamics_table(
+    con: duckdb.DuckDBPyConnection,
+    entity: Entity,
+    page: pa.Table,
+    partition_key: str,
+    tables: dict[str, str] | None = None,
+) -> int:
+    """Upsert rows (an Arrow table of ``page_schema``, or its per-column fallback); returns the rows changed."""
+    seq = next_seq(con)
+    pk, table = qi(primary_key(entity)), qi(f"d_{entity.name}")
+    assert entity.dynamics is not None
+    mod = qi(entity.dynamics.modified_column) if entity.dynamics.modified_column else "NULL"
+    flag = qi(entity.sync_filter_column) if entity.sync_filter_column else "NULL"
+    origin = 'lower("_originatingleadid_value")' if entity.name == "contact" else "NULL"
+    master = (
+        f"CASE WHEN merged THEN lower({qi(MASTER)}) END" if entity.dynamics.table in MERGEABLE else "NULL"
+    )
+    customer = "NULL"
+    for f in entity.all_fields:
+        if f.transform == "customer_account":
+            customer = (
+                f"CASE WHEN {qi(wire_name(f) + LOOKUP_TYPE)} = 'contact' THEN lower({qi(wire_name(f))}) END"
+            )
+    names = [fcol(f.marketo) for f in entity.all_fields]
+    exprs = [dynamics_value_expr(entity, f, tables) for f in entity.all_fields]
+    _record_field_times(con, entity, table, pk, mod, exprs, page)
+    select = ", ".join(f"{e} AS {n}" for e, n in zip(exprs, names, strict=True))
+    sets = ", ".join(f"{n} = excluded.{n}" for n in names)
+    res = con.execute(
+        f"""
+        INSERT INTO {table} (id, version, modified_on, etag, deleted, sync_flag, origin_lead, customer_contact,
+                             master_id, partition_key, seen_at, pending_seq, {", ".join(names)})
+        SELECT lower({pk}), versionnumber, CAST({mod} AS VARCHAR), "@odata.etag", false, {flag}, {origin},
+               {customer}, {master}, ?, ?, ?, {select}
+        FROM page
+        QUALIFY row_number() OVER (PARTITION BY lower({pk}) ORDER BY versionnumber DESC) = 1
+        ON CONFLICT (id) DO UPDATE SET version = excluded.version, modified_on = excluded.modified_on,
+            etag = excluded.etag, deleted = false, sync_flag = excluded.sync_flag,
+            origin_lead = excluded.origin_lead, customer_contact = excluded.customer_contact,
+            master_id = excluded.master_id, partition_key = excluded.partition_key, seen_at = excluded.seen_at,
+            pending_seq = excluded.pending_seq, {sets}
+        WHERE excluded.version > {table}.version OR {table}.version IS NULL OR {table}.deleted
+    """,
+        [partition_key, utcnow(), seq],
+    ).fetchone()
+    return int(res[0]) if res else 0
 
 
 def _record_field_times(

@@ -162,7 +162,7 @@ def _absorb_echo(
     if table is not None:
         maps = person_field_maps(config)
         for part in echo.slices(table):
-            stats.take(_upsert_persons(con, maps, "echo_page", part))
+            stats.take(_upsert_persons(con, maps, "echo_page", part.to_batches(max_chunksize=UPSERT_ROWS)))
     rows: list[dict[str, Any]] = []
     for ids in _chunked(unknown, 300):  # persons we have never seen: read them whole
         rows += client.get_leads("id", ids, fields)
@@ -347,7 +347,7 @@ def ingest_marketo_persons(
     maps = person_field_maps(config)
     names = ["id", "updatedAt"] + [f.marketo for f in maps]
     table = pa.table({n: pa.array([text_value(r.get(n)) for r in rows], type=pa.string()) for n in names})
-    return _upsert_persons(con, maps, "persons_page", table)
+    return _upsert_persons(con, maps, "persons_page", table.to_batches(max_chunksize=UPSERT_ROWS))
 
 
 def ingest_marketo_csv(con: duckdb.DuckDBPyConnection, config: SyncConfig, csv_path: str) -> IngestStats:
@@ -359,8 +359,11 @@ def ingest_marketo_csv(con: duckdb.DuckDBPyConnection, config: SyncConfig, csv_p
     cols = ", ".join(
         qi(n) if n in have else f"NULL AS {qi(n)}" for n in ["id", "updatedAt"] + [f.marketo for f in maps]
     )
-    table = con.execute(f"SELECT {cols} FROM {src}").fetch_arrow_table()
-    return _upsert_persons(con, maps, "persons_page", table)
+    # Streamed in slices from a second cursor (the upserts run on ``con`` meanwhile): an export window may hold
+    # every person of the instance, which as one Arrow table would cost memory in proportion to it.
+    with con.cursor() as reader:
+        batches = reader.execute(f"SELECT {cols} FROM {src}").fetch_record_batch(UPSERT_ROWS)
+        return _upsert_persons(con, maps, "persons_page", batches)
 
 
 def text_value(v: Any) -> str | None:
@@ -375,16 +378,17 @@ UPSERT_ROWS = 20_000  # rows per upsert statement: DuckDB's ON CONFLICT keeps it
 
 
 def _upsert_persons(
-    con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: str, table: pa.Table
+    con: duckdb.DuckDBPyConnection, maps: list[FieldMap], name: str, batches: Iterable[pa.RecordBatch]
 ) -> IngestStats:
     """New persons are inserted; known ones are updated where deleted or changed (and become pending). An update
     and an insert rather than ``INSERT ... ON CONFLICT``: DuckDB's conflict handling reads the whole mirror for
     every statement, the update reads the batch's persons through the key index."""
-    stats = IngestStats(rows=table.num_rows)
+    stats = IngestStats()
     names = [fcol(f.marketo) for f in maps]
     exprs = [normalize.marketo_expr(f, qi(f.marketo)) for f in maps]
     changed = " OR ".join(f"m_person.{n} IS DISTINCT FROM p.{n}" for n in names)
-    for batch in table.to_batches(max_chunksize=UPSERT_ROWS):
+    for batch in batches:
+        stats.rows += batch.num_rows
         con.register(name, pa.Table.from_batches([batch]))
         try:
             # The ledger's mark travels with each row, so a row and its mark are written in one statement.

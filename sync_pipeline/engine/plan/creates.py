@@ -9,7 +9,6 @@ import duckdb
 from sync_pipeline.config.model import Entity, SyncConfig
 from sync_pipeline.engine.plan.summary import PLAN_INSERT
 from sync_pipeline.engine.store.state import (
-    column,
     fcol,
     keyed_rows,
     qi,
@@ -59,7 +58,7 @@ def plan_dynamics_creates(
         "pending_persons",
         "m_person",
         "id",
-        column(con, "SELECT id FROM m_person WHERE pending_seq > 0"),
+        "SELECT id FROM m_person WHERE pending_seq > 0",
         "NOT deleted AND f_dynamicsId IS NULL",
     )
     keyed_rows(
@@ -67,14 +66,14 @@ def plan_dynamics_creates(
         "pending_person_links",
         "identity",
         "marketo_id",
-        column(con, "SELECT CAST(id AS VARCHAR) FROM pending_persons"),
+        "SELECT CAST(id AS VARCHAR) FROM pending_persons",
         "entity IN (" + ", ".join(sql_text(p.name) for p in config.persons) + ")",
         "marketo_id",
     )
     con.execute(
         "DELETE FROM pending_persons WHERE CAST(id AS VARCHAR) IN (SELECT marketo_id FROM pending_person_links)"
     )
-    emails = column(con, "SELECT lower(f_email) FROM pending_persons WHERE f_email IS NOT NULL")
+    emails = "SELECT lower(f_email) FROM pending_persons WHERE f_email IS NOT NULL"
     for p in with_email:  # the Dynamics records holding those emails, through the mirrors' email indexes
         rows_equal(
             con,

@@ -9,7 +9,6 @@ from sync_pipeline.engine import normalize
 from sync_pipeline.engine.plan.identity import hold_back
 from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary
 from sync_pipeline.engine.store.state import (
-    column,
     fcol,
     keyed_rows,
     latest_fields,
@@ -23,16 +22,14 @@ def _work_rows(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entit
     """The rows of the slice's records (mirror, base, link, person, a customer contact), read through the key
     indexes into temp tables ``work_d``/``work_b``/``work_i``/``work_m``/``work_cc``: the join below then never
     scans the store's tables."""
-    ids = column(con, "SELECT did FROM work_set")
+    ids = "SELECT did FROM work_set"
     keyed_rows(con, "work_d", qi(f"d_{entity.name}"), "id", ids)
     keyed_rows(con, "work_b", qi(f"b_{entity.name}"), "dynamics_id", ids)
     keyed_rows(con, "work_i", "identity", "dynamics_id", ids, f"entity = {sql_text(entity.name)}")
     if entity.is_person:
-        keyed_rows(
-            con, "work_m", "m_person", "id", column(con, "SELECT TRY_CAST(marketo_id AS BIGINT) FROM work_i")
-        )
+        keyed_rows(con, "work_m", "m_person", "id", "SELECT TRY_CAST(marketo_id AS BIGINT) FROM work_i")
     if any(f.transform == "customer_account" for f in entity.all_fields) and "contact" in config.by_name:
-        keyed_rows(con, "work_cc", "d_contact", "id", column(con, "SELECT customer_contact FROM work_d"))
+        keyed_rows(con, "work_cc", "d_contact", "id", "SELECT customer_contact FROM work_d")
 
 
 def joined(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -> None:

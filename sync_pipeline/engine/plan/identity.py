@@ -12,7 +12,6 @@ from sync_pipeline.engine import normalize
 from sync_pipeline.engine.plan.summary import PLAN_INSERT, PlanSummary, person_entities
 from sync_pipeline.engine.store import ledger, state
 from sync_pipeline.engine.store.state import (
-    column,
     fcol,
     keyed_rows,
     one_row,
@@ -34,7 +33,7 @@ def link_persons(
         "work_links",
         "identity",
         "dynamics_id",
-        column(con, "SELECT did FROM work_set"),
+        "SELECT did FROM work_set",
         f"entity = {sql_text(e)}",
         "dynamics_id",
     )
@@ -43,7 +42,7 @@ def link_persons(
         "unlinked_d",
         d,
         "id",
-        column(con, "SELECT did FROM work_set WHERE did NOT IN (SELECT dynamics_id FROM work_links)"),
+        "SELECT did FROM work_set WHERE did NOT IN (SELECT dynamics_id FROM work_links)",
     )
     if not one_row(con, "SELECT count(*) FROM unlinked_d")[0]:
         return
@@ -59,7 +58,7 @@ def link_persons(
         "id_claimants",
         "m_person",
         "lower(f_dynamicsId)",
-        column(con, "SELECT id FROM unlinked_d"),
+        "SELECT id FROM unlinked_d",
         "NOT deleted",
         "id, f_dynamicsId",
     )
@@ -68,7 +67,7 @@ def link_persons(
         "claimant_links",
         "identity",
         "marketo_id",
-        column(con, "SELECT CAST(id AS VARCHAR) FROM id_claimants"),
+        "SELECT CAST(id AS VARCHAR) FROM id_claimants",
         f"{in_persons} AND state = 'active'",
         "marketo_id",
     )
@@ -88,7 +87,7 @@ def link_persons(
             "origin_contacts",
             "d_contact",
             "origin_lead",
-            column(con, "SELECT id FROM unlinked_d"),
+            "SELECT id FROM unlinked_d",
             "NOT deleted AND sync_flag IS DISTINCT FROM false",
             "origin_lead",
         )
@@ -113,7 +112,7 @@ def link_persons(
             "origin_links",
             "identity",
             "dynamics_id",
-            column(con, "SELECT origin_lead FROM unlinked_d"),
+            "SELECT origin_lead FROM unlinked_d",
             "entity = 'lead' AND state = 'active'",
         )
         con.execute("""CREATE OR REPLACE TEMP TABLE qualified AS
@@ -154,11 +153,8 @@ def link_persons(
             "email_persons",
             "m_person",
             "lower(f_email)",
-            column(
-                con,
-                """SELECT lower(f_email) FROM unlinked_d WHERE f_email IS NOT NULL AND NOT deleted
-                                  AND sync_flag IS DISTINCT FROM false""",
-            ),
+            """SELECT lower(f_email) FROM unlinked_d WHERE f_email IS NOT NULL AND NOT deleted
+                          AND sync_flag IS DISTINCT FROM false""",
             "NOT deleted AND f_dynamicsId IS NULL",
             "id, f_email",
         )
@@ -167,7 +163,7 @@ def link_persons(
             "email_links",
             "identity",
             "marketo_id",
-            column(con, "SELECT CAST(id AS VARCHAR) FROM email_persons"),
+            "SELECT CAST(id AS VARCHAR) FROM email_persons",
             in_persons,
             "marketo_id",
         )
@@ -227,7 +223,7 @@ def follow_dynamics_merges(
         "work_subordinates",
         d,
         "id",
-        column(con, "SELECT did FROM work_set"),
+        "SELECT did FROM work_set",
         "master_id IS NOT NULL AND master_id <> id AND NOT deleted",
         "id",
     )
@@ -366,7 +362,7 @@ def quarantine(
             AND d.id NOT IN (SELECT did FROM work_set)""").fetchone()
     # The work set's links, their persons, the other links to those persons and the persons claiming the work
     # set's ids, all read through the key indexes.
-    work = column(con, "SELECT did FROM work_set")
+    work = "SELECT did FROM work_set"
     keyed_rows(
         con,
         "linked_work",
@@ -376,13 +372,13 @@ def quarantine(
         f"entity = {e} AND state = 'active'",
         "dynamics_id AS did, marketo_id",
     )
-    mids = column(con, "SELECT marketo_id FROM linked_work")
+    mids = "SELECT marketo_id FROM linked_work"
     keyed_rows(
         con,
         "linked_persons",
         "m_person",
         "id",
-        column(con, "SELECT TRY_CAST(marketo_id AS BIGINT) FROM linked_work"),
+        "SELECT TRY_CAST(marketo_id AS BIGINT) FROM linked_work",
         columns="id",
     )
     keyed_rows(

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 FILE_BYTES = 9_500_000  # a file is closed past this size: under Marketo's 10 MB with room for one more row
 READ_RECORDS = 5_000  # records per read from DuckDB while writing files
-RECORD_SLICE = 50_000  # results handed to the bookkeeping at a time (flat memory)
+RECORD_SLICE = 20_000  # results handed to the bookkeeping at a time (one transaction each: flat memory)
 EXPORT_MARGIN = timedelta(minutes=10)  # around the import window, for clocks that disagree
 PERSON_KEY = "dynamicsId"
 _CODE = re.compile(r"\s*(\d{3,4})\b[\s:-]*(.*)", re.S)

@@ -105,7 +105,7 @@ def apply_to_marketo(
                     ]
                     rows = [r for r in rows if r[1] != "update"]
                 results += _push_objects(client, entity, maps, rows)
-            if len(results) >= 50_000:  # keep memory flat on a large initial copy
+            if len(results) >= bulk.RECORD_SLICE:  # keep memory flat on a large initial copy
                 record_results(con, config, entity, "marketo", results, run_id, now, stats)
                 results = []
     finally:

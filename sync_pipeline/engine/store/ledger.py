@@ -603,7 +603,7 @@ def _on_success(
             con,
             """UPDATE m_person SET f_dynamicsId = r.did, f_dynamicsType = ? FROM push_outcomes r
                        WHERE r.ok AND r.op = 'create' AND m_person.id = TRY_CAST(r.mid AS BIGINT) AND m_person.id IN {keys}""",
-            column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM push_outcomes WHERE ok AND op = 'create'"),
+            "SELECT TRY_CAST(mid AS BIGINT) FROM push_outcomes WHERE ok AND op = 'create'",
             [entity.marketo.type_value or entity.name.title()],
             on=("m_person", "id"),
         )
@@ -643,7 +643,7 @@ def _advance_base(
     )
     con.execute(f"""CREATE OR REPLACE TEMP TABLE new_base AS SELECT dynamics_id, {pivots} FROM {source}
                     WHERE op IN ('create', 'update', 'agree') GROUP BY dynamics_id""")
-    ids = column(con, "SELECT dynamics_id FROM new_base")
+    ids = "SELECT dynamics_id FROM new_base"
     keyed_rows(con, "base_known", b, "dynamics_id", ids, columns="dynamics_id")
     con.execute(
         f"""INSERT INTO {b} (dynamics_id, synced_at, run_id)
@@ -701,8 +701,8 @@ def _update_person_mirror(
         FROM written_plan WHERE op IN ('create', 'update', 'flag') GROUP BY dynamics_id""")
     if target == "marketo":
         typ = entity.marketo.type_value or entity.name.title()
-        mids = column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror")
-        created = column(con, "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror WHERE op = 'create'")
+        mids = "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror"
+        created = "SELECT TRY_CAST(mid AS BIGINT) FROM new_mirror WHERE op = 'create'"
         keyed_rows(con, "persons_known", "m_person", "id", created, columns="id")
         con.execute(
             """INSERT INTO m_person (id, deleted, seen_at, f_dynamicsId, f_dynamicsType, f_dynamicsIsDeleted)
@@ -733,7 +733,7 @@ def _update_person_mirror(
             keyed_execute(
                 con,
                 f"UPDATE {d} SET {sets} FROM new_mirror WHERE {d}.id = new_mirror.dynamics_id AND {d}.id IN {{keys}}",
-                column(con, "SELECT dynamics_id FROM new_mirror"),
+                "SELECT dynamics_id FROM new_mirror",
                 on=(d, "id"),
             )
 
@@ -858,7 +858,7 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
     if entity.is_derived:
         _finish_derived(con, e)
         return 0
-    d = qi(f"d_{e}")
+    d, ent = qi(f"d_{e}"), sql_text(e)
     if any(x.derived_from == e for x in config.entities):
         mark_applied(con, e, "SELECT dynamics_id FROM plan_work WHERE entity = ?", [e])
     # The marks to clear are found on keyed copies of the rows, then cleared by key: an UPDATE joined to
@@ -868,26 +868,20 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
         "finish_d",
         d,
         "id",
-        column(con, "SELECT dynamics_id FROM plan_work WHERE entity = ?", [e]),
+        f"SELECT dynamics_id FROM plan_work WHERE entity = {ent}",
         columns="id, pending_seq",
     )
     n = keyed_execute(
         con,
         f"UPDATE {d} SET pending_seq = NULL WHERE id IN {{keys}}",
-        column(
-            con,
-            """
-        SELECT f.id FROM finish_d f JOIN plan_work w ON w.entity = ? AND w.dynamics_id = f.id AND f.pending_seq = w.d_seq""",
-            [e],
-        ),
+        f"""SELECT f.id FROM finish_d f JOIN plan_work w
+            ON w.entity = {ent} AND w.dynamics_id = f.id AND f.pending_seq = w.d_seq""",
         on=(d, "id"),
     )
     if entity.is_person:
         # A person now owned by another record (a converted lead's person belongs to its contact) keeps
         # its change for that record's plan: the lead's plan covered it but cannot apply it.
-        mids = column(
-            con, "SELECT DISTINCT marketo_id FROM plan_work WHERE entity = ? AND m_seq IS NOT NULL", [e]
-        )
+        mids = f"SELECT DISTINCT marketo_id FROM plan_work WHERE entity = {ent} AND m_seq IS NOT NULL"
         keyed_rows(
             con,
             "person_owners",
@@ -902,25 +896,16 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
             "finish_m",
             "m_person",
             "id",
-            column(
-                con,
-                "SELECT TRY_CAST(marketo_id AS BIGINT) FROM plan_work WHERE entity = ? AND m_seq IS NOT NULL",
-                [e],
-            ),
+            f"SELECT TRY_CAST(marketo_id AS BIGINT) FROM plan_work WHERE entity = {ent} AND m_seq IS NOT NULL",
             columns="id, pending_seq, f_dynamicsId",
         )
         keyed_execute(
             con,
             "UPDATE m_person SET pending_seq = NULL WHERE id IN {keys}",
-            column(
-                con,
-                """
-            SELECT m.id FROM finish_m m JOIN plan_work w ON w.entity = ? AND w.marketo_id = CAST(m.id AS VARCHAR)
+            f"""SELECT m.id FROM finish_m m JOIN plan_work w ON w.entity = {ent} AND w.marketo_id = CAST(m.id AS VARCHAR)
             WHERE m.pending_seq = w.m_seq
               AND NOT EXISTS (SELECT 1 FROM person_owners o WHERE o.marketo_id = w.marketo_id
                               AND o.dynamics_id = m.f_dynamicsId)""",
-                [e],
-            ),
             on=("m_person", "id"),
         )
     # A failed write whose record was re-planned with nothing left to write to that target is resolved

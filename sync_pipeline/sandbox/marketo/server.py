@@ -22,6 +22,8 @@ the fault's code, default 1001).
 
 from __future__ import annotations
 
+import re
+
 import ssl as ssl_module
 import threading
 import uuid
@@ -45,6 +47,8 @@ COUNTED = "limits.marketo.calls"
 MAX_URI_BYTES = 8 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 MAX_IMPORT_BODY = 10 * 1024 * 1024 + 64 * 1024  # the file plus multipart framing
+# Bulk import uploads: leads, and custom objects (POST /bulk/v1/customobjects/{apiName}/import.json).
+IMPORT_UPLOAD = re.compile(r"^/bulk/v1/(leads|customobjects/[A-Za-z0-9_]+/import)\.json$")
 
 
 def _override(req: Request) -> str:
@@ -64,7 +68,7 @@ class _MarketoApp(App):
         # (10 MB for a bulk import file).
         if len(req.raw_path.encode()) > MAX_URI_BYTES:
             return Response.text("Request-URI Too Long", 414)
-        limit = MAX_IMPORT_BODY if req.path == "/bulk/v1/leads.json" else MAX_BODY_BYTES
+        limit = MAX_IMPORT_BODY if IMPORT_UPLOAD.match(req.path) else MAX_BODY_BYTES
         if len(req.body) > limit:
             return Response.text("Request Entity Too Large", 413)
         # POST with _method=GET is a GET whose query string travels in the body (URIs over 8 KB). The override is

@@ -4,6 +4,7 @@ indexes in place (DuckDB's INSERT OR REPLACE would leave an indexed column uncha
 
 from __future__ import annotations
 
+import tracemalloc
 from datetime import datetime
 from pathlib import Path
 
@@ -114,6 +115,33 @@ def test_a_link_moves_to_another_person_despite_the_marketo_id_index(con) -> Non
     assert con.execute("SELECT state FROM identity WHERE dynamics_id = 'lead-5'").fetchall() == [
         ("tombstoned",)
     ]
+
+
+def test_keys_given_as_a_query_pick_the_same_rows_and_stay_in_duckdb(con, tmp_path: Path) -> None:
+    """A work set as large as the org (an initial copy) is not fetched into Python: its keys stay a query."""
+    few = "SELECT 'lead-' || i FROM range(0, 50) t(i) UNION ALL SELECT NULL UNION ALL SELECT 'lead-3'"
+    many = "SELECT dynamics_id FROM identity WHERE dynamics_id <> 'lead-0' UNION ALL SELECT NULL"
+    for name, keys in (("few", few), ("many", many)):
+        state.keyed_rows(con, name, "identity", "dynamics_id", keys, "entity = 'lead'", "dynamics_id")
+        joined = state.column(
+            con,
+            f"SELECT dynamics_id FROM identity WHERE entity = 'lead' AND dynamics_id IN ({keys}) ORDER BY 1",
+        )
+        assert state.column(con, f"SELECT dynamics_id FROM {name} ORDER BY 1") == joined
+    assert len(state.column(con, "SELECT * FROM few")) == 50
+    assert len(state.column(con, "SELECT * FROM many")) == ROWS - 1
+    tracemalloc.start()
+    try:
+        state.keyed_rows(con, "many", "identity", "dynamics_id", many, "entity = 'lead'", "dynamics_id")
+        state.rows_equal(con, "many_eq", "identity", "lower(dynamics_id)", many, columns="dynamics_id")
+        changed = state.keyed_execute(con, "UPDATE d_lead SET version = 2 WHERE id IN {keys}", many)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert changed == ROWS - 1
+    assert len(state.column(con, "SELECT * FROM many_eq")) == ROWS - 1
+    # 20,000 keys fetched into Python would take ~2.5 MB (tuples and strings); a query keeps at most one chunk.
+    assert peak < 1_000_000
 
 
 def test_a_long_key_list_against_a_small_or_unindexed_table_is_one_scan_with_the_same_rows(
