@@ -290,8 +290,15 @@ def key_list(con: duckdb.DuckDBPyConnection, keys: Keys, most: int) -> list[Any]
     if not isinstance(keys, str):
         return list(dict.fromkeys(k for k in keys if k is not None))
     src = f"(SELECT * FROM ({keys})) AS key_src(k) WHERE k IS NOT NULL"
-    found = [r[0] for r in con.execute(f"SELECT DISTINCT k FROM {src} LIMIT {most + 1}").fetchall()]
-    return found if len(found) <= most else f"SELECT k FROM {src}"
+    # The query as written, read a batch at a time: wrapped in DISTINCT ... LIMIT, DuckDB scanned the whole table
+    # instead of reading a pending mark's index (m_person: 17,000 rows read for 1,000 marks).
+    res = con.execute(keys)
+    found: dict[Any, None] = {}
+    while batch := res.fetchmany(2048):
+        found.update((r[0], None) for r in batch if r[0] is not None)
+        if len(found) > most:
+            return f"SELECT k FROM {src}"
+    return list(found)
 
 
 # Per open connection (weakly held: a connection left to the garbage collector still closes and frees the file).
