@@ -26,6 +26,7 @@ from sync_pipeline.engine import guard, mapping
 from sync_pipeline.engine.extract import extract_dynamics, extract_marketo_persons
 from sync_pipeline.engine.plan import plan_entity
 from sync_pipeline.engine.push import push_dynamics, push_marketo
+from sync_pipeline.engine.store import ledger
 from sync_pipeline.resources.dynamics import DynamicsResource
 from sync_pipeline.resources.marketo import MarketoResource
 
@@ -139,19 +140,15 @@ def _push_state(con: Any, entity: str, system: str) -> dict[str, Any]:
     from sync_pipeline.admin import report
 
     counts = report.failure_counts(con, entity, system)
-    last = con.execute(
-        "SELECT max(written_at), arg_max(run_id, written_at) FROM ledger WHERE entity = ? AND target = ?",
-        [entity, system],
-    ).fetchone()
+    last = ledger.last_write(con, entity, system)
     md: dict[str, Any] = {
         "records_held": counts.held,
         "records_quarantined": counts.quarantined,
         "records_retrying": counts.retrying,
     }
     md.update({f"held/{k}": v for k, v in counts.classes.items()})
-    if last and last[0] is not None:
-        md["last_write_at"] = str(last[0])
-        md["last_write_run"] = str(last[1])
+    if last is not None:
+        md["last_write_at"], md["last_write_run"] = last
     return md
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import Any
 
 import duckdb
@@ -176,9 +177,19 @@ def record(con: duckdb.DuckDBPyConnection, config: SyncConfig, now: Any) -> list
     return [(ent, changed, kind) for ent, changed, kind, _ in changes]
 
 
+# Connections known to have the tables (never dropped once created): has_tables is asked by every step, and
+# even duckdb_tables() costs ~1-2 ms a time. Weakly held, so a connection still closes when collected.
+_HAVE_TABLES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def has_tables(con: duckdb.DuckDBPyConnection) -> bool:
-    # duckdb_tables() rather than information_schema (a view over several catalogs): 4x cheaper, asked often.
-    return bool(one_row(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'mapping_fields'")[0])
+    if con in _HAVE_TABLES:
+        return True
+    # duckdb_tables() rather than information_schema (a view over several catalogs): 4x cheaper.
+    found = bool(one_row(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'mapping_fields'")[0])
+    if found:
+        _HAVE_TABLES.add(con)
+    return found
 
 
 def pending_fields(con: duckdb.DuckDBPyConnection, entity: str) -> list[str]:

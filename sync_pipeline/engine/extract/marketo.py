@@ -412,6 +412,7 @@ def _upsert_persons(
             FROM persons_in p WHERE m_person.id = p.id AND (m_person.deleted OR {changed}) AND m_person.id IN {{keys}}""",
             column(con, "SELECT id FROM persons_known"),
             [now],
+            on=("m_person", "id"),
         )
         res = con.execute(
             f"""INSERT INTO m_person (id, updated_at, deleted, seen_at, pending_seq, {", ".join(names)})

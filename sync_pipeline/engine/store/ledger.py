@@ -10,6 +10,7 @@ limit); ``finish`` takes the applied records out of the work set.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from sync_pipeline.engine.store.state import (
     column,
     ensure_split_base,
     fcol,
+    get_cursor,
     keyed_execute,
     keyed_rows,
     next_seq,
@@ -603,6 +605,7 @@ def _on_success(
                        WHERE r.ok AND r.op = 'create' AND m_person.id = TRY_CAST(r.mid AS BIGINT) AND m_person.id IN {keys}""",
             "SELECT TRY_CAST(mid AS BIGINT) FROM push_outcomes WHERE ok AND op = 'create'",
             [entity.marketo.type_value or entity.name.title()],
+            on=("m_person", "id"),
         )
     _advance_base(con, entity, "written_plan", run_id, now)
     if entity.is_person:
@@ -657,6 +660,7 @@ def _advance_base(
                            WHERE {b}.dynamics_id = new_base.dynamics_id AND {b}.dynamics_id IN {{keys}}""",
         ids,
         [now, run_id],
+        on=(b, "dynamics_id"),
     )
     # A field written or agreed on again has one base again (a rollback's split base ends here).
     ensure_split_base(con)
@@ -716,6 +720,7 @@ def _update_person_mirror(
             f"""UPDATE m_person SET {sets} FROM new_mirror
                                WHERE m_person.id = TRY_CAST(new_mirror.mid AS BIGINT) AND m_person.id IN {{keys}}""",
             mids,
+            on=("m_person", "id"),
         )
     else:
         d = qi(f"d_{entity.name}")
@@ -729,6 +734,7 @@ def _update_person_mirror(
                 con,
                 f"UPDATE {d} SET {sets} FROM new_mirror WHERE {d}.id = new_mirror.dynamics_id AND {d}.id IN {{keys}}",
                 "SELECT dynamics_id FROM new_mirror",
+                on=(d, "id"),
             )
 
 
@@ -774,6 +780,7 @@ def _on_failure(
                 "SELECT did FROM push_outcomes WHERE NOT ok AND kind IN (?, ?)",
                 [errors.CHANGED, errors.GONE],
             ),
+            on=(qi("d_" + entity.name), "id"),
         )
     # The Marketo person or object an update was for is gone there: tombstone instead of retrying.
     if target == "marketo":
@@ -869,6 +876,7 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
         f"UPDATE {d} SET pending_seq = NULL WHERE id IN {{keys}}",
         f"""SELECT f.id FROM finish_d f JOIN plan_work w
             ON w.entity = {ent} AND w.dynamics_id = f.id AND f.pending_seq = w.d_seq""",
+        on=(d, "id"),
     )
     if entity.is_person:
         # A person now owned by another record (a converted lead's person belongs to its contact) keeps
@@ -898,6 +906,7 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
             WHERE m.pending_seq = w.m_seq
               AND NOT EXISTS (SELECT 1 FROM person_owners o WHERE o.marketo_id = w.marketo_id
                               AND o.dynamics_id = m.f_dynamicsId)""",
+            on=("m_person", "id"),
         )
     # A failed write whose record was re-planned with nothing left to write to that target is resolved
     # (e.g. a 412 re-read and settled by the policy, or a held record whose value was fixed back to what the
@@ -929,3 +938,30 @@ def finish(con: duckdb.DuckDBPyConnection, config: SyncConfig, entity: Entity) -
     )
     con.execute("DELETE FROM plan_work WHERE entity = ?", [e])
     return n
+
+
+LAST_WRITE_CURSOR = "ledger:last_write:"
+
+
+def last_write(con: duckdb.DuckDBPyConnection, entity: str, target: str) -> tuple[str, str] | None:
+    """When the ledger last recorded a write of ``entity`` to ``target``, and by which run (None: never).
+
+    Kept as a summary in ``cursors`` (the ledger's seq it covers, the time and the run) and brought up to date from
+    the ledger rows after that seq only: ledger rows are only ever appended, in seq order, so a run reads what was
+    written since, not the whole ledger (row groups wholly at or below the seq are skipped on their min/max)."""
+    name = f"{LAST_WRITE_CURSOR}{entity}:{target}"
+    stored = get_cursor(con, name)
+    known: dict[str, Any] = json.loads(stored) if stored else {"upto": 0, "at": None, "run": None}
+    upto, at, run = one_row(
+        con,
+        """SELECT max(seq), max(written_at) FILTER (WHERE entity = ? AND target = ?),
+                  arg_max(run_id, written_at) FILTER (WHERE entity = ? AND target = ?)
+           FROM ledger WHERE seq > ?""",
+        [entity, target, entity, target, int(known["upto"])],
+    )
+    if upto is not None:
+        if at is not None and (known["at"] is None or at >= datetime.fromisoformat(known["at"])):
+            known["at"], known["run"] = str(at), str(run)
+        known["upto"] = int(upto)
+        set_cursor(con, name, json.dumps(known))
+    return (known["at"], known["run"]) if known["at"] is not None else None

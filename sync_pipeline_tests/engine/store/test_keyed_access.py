@@ -142,3 +142,57 @@ def test_keys_given_as_a_query_pick_the_same_rows_and_stay_in_duckdb(con, tmp_pa
     assert len(state.column(con, "SELECT * FROM many_eq")) == ROWS - 1
     # 20,000 keys fetched into Python would take ~2.5 MB (tuples and strings); a query keeps at most one chunk.
     assert peak < 1_000_000
+
+
+def test_a_long_key_list_against_a_small_or_unindexed_table_is_one_scan_with_the_same_rows(
+    tmp_path: Path,
+) -> None:
+    c = state.open_connection(tmp_path / "small.duckdb")
+    state.ensure_schema(c, load_config())  # no opt-in indexes: identity.marketo_id has none
+    c.execute("INSERT INTO d_lead (id, version, deleted) SELECT 'lead-' || i, 1, false FROM range(500) t(i)")
+    c.execute(
+        "INSERT INTO identity SELECT 'lead', 'lead-' || i, CAST(i AS VARCHAR), 'active', ?, 'x' FROM range(500) t(i)",
+        [NOW],
+    )
+    many = [f"lead-{i}" for i in range(0, 1000, 3)]  # 334 keys, half of them missing, against 500 rows
+    assert state.indexed(c, "d_lead", "id") and not state.indexed(c, "identity", "marketo_id")
+    assert not state.use_index(c, '"d_lead"', "id", len(many))  # 500 rows < 50 per key: a scan is cheaper
+    assert state.use_index(c, "d_lead", "id", 3)  # a few keys always go through the primary key
+    assert not state.use_index(c, "identity", "marketo_id", 3)  # no index: the list would scan anyway
+    state.keyed_rows(c, "picked", "d_lead", "id", many, columns="id")
+    assert sorted(state.column(c, "SELECT id FROM picked")) == sorted(k for k in many if int(k[5:]) < 500)
+    state.keyed_rows(c, "by_mid", "identity", "marketo_id", ["3", "499", "nope"], columns="dynamics_id")
+    assert sorted(state.column(c, "SELECT dynamics_id FROM by_mid")) == ["lead-3", "lead-499"]
+    changed = state.keyed_execute(
+        c, "UPDATE d_lead SET pending_seq = 1 WHERE id IN {keys}", many, on=("d_lead", "id")
+    )
+    assert changed == len([k for k in many if int(k[5:]) < 500])
+    c.close()
+
+
+def test_the_last_write_is_the_ledger_maximum_read_from_what_was_appended_since(tmp_path: Path) -> None:
+    c = state.open_connection(tmp_path / "ledger.duckdb")
+    state.ensure_schema(c, load_config())
+    insert = "INSERT INTO ledger (run_id, written_at, entity, target, op) VALUES (?, ?, ?, ?, 'update')"
+    assert ledger.last_write(c, "lead", "marketo") is None
+    c.execute(insert, ["run-1", NOW, "lead", "marketo"])
+    c.execute(insert, ["run-2", NOW.replace(hour=13), "contact", "marketo"])
+    assert ledger.last_write(c, "lead", "marketo") == (str(NOW), "run-1")
+    c.execute(insert, ["run-3", NOW.replace(hour=14), "lead", "dynamics"])  # another target: not this one
+    assert ledger.last_write(c, "lead", "marketo") == (str(NOW), "run-1")
+    c.execute(insert, ["run-4", NOW.replace(hour=15), "lead", "marketo"])
+    expected = c.execute(
+        """SELECT max(written_at), arg_max(run_id, written_at) FROM ledger
+           WHERE entity = 'lead' AND target = 'marketo'"""
+    ).fetchone()
+    assert (
+        ledger.last_write(c, "lead", "marketo")
+        == (str(expected[0]), expected[1])
+        == (
+            str(NOW.replace(hour=15)),
+            "run-4",
+        )
+    )
+    c.execute("DELETE FROM cursors")  # a rebaseline clears the cursors, the ledger stays: read again whole
+    assert ledger.last_write(c, "lead", "marketo") == (str(NOW.replace(hour=15)), "run-4")
+    c.close()
