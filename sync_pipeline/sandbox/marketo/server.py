@@ -23,7 +23,6 @@ the fault's code, default 1001).
 from __future__ import annotations
 
 import re
-
 import ssl as ssl_module
 import threading
 import uuid
