@@ -55,6 +55,11 @@ def test_a_table_without_the_filter_column_syncs_every_row_and_labels_follow_the
 ) -> None:
     schema_file = tmp_path / "schema.yaml"
     schema_file.write_text(NO_FILTER_ON_ACCOUNT)
+    # Org metadata is reused for sync.metadata_ttl_seconds (an hour by default): a second here.
+    ttl = 1
+    monkeypatch.setenv(
+        "SYNC_CONFIG", str(_config(tmp_path, lambda raw: raw["sync"].update(metadata_ttl_seconds=ttl)))
+    )
     with Sandbox(tmp_path / "sb", schema=load_schema(schema_file)) as sb:
         sb.populate("tiny", seed=0)
         _point_at(sb, monkeypatch)
@@ -76,11 +81,13 @@ def test_a_table_without_the_filter_column_syncs_every_row_and_labels_follow_the
         persons = {p.get("dynamicsId"): p for p in sb.marketo_rows("lead", 100_000)}
         assert not set(persons) & set(excluded)
 
-        # Option labels come from the org's metadata, and a label an admin renames reaches the next sync.
+        # Option labels come from the org's metadata, and a label an admin renames reaches the first sync after
+        # the cached metadata's TTL.
         leads = [r["leadid"] for r in sb.dynamics_rows("lead", 10_000) if r.get("leadsourcecode") == 8]
         synced = [i for i in leads if i in persons]
         assert synced and all(persons[i].get("leadSource") == "Web" for i in synced)
         sb.dynamics.schema.set_option_label("lead", "leadsourcecode", 8, "Website")
+        time.sleep(ttl + 0.1)
         result = runs.run_sync(instance, scope="latest")
         assert result.success
         persons = {p.get("dynamicsId"): p for p in sb.marketo_rows("lead", 100_000)}
